@@ -1,0 +1,86 @@
+"""Typed configs from YAML plus dotted command-line overrides.
+
+Every stage defines a pydantic model with CPU-friendly defaults. ``load_config(Model, path, overrides)``
+reads the YAML, applies ``--section.key=value`` overrides (values parsed as YAML scalars), validates, and
+raises :class:`ConfigError` naming the field and what is allowed. ``save_config`` writes the resolved config
+into the run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmstack.errors import ConfigError
+from lmstack.utils.io import atomic_write_text
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for lmstack configs: unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` (a leading ``--`` is allowed) to a nested dict, in place."""
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def validate(model: type[T], data: dict[str, Any], source: str = "config") -> T:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"{loc}: {err['msg']}" + (f" (got {err.get('input')!r})" if "input" in err and not isinstance(err.get("input"), dict) else ""))
+        raise ConfigError(f"{source}: invalid config: " + "; ".join(lines)) from None
+
+
+def load_config(model: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+    data = read_yaml(path) if path else {}
+    apply_overrides(data, overrides)
+    return validate(model, data, str(path or "config"))
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))

@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything a user can fix (a missing file, a bad config value, a malformed record that stops a run)
+raises :class:`LmstackError`. The CLI prints it as one line -- ``lmstack: <message>`` -- and exits 2;
+``--debug`` shows the traceback. Library callers catch it like any exception.
+"""
+
+from __future__ import annotations
+
+
+class LmstackError(Exception):
+    """An error the user can act on. The message says what was wrong, where, and what to do."""
+
+    exit_code = 2
+
+
+class ConfigError(LmstackError):
+    """A config file or override is invalid (names the field and the allowed values)."""
+
+
+class DataError(LmstackError):
+    """Input data cannot be used (names the file, and the line where there is one)."""
+
+
+class CheckpointError(LmstackError):
+    """A model or checkpoint directory is missing, incomplete, corrupt or inconsistent."""

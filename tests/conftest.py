@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built with transformers and saved locally."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("LMSTACK_NO_PROGRESS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_hf_config(arch: str, **kw):
+    """A 2-layer, 64-wide config of the given architecture (GQA: 4 heads, 2 kv heads)."""
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common.update(kw)
+    if arch == "llama":
+        return transformers.LlamaConfig(rope_theta=10000.0, tie_word_embeddings=False, **common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(rope_theta=1000000.0, tie_word_embeddings=True, **common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(head_dim=32, tie_word_embeddings=True, **common)
+    if arch == "mistral":
+        return transformers.MistralConfig(sliding_window=8, tie_word_embeddings=False, **common)
+    raise ValueError(arch)
+
+
+def make_hf_model(arch: str, path, seed: int = 0, **kw):
+    """Build a random transformers model, save it under ``path`` and return it (fp32, eval)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(arch, **kw)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # random biases, so the qwen2 q/k/v bias is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(params=ARCHS)
+def hf_model_dir(request, tmp_path_factory):
+    """(arch, path, transformers model) for each supported architecture."""
+    path = tmp_path_factory.mktemp(f"hf_{request.param}")
+    model = make_hf_model(request.param, path)
+    return request.param, path, model
