@@ -1,26 +1,33 @@
-# The two commands a new user runs: `make demo` and `make test`. Each sets itself up.
+# The two commands a new user runs: `make demo` and `make test`. Each sets itself up from nothing.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install browser bench clean
 
+# torch is installed first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)   # torch first and pinned: an unpinned one pulls a multi-GB CUDA build
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]' $(TORCH)
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The web-chat test drives the system Chromium (Debian package) through Playwright.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
+
 demo: $(STAMP)
 	$(BIN)/lmstack run recipes/quickstart.yaml
 
-test: $(STAMP)
-	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest tests
+test: $(STAMP) browser
+	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
