@@ -1,0 +1,179 @@
+"""Find and redact personally identifiable information (PII) in text.
+
+Kinds and placeholders::
+
+    EMAIL        <EMAIL>        RFC-5322-ish local@domain.tld
+    PHONE        <PHONE>        Chinese mobile (1[3-9]xxxxxxxxx, optional +86), international (+CC ...), NANP
+    IP           <IP_ADDRESS>   IPv4 (each octet 0-255) and IPv6 (validated by :mod:`ipaddress`)
+    CREDIT_CARD  <CREDIT_CARD>  13-19 digits, optional space/dash groups, Luhn-checked
+    CN_ID        <CN_ID>        18-character PRC resident ID: region, valid birth date, ISO 7064 MOD 11-2 checksum
+    IBAN         <IBAN>         ISO 13616: country, check digits, BBAN; ISO 7064 MOD 97-10 == 1
+
+Checksummed kinds (card, ID, IBAN) are only reported when the checksum holds, so look-alikes such as
+order numbers are left alone. Spans never overlap: when two candidates overlap, the more specific kind wins
+(order: CN_ID, CREDIT_CARD, IBAN, EMAIL, IP, PHONE), then the longer span.
+
+References: Luhn (ISO/IEC 7812-1), GB 11643-1999 (resident ID), ISO 13616 (IBAN), RFC 4291 (IPv6).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from datetime import date
+
+KINDS = ("EMAIL", "PHONE", "IP", "CREDIT_CARD", "CN_ID", "IBAN")
+PLACEHOLDERS = {
+    "EMAIL": "<EMAIL>", "PHONE": "<PHONE>", "IP": "<IP_ADDRESS>",
+    "CREDIT_CARD": "<CREDIT_CARD>", "CN_ID": "<CN_ID>", "IBAN": "<IBAN>",
+}
+_PRIORITY = {"CN_ID": 0, "CREDIT_CARD": 1, "IBAN": 2, "EMAIL": 3, "IP": 4, "PHONE": 5}
+
+
+@dataclass(frozen=True)
+class PIISpan:
+    kind: str
+    start: int
+    end: int
+    text: str
+
+
+@dataclass
+class RedactResult:
+    text: str
+    counts: dict[str, int] = field(default_factory=dict)
+    spans: list[PIISpan] = field(default_factory=list)
+
+
+# ---- patterns ----------------------------------------------------------------------------------------
+_EMAIL = re.compile(
+    r"(?<![\w.+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+    r"[A-Za-z]{2,24}(?![\w-])"
+)
+_CN_MOBILE = re.compile(r"(?<![\d+])(?:(?:\+|00)?86[\s-]?)?1[3-9]\d(?:[\s-]?\d{4}){2}(?!\d)")
+_INTL_PHONE = re.compile(r"(?<![\w+])(?:\+|00)[1-9]\d{0,2}(?:[\s.-]?\(?\d{1,4}\)?){2,5}(?![\d])")
+_NANP = re.compile(r"(?<![\w-])(?:\(\d{3}\)\s?|\d{3}[-.])\d{3}[-.]\d{4}(?![\w-])")
+_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d]|\.\d)")
+_IPV6_CAND = re.compile(r"(?<![0-9A-Fa-f:.])[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*(?:%\w+)?(?![0-9A-Fa-f:])")
+# contiguous 13-19 digits, 4-4-4-(1..7) groups, or Amex-style 4-6-5 groups (space or dash separated)
+_CARD = re.compile(r"(?<![\d+-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{4,5})(?![\d]|[ -]\d)")
+_CN_ID = re.compile(r"(?<![\dA-Za-z])[1-9]\d{16}[\dXx](?![\dA-Za-z])")
+_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
+
+
+# ---- checksums ---------------------------------------------------------------------------------------
+def luhn_valid(digits: str) -> bool:
+    """Luhn mod-10 check on a digit string."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+_CN_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_CN_ID_CHECK = "10X98765432"
+
+
+def cn_id_valid(s: str) -> bool:
+    """GB 11643-1999: valid birth date and MOD 11-2 check character."""
+    s = s.upper()
+    if len(s) != 18 or not s[:17].isdigit():
+        return False
+    try:
+        born = date(int(s[6:10]), int(s[10:12]), int(s[12:14]))
+    except ValueError:
+        return False
+    if not (1880 <= born.year <= 2100):
+        return False
+    total = sum(int(c) * w for c, w in zip(s[:17], _CN_ID_WEIGHTS))
+    return _CN_ID_CHECK[total % 11] == s[17]
+
+
+def iban_valid(s: str) -> bool:
+    """ISO 13616: move the first four characters to the end, letters -> 10..35, mod 97 == 1."""
+    s = s.replace(" ", "").upper()
+    if not (15 <= len(s) <= 34) or not s[:2].isalpha() or not s[2:4].isdigit():
+        return False
+    moved = s[4:] + s[:4]
+    num = "".join(str(int(c, 36)) for c in moved)
+    return int(num) % 97 == 1
+
+
+def _digits(s: str) -> str:
+    return "".join(c for c in s if c.isdigit())
+
+
+# ---- finders -----------------------------------------------------------------------------------------
+def _candidates(text: str, kinds: set[str]):
+    if "EMAIL" in kinds:
+        for m in _EMAIL.finditer(text):
+            yield "EMAIL", m.start(), m.end()
+    if "CN_ID" in kinds:
+        for m in _CN_ID.finditer(text):
+            if cn_id_valid(m.group()):
+                yield "CN_ID", m.start(), m.end()
+    if "CREDIT_CARD" in kinds:
+        for m in _CARD.finditer(text):
+            d = _digits(m.group())
+            if 13 <= len(d) <= 19 and luhn_valid(d) and len(set(d)) > 1:
+                yield "CREDIT_CARD", m.start(), m.end()
+    if "IBAN" in kinds:
+        for m in _IBAN.finditer(text):
+            g = m.group().rstrip()
+            if iban_valid(g):
+                yield "IBAN", m.start(), m.start() + len(g)
+    if "IP" in kinds:
+        for m in _IPV4.finditer(text):
+            yield "IP", m.start(), m.end()
+        for m in _IPV6_CAND.finditer(text):
+            cand = m.group().rstrip(".")
+            if cand.count(":") < 2 or not any(c not in ":." for c in cand):
+                continue
+            try:
+                ipaddress.IPv6Address(cand.split("%")[0])
+            except ValueError:
+                continue
+            yield "IP", m.start(), m.start() + len(cand)
+    if "PHONE" in kinds:
+        for rx in (_CN_MOBILE, _INTL_PHONE, _NANP):
+            for m in rx.finditer(text):
+                n = len(_digits(m.group()))
+                if 7 <= n <= 15:
+                    yield "PHONE", m.start(), m.end()
+
+
+def find_pii(text: str, kinds: list[str] | tuple[str, ...] | set[str] | None = None) -> list[PIISpan]:
+    """All non-overlapping PII spans in ``text``, sorted by start. ``kinds``: subset of :data:`KINDS`."""
+    want = set(KINDS) if kinds is None else {k.upper() for k in kinds}
+    bad = want - set(KINDS)
+    if bad:
+        raise ValueError(f"unknown PII kind(s) {sorted(bad)}; known: {', '.join(KINDS)}")
+    cands = sorted(_candidates(text, want), key=lambda c: (_PRIORITY[c[0]], -(c[2] - c[1]), c[1]))
+    taken: list[tuple[int, int]] = []
+    out: list[PIISpan] = []
+    for kind, s, e in cands:
+        if any(s < te and ts < e for ts, te in taken):
+            continue
+        taken.append((s, e))
+        out.append(PIISpan(kind, s, e, text[s:e]))
+    out.sort(key=lambda p: p.start)
+    return out
+
+
+def redact(text: str, kinds: list[str] | tuple[str, ...] | set[str] | None = None) -> RedactResult:
+    """Replace each PII span by its typed placeholder (``<EMAIL>``, ...); counts per kind."""
+    spans = find_pii(text, kinds)
+    if not spans:
+        return RedactResult(text, {}, [])
+    parts, pos, counts = [], 0, {}
+    for sp in spans:
+        parts.append(text[pos:sp.start])
+        parts.append(PLACEHOLDERS[sp.kind])
+        pos = sp.end
+        counts[sp.kind] = counts.get(sp.kind, 0) + 1
+    parts.append(text[pos:])
+    return RedactResult("".join(parts), counts, spans)
