@@ -1,0 +1,231 @@
+"""Train a byte-level BPE tokenizer (Hugging Face ``tokenizers``) and write it as a Hugging Face directory.
+
+Sennrich et al. 2016 (BPE for NMT); GPT-2's byte-level variant; the split pattern is in ``pretokenize.py``.
+
+Inputs are files or an iterable of strings. Files: ``.txt``/``.md`` (one document per file, streamed in
+1 MiB pieces cut at line ends), ``.jsonl`` (one JSON object per line, text in ``text_field``), each optionally
+``.gz`` or ``.zst`` compressed, and ``.parquet`` (a string column ``text_field``). Malformed JSONL lines are
+counted and reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from lmstack.errors import DataError, LmstackError
+from lmstack.tokenizer.pretokenize import DEFAULT_SPECIAL_TOKENS, EOS, IM_END, IM_START, PAD, build_bpe_tokenizer
+from lmstack.tokenizer.templates import CHATML_TEMPLATE
+from lmstack.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".py", ".c", ".js", ".html"}
+_CHUNK = 1 << 20  # 1 MiB pieces of plain-text files
+
+
+@dataclass
+class ReadStats:
+    """What the reader saw; ``malformed`` lists (file, line, reason) for the first 20 bad records."""
+
+    files: int = 0
+    documents: int = 0
+    bytes: int = 0
+    bad_records: int = 0
+    malformed: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def bad(self, path: Path, line: int, reason: str) -> None:
+        self.bad_records += 1
+        if len(self.malformed) < 20:
+            self.malformed.append((str(path), line, reason))
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
+    if name.endswith(".zst"):
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def _base_suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".zst"):
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def iter_file_texts(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
+    """Yield the text of one file (see module docstring for formats)."""
+    suffix = _base_suffix(path)
+    stats.files += 1
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                            "pass --text-field")
+        for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+            for t in batch.column(0).to_pylist():
+                if isinstance(t, str):
+                    stats.documents += 1
+                    stats.bytes += len(t)
+                    yield t
+        return
+    with _open_text(path) as f:
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    stats.bad(path, lineno, f"invalid JSON ({e.msg})")
+                    continue
+                t = rec.get(text_field) if isinstance(rec, dict) else None
+                if not isinstance(t, str):
+                    stats.bad(path, lineno, f"no string field {text_field!r}")
+                    continue
+                stats.documents += 1
+                stats.bytes += len(t)
+                yield t
+        else:  # plain text: stream big files in ~1 MiB pieces cut at line ends
+            stats.documents += 1
+            buf: list[str] = []
+            size = 0
+            for line in f:
+                buf.append(line)
+                size += len(line)
+                if size >= _CHUNK:
+                    stats.bytes += size
+                    yield "".join(buf)
+                    buf, size = [], 0
+            if buf:
+                stats.bytes += size
+                yield "".join(buf)
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files and directories (recursively, sorted) -> files. Missing paths raise one clear error."""
+    files: list[Path] = []
+    for p in inputs:
+        p = Path(p)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"input {p} does not exist")
+    if not files:
+        raise DataError(f"no input files in {', '.join(map(str, inputs))}")
+    return files
+
+
+def _looks_like_path(x: str) -> bool:
+    return 0 < len(x) < 4096 and not any(c in x for c in "\n\t ")
+
+
+def _iter_inputs(inputs, text_field: str, stats: ReadStats, show_progress: bool) -> Iterator[str]:
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs) if not isinstance(inputs, Iterator) else inputs
+    is_paths = isinstance(inputs, list) and inputs and all(isinstance(x, os.PathLike) for x in inputs)
+    if isinstance(inputs, list) and not is_paths and inputs and all(isinstance(x, str) for x in inputs):
+        # A list of strings is a list of paths when any of them exists, or when all of them look like paths
+        # (then a missing one is an error, not a tiny training text).
+        is_paths = any(_looks_like_path(x) and Path(x).exists() for x in inputs) or all(
+            _looks_like_path(x) and ("/" in x or os.sep in x or Path(x).suffix) for x in inputs)
+    if not is_paths:
+        for t in inputs:
+            if not isinstance(t, str):
+                raise LmstackError(f"train_tokenizer: expected strings or file paths, got {type(t).__name__}")
+            stats.documents += 1
+            stats.bytes += len(t)
+            yield t
+        return
+    files = expand_inputs(inputs)
+    from lmstack.utils.progress import progress
+
+    with progress(disable=None if show_progress else True) as bar:
+        task = bar.add_task("reading", total=len(files))
+        for path in files:
+            yield from iter_file_texts(path, text_field, stats)
+            bar.advance(task)
+
+
+def default_tokenizer_config(special_tokens: Sequence[str], chat_template: str | None, model_max_length: int,
+                             added: dict[int, str]) -> dict:
+    """The ``tokenizer_config.json`` lmstack writes (loads in ``transformers.AutoTokenizer``)."""
+    named = {"bos_token": EOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None}
+    for k in ("bos_token", "eos_token", "pad_token"):
+        if named[k] not in special_tokens:
+            named[k] = None
+    extra = [t for t in special_tokens if t not in named.values()]
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **named,
+        "additional_special_tokens": [t for t in (IM_START, IM_END) if t in extra] or extra[:2],
+        "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True} for i, t in sorted(added.items())},
+    }
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    return cfg
+
+
+def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_size: int,
+                    out_dir: str | os.PathLike | None = None, special_tokens: Sequence[str] | None = None,
+                    min_frequency: int = 2, text_field: str = "text", chat_template: str | None = CHATML_TEMPLATE,
+                    model_max_length: int = 4096, show_progress: bool = True) -> Tokenizer:
+    """Train byte-level BPE on ``inputs`` (file/dir paths or an iterable of strings).
+
+    ``vocab_size`` counts everything: 256 byte tokens + special tokens + merges. ``special_tokens`` default:
+    ``<|endoftext|>`` (document separator, bos/eos), ``<|pad|>``, ``<|im_start|>``, ``<|im_end|>`` and 8
+    ``<|reserved_i|>``; they get ids 0.. in that order. Writes ``tokenizer.json`` + ``tokenizer_config.json``
+    to ``out_dir`` when given. Returns the trained :class:`Tokenizer`.
+    """
+    from tokenizers import pre_tokenizers, trainers
+
+    specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+    if len(set(specials)) != len(specials):
+        raise LmstackError(f"special_tokens has duplicates: {specials}")
+    floor = 256 + len(specials)
+    if vocab_size < floor:
+        raise LmstackError(f"vocab_size {vocab_size} is too small: 256 byte tokens + {len(specials)} special "
+                           f"tokens need at least {floor}; use e.g. --vocab-size 32000")
+    backend = build_bpe_tokenizer(specials)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress and not os.environ.get("LMSTACK_NO_PROGRESS") and sys.stderr.isatty(),
+    )
+    stats = ReadStats()
+    backend.train_from_iterator(_iter_inputs(inputs, text_field, stats, show_progress), trainer=trainer)
+    if stats.bad_records:
+        first = "; ".join(f"{f}:{n}: {r}" for f, n, r in stats.malformed[:3])
+        log.warning("skipped %d malformed records (%s)", stats.bad_records, first)
+    if stats.documents == 0:
+        raise DataError("no text to train on (every record was empty or malformed)")
+    added = {backend.token_to_id(t): t for t in specials}
+    config = default_tokenizer_config(specials, chat_template, model_max_length, added)
+    tok = Tokenizer(backend, config)
+    tok.train_stats = stats
+    if out_dir is not None:
+        tok.save(out_dir)
+    return tok
