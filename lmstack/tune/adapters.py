@@ -1,0 +1,194 @@
+"""Adapter directories (PEFT layout) and the one function the serving engine calls.
+
+Contract for ``lmstack generate --adapter DIR`` (the serving engine)::
+
+    from lmstack.tune.adapters import load_adapter
+    rt = load_adapter(model, adapter_dir)      # model: lmstack Transformer, already on its device/dtype
+
+* LoRA (``peft_type: LORA``): the target linears of ``model`` are swapped **in place** for
+  ``LoRALinear`` modules (base + B·A·scaling); ``rt.prefix_kv is None``; the engine needs nothing else.
+  (Call :func:`lmstack.tune.lora.merge_lora` afterwards to fold them into plain linears for speed.)
+* Prompt tuning (``PROMPT_TUNING``) and prefix tuning (``PREFIX_TUNING``): ``model`` is not modified;
+  ``rt.prefix_kv`` is ``list[tuple[Tensor, Tensor]]``, one ``(k, v)`` per layer, each
+  ``(n_kv_heads, P, head_dim)`` on the model's device and dtype, keys already including RoPE where
+  applicable. Meaning: *every sequence starts with these P virtual key/value slots, always visible to every
+  query, and its real tokens take positions P, P+1, ...* (so RoPE for token i uses position P + i).
+  For prompt tuning these are the learned virtual-token embeddings run once through the model at positions
+  0..P-1 (a causal prefix's k/v do not depend on what follows). Prefix keys are used as stored (PEFT).
+  :class:`lmstack.tune.prompt.PrefixContext` is a reference implementation of this attention.
+
+On disk (loadable by ``peft.PeftModel.from_pretrained`` on the matching ``transformers`` model):
+``adapter_config.json`` (PEFT fields) + ``adapter_model.safetensors``: LoRA keys
+``base_model.model.{module}.lora_A.weight`` (r, in) / ``lora_B.weight`` (out, r); prompt and prefix tuning
+one tensor ``prompt_embeddings`` ((P, hidden) or (P, n_layers * 2 * n_kv_heads * head_dim)).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lmstack.errors import CheckpointError
+from lmstack.model.transformer import Transformer
+from lmstack.tune.lora import LoraSpec, apply_lora, lora_modules, lora_state_dict
+from lmstack.tune.prompt import PromptEncoder, PromptSpec
+from lmstack.utils.io import atomic_write_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+PEFT_TYPES = {"lora": "LORA", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
+
+
+@dataclass
+class AdapterRuntime:
+    method: str  # "lora" | "prompt" | "prefix"
+    config: dict[str, Any]
+    prefix_kv: list[tuple[Tensor, Tensor]] | None = None
+    wrapped_modules: list[str] = field(default_factory=list)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return 0 if self.prefix_kv is None else self.prefix_kv[0][0].shape[-2]
+
+
+def _write_weights(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+
+
+def save_lora_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec,
+                      base_model_name_or_path: str | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = lora_state_dict(model)
+    if not sd:
+        raise CheckpointError("the model has no LoRA modules to save")
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_modules(model)})
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.use_rslora,
+        "target_modules": leaves, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True, "use_dora": False,
+    }
+    _write_weights({_PREFIX + k: v for k, v in sd.items()}, out / ADAPTER_WEIGHTS)
+    atomic_write_json(out / ADAPTER_CONFIG, cfg)
+    return out
+
+
+def save_prompt_adapter(encoder: PromptEncoder, model: Transformer, out_dir: str | Path,
+                        base_model_name_or_path: str | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    cfg: dict[str, Any] = {
+        "peft_type": PEFT_TYPES[encoder.method], "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path, "num_virtual_tokens": encoder.P,
+        "num_layers": c.num_hidden_layers, "num_transformer_submodules": 1, "inference_mode": True,
+    }
+    if encoder.method == "prompt":
+        cfg.update(token_dim=c.hidden_size, num_attention_heads=c.num_attention_heads,
+                   prompt_tuning_init="RANDOM")
+    else:  # PEFT stores GQA prefixes with the kv-head count (peft#1901)
+        cfg.update(token_dim=c.num_key_value_heads * c.head_dim, num_attention_heads=c.num_key_value_heads,
+                   prefix_projection=False, encoder_hidden_size=c.hidden_size)
+    _write_weights({"prompt_embeddings": encoder.prompt_embeddings}, out / ADAPTER_WEIGHTS)
+    atomic_write_json(out / ADAPTER_CONFIG, cfg)
+    return out
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """(method, adapter_config, tensors) with clear errors for a missing or foreign adapter."""
+    d = Path(adapter_dir)
+    cfg_path, w_path = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d}: no {ADAPTER_CONFIG} (is this an adapter directory?)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    peft_type = cfg.get("peft_type")
+    methods = {v: k for k, v in PEFT_TYPES.items()}
+    if peft_type not in methods:
+        raise CheckpointError(f"{cfg_path}: peft_type {peft_type!r} is not supported; "
+                              f"supported: {', '.join(methods)}")
+    if not w_path.is_file():
+        raise CheckpointError(f"{d}: {ADAPTER_WEIGHTS} not found")
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{w_path}: cannot read safetensors file ({e})") from None
+    return methods[peft_type], cfg, tensors
+
+
+def _check_shape(name: str, got: Tensor, want: tuple[int, ...], where: Path) -> None:
+    if tuple(got.shape) != tuple(want):
+        raise CheckpointError(f"{where}: tensor {name} has shape {tuple(got.shape)} but this model needs "
+                              f"{tuple(want)} (was the adapter trained on a different base model?)")
+
+
+def load_adapter(model: Transformer, adapter_dir: str | Path) -> AdapterRuntime:
+    """Attach an adapter to ``model`` (see the module docstring for the exact contract)."""
+    d = Path(adapter_dir)
+    method, cfg, tensors = read_adapter(d)
+    dev, dt = model.device, model.dtype
+    if method == "lora":
+        targets = cfg.get("target_modules") or []
+        spec = LoraSpec(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])), dropout=0.0,
+                        target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)))
+        if cfg.get("use_dora") or cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
+            raise CheckpointError(f"{d / ADAPTER_CONFIG}: DoRA, LoRA biases and modules_to_save are not supported")
+        requires = {n: p.requires_grad for n, p in model.named_parameters()}
+        wrapped = apply_lora(model, spec)
+        for n, p in model.named_parameters():  # apply_lora freezes everything; restore the caller's flags
+            base_name = n.replace(".base_layer.", ".")
+            if base_name in requires:
+                p.requires_grad_(requires[base_name])
+        own = lora_state_dict(model)
+        for k, p in own.items():
+            key = _PREFIX + k
+            if key not in tensors:
+                raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: missing tensor {key}")
+            _check_shape(key, tensors[key], tuple(p.shape), d)
+            with torch.no_grad():
+                p.copy_(tensors[key].to(p.dtype))
+        extra = [k for k in tensors if k.removeprefix(_PREFIX) not in own]
+        if extra:
+            raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: tensor {extra[0]} matches no LoRA module of this model")
+        return AdapterRuntime("lora", cfg, None, wrapped)
+    c = model.config
+    P = int(cfg["num_virtual_tokens"])
+    enc = PromptEncoder.__new__(PromptEncoder)
+    nn.Module.__init__(enc)
+    enc.method, enc.P = method, P
+    enc.n_layers, enc.n_kv, enc.head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+    emb = tensors.get("prompt_embeddings")
+    if emb is None:
+        raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: missing tensor prompt_embeddings")
+    width = c.hidden_size if method == "prompt" else c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim
+    _check_shape("prompt_embeddings", emb, (P, width), d)
+    enc.prompt_embeddings = nn.Parameter(emb.to(dev, dt), requires_grad=False)
+    with torch.no_grad():
+        kv = [(k.contiguous(), v.contiguous()) for k, v in enc.prefix_kv(model)]
+    return AdapterRuntime(method, cfg, kv)
+
+
+def load_prompt_encoder(model: Transformer, adapter_dir: str | Path) -> PromptEncoder:
+    """A trainable :class:`PromptEncoder` initialised from a saved prompt/prefix adapter (resume, eval)."""
+    method, cfg, tensors = read_adapter(adapter_dir)
+    if method == "lora":
+        raise CheckpointError(f"{adapter_dir}: is a LoRA adapter, not prompt or prefix tuning")
+    enc = PromptEncoder(model, method, PromptSpec(int(cfg["num_virtual_tokens"]), init="random"))
+    emb = tensors["prompt_embeddings"]
+    _check_shape("prompt_embeddings", emb, tuple(enc.prompt_embeddings.shape), Path(adapter_dir))
+    with torch.no_grad():
+        enc.prompt_embeddings.copy_(emb)
+    return enc
