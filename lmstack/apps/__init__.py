@@ -1,0 +1,1 @@
+"""Applications built only from lmstack's public pieces (customer support first)."""

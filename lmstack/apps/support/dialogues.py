@@ -1,0 +1,163 @@
+"""Support QA pairs and short dialogues built from the Larkspur Home knowledge base, with a held-out split.
+
+Every fact (an FAQ entry, or one attribute of one product) can be asked several ways. The LAST way of asking
+is held out: it never appears in fine-tuning data (nor in the KB pages used for pretraining), so the
+evaluation measures whether the model answers a *paraphrase it has not seen* about a fact it has learned.
+
+Outputs (deterministic for a given seed):
+
+- ``train``   chat records ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``:
+  one single-turn record per training question, a few greetings and out-of-scope refusals, and short
+  two-turn dialogues joining two facts of the same language;
+- ``heldout`` ``{"id", "lang", "topic", "question", "answer", "messages"}`` rows (``messages`` holds the system
+  prompt and the held-out question; ``answer`` is the reference for exact match / ROUGE-L).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from lmstack.apps.support.kb import ShopKB, fmt_num
+
+SYSTEM_PROMPT = "You are the support assistant of Larkspur Home, an online shop. Answer briefly."
+
+# attribute -> lang -> (question templates, the last one held out; answer template)
+PRODUCT_QUESTIONS: dict[str, dict[str, tuple[list[str], str]]] = {
+    "price": {
+        "en": (["How much is the {name}?", "What does the {name} cost?", "What is the price of the {name}?",
+                "How much would I pay for the {name}?"], "The {name} costs ${price}."),
+        "zh": (["{name}多少钱？", "{name}的价格是多少？", "{name}卖多少钱？", "买一个{name}要花多少钱？"],
+               "{name}售价{price}美元。"),
+    },
+    "warranty": {
+        "en": (["What is the warranty on the {name}?", "How long is the {name} under warranty?",
+                "Does the {name} have a warranty?", "For how many years is the {name} covered?"],
+               "The {name} has a {warranty}-year limited warranty."),
+        "zh": (["{name}保修多久？", "{name}的保修期是多长？", "{name}有保修吗？", "{name}能保修几年？"],
+               "{name}享有{warranty}年有限保修。"),
+    },
+    "material": {
+        "en": (["What is the {name} made of?", "What material is the {name}?", "Which material does the {name} use?",
+                "What is the {name} constructed from?"], "The {name} is made of {material}."),
+        "zh": (["{name}是什么材质的？", "{name}用什么材料做的？", "{name}的材质是什么？", "{name}是用什么做成的？"],
+               "{name}采用{material}制成。"),
+    },
+    "colors": {
+        "en": (["What colors does the {name} come in?", "Which colors are available for the {name}?",
+                "Is the {name} available in different colors?", "What color options does the {name} have?"],
+               "The {name} comes in {colors}."),
+        "zh": (["{name}有哪些颜色？", "{name}有什么颜色可选？", "{name}有几种颜色？", "{name}可以选哪些颜色？"],
+               "{name}有{colors}可选。"),
+    },
+    "weight": {
+        "en": (["How much does the {name} weigh?", "What is the weight of the {name}?", "How heavy is the {name}?",
+                "Is the {name} heavy? What does it weigh?"], "The {name} weighs {weight} kg."),
+        "zh": (["{name}有多重？", "{name}的重量是多少？", "{name}重不重？", "{name}大概多少公斤？"],
+               "{name}重{weight}公斤。"),
+    },
+}
+
+GREETINGS = {
+    "en": (["Hi", "Hello!", "Hey there", "Good morning", "Hi, can you help me?"],
+           "Hello! I am the Larkspur Home support assistant. How can I help you with your order today?"),
+    "zh": (["你好", "您好！", "在吗？", "早上好", "你好，能帮我一下吗？"],
+           "您好！我是云雀家居的客服助手，请问有什么可以帮您？"),
+}
+OUT_OF_SCOPE = {
+    "en": (["Can you help me with my taxes?", "What is the capital of France?", "Write me a poem about cats.",
+            "Who will win the election?", "Can you recommend a good movie?"],
+           "Sorry, I can only help with Larkspur Home orders, products and policies."),
+    "zh": (["能帮我报税吗？", "法国的首都是哪里？", "给我写一首关于猫的诗。", "谁会赢得选举？", "能推荐一部好电影吗？"],
+           "抱歉，我只能解答云雀家居的订单、商品和政策相关问题。"),
+}
+
+
+@dataclass
+class QAItem:
+    id: str
+    lang: str
+    topic: str
+    questions: list[str]  # all ways of asking; the last is held out
+    answer: str
+
+    @property
+    def train_questions(self) -> list[str]:
+        return self.questions[:-1]
+
+    @property
+    def heldout_question(self) -> str:
+        return self.questions[-1]
+
+
+def qa_items(kb: ShopKB) -> list[QAItem]:
+    """One item per fact and language: every FAQ entry, and every (product, attribute) pair."""
+    items: list[QAItem] = []
+    for e in kb.faqs:
+        for lang in ("en", "zh"):
+            items.append(QAItem(f"faq/{e['id']}.{lang}", lang, e.get("topic", "general"), list(e[lang]["q"]), e[lang]["a"]))
+    for p in kb.products:
+        for attr, by_lang in PRODUCT_QUESTIONS.items():
+            for lang, (templates, answer) in by_lang.items():
+                values = {"name": p["name"][lang], "price": fmt_num(p["price"]), "warranty": p["warranty_years"],
+                          "material": p["material"][lang], "colors": p["colors"][lang], "weight": fmt_num(p["weight_kg"])}
+                items.append(QAItem(f"product/{p['sku']}/{attr}.{lang}", lang, f"product-{attr}",
+                                    [t.format(**values) for t in templates], answer.format(**values)))
+    return items
+
+
+def _chat(*turns: str, system: str = SYSTEM_PROMPT) -> dict[str, Any]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+    return {"messages": msgs}
+
+
+def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
+                       system_prompt: str = SYSTEM_PROMPT) -> dict[str, list[dict[str, Any]]]:
+    """``{"train": [chat records], "heldout": [QA rows]}`` -- see the module docstring."""
+    rng = random.Random(seed)
+    items = qa_items(kb)
+    train: list[dict[str, Any]] = []
+    for it in items:
+        for q in it.train_questions:
+            train.append(_chat(q, it.answer, system=system_prompt))
+    for table in (GREETINGS, OUT_OF_SCOPE):
+        for lang, (qs, a) in table.items():
+            for q in qs:
+                train.append(_chat(q, a, system=system_prompt))
+    by_lang: dict[str, list[QAItem]] = {}
+    for it in items:
+        by_lang.setdefault(it.lang, []).append(it)
+    for k in range(n_dialogues):
+        lang = ("en", "zh")[k % 2]
+        a, b = rng.sample(by_lang[lang], 2)
+        train.append(_chat(rng.choice(a.train_questions), a.answer, rng.choice(b.train_questions), b.answer,
+                           system=system_prompt))
+    rng.shuffle(train)
+    heldout = [
+        {"id": it.id, "lang": it.lang, "topic": it.topic, "question": it.heldout_question, "answer": it.answer,
+         "messages": _chat(it.heldout_question, system=system_prompt)["messages"]}
+        for it in items
+    ]
+    return {"train": train, "heldout": heldout}
+
+
+def sample_heldout(rows: list[dict[str, Any]], n: int | None, seed: int = 0) -> list[dict[str, Any]]:
+    """A deterministic subset of ``n`` held-out rows, balanced over languages and topics (all when n is None)."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    rng = random.Random(seed)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["lang"], r["topic"].split("-")[0]), []).append(r)
+    for g in groups.values():
+        rng.shuffle(g)
+    out: list[dict[str, Any]] = []
+    keys = sorted(groups)
+    while len(out) < n:  # round-robin over (lang, faq|product) groups
+        for key in keys:
+            if groups[key] and len(out) < n:
+                out.append(groups[key].pop())
+    return sorted(out, key=lambda r: r["id"])
