@@ -34,9 +34,35 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
+    @classmethod
+    def from_kwargs(cls, **kw) -> "SamplingParams":
+        """Build from keyword arguments; accepts ``max_new_tokens`` for ``max_tokens`` and a single ``stop``
+        string. Unknown names raise ConfigError listing the allowed ones."""
+        from dataclasses import fields as _fields
+
+        from lmstack.errors import ConfigError
+
+        if "max_new_tokens" in kw:
+            kw["max_tokens"] = kw.pop("max_new_tokens")
+        names = {f.name for f in _fields(cls)}
+        bad = sorted(set(kw) - names)
+        if bad:
+            raise ConfigError(f"unknown sampling parameter(s) {', '.join(bad)}; allowed: {', '.join(sorted(names))}")
+        p = cls(**kw)
+        p.validate()
+        return p
+
     def validate(self) -> None:
         from lmstack.errors import ConfigError
 
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError("stop must be a list of non-empty strings")
         checks = [
             (self.n >= 1, "n must be >= 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
@@ -47,6 +73,7 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
         ]
         for ok, msg in checks:

@@ -1,0 +1,200 @@
+"""LLMEngine: the one generation loop behind ``lmstack.load(...).generate``, the CLI and the HTTP server.
+
+``step()``: ``scheduler.schedule()`` picks prefill and decode work under a token budget ->
+``runner.run(batch)`` does one forward pass over the paged KV cache -> ``sampler`` picks a token per
+sequence (its own params and seed) -> ``scheduler.update()`` appends tokens, finishes on
+stop / length / abort and frees blocks. Returns a :class:`RequestOutput` snapshot (with deltas) for each
+request that advanced. Not thread-safe: :class:`~lmstack.serve.async_engine.AsyncEngine` serialises access.
+Reference: vLLM ``LLMEngine`` / ``EngineCore.step``, nano-vllm ``llm_engine.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import torch
+
+from lmstack.errors import ConfigError
+from lmstack.model.transformer import Transformer
+from lmstack.serve.block_manager import BlockManager
+from lmstack.serve.detokenizer import IncrementalDetokenizer
+from lmstack.serve.errors import PromptTooLong
+from lmstack.serve.runner import ModelRunner
+from lmstack.serve.sampler import Sampler
+from lmstack.serve.scheduler import Scheduler
+from lmstack.serve.sequence import Request, Sequence
+from lmstack.serve.types import RequestOutput, SamplingParams
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # 1 GiB
+GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
+
+
+def default_kv_cache_memory(model: Transformer, max_num_seqs: int, max_model_len: int, block_size: int) -> int:
+    """Enough for every sequence at full length, capped at 1 GiB on CPU / half the free GPU memory."""
+    need = max_num_seqs * (-(-max_model_len // block_size) + 1) * ModelRunner.kv_bytes_per_block(model, block_size)
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return min(need, int(free * GPU_KV_FRACTION))
+    return min(need, CPU_DEFAULT_KV_BYTES)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any | None = None,
+        *,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        kv_cache_memory: int | None = None,
+        block_size: int = 16,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        eos_token_ids: list[int] | None = None,
+    ):
+        cfg = model.config
+        if block_size < 1 or max_num_seqs < 1:
+            raise ConfigError("block_size and max_num_seqs must be >= 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        num_prefix = prefix_kv[0][0].shape[1] if prefix_kv else 0
+        self.max_model_len = int(max_model_len or cfg.max_position_embeddings - num_prefix)
+        if self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        self.block_size = block_size
+        kv_bytes = kv_cache_memory if kv_cache_memory is not None else default_kv_cache_memory(
+            model, max_num_seqs, self.max_model_len, block_size)
+        per_block = ModelRunner.kv_bytes_per_block(model, block_size)
+        num_blocks = int(kv_bytes) // per_block
+        if num_blocks < 1:
+            raise ConfigError(f"kv_cache_memory={kv_bytes} bytes holds no KV block ({per_block} bytes per block "
+                              f"of {block_size} tokens); raise kv_cache_memory")
+        self.max_num_batched_tokens = int(max_num_batched_tokens or max(2048, max_num_seqs))
+        if eos_token_ids is None:
+            eos_token_ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
+            e = cfg.eos_token_id
+            eos_token_ids += [e] if isinstance(e, int) else list(e or [])
+        self.eos_token_ids = set(eos_token_ids)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens,
+                                   self.max_model_len, self.eos_token_ids)
+        self.runner = ModelRunner(model, num_blocks, block_size, prefix_kv)
+        self.sampler = Sampler(self.eos_token_ids, model.device)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._req_ids = itertools.count()
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ------------------------------------------------------------------ requests
+    def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("this model directory has no tokenizer; pass prompts as token id lists")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = [int(t) for t in prompt]
+        V = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
+        return None, ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Request:
+        params = params or SamplingParams()
+        params.validate()
+        if request_id is None:
+            request_id = f"req-{next(self._req_ids)}"
+        if request_id in self.requests:
+            raise ConfigError(f"request id {request_id!r} is already in use")
+        text, ids = self.encode_prompt(prompt)
+        if not ids:
+            raise ConfigError("the prompt is empty (0 tokens)")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLong(self.max_model_len - 1, len(ids), "the context (max_model_len - 1)")
+        capacity = self.block_manager.num_blocks * self.block_size
+        if len(ids) >= capacity:
+            raise PromptTooLong(capacity - 1, len(ids), "the KV cache")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer; this model directory has none (use stop_token_ids)")
+        req = Request(request_id, text, ids, params)
+        for j in range(params.n):
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output,
+                                               params.skip_special_tokens)
+            seq = Sequence(next(self._seq_ids), req, j, list(ids), len(ids),
+                           Sampler.make_generator(params, j, self.model.device), detok)
+            if params.logprobs is not None:
+                seq.logprobs = []
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.prompt_tokens_total += len(ids)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now (reason "abort") and free its KV blocks. Returns its last snapshot."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.aborted = True
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "abort")
+        req.metrics.finished_time = time.time()
+        return req.output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled: dict[int, int] = {}
+        if out.scheduled:
+            logits, rows = self.runner.run([s for s in out.scheduled])
+            seqs = [s.seq for s, r in zip(out.scheduled, rows) if r >= 0]
+            if seqs:
+                chosen, lps = self.sampler(logits, seqs)
+                now = time.time()
+                for seq, tok, lp in zip(seqs, chosen, lps):
+                    sampled[seq.seq_id] = tok
+                    if lp is not None:
+                        seq.logprobs.append(lp)
+                        seq.cumulative_logprob += lp.logprob
+                    if seq.request.metrics.first_token_time is None:
+                        seq.request.metrics.first_token_time = now
+                self.generation_tokens_total += len(seqs)
+        finished = self.scheduler.update(out, sampled)
+        touched: dict[str, Request] = {}
+        for s in out.scheduled:
+            if s.seq.seq_id in sampled:
+                touched[s.seq.request.request_id] = s.seq.request
+        for seq in finished:
+            touched[seq.request.request_id] = seq.request
+        outputs = []
+        for rid, req in touched.items():
+            if req.finished:
+                req.metrics.finished_time = time.time()
+                self.requests.pop(rid, None)
+            outputs.append(req.output())
+        return outputs
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, float | int]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": bm.num_used,
+            "kv_blocks_total": bm.num_blocks,
+            "kv_usage": bm.num_used / bm.num_blocks,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "preemptions_total": self.scheduler.num_preemptions,
+        }

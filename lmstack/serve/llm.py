@@ -1,0 +1,151 @@
+"""The offline entry point: ``lmstack.load(path)`` -> :class:`LLM` with ``generate`` / ``stream`` / ``chat``.
+
+    import lmstack
+    llm = lmstack.load("runs/sft/final")
+    out = llm.generate(["Hello", "Bonjour"], temperature=0, max_tokens=32)
+    print(out[0].outputs[0].text)
+    for delta in llm.stream("Once upon a time", max_tokens=64):
+        print(delta, end="", flush=True)
+
+Every call runs on one :class:`~lmstack.serve.engine.LLMEngine` (paged KV cache, continuous batching);
+the HTTP server wraps the same object in :class:`~lmstack.serve.async_engine.AsyncEngine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmstack.errors import ConfigError
+from lmstack.model.transformer import Transformer
+from lmstack.serve.engine import LLMEngine
+from lmstack.serve.types import RequestOutput, SamplingParams
+from lmstack.utils.progress import progress
+
+Prompt = str | list[int]
+
+
+def _params(sampling: SamplingParams | None, kw: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from an object and/or keyword overrides (validated; the caller's object is not changed)."""
+    if "max_new_tokens" in kw:
+        kw = {**kw, "max_tokens": kw["max_new_tokens"]}
+        del kw["max_new_tokens"]
+    base = dict(sampling.__dict__) if sampling is not None else {}
+    return SamplingParams.from_kwargs(**{**base, **kw})
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
+    """(list of prompts, whether a single prompt was given)."""
+    if isinstance(prompts, str):
+        return [prompts], True
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts], True  # one prompt as token ids
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, list, tuple)):
+            raise ConfigError(f"prompts[{i}] is a {type(p).__name__}; expected a string or a list of token ids")
+    return [p if isinstance(p, str) else list(p) for p in prompts], False
+
+
+class LLM:
+    """A model, its tokenizer and the engine that generates with them."""
+
+    def __init__(self, model: Transformer, tokenizer: Any | None = None, *, model_name: str = "model",
+                 adapter: Any | None = None, **engine_kw: Any):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.adapter = adapter  # lmstack.tune.adapters.AdapterRuntime or None
+        prefix_kv = getattr(adapter, "prefix_kv", None)
+        self.engine = LLMEngine(model, tokenizer, prefix_kv=prefix_kv, **engine_kw)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | None = None,
+                 *, use_tqdm: bool | None = None, **sampling_kw: Any) -> list[RequestOutput]:
+        """Complete every prompt; returns one finished RequestOutput per prompt, in order.
+
+        ``sampling_kw`` are SamplingParams fields (``max_new_tokens`` is accepted for ``max_tokens``)."""
+        params = _params(sampling, sampling_kw)
+        plist, _ = _as_prompt_list(prompts)
+        eng = self.engine
+        ids = []
+        try:
+            for p in plist:
+                ids.append(eng.add_request(p, params).request_id)
+            results: dict[str, RequestOutput] = {}
+            show = use_tqdm if use_tqdm is not None else len(plist) > 1
+            with progress(transient=True, disable=None if show else True) as bar:
+                task = bar.add_task("generating", total=len(plist))
+                while len(results) < len(ids):
+                    for out in eng.step():
+                        if out.finished and out.request_id in ids:
+                            results[out.request_id] = out
+                            bar.advance(task)
+        finally:
+            for rid in ids:  # on an exception (Ctrl-C), free what is still running
+                if rid in eng.requests:
+                    eng.abort_request(rid)
+        return [results[r] for r in ids]
+
+    def stream(self, prompt: Prompt, sampling: SamplingParams | None = None, **sampling_kw: Any) -> Iterator[str]:
+        """Yield text deltas of one completion as they are decoded (stop strings never appear)."""
+        for out in self.stream_outputs(prompt, sampling, **sampling_kw):
+            if out.outputs[0].delta_text:
+                yield out.outputs[0].delta_text
+
+    def stream_outputs(self, prompt: Prompt, sampling: SamplingParams | None = None,
+                       **sampling_kw: Any) -> Iterator[RequestOutput]:
+        """Yield RequestOutput snapshots (with deltas) for one prompt; the last has ``finished=True``."""
+        params = _params(sampling, sampling_kw)
+        eng = self.engine
+        rid = eng.add_request(prompt, params).request_id
+        try:
+            while True:
+                for out in eng.step():
+                    if out.request_id == rid:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            if rid in eng.requests:  # the consumer stopped early: free the blocks now
+                eng.abort_request(rid)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        if self.tokenizer is None:
+            raise ConfigError("chat needs a tokenizer with a chat template; this model directory has no tokenizer")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+    def chat(self, messages: list[dict[str, Any]], sampling: SamplingParams | None = None,
+             **sampling_kw: Any) -> RequestOutput:
+        """One assistant reply to ``messages`` ([{"role": ..., "content": ...}]) via the chat template."""
+        return self.generate([self.chat_prompt(messages)], sampling, use_tqdm=False, **sampling_kw)[0]
+
+
+def load(path: str | Path, adapter: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, max_num_seqs: int = 64, max_model_len: int | None = None,
+         kv_cache_memory: int | None = None, block_size: int = 16, **engine_kw: Any) -> LLM:
+    """Load a model directory (HF layout, with its tokenizer when present) and an optional adapter
+    (LoRA / prompt / prefix tuning, PEFT layout) into a ready-to-generate :class:`LLM`."""
+    from lmstack.model.hf_io import load_model
+
+    path = Path(path)
+    model = load_model(path, device=device, dtype=dtype)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from lmstack.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(path)
+    runtime = None
+    if adapter is not None:
+        from lmstack.tune.adapters import load_adapter
+
+        runtime = load_adapter(model, adapter)
+    return LLM(model, tokenizer, model_name=path.resolve().name, adapter=runtime, max_num_seqs=max_num_seqs,
+               max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, block_size=block_size, **engine_kw)

@@ -1,0 +1,209 @@
+"""One forward pass of a mixed prefill/decode batch over the paged KV cache.
+
+All scheduled tokens are packed into one row, ``input_ids (1, N)``, so every linear layer runs once on
+N tokens with no padding. Decode tokens come first, then each prefill chunk. :class:`PagedAttention`
+is the attention context the Transformer calls per layer (``ctx.attend(layer_idx, q, k, v)``):
+
+1. write the step's k/v into their slots of the KV pool (``index_copy_``);
+2. decodes: gather every decoding sequence's blocks into one padded batch
+   ``(B_dec, n_kv, S_max, D)`` and run a single SDPA call with a padding (+ sliding-window) mask;
+3. prefills: one SDPA call per chunk -- plain causal attention on the chunk itself when it starts at
+   position 0, else over its gathered blocks with an offset causal mask.
+
+Prefix / prompt tuning (``prefix_kv``): each layer's (k, v) of shape (n_kv, P, D) is prepended to every
+sequence's keys; real tokens take positions P, P+1, ... Reference: vLLM ``PagedAttention``; the
+KV-pool layout (num_blocks, block_size, n_kv, D) follows nano-vllm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmstack.model.transformer import Transformer
+from lmstack.serve.scheduler import ScheduledSeq
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:
+    """q (B, H, T, D); k, v (B, n_kv, S, D) with H a multiple of n_kv (grouped-query attention)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+@dataclass
+class _Prefill:
+    offset: int  # first packed index of the chunk
+    num_tokens: int
+    direct: bool  # chunk starts at position 0 and needs no mask beyond causal: attend to itself
+    blocks: Tensor | None  # (nb,) block ids covering the context, when not direct
+    mask: Tensor | None  # (1, 1, T, P + nb * block_size)
+
+
+class PagedAttention:
+    """The attention context for one engine step (built by :meth:`ModelRunner.prepare`)."""
+
+    def __init__(self, runner: "ModelRunner", slots: Tensor, num_decode: int, dec_blocks: Tensor | None,
+                 dec_mask: Tensor | None, prefills: list[_Prefill]):
+        self.r = runner
+        self.slots = slots  # (N,) slot of each packed token
+        self.num_decode = num_decode
+        self.dec_blocks = dec_blocks  # (B_dec, nb_max)
+        self.dec_mask = dec_mask  # (B_dec, 1, 1, P + nb_max * block_size)
+        self.prefills = prefills
+
+    def _gather(self, layer_idx: int, blocks: Tensor) -> tuple[Tensor, Tensor]:
+        """blocks (B, nb) -> k, v (B, n_kv, P + nb * bs, D), with the prefix in front."""
+        r = self.r
+        B, nb = blocks.shape
+        k = r.k_pool[layer_idx][blocks].view(B, nb * r.block_size, r.n_kv, r.head_dim).transpose(1, 2)
+        v = r.v_pool[layer_idx][blocks].view(B, nb * r.block_size, r.n_kv, r.head_dim).transpose(1, 2)
+        if r.prefix_kv is not None:
+            pk, pv = r.prefix_kv[layer_idx]  # (n_kv, P, D)
+            k = torch.cat([pk.expand(B, *pk.shape), k], 2)
+            v = torch.cat([pv.expand(B, *pv.shape), v], 2)
+        return k, v
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # q (1, H, N, D); k, v (1, n_kv, N, D)
+        r = self.r
+        r.k_flat[layer_idx].index_copy_(0, self.slots, k[0].transpose(0, 1))  # (N, n_kv, D) into (slots, n_kv, D)
+        r.v_flat[layer_idx].index_copy_(0, self.slots, v[0].transpose(0, 1))
+        outs: list[Tensor] = []
+        nd = self.num_decode
+        if nd:
+            qd = q[:, :, :nd].permute(2, 1, 0, 3)  # (B_dec, H, 1, D)
+            kd, vd = self._gather(layer_idx, self.dec_blocks)
+            outs.append(_sdpa(qd, kd, vd, self.dec_mask).permute(2, 1, 0, 3))  # (1, H, B_dec, D)
+        for p in self.prefills:
+            a, b = p.offset, p.offset + p.num_tokens
+            qp = q[:, :, a:b]  # (1, H, T, D)
+            if p.direct:
+                outs.append(_sdpa(qp, k[:, :, a:b], v[:, :, a:b], None, is_causal=True))
+            else:
+                kp, vp = self._gather(layer_idx, p.blocks[None])
+                outs.append(_sdpa(qp, kp, vp, p.mask))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+class ModelRunner:
+    """Owns the KV pool and turns a scheduled batch into next-token logits."""
+
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int,
+                 prefix_kv: list[tuple[Tensor, Tensor]] | None = None):
+        cfg = model.config
+        self.model = model
+        self.device, self.dtype = model.device, model.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.n_kv, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        shape = (num_blocks, block_size, self.n_kv, self.head_dim)
+        # zeros, not empty: padded slots are masked, but 0 * NaN garbage would still poison SDPA
+        self.k_pool = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self.v_pool = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self.k_flat = [t.view(-1, self.n_kv, self.head_dim) for t in self.k_pool]  # (slots, n_kv, D)
+        self.v_flat = [t.view(-1, self.n_kv, self.head_dim) for t in self.v_pool]
+        self.prefix_kv = None
+        self.num_prefix = 0
+        if prefix_kv is not None:
+            self.prefix_kv = [(k.to(self.device, self.dtype), v.to(self.device, self.dtype)) for k, v in prefix_kv]
+            self.num_prefix = self.prefix_kv[0][0].shape[1]
+        self._arange = torch.arange(0, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def kv_bytes_per_block(model: Transformer, block_size: int) -> int:
+        cfg = model.config
+        elem = torch.empty((), dtype=model.dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+    def _key_pos(self, nb: int) -> Tensor:
+        """Token positions of the gathered cache slots (nb * bs,) (a cached arange)."""
+        n = nb * self.block_size
+        if self._arange.numel() < n:
+            self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
+        return self._arange[:n]
+
+    def _visible(self, qpos: Tensor, nb: int) -> Tensor:
+        """(Q, P + nb * bs) bool: causal (which also hides slots past the context) + sliding window; the
+        P prefix slots are visible to every query (the tune contract)."""
+        kpos = self._key_pos(nb)
+        vis = kpos[None, :] <= qpos[:, None]
+        if self.sliding_window is not None:
+            vis &= qpos[:, None] - kpos[None, :] < self.sliding_window
+        if self.num_prefix:
+            vis = torch.cat([vis.new_ones(vis.shape[0], self.num_prefix), vis], 1)
+        return vis
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[Tensor, Tensor, PagedAttention, list[int]]:
+        """Pack a batch: input_ids, position_ids (1, N), the attention context, and the packed index of
+        each sequence's last token where it needs a sample (in batch order, -1 where none)."""
+        bs, P, W = self.block_size, self.num_prefix, self.sliding_window
+        decode = [s for s in batch if s.num_tokens == 1]
+        prefill = [s for s in batch if s.num_tokens > 1]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for s in decode:
+            p = s.start
+            ids.append(s.seq.token_ids[p])
+            pos.append(p)
+            slots.append(s.seq.block_table[p // bs] * bs + p % bs)
+        dec_blocks = dec_mask = None
+        if decode:
+            nb = max(len(s.seq.block_table) for s in decode)
+            dec_blocks = torch.tensor([s.seq.block_table + [0] * (nb - len(s.seq.block_table)) for s in decode],
+                                      dtype=torch.long, device=self.device)
+            qpos = torch.tensor(pos, dtype=torch.long, device=self.device)  # (B_dec,)
+            dec_mask = self._visible(qpos, nb)[:, None, None, :]  # (B_dec, 1, 1, P + S)
+        prefills: list[_Prefill] = []
+        for s in prefill:
+            seq, c, n = s.seq, s.start, s.num_tokens
+            offset = len(ids)
+            ids.extend(seq.token_ids[c:c + n])
+            pos.extend(range(c, c + n))
+            bt = seq.block_table
+            slots.extend(bt[p // bs] * bs + p % bs for p in range(c, c + n))
+            direct = c == 0 and P == 0 and (W is None or n <= W)
+            blocks = mask = None
+            if not direct:
+                nb = self.blocks_for(c + n)
+                blocks = torch.tensor(bt[:nb], dtype=torch.long, device=self.device)
+                mask = self._visible(torch.arange(c, c + n, device=self.device), nb)[None, None]  # (1, 1, T, P + S)
+            prefills.append(_Prefill(offset, n, direct, blocks, mask))
+        # packed order: decodes then prefills; map each batch entry to its last packed index
+        last: dict[int, int] = {}
+        for i, s in enumerate(decode):
+            last[id(s)] = i
+        for s, p in zip(prefill, prefills):
+            last[id(s)] = p.offset + p.num_tokens - 1
+        sample_idx = [last[id(s)] if s.needs_sample else -1 for s in batch]
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([pos], dtype=torch.long, device=self.device) + P
+        ctx = PagedAttention(self, torch.tensor(slots, dtype=torch.long, device=self.device), len(decode),
+                             dec_blocks, dec_mask, prefills)
+        return input_ids, position_ids, ctx, sample_idx
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------------ run
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> tuple[Tensor | None, list[int]]:
+        """Forward the batch. Returns fp32 logits (M, vocab) for the M entries that need a sample, and
+        for each batch entry its row in those logits (-1 where none)."""
+        input_ids, position_ids, ctx, sample_idx = self.prepare(batch)
+        h = self.model.hidden_states(input_ids, position_ids=position_ids, ctx=ctx)  # (1, N, hidden)
+        rows = [i for i in sample_idx if i >= 0]
+        if not rows:
+            return None, [-1] * len(batch)
+        sel = h[0] if rows == list(range(h.shape[1])) else h[0, rows]  # (M, hidden)
+        logits = self.model.lm_head(sel).float()  # (M, vocab)
+        out_rows, k = [], 0
+        for i in sample_idx:
+            out_rows.append(k if i >= 0 else -1)
+            k += i >= 0
+        return logits, out_rows

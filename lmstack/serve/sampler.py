@@ -1,0 +1,122 @@
+"""Next-token choice per sequence: penalties, temperature, top-k / top-p / min-p, seeded sampling.
+
+Order of operations follows ``transformers`` ``generate`` (so it can be tested against its logits
+processors): repetition penalty (CTRL, Keskar et al. 2019: over prompt + output, positive logits divided,
+negative multiplied) -> presence / frequency penalties (OpenAI, over output tokens) -> min_tokens
+(EOS and stop ids masked) -> temperature -> top-k -> top-p (nucleus, Holtzman et al. 2020) ->
+min-p (Nguyen et al. 2024) -> sample. Temperature 0 is greedy (argmax of the penalised logits).
+Each seeded sequence draws from its own ``torch.Generator``, so its text does not depend on what else is
+in the batch. Log-probs are those of the model's raw distribution (log_softmax of the logits).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lmstack.serve.sequence import Sequence
+from lmstack.serve.types import SamplingParams, TokenLogprob
+
+
+def apply_penalties(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> Tensor:
+    """In place on ``logits`` (B, V) for the rows whose params ask for it."""
+    V = logits.shape[1]
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.token_ids, dtype=torch.long, device=logits.device).unique()
+            x = logits[i, seen]
+            logits[i, seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(out, minlength=V)[:V].to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)
+            banned = [t for t in banned if 0 <= t < V]
+            if banned:
+                logits[i, banned] = float("-inf")
+    return logits
+
+
+def filter_logits(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """Temperature, top-k, top-p, min-p on (B, V) logits with per-row parameters (B,); returns logits with
+    removed tokens at -inf. top_k 0 / top_p 1 / min_p 0 leave a row unchanged."""
+    logits = logits / temperature[:, None]
+    B, V = logits.shape
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        ranks = torch.arange(V, device=logits.device)[None, :]
+        k = torch.where(top_k > 0, top_k, V)[:, None]
+        remove = ranks >= k  # (B, V) in sorted order
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        probs = sorted_logits.softmax(-1)
+        # nucleus: drop a token once the tokens before it already hold top_p of the mass (as transformers)
+        before = probs.cumsum(-1) - probs
+        remove |= (before >= top_p[:, None]) & (top_p[:, None] < 1) & (ranks > 0)
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        thresh = min_p[:, None] * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(probs < thresh, float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int], device: torch.device):
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.default_generator = torch.Generator(device=device)
+        self.default_generator.seed()
+
+    @staticmethod
+    def make_generator(params: SamplingParams, index: int, device: torch.device) -> torch.Generator | None:
+        """A generator for completion ``index`` of a request with ``params.seed`` (None when unseeded)."""
+        if params.seed is None or params.temperature == 0:
+            return None
+        return torch.Generator(device=device).manual_seed(params.seed + index)
+
+    @torch.inference_mode()
+    def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits (B, V) fp32 -> the chosen token per row and its log-prob record (None if not asked)."""
+        B = logits.shape[0]
+        want_lp = [s.params.logprobs is not None for s in seqs]
+        raw_lp = logits.log_softmax(-1) if any(want_lp) else None  # (B, V)
+        if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+               or s.params.min_tokens for s in seqs):
+            logits = apply_penalties(logits.clone(), seqs, self.eos_token_ids)
+        greedy = [s.params.temperature == 0 for s in seqs]
+        if all(greedy):
+            chosen = logits.argmax(-1).tolist()
+        else:
+            chosen = [0] * B
+            if any(greedy):
+                am = logits.argmax(-1).tolist()
+                for i, g in enumerate(greedy):
+                    if g:
+                        chosen[i] = am[i]
+            rows = [i for i, g in enumerate(greedy) if not g]
+            sub = [seqs[i].params for i in rows]
+            dev = logits.device
+            filtered = filter_logits(
+                logits[rows],
+                torch.tensor([p.temperature for p in sub], device=dev, dtype=logits.dtype),
+                torch.tensor([p.top_k for p in sub], device=dev, dtype=torch.long),
+                torch.tensor([p.top_p for p in sub], device=dev, dtype=logits.dtype),
+                torch.tensor([p.min_p for p in sub], device=dev, dtype=logits.dtype),
+            )
+            probs = filtered.softmax(-1)  # (R, V)
+            for j, i in enumerate(rows):
+                g = seqs[i].generator or self.default_generator
+                chosen[i] = int(torch.multinomial(probs[j], 1, generator=g))
+        lps: list[TokenLogprob | None] = [None] * B
+        if raw_lp is not None:
+            for i, s in enumerate(seqs):
+                if not want_lp[i]:
+                    continue
+                top: dict[int, float] = {}
+                if s.params.logprobs:
+                    v, ix = raw_lp[i].topk(s.params.logprobs)
+                    top = dict(zip(ix.tolist(), v.tolist()))
+                lps[i] = TokenLogprob(chosen[i], float(raw_lp[i, chosen[i]]), top)
+        return chosen, lps
