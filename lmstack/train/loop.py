@@ -155,7 +155,7 @@ def fit(
     fpt: float | None = None
     last_ckpt: Path | None = resumed_from
     last_loss = float("nan")
-    metric_sums: dict[str, float] = {}
+    interval_tokens, interval_time = 0.0, 0.0  # for tokens/s over the log interval (train compute only)
     t_start = time.perf_counter()
     elapsed0 = state.elapsed_s
 
@@ -208,7 +208,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens_seen += int(global_tokens)
-            dt = time.perf_counter() - t0
+            interval_time += time.perf_counter() - t0
+            interval_tokens += global_tokens
             bar.update(task, completed=state.step,
                        description=f"train loss {step_loss:.4f}" if ok else "train (bad step skipped)")
 
@@ -224,7 +225,8 @@ def fit(
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 if peak is None and info.is_main:
                     peak = measure_matmul_peak(device, amp or torch.float32)
-                tps = global_tokens / dt
+                tps = interval_tokens / max(interval_time, 1e-9)
+                interval_tokens, interval_time = 0.0, 0.0
                 rec = {"step": state.step, "loss": step_loss if ok else float("nan"), "lr": lr,
                        "grad_norm": grad_norm, "tokens": state.tokens_seen, "tokens_per_s": tps,
                        "mfu": (fpt or 0.0) * tps / (peak * info.world_size) if peak else None,
