@@ -1,0 +1,49 @@
+"""Code generation scored by execution: HumanEval format (Chen et al. 2021) and the unbiased pass@k.
+
+Each record has ``task_id``, ``prompt`` (signature + docstring), ``test`` (defines ``check(candidate)``) and
+``entry_point``. The model completes the prompt ``n_samples`` times; each program
+``prompt + completion + test + check(entry_point)`` runs in :mod:`lmstack.eval.sandbox`. A sample passes when
+the program exits 0 within the time and memory limits; crashes, hangs and blow-ups count as failures.
+"""
+
+from __future__ import annotations
+
+from lmstack.eval.metrics import mean_pass_at_k
+from lmstack.eval.records import read_records
+from lmstack.eval.sandbox import run_many
+
+
+def program(prompt: str, completion: str, test: str, entry_point: str) -> str:
+    return f"{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
+
+
+def evaluate_code(lm, task, progress=None) -> dict:
+    recs = read_records(task.data, task.name)
+    items = recs.items[:task.limit] if task.limit else recs.items
+    probs = [{"task_id": str(r.data.get("task_id", f"line{r.line}")), "prompt": str(r.get(task.name, "prompt")),
+              "test": str(r.get(task.name, "test")), "entry_point": str(r.get(task.name, "entry_point")),
+              "line": r.line} for r in items]
+    cb = None
+    if progress is not None:
+        bar = progress.add_task(f"{task.name} (generate)", total=len(probs) * task.n_samples)
+        cb = lambda k: progress.advance(bar, k)  # noqa: E731
+    completions = lm.generate([p["prompt"] for p in probs], max_tokens=task.max_tokens, stop=task.stop,
+                              temperature=task.temperature, top_p=task.top_p, n=task.n_samples, seed=task.seed,
+                              progress_cb=cb)
+    return score_code(probs, completions, task)
+
+
+def score_code(probs: list[dict], completions: list[list[str]], task) -> dict:
+    """Run every (problem, completion) in the sandbox and compute pass@k."""
+    progs = [program(p["prompt"], c, p["test"], p["entry_point"]) for p, cs in zip(probs, completions) for c in cs]
+    results = run_many(progs, workers=task.workers, timeout=task.timeout, memory_mb=task.memory_mb)
+    counts, samples, i = [], [], 0
+    for p, cs in zip(probs, completions):
+        rs = results[i:i + len(cs)]
+        i += len(cs)
+        counts.append((len(cs), sum(r.passed for r in rs)))
+        samples.append({"task_id": p["task_id"], "line": p["line"], "passed": [r.passed for r in rs],
+                        "status": [r.status for r in rs], "completion": cs[0],
+                        "error": next((r.stderr[-300:] for r in rs if not r.passed), "")})
+    metrics = {f"pass@{k}": mean_pass_at_k(counts, k) for k in task.k}
+    return {"metrics": metrics, "n": len(probs), "n_samples": task.n_samples, "samples": samples}

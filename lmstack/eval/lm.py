@@ -1,0 +1,251 @@
+"""The model side of evaluation: log-likelihood of continuations, rolling perplexity windows, generation.
+
+Semantics follow lm-evaluation-harness (Gao et al., ``lm_eval/models/huggingface.py``) so scores agree:
+a (context, continuation) pair is tokenized as ``whole = enc(context + continuation)``,
+``cont = whole[len(enc(context)):]`` (trailing spaces of the context move to the continuation); the model
+reads ``(ctx + cont)[:-1]`` truncated on the left to ``max_length`` and the continuation's log-probability is
+the sum over its tokens. Rolling perplexity uses the strided sliding window of the ``transformers``
+"Perplexity of fixed-length models" guide: every token is scored once, with up to ``max_length - stride``
+tokens of extra context.
+
+Scoring is batched by a token budget, rows with identical inputs are computed once (MMLU's four one-token
+letters share one forward pass), and the LM head runs only on the positions that are scored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lmstack.errors import CheckpointError, ConfigError
+from lmstack.utils.io import file_sha256
+
+
+class EvalTokenizer:
+    """Reads a model directory's ``tokenizer.json`` (+ ``tokenizer_config.json`` for special tokens and the
+    chat template) with the ``tokenizers`` library: the on-disk contract, no dependency on training code."""
+
+    def __init__(self, model_dir: str | Path, model_cfg=None):
+        from tokenizers import Tokenizer
+
+        d = Path(model_dir)
+        path = d / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{d}: no tokenizer.json; save the model with its tokenizer "
+                                  "(lmstack.model.save_model(..., tokenizer_dir=...))")
+        self.path = path
+        self.tok = Tokenizer.from_file(str(path))
+        cfg = {}
+        if (d / "tokenizer_config.json").is_file():
+            cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+        self.chat_template = cfg.get("chat_template")
+        if (d / "chat_template.jinja").is_file():
+            self.chat_template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.bos_id = self.tok.token_to_id(self.bos_token) if self.bos_token else None
+        if self.bos_id is None and model_cfg is not None:
+            self.bos_id = model_cfg.bos_token_id
+        eos: list[int] = []
+        if self.eos_token and self.tok.token_to_id(self.eos_token) is not None:
+            eos.append(self.tok.token_to_id(self.eos_token))
+        if model_cfg is not None and model_cfg.eos_token_id is not None:
+            ids = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, list) else [model_cfg.eos_token_id]
+            eos += [i for i in ids if i not in eos]
+        self.eos_ids = eos
+        self._sha: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha is None:
+            self._sha = file_sha256(self.path)
+        return self._sha
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ConfigError(f"{self.path.parent}: the tokenizer has no chat_template; set chat: false in the "
+                              "task or save a tokenizer with a chat template")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def _token_str(t) -> str | None:
+    if isinstance(t, dict):
+        return t.get("content")
+    return t
+
+
+class EvalLM:
+    """A loaded model + tokenizer with the three operations evaluation needs."""
+
+    def __init__(self, model, tokenizer: EvalTokenizer, *, model_dir: str | None = None, adapter: str | None = None,
+                 batch_tokens: int = 8192, max_batch: int = 64, max_length: int | None = None):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.model_dir = model_dir
+        self.adapter = adapter
+        self.batch_tokens = batch_tokens
+        self.max_batch = max_batch
+        self.max_length = max_length or model.config.max_position_embeddings
+        self.device = model.device
+
+    @classmethod
+    def load(cls, model_dir: str | Path, adapter: str | Path | None = None, device: str | None = None,
+             dtype: str | None = None, **kw) -> "EvalLM":
+        from lmstack.model import load_model
+
+        model = load_model(model_dir, device=device, dtype=dtype)
+        if adapter is not None:
+            try:
+                from lmstack.tune.adapters import load_adapter
+            except ImportError as e:
+                raise ConfigError(f"--adapter needs lmstack.tune.adapters, which is not available ({e})") from None
+            model = load_adapter(model, adapter) or model
+            model.eval()
+        return cls(model, EvalTokenizer(model_dir, model.config), model_dir=str(model_dir),
+                   adapter=str(adapter) if adapter else None, **kw)
+
+    # ------------------------------------------------------------------ tokenization
+    def prefix_ids(self) -> list[int]:
+        """What an empty context becomes: BOS, else the first EOS (lm-eval's ``prefix_token_id``)."""
+        if self.tok.bos_id is not None:
+            return [self.tok.bos_id]
+        if self.tok.eos_ids:
+            return [self.tok.eos_ids[0]]
+        raise ConfigError("the tokenizer has neither BOS nor EOS; an empty context cannot be scored")
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        if not context:
+            return self.prefix_ids(), self.tok.encode(continuation)
+        whole = self.tok.encode(context + continuation)
+        ctx = self.tok.encode(context)
+        return whole[:len(ctx)], whole[len(ctx):]
+
+    # ------------------------------------------------------------------ scoring
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], progress_cb=None) -> list[tuple[float, bool]]:
+        """Sum of log p(continuation | context) and whether it is the greedy continuation, per pair."""
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in pairs], progress_cb)
+
+    @torch.no_grad()
+    def loglikelihood_tokens(self, reqs: Sequence[tuple[list[int], list[int]]],
+                             progress_cb=None) -> list[tuple[float, bool]]:
+        rows: dict[tuple[int, ...], int] = {}  # distinct model input -> row index
+        inputs: list[tuple[int, ...]] = []
+        plan: list[tuple[int, list[int]]] = []  # per request: (row, continuation ids)
+        for ctx, cont in reqs:
+            if not cont:
+                raise ValueError("empty continuation")
+            full = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            cont = cont[-(len(full) - 1):] if len(cont) >= len(full) else cont  # keep >= 1 context token
+            key = tuple(full[:-1])
+            if key not in rows:
+                rows[key] = len(inputs)
+                inputs.append(key)
+            plan.append((rows[key], list(cont)))
+        # positions each row must score: the union over requests sharing the row
+        need: list[int] = [0] * len(inputs)
+        for r, cont in plan:
+            need[r] = max(need[r], len(cont))
+        logprobs: list[torch.Tensor | None] = [None] * len(inputs)  # (need, V) log-softmax per row
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+        i = 0
+        while i < len(order):
+            T = len(inputs[order[i]])
+            bs = max(1, min(self.max_batch, self.batch_tokens // max(T, 1)))
+            batch = order[i:i + bs]
+            ids = torch.zeros(len(batch), T, dtype=torch.long)
+            for b, r in enumerate(batch):
+                ids[b, :len(inputs[r])] = torch.tensor(inputs[r])
+            h = self.model.hidden_states(ids.to(self.device))  # (B, T, hidden); right padding is never seen
+            for b, r in enumerate(batch):
+                L = len(inputs[r])
+                logits = self.model.lm_head(h[b, L - need[r]:L]).float()  # (need, V)
+                logprobs[r] = torch.log_softmax(logits, dim=-1).cpu()
+            i += len(batch)
+            if progress_cb is not None:
+                progress_cb(len(batch))
+        out = []
+        for r, cont in plan:
+            lp = logprobs[r][-len(cont):]  # (len(cont), V)
+            tgt = torch.tensor(cont)
+            score = lp.gather(1, tgt[:, None]).sum().item()
+            greedy = bool((lp.argmax(-1) == tgt).all())
+            out.append((score, greedy))
+        return out
+
+    def num_rows(self, reqs: Sequence[tuple[list[int], list[int]]]) -> int:
+        return len({tuple((list(c) + list(x))[-(self.max_length + 1):][:-1]) for c, x in reqs})
+
+    def rolling_windows(self, ids: list[int], max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
+        """Split a token sequence into (context, targets) windows scoring every token after the first once.
+
+        Window w covers ids[begin:end] with end = begin + max_length; it scores the tokens not scored by the
+        previous window, so later windows see ``max_length - stride`` tokens of context."""
+        max_length = min(max_length, self.max_length)
+        out, prev_end, n = [], 0, len(ids)
+        for begin in range(0, n, stride):
+            end = min(begin + max_length, n)
+            start = max(prev_end, begin + 1)
+            if start < end:
+                out.append((ids[begin:start], ids[start:end]))
+            prev_end = end
+            if end == n:
+                break
+        return out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, max_tokens: int = 64, stop: Sequence[str] = (),
+                 temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int = 0,
+                 batch_size: int = 8, progress_cb=None) -> list[list[str]]:
+        """``n`` completions per prompt (greedy when temperature is 0), cut at the first stop string."""
+        from lmstack.eval.generate import generate_ids
+
+        flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+        enc = [self.tok.encode(p) or self.prefix_ids() for _, p in flat]
+        order = sorted(range(len(flat)), key=lambda j: -len(enc[j]))
+        texts: list[str] = [""] * len(flat)
+        gen = torch.Generator().manual_seed(seed)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            outs = generate_ids(self.model, [enc[j] for j in idx], max_tokens=max_tokens,
+                                eos_ids=self.tok.eos_ids, temperature=temperature, top_p=top_p, generator=gen,
+                                stop_check=(lambda ids: _first_stop(self.tok.decode(ids), stop) is not None)
+                                if stop else None, max_length=self.max_length)
+            for j, ids in zip(idx, outs):
+                text = self.tok.decode(ids)
+                cut = _first_stop(text, stop)
+                texts[j] = text if cut is None else text[:cut]
+            if progress_cb is not None:
+                progress_cb(len(idx))
+        result: list[list[str]] = [[] for _ in prompts]
+        for (i, _), t in zip(flat, texts):
+            result[i].append(t)
+        return result
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else None
