@@ -27,6 +27,7 @@ SPLIT_PATTERN = (
     r"| ?[" + CJK + r"]+"  # a CJK run, optional leading space
     r"|\p{N}{1,3}"  # digits in groups of 1-3
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*"  # punctuation / symbols (emoji), optional leading space, trailing newlines
+    r"|\s+\z"  # whitespace that ends the text stays one piece (tiktoken's current cl100k `\s++$`)
     r"|\s*[\r\n]+"  # newlines with their leading whitespace
     r"|\s+(?!\S)"  # whitespace run, leaving the last space for the next word
     r"|\s+"  # trailing whitespace
