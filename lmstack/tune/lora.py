@@ -48,7 +48,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         ref = next(iter(base_layer.buffers()), None) if isinstance(base_layer, QuantLinear) else base_layer.weight
         dev = ref.device if ref is not None else None
-        dt = base_layer.weight.dtype if isinstance(base_layer, nn.Linear) else torch.float32
+        dt = torch.float32  # adapters train in fp32 even over a bf16 / quantized base (PEFT's default)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dt)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dt)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -1,0 +1,91 @@
+"""Losses of the fine-tuning methods, as plain tensor functions.
+
+* SFT: token cross-entropy on the assistant tokens (labels -100 elsewhere), mean over those tokens.
+* DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
+  ``L = -log σ(β[(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])``;
+  with label smoothing ε (conservative DPO, Mitchell 2023): ``(1-ε)·L(h) + ε·L(-h)``;
+  IPO (Azar et al. 2023): ``(h/β - 1/(2β))²`` on the same log-ratio difference ``h/β``.
+* Knowledge distillation (Hinton et al. 2015): ``α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1-α)·CE(s, y)``,
+  per target token, mean over target tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmstack.tune.batches import IGNORE, DocumentContext
+
+
+def forward_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Logits (B, T, V) for an SFT/pair batch; packed batches use per-document positions and masks."""
+    if "doc_ids" in batch:
+        return model(batch["input_ids"], position_ids=batch["position_ids"], ctx=DocumentContext(batch["doc_ids"]))
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Position t predicts token t+1: logits (B, T-1, V), targets (B, T-1)."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+def token_ce(logits: Tensor, labels: Tensor) -> tuple[Tensor, int, float]:
+    """(mean CE over target tokens, number of target tokens, token accuracy)."""
+    lg, tg = shifted(logits, labels)
+    n = int((tg != IGNORE).sum())
+    loss = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), tg.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum") / max(n, 1)
+    with torch.no_grad():
+        valid = tg != IGNORE
+        acc = float(((lg.argmax(-1) == tg) & valid).sum()) / max(n, 1)
+    return loss, n, acc
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum of log p(target) over each row's target tokens: (B,)."""
+    lg, tg = shifted(logits, labels)
+    valid = tg != IGNORE
+    logp = torch.log_softmax(lg.float(), dim=-1)
+    tok = logp.gather(-1, tg.clamp_min(0)[..., None])[..., 0]  # (B, T-1)
+    return (tok * valid).sum(-1)
+
+
+def dpo_loss(pol_chosen: Tensor, pol_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0, loss_type: str = "sigmoid"
+             ) -> tuple[Tensor, dict[str, float]]:
+    """Mean DPO loss over pairs (each argument (B,) summed log-probs) and the usual metrics."""
+    chosen_ratio = pol_chosen - ref_chosen  # (B,)
+    rejected_ratio = pol_rejected - ref_rejected
+    logits = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+                  - F.logsigmoid(-beta * logits) * label_smoothing)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo loss_type {loss_type!r}; supported: sigmoid, ipo")
+    with torch.no_grad():
+        rc, rr = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+        metrics = {
+            "rewards_chosen": float(rc.mean()), "rewards_rejected": float(rr.mean()),
+            "reward_margin": float((rc - rr).mean()), "pref_accuracy": float((rc > rr).float().mean()),
+        }
+    return losses.mean(), metrics
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float = 2.0,
+            alpha: float = 0.5) -> tuple[Tensor, int, dict[str, float]]:
+    """Hinton distillation on target tokens: (mean loss, target tokens, {"kd", "ce"})."""
+    s, tg = shifted(student_logits, labels)
+    t, _ = shifted(teacher_logits, labels)
+    valid = tg != IGNORE  # (B, T-1)
+    n = int(valid.sum())
+    s_v, t_v = s[valid].float(), t[valid].float()  # (N, V)
+    log_ps = torch.log_softmax(s_v / temperature, dim=-1)
+    log_pt = torch.log_softmax(t_v / temperature, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # (N,) KL(teacher || student)
+    ce = F.cross_entropy(s_v, tg[valid], reduction="none")  # (N,)
+    per_tok = alpha * temperature ** 2 * kl + (1 - alpha) * ce
+    loss = per_tok.sum() / max(n, 1)
+    return loss, n, {"kd": float(kl.detach().mean()) if n else 0.0, "ce": float(ce.detach().mean()) if n else 0.0}
