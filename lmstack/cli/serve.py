@@ -1,0 +1,37 @@
+"""``lmstack serve``: the OpenAI-compatible HTTP server and web chat for one model directory."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        model: str = typer.Option(..., "--model", "-m", help="Model directory (Hugging Face layout)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter directory (PEFT layout)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: all)."),
+        port: int = typer.Option(8000, "--port", help="TCP port."),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY",
+                                              help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+        served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
+                                                        help="Model name clients send (default: directory name)."),
+        max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most requests decoded together."),
+        max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context limit (prompt + output)."),
+        max_waiting: int = typer.Option(256, "--max-waiting", help="Queued requests before 429."),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps (default: best)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: per device)."),
+        max_request_bytes: int = typer.Option(16 * 1024 * 1024, "--max-request-bytes", help="Larger bodies get 413."),
+        drain_timeout: float = typer.Option(300.0, "--drain-timeout",
+                                            help="Seconds SIGTERM waits for in-flight requests."),
+        log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
+    ) -> None:
+        """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
+        from lmstack.serve.api import run_server
+
+        run_server(model, adapter=adapter, host=host, port=port, api_key=api_key,
+                   served_model_name=served_model_name, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                   max_waiting=max_waiting, device=device, dtype=dtype, max_request_bytes=max_request_bytes,
+                   drain_timeout=drain_timeout, log_level=log_level)

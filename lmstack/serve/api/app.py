@@ -1,0 +1,278 @@
+"""The FastAPI app: OpenAI routes, the web chat, health, metrics, auth, body limit and graceful drain.
+
+``create_app(llm_or_engine, api_key=..., served_model_name=...)`` builds one app around one engine.
+Request path::
+
+    Gate (ASGI): 401 bad key -> 503 draining -> 413 body too large -> count in-flight, status metrics
+      -> route: parse (422) -> model name (404) -> params (400) -> engine (429 / 400 / 503) -> JSON or SSE
+
+Draining (SIGTERM, see ``server.py``): ``lifecycle.begin_drain()`` makes new API requests and ``/health``
+answer 503 while requests already in flight run to completion; ``lifecycle.wait_idle()`` returns when the
+last one has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+import json
+import logging
+from importlib import resources
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from lmstack.serve.api import errors as E
+from lmstack.serve.api.chat import create_chat_completion
+from lmstack.serve.api.common import ServedModel
+from lmstack.serve.api.completions import create_completion
+from lmstack.serve.api.metrics import ServerMetrics
+from lmstack.serve.api.protocol import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("lmstack.serve.api")
+
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+
+
+class Lifecycle:
+    """In-flight API request count and the draining flag."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            log.warning("draining: %d request(s) in flight finish; new requests get 503", self.in_flight)
+        self.draining = True
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """True when no request is in flight (within ``timeout`` seconds)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class Gate:
+    """ASGI middleware in front of every route: auth, drain, body limit, in-flight count, status counter."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_request_bytes: int, lifecycle: Lifecycle,
+                 metrics: ServerMetrics):
+        self.app, self.api_key, self.limit = app, api_key, max_request_bytes
+        self.lifecycle, self.metrics = lifecycle, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        status = {"code": 500}
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if not path.startswith("/v1/"):
+                return await self.app(scope, receive, counting_send)
+            if self.api_key is not None and not self._authorized(scope):
+                return await E.unauthorized().response()(scope, receive, counting_send)
+            if self.lifecycle.draining:
+                return await E.shutting_down().response()(scope, receive, counting_send)
+            body_receive = await self._read_body(scope, receive)
+            if isinstance(body_receive, E.APIError):
+                return await body_receive.response()(scope, receive, counting_send)
+            self.lifecycle.enter()
+            self.metrics.in_flight.inc()
+            try:
+                await self.app(scope, body_receive, counting_send)
+            finally:
+                self.lifecycle.exit()
+                self.metrics.in_flight.dec()
+        finally:
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+
+    def _authorized(self, scope: dict) -> bool:
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode()
+        return bool(token) and hmac.compare_digest(token.encode(), self.api_key.encode())  # type: ignore[union-attr]
+
+    async def _read_body(self, scope: dict, receive: Callable) -> Callable | E.APIError:
+        """Buffer the body (at most ``limit`` bytes), then replay it; later receives pass through."""
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return E.too_large(int(declared), self.limit)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return E.too_large(size, self.limit)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run ``work``; if the client disconnects first, cancel it (which aborts the engine request)."""
+    task = asyncio.ensure_future(work)
+
+    async def listen() -> None:
+        while True:
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(listen())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return Response(status_code=499)
+    return task.result()
+
+
+def _is_engine(obj: Any) -> bool:
+    try:
+        from lmstack.serve.async_engine import AsyncEngine
+        if isinstance(obj, AsyncEngine):
+            return True
+    except ImportError:  # pragma: no cover - engine not installed yet
+        pass
+    return inspect.iscoroutinefunction(getattr(obj, "abort", None)) and hasattr(obj, "stats")
+
+
+def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: Any, max_model_len: int | None,
+            max_waiting: int) -> ServedModel:
+    if _is_engine(obj):
+        engine, llm = obj, getattr(obj, "llm", None)
+    else:
+        from lmstack.serve.async_engine import AsyncEngine
+
+        engine, llm = AsyncEngine(obj, max_waiting=max_waiting), obj
+    tok = tokenizer or getattr(llm, "tokenizer", None) or getattr(engine, "tokenizer", None)
+    if tok is None:
+        raise ValueError("create_app: no tokenizer (pass tokenizer= or an engine with .llm.tokenizer)")
+    name = served_model_name or getattr(llm, "model_name", None) or getattr(engine, "model_name", None) or "lmstack"
+    names = [name] if isinstance(name, str) else list(name)
+    mml = max_model_len or getattr(llm, "max_model_len", None) or getattr(engine, "max_model_len", None)
+    if not mml:
+        raise ValueError("create_app: unknown max_model_len (pass max_model_len=)")
+    return ServedModel(engine=engine, tokenizer=tok, names=names, max_model_len=int(mml))
+
+
+def create_app(llm_or_engine: Any, api_key: str | None = None, served_model_name: str | list[str] | None = None,
+               *, tokenizer: Any = None, max_model_len: int | None = None, max_waiting: int = 256,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ui: bool = True,
+               shutdown_engine: bool = True) -> FastAPI:
+    """An OpenAI-compatible app around one model (an ``LLM`` from ``lmstack.serve.llm.load`` or an engine)."""
+    model = _served(llm_or_engine, served_model_name=served_model_name, tokenizer=tokenizer,
+                    max_model_len=max_model_len, max_waiting=max_waiting)
+    stats = getattr(model.engine, "stats", None)
+    metrics = model.metrics = ServerMetrics(stats)
+    lifecycle = Lifecycle()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        lifecycle.begin_drain()
+        await lifecycle.wait_idle(timeout=30)
+        if shutdown_engine and hasattr(model.engine, "shutdown"):
+            with contextlib.suppress(Exception):
+                await model.engine.shutdown(drain=True)
+
+    app = FastAPI(title="lmstack", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.model, app.state.lifecycle, app.state.metrics = model, lifecycle, metrics
+    E.install_handlers(app)
+
+    def check_model(name: str) -> None:
+        if name not in model.names:
+            raise E.model_not_found(name, model.names)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        check_model(req.model)
+        return await _cancel_on_disconnect(request, create_chat_completion(model, req))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req.model)
+        return await _cancel_on_disconnect(request, create_completion(model, req))
+
+    def model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": model.created, "owned_by": "lmstack",
+                "max_model_len": model.max_model_len}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card(n) for n in model.names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        check_model(name)
+        return model_card(name)
+
+    @app.get("/health")
+    async def health():
+        if lifecycle.draining:
+            return JSONResponse({"status": "draining", "in_flight": lifecycle.in_flight}, status_code=503)
+        return {"status": "ok", "model": model.name, "in_flight": lifecycle.in_flight}
+
+    @app.get("/metrics")
+    async def prometheus():
+        metrics.draining.set(1 if lifecycle.draining else 0)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    if ui:
+        ui_dir = resources.files("lmstack.serve.ui")
+
+        @app.get("/", response_class=HTMLResponse)
+        async def index():
+            html = (ui_dir / "index.html").read_text(encoding="utf-8")
+            cfg = {"model": model.name, "maxModelLen": model.max_model_len, "needsKey": api_key is not None}
+            return html.replace("/*__LMSTACK_CONFIG__*/{}", json.dumps(cfg))
+
+        app.mount("/ui", StaticFiles(directory=str(ui_dir)), name="ui")
+
+    app.add_middleware(Gate, api_key=api_key, max_request_bytes=max_request_bytes, lifecycle=lifecycle,
+                       metrics=metrics)
+    return app

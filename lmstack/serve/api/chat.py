@@ -1,0 +1,125 @@
+"""``POST /v1/chat/completions``: the chat template, then one engine request with ``n`` completions.
+
+Response and chunk shapes follow the OpenAI API reference (``chat.completion`` and
+``chat.completion.chunk``): the first chunk of each choice carries ``delta.role``, content chunks carry
+``delta.content``, the last chunk of each choice carries ``finish_reason``; with
+``stream_options.include_usage`` every chunk has ``usage: null`` and one final chunk with no choices
+carries the usage; the stream ends with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from lmstack.serve.api import protocol as P
+from lmstack.serve.api.common import (
+    SSE_DONE, ServedModel, chat_logprobs, check_context, finish_reason, first_then_rest, sse,
+    tracked_generate, usage,
+)
+from lmstack.serve.api.errors import APIError, from_exception
+from lmstack.serve.types import RequestOutput
+
+
+def _prompt_ids(model: ServedModel, req: P.ChatCompletionRequest) -> list[int]:
+    msgs = P.chat_messages(req)
+    try:
+        ids = model.tokenizer.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt,
+                                                  tokenize=True)
+    except Exception as e:  # a template that rejects the conversation (e.g. roles must alternate)
+        raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
+    return list(ids)
+
+
+async def create_chat_completion(model: ServedModel, req: P.ChatCompletionRequest):
+    P.check_unsupported(req)
+    prompt_ids = _prompt_ids(model, req)
+    k = P.chat_logprobs_k(req)
+    want = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if want is not None and want < 1:
+        raise APIError(400, "max_tokens must be >= 1.", param="max_tokens")
+    max_tokens = check_context(model, len(prompt_ids), want, "messages")
+    params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    first, rest = await first_then_rest(tracked_generate(model, prompt_ids, params, rid), "messages")
+    head = dict(id=rid, created=int(time.time()), model=model.name, system_fingerprint=None)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(model, head, first, rest, req.n, k, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    final = first
+    if not final.finished:
+        async for out in rest:
+            final = out
+    return JSONResponse(_full(model, head, final, k))
+
+
+def _full(model: ServedModel, head: dict[str, Any], out: RequestOutput, k: int | None) -> dict[str, Any]:
+    choices = []
+    for o in out.outputs:
+        choices.append({
+            "index": o.index,
+            "message": {"role": "assistant", "content": o.text, "refusal": None, "tool_calls": None},
+            "logprobs": chat_logprobs(model, o.logprobs, k or 0) if k is not None else None,
+            "finish_reason": finish_reason(o.finish_reason),
+        })
+    n_gen = sum(len(o.token_ids) for o in out.outputs)
+    return {**head, "object": "chat.completion", "choices": choices,
+            "usage": usage(len(out.prompt_token_ids), n_gen, out.metrics.num_cached_prompt_tokens)}
+
+
+async def _stream(model: ServedModel, head: dict[str, Any], first: RequestOutput,
+                  rest: AsyncIterator[RequestOutput], n: int, k: int | None,
+                  include_usage: bool) -> AsyncIterator[str]:
+    base = {**head, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if include_usage else {}
+    sent = [0] * n  # tokens already streamed per choice (for slicing cumulative logprobs)
+    started = [False] * n
+    done = [False] * n
+
+    def chunk(index: int, delta: dict[str, Any], lp: Any = None, reason: str | None = None) -> str:
+        return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp,
+                                         "finish_reason": reason}], **extra})
+
+    last = first
+    try:
+        out = first
+        while True:
+            last = out
+            for o in out.outputs:
+                i = o.index
+                if done[i]:
+                    continue
+                if not started[i]:
+                    started[i] = True
+                    yield chunk(i, {"role": "assistant", "content": ""})
+                new = len(o.token_ids) - sent[i]
+                if o.delta_text or new > 0:
+                    lp = None
+                    if k is not None and o.logprobs is not None and new > 0:
+                        lp = chat_logprobs(model, o.logprobs[sent[i]:], k)
+                    sent[i] = len(o.token_ids)
+                    yield chunk(i, {"content": o.delta_text}, lp)
+                if o.finish_reason is not None:
+                    done[i] = True
+                    yield chunk(i, {}, None, finish_reason(o.finish_reason))
+            if out.finished:
+                break
+            out = await rest.__anext__()
+    except StopAsyncIteration:
+        pass
+    except Exception as e:  # mid-stream failure: an error event, then [DONE]
+        yield sse(from_exception(e).body())
+        yield SSE_DONE
+        return
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]  (aborts the engine request if unfinished)
+    if include_usage:
+        n_gen = sum(len(o.token_ids) for o in last.outputs)
+        yield sse({**base, "choices": [],
+                   "usage": usage(len(last.prompt_token_ids), n_gen, last.metrics.num_cached_prompt_tokens)})
+    yield SSE_DONE

@@ -1,0 +1,237 @@
+"""OpenAI request bodies (pydantic) and their translation to :class:`SamplingParams`.
+
+Field names and defaults follow the OpenAI API reference (``/v1/chat/completions``, ``/v1/completions``);
+lmstack extras (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ...) arrive at the top
+level of the JSON body, which is where the ``openai`` client's ``extra_body=`` puts them (vLLM does the same).
+
+Policy for parameters we do not implement:
+
+* would change the result (``logit_bias``, ``tools``, ``response_format`` other than text, ``suffix``,
+  ``best_of`` > n, non-text modalities, ...) -> 400 naming the parameter;
+* harmless (``user``, ``store``, ``metadata``, ``service_tier``, unknown keys, ...) -> ignored and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmstack.serve.api.errors import bad_request
+from lmstack.serve.types import SamplingParams
+
+log = logging.getLogger("lmstack.serve.api")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+class _Sampling(_Body):
+    """Fields shared by chat and completions (OpenAI's, then lmstack's extras)."""
+
+    model: str
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
+    # extras (extra_body=...)
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] = Field(default_factory=list)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+# Accepted and ignored: they do not change what the model generates.
+HARMLESS = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+            "safety_identifier", "reasoning_effort", "verbosity"}
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    add_generation_prompt: bool = True  # lmstack extra
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+def check_unsupported(req: _Sampling) -> None:
+    """400 for parameters that would change behaviour; log and ignore the harmless rest."""
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported by this server; remove it.", param="logit_bias")
+    if isinstance(req, ChatCompletionRequest):
+        if req.tools or req.functions:
+            param = "tools" if req.tools else "functions"
+            raise bad_request(f"{param} (function calling) is not supported by this server.", param=param)
+        if req.tool_choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice is not supported by this server.", param="tool_choice")
+        if req.function_call not in (None, "none", "auto"):
+            raise bad_request("function_call is not supported by this server.", param="function_call")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request(f"response_format type {req.response_format.get('type')!r} is not supported; "
+                              "only 'text'.", param="response_format")
+        if req.modalities and set(req.modalities) != {"text"}:
+            raise bad_request("only the 'text' modality is supported.", param="modalities")
+        if req.audio is not None:
+            raise bad_request("audio output is not supported.", param="audio")
+        if req.prediction is not None:
+            raise bad_request("predicted outputs are not supported.", param="prediction")
+    if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise bad_request("suffix (fill-in-the-middle) is not supported by this server.", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("best_of different from n is not supported; set best_of = n or omit it.",
+                              param="best_of")
+    extra = sorted(set(req.model_extra or {}) | (HARMLESS & req.model_fields_set))
+    if extra:
+        log.info("ignoring parameters with no effect here: %s", ", ".join(extra))
+
+
+def message_text(msg: ChatMessage, index: int) -> str:
+    """The message's text; content parts must be text (no images or audio on this server)."""
+    if msg.content is None:
+        return ""
+    if isinstance(msg.content, str):
+        return msg.content
+    out = []
+    for part in msg.content:
+        if part.type != "text" or part.text is None:
+            raise bad_request(f"messages[{index}].content: part type {part.type!r} is not supported; "
+                              "only 'text'.", param=f"messages[{index}].content")
+        out.append(part.text)
+    return "".join(out)
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    if not req.messages:
+        raise bad_request("messages must contain at least one message.", param="messages")
+    msgs = []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role
+        msgs.append({"role": role, "content": message_text(m, i)})
+    return msgs
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > 16:
+        raise bad_request("stop accepts at most 16 sequences.", param="stop")
+    if any(s == "" for s in stops):
+        raise bad_request("stop sequences must be non-empty strings.", param="stop")
+    return stops
+
+
+def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """Translate the request to engine params; range errors are 400s naming the field."""
+    checks = [
+        (1 <= req.n <= 128, "n", "n must be between 1 and 128"),
+        (req.temperature is None or 0 <= req.temperature <= 2, "temperature", "temperature must be in [0, 2]"),
+        (req.top_p is None or 0 < req.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
+        (-2 <= req.presence_penalty <= 2, "presence_penalty", "presence_penalty must be in [-2, 2]"),
+        (-2 <= req.frequency_penalty <= 2, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
+        (req.top_k >= 0 or req.top_k == -1, "top_k", "top_k must be >= 0 (0 or -1: off)"),
+        (0 <= req.min_p <= 1, "min_p", "min_p must be in [0, 1]"),
+        (req.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0"),
+        (max_tokens >= 1, "max_tokens", "max_tokens must be >= 1"),
+        (req.min_tokens >= 0, "min_tokens", "min_tokens must be >= 0"),
+        (logprobs is None or 0 <= logprobs <= 20, "top_logprobs", "top_logprobs must be in [0, 20]"),
+    ]
+    for ok, param, msg in checks:
+        if not ok:
+            raise bad_request(msg + ".", param=param)
+    return SamplingParams(
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k, 0),
+        min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=min(req.min_tokens, max_tokens),
+        stop=_stops(req.stop),
+        stop_token_ids=list(req.stop_token_ids),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+    )
+
+
+def chat_logprobs_k(req: ChatCompletionRequest) -> int | None:
+    """OpenAI chat: ``logprobs: bool`` + ``top_logprobs: 0..20`` (which needs logprobs=true)."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs=true.", param="top_logprobs")
+    if not req.logprobs:
+        return None
+    return req.top_logprobs or 0
+
+
+def completion_logprobs_k(req: CompletionRequest) -> int | None:
+    if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+        raise bad_request("logprobs must be in [0, 5] for completions.", param="logprobs")
+    return req.logprobs
+
+
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """``prompt`` may be a string, a list of strings, a token list, or a list of token lists."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if not p:
+        raise bad_request("prompt must not be empty.", param="prompt")
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]  # type: ignore[arg-type]
+    out: list[str | list[int]] = []
+    for i, x in enumerate(p):
+        if isinstance(x, list) and not x:
+            raise bad_request(f"prompt[{i}] is an empty token list.", param="prompt")
+        out.append(x)  # type: ignore[arg-type]
+    return out
