@@ -1,0 +1,224 @@
+"""The serving engine against transformers: greedy parity through paging, chunked prefill, preemption,
+prefix caching and n > 1; logprobs; aborts; prefix-tuning KV."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmstack.model import KVCache, load_model
+from lmstack.serve.engine import LLMEngine
+from lmstack.serve.errors import PromptTooLong
+from lmstack.serve.llm import LLM, load
+from lmstack.serve.types import SamplingParams
+from tests.engine_fixtures import hf_greedy, hf_model
+
+torch.set_num_threads(2)
+
+PROMPTS = [list(range(5, 25)), [30, 31, 32], [40, 41] * 18 + [7]]  # 20, 3 and 37 tokens
+GREEDY = dict(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
+def arch_dir(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"eng_{request.param}")
+    model = hf_model(request.param, path)
+    refs = [hf_greedy(model, p, 32) for p in PROMPTS]
+    return request.param, path, model, refs
+
+
+def test_greedy_batch_matches_transformers(arch_dir):
+    arch, path, _, refs = arch_dir
+    llm = load(path, device="cpu")
+    outs = llm.generate(PROMPTS, **GREEDY)
+    for o, ref, p in zip(outs, refs, PROMPTS):
+        assert o.prompt_token_ids == p
+        assert o.outputs[0].token_ids == ref, arch
+        assert o.outputs[0].finish_reason == "length"
+    assert llm.engine.block_manager.num_used == 0  # every block returned
+
+
+def test_chunked_prefill_preemption_and_tiny_blocks_keep_greedy_output(arch_dir):
+    """4-token blocks, 7-token step budget (prefills split, mixed with decodes) and a pool of 24 blocks,
+    too small for the 3 sequences at once: the newest is preempted and recomputed, output unchanged."""
+    arch, path, _, refs = arch_dir
+    model = load_model(path, device="cpu")
+    per_block = 2 * 2 * 4 * 2 * 16 * 4  # K+V, layers, block, kv heads, head_dim, fp32
+    if arch == "qwen3":
+        per_block *= 2  # head_dim 32
+    eng = LLM(model, max_num_batched_tokens=7, block_size=4, kv_cache_memory=24 * per_block)
+    assert eng.engine.block_manager.num_blocks == 24
+    outs = eng.generate(PROMPTS, **GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert eng.engine.stats()["preemptions_total"] > 0
+    assert eng.engine.block_manager.num_used == 0
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_output(tmp_path):
+    path = tmp_path / "m"
+    model = hf_model("qwen2", path)
+    shared = list(range(3, 43))  # 40 shared tokens = 2 full 16-token blocks (+8)
+    a, b = shared + [50, 51], shared + [60, 61, 62]
+    llm = load(path, device="cpu")
+    first = llm.generate([a], **GREEDY)[0]
+    second = llm.generate([b], **GREEDY)[0]
+    st = llm.engine.stats()
+    assert st["prefix_cache_hits"] == 2  # b reuses a's two full blocks
+    assert second.metrics.num_cached_prompt_tokens == 32
+    assert first.outputs[0].token_ids == hf_greedy(model, a, 32)
+    assert second.outputs[0].token_ids == hf_greedy(model, b, 32)
+    again = llm.generate([a], **GREEDY)[0]  # whole prompt cached but the last token recomputed
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_n_greater_than_one_and_seeds(tmp_path):
+    path = tmp_path / "m"
+    hf_model("llama", path)
+    llm = load(path, device="cpu")
+    prompt = list(range(3, 40))
+    out = llm.generate([prompt], n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    texts = [tuple(c.token_ids) for c in out.outputs]
+    assert len(set(texts)) > 1  # different completions
+    assert llm.engine.stats()["prefix_cache_hits"] >= 2  # completions 1, 2 reuse completion 0's prompt blocks
+    # same seed, same tokens, whatever else is in the batch
+    alone = llm.generate([prompt], temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)[0]
+    crowd = llm.generate([[9, 9, 9], prompt, list(range(50, 60))], temperature=1.0, seed=7, max_tokens=12,
+                         ignore_eos=True)[1]
+    assert alone.outputs[0].token_ids == crowd.outputs[0].token_ids == list(texts[0])
+    other = llm.generate([prompt], temperature=1.0, seed=8, max_tokens=12, ignore_eos=True)[0]
+    assert other.outputs[0].token_ids != alone.outputs[0].token_ids
+
+
+def test_logprobs_match_transformers_scores(tmp_path):
+    path = tmp_path / "m"
+    model = hf_model("qwen3", path)
+    prompt = PROMPTS[0]
+    llm = load(path, device="cpu")
+    out = llm.generate([prompt], temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)[0].outputs[0]
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                        eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    want = torch.stack([lg[0] for lg in hf.logits]).log_softmax(-1)  # (6, V)
+    for t, lp in enumerate(out.logprobs):
+        assert lp.token_id == out.token_ids[t]
+        torch.testing.assert_close(lp.logprob, float(want[t, lp.token_id]), atol=1e-4, rtol=0)
+        top_ids = want[t].topk(3).indices.tolist()
+        assert list(lp.top) == top_ids
+    assert out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs))
+
+
+def test_stop_token_ids_eos_and_min_tokens(tmp_path):
+    path = tmp_path / "m"
+    model = hf_model("qwen2", path)
+    ref = hf_greedy(model, PROMPTS[0], 32)
+    llm = load(path, device="cpu")
+    stop_id = ref[5]
+    k = ref.index(stop_id)
+    o = llm.generate([PROMPTS[0]], temperature=0, max_tokens=32, stop_token_ids=[stop_id])[0].outputs[0]
+    assert o.token_ids == ref[:k + 1] and o.finish_reason == "stop" and o.stop_reason == stop_id
+    # the same id as EOS stops too (stop_reason None); ignore_eos runs on
+    eng = LLM(load_model(path, device="cpu"), eos_token_ids=[stop_id])
+    o = eng.generate([PROMPTS[0]], temperature=0, max_tokens=32)[0].outputs[0]
+    assert o.token_ids == ref[:k + 1] and o.finish_reason == "stop" and o.stop_reason is None
+    o = eng.generate([PROMPTS[0]], temperature=0, max_tokens=32, ignore_eos=True)[0].outputs[0]
+    assert o.token_ids == ref
+    # min_tokens masks EOS until k + 2 tokens exist
+    o = eng.generate([PROMPTS[0]], temperature=0, max_tokens=32, min_tokens=k + 2)[0].outputs[0]
+    assert len(o.token_ids) >= k + 2 and stop_id not in o.token_ids[:k + 2]
+
+
+def test_abort_frees_blocks_and_max_model_len(tmp_path):
+    path = tmp_path / "m"
+    hf_model("llama", path)
+    llm = load(path, device="cpu", max_model_len=40)
+    eng = llm.engine
+    eng.add_request(PROMPTS[2], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), request_id="a")
+    eng.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), request_id="b")
+    eng.step()
+    assert eng.block_manager.num_used > 0
+    final = eng.abort_request("a")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+    b = outs[-1].outputs[0]
+    assert b.finish_reason == "length" and len(PROMPTS[0]) + len(b.token_ids) == 40  # capped by max_model_len
+    assert eng.block_manager.num_used == 0
+    with pytest.raises(PromptTooLong, match="41 tokens"):
+        eng.add_request(list(range(41)), SamplingParams())
+
+
+def test_prefix_kv_zero_length_and_dense_reference(tmp_path):
+    """Prefix-tuning KV: P=0 changes nothing; P=3 equals a contiguous KVCache pre-filled with the prefix."""
+    path = tmp_path / "m"
+    hf_model("mistral", path)
+    model = load_model(path, device="cpu")
+    cfg = model.config
+    L, nkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    prompt = PROMPTS[0]
+    plain = LLM(model).generate([prompt], **GREEDY)[0].outputs[0].token_ids
+    empty = [(torch.zeros(nkv, 0, D), torch.zeros(nkv, 0, D)) for _ in range(L)]
+    assert LLM(model, adapter=_Rt(empty)).generate([prompt], **GREEDY)[0].outputs[0].token_ids == plain
+    g = torch.Generator().manual_seed(0)
+    P = 3
+    pkv = [(torch.randn(nkv, P, D, generator=g), torch.randn(nkv, P, D, generator=g)) for _ in range(L)]
+    got = LLM(model, adapter=_Rt(pkv), block_size=4).generate([prompt], **GREEDY)[0].outputs[0].token_ids
+    # dense reference: prefix in slots 0..P-1 of a KVCache, always visible (no sliding window over it)
+    want, ids = [], list(prompt)
+    with torch.no_grad():
+        cache = KVCache(L, 1, nkv, D, P + len(prompt) + 32, torch.float32, torch.device("cpu"), None)
+        for i, (k, v) in enumerate(pkv):
+            cache.k[i][0, :, :P], cache.v[i][0, :, :P] = k, v
+        cache.advance(P)
+        x = torch.tensor([ids])
+        for _ in range(32):
+            T = x.shape[1]
+            pos = torch.arange(cache.pos, cache.pos + T)[None]
+            logits = model(x, position_ids=pos, ctx=_WindowAfterPrefix(cache, P, cfg.sliding_window))
+            cache.advance(T)
+            nxt = int(logits[0, -1].argmax())
+            want.append(nxt)
+            x = torch.tensor([[nxt]])
+    assert got == want
+
+
+class _Rt:
+    def __init__(self, prefix_kv):
+        self.prefix_kv = prefix_kv
+
+
+class _WindowAfterPrefix:
+    """KVCache attention with the sliding window applied to real tokens only (prefix always visible)."""
+
+    def __init__(self, cache: KVCache, P: int, window: int):
+        self.c, self.P, self.W = cache, P, window
+
+    def attend(self, layer_idx, q, k, v):
+        c = self.c
+        T = q.shape[2]
+        end = c.pos + T
+        c.k[layer_idx][:, :, c.pos:end] = k
+        c.v[layer_idx][:, :, c.pos:end] = v
+        qi = torch.arange(c.pos, end)[:, None]
+        ki = torch.arange(end)[None, :]
+        vis = (ki <= qi) & ((qi - ki < self.W) | (ki < self.P))
+        from lmstack.model.attention import sdpa
+
+        return sdpa(q, c.k[layer_idx][:, :, :end], c.v[layer_idx][:, :, :end], vis[None, None])
+
+
+def test_engine_rejects_bad_input(tmp_path):
+    from lmstack.errors import ConfigError
+
+    path = tmp_path / "m"
+    hf_model("llama", path)
+    eng = LLMEngine(load_model(path, device="cpu"))
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        eng.add_request([1, 999999])
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        eng.add_request("hello")
+    with pytest.raises(ConfigError, match="empty"):
+        eng.add_request([])
+    with pytest.raises(ConfigError, match="top_p"):
+        eng.add_request([1, 2], SamplingParams(top_p=0))
+    with pytest.raises(ConfigError, match="unknown sampling parameter"):
+        LLM(load_model(path, device="cpu")).generate([[1, 2]], temprature=0.5)
