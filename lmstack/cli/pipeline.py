@@ -1,0 +1,29 @@
+"""``lmstack run RECIPE [--from STAGE | --only STAGE] [--section.key=value ...]``: the end-to-end pipeline."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def run(
+        ctx: typer.Context,
+        recipe: str = typer.Argument(..., help="A recipe YAML, e.g. recipes/quickstart.yaml."),
+        from_stage: str = typer.Option(None, "--from", help="Rerun this stage and every later one."),
+        only: str = typer.Option(None, "--only", help="Run only this stage (earlier ones must be done)."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
+    ) -> None:
+        """Run a recipe's stages (data, tokenizer, pretrain, finetune, eval); unchanged stages are skipped.
+
+        Any recipe field can be overridden: --pretrain.train.steps=50 --eval.heldout_limit=40"""
+        import os
+
+        from rich.console import Console
+
+        from lmstack.pipeline import run_recipe
+
+        if no_progress:
+            os.environ["LMSTACK_NO_PROGRESS"] = "1"
+        run_recipe(recipe, list(ctx.args), from_stage=from_stage, only=only, console=Console(),
+                   show_progress=False if no_progress else None)

@@ -1,0 +1,132 @@
+"""The recipe: one YAML file that names the stages to run, in order, and configures each.
+
+    name: quickstart                 # runs/quickstart/
+    stages: [data, tokenizer, pretrain, finetune, eval]
+    data: {general: {max_chars: 3000000}}
+    pretrain: {model: {preset: tiny}, train: {steps: 400}}
+    ...
+
+Sections that configure another area's library (``pretrain.train``, ``finetune.train``, ``data.clean``) are
+passed through to that library's own pydantic config, so their keys and ``--pretrain.train.lr=1e-3``
+overrides are the same as in ``lmstack pretrain`` / ``lmstack finetune``. They are validated against those
+configs before any stage runs (:func:`lmstack.pipeline.stages.preflight`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lmstack.config import StrictModel, load_config
+
+STAGE_ORDER = ("data", "tokenizer", "pretrain", "finetune", "eval")
+
+
+class GeneralCorpus(StrictModel):
+    source: Literal["stdlib", "none"] = Field(
+        "stdlib", description="stdlib: Python's own source, docstrings and pydoc topics (PSF-2.0, offline)")
+    max_chars: int = Field(3_000_000, ge=0, description="cap on the general corpus, in characters")
+    inputs: list[str] = Field(default_factory=list, description="extra text files / dirs (.txt, .md, .jsonl)")
+    heldout_fraction: float = Field(0.02, ge=0, lt=0.5, description="general documents kept out of training "
+                                    "for the held-out perplexity")
+
+
+class ShopData(StrictModel):
+    dir: str | None = Field(None, description="shop knowledge base (default: the shipped recipes/data/shop)")
+    dialogues: int = Field(200, ge=0, description="two-turn dialogues added to the single-turn QA pairs")
+    system_prompt: str | None = Field(None, description="default: lmstack.apps.support.SYSTEM_PROMPT")
+
+
+class DataStage(StrictModel):
+    general: GeneralCorpus = Field(default_factory=GeneralCorpus)
+    shop: ShopData = Field(default_factory=ShopData)
+    clean_general: bool = Field(True, description="run lmstack.data's cleaning pipeline (normalize, language, "
+                                "quality, PII, dedup) on the general corpus")
+    clean: dict[str, Any] = Field(default_factory=dict, description="lmstack.data pipeline config (steps) "
+                                  "applied to the general corpus; the shop's own pages are trusted and kept as is")
+
+
+class TokenizerStage(StrictModel):
+    vocab_size: int = Field(8192, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    domain_repeat: int = Field(4, ge=1, description="copies of each shop page in the pretraining shards")
+    val_fraction: float = Field(0.01, ge=0, lt=0.5)
+
+
+class PretrainStage(StrictModel):
+    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny"},
+                                  description="lmstack.train ModelSection: preset + overrides")
+    data: dict[str, Any] = Field(default_factory=dict, description="seq_len, batch_size (shards are filled in)")
+    train: dict[str, Any] = Field(default_factory=dict, description="lmstack.train TrainConfig")
+
+
+class FinetuneStage(StrictModel):
+    method: Literal["full", "lora"] = "lora"
+    config: dict[str, Any] = Field(default_factory=dict, description="lmstack.tune SFT config fields "
+                                   "(lora, data.max_length, train: TrainConfig ...); paths are filled in")
+
+
+class EvalStage(StrictModel):
+    heldout_limit: int | None = Field(120, ge=1, description="held-out support questions scored (balanced "
+                                      "over languages and topics); null: all")
+    max_tokens: int = Field(48, ge=1)
+    metrics: list[str] = Field(default_factory=lambda: ["exact_match", "f1", "rougeL", "chrf"])
+    compare_base: bool = Field(True, description="score the model before fine-tuning on the same questions")
+    perplexity: bool = Field(True, description="perplexity on held-out general text")
+    ppl_max_length: int = Field(256, ge=8)
+    ppl_limit: int | None = Field(40, ge=1, description="held-out documents for perplexity; null: all")
+    tasks: list[str] = Field(default_factory=list, description="more lmstack.eval tasks (names or YAML paths)")
+
+
+class Recipe(StrictModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    run_dir: str | None = Field(None, description="default: runs/NAME")
+    seed: int = 0
+    stages: list[Literal["data", "tokenizer", "pretrain", "finetune", "eval"]] = Field(
+        default_factory=lambda: list(STAGE_ORDER))
+    model: str | None = Field(None, description="an existing Hugging Face model directory to fine-tune "
+                              "(instead of the pretrain stage)")
+    device: str = "auto"
+    data: DataStage = Field(default_factory=DataStage)
+    tokenizer: TokenizerStage = Field(default_factory=TokenizerStage)
+    pretrain: PretrainStage = Field(default_factory=PretrainStage)
+    finetune: FinetuneStage = Field(default_factory=FinetuneStage)
+    eval: EvalStage = Field(default_factory=EvalStage)
+    source: str | None = Field(None, description="filled in: the recipe file")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages lists a stage twice: {self.stages}")
+        order = [s for s in STAGE_ORDER if s in self.stages]
+        if order != list(self.stages):
+            raise ValueError(f"stages must follow the order {list(STAGE_ORDER)}; got {self.stages}")
+        if "pretrain" in self.stages and self.model is not None:
+            raise ValueError("set either `model:` (fine-tune an existing checkpoint) or a pretrain stage, not both")
+        needs_base = {"finetune", "eval"} & set(self.stages)
+        if needs_base and "pretrain" not in self.stages and self.model is None:
+            raise ValueError("finetune/eval need a base model: add the pretrain stage or set `model: PATH`")
+        if "pretrain" in self.stages and "tokenizer" not in self.stages:
+            raise ValueError("the pretrain stage needs the tokenizer stage (it trains on its token shards)")
+        if {"tokenizer", "finetune"} & set(self.stages) and "data" not in self.stages:
+            raise ValueError("the tokenizer and finetune stages need the data stage")
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe YAML, apply ``section.key=value`` overrides, validate (ConfigError names the field)."""
+    recipe = load_config(Recipe, path, overrides)
+    recipe.source = str(path)
+    if recipe.model is not None:
+        p = Path(recipe.model).expanduser()
+        if not p.is_absolute() and not p.exists():
+            p = (Path(path).parent / p)
+        recipe.model = str(p)
+    return recipe

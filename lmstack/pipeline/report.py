@@ -1,0 +1,188 @@
+"""What a person reads at the end of ``lmstack run``: a summary table, ``report.html``, the next commands.
+
+``report.html`` is one self-contained page (no network): the stage table, the data report's numbers, the
+loss curves (PNG embedded as base64), and the evaluation tables with the base model beside the fine-tuned
+one, plus a few held-out answers side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from lmstack.pipeline.runner import PipelineResult
+from lmstack.utils.io import atomic_write_text
+
+HEADLINE = {"support_heldout": ("rougeL", "exact_match", "f1", "chrf"), "heldout_text_ppl": ("perplexity", "bits_per_byte")}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _secs(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def stage_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
+    """(stage, status, time, key figures) per stage."""
+    rows = []
+    for s in res.stages:
+        m = s.summary
+        if s.name == "data":
+            fig = (f"general {_fmt(m.get('general_documents_kept'))}/{_fmt(m.get('general_documents_in'))} docs kept "
+                   f"({_fmt(m.get('general_chars_kept'))} chars); {_fmt(m.get('shop_pages'))} shop pages; "
+                   f"{_fmt(m.get('sft_examples'))} chats; {_fmt(m.get('heldout_questions'))} held-out questions")
+        elif s.name == "tokenizer":
+            fig = (f"vocab {_fmt(m.get('vocab_size'))}; {_fmt(m.get('train_tokens'))} train / "
+                   f"{_fmt(m.get('val_tokens'))} val tokens; {_fmt(m.get('chars_per_token'))} chars/token")
+        elif s.name == "pretrain":
+            fig = (f"{_fmt(m.get('parameters'))} params; {_fmt(m.get('steps'))} steps; loss {_fmt(m.get('last_loss'))}; "
+                   f"val loss {_fmt(m.get('val_loss'))} (ppl {_fmt(m.get('val_ppl'))})")
+        elif s.name == "finetune":
+            fig = (f"{m.get('method')}; {_fmt(m.get('steps'))} steps; loss {_fmt(m.get('last_loss'))}; "
+                   f"val loss {_fmt(m.get('val_loss'))}")
+        elif s.name == "eval":
+            parts = []
+            for who in ("base", "finetuned"):
+                qa = (m.get(who) or {}).get("support_heldout", {})
+                if qa:
+                    parts.append(f"{who} ROUGE-L {_fmt(qa.get('rougeL'))} EM {_fmt(qa.get('exact_match'))}")
+            fig = "; ".join(parts)
+        else:
+            fig = ", ".join(f"{k}={_fmt(v)}" for k, v in m.items() if not isinstance(v, (dict, list)))
+        rows.append((s.name, s.status, _secs(s.seconds) if s.status != "skipped" else "-", fig))
+    return rows
+
+
+def eval_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
+    """(task, metric, base, fine-tuned) for the headline metrics."""
+    m = res.summary("eval")
+    base, ft = m.get("base") or {}, m.get("finetuned") or {}
+    rows = []
+    for task in sorted(set(base) | set(ft)):
+        keys = HEADLINE.get(task) or sorted(set(base.get(task, {})) | set(ft.get(task, {})))
+        for k in keys:
+            b, f = base.get(task, {}).get(k), ft.get(task, {}).get(k)
+            if b is None and f is None:
+                continue
+            rows.append((task, k, _fmt(b), _fmt(f)))
+    return rows
+
+
+def print_summary(res: PipelineResult, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"lmstack run {res.recipe.name}: {_secs(res.seconds)}", show_lines=False)
+    for c in ("stage", "status", "time", "result"):
+        t.add_column(c, overflow="fold")
+    for row in stage_rows(res):
+        t.add_row(*row)
+    console.print(t)
+    rows = eval_rows(res)
+    if rows:
+        e = Table(title="evaluation (held-out)")
+        for c in ("task", "metric", "base", "fine-tuned"):
+            e.add_column(c, justify="right" if c in ("base", "fine-tuned") else "left")
+        for row in rows:
+            e.add_row(*row)
+        console.print(e)
+
+
+def next_commands(res: PipelineResult) -> list[str]:
+    recipe, run = res.recipe, res.run_dir
+    ft = res.summary("finetune").get("final_dir") or (str(run / "finetune" / "final") if "finetune" in recipe.stages else None)
+    base = str(Path(recipe.model)) if recipe.model else str(run / "pretrain" / "final")
+    if ft and (Path(ft) / "adapter_config.json").is_file():
+        target = f"--model {base} --adapter {ft}"
+    elif ft:
+        target = f"--model {ft}"
+    else:
+        target = f"--model {base}"
+    return [f"lmstack chat {target}", f"lmstack serve {target} --port 8000   # then open http://127.0.0.1:8000",
+            f"lmstack generate {target} --prompt 'How long does standard shipping take?'"]
+
+
+# ------------------------------------------------------------------------------------------------- HTML
+def _table(headers: list[str], rows: list[tuple | list]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _img(path: str | None, alt: str) -> str:
+    if not path or not Path(path).is_file():
+        return f"<p class='dim'>({html.escape(alt)}: no plot)</p>"
+    b64 = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>"
+
+
+def _samples(run: Path, n: int = 8) -> list[tuple[str, str, str, str]]:
+    """Side by side: question, reference, base answer, fine-tuned answer (first n held-out questions)."""
+    def load(who: str) -> list[dict[str, Any]]:
+        p = run / "eval" / who / "samples" / "support_heldout.jsonl"
+        if not p.is_file():
+            return []
+        return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+    qa = run / "eval" / "support_heldout.jsonl"
+    qs = [json.loads(x) for x in qa.read_text(encoding="utf-8").splitlines() if x.strip()] if qa.is_file() else []
+    base, ft = load("base"), load("finetuned")
+    rows = []
+    for i, q in enumerate(qs[:n]):
+        rows.append((q["question"], q["answer"], base[i]["prediction"] if i < len(base) else "-",
+                     ft[i]["prediction"] if i < len(ft) else "-"))
+    return rows
+
+
+CSS = """body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;
+vertical-align:top}th{background:#f4f4f4}img{max-width:100%;border:1px solid #eee}.dim{color:#888}
+code{background:#f4f4f4;padding:1px 4px}h2{border-bottom:1px solid #eee;padding-bottom:.2em;margin-top:1.5em}"""
+
+
+def write_html(res: PipelineResult) -> Path:
+    run, recipe = res.run_dir, res.recipe
+    parts = [f"<h1>lmstack run: {html.escape(recipe.name)}</h1>",
+             f"<p>{html.escape(recipe.description)}</p>" if recipe.description else "",
+             f"<p class='dim'>recipe {html.escape(str(recipe.source))}; run directory {html.escape(str(run))}; "
+             f"total {_secs(res.seconds)}</p>",
+             "<h2>Stages</h2>", _table(["stage", "status", "time", "result"], stage_rows(res))]
+    data = res.summary("data")
+    if data:
+        rows = [(k, _fmt(v)) for k, v in data.items() if not isinstance(v, (dict, list)) and k != "data_report"]
+        parts += ["<h2>Data</h2>", _table(["figure", "value"], rows)]
+        steps = data.get("steps") or []
+        if steps:
+            keys = sorted({k for s in steps for k in s}, key=lambda k: (k != "name", k != "step", k))
+            parts.append(_table(keys, [[_fmt(s.get(k)) for k in keys] for s in steps]))
+        if data.get("data_report"):
+            parts.append(f"<p>Full data report: <code>{html.escape(data['data_report'])}</code></p>")
+    for name, title in (("pretrain", "Pretraining"), ("finetune", "Fine-tuning")):
+        m = res.summary(name)
+        if m:
+            rows = [(k, _fmt(v)) for k, v in m.items() if not isinstance(v, (dict, list)) and k not in ("loss_png",)]
+            parts += [f"<h2>{title}</h2>", _table(["figure", "value"], rows), _img(m.get("loss_png"), f"{name} loss")]
+    ev = eval_rows(res)
+    if ev:
+        parts += ["<h2>Evaluation</h2>", "<p>Held-out support questions are paraphrases that never appear in "
+                  "training; the reference is the knowledge base's answer. Perplexity is on general text held out "
+                  "of pretraining.</p>", _table(["task", "metric", "base", "fine-tuned"], ev)]
+        samples = _samples(run)
+        if samples:
+            parts += ["<h3>Sample answers</h3>", _table(["question", "reference", "base", "fine-tuned"], samples)]
+    parts += ["<h2>Next</h2>", "<pre>" + html.escape("\n".join(next_commands(res))) + "</pre>"]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>lmstack run {html.escape(recipe.name)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+    out = run / "report.html"
+    atomic_write_text(out, page)
+    return out

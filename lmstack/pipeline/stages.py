@@ -1,0 +1,423 @@
+"""The stages of ``lmstack run``. Each is a thin call into another area's public Python API:
+
+=========  ==================================================================  =================================
+stage      calls                                                               writes under runs/NAME/
+=========  ==================================================================  =================================
+data       pipeline.stdlib_corpus, data.pipeline.run_pipeline (clean/dedup/    data/ (general_train.jsonl,
+           PII on the general corpus), apps.support (shop pages, QA, splits)   heldout_text.jsonl, shop_kb.jsonl,
+                                                                               sft_train.jsonl, heldout_qa.jsonl)
+tokenizer  tokenizer.train_tokenizer, data.shards.write_shards                 tokenizer/, shards/
+pretrain   train.pretrain (resume="auto" after an interruption)                pretrain/ (final/, loss.png, ...)
+finetune   tune SFT (full or LoRA) on the support chats                        finetune/ (final/, loss.png, ...)
+eval       eval.run_eval: held-out support questions (base vs fine-tuned),     eval/base/, eval/finetuned/
+           perplexity on held-out general text
+=========  ==================================================================  =================================
+
+No stage re-implements a library: they fill in paths, pick the inputs and collect a summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from lmstack.errors import ConfigError, DataError
+from lmstack.pipeline.recipe import Recipe
+from lmstack.pipeline.runner import Stage, StageContext, StageInterrupted
+from lmstack.utils.io import atomic_write, file_sha256
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def write_jsonl(path: Path, rows: Iterator[dict[str, Any]] | list[dict[str, Any]]) -> int:
+    n = 0
+    with atomic_write(path) as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _dir_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(str(p.relative_to(root)).encode())
+            h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
+def _model_dir_hash(path: Path) -> str:
+    """Cheap identity of a (possibly multi-GB) model directory: config + tokenizer content, weight sizes/mtimes."""
+    h = hashlib.sha256()
+    if not path.is_dir():
+        return "missing"
+    for p in sorted(path.iterdir()):
+        if not p.is_file():
+            continue
+        h.update(p.name.encode())
+        if p.suffix in (".json", ".jinja", ".txt", ".model"):
+            h.update(file_sha256(p).encode())
+        else:
+            st = p.stat()
+            h.update(f"{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()
+
+
+def _heldout(key: str, seed: int, fraction: float) -> bool:
+    d = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(d, "little") / 2**64 < fraction
+
+
+def _shop_dir(recipe: Recipe) -> Path:
+    from lmstack.apps.support.kb import default_kb_dir
+
+    return Path(recipe.data.shop.dir) if recipe.data.shop.dir else default_kb_dir()
+
+
+def _system_prompt(recipe: Recipe) -> str:
+    from lmstack.apps.support.dialogues import SYSTEM_PROMPT
+
+    return recipe.data.shop.system_prompt or SYSTEM_PROMPT
+
+
+def base_model_dir(ctx_or_recipe: StageContext | Recipe) -> Path:
+    recipe = ctx_or_recipe.recipe if isinstance(ctx_or_recipe, StageContext) else ctx_or_recipe
+    if recipe.model is not None:
+        return Path(recipe.model)
+    return recipe.run_path / "pretrain" / "final"
+
+
+# -------------------------------------------------------------------------------------------------- data
+def _clean_general(ctx: StageContext, raw: Path, out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run lmstack.data's cleaning pipeline on the general corpus; return (kept documents, report)."""
+    from lmstack.data.pipeline import run_pipeline
+
+    r = ctx.recipe.data
+    inputs = [{"path": str(raw), "name": "general"}] + [{"path": p} for p in r.general.inputs]
+    cfg = {**r.clean, "inputs": inputs}
+    report = run_pipeline(cfg, out)
+    docs = []
+    for f in _pipeline_outputs(out, report):
+        docs.extend(read_jsonl(f))
+    return docs, report
+
+
+def _pipeline_outputs(out: Path, report: dict[str, Any]) -> list[Path]:
+    for key in ("output", "output_path", "out_path", "outputs"):
+        v = report.get(key) if isinstance(report, dict) else None
+        if isinstance(v, str):
+            return [Path(v)]
+        if isinstance(v, list):
+            return [Path(x) for x in v]
+    files = sorted(p for p in out.glob("*.jsonl") if "report" not in p.name and "removed" not in p.name)
+    if not files:
+        raise DataError(f"{out}: the data pipeline wrote no .jsonl output")
+    return files
+
+
+def _read_inputs(ctx: StageContext, patterns: list[str]) -> list[dict[str, Any]]:
+    """User text files as documents, read by lmstack.data's readers (bad records counted, not fatal)."""
+    from lmstack.data.readers import ReadStats, expand_inputs, iter_file
+
+    stats, out = ReadStats(), []
+    for pat in patterns:
+        for path, rel in expand_inputs(pat, where="data.general.inputs"):
+            out.extend({"text": rec.text, "source": rec.id} for rec in iter_file(path, rel, Path(pat).stem, "text", stats))
+    if sum(stats.problems.values()):
+        ctx.log(f"skipped {sum(stats.problems.values())} bad records: {'; '.join(stats.examples[:3])}")
+    return out
+
+
+def run_data(ctx: StageContext) -> dict[str, Any]:
+    from lmstack.apps.support import build_support_data, kb_documents, load_kb
+    from lmstack.pipeline.stdlib_corpus import stdlib_corpus
+
+    r, out, seed = ctx.recipe.data, ctx.out_dir, ctx.recipe.seed
+    out.mkdir(parents=True, exist_ok=True)
+    kb = load_kb(_shop_dir(ctx.recipe))  # first: a broken KB fails before the slow work
+
+    docs = stdlib_corpus(r.general.max_chars) if r.general.source == "stdlib" else []
+    ctx.log(f"general corpus: {len(docs)} documents, {sum(len(d['text']) for d in docs):,} characters "
+            f"({r.general.source}{' + ' + str(len(r.general.inputs)) + ' inputs' if r.general.inputs else ''})")
+    raw = out / "raw" / "general.jsonl"
+    write_jsonl(raw, docs)
+    report: dict[str, Any] = {}
+    if r.clean_general and (docs or r.general.inputs):
+        kept, report = _clean_general(ctx, raw, out / "clean")
+    else:
+        kept = docs + _read_inputs(ctx, r.general.inputs)
+    train, held = [], []
+    for i, d in enumerate(kept):
+        key = str(d.get("source") or d.get("id") or i)
+        (held if _heldout(key, seed, r.general.heldout_fraction) else train).append(d)
+    write_jsonl(out / "general_train.jsonl", train)
+    write_jsonl(out / "heldout_text.jsonl", held)
+
+    pages = kb_documents(kb)
+    write_jsonl(out / "shop_kb.jsonl", pages)
+    sup = build_support_data(kb, seed=seed, n_dialogues=r.shop.dialogues, system_prompt=_system_prompt(ctx.recipe))
+    write_jsonl(out / "sft_train.jsonl", sup["train"])
+    write_jsonl(out / "heldout_qa.jsonl", sup["heldout"])
+    ctx.log(f"shop: {len(pages)} pages, {len(sup['train'])} training chats, {len(sup['heldout'])} held-out questions")
+    return {
+        "general_documents_in": len(docs), "general_chars_in": sum(len(d["text"]) for d in docs),
+        "general_documents_kept": len(kept), "general_chars_kept": sum(len(d.get("text", "")) for d in kept),
+        "general_train_documents": len(train), "heldout_text_documents": len(held),
+        "shop_pages": len(pages), "sft_examples": len(sup["train"]), "heldout_questions": len(sup["heldout"]),
+        "data_report": _report_path(out / "clean"),
+        "steps": _step_table(report),
+    }
+
+
+def _report_path(clean: Path) -> str | None:
+    for name in ("report.html", "report.json"):
+        if (clean / name).is_file():
+            return str(clean / name)
+    return None
+
+
+def _step_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-step documents in/out from the data report (whatever of it is there)."""
+    rows = []
+    steps = report.get("steps") if isinstance(report, dict) else None
+    if isinstance(steps, dict):
+        steps = [{"name": k, **(v if isinstance(v, dict) else {})} for k, v in steps.items()]
+    for s in steps or []:
+        if isinstance(s, dict):
+            rows.append({k: s.get(k) for k in ("name", "step", "docs_in", "docs_out", "documents_in",
+                                               "documents_out", "removed", "changed") if k in s})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def run_tokenizer(ctx: StageContext) -> dict[str, Any]:
+    from lmstack.data.shards import write_shards
+    from lmstack.tokenizer import train_tokenizer
+
+    r, data = ctx.recipe.tokenizer, ctx.stage_dir("data")
+    general = [d["text"] for d in read_jsonl(data / "general_train.jsonl")]
+    shop = [d["text"] for d in read_jsonl(data / "shop_kb.jsonl")]
+    chats = [m["content"] for d in read_jsonl(data / "sft_train.jsonl") for m in d["messages"] if m["role"] != "system"]
+    tok_dir = ctx.out_dir / "tokenizer"
+    ctx.log(f"training a {r.vocab_size}-token byte-level BPE on {len(general) + len(shop)} documents + {len(chats)} chat turns")
+    tok = train_tokenizer(general + shop + chats, vocab_size=r.vocab_size, out_dir=tok_dir, min_frequency=r.min_frequency)
+    texts = general + shop * r.domain_repeat
+    index = write_shards(texts, tok, ctx.out_dir / "shards", val_fraction=r.val_fraction, seed=ctx.recipe.seed,
+                         tokenizer_dir=str(tok_dir), progress_total=len(texts),
+                         sources=[{"path": str(data / "general_train.jsonl"), "documents": len(general)},
+                                  {"path": str(data / "shop_kb.jsonl"), "documents": len(shop) * r.domain_repeat}])
+    n_train = index["splits"]["train"]["tokens"]
+    n_val = index["splits"].get("val", {}).get("tokens", 0)
+    n_chars = sum(len(t) for t in texts)
+    return {"vocab_size": tok.vocab_size, "tokenizer_dir": str(tok_dir), "shards": str(ctx.out_dir / "shards"),
+            "train_tokens": n_train, "val_tokens": n_val,
+            "chars_per_token": round(n_chars / max(1, n_train + n_val), 3)}
+
+
+# ------------------------------------------------------------------------------------------------ pretrain
+def pretrain_config(recipe: Recipe, resume: bool = False):
+    from lmstack.config import validate
+    from lmstack.train import PretrainConfig
+
+    r = recipe.pretrain
+    train = {"seed": recipe.seed, "device": recipe.device, **r.train}
+    if resume:
+        train["resume"] = "auto"
+    data = {**r.data, "shards": str(recipe.run_path / "tokenizer" / "shards")}
+    return validate(PretrainConfig, {"run_dir": str(recipe.run_path / "pretrain"), "model": r.model, "data": data,
+                                     "train": train}, f"{recipe.source or 'recipe'}: pretrain")
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    from lmstack.train.metrics import read_metrics
+
+    p = run_dir / "metrics.jsonl"
+    return read_metrics(p) if p.is_file() else []
+
+
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    for r in reversed(records):
+        if r.get(key) is not None:
+            return r[key]
+    return None
+
+
+def _fit_summary(res, run_dir: Path) -> dict[str, Any]:
+    recs = _metrics(run_dir)
+    val = _last(recs, "val_loss")
+    return {"steps": res.steps, "last_loss": res.last_loss, "best_val_loss": res.best_val_loss,
+            "val_loss": val, "val_ppl": _last(recs, "val_ppl"),
+            "tokens_per_s": _last(recs, "tokens_per_s") or _last(recs, "tok_per_s"),
+            "final_dir": str(res.final_dir) if res.final_dir else None,
+            "loss_png": str(run_dir / "loss.png") if (run_dir / "loss.png").is_file() else None,
+            "metrics": str(run_dir / "metrics.jsonl")}
+
+
+def run_pretrain(ctx: StageContext) -> dict[str, Any]:
+    from lmstack.model import ModelConfig
+    from lmstack.train import pretrain
+
+    cfg = pretrain_config(ctx.recipe, resume=ctx.resume)
+    if ctx.resume:
+        ctx.log("continuing from the newest checkpoint")
+    res = pretrain(cfg)
+    if res.stopped != "completed" or res.final_dir is None:
+        raise StageInterrupted(f"pretraining stopped at step {res.steps} ({res.stopped}); its checkpoint is kept: "
+                               f"run the same command again to resume")
+    mc = ModelConfig.from_hf(res.final_dir)
+    return {**_fit_summary(res, ctx.out_dir), "parameters": mc.num_parameters(),
+            "non_embedding_parameters": mc.num_parameters(include_embeddings=False),
+            "model": {k: getattr(mc, k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                  "num_attention_heads", "num_key_value_heads", "vocab_size")}}
+
+
+# ------------------------------------------------------------------------------------------------ finetune
+def finetune_config(recipe: Recipe, resume: bool = False):
+    from lmstack.config import validate
+    from lmstack.tune.config import FinetuneConfig
+
+    r = recipe.finetune
+    extra = dict(r.config)
+    data = {**extra.pop("data", {}), "path": str(recipe.run_path / "data" / "sft_train.jsonl")}
+    train = {"seed": recipe.seed, "device": recipe.device, **extra.pop("train", {})}
+    if resume:
+        train["resume"] = "auto"
+    return validate(FinetuneConfig, {**extra, "run_dir": str(recipe.run_path / "finetune"),
+                                     "model": str(base_model_dir(recipe)), "method": r.method, "data": data,
+                                     "train": train}, f"{recipe.source or 'recipe'}: finetune")
+
+
+def _finetune_fn():
+    from lmstack.tune import sft
+
+    return sft.finetune
+
+
+def run_finetune(ctx: StageContext) -> dict[str, Any]:
+    cfg = finetune_config(ctx.recipe, resume=ctx.resume)
+    if not Path(cfg.model).is_dir():
+        raise ConfigError(f"finetune: base model directory {cfg.model} not found")
+    res = _finetune_fn()(cfg)
+    if res.stopped != "completed" or res.final_dir is None:
+        raise StageInterrupted(f"fine-tuning stopped at step {res.steps} ({res.stopped}); run the same command "
+                               f"again to resume")
+    return {**_fit_summary(res, ctx.out_dir), "method": cfg.method, "base_model": cfg.model}
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str, Any]]:
+    """Task dicts for lmstack.eval: held-out support QA and held-out text perplexity.
+
+    The QA prompt is the conversation (system prompt + held-out question) rendered by the model's own chat
+    template through :meth:`lmstack.tokenizer.Tokenizer.apply_chat_template` -- exactly what ``lmstack chat``
+    sends -- and stored in the task data, so every model is asked in the format it was tuned on."""
+    from lmstack.apps.support import sample_heldout
+    from lmstack.tokenizer import Tokenizer
+
+    r = recipe.eval
+    data = recipe.run_path / "data"
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    rows = list(read_jsonl(data / "heldout_qa.jsonl"))
+    subset = sample_heldout(rows, r.heldout_limit, seed=recipe.seed)
+    qa_path = out / "support_heldout.jsonl"
+    write_jsonl(qa_path, ({"question": x["question"], "answer": x["answer"], "lang": x["lang"], "id": x["id"],
+                           "prompt": tok.apply_chat_template(x["messages"], add_generation_prompt=True)}
+                          for x in subset))
+    tasks: list[dict[str, Any]] = [{
+        "type": "generation", "name": "support_heldout", "data": str(qa_path.resolve()), "prompt": "{{ prompt }}",
+        "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": r.metrics,
+        "description": "held-out paraphrases of Larkspur Home support questions (never seen in training)"}]
+    text = data / "heldout_text.jsonl"
+    if r.perplexity and text.is_file() and text.stat().st_size > 0:
+        tasks.append({"type": "perplexity", "name": "heldout_text_ppl", "data": str(text.resolve()),
+                      "max_length": r.ppl_max_length, "stride": r.ppl_max_length, "limit": r.ppl_limit,
+                      "description": "general text held out of pretraining"})
+    return tasks + list(r.tasks)
+
+
+def _task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    return {name: t.get("metrics", {}) for name, t in results.get("tasks", {}).items()}
+
+
+def run_eval(ctx: StageContext) -> dict[str, Any]:
+    from lmstack.eval.run import run_eval as eval_run
+
+    recipe, out = ctx.recipe, ctx.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    base = base_model_dir(recipe)
+    tasks = eval_tasks(recipe, out, base)
+    summary: dict[str, Any] = {"tasks": [t["name"] if isinstance(t, dict) else str(t) for t in tasks]}
+    ft = ctx.summaries.get("finetune") or {}
+    if "finetune" in recipe.stages:
+        final = Path(ft.get("final_dir") or recipe.run_path / "finetune" / "final")
+        if (final / "adapter_config.json").is_file():
+            res = eval_run(base, tasks, out / "finetuned", adapter=final)
+        else:
+            res = eval_run(final, tasks, out / "finetuned")
+        summary["finetuned"] = _task_metrics(res)
+    if recipe.eval.compare_base or "finetune" not in recipe.stages:
+        res = eval_run(base, tasks, out / "base")
+        summary["base"] = _task_metrics(res)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def _deps(*names: str):
+    return lambda r: [n for n in names if n in r.stages]
+
+
+STAGES: dict[str, Stage] = {
+    "data": Stage(
+        "data", run_data, description="general corpus + shop knowledge base + support QA",
+        config=lambda r: {"data": r.data.model_dump(mode="json"), "python_stdlib": __import__("sys").version},
+        inputs=lambda r: {"shop": _dir_hash(_shop_dir(r)),
+                          **{p: (_dir_hash(Path(p)) if Path(p).is_dir() else file_sha256(p) if Path(p).is_file() else "missing")
+                             for p in r.data.general.inputs}},
+        outputs=lambda c: [c.out_dir / n for n in ("general_train.jsonl", "heldout_text.jsonl", "shop_kb.jsonl",
+                                                   "sft_train.jsonl", "heldout_qa.jsonl")]),
+    "tokenizer": Stage(
+        "tokenizer", run_tokenizer, deps=_deps("data"), description="byte-level BPE + token shards",
+        config=lambda r: r.tokenizer.model_dump(mode="json"),
+        outputs=lambda c: [c.out_dir / "tokenizer" / "tokenizer.json", c.out_dir / "shards" / "index.json"]),
+    "pretrain": Stage(
+        "pretrain", run_pretrain, deps=_deps("tokenizer"), description="from scratch on the token shards",
+        config=lambda r: r.pretrain.model_dump(mode="json"),
+        outputs=lambda c: [c.out_dir / "final" / "config.json"]),
+    "finetune": Stage(
+        "finetune", run_finetune, deps=_deps("data", "pretrain"), description="SFT on the support chats",
+        config=lambda r: r.finetune.model_dump(mode="json"),
+        inputs=lambda r: {"model": _model_dir_hash(Path(r.model))} if r.model else {},
+        outputs=lambda c: [c.out_dir / "final"]),
+    "eval": Stage(
+        "eval", run_eval, deps=_deps("data", "pretrain", "finetune"),
+        description="held-out support questions, base vs fine-tuned; held-out perplexity",
+        config=lambda r: r.eval.model_dump(mode="json"),
+        inputs=lambda r: {"model": _model_dir_hash(Path(r.model))} if r.model else {},
+        outputs=lambda c: [c.out_dir]),
+}
+
+
+def preflight(recipe: Recipe) -> None:
+    """Validate the sections passed to other libraries before any stage runs (ConfigError names the field)."""
+    if "pretrain" in recipe.stages:
+        pretrain_config(recipe)
+    if "finetune" in recipe.stages:
+        finetune_config(recipe)
+    if recipe.model is not None and not (Path(recipe.model) / "config.json").is_file():
+        raise ConfigError(f"{recipe.source or 'recipe'}: model: {recipe.model} is not a Hugging Face model directory "
+                          "(no config.json); point `model:` at a local checkpoint")
+    if "data" in recipe.stages and recipe.data.clean:
+        from lmstack.config import validate
+        from lmstack.data.config import DataPipelineConfig
+
+        validate(DataPipelineConfig, {**recipe.data.clean, "inputs": [{"path": "general.jsonl"}]},
+                 f"{recipe.source or 'recipe'}: data.clean")
