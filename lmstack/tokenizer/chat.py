@@ -163,10 +163,16 @@ def assistant_spans(template: str, messages: Sequence[dict], add_generation_prom
         try:
             prefix, _ = render_template(template, msgs[:i], True, **variables) if i else ("", [])
             turn, _ = render_template(template, msgs[: i + 1], False, **variables)
+            # A template that ignores add_generation_prompt (Mistral's, which has no assistant header) leaves any
+            # role header inside the diff: start the span where the content starts, when it can be found there.
+            no_gen_prompt = bool(i) and prefix == render_template(template, msgs[:i], False, **variables)[0]
         except LmstackError:
             prefix, turn = None, None
         if prefix is not None and turn.startswith(prefix) and full.startswith(turn) and len(turn) > len(prefix):
             a = len(prefix)
+            if no_gen_prompt:
+                found = _search_span(turn, m, a, special_tokens)
+                a = found[0] if found else a
             span = (a, _trim_turn(full, a, len(turn)))
         else:
             span = _search_span(full, m, cursor, special_tokens)
@@ -184,10 +190,15 @@ def _search_span(full: str, message: dict, cursor: int, special_tokens: Sequence
     content = message.get("content", "")
     if not isinstance(content, str):
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    content = content.strip()
-    if not content:
-        return None
-    a = full.find(content, cursor)
+    # The content as given, else the answer after a reasoning block that templates drop from past turns.
+    candidates = [content, content.strip()]
+    if "</think>" in content:
+        candidates.append(content.split("</think>")[-1].strip())
+    a = -1
+    for cand in candidates:
+        if cand and (a := full.find(cand, cursor)) >= 0:
+            content = cand
+            break
     if a < 0:
         return None
     b = a + len(content)
