@@ -82,7 +82,11 @@ class _Common(StrictModel):
     @classmethod
     def _train_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("train"), dict):
-            data = {**data, "train": {**FINETUNE_TRAIN_DEFAULTS, **data["train"]}}
+            given = data["train"]
+            merged = {**FINETUNE_TRAIN_DEFAULTS, **given}
+            if "steps" in given and "warmup_steps" not in given and isinstance(given["steps"], int):
+                merged["warmup_steps"] = min(FINETUNE_TRAIN_DEFAULTS["warmup_steps"], given["steps"] // 10)
+            data = {**data, "train": merged}
         return data
 
 
