@@ -1,0 +1,68 @@
+"""``lmstack generate`` (stream one completion) and ``lmstack chat`` (terminal chat) on the serving engine."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int, min_p: float,
+              repetition_penalty: float, seed: Optional[int], stop: list[str]) -> dict:
+    return dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
+
+
+MODEL = typer.Option(..., "--model", "-m", help="Model directory (Hugging Face layout, with tokenizer).")
+ADAPTER = typer.Option(None, "--adapter", help="LoRA / prompt / prefix adapter directory (PEFT layout).")
+DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available).")
+DTYPE = typer.Option(None, "--dtype", help="fp32, bf16, fp16 (default: bf16 on GPU, fp32 on CPU).")
+MAX_NEW = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens to generate.")
+TEMP = typer.Option(0.8, "--temperature", "-t", help="0 = greedy.")
+TOP_P = typer.Option(0.95, "--top-p")
+TOP_K = typer.Option(0, "--top-k", help="0 = off.")
+MIN_P = typer.Option(0.0, "--min-p")
+REP = typer.Option(1.0, "--repetition-penalty")
+SEED = typer.Option(None, "--seed", help="Same seed, same text.")
+STOP = typer.Option(None, "--stop", help="Stop string (repeatable); never printed.")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate(
+        model: str = MODEL,
+        prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text ('-' reads stdin)."),
+        adapter: Optional[str] = ADAPTER, device: Optional[str] = DEVICE, dtype: Optional[str] = DTYPE,
+        max_new_tokens: int = MAX_NEW, temperature: float = TEMP, top_p: float = TOP_P, top_k: int = TOP_K,
+        min_p: float = MIN_P, repetition_penalty: float = REP, seed: Optional[int] = SEED,
+        stop: Optional[list[str]] = STOP,
+    ) -> None:
+        """Complete PROMPT with the model, streaming text to stdout."""
+        import sys
+
+        from lmstack.serve.llm import load
+        from lmstack.serve.terminal import stream_completion
+
+        text = sys.stdin.read() if prompt == "-" else prompt
+        llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=1)
+        stream_completion(llm, text, lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+                          **_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop))
+        sys.stdout.write("\n")
+
+    @app.command("chat")
+    def chat(
+        model: str = MODEL, system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+        adapter: Optional[str] = ADAPTER, device: Optional[str] = DEVICE, dtype: Optional[str] = DTYPE,
+        max_new_tokens: int = MAX_NEW, temperature: float = TEMP, top_p: float = TOP_P, top_k: int = TOP_K,
+        min_p: float = MIN_P, repetition_penalty: float = REP, seed: Optional[int] = SEED,
+        stop: Optional[list[str]] = STOP,
+    ) -> None:
+        """Chat in the terminal using the tokenizer's chat template (/reset, /exit)."""
+        import sys
+
+        from lmstack.serve.llm import load
+        from lmstack.serve.terminal import chat_loop
+
+        llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=1)
+        chat_loop(llm, input, lambda s: (sys.stdout.write(s), sys.stdout.flush()), system=system,
+                  **_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop))
