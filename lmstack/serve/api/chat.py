@@ -98,11 +98,11 @@ async def _stream(model: ServedModel, head: dict[str, Any], first: RequestOutput
                     started[i] = True
                     yield chunk(i, {"role": "assistant", "content": ""})
                 new = len(o.token_ids) - sent[i]
-                if o.delta_text or new > 0:
-                    lp = None
-                    if k is not None and o.logprobs is not None and new > 0:
-                        lp = chat_logprobs(model, o.logprobs[sent[i]:], k)
-                    sent[i] = len(o.token_ids)
+                lp = None
+                if k is not None and o.logprobs is not None and new > 0:
+                    lp = chat_logprobs(model, o.logprobs[sent[i]:sent[i] + new], k)
+                sent[i] = len(o.token_ids)
+                if o.delta_text or lp is not None:  # no empty chunks for a partial UTF-8 character
                     yield chunk(i, {"content": o.delta_text}, lp)
                 if o.finish_reason is not None:
                     done[i] = True

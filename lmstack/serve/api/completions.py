@@ -129,11 +129,11 @@ async def _stream(model: ServedModel, head: dict[str, Any], streams: list, n: in
                     if echo[p]:
                         yield chunk(i, echo[p])
                 new = len(o.token_ids) - sent[i]
-                if o.delta_text or new > 0 or o.finish_reason is not None:
-                    lp = None
-                    if k is not None and o.logprobs is not None and new > 0:
-                        lp = completion_logprobs(model, o.logprobs[sent[i]:], k, offset[i])
-                    sent[i] = len(o.token_ids)
+                lp = None
+                if k is not None and o.logprobs is not None and new > 0:
+                    lp = completion_logprobs(model, o.logprobs[sent[i]:sent[i] + new], k, offset[i])
+                sent[i] = len(o.token_ids)
+                if o.delta_text or lp is not None or o.finish_reason is not None:
                     offset[i] += len(o.delta_text)
                     if o.finish_reason is not None:
                         done.add(i)

@@ -1,0 +1,310 @@
+"""The OpenAI-compatible server, live on 127.0.0.1, driven by the official ``openai`` client.
+
+The engine is the real one (lmstack.serve.llm.load on a tiny random qwen2). Reference numbers come from
+``transformers`` on the same weights: greedy continuations from ``generate``, log-probs from a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.serve_fixtures import LiveServer, tiny_model_dir
+
+torch.set_num_threads(2)
+KEY = "sk-test-key"
+MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there, fox!"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("serve_model"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    import lmstack.serve.llm as L
+    from lmstack.serve.api import create_app
+
+    llm = L.load(model_dir, max_num_seqs=64)
+    app = create_app(llm, api_key=KEY, served_model_name="tiny", max_request_bytes=64 * 1024)
+    with LiveServer(app) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    import transformers
+
+    from lmstack.tokenizer import Tokenizer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return model, Tokenizer.from_dir(model_dir)
+
+
+def hf_greedy(hf, ids: list[int], n: int, **kw) -> list[int]:
+    model, tok = hf
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+    return out[0, len(ids):].tolist()
+
+
+def chat_ids(hf, msgs) -> list[int]:
+    return list(hf[1].apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+
+
+def metrics(server) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics").text
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels
+            or s.name.endswith(("_count", "_sum"))}
+
+
+# ----------------------------------------------------------------------------------------------- chat
+def test_models_health_and_ui(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and '"model": "tiny"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+    assert httpx.get(server.url + "/ui/app.js").status_code == 200
+
+
+def test_chat_greedy_matches_transformers(client, hf):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    ref = hf_greedy(hf, chat_ids(hf, MSGS), 12)
+    assert r.choices[0].message.content == hf[1].decode(ref, skip_special_tokens=True)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(chat_ids(hf, MSGS)) and r.usage.completion_tokens == 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_chat_stream_shape_and_text(client, server):
+    full = client.chat.completions.create(model="tiny", messages=MSGS, max_completion_tokens=10, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_completion_tokens=10,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+    # the raw wire format ends with the [DONE] sentinel
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "messages": MSGS, "max_tokens": 3, "stream": True}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_chat_logprobs_match_forward_pass(client, hf):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=5, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    model, tok = hf
+    prompt = chat_ids(hf, MSGS)
+    gen = hf_greedy(hf, prompt, 5)
+    with torch.no_grad():
+        lp = model(torch.tensor([prompt + gen])).logits[0].log_softmax(-1)  # (T, V)
+    for j, entry in enumerate(content):
+        row = lp[len(prompt) - 1 + j]
+        assert entry.logprob == pytest.approx(float(row[gen[j]]), abs=1e-3)
+        assert entry.token == tok.decode([gen[j]])
+        top_v, top_i = row.topk(3)
+        assert [t.token for t in entry.top_logprobs] == [tok.decode([i]) for i in top_i.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top_v.tolist(), abs=1e-3)
+
+
+def test_n2_seed_determinism_and_stop(client):
+    kw = dict(model="tiny", messages=MSGS, max_tokens=16, temperature=1.0, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(n=2, seed=1234, **kw)
+    b = client.chat.completions.create(n=2, seed=1234, **kw)
+    c = client.chat.completions.create(n=2, seed=999, **kw)
+    texts = lambda r: [ch.message.content for ch in sorted(r.choices, key=lambda ch: ch.index)]  # noqa: E731
+    assert [ch.index for ch in a.choices] == [0, 1]
+    assert texts(a) == texts(b)
+    assert texts(a) != texts(c)
+    assert texts(a)[0] != texts(a)[1]  # the two completions sample independently
+    assert a.usage.completion_tokens == 32
+    # stop: cut the seeded text at a substring from its middle
+    text = texts(a)[0]
+    start = next(i for i in range(3, len(text) - 2) if "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i)
+    stop = text[start:start + 2]
+    s = client.chat.completions.create(n=1, seed=1234, stop=[stop], **kw)
+    assert s.choices[0].message.content == text[:start]
+    assert s.choices[0].finish_reason == "stop"
+
+
+def test_extra_body_sampling_params(client, hf):
+    greedy = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8, temperature=0,
+                                            extra_body={"ignore_eos": True}).choices[0].message.content
+    topk1 = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8, temperature=1.5,
+                                           extra_body={"top_k": 1, "ignore_eos": True}).choices[0].message.content
+    minp1 = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8, temperature=1.5,
+                                           extra_body={"min_p": 1.0, "ignore_eos": True}).choices[0].message.content
+    assert topk1 == greedy and minp1 == greedy
+    rep = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=10, temperature=0,
+                                         extra_body={"repetition_penalty": 1.5, "ignore_eos": True})
+    ref = hf_greedy(hf, chat_ids(hf, MSGS), 10, repetition_penalty=1.5)
+    assert rep.choices[0].message.content == hf[1].decode(ref, skip_special_tokens=True)
+    assert ref != hf_greedy(hf, chat_ids(hf, MSGS), 10)  # the penalty changes the text here
+
+
+def test_presence_frequency_penalty_formula(client, hf):
+    """OpenAI's published formula: logit -= frequency * count + presence * (count > 0), greedy."""
+    model, tok = hf
+    prompt = chat_ids(hf, MSGS)
+    ids, counts = list(prompt), torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(torch.tensor([ids])).logits[0, -1] - 0.7 * counts - 1.3 * (counts > 0).float()
+            t = int(logits.argmax())
+            ids.append(t)
+            counts[t] += 1
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=10, temperature=0,
+                                       frequency_penalty=0.7, presence_penalty=1.3, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == tok.decode(ids[len(prompt):], skip_special_tokens=True)
+    assert ids[len(prompt):] != hf_greedy(hf, prompt, 10)  # the penalties change the text here
+
+
+# ------------------------------------------------------------------------------------------ completions
+def test_completions_batch_echo_and_stream(client, hf):
+    model, tok = hf
+    r = client.completions.create(model="tiny", prompt=["The quick", "Hello world"], max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1] and r.object == "text_completion"
+    for c, p in zip(r.choices, ["The quick", "Hello world"]):
+        assert c.text == tok.decode(hf_greedy(hf, tok.encode(p), 6), skip_special_tokens=True)
+    assert r.usage.completion_tokens == 12
+    e = client.completions.create(model="tiny", prompt="The quick", max_tokens=6, temperature=0, echo=True,
+                                  extra_body={"ignore_eos": True})
+    assert e.choices[0].text == "The quick" + r.choices[0].text
+    tokens = client.completions.create(model="tiny", prompt=tok.encode("The quick"), max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert tokens.choices[0].text == r.choices[0].text
+    chunks = list(client.completions.create(model="tiny", prompt=["The quick", "Hello world"], max_tokens=6,
+                                            temperature=0, n=2, stream=True, extra_body={"ignore_eos": True}))
+    by_index: dict[int, str] = {}
+    for ch in chunks:
+        for c in ch.choices:
+            by_index[c.index] = by_index.get(c.index, "") + c.text
+    assert by_index == {0: r.choices[0].text, 1: r.choices[0].text, 2: r.choices[1].text, 3: r.choices[1].text}
+
+
+def test_completions_logprobs_legacy_shape(client, hf):
+    model, tok = hf
+    r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=4, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    prompt = tok.encode("Hello world")
+    gen = hf_greedy(hf, prompt, 4)
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt + gen])).logits[0].log_softmax(-1)
+    assert lp.tokens == [tok.decode([t]) for t in gen]
+    assert lp.token_logprobs == pytest.approx([float(ref[len(prompt) - 1 + j, t]) for j, t in enumerate(gen)],
+                                              abs=1e-3)
+    assert all(len(d) == 2 for d in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def status_of(fn) -> tuple[int, str]:
+    with pytest.raises(openai.APIStatusError) as ei:
+        fn()
+    return ei.value.status_code, json.dumps(ei.value.body)
+
+
+def test_error_statuses(server, client):
+    chat = client.chat.completions.create
+    assert status_of(lambda: chat(model="nope", messages=MSGS))[0] == 404
+    code, body = status_of(lambda: chat(model="tiny", messages=[{"role": "user", "content": "fox " * 400}]))
+    assert code == 400 and "256" in body and "context length" in body
+    code, body = status_of(lambda: chat(model="tiny", messages=MSGS, max_tokens=250))
+    assert code == 400 and "256" in body
+    assert status_of(lambda: chat(model="tiny", messages=MSGS, temperature=5))[0] == 400
+    code, body = status_of(lambda: chat(model="tiny", messages=MSGS, logit_bias={"5": 10}))
+    assert code == 400 and "logit_bias" in body
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    assert status_of(lambda: chat(model="tiny", messages=MSGS, tools=tools))[0] == 400
+    assert status_of(lambda: chat(model="tiny", messages=MSGS, response_format={"type": "json_object"}))[0] == 400
+    # harmless unknown parameters are ignored
+    ok = chat(model="tiny", messages=MSGS, max_tokens=2, user="u1", extra_body={"frobnicate": 1})
+    assert ok.usage.completion_tokens <= 2
+    bad_key = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    assert status_of(lambda: bad_key.chat.completions.create(model="tiny", messages=MSGS))[0] == 401
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    big = httpx.post(server.url + "/v1/chat/completions", headers=auth,
+                     json={"model": "tiny", "messages": [{"role": "user", "content": "x" * 100_000}]})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    missing = httpx.post(server.url + "/v1/chat/completions", headers=auth, json={"model": "tiny"})
+    assert missing.status_code == 422 and missing.json()["error"]["param"] == "messages"
+    garbage = httpx.post(server.url + "/v1/completions", headers={**auth, "Content-Type": "application/json"},
+                         content=b"{not json")
+    assert garbage.status_code == 422 and "error" in garbage.json()
+
+
+# ------------------------------------------------------------------------------------- load and abort
+def test_64_concurrent_streams_then_no_kv_blocks_in_use(server):
+    aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    async def one(i: int) -> tuple[str, int]:
+        stream = await aclient.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"request {i}"}], max_tokens=8, stream=True,
+            temperature=0.8, seed=i, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        reason, n = None, 0
+        async for ch in stream:
+            if ch.choices and ch.choices[0].finish_reason:
+                reason = ch.choices[0].finish_reason
+            if ch.usage:
+                n = ch.usage.completion_tokens
+        return reason, n
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(i) for i in range(64)))
+        finally:
+            await aclient.close()
+
+    before = metrics(server).get("lmstack_time_to_first_token_seconds_count", 0)
+    results = asyncio.run(main())
+    assert results == [("length", 8)] * 64
+    m = metrics(server)
+    assert m["lmstack_kv_cache_blocks_used"] == 0 and m["lmstack_num_requests_running"] == 0
+    assert m["lmstack_num_requests_waiting"] == 0 and m["lmstack_kv_cache_blocks_total"] > 0
+    assert m["lmstack_time_to_first_token_seconds_count"] - before == 64
+    assert m["lmstack_inter_token_latency_seconds_count"] > 0 and m["lmstack_e2e_request_latency_seconds_count"] >= 64
+    assert m["lmstack_generation_tokens_total"] >= 64 * 8 and m["lmstack_prompt_tokens_total"] > 0
+    assert "lmstack_prefix_cache_hit_rate" in m
+
+
+def test_client_disconnect_aborts_request(server):
+    import time
+
+    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "tiny", "prompt": "Hello", "max_tokens": 200, "stream": True,
+                            "ignore_eos": True}, timeout=60) as resp:
+        lines = resp.iter_lines()
+        next(lines), next(lines)
+        assert metrics(server)["lmstack_num_requests_running"] == 1
+    deadline = time.time() + 10
+    while metrics(server)["lmstack_num_requests_running"] != 0 and time.time() < deadline:
+        time.sleep(0.05)
+    m = metrics(server)
+    assert m["lmstack_num_requests_running"] == 0 and m["lmstack_kv_cache_blocks_used"] == 0
