@@ -106,7 +106,8 @@ def mc_requests(task) -> tuple[list[dict], list[tuple[str, str]], object]:
         ctx = _header(task) + shots + mc_prompt(task, rec, q, choices)
         conts = mc_continuations(task, choices)
         items.append({"line": rec.line, "gold": gold, "n_choices": len(choices),
-                      "lens": [len(c) for c in (conts if task.continuation == "text" else choices)],
+                      # acc_norm divides by the length of the option string (lm-eval: len(doc_to_choice))
+                      "lens": [len(c) for c in (choices if task.continuation == "text" else LETTERS[:len(choices)])],
                       "first": len(pairs)})
         pairs += [(ctx, c) for c in conts]
     return items, pairs, recs

@@ -141,7 +141,7 @@ class EvalLM:
             return self.prefix_ids(), self.tok.encode(continuation)
         whole = self.tok.encode(context + continuation)
         ctx = self.tok.encode(context)
-        return whole[:len(ctx)], whole[len(ctx):]
+        return ctx, whole[len(ctx):]
 
     # ------------------------------------------------------------------ scoring
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], progress_cb=None) -> list[tuple[float, bool]]:
