@@ -33,7 +33,7 @@ def tiny_model_dir(path: str | Path, seed: int = 0, max_position_embeddings: int
     eos = tok.token_to_id("<|im_end|>")
     make_hf_model("qwen2", path, seed=seed, vocab_size=tok.vocab_size, eos_token_id=eos,
                   bos_token_id=tok.token_to_id("<|endoftext|>"), pad_token_id=tok.token_to_id("<|pad|>"),
-                  max_position_embeddings=max_position_embeddings)
+                  max_position_embeddings=max_position_embeddings, initializer_range=0.2)
     return path
 
 

@@ -189,7 +189,10 @@ def completion_logprobs(model: ServedModel, lps: list[TokenLogprob] | None, k: i
         tokens.append(text)
         token_lps.append(max(float(t.logprob), -9999.0))
         top = sorted(t.top.items(), key=lambda kv: -kv[1])[:k]
-        tops.append({model.token_text(tid): max(float(lp), -9999.0) for tid, lp in top} if k else None)
+        alts: dict[str, float] = {}
+        for tid, lp in top:  # two ids can decode to the same text: keep the likelier one
+            alts.setdefault(model.token_text(tid), max(float(lp), -9999.0))
+        tops.append(alts if k else None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
