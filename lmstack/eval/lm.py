@@ -97,11 +97,17 @@ class EvalLM:
     """A loaded model + tokenizer with the three operations evaluation needs."""
 
     def __init__(self, model, tokenizer: EvalTokenizer, *, model_dir: str | None = None, adapter: str | None = None,
-                 batch_tokens: int = 8192, max_batch: int = 64, max_length: int | None = None):
+                 adapter_runtime=None, batch_tokens: int = 8192, max_batch: int = 64, max_length: int | None = None,
+                 generator: str = "auto"):
         self.model = model.eval()
         self.tok = tokenizer
         self.model_dir = model_dir
         self.adapter = adapter
+        self.adapter_runtime = adapter_runtime  # lmstack.tune.adapters.AdapterRuntime or None
+        self.prefix_kv = getattr(adapter_runtime, "prefix_kv", None)  # prompt / prefix tuning: per-layer (k, v)
+        if generator not in ("auto", "engine", "builtin"):
+            raise ConfigError(f"generator {generator!r} is not one of auto, engine, builtin")
+        self.generator = generator
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
         self.max_length = max_length or model.config.max_position_embeddings
@@ -113,15 +119,16 @@ class EvalLM:
         from lmstack.model import load_model
 
         model = load_model(model_dir, device=device, dtype=dtype)
+        runtime = None
         if adapter is not None:
             try:
                 from lmstack.tune.adapters import load_adapter
             except ImportError as e:
                 raise ConfigError(f"--adapter needs lmstack.tune.adapters, which is not available ({e})") from None
-            model = load_adapter(model, adapter) or model
+            runtime = load_adapter(model, adapter)  # LoRA: swaps linears in place; prompt/prefix: prefix_kv
             model.eval()
         return cls(model, EvalTokenizer(model_dir, model.config), model_dir=str(model_dir),
-                   adapter=str(adapter) if adapter else None, **kw)
+                   adapter=str(adapter) if adapter else None, adapter_runtime=runtime, **kw)
 
     # ------------------------------------------------------------------ tokenization
     def prefix_ids(self) -> list[int]:
@@ -178,7 +185,7 @@ class EvalLM:
             ids = torch.zeros(len(batch), T, dtype=torch.long)
             for b, r in enumerate(batch):
                 ids[b, :len(inputs[r])] = torch.tensor(inputs[r])
-            h = self.model.hidden_states(ids.to(self.device))  # (B, T, hidden); right padding is never seen
+            h = self._hidden(ids.to(self.device))  # (B, T, hidden); right padding is never seen
             for b, r in enumerate(batch):
                 L = len(inputs[r])
                 logits = self.model.lm_head(h[b, L - need[r]:L]).float()  # (need, V)
@@ -194,6 +201,18 @@ class EvalLM:
             greedy = bool((lp.argmax(-1) == tgt).all())
             out.append((score, greedy))
         return out
+
+    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, hidden); with a prompt/prefix adapter, tokens sit after its P slots."""
+        if self.prefix_kv is None:
+            return self.model.hidden_states(ids)
+        from lmstack.tune.prompt import PrefixContext
+
+        P = self.prefix_kv[0][0].shape[-2]
+        B, T = ids.shape
+        pos = torch.arange(P, P + T, device=ids.device).expand(B, T)
+        return self.model.hidden_states(ids, position_ids=pos,
+                                        ctx=PrefixContext(self.prefix_kv, sliding_window=self.model.config.sliding_window))
 
     def num_rows(self, reqs: Sequence[tuple[list[int], list[int]]]) -> int:
         return len({tuple((list(c) + list(x))[-(self.max_length + 1):][:-1]) for c, x in reqs})
@@ -220,7 +239,23 @@ class EvalLM:
     def generate(self, prompts: Sequence[str], *, max_tokens: int = 64, stop: Sequence[str] = (),
                  temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int = 0,
                  batch_size: int = 8, progress_cb=None) -> list[list[str]]:
-        """``n`` completions per prompt (greedy when temperature is 0), cut at the first stop string."""
+        """``n`` completions per prompt (greedy when temperature is 0), cut at the first stop string.
+
+        Runs on the serving engine (``lmstack.serve``: paged KV cache, continuous batching) when it is
+        available (``generator="auto"|"engine"``), else on :mod:`lmstack.eval.generate`."""
+        if self.generator != "builtin":
+            try:
+                from lmstack.serve.llm import LLM  # noqa: F401
+                from lmstack.tokenizer import Tokenizer  # noqa: F401
+            except ImportError:
+                if self.generator == "engine":
+                    raise
+            else:
+                return self._generate_engine(prompts, max_tokens=max_tokens, stop=stop, temperature=temperature,
+                                             top_p=top_p, n=n, seed=seed, progress_cb=progress_cb)
+        if self.prefix_kv is not None:
+            raise ConfigError("generation with a prompt/prefix-tuning adapter needs the serving engine "
+                              "(lmstack.serve); use generator: auto")
         from lmstack.eval.generate import generate_ids
 
         flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
@@ -244,6 +279,26 @@ class EvalLM:
         for (i, _), t in zip(flat, texts):
             result[i].append(t)
         return result
+
+
+    def _generate_engine(self, prompts, *, max_tokens, stop, temperature, top_p, n, seed, progress_cb):
+        from lmstack.serve.llm import LLM
+        from lmstack.serve.types import SamplingParams
+        from lmstack.tokenizer import Tokenizer
+
+        P = self.prefix_kv[0][0].shape[-2] if self.prefix_kv is not None else 0
+        room = self.max_length - P
+        enc = [(self.tok.encode(p) or self.prefix_ids())[-max(1, room - max_tokens):] for p in prompts]
+        model_len = min(room, max(len(e) for e in enc) + max_tokens)
+        llm = LLM(self.model, Tokenizer.from_dir(self.model_dir), adapter=self.adapter_runtime,
+                  max_num_seqs=min(32, max(1, len(enc) * n)), max_model_len=model_len)
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                max_tokens=max_tokens, stop=[s for s in stop if s], seed=seed,
+                                stop_token_ids=list(self.tok.eos_ids))
+        outs = llm.generate(enc, params, use_tqdm=False)
+        if progress_cb is not None:
+            progress_cb(len(enc) * n)
+        return [[c.text for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
 
 
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:
