@@ -52,3 +52,113 @@ def write_shards(root: Path, *, train_tokens: int = 4000, val_tokens: int = 600,
              "splits": splits, "sources": []}
     (root / "index.json").write_text(json.dumps(index))
     return root
+
+
+# ------------------------------------------------------------------------------------------------------
+# A 2-process worker for tests/test_train_dist.py, launched as
+#   python -m torch.distributed.run --nproc_per_node 2 tests/train_fixtures.py OUT SHARDS
+# It runs, in one process group: DDP (4 steps), FSDP2 (4 steps, checkpoint every 2, final model), and
+# FSDP2 again crashing after its step-2 checkpoint, then resumed with resume=auto.
+DIST_STEPS, DIST_BATCH, DIST_SEQ = 4, 2, 32
+
+
+def dist_train_config(**kw):
+    from lmstack.train import TrainConfig
+
+    base = dict(steps=DIST_STEPS, warmup_steps=1, lr=1e-2, schedule="cosine", log_every=1, eval_every=0,
+                ckpt_every=0, save_final=False, peak_flops=1e11, tensorboard=False, plot=False, seed=0,
+                device="cpu", fused="foreach")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def dist_model():
+    from lmstack.model import build_model, preset
+
+    return build_model(preset("tiny", **TINY_MODEL), device="cpu", dtype="fp32", seed=0)
+
+
+def dist_data(shards: Path, rank: int, world: int, batch: int):
+    from lmstack.data.shards import open_split
+    from lmstack.train.data import PackedBatches
+
+    return PackedBatches(open_split(shards, "train"), DIST_SEQ, batch, seed=0, rank=rank, world_size=world)
+
+
+def _dist_main(out: str, shards: str) -> None:  # pragma: no cover - runs under torchrun
+    import torch
+
+    from lmstack.train import causal_lm_loss, fit
+
+    torch.set_num_threads(1)
+    out_p, sh = Path(out), Path(shards)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    fit(dist_model(), dist_data(sh, rank, world, DIST_BATCH), causal_lm_loss,
+        dist_train_config(distributed="ddp"), out_p / "ddp")
+    fit(dist_model(), dist_data(sh, rank, world, DIST_BATCH), causal_lm_loss,
+        dist_train_config(distributed="fsdp", ckpt_every=2, save_final=True), out_p / "fsdp")
+
+    class Crash(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def crashing_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3's forward, after the step-2 checkpoint
+            raise Crash
+        return causal_lm_loss(model, batch)
+
+    try:
+        fit(dist_model(), dist_data(sh, rank, world, DIST_BATCH), crashing_loss,
+            dist_train_config(distributed="fsdp", ckpt_every=2, save_final=True), out_p / "fsdp_resume")
+    except Crash:
+        pass
+    fit(dist_model(), dist_data(sh, rank, world, DIST_BATCH), causal_lm_loss,
+        dist_train_config(distributed="fsdp", ckpt_every=2, save_final=True, resume="auto"),
+        out_p / "fsdp_resume")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------------
+# A run that SIGKILLs itself during step KILL_AT's forward (after the step-4 checkpoint), launched as
+#   python tests/train_fixtures.py kill RUN_DIR SHARDS
+KILL_STEPS, KILL_AT = 8, 6
+
+
+def kill_train_config(**kw):
+    return dist_train_config(steps=KILL_STEPS, ckpt_every=2, keep_last=2, save_final=True, **kw)
+
+
+def _kill_main(run_dir: str, shards: str) -> None:  # pragma: no cover - killed by design
+    import os
+    import signal
+
+    import torch
+
+    from lmstack.train import causal_lm_loss, fit
+
+    torch.set_num_threads(2)
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return causal_lm_loss(model, batch)
+
+    fit(dist_model(), dist_data(Path(shards), 0, 1, 4), loss, kill_train_config(), run_dir)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if sys.argv[1] == "kill":
+        _kill_main(sys.argv[2], sys.argv[3])
+    else:
+        _dist_main(sys.argv[1], sys.argv[2])
