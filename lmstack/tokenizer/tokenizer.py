@@ -49,6 +49,7 @@ class Tokenizer:
         self._json = json_bytes if json_bytes is not None else backend.to_str().encode("utf-8")
         self._chat_template = chat_template if chat_template is not None else self.config.get("chat_template")
         self._generation_eos = [int(i) for i in generation_eos_ids]
+        self._fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.21
         self._vocab = backend.get_vocab(with_added_tokens=True)  # str -> id
         added = backend.get_added_tokens_decoder()  # id -> AddedToken
         self._special_ids = {i for i, t in added.items() if t.special}
@@ -183,13 +184,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``. ``add_special_tokens`` runs the tokenizer's post-processor (e.g. Llama's bos)."""
+        if self._fast is not None:  # no character offsets computed: ~1.5x faster than Tokenizer.encode
+            return self._fast([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads; ``RAYON_NUM_THREADS`` caps them)."""
-        texts = list(texts)
-        fast = getattr(self._tk, "encode_batch_fast", None)  # tokenizers >= 0.21: no offsets computed
-        encs = (fast or self._tk.encode_batch)(texts, add_special_tokens=add_special_tokens)
+        encs = (self._fast or self._tk.encode_batch)(list(texts), add_special_tokens=add_special_tokens)
         return [e.ids for e in encs]
 
     def encode_with_offsets(self, text: str, add_special_tokens: bool = False):
