@@ -143,10 +143,10 @@ def _iter_inputs(inputs, text_field: str, stats: ReadStats, show_progress: bool)
     inputs = list(inputs) if not isinstance(inputs, Iterator) else inputs
     is_paths = isinstance(inputs, list) and inputs and all(isinstance(x, os.PathLike) for x in inputs)
     if isinstance(inputs, list) and not is_paths and inputs and all(isinstance(x, str) for x in inputs):
-        # A list of strings is a list of paths when any of them exists, or when all of them look like paths
-        # (then a missing one is an error, not a tiny training text).
-        is_paths = any(_looks_like_path(x) and Path(x).exists() for x in inputs) or all(
-            _looks_like_path(x) and ("/" in x or os.sep in x or Path(x).suffix) for x in inputs)
+        # A list of strings is a list of paths when all look like paths (no whitespace) and one exists or all
+        # have a "/" or a suffix; then a missing one is an error, not a tiny training text.
+        is_paths = all(_looks_like_path(x) for x in inputs) and (
+            any(Path(x).exists() for x in inputs) or all("/" in x or os.sep in x or Path(x).suffix for x in inputs))
     if not is_paths:
         for t in inputs:
             if not isinstance(t, str):
