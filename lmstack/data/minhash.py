@@ -1,0 +1,160 @@
+"""MinHash signatures and banded LSH near-duplicate detection over signature arrays.
+
+Signatures are bit-compatible with ``datasketch.MinHash(num_perm, seed, scheme="legacy")`` fed the same
+shingles (32-bit SHA-1 shingle hashes, universal hashing ``(a*x + b) mod (2^61 - 1)`` truncated to 32 bits),
+so they can be checked against datasketch. Shingles: word n-grams for spaced languages, character n-grams
+for CJK text, on the dedup-normalized text (NFKC, lower case, punctuation removed).
+
+Near-duplicate detection is done in one pass over the signatures of *all* shards (so it works across
+machines): for each of ``b`` bands of ``r`` rows, documents with equal band keys are candidates; a candidate
+pair is confirmed when the estimated Jaccard similarity (share of equal signature values) reaches the
+threshold; confirmed pairs are unioned and each cluster keeps its earliest document.
+``(b, r)`` minimises false-positive + false-negative probability mass for the threshold, as in datasketch.
+
+References: Broder 1997 (MinHash); Leskovec, Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3 (LSH
+banding); Lee et al. 2022 "Deduplicating Training Data Makes Language Models Better".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+
+from lmstack.text.normalize import dedup_key_text
+from lmstack.text.quality import is_cjk
+
+MERSENNE = np.uint64((1 << 61) - 1)
+MAX_HASH = np.uint64((1 << 32) - 1)
+
+
+def sha1_hash32(data: bytes) -> int:
+    return struct.unpack("<I", hashlib.sha1(data).digest()[:4])[0]
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b), each (num_perm,) uint64 -- the same draws as datasketch's legacy scheme."""
+    gen = np.random.RandomState(seed)
+    ab = np.array([(gen.randint(1, MERSENNE, dtype=np.uint64), gen.randint(0, MERSENNE, dtype=np.uint64))
+                   for _ in range(num_perm)], dtype=np.uint64).T
+    return ab[0], ab[1]
+
+
+def shingles(text: str, ngram: int = 5, cjk_ngram: int = 5) -> list[bytes]:
+    """Word n-grams (spaced text) or character n-grams (CJK text) of the dedup-normalized text, as bytes."""
+    norm = dedup_key_text(text)
+    if is_cjk(text):
+        chars = norm.replace(" ", "")
+        n = cjk_ngram
+        if len(chars) <= n:
+            return [chars.encode()] if chars else []
+        return list({chars[i:i + n].encode() for i in range(len(chars) - n + 1)})
+    words = norm.split()
+    n = ngram
+    if len(words) <= n:
+        return [" ".join(words).encode()] if words else []
+    return list({" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)})
+
+
+def signature(shingle_bytes: list[bytes], a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """MinHash signature (num_perm,) uint32 of a shingle set; all-ones (max hash) for an empty set."""
+    out = np.full(a.shape[0], MAX_HASH, dtype=np.uint64)
+    for s in range(0, len(shingle_bytes), chunk):
+        hv = np.fromiter((sha1_hash32(x) for x in shingle_bytes[s:s + chunk]), dtype=np.uint64)
+        phv = (hv[:, None] * a[None, :] + b[None, :]) % MERSENNE & MAX_HASH  # (n_shingles, num_perm)
+        np.minimum(out, phv.min(axis=0), out=out)
+    return out.astype(np.uint32)
+
+
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5
+                  ) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm minimising weighted FP + FN area (datasketch's rule)."""
+    xs = np.linspace(0.0, 1.0, 2001)
+    best, best_err = (1, num_perm), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            p = 1.0 - (1.0 - xs ** r) ** b  # P(candidate | Jaccard = x)
+            fp = np.trapezoid(np.where(xs <= threshold, p, 0.0), xs)
+            fn = np.trapezoid(np.where(xs >= threshold, 1.0 - p, 0.0), xs)
+            err = fp_weight * fp + fn_weight * fn
+            if err < best_err:
+                best, best_err = (b, r), err
+    return best
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        root = x
+        while p[root] != root:
+            root = p[root]
+        while p[x] != root:
+            p[x], x = root, p[x]
+        return int(root)
+
+    def union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:  # the smaller index (earlier document) becomes the root
+            self.parent[max(rx, ry)] = min(rx, ry)
+
+
+def near_duplicates(sigs: np.ndarray, threshold: float, active: np.ndarray | None = None,
+                    bands: tuple[int, int] | None = None, max_compare: int = 32, seed: int = 0
+                    ) -> tuple[np.ndarray, list[tuple[int, int, float]]]:
+    """Near-duplicate flags for ``sigs`` (N, num_perm) uint32, rows in priority order (earlier row wins).
+
+    ``active``: (N,) bool, rows to consider (e.g. not exact duplicates). Returns (is_dup (N,) bool,
+    confirmed pairs (dup_row, kept_row, estimated_jaccard) -- a sample for reports)."""
+    n, num_perm = sigs.shape
+    if active is None:
+        active = np.ones(n, dtype=bool)
+    b, r = bands or optimal_bands(threshold, num_perm)
+    uf = _UnionFind(n)
+    rows_active = np.flatnonzero(active)
+    mult = np.random.RandomState(seed).randint(1, 2**62, size=r, dtype=np.int64).astype(np.uint64) | np.uint64(1)
+    checked: set[tuple[int, int]] = set()
+    for band in range(b):
+        block = np.asarray(sigs[rows_active, band * r:(band + 1) * r], dtype=np.uint64)  # (n_active, r)
+        keys = (block * mult[None, :]).sum(axis=1, dtype=np.uint64)                     # (n_active,)
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+        ends = np.r_[starts[1:], len(sk)]
+        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+            members = rows_active[order[s:e]]  # ascending row (stable sort of ascending rows)
+            for k in range(1, len(members)):
+                j = int(members[k])
+                for i in members[max(0, k - max_compare):k]:
+                    i = int(i)
+                    if (i, j) in checked:
+                        continue
+                    checked.add((i, j))
+                    est = float(np.mean(np.asarray(sigs[i]) == np.asarray(sigs[j])))
+                    if est >= threshold:
+                        uf.union(i, j)
+    is_dup = np.zeros(n, dtype=bool)
+    pairs: list[tuple[int, int, float]] = []
+    for j in rows_active:
+        root = uf.find(int(j))
+        if root != j:
+            is_dup[j] = True
+            if len(pairs) < 1000:
+                pairs.append((int(j), root, float(np.mean(np.asarray(sigs[j]) == np.asarray(sigs[root])))))
+    return is_dup, pairs
+
+
+def exact_key(text: str) -> int:
+    """64-bit key of the dedup-normalized text (NFKC, lower case, no punctuation, single spaces)."""
+    return int.from_bytes(hashlib.blake2b(dedup_key_text(text).encode(), digest_size=8).digest(), "little")
+
+
+def exact_duplicates(keys: np.ndarray) -> np.ndarray:
+    """(N,) bool: True where the key already occurred at an earlier row."""
+    _, first = np.unique(keys, return_index=True)
+    is_dup = np.ones(len(keys), dtype=bool)
+    is_dup[first] = False
+    return is_dup
