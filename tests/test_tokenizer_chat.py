@@ -233,3 +233,19 @@ def test_no_template_is_a_clear_error(tmp_path, lmstack_dir):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(LmstackError, match="no chat_template"):
         Tokenizer.from_dir(d).render_chat([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "mistral", "lmstack"])
+def test_continue_final_message_matches_transformers(family, family_dirs, lmstack_dir):
+    path = lmstack_dir if family == "lmstack" else family_dirs[family]
+    tok, hf = Tokenizer.from_dir(path), _hf(path)
+    conv = [{"role": "user", "content": "Write a haiku"}, {"role": "assistant", "content": "Autumn moon, 秋の"}]
+    text = tok.apply_chat_template(conv, continue_final_message=True)
+    assert text == hf.apply_chat_template(conv, continue_final_message=True, tokenize=False)
+    assert text.endswith("秋の")
+    enc = tok.render_chat(conv, continue_final_message=True)
+    assert enc.input_ids == hf.apply_chat_template(conv, continue_final_message=True, tokenize=True,
+                                                   return_dict=False)
+    assert _masked_runs(tok, enc)[-1].strip() == "Autumn moon, 秋の"
+    with pytest.raises(LmstackError, match="cannot both be set"):
+        tok.apply_chat_template(conv, continue_final_message=True, add_generation_prompt=True)

@@ -139,6 +139,38 @@ def render_template(template: str, messages: Sequence[dict], add_generation_prom
         raise _TemplateError(f"chat template refused the conversation: {e}") from None
 
 
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def render_continuation(template: str, messages: Sequence[dict], field: str = "content",
+                        **variables: Any) -> str:
+    """Render so that the model continues the final message (transformers' ``continue_final_message``):
+    the final message's end marker and anything after it are cut off."""
+    msgs = [dict(m) for m in _clean_messages(messages)]
+    if not msgs:
+        raise LmstackError("continue_final_message needs at least one message")
+    final = msgs[-1].get(field)
+    if isinstance(final, list):  # content parts: continue the last text part
+        parts = [dict(p) for p in final]
+        idx = next((i for i in reversed(range(len(parts))) if "text" in parts[i]), None)
+        if idx is None:
+            raise LmstackError("continue_final_message: the final message has no text part to continue")
+        final = parts[idx]["text"]
+        parts[idx]["text"] = final + _CONTINUE_TAG
+        msgs[-1][field] = parts
+    elif isinstance(final, str):
+        msgs[-1][field] = final + _CONTINUE_TAG
+    else:
+        raise LmstackError(f"continue_final_message: the final message has no {field!r} to continue")
+    text, _ = render_template(template, msgs, False, **variables)
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise LmstackError("continue_final_message: the chat template drops or rewrites the final message, "
+                           "so it cannot be continued; render with add_generation_prompt=True instead")
+    loc = text.rindex(tag)
+    return text[:loc] if text[loc:loc + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:loc].rstrip()
+
+
 # -------------------------------------------------------------------------------------------- loss mask
 
 

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from lmstack.errors import LmstackError
 from lmstack.tokenizer.chat import (
-    ChatEncoding, assistant_spans, mask_from_offsets, pick_template, render_template,
+    ChatEncoding, assistant_spans, mask_from_offsets, pick_template, render_continuation, render_template,
 )
 from lmstack.tokenizer.pretokenize import KNOWN_END_MARKERS
 from lmstack.tokenizer.stream import StreamDecoder
@@ -229,21 +229,41 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
                             tokenize: bool = False, chat_template: str | None = None,
-                            tools: list[dict] | None = None, **variables: Any) -> str | list[int]:
-        """Render ``messages`` with the jinja chat template (transformers semantics); ids when ``tokenize``."""
+                            tools: list[dict] | None = None, continue_final_message: bool = False,
+                            **variables: Any) -> str | list[int]:
+        """Render ``messages`` with the jinja chat template (transformers semantics); ids when ``tokenize``.
+
+        ``continue_final_message``: leave the last message open (no end marker) so generation continues it."""
         template = chat_template or self.get_chat_template(tools=tools)
-        text, _ = render_template(template, messages, add_generation_prompt,
-                                  **self._template_vars({"tools": tools, **variables}))
+        kw = self._template_vars({"tools": tools, **variables})
+        if continue_final_message:
+            if add_generation_prompt:
+                raise LmstackError("continue_final_message and add_generation_prompt cannot both be set")
+            text = render_continuation(template, messages, **kw)
+        else:
+            text, _ = render_template(template, messages, add_generation_prompt, **kw)
         return self.encode(text) if tokenize else text
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
                     chat_template: str | None = None, tools: list[dict] | None = None,
-                    **variables: Any) -> ChatEncoding:
-        """Ids of the rendered conversation and a loss mask: 1 on assistant content + its end marker, else 0."""
+                    continue_final_message: bool = False, **variables: Any) -> ChatEncoding:
+        """Ids of the rendered conversation and a loss mask: 1 on assistant content + its end marker, else 0.
+
+        With ``continue_final_message`` the text stops inside the last (assistant) message, masked up to there."""
         template = chat_template or self.get_chat_template(tools=tools)
         specials = [self._tk.id_to_token(i) for i in self._special_ids]
-        text, spans = assistant_spans(template, messages, add_generation_prompt, special_tokens=specials,
-                                      **self._template_vars({"tools": tools, **variables}))
+        kw = self._template_vars({"tools": tools, **variables})
+        text, spans = assistant_spans(template, messages, add_generation_prompt and not continue_final_message,
+                                      special_tokens=specials, **kw)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise LmstackError("continue_final_message and add_generation_prompt cannot both be set")
+            cut = render_continuation(template, messages, **kw)
+            if not text.startswith(cut):
+                raise LmstackError("continue_final_message: the template renders earlier turns differently when "
+                                   "the last message is open; cannot build a loss mask")
+            text = cut
+            spans = [(a, min(b, len(cut))) for a, b in spans if a < len(cut)]
         ids, offsets = self.encode_with_offsets(text)
         return ChatEncoding(ids, mask_from_offsets(offsets, spans), text, spans)
 
