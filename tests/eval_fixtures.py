@@ -51,3 +51,16 @@ def make_model_dir(path: str | Path, arch: str = "llama", seed: int = 0) -> Path
     vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
     make_hf_model(arch, path, seed=seed, vocab_size=vocab)
     return path
+
+
+def one_thread():
+    """Run a module's tiny-model tests on 1 intra-op thread and restore the previous count afterwards.
+
+    A 2-layer 64-wide model gains nothing from 2 threads, and on a loaded machine OpenMP's spin-waiting makes
+    a 64-token forward ~100x slower (1 s instead of 10 ms, measured with load average 11 on 2 cores)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
