@@ -48,3 +48,15 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     return out[0, len(prompt):].tolist()
+
+
+def hf_is_greedy(model, prompt: list[int], out: list[int]) -> list[int]:
+    """transformers' argmax after prompt + out[:i] for every i, from ONE teacher-forced forward pass.
+
+    Equal to ``out`` exactly when ``out`` is transformers' greedy continuation (each token is the argmax
+    given the same prefix); much cheaper than ``generate`` for tests that only need the reference."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out[:-1]])).logits[0, len(prompt) - 1:]
+    return logits.argmax(-1).tolist()
