@@ -50,6 +50,7 @@ class Tokenizer:
         self._chat_template = chat_template if chat_template is not None else self.config.get("chat_template")
         self._generation_eos = [int(i) for i in generation_eos_ids]
         self._fast = getattr(backend, "encode_batch_fast", None)  # tokenizers >= 0.21
+        self._plain = None  # the same tokenizer without added tokens (built on first use by sanitize)
         self._vocab = backend.get_vocab(with_added_tokens=True)  # str -> id
         added = backend.get_added_tokens_decoder()  # id -> AddedToken
         self._special_ids = {i for i, t in added.items() if t.special}
@@ -230,10 +231,17 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
                             tokenize: bool = False, chat_template: str | None = None,
                             tools: list[dict] | None = None, continue_final_message: bool = False,
-                            **variables: Any) -> str | list[int]:
+                            sanitize: bool = False, **variables: Any) -> str | list[int]:
         """Render ``messages`` with the jinja chat template (transformers semantics); ids when ``tokenize``.
 
-        ``continue_final_message``: leave the last message open (no end marker) so generation continues it."""
+        ``continue_final_message``: leave the last message open (no end marker) so generation continues it.
+        ``sanitize`` (with ``tokenize``): control tokens inside the messages are encoded as plain text
+        (transformers' ``sanitize_control_tokens``)."""
+        if sanitize:
+            if not tokenize:
+                raise LmstackError("sanitize=True needs tokenize=True (it changes ids, not text)")
+            return self.render_chat(messages, add_generation_prompt, chat_template, tools, continue_final_message,
+                                    sanitize=True, **variables).input_ids
         template = chat_template or self.get_chat_template(tools=tools)
         kw = self._template_vars({"tools": tools, **variables})
         if continue_final_message:
@@ -246,12 +254,21 @@ class Tokenizer:
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
                     chat_template: str | None = None, tools: list[dict] | None = None,
-                    continue_final_message: bool = False, **variables: Any) -> ChatEncoding:
+                    continue_final_message: bool = False, sanitize: bool = False, **variables: Any) -> ChatEncoding:
         """Ids of the rendered conversation and a loss mask: 1 on assistant content + its end marker, else 0.
 
-        With ``continue_final_message`` the text stops inside the last (assistant) message, masked up to there."""
+        With ``continue_final_message`` the text stops inside the last (assistant) message, masked up to there.
+        With ``sanitize`` control tokens typed inside messages/tools are encoded as plain text."""
         template = chat_template or self.get_chat_template(tools=tools)
         specials = [self._tk.id_to_token(i) for i in self._special_ids]
+        controls: tuple[str, ...] = ()
+        if sanitize:
+            from lmstack.tokenizer.sanitize import control_tokens, mark
+
+            added = {t: (i in self._special_ids) for t, i in self._added.items()}
+            controls = control_tokens(added, template)
+            messages, tools, variables = mark(list(messages), controls), mark(tools, controls), mark(variables,
+                                                                                                     controls)
         kw = self._template_vars({"tools": tools, **variables})
         text, spans = assistant_spans(template, messages, add_generation_prompt and not continue_final_message,
                                       special_tokens=specials, **kw)
@@ -264,8 +281,25 @@ class Tokenizer:
                                    "the last message is open; cannot build a loss mask")
             text = cut
             spans = [(a, min(b, len(cut))) for a, b in spans if a < len(cut)]
-        ids, offsets = self.encode_with_offsets(text)
+        if sanitize:
+            from lmstack.tokenizer.sanitize import encode_marked
+
+            ids, offsets, text, spans = encode_marked(text, controls, self.encode_with_offsets, self._encode_plain,
+                                                      self.token_to_id, spans)
+        else:
+            ids, offsets = self.encode_with_offsets(text)
         return ChatEncoding(ids, mask_from_offsets(offsets, spans), text, spans)
+
+    def _encode_plain(self, text: str):
+        """(ids, offsets) of ``text`` with no added token matched (they come out as ordinary pieces)."""
+        if self._plain is None:
+            from tokenizers import Tokenizer as _Backend
+
+            spec = json.loads(self._json)
+            spec["added_tokens"] = []
+            self._plain = _Backend.from_str(json.dumps(spec))
+        enc = self._plain.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_id}, "
