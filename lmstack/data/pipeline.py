@@ -410,3 +410,13 @@ def run_pipeline(cfg: DataPipelineConfig | str | os.PathLike | dict, out_dir: st
         shutil.rmtree(out / STAGING)
     run_shard(cfg, out, (0, 1))
     return merge_shards(cfg, out, keep_staging=False)
+
+
+def merge_output(cfg: DataPipelineConfig | str | os.PathLike | dict, out_dir: str | os.PathLike | None = None,
+                 overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Phase 2 for a sharded run (``lmstack data merge``): same config, same output directory."""
+    cfg = load_pipeline_config(cfg, overrides)
+    out = out_dir or cfg.out_dir
+    if not out:
+        raise ConfigError("no output directory: pass out_dir (CLI: --out) or set out_dir in the config")
+    return merge_shards(cfg, Path(out))

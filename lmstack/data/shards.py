@@ -20,7 +20,7 @@ import hashlib
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -74,12 +74,13 @@ class _SplitWriter:
 
 def write_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLike, *, val_fraction: float | None = 0.01,
                  val_documents: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, seed: int = 0,
-                 batch_size: int = 256, sources: Sequence[dict] | None = None, tokenizer_dir: str | None = None,
+                 batch_size: int = 256, sources: Sequence[dict] | Callable[[], list] | None = None, tokenizer_dir: str | None = None,
                  progress_total: int | None = None) -> dict[str, Any]:
     """Tokenize ``texts`` (each one document), append EOS after each, write train/val shards and ``index.json``.
 
     ``tokenizer`` needs ``encode_batch(texts) -> list[list[int]]``, ``eos_token_id``, ``vocab_size`` and
     ``sha256`` (the :class:`lmstack.tokenizer.Tokenizer` contract). The directory is written atomically.
+    ``sources`` (provenance for the index) may be a callable, evaluated after the last document was read.
     Returns the index dict."""
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -158,7 +159,7 @@ def write_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
             "tokenizer_sha256": getattr(tokenizer, "sha256", None),
             "tokenizer_dir": tokenizer_dir,
             "splits": {"train": train.close(), "val": val.close()},
-            "sources": list(sources or []),
+            "sources": sources() if callable(sources) else list(sources or []),
             "created_by": f"lmstack {__version__}",
         }
         atomic_write_json(tmp / "index.json", index)

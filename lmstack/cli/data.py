@@ -1,0 +1,105 @@
+"""``lmstack data run|merge|clean|dedup|stats|tokenize``: parse arguments, call one library function."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _summary(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"lmstack data -> {report.get('output', '')}")
+    for c in ("step", "docs in", "docs out", "chars in", "chars out", "top removal reasons"):
+        t.add_column(c, justify="left" if c in ("step", "top removal reasons") else "right")
+    for s in report["steps"]:
+        reasons = ", ".join(f"{k}={v}" for k, v in list(s["removed"].items())[:3] if v)
+        t.add_row(s["name"], f"{s['docs_in']:,}", f"{s['docs_out']:,}", f"{s['chars_in']:,}", f"{s['chars_out']:,}",
+                  reasons)
+    Console().print(t)
+
+
+def register(app: typer.Typer) -> None:
+    data = typer.Typer(help="Data pipeline: clean, filter, dedup, PII, mix, report, token shards.",
+                       no_args_is_help=True)
+    app.add_typer(data, name="data")
+
+    @data.command("run", context_settings=_EXTRA)
+    def run(ctx: typer.Context,
+            config: str = typer.Option(..., "--config", "-c", help="Pipeline YAML (see docs/data.md)."),
+            out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (or out_dir in the YAML)."),
+            shard: Optional[str] = typer.Option(None, "--shard", help="Run only shard i/n (then `lmstack data merge`).")
+            ) -> None:
+        """Run the whole pipeline from a YAML config; extra args `section.key=value` override it."""
+        from lmstack.data.pipeline import run_pipeline
+
+        r = run_pipeline(config, out, shard=shard, overrides=ctx.args)
+        if shard is None:
+            _summary(r)
+        else:
+            typer.echo(f"shard {shard}: {r['documents']:,} documents kept; run the other shards, then "
+                       f"`lmstack data merge --config {config}`")
+
+    @data.command("merge", context_settings=_EXTRA)
+    def merge(ctx: typer.Context, config: str = typer.Option(..., "--config", "-c"),
+              out: Optional[str] = typer.Option(None, "--out", "-o")) -> None:
+        """After `run --shard i/n` for every i: global exact + near dedup, mixing, output and report."""
+        from lmstack.data.pipeline import merge_output
+
+        _summary(merge_output(config, out, overrides=ctx.args))
+
+    @data.command("clean", context_settings=_EXTRA)
+    def clean(ctx: typer.Context, inputs: List[str] = typer.Argument(..., help="Files, directories or globs."),
+              out: str = typer.Option(..., "--out", "-o"), text_field: str = typer.Option("text", "--text-field"),
+              lang: str = typer.Option("en,zh", "--lang", help="Languages to keep: comma list of en, zh, other."),
+              pii: str = typer.Option("redact", "--pii", help="redact | drop | count | off"),
+              no_quality: bool = typer.Option(False, "--no-quality", help="Skip the quality filters."),
+              workers: int = typer.Option(0, "--workers", help="Processes (0 = all cores).")) -> None:
+        """Normalize, language-filter, quality-filter and redact PII (no dedup)."""
+        from lmstack.data.verbs import clean as run_clean
+
+        _summary(run_clean(inputs, out, text_field=text_field, languages=[x.strip() for x in lang.split(",") if x],
+                           pii=pii, quality=not no_quality, workers=workers, overrides=ctx.args))
+
+    @data.command("dedup", context_settings=_EXTRA)
+    def dedup(ctx: typer.Context, inputs: List[str] = typer.Argument(...), out: str = typer.Option(..., "--out", "-o"),
+              text_field: str = typer.Option("text", "--text-field"),
+              threshold: float = typer.Option(0.8, "--threshold", help="Jaccard threshold for near duplicates."),
+              num_perm: int = typer.Option(128, "--num-perm"),
+              exact_only: bool = typer.Option(False, "--exact-only"),
+              workers: int = typer.Option(0, "--workers")) -> None:
+        """Exact and MinHash-LSH near dedup only (text unchanged)."""
+        from lmstack.data.verbs import dedup as run_dedup
+
+        _summary(run_dedup(inputs, out, text_field=text_field, threshold=threshold, num_perm=num_perm,
+                           near=not exact_only, workers=workers, overrides=ctx.args))
+
+    @data.command("stats")
+    def stats(inputs: List[str] = typer.Argument(...), text_field: str = typer.Option("text", "--text-field"),
+              max_docs: Optional[int] = typer.Option(None, "--max-docs")) -> None:
+        """Documents, characters, languages, length percentiles, PII and quality-rule counts (JSON)."""
+        from lmstack.data.verbs import stats as run_stats
+
+        typer.echo(json.dumps(run_stats(inputs, text_field=text_field, max_docs=max_docs), indent=2,
+                              ensure_ascii=False))
+
+    @data.command("tokenize")
+    def tokenize(inputs: List[str] = typer.Argument(...), tokenizer: str = typer.Option(..., "--tokenizer", "-t"),
+                 out: str = typer.Option(..., "--out", "-o"), text_field: str = typer.Option("text", "--text-field"),
+                 val_fraction: float = typer.Option(0.01, "--val-fraction"),
+                 val_documents: Optional[int] = typer.Option(None, "--val-documents"),
+                 shard_tokens: int = typer.Option(100_000_000, "--shard-tokens"),
+                 seed: int = typer.Option(0, "--seed")) -> None:
+        """Write token shards (uint16/uint32 .bin + index.json, EOS after each document, train/val split)."""
+        from lmstack.data.verbs import tokenize as run_tokenize
+
+        idx = run_tokenize(inputs, tokenizer, out, text_field=text_field, val_fraction=val_fraction,
+                           val_documents=val_documents, shard_tokens=shard_tokens, seed=seed)
+        sp = idx["splits"]
+        typer.echo(f"{out}: train {sp['train']['tokens']:,} tokens / {sp['train']['documents']:,} docs, "
+                   f"val {sp['val']['tokens']:,} tokens / {sp['val']['documents']:,} docs ({idx['dtype']})")
