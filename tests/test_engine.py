@@ -81,17 +81,17 @@ def test_n_greater_than_one_and_seeds(qwen2):
     path, _ = qwen2
     llm = load(path, device="cpu")
     prompt = list(range(3, 40))
-    out = llm.generate([prompt], n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)[0]
+    out = llm.generate([prompt], n=3, temperature=2.0, seed=7, max_tokens=8, ignore_eos=True)[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     texts = [tuple(c.token_ids) for c in out.outputs]
     assert len(set(texts)) > 1  # different completions
     assert llm.engine.stats()["prefix_cache_hits"] >= 2  # completions 1, 2 reuse completion 0's prompt blocks
     # same seed, same tokens, whatever else is in the batch
-    alone = llm.generate([prompt], temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)[0]
-    crowd = llm.generate([[9, 9, 9], prompt, list(range(50, 60))], temperature=1.0, seed=7, max_tokens=12,
+    alone = llm.generate([prompt], temperature=2.0, seed=7, max_tokens=8, ignore_eos=True)[0]
+    crowd = llm.generate([[9, 9, 9], prompt, list(range(50, 60))], temperature=2.0, seed=7, max_tokens=8,
                          ignore_eos=True)[1]
     assert alone.outputs[0].token_ids == crowd.outputs[0].token_ids == list(texts[0])
-    other = llm.generate([prompt], temperature=1.0, seed=8, max_tokens=8, ignore_eos=True)[0]
+    other = llm.generate([prompt], temperature=2.0, seed=8, max_tokens=8, ignore_eos=True)[0]
     assert other.outputs[0].token_ids != alone.outputs[0].token_ids
 
 
