@@ -238,3 +238,24 @@ def test_cli_train_and_errors(tmp_path, capsys):
                "--out", str(tmp_path / "o2")])
     assert rc == 2 and "missing.txt does not exist" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o2")
+
+
+def test_reads_all_formats_from_directory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = corpus(12)
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text(docs[0] + "\r\n" + docs[1], encoding="utf-8")  # one document, \r\n kept
+    jl = "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in docs[2:6]) + "\n{broken\n"
+    (d / "sub" / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jl.encode("utf-8")))
+    pq.write_table(pa.table({"text": docs[6:12], "id": list(range(6))}), d / "c.parquet")
+    (d / "weights.bin").write_bytes(bytes(range(256)) * 10)  # not text: skipped in a directory
+    tok = train_tokenizer([d], vocab_size=300, show_progress=False)
+    st = tok.train_stats
+    assert (st.files, st.documents, st.bad_records) == (3, 1 + 4 + 6, 1)
+    assert st.chars == len(docs[0] + "\r\n" + docs[1]) + sum(len(t) for t in docs[2:12])
+    with pytest.raises(LmstackError, match="no column 'body'"):
+        train_tokenizer([d / "c.parquet"], vocab_size=300, text_field="body")

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         tok = train_tokenizer([Path(p) for p in input], vocab_size=vocab_size, out_dir=out, special_tokens=special_token or None,
                               min_frequency=min_frequency, text_field=text_field)
         st = tok.train_stats
-        typer.echo(f"wrote {out}: vocab {tok.vocab_size}, {st.documents} documents, {st.bytes / 1e6:.1f} M chars, "
+        typer.echo(f"wrote {out}: vocab {tok.vocab_size}, {st.documents} documents, {st.chars / 1e6:.1f} M chars, "
                    f"{st.bad_records} malformed records skipped, sha256 {tok.sha256[:16]}")
 
     @tok_app.command("encode")

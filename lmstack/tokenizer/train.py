@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from lmstack.errors import DataError, LmstackError
 from lmstack.tokenizer.pretokenize import DEFAULT_SPECIAL_TOKENS, EOS, IM_END, IM_START, PAD, build_bpe_tokenizer
@@ -37,7 +37,7 @@ class ReadStats:
 
     files: int = 0
     documents: int = 0
-    bytes: int = 0
+    chars: int = 0
     bad_records: int = 0
     malformed: list[tuple[str, int, str]] = field(default_factory=list)
 
@@ -47,16 +47,32 @@ class ReadStats:
             self.malformed.append((str(path), line, reason))
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
-    if name.endswith(".zst"):
-        import zstandard
+class _Reader:
+    """Binary line reader over a plain, .gz or .zst file; ``pos`` = bytes of the file on disk consumed so far."""
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
-    return open(path, encoding="utf-8", errors="replace", newline="")
+    def __init__(self, path: Path):
+        self.raw = open(path, "rb")
+        name = path.name.lower()
+        if name.endswith(".gz"):
+            self.f = gzip.GzipFile(fileobj=self.raw)
+        elif name.endswith(".zst"):
+            import zstandard
+
+            self.f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(self.raw))
+        else:
+            self.f = self.raw
+
+    @property
+    def pos(self) -> int:
+        return self.raw.tell()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.f)
+
+    def close(self) -> None:
+        if self.f is not self.raw:
+            self.f.close()
+        self.raw.close()
 
 
 def _base_suffix(path: Path) -> str:
@@ -66,8 +82,9 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def iter_file_texts(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    """Yield the text of one file (see module docstring for formats)."""
+def iter_file_texts(path: Path, text_field: str, stats: ReadStats,
+                    advance: Callable[[int], None] = lambda n: None) -> Iterator[str]:
+    """Yield the text of one file (see module docstring for formats); ``advance(n)``: n more bytes on disk read."""
     suffix = _base_suffix(path)
     stats.files += 1
     if suffix == ".parquet":
@@ -77,16 +94,28 @@ def iter_file_texts(path: Path, text_field: str, stats: ReadStats) -> Iterator[s
         if text_field not in pf.schema_arrow.names:
             raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
                             "pass --text-field")
-        for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
-            for t in batch.column(0).to_pylist():
+        for g in range(pf.num_row_groups):
+            for t in pf.read_row_group(g, columns=[text_field]).column(0).to_pylist():
                 if isinstance(t, str):
                     stats.documents += 1
-                    stats.bytes += len(t)
+                    stats.chars += len(t)
                     yield t
+            advance(pf.metadata.row_group(g).total_byte_size)
         return
-    with _open_text(path) as f:
+    reader = _Reader(path)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        pos = reader.pos
+        if pos - done >= _CHUNK:
+            advance(pos - done)
+            done = pos
+
+    try:
         if suffix in (".jsonl", ".json", ".ndjson"):
-            for lineno, line in enumerate(f, 1):
+            for lineno, raw in enumerate(reader, 1):
+                line = raw.decode("utf-8", errors="replace")
                 if not line.strip():
                     continue
                 try:
@@ -99,37 +128,50 @@ def iter_file_texts(path: Path, text_field: str, stats: ReadStats) -> Iterator[s
                     stats.bad(path, lineno, f"no string field {text_field!r}")
                     continue
                 stats.documents += 1
-                stats.bytes += len(t)
+                stats.chars += len(t)
                 yield t
-        else:  # plain text: stream big files in ~1 MiB pieces cut at line ends
+                tick()
+        else:  # plain text: one document, streamed in ~1 MiB pieces cut at line ends
             stats.documents += 1
-            buf: list[str] = []
+            buf: list[bytes] = []
             size = 0
-            for line in f:
-                buf.append(line)
-                size += len(line)
+            for raw in reader:
+                buf.append(raw)
+                size += len(raw)
                 if size >= _CHUNK:
-                    stats.bytes += size
-                    yield "".join(buf)
+                    text = b"".join(buf).decode("utf-8", errors="replace")
+                    stats.chars += len(text)
+                    yield text
                     buf, size = [], 0
+                    tick()
             if buf:
-                stats.bytes += size
-                yield "".join(buf)
+                text = b"".join(buf).decode("utf-8", errors="replace")
+                stats.chars += len(text)
+                yield text
+        advance(reader.pos - done)
+    finally:
+        reader.close()
+
+
+TRAIN_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".json", ".ndjson", ".parquet"}
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files and directories (recursively, sorted) -> files. Missing paths raise one clear error."""
+    """Files and directories -> files. A directory contributes its text files (by suffix, recursively, sorted);
+    a file named explicitly is read whatever its suffix. Missing paths raise one clear error."""
     files: list[Path] = []
     for p in inputs:
         p = Path(p)
         if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")))
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")
+                                and _base_suffix(q) in TRAIN_SUFFIXES))
         elif p.is_file():
             files.append(p)
         else:
             raise DataError(f"input {p} does not exist")
     if not files:
-        raise DataError(f"no input files in {', '.join(map(str, inputs))}")
+        raise DataError(f"no input files in {', '.join(map(str, inputs))} "
+                        f"(directories are searched for {' '.join(sorted(TRAIN_SUFFIXES))}, optionally .gz/.zst)")
     return files
 
 
@@ -152,17 +194,17 @@ def _iter_inputs(inputs, text_field: str, stats: ReadStats, show_progress: bool)
             if not isinstance(t, str):
                 raise LmstackError(f"train_tokenizer: expected strings or file paths, got {type(t).__name__}")
             stats.documents += 1
-            stats.bytes += len(t)
+            stats.chars += len(t)
             yield t
         return
     files = expand_inputs(inputs)
     from lmstack.utils.progress import progress
 
+    total = sum(f.stat().st_size for f in files)
     with progress(disable=None if show_progress else True) as bar:
-        task = bar.add_task("reading", total=len(files))
+        task = bar.add_task(f"reading {len(files)} files (MB)", total=round(total / 1e6, 1))
         for path in files:
-            yield from iter_file_texts(path, text_field, stats)
-            bar.advance(task)
+            yield from iter_file_texts(path, text_field, stats, lambda n: bar.advance(task, n / 1e6))
 
 
 def default_tokenizer_config(special_tokens: Sequence[str], chat_template: str | None, model_max_length: int,
