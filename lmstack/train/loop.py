@@ -239,7 +239,9 @@ def fit(
                     state.best_val_loss = vl if state.best_val_loss is None else min(state.best_val_loss, vl)
                     logger.log({"step": state.step, "val_loss": vl, "val_ppl": _ppl(vl)})
                     logger.plot()
-            if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or interrupted:
+            # no periodic checkpoint inside a run of bad steps: the newest one stays the last good state
+            due = cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and state.consecutive_bad == 0
+            if due or interrupted:
                 state.elapsed_s = elapsed0 + time.perf_counter() - t_start
                 last_ckpt = ckpt.save(run_dir, state, model, optimizer, train_data, info, writer,
                                       run_config or cfg, cfg.keep_last)
