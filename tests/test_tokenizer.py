@@ -136,6 +136,15 @@ def test_sha256_and_save_roundtrip(trained, tmp_path):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_pickle_and_file_path(trained):
+    import pickle
+
+    tok, out = trained
+    again = pickle.loads(pickle.dumps(tok))  # DataLoader workers under spawn pickle the tokenizer
+    assert again.encode(CHINESE[1]) == tok.encode(CHINESE[1]) and again.sha256 == tok.sha256
+    assert Tokenizer.from_dir(out / "tokenizer.json").sha256 == tok.sha256
+
+
 def test_eos_token_ids_and_batch(trained):
     tok, _ = trained
     assert tok.eos_token_ids == [0, 3]  # <|endoftext|>, <|im_end|>

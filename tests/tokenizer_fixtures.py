@@ -4,7 +4,8 @@ Llama 3, Qwen2 / Qwen2.5 and Mistral layouts with their REAL public chat templat
 The templates below are copied verbatim from the models' ``tokenizer_config.json`` on the Hugging Face Hub
 (meta-llama/Meta-Llama-3-8B-Instruct, Qwen/Qwen2-7B-Instruct, Qwen/Qwen2.5-7B-Instruct,
 mistralai/Mistral-7B-Instruct-v0.2 == Mixtral-8x7B-Instruct-v0.1). The vocabularies are tiny BPEs trained here
-(no hub access), but with each model's special tokens, post-processor and decoder style.
+(no hub access), but with each model's special tokens, post-processor, decoder style and tokenizer_class
+(so transformers picks the same class, Qwen2Tokenizer / LlamaTokenizer, as for the real directories).
 
 The ``*_TAGGED`` variants are hand-edited copies that wrap the assistant turn in ``{% generation %}``; they
 render the same text (checked) and let transformers' own ``return_assistant_tokens_mask`` serve as the
@@ -217,7 +218,7 @@ def write_qwen2_dir(path: Path, texts: list[str], template: str = QWEN2_TEMPLATE
     for t in ("<tool_call>", "</tool_call>"):
         added[str(tok.token_to_id(t))] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                           "single_word": False, "special": False}
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+    cfg = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
            "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False, "model_max_length": 32768,
            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "added_tokens_decoder": added,
            "chat_template": template}
@@ -255,7 +256,7 @@ def write_mistral_dir(path: Path, texts: list[str]) -> Path:
                                                        special_tokens=[("<s>", bos)])
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
            "unk_token": "<unk>", "clean_up_tokenization_spaces": False, "legacy": False, "model_max_length": 32768,
            "added_tokens_decoder": _added(specials, tok), "chat_template": MISTRAL_TEMPLATE}
     (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))

@@ -70,6 +70,8 @@ class Tokenizer:
         from tokenizers import Tokenizer as _Backend
 
         path = Path(path)
+        if path.is_file() and path.name in ("tokenizer.json", "tokenizer_config.json"):
+            path = path.parent  # a file inside the directory was given
         if not path.is_dir():
             raise LmstackError(f"tokenizer directory {path} does not exist")
         tj = path / "tokenizer.json"
