@@ -37,6 +37,22 @@ def tiny_model_dir(path: str | Path, seed: int = 0, max_position_embeddings: int
     return path
 
 
+_SHARED: dict[str, Path] = {}
+
+
+def shared_model_dir() -> Path:
+    """One tiny model directory per test process (the server, lifecycle and web-chat tests share it)."""
+    if "dir" not in _SHARED:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="lmstack_serve_"))
+        atexit.register(shutil.rmtree, root, True)
+        _SHARED["dir"] = tiny_model_dir(root / "tiny")
+    return _SHARED["dir"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

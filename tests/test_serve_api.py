@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from tests.serve_fixtures import LiveServer, tiny_model_dir
+from tests.serve_fixtures import LiveServer, shared_model_dir
 
 torch.set_num_threads(2)
 KEY = "sk-test-key"
@@ -22,8 +22,8 @@ MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("serve_model"))
+def model_dir():
+    return shared_model_dir()
 
 
 @pytest.fixture(scope="module")

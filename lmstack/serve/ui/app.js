@@ -97,13 +97,23 @@
     if (key) headers["Authorization"] = "Bearer " + key;
     var stopped = false, failed = null;
     try {
+      var req = requestBody();
       var resp = await fetch("/v1/chat/completions", {
-        method: "POST", headers: headers, body: JSON.stringify(requestBody()), signal: controller.signal,
+        method: "POST", headers: headers, body: JSON.stringify(req), signal: controller.signal,
       });
+      var payload = null;
       if (!resp.ok) {
-        var payload = null;
         try { payload = await resp.json(); } catch (e) { payload = null; }
-        throw new Error(errorText(resp.status, payload));
+        if (resp.status === 400 && payload && payload.error && payload.error.param === "max_tokens" &&
+            req.max_tokens !== undefined) {
+          // The conversation grew: let the reply use whatever context is left instead of failing.
+          delete req.max_tokens;
+          resp = await fetch("/v1/chat/completions", {
+            method: "POST", headers: headers, body: JSON.stringify(req), signal: controller.signal,
+          });
+          if (!resp.ok) { try { payload = await resp.json(); } catch (e) { payload = null; } }
+        }
+        if (!resp.ok) throw new Error(errorText(resp.status, payload));
       }
       var reader = resp.body.getReader(), decoder = new TextDecoder(), buf = "";
       outer: while (true) {
