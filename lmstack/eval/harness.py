@@ -30,6 +30,10 @@ class LmstackLM(LM):
         super().__init__()
         from lmstack.eval.lm import EvalLM
 
+        import torch
+
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval's CLI defaults to cuda:0; fall back like its hf backend does
         kw = {"batch_tokens": int(batch_tokens)}
         if max_length:
             kw["max_length"] = int(max_length)
