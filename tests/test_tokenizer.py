@@ -268,3 +268,16 @@ def test_reads_all_formats_from_directory(tmp_path):
     assert st.chars == len(docs[0] + "\r\n" + docs[1]) + sum(len(t) for t in docs[2:12])
     with pytest.raises(LmstackError, match="no column 'body'"):
         train_tokenizer([d / "c.parquet"], vocab_size=300, text_field="body")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(list("ab 好😀\n") + ["👍🏽", "中文", "<|im_end|>", "<|endoftext|>", "  "]),
+                max_size=20).map("".join))
+def test_stream_decoder_property(trained, text):
+    """Deltas add up to the full decode, and never contain a replacement character."""
+    tok, _ = trained
+    ids = tok.encode(text)
+    for skip in (True, False):
+        deltas = _stream(tok, ids, skip)
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
+        assert not any("\ufffd" in d for d in deltas)

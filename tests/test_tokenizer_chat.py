@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmstack.errors import LmstackError
 from lmstack.tokenizer import Tokenizer, assistant_loss_mask, train_tokenizer
@@ -267,3 +269,36 @@ def test_sanitize_control_tokens_matches_transformers(family, family_dirs, lmsta
     assert "\U000f0000" not in enc.text and tok.decode(enc.input_ids) == hf.decode(ref)
     end = {"llama3": "<|eot_id|>", "mistral": "</s>"}.get(family, "<|im_end|>")
     assert _masked_runs(tok, enc)[-1].strip() == "No <|im_end|> ok</s>" + end
+
+
+_text = st.lists(st.sampled_from(list("ab 中文😀\n\t.!") + ["  ", "<|im_end|>", "</s>"]), max_size=8).map("".join)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=st.lists(st.tuples(_text, _text), min_size=1, max_size=3), system=st.none() | _text,
+       family=st.sampled_from(["llama3", "qwen2", "mistral"]))
+def test_mask_property_vs_transformers_tagged_twin(family_dirs, hf_cache, turns, system, family):
+    """Random contents (unicode, whitespace runs, empty strings, control-token text): lmstack's mask on the
+    real template == transformers' mask on its {% generation %}-tagged twin."""
+    conv = [] if system is None or family == "mistral" else [{"role": "system", "content": system}]
+    for u, a in turns:
+        conv += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    tok, hf = hf_cache(family_dirs[family])
+    tagged = FAMILIES[family][1]
+    ref = hf.apply_chat_template(conv, chat_template=tagged, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    enc = tok.render_chat(conv)
+    assert enc.input_ids == ref["input_ids"]
+    assert enc.loss_mask == ref["assistant_masks"]
+
+
+@pytest.fixture(scope="module")
+def hf_cache():
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            cache[path] = (Tokenizer.from_dir(path), _hf(path))
+        return cache[path]
+
+    return get
