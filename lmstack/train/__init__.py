@@ -9,13 +9,7 @@ from lmstack.train.config import DataSection, ModelSection, PretrainConfig, Trai
 from lmstack.train.loop import BatchSource, FitResult, LossOutput, TrainingDiverged, evaluate, fit
 from lmstack.train.losses import causal_lm_loss
 from lmstack.train.metrics import MetricsLogger
-
-
-def pretrain(cfg: PretrainConfig) -> FitResult:
-    """Pretrain (or continue pretraining) per ``cfg``; see :mod:`lmstack.train.pretrain`."""
-    from lmstack.train.pretrain import pretrain as _pretrain
-
-    return _pretrain(cfg)
+from lmstack.train.pretraining import pretrain
 
 
 __all__ = [
