@@ -35,7 +35,7 @@ def run_recipe(recipe: Recipe | str | Path, overrides: list[str] | tuple[str, ..
     if console is not None:
         print_summary(result, console)
         console.print(f"report: [bold]{report}[/bold]")
-        if only is None or only == recipe.stages[-1]:
+        if {"pretrain", "finetune"} & {s.name for s in result.stages} or recipe.model:
             console.print("\n[bold]Talk to it:[/bold]")
             for cmd in next_commands(result):
                 console.print(f"  {cmd}", highlight=False, markup=False)

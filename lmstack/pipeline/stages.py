@@ -124,6 +124,22 @@ def _pipeline_outputs(out: Path, report: dict[str, Any]) -> list[Path]:
     return files
 
 
+HELDOUT_CHUNK = 2000  # held-out documents are cut into pieces of this many characters for perplexity
+
+
+def _split_heldout(docs: list[dict[str, Any]], seed: int, fraction: float) -> tuple[list[dict], list[dict]]:
+    """(training documents, held-out chunks): a seeded hash of each document's id picks the held-out ones
+    (at least one when fraction > 0 and there are two or more); held-out documents are cut into chunks."""
+    keys = [str(d.get("id") or d.get("source") or i) for i, d in enumerate(docs)]
+    picked = {i for i, k in enumerate(keys) if _heldout(k, seed, fraction)}
+    if not picked and fraction > 0 and len(docs) > 1:
+        picked = {min(range(len(docs)), key=lambda i: hashlib.blake2b(f"{seed}:{keys[i]}".encode()).digest())}
+    train = [d for i, d in enumerate(docs) if i not in picked]
+    held = [{"text": docs[i]["text"][k:k + HELDOUT_CHUNK], "id": f"{keys[i]}@{k}"}
+            for i in sorted(picked) for k in range(0, len(docs[i]["text"]), HELDOUT_CHUNK)]
+    return train, held
+
+
 def _read_inputs(ctx: StageContext, patterns: list[str]) -> list[dict[str, Any]]:
     """User text files as documents, read by lmstack.data's readers (bad records counted, not fatal)."""
     from lmstack.data.readers import ReadStats, expand_inputs, iter_file
@@ -155,10 +171,7 @@ def run_data(ctx: StageContext) -> dict[str, Any]:
         kept, report = _clean_general(ctx, raw, out / "clean")
     else:
         kept = docs + _read_inputs(ctx, r.general.inputs)
-    train, held = [], []
-    for i, d in enumerate(kept):
-        key = str(d.get("source") or d.get("id") or i)
-        (held if _heldout(key, seed, r.general.heldout_fraction) else train).append(d)
+    train, held = _split_heldout(kept, seed, r.general.heldout_fraction)
     write_jsonl(out / "general_train.jsonl", train)
     write_jsonl(out / "heldout_text.jsonl", held)
 
@@ -171,7 +184,7 @@ def run_data(ctx: StageContext) -> dict[str, Any]:
     return {
         "general_documents_in": len(docs), "general_chars_in": sum(len(d["text"]) for d in docs),
         "general_documents_kept": len(kept), "general_chars_kept": sum(len(d.get("text", "")) for d in kept),
-        "general_train_documents": len(train), "heldout_text_documents": len(held),
+        "general_train_documents": len(train), "heldout_text_chunks": len(held),
         "shop_pages": len(pages), "sft_examples": len(sup["train"]), "heldout_questions": len(sup["heldout"]),
         "data_report": _report_path(out / "clean"),
         "steps": _step_table(report),

@@ -63,15 +63,20 @@ def _docstrings(tree: ast.AST) -> list[str]:
     return out
 
 
-def module_documents(root: Path | None = None) -> Iterator[tuple[dict[str, Any] | None, dict[str, Any]]]:
-    """(docstring document or None, code document) per stdlib file."""
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def docstring_documents(root: Path | None = None) -> Iterator[dict[str, Any]]:
+    """One prose document per stdlib module: its module, class and function docstrings (lazy: parses on demand)."""
     root = root or stdlib_dir()
     for path in iter_stdlib_files(root):
-        try:
-            src = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+        src = _read(path)
+        if src is None:
             continue
-        rel = str(path.relative_to(root))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -79,33 +84,41 @@ def module_documents(root: Path | None = None) -> Iterator[tuple[dict[str, Any] 
             except (SyntaxError, ValueError):
                 continue
         docs = _docstrings(tree)
-        doc = ({"text": "\n\n".join(docs), "source": f"stdlib:{rel}#docstrings", "kind": "docstring", "license": LICENSE}
-               if docs else None)
-        yield doc, {"text": src, "source": f"stdlib:{rel}", "kind": "code", "license": LICENSE}
+        if docs:
+            yield {"text": "\n\n".join(docs), "source": f"stdlib:{path.relative_to(root)}#docstrings",
+                   "kind": "docstring", "license": LICENSE}
+
+
+def code_documents(root: Path | None = None) -> Iterator[dict[str, Any]]:
+    root = root or stdlib_dir()
+    for path in iter_stdlib_files(root):
+        src = _read(path)
+        if src and src.strip():
+            yield {"text": src, "source": f"stdlib:{path.relative_to(root)}", "kind": "code", "license": LICENSE}
 
 
 def stdlib_corpus(max_chars: int = 4_000_000, share: dict[str, float] | None = None,
                   root: Path | None = None) -> list[dict[str, Any]]:
     """Documents up to ``max_chars`` in total: ``share`` of the budget per kind (default: 15% topics,
-    35% docstrings, the rest code); unused budget of one kind passes to the next."""
+    35% docstrings, the rest code); budget a kind leaves unused passes to the next one."""
     share = share or {"topic": 0.15, "docstring": 0.35, "code": 0.50}
     out: list[dict[str, Any]] = []
     used = 0
 
-    def take(docs: Iterator[dict[str, Any]], budget: int) -> int:
+    def take(docs: Iterator[dict[str, Any]], budget: int) -> None:
         nonlocal used
         spent = 0
         for d in docs:
+            if budget - spent < 200:
+                break  # full: stop reading (and parsing) files
             n = len(d["text"])
-            if spent + n > budget or used + n > max_chars:
-                continue  # skip this one; a smaller document may still fit
+            if spent + n > budget:
+                continue  # too big for what is left; a smaller document may still fit
             out.append(d)
             spent += n
             used += n
-        return spent
 
     take(topic_documents(), int(max_chars * share.get("topic", 0)))
-    pairs = list(module_documents(root))
-    take((d for d, _ in pairs if d is not None), int(max_chars * (share.get("topic", 0) + share.get("docstring", 0))) - used)
-    take((c for _, c in pairs), max_chars - used)
+    take(docstring_documents(root), int(max_chars * (share.get("topic", 0) + share.get("docstring", 0))) - used)
+    take(code_documents(root), max_chars - used)
     return out

@@ -1,0 +1,230 @@
+"""Pipeline runner semantics (fake stages: skip, invalidate downstream, --from, --only, resume, lock) and the
+shipped support data (held-out questions never seen in training, determinism, bad-input messages)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmstack.errors import ConfigError, DataError, LmstackError
+from lmstack.pipeline.recipe import Recipe, load_recipe
+from lmstack.pipeline.runner import Stage, StageInterrupted, run_stages
+
+
+# ------------------------------------------------------------------------------------------ fake stages
+def _registry(calls: list[tuple[str, bool]], fail: dict[str, BaseException] | None = None) -> dict[str, Stage]:
+    """Five stages that record (name, resume) and write one output file each."""
+    fail = fail if fail is not None else {}
+
+    def make(name: str, deps: list[str]) -> Stage:
+        def run(ctx):
+            calls.append((name, ctx.resume))
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            (ctx.out_dir / "partial").write_text("x")
+            if name in fail:
+                raise fail.pop(name)
+            (ctx.out_dir / "out.txt").write_text(name)
+            return {"upstream": sorted(ctx.summaries), "value": getattr(ctx.recipe, name).model_dump(mode="json")}
+
+        return Stage(name, run, deps=lambda r, d=deps: [x for x in d if x in r.stages],
+                     config=lambda r, n=name: getattr(r, n).model_dump(mode="json"),
+                     outputs=lambda c: [c.out_dir / "out.txt"])
+
+    return {"data": make("data", []), "tokenizer": make("tokenizer", ["data"]),
+            "pretrain": make("pretrain", ["tokenizer"]), "finetune": make("finetune", ["data", "pretrain"]),
+            "eval": make("eval", ["finetune"])}
+
+
+def _recipe(tmp_path: Path, **kw) -> Recipe:
+    return Recipe(name="t", run_dir=str(tmp_path / "run"), **kw)
+
+
+def test_runs_then_skips_then_reruns_only_what_changed(tmp_path):
+    calls: list = []
+    reg = _registry(calls)
+    res = run_stages(_recipe(tmp_path), reg)
+    assert [c[0] for c in calls] == ["data", "tokenizer", "pretrain", "finetune", "eval"]
+    assert [s.status for s in res.stages] == ["ran"] * 5
+    assert res.summary("finetune")["upstream"] == ["data", "pretrain", "tokenizer"]
+    state = json.loads((tmp_path / "run/state/pretrain.json").read_text())
+    assert state["status"] == "done" and len(state["fingerprint"]) == 64
+
+    calls.clear()
+    res = run_stages(_recipe(tmp_path), reg)
+    assert calls == [] and [s.status for s in res.stages] == ["skipped"] * 5
+    assert res.summary("eval")["upstream"] == ["data", "finetune", "pretrain", "tokenizer"]  # reused summaries
+
+    # a pretrain config change reruns pretrain and everything downstream of it, not data/tokenizer
+    calls.clear()
+    changed = _recipe(tmp_path, pretrain={"train": {"steps": 7}})
+    res = run_stages(changed, reg)
+    assert [c[0] for c in calls] == ["pretrain", "finetune", "eval"]
+    assert res.summary("pretrain")["value"]["train"] == {"steps": 7}
+
+    # a missing output makes a stage rerun even with the same fingerprint
+    calls.clear()
+    (tmp_path / "run/tokenizer/out.txt").unlink()
+    run_stages(changed, reg)
+    assert [c[0] for c in calls] == ["tokenizer"]
+
+
+def test_from_and_only(tmp_path):
+    calls: list = []
+    reg = _registry(calls)
+    recipe = _recipe(tmp_path)
+    with pytest.raises(LmstackError, match="has not completed"):
+        run_stages(recipe, reg, only="pretrain")  # nothing done yet
+    run_stages(recipe, reg)
+    calls.clear()
+    run_stages(recipe, reg, from_stage="finetune")
+    assert [c[0] for c in calls] == ["finetune", "eval"]
+    calls.clear()
+    res = run_stages(recipe, reg, only="tokenizer")
+    assert [c[0] for c in calls] == ["tokenizer"]
+    assert [(s.name, s.status) for s in res.stages] == [("data", "skipped"), ("tokenizer", "ran")]
+    with pytest.raises(ConfigError, match="not a stage of this recipe"):
+        run_stages(recipe, reg, from_stage="quantize")
+    with pytest.raises(ConfigError, match="either --from or --only"):
+        run_stages(recipe, reg, from_stage="data", only="eval")
+
+
+def test_interrupted_stage_resumes_and_failed_stage_is_not_marked_done(tmp_path):
+    calls: list = []
+    reg = _registry(calls, fail={"pretrain": KeyboardInterrupt()})
+    recipe = _recipe(tmp_path)
+    with pytest.raises(StageInterrupted, match="run the same command again to resume"):
+        run_stages(recipe, reg)
+    assert json.loads((tmp_path / "run/state/pretrain.json").read_text())["status"] == "running"
+    assert not (tmp_path / "run/state/finetune.json").exists()
+    calls.clear()
+    res = run_stages(recipe, reg)
+    # finished stages skipped; the interrupted one reruns with resume=True and keeps its partial output
+    assert calls == [("pretrain", True), ("finetune", False), ("eval", False)]
+    assert [s.status for s in res.stages] == ["skipped", "skipped", "resumed", "ran", "ran"]
+
+    # an interrupted stage whose config then changed starts over (resume=False, directory cleared)
+    reg = _registry(calls, fail={"finetune": RuntimeError("boom")})
+    with pytest.raises(RuntimeError):
+        run_stages(_recipe(tmp_path, finetune={"method": "full"}), reg)
+    calls.clear()
+    run_stages(_recipe(tmp_path, finetune={"method": "lora"}), reg)
+    assert calls[0] == ("finetune", False)
+
+
+def test_run_dir_lock(tmp_path):
+    recipe = _recipe(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(str(os.getpid()))  # a live process holds it
+    with pytest.raises(LmstackError, match="in use by another lmstack run"):
+        run_stages(recipe, _registry([]))
+    (run / ".lock").write_text("999999999")  # stale: no such process
+    run_stages(recipe, _registry([]))
+    assert not (run / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+def test_recipe_validation_errors(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"name": "x", "stages": ["tokenizer", "data"]}))
+    with pytest.raises(ConfigError, match="must follow the order"):
+        load_recipe(p)
+    p.write_text(yaml.safe_dump({"name": "x", "pretrain": {"trian": {}}}))
+    with pytest.raises(ConfigError, match="pretrain.trian"):
+        load_recipe(p)
+    p.write_text(yaml.safe_dump({"name": "x", "stages": ["data", "finetune"]}))
+    with pytest.raises(ConfigError, match="need a base model"):
+        load_recipe(p)
+    with pytest.raises(ConfigError, match="r.yaml"):
+        load_recipe(p, ["eval.max_tokens=0"])
+
+
+@pytest.mark.parametrize("path", sorted(Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else [])
+def test_shipped_recipes_validate(path, monkeypatch, tmp_path):
+    """Every shipped recipe parses, and its sections pass the libraries' own configs (preflight)."""
+    from lmstack.pipeline.stages import preflight
+
+    recipe = load_recipe(path)
+    if recipe.model is not None:  # real-checkpoint recipes: point at a stand-in directory
+        (tmp_path / "config.json").write_text("{}")
+        recipe.model = str(tmp_path)
+    if "pipeline" in str(path) or recipe.stages:
+        preflight(recipe)
+
+
+# ------------------------------------------------------------------------------------------ support data
+def test_knowledge_base_and_heldout_split_never_leak():
+    from lmstack.apps.support import build_support_data, kb_documents, load_kb, qa_items
+
+    kb = load_kb()
+    assert 40 <= len(kb.faqs) <= 80 and len(kb.products) == 30
+    assert {"shipping", "returns", "warranty", "payment"} <= set(kb.policies)
+    assert all(set(v) == {"en", "zh"} for v in kb.policies.values())
+    data = build_support_data(kb, seed=3)
+    train_user = {m["content"] for r in data["train"] for m in r["messages"] if m["role"] == "user"}
+    pages = "\n".join(d["text"] for d in kb_documents(kb))
+    held = data["heldout"]
+    assert len(held) == len(qa_items(kb)) == 2 * len(kb.faqs) + 2 * 5 * len(kb.products)
+    for row in held:
+        assert row["question"] not in train_user, row["question"]
+        assert row["question"] not in pages, row["question"]
+        assert row["messages"][-1] == {"role": "user", "content": row["question"]}
+    assert {r["lang"] for r in held} == {"en", "zh"}
+    assert any(re.search(r"[\u4e00-\u9fff]", q) for q in train_user)
+    # every held-out fact is taught in training under other wordings
+    answers = {m["content"] for r in data["train"] for m in r["messages"] if m["role"] == "assistant"}
+    assert all(r["answer"] in answers for r in held)
+    # deterministic per seed, different across seeds
+    assert build_support_data(kb, seed=3) == data
+    assert build_support_data(kb, seed=4)["train"] != data["train"]
+
+
+def test_sample_heldout_is_balanced_and_deterministic():
+    from lmstack.apps.support import build_support_data, load_kb, sample_heldout
+
+    rows = build_support_data(load_kb())["heldout"]
+    a = sample_heldout(rows, 40, seed=1)
+    assert a == sample_heldout(rows, 40, seed=1) and len(a) == 40 and len({r["id"] for r in a}) == 40
+    kinds = {(r["lang"], r["topic"].startswith("product")) for r in a}
+    assert kinds == {("en", True), ("en", False), ("zh", True), ("zh", False)}
+    assert sample_heldout(rows, None) == rows
+
+
+def test_malformed_knowledge_base_names_file_and_entry(tmp_path):
+    import shutil
+
+    from lmstack.apps.support import default_kb_dir, load_kb
+
+    kb = tmp_path / "shop"
+    shutil.copytree(default_kb_dir(), kb)
+    faq = yaml.safe_load((kb / "faq.yaml").read_text(encoding="utf-8"))
+    faq[2]["zh"]["q"] = ["only one"]
+    (kb / "faq.yaml").write_text(yaml.safe_dump(faq, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(DataError, match=r"faq\.yaml: entry 3 \(ship-express\): field zh\.q"):
+        load_kb(kb)
+    shutil.copy(default_kb_dir() / "faq.yaml", kb / "faq.yaml")
+    prods = yaml.safe_load((kb / "products.yaml").read_text(encoding="utf-8"))
+    prods[4]["price"] = "cheap"
+    (kb / "products.yaml").write_text(yaml.safe_dump(prods, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(DataError, match=r"products\.yaml: entry 5 \(LH-K05\): field 'price'"):
+        load_kb(kb)
+    (kb / "products.yaml").write_text("- [unclosed\n")
+    with pytest.raises(DataError, match=r"products\.yaml:\d+: invalid YAML"):
+        load_kb(kb)
+
+
+def test_stdlib_corpus_cap_kinds_and_determinism():
+    from lmstack.pipeline.stdlib_corpus import stdlib_corpus
+
+    a = stdlib_corpus(300_000)
+    total = sum(len(d["text"]) for d in a)
+    assert 250_000 < total <= 300_000
+    assert {d["kind"] for d in a} == {"topic", "docstring", "code"}
+    assert all(d["license"] == "PSF-2.0" for d in a)
+    assert not any("/test/" in d["source"] or "test_" in d["source"].rsplit("/", 1)[-1] for d in a)
+    assert stdlib_corpus(300_000) == a

@@ -1,0 +1,143 @@
+"""The quickstart recipe end to end at a reduced size, through the real libraries:
+each stage's outputs, a hard kill during pretraining and the resume, then skip-when-unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+
+# The quickstart shrunk to seconds: a 2-layer 64-wide model, a 60 KB general corpus, a 400-token vocabulary.
+SMALL = [
+    "data.general.max_chars=60000", "data.general.heldout_fraction=0.1", "data.shop.dialogues=10",
+    "data.clean.workers=1",
+    "tokenizer.vocab_size=400", "tokenizer.domain_repeat=1", "tokenizer.val_fraction=0.1",
+    "pretrain.model.overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+    "num_attention_heads: 4, num_key_value_heads: 2}",
+    "pretrain.data.seq_len=64", "pretrain.data.batch_size=4",
+    "pretrain.train.steps=16", "pretrain.train.warmup_steps=2", "pretrain.train.ckpt_every=4",
+    "pretrain.train.eval_every=8", "pretrain.train.eval_batches=2", "pretrain.train.log_every=2",
+    "finetune.config.data.max_len=128", "finetune.config.data.batch_size=2",
+    "finetune.config.train.steps=4", "finetune.config.train.warmup_steps=1", "finetune.config.train.eval_every=2",
+    "finetune.config.train.ckpt_every=2", "finetune.config.train.eval_batches=1",
+    "eval.heldout_limit=4", "eval.max_tokens=6", "eval.ppl_limit=2", "eval.ppl_max_length=64",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, LMSTACK_NO_PROGRESS="1", OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    return env
+
+
+def _kill_when_checkpointed(cmd: list[str], ckpt_root: Path, timeout: float = 150.0) -> int:
+    """Start ``cmd``; SIGKILL it as soon as a pretraining checkpoint exists; return that checkpoint's step."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < timeout:
+            done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir()) if ckpt_root.is_dir() else []
+            if done:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return int(done[0].name.split("_")[1])
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace")
+                pytest.fail(f"the run ended (rc {proc.returncode}) before a pretraining checkpoint:\n{out[-3000:]}")
+            time.sleep(0.02)
+        pytest.fail("no pretraining checkpoint within the timeout")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+    return -1
+
+
+def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatch):
+    import lmstack.train
+    from lmstack.pipeline import load_recipe, run_recipe
+
+    run_dir = tmp_path / "run"
+    overrides = SMALL + [f"run_dir={run_dir}"]
+
+    # 1) a run killed hard (SIGKILL) during pretraining, after its first checkpoint
+    cmd = [sys.executable, "-m", "lmstack.cli", "run", str(QUICKSTART), "--no-progress"] + [f"--{o}" for o in overrides]
+    step = _kill_when_checkpointed(cmd, run_dir / "pretrain" / "checkpoints")
+    assert step >= 4
+    assert json.loads((run_dir / "state/data.json").read_text())["status"] == "done"
+    assert json.loads((run_dir / "state/pretrain.json").read_text())["status"] == "running"
+    assert not (run_dir / "pretrain/final").exists()
+
+    # 2) the same command again: data and tokenizer are skipped, pretraining resumes from its checkpoint
+    seen = []
+    real = lmstack.train.pretrain
+
+    def spy(cfg):
+        seen.append(cfg.train.resume)
+        return real(cfg)
+
+    monkeypatch.setattr(lmstack.train, "pretrain", spy)
+    res = run_recipe(load_recipe(QUICKSTART, overrides), show_progress=False)
+    assert [(s.name, s.status) for s in res.stages] == [
+        ("data", "skipped"), ("tokenizer", "skipped"), ("pretrain", "resumed"), ("finetune", "ran"), ("eval", "ran")]
+    assert seen == ["auto"]
+    steps = [r["step"] for r in map(json.loads, (run_dir / "pretrain/metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # one uninterrupted-looking curve, to the end
+
+    # 3) every stage's outputs
+    data = run_dir / "data"
+    for name in ("general_train.jsonl", "heldout_text.jsonl", "shop_kb.jsonl", "sft_train.jsonl", "heldout_qa.jsonl"):
+        assert (data / name).stat().st_size > 0, name
+    assert (data / "clean" / "report.json").is_file()
+    d = res.summary("data")
+    assert 0 < d["general_documents_kept"] <= d["general_documents_in"] and d["shop_pages"] == 88
+    idx = json.loads((run_dir / "tokenizer/shards/index.json").read_text())
+    assert idx["vocab_size"] == 400 and idx["splits"]["train"]["tokens"] > 0
+    from lmstack.tokenizer import Tokenizer
+
+    assert Tokenizer.from_dir(run_dir / "tokenizer/tokenizer").sha256 == idx["tokenizer_sha256"]
+    for stage in ("pretrain", "finetune"):
+        assert (run_dir / stage / "final" / "config.json").is_file()
+        assert (run_dir / stage / "final" / "tokenizer.json").is_file()
+        assert (run_dir / stage / "loss.png").is_file()
+    assert res.summary("pretrain")["parameters"] > 0 and res.summary("pretrain")["steps"] == 16
+    ev = res.summary("eval")
+    for who in ("base", "finetuned"):
+        results = json.loads((run_dir / "eval" / who / "results.json").read_text())
+        assert set(results["tasks"]) == {"support_heldout", "heldout_text_ppl"}
+        assert results["tasks"]["support_heldout"]["n"] == 4
+        assert 0.0 <= ev[who]["support_heldout"]["rougeL"] <= 1.0
+        assert ev[who]["heldout_text_ppl"]["perplexity"] > 1.0
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 2 and "support_heldout" in html and "lmstack chat" in html
+
+    # 4) unchanged: everything is skipped; a changed eval setting reruns eval only
+    monkeypatch.setattr(lmstack.train, "pretrain", real)
+    res = run_recipe(load_recipe(QUICKSTART, overrides), show_progress=False)
+    assert [s.status for s in res.stages] == ["skipped"] * 5
+    res = run_recipe(load_recipe(QUICKSTART, overrides + ["eval.heldout_limit=2"]), show_progress=False)
+    assert [s.status for s in res.stages] == ["skipped"] * 4 + ["ran"]
+    assert json.loads((run_dir / "eval/finetuned/results.json").read_text())["tasks"]["support_heldout"]["n"] == 2
+
+
+def test_cli_bad_recipe_is_one_line_error(tmp_path, capsys):
+    from lmstack.cli import main
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: x\nstages: [data, pretrain]\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmstack: ") and "tokenizer stage" in err and "\n" not in err
+    assert main(["run", str(QUICKSTART), "--pretrain.train.stepz=3"]) == 2
+    assert "pretrain: invalid config: train.stepz" in capsys.readouterr().err
