@@ -281,3 +281,33 @@ def test_stream_decoder_property(trained, text):
         deltas = _stream(tok, ids, skip)
         assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
         assert not any("\ufffd" in d for d in deltas)
+
+
+def test_sample_rate_and_max_chars(tmp_path):
+    docs = corpus(40)
+    full = train_tokenizer(docs, vocab_size=300, show_progress=False)
+    capped = train_tokenizer(docs, vocab_size=300, max_chars=1000, show_progress=False)
+    assert full.train_stats.trained_chars == sum(map(len, docs))
+    assert capped.train_stats.trained_chars == 1000
+    half = train_tokenizer(docs, vocab_size=300, sample_rate=0.5, seed=1, show_progress=False)
+    assert 0 < half.train_stats.trained_chars < full.train_stats.trained_chars
+    again = train_tokenizer(docs, vocab_size=300, sample_rate=0.5, seed=1, show_progress=False)
+    assert again.sha256 == half.sha256  # seeded
+    with pytest.raises(LmstackError, match="sample_rate"):
+        train_tokenizer(docs, vocab_size=300, sample_rate=0.0)
+
+
+def test_stats_against_transformers_counts(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lmstack.tokenizer.stats import tokenizer_stats
+
+    tok, out = trained
+    docs = [*ENGLISH, *CHINESE, ROUNDTRIP_CASES["emoji"]]
+    (tmp_path / "e.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs) + "\nbad\n")
+    (row,) = tokenizer_stats([tok], [tmp_path / "e.jsonl"], show_progress=False)
+    hf = AutoTokenizer.from_pretrained(out)
+    n_tokens = sum(len(hf.encode(t, add_special_tokens=False)) for t in docs)
+    n_bytes = sum(len(t.encode("utf-8")) for t in docs)
+    assert (row["documents"], row["tokens"], row["bytes"], row["bad_records"]) == (len(docs), n_tokens, n_bytes, 1)
+    assert row["bytes_per_token"] == pytest.approx(n_bytes / n_tokens)

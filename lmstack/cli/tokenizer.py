@@ -22,17 +22,48 @@ def register(app: typer.Typer) -> None:
         text_field: str = typer.Option("text", "--text-field", help="JSONL/Parquet field holding the text."),
         special_token: Optional[List[str]] = typer.Option(None, "--special-token",
                                                           help="Replace the default special tokens (repeat)."),
+        sample_rate: float = typer.Option(1.0, "--sample-rate", help="Train on this fraction of documents."),
+        max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Stop reading after this many chars."),
+        seed: int = typer.Option(0, "--seed", help="Seed of --sample-rate."),
     ) -> None:
         """Train a byte-level BPE tokenizer with lmstack's split pattern and ChatML chat template."""
-        from lmstack.tokenizer import train_tokenizer
-
         from pathlib import Path
 
-        tok = train_tokenizer([Path(p) for p in input], vocab_size=vocab_size, out_dir=out, special_tokens=special_token or None,
-                              min_frequency=min_frequency, text_field=text_field)
+        from lmstack.tokenizer import train_tokenizer
+
+        tok = train_tokenizer([Path(p) for p in input], vocab_size=vocab_size, out_dir=out,
+                              special_tokens=special_token or None, min_frequency=min_frequency,
+                              text_field=text_field, sample_rate=sample_rate, max_chars=max_chars, seed=seed)
         st = tok.train_stats
-        typer.echo(f"wrote {out}: vocab {tok.vocab_size}, {st.documents} documents, {st.chars / 1e6:.1f} M chars, "
-                   f"{st.bad_records} malformed records skipped, sha256 {tok.sha256[:16]}")
+        typer.echo(f"wrote {out}: vocab {tok.vocab_size}, {st.documents} documents, {st.chars / 1e6:.1f} M chars "
+                   f"read, {st.trained_chars / 1e6:.1f} M trained on, {st.bad_records} malformed records skipped, "
+                   f"sha256 {tok.sha256[:16]}")
+
+    @tok_app.command("stats")
+    def stats(
+        tokenizer_dirs: List[str] = typer.Argument(..., help="One or more tokenizer directories to compare."),
+        input: List[str] = typer.Option(..., "--input", "-i", help="Files or directories of text (as for train)."),
+        text_field: str = typer.Option("text", "--text-field"),
+        max_chars: Optional[int] = typer.Option(None, "--max-chars", help="Read at most this many characters."),
+    ) -> None:
+        """Bytes and characters per token of each tokenizer on the same text."""
+        from pathlib import Path
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from lmstack.tokenizer import Tokenizer
+        from lmstack.tokenizer.stats import tokenizer_stats
+
+        toks = [Tokenizer.from_dir(d) for d in tokenizer_dirs]
+        rows = tokenizer_stats(toks, [Path(p) for p in input], text_field=text_field, max_chars=max_chars)
+        t = Table(title=f"{rows[0]['documents']} documents, {rows[0]['bytes'] / 1e6:.2f} MB")
+        for col in ("tokenizer", "vocab", "tokens", "bytes/token", "chars/token"):
+            t.add_column(col, justify="left" if col == "tokenizer" else "right")
+        for d, tok, r in zip(tokenizer_dirs, toks, rows):
+            t.add_row(d, str(tok.vocab_size), str(r["tokens"]), f"{r['bytes_per_token']:.3f}",
+                      f"{r['chars_per_token']:.3f}")
+        Console().print(t)
 
     @tok_app.command("encode")
     def encode(

@@ -39,6 +39,7 @@ class ReadStats:
     documents: int = 0
     chars: int = 0
     bad_records: int = 0
+    trained_chars: int = 0  # after sample_rate / max_chars
     malformed: list[tuple[str, int, str]] = field(default_factory=list)
 
     def bad(self, path: Path, line: int, reason: str) -> None:
@@ -179,7 +180,10 @@ def _looks_like_path(x: str) -> bool:
     return 0 < len(x) < 4096 and not any(c in x for c in "\n\t ")
 
 
-def _iter_inputs(inputs, text_field: str, stats: ReadStats, show_progress: bool) -> Iterator[str]:
+def iter_texts(inputs, text_field: str = "text", stats: ReadStats | None = None,
+               show_progress: bool = True) -> Iterator[str]:
+    """Texts of ``inputs``: file/dir paths (formats in the module docstring) or an iterable of strings."""
+    stats = stats if stats is not None else ReadStats()
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = list(inputs) if not isinstance(inputs, Iterator) else inputs
@@ -202,9 +206,28 @@ def _iter_inputs(inputs, text_field: str, stats: ReadStats, show_progress: bool)
 
     total = sum(f.stat().st_size for f in files)
     with progress(disable=None if show_progress else True) as bar:
-        task = bar.add_task(f"reading {len(files)} files (MB)", total=round(total / 1e6, 1))
+        task = bar.add_task(f"reading {len(files)} files (KiB)", total=max(total // 1024, 1))
         for path in files:
-            yield from iter_file_texts(path, text_field, stats, lambda n: bar.advance(task, n / 1e6))
+            yield from iter_file_texts(path, text_field, stats, lambda n: bar.advance(task, n / 1024))
+
+
+def _sample(texts: Iterator[str], rate: float, max_chars: int | None, seed: int, stats: ReadStats) -> Iterator[str]:
+    """Keep each text (document, or 1 MiB piece of a plain-text file) with probability ``rate``; stop after
+    ``max_chars`` characters."""
+    import random
+
+    rng = random.Random(seed)
+    for t in texts:
+        if rate < 1.0 and rng.random() >= rate:
+            continue
+        if max_chars is not None and stats.trained_chars + len(t) > max_chars:
+            rest = max_chars - stats.trained_chars
+            if rest > 0:
+                stats.trained_chars += rest
+                yield t[:rest]
+            return
+        stats.trained_chars += len(t)
+        yield t
 
 
 def default_tokenizer_config(special_tokens: Sequence[str], chat_template: str | None, model_max_length: int,
@@ -234,14 +257,22 @@ def default_tokenizer_config(special_tokens: Sequence[str], chat_template: str |
 def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_size: int,
                     out_dir: str | os.PathLike | None = None, special_tokens: Sequence[str] | None = None,
                     min_frequency: int = 2, text_field: str = "text", chat_template: str | None = CHATML_TEMPLATE,
-                    model_max_length: int = 4096, show_progress: bool = True) -> Tokenizer:
+                    model_max_length: int = 4096, show_progress: bool = True, sample_rate: float = 1.0,
+                    max_chars: int | None = None, seed: int = 0) -> Tokenizer:
     """Train byte-level BPE on ``inputs`` (file/dir paths or an iterable of strings).
 
     ``vocab_size`` counts everything: 256 byte tokens + special tokens + merges. ``special_tokens`` default:
     ``<|endoftext|>`` (document separator, bos/eos), ``<|pad|>``, ``<|im_start|>``, ``<|im_end|>`` and 8
     ``<|reserved_i|>``; they get ids 0.. in that order. Writes ``tokenizer.json`` + ``tokenizer_config.json``
     to ``out_dir`` when given. Returns the trained :class:`Tokenizer`.
+
+    For corpora larger than memory allows, ``sample_rate`` keeps each document (or 1 MiB piece of a plain-text
+    file) with that probability (seeded), and ``max_chars`` stops reading after that many characters.
     """
+    if not 0.0 < sample_rate <= 1.0:
+        raise LmstackError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if max_chars is not None and max_chars <= 0:
+        raise LmstackError(f"max_chars must be positive, got {max_chars}")
     from tokenizers import pre_tokenizers, trainers
 
     specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
@@ -258,12 +289,13 @@ def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_s
         show_progress=show_progress and not os.environ.get("LMSTACK_NO_PROGRESS") and sys.stderr.isatty(),
     )
     stats = ReadStats()
-    backend.train_from_iterator(_iter_inputs(inputs, text_field, stats, show_progress), trainer=trainer)
+    texts = _sample(iter_texts(inputs, text_field, stats, show_progress), sample_rate, max_chars, seed, stats)
+    backend.train_from_iterator(texts, trainer=trainer)
     if stats.bad_records:
         first = "; ".join(f"{f}:{n}: {r}" for f, n, r in stats.malformed[:3])
         log.warning("skipped %d malformed records (%s)", stats.bad_records, first)
-    if stats.documents == 0:
-        raise DataError("no text to train on (every record was empty or malformed)")
+    if stats.documents == 0 or stats.trained_chars == 0:
+        raise DataError("no text to train on (every record was empty or malformed, or sample_rate kept none)")
     added = {backend.token_to_id(t): t for t in specials}
     config = default_tokenizer_config(specials, chat_template, model_max_length, added)
     tok = Tokenizer(backend, config)
