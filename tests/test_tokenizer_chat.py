@@ -302,3 +302,14 @@ def hf_cache():
         return cache[path]
 
     return get
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_conversation_starting_with_assistant(family, family_dirs, hf_cache):
+    """Qwen2 adds its default system prompt before a leading assistant turn; it must stay unmasked."""
+    tok, hf = hf_cache(family_dirs[family])
+    conv = [{"role": "assistant", "content": "Welcome!"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}]
+    ref = hf.apply_chat_template(conv, chat_template=FAMILIES[family][1], tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    assert tok.render_chat(conv).loss_mask == ref["assistant_masks"]

@@ -193,7 +193,7 @@ def assistant_spans(template: str, messages: Sequence[dict], add_generation_prom
             continue
         span = None
         try:
-            prefix, _ = render_template(template, msgs[:i], True, **variables) if i else ("", [])
+            prefix, _ = render_template(template, msgs[:i], True, **variables)  # i == 0: may add a system prompt
             turn, _ = render_template(template, msgs[: i + 1], False, **variables)
             # A template that ignores add_generation_prompt (Mistral's, which has no assistant header) leaves any
             # role header inside the diff: start the span where the content starts, when it can be found there.
