@@ -313,3 +313,33 @@ def test_conversation_starting_with_assistant(family, family_dirs, hf_cache):
     ref = hf.apply_chat_template(conv, chat_template=FAMILIES[family][1], tokenize=True, return_dict=True,
                                  return_assistant_tokens_mask=True)
     assert tok.render_chat(conv).loss_mask == ref["assistant_masks"]
+
+
+def test_lmstack_chatml_tools_and_tool_calls_match_transformers(lmstack_dir):
+    tok, hf = Tokenizer.from_dir(lmstack_dir), _hf(lmstack_dir)
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "Find an order",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"id": {"type": "string"}}}}}]
+    conv = [
+        {"role": "system", "content": "You are a support bot."},
+        {"role": "user", "content": "订单 42 在哪?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "lookup", "arguments": {"id": "42"}}},
+            {"type": "function", "function": {"name": "lookup", "arguments": "{\"id\": \"43\"}"}}]},
+        {"role": "tool", "content": "{\"status\": \"shipped\"}"},
+        {"role": "assistant", "content": "Shipped."},
+    ]
+    for t in (tools, None):
+        text = tok.apply_chat_template(conv, tools=t)
+        assert text == hf.apply_chat_template(conv, tools=t, tokenize=False)
+        ref = hf.apply_chat_template(conv, tools=t, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+        enc = tok.render_chat(conv, tools=t)
+        assert (enc.input_ids, enc.loss_mask) == (ref["input_ids"], ref["assistant_masks"])
+    assert text.count("<|im_start|>system\nYou are a support bot.") == 1
+    with_tools = tok.apply_chat_template(conv, tools=tools)
+    assert with_tools.startswith("<|im_start|>system\nYou are a support bot.\n\n# Tools\n")
+    assert '{"name": "lookup", "arguments": {"id": "42"}}' in with_tools
+    assert _masked_runs(tok, enc) == [
+        '<tool_call>\n{"name": "lookup", "arguments": {"id": "42"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "lookup", "arguments": {"id": "43"}}\n</tool_call><|im_end|>', "Shipped.<|im_end|>"]
