@@ -311,3 +311,14 @@ def test_stats_against_transformers_counts(trained, tmp_path):
     n_bytes = sum(len(t.encode("utf-8")) for t in docs)
     assert (row["documents"], row["tokens"], row["bytes"], row["bad_records"]) == (len(docs), n_tokens, n_bytes, 1)
     assert row["bytes_per_token"] == pytest.approx(n_bytes / n_tokens)
+
+
+def test_config_token_missing_from_vocab_is_reported(trained, tmp_path, caplog):
+    _, out = trained
+    d = tmp_path / "mismatch"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes((out / "tokenizer.json").read_bytes())
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>", "pad_token": "<|pad|>"}))
+    tok = Tokenizer.from_dir(d)
+    assert tok.eos_token_id is None and tok.pad_token_id == 1
+    assert "eos_token '<|eot_id|>'" in caplog.text

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -25,6 +26,8 @@ from lmstack.tokenizer.chat import (
 )
 from lmstack.tokenizer.pretokenize import KNOWN_END_MARKERS
 from lmstack.tokenizer.stream import StreamDecoder
+
+log = logging.getLogger(__name__)
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -61,6 +64,9 @@ class Tokenizer:
             if s is not None and s in self._vocab:
                 self.special_tokens[key] = s
                 self._special_ids.add(self._vocab[s])
+            elif s is not None:
+                log.warning("tokenizer_config.json names %s %r, which tokenizer.json does not have; ignoring it",
+                            key, s)
 
     # ------------------------------------------------------------------ loading / saving
 
