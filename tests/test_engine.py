@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmstack.model import KVCache, load_model
+from lmstack.model import load_model
 from lmstack.serve.engine import LLMEngine
 from lmstack.serve.errors import PromptTooLong
 from lmstack.serve.llm import LLM, load
@@ -148,8 +148,23 @@ def test_abort_frees_blocks_and_max_model_len(qwen2):
         eng.add_request(list(range(41)), SamplingParams())
 
 
+def _prefix_reference(model, pkv, prompt, n):
+    """Greedy with tune's dense PrefixContext: full recompute each step, positions P, P+1, ..."""
+    from lmstack.tune.prompt import PrefixContext
+
+    P = pkv[0][0].shape[1]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            pos = torch.arange(P, P + len(ids))[None]
+            ctx = PrefixContext(pkv, sliding_window=model.config.sliding_window)
+            ids.append(int(model(torch.tensor([ids]), position_ids=pos, ctx=ctx)[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def test_prefix_kv_zero_length_and_dense_reference(tmp_path):
-    """Prefix-tuning KV: P=0 changes nothing; P=3 equals a contiguous KVCache pre-filled with the prefix."""
+    """Prefix-tuning KV: P=0 changes nothing; P=3 equals tune's dense PrefixContext (mistral: the sliding
+    window also covers the prefix slots), through 4-token blocks and chunked prefill."""
     path = tmp_path / "m"
     hf_model("mistral", path)
     model = load_model(path, device="cpu")
@@ -161,52 +176,35 @@ def test_prefix_kv_zero_length_and_dense_reference(tmp_path):
     empty = [(torch.zeros(nkv, 0, D), torch.zeros(nkv, 0, D)) for _ in range(L)]
     assert LLM(model, adapter=_Rt(empty)).generate([prompt], **greedy)[0].outputs[0].token_ids == plain
     g = torch.Generator().manual_seed(0)
-    P = 3
-    pkv = [(torch.randn(nkv, P, D, generator=g), torch.randn(nkv, P, D, generator=g)) for _ in range(L)]
-    got = LLM(model, adapter=_Rt(pkv), block_size=4).generate([prompt], **greedy)[0].outputs[0].token_ids
-    # dense reference: prefix in slots 0..P-1 of a KVCache, always visible (no sliding window over it)
-    want, ids = [], list(prompt)
-    with torch.no_grad():
-        cache = KVCache(L, 1, nkv, D, P + len(prompt) + 12, torch.float32, torch.device("cpu"), None)
-        for i, (k, v) in enumerate(pkv):
-            cache.k[i][0, :, :P], cache.v[i][0, :, :P] = k, v
-        cache.advance(P)
-        x = torch.tensor([ids])
-        for _ in range(12):
-            T = x.shape[1]
-            pos = torch.arange(cache.pos, cache.pos + T)[None]
-            logits = model(x, position_ids=pos, ctx=_WindowAfterPrefix(cache, P, cfg.sliding_window))
-            cache.advance(T)
-            nxt = int(logits[0, -1].argmax())
-            want.append(nxt)
-            x = torch.tensor([[nxt]])
-    assert got == want
-    assert got != plain  # the prefix matters
+    pkv = [(torch.randn(nkv, 3, D, generator=g), torch.randn(nkv, 3, D, generator=g)) for _ in range(L)]
+    llm = LLM(model, adapter=_Rt(pkv), block_size=4, max_num_batched_tokens=6)
+    got = llm.generate([prompt, PROMPTS[1]], **greedy)
+    assert got[0].outputs[0].token_ids == _prefix_reference(model, pkv, prompt, 12)
+    assert got[1].outputs[0].token_ids == _prefix_reference(model, pkv, PROMPTS[1], 12)
+    plain_short = LLM(model).generate([PROMPTS[1]], **greedy)[0].outputs[0].token_ids
+    assert got[1].outputs[0].token_ids != plain_short  # the prefix matters (within the window)
+
+
+def test_load_with_saved_prefix_adapter(tmp_path):
+    """``load(path, adapter=DIR)`` goes through lmstack.tune.adapters.load_adapter."""
+    from lmstack.tune.adapters import load_adapter, save_prompt_adapter
+    from lmstack.tune.prompt import PromptEncoder, PromptSpec
+
+    path = tmp_path / "m"
+    hf_model("qwen2", path)
+    model = load_model(path, device="cpu")
+    enc = PromptEncoder(model, "prefix", PromptSpec(num_virtual_tokens=4, init="random"), seed=1)
+    save_prompt_adapter(enc, model, tmp_path / "ad")
+    llm = load(path, adapter=tmp_path / "ad", device="cpu")
+    assert llm.adapter.num_virtual_tokens == 4
+    got = llm.generate([PROMPTS[1]], **{**GREEDY, "max_tokens": 8})[0].outputs[0].token_ids
+    pkv = load_adapter(model, tmp_path / "ad").prefix_kv
+    assert got == _prefix_reference(model, pkv, PROMPTS[1], 8)
 
 
 class _Rt:
     def __init__(self, prefix_kv):
         self.prefix_kv = prefix_kv
-
-
-class _WindowAfterPrefix:
-    """KVCache attention with the sliding window applied to real tokens only (prefix always visible)."""
-
-    def __init__(self, cache: KVCache, P: int, window: int):
-        self.c, self.P, self.W = cache, P, window
-
-    def attend(self, layer_idx, q, k, v):
-        c = self.c
-        T = q.shape[2]
-        end = c.pos + T
-        c.k[layer_idx][:, :, c.pos:end] = k
-        c.v[layer_idx][:, :, c.pos:end] = v
-        qi = torch.arange(c.pos, end)[:, None]
-        ki = torch.arange(end)[None, :]
-        vis = (ki <= qi) & ((qi - ki < self.W) | (ki < self.P))
-        from lmstack.model.attention import sdpa
-
-        return sdpa(q, c.k[layer_idx][:, :, :end], c.v[layer_idx][:, :, :end], vis[None, None])
 
 
 def test_engine_rejects_bad_input(qwen2):

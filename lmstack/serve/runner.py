@@ -11,7 +11,7 @@ is the attention context the Transformer calls per layer (``ctx.attend(layer_idx
    position 0, else over its gathered blocks with an offset causal mask.
 
 Prefix / prompt tuning (``prefix_kv``): each layer's (k, v) of shape (n_kv, P, D) is prepended to every
-sequence's keys; real tokens take positions P, P+1, ... Reference: vLLM ``PagedAttention``; the
+sequence's keys; real tokens take positions P, P+1, ... (the ``lmstack.tune.adapters`` contract). Reference: vLLM ``PagedAttention``; the
 KV-pool layout (num_blocks, block_size, n_kv, D) follows nano-vllm.
 """
 
@@ -127,14 +127,21 @@ class ModelRunner:
         return self._arange[:n]
 
     def _visible(self, qpos: Tensor, nb: int) -> Tensor:
-        """(Q, P + nb * bs) bool: causal (which also hides slots past the context) + sliding window; the
-        P prefix slots are visible to every query (the tune contract)."""
+        """(Q, P + nb * bs) bool: causal (which also hides slots past the context) + sliding window.
+
+        The P prefix slots sit at absolute indices 0..P-1 and token position p at P + p, as when PEFT
+        passes the prefix as past key/values (and as ``lmstack.tune.prompt.PrefixContext``): always
+        causal-visible, and out of a sliding window once P + p - j >= window."""
         kpos = self._key_pos(nb)
         vis = kpos[None, :] <= qpos[:, None]
-        if self.sliding_window is not None:
-            vis &= qpos[:, None] - kpos[None, :] < self.sliding_window
-        if self.num_prefix:
-            vis = torch.cat([vis.new_ones(vis.shape[0], self.num_prefix), vis], 1)
+        W, P = self.sliding_window, self.num_prefix
+        if W is not None:
+            vis &= qpos[:, None] - kpos[None, :] < W
+        if P:
+            pre = torch.ones(qpos.shape[0], P, dtype=torch.bool, device=self.device)
+            if W is not None:
+                pre = (qpos[:, None] + P) - torch.arange(P, device=self.device)[None, :] < W
+            vis = torch.cat([pre, vis], 1)
         return vis
 
     # ------------------------------------------------------------------ prepare
