@@ -82,14 +82,17 @@ class Tokenizer:
             raise LmstackError(f"tokenizer directory {path} does not exist")
         tj = path / "tokenizer.json"
         if not tj.is_file():
-            hint = (" (it has a SentencePiece tokenizer.model: convert it once with transformers: "
-                    "AutoTokenizer.from_pretrained(dir).save_pretrained(dir))") if (path / "tokenizer.model").exists() else ""
+            hint = ""
+            if (path / "tokenizer.model").exists():
+                hint = (" (it has a SentencePiece tokenizer.model: convert it once with transformers: "
+                        "AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
             raise LmstackError(f"{path}: no tokenizer.json{hint}; train one with `lmstack tokenizer train`")
         raw = tj.read_bytes()
         try:
             backend = _Backend.from_str(raw.decode("utf-8"))
         except Exception as e:  # tokenizers raises a generic Exception on bad JSON / unknown model
-            raise LmstackError(f"{tj}: cannot be read as a Hugging Face tokenizer ({str(e).splitlines()[0][:200]})") from None
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise LmstackError(f"{tj}: cannot be read as a Hugging Face tokenizer ({why})") from None
         config = _read_json_obj(path / "tokenizer_config.json")
         template = config.get("chat_template")
         jinja = path / "chat_template.jinja"
