@@ -13,7 +13,7 @@ import pytest
 from datasketch import MinHash, MinHashLSH
 
 from lmstack.data.minhash import (exact_duplicates, exact_key, near_duplicates, optimal_bands, permutations,
-                                  sha1_hash32, shingles, signature)
+                                  sha1_hash32, shingle_hashes, shingles, signature, text_signature)
 from lmstack.data.pipeline import merge_output, run_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent / "data_fixtures"))
@@ -26,13 +26,31 @@ def _jaccard(a, b):
 
 
 def test_signature_matches_datasketch():
+    """Same shingle hashes -> the same signature as datasketch (affine32 scheme, its default)."""
     docs, _ = corpus(n_en=3, n_zh=2, n_dup_en=1, n_dup_zh=1)
     a, b = permutations(64, seed=7)
     for d in docs:
         sh = shingles(d)
-        m = MinHash(num_perm=64, seed=7, scheme="legacy", hashfunc=sha1_hash32)
+        m = MinHash(num_perm=64, seed=7, scheme="affine32", hashfunc=sha1_hash32)
         m.update_batch(sh)
-        assert np.array_equal(signature(sh, a, b), m.hashvalues.astype(np.uint32))
+        assert np.array_equal(signature(sh, a, b), m.hashvalues)
+        hv = shingle_hashes(d)  # the pipeline's fast shingle hashes: one per distinct shingle
+        assert len(hv) == len(sh)
+        m = MinHash(num_perm=64, seed=7, scheme="affine32", hashfunc=int)
+        m.update_batch(hv.tolist())
+        assert np.array_equal(text_signature(d, a, b), m.hashvalues)
+
+
+def test_fast_signature_estimates_true_jaccard():
+    docs, planted = corpus(seed=4, n_en=10, n_zh=10, n_dup_en=10, n_dup_zh=10)
+    a, b = permutations(256, 1)
+    errs = []
+    for dup, orig in planted.items():
+        est = np.mean(text_signature(docs[dup], a, b) == text_signature(docs[orig], a, b))
+        errs.append(abs(est - _jaccard(shingles(docs[dup]), shingles(docs[orig]))))
+    for i in range(5):  # unrelated documents: true Jaccard ~ 0
+        errs.append(np.mean(text_signature(docs[i], a, b) == text_signature(docs[i + 1], a, b)))
+    assert max(errs) < 0.12 and np.mean(errs) < 0.04
 
 
 def test_shingles_words_vs_cjk_chars():
@@ -51,7 +69,7 @@ def test_optimal_bands_match_datasketch():
 def test_near_dedup_recall_and_distinct_kept():
     docs, planted = corpus(seed=1)
     a, b = permutations(128, 1)
-    sigs = np.stack([signature(shingles(d), a, b) for d in docs])
+    sigs = np.stack([text_signature(d, a, b) for d in docs])
     is_dup, pairs = near_duplicates(sigs, 0.8)
     true_sims = [_jaccard(shingles(docs[d]), shingles(docs[o])) for d, o in planted.items()]
     assert min(true_sims) > 0.8  # the plants really are near-duplicates at this threshold
@@ -124,7 +142,7 @@ def test_lmstack_agrees_with_datasketch_lsh_loop():
     lsh = MinHashLSH(threshold=0.8, num_perm=128)
     theirs = []
     for i, d in enumerate(docs):
-        m = MinHash(num_perm=128, seed=1, scheme="legacy")
+        m = MinHash(num_perm=128, seed=1)
         m.update_batch(shingles(d))
         hit = bool(lsh.query(m))
         theirs.append(hit)

@@ -102,3 +102,34 @@ def test_each_chinese_rule(reason):
         assert got in ("bullet_lines", "dup_5gram", "dup_6gram", "top_2gram", "top_3gram", "top_4gram"), (got, sig)
     else:
         assert got == reason, (got, sig)
+
+
+def _naive_top(words, n):
+    from collections import Counter
+
+    if len(words) < n:
+        return 0.0
+    gram, count = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1)).most_common(1)[0]
+    return 0.0 if count <= 1 else sum(map(len, gram)) * count / sum(map(len, words))
+
+
+def _naive_dup(words, n):
+    covered = [False] * len(words)
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    for i, g in enumerate(grams):
+        if grams.count(g) > 1:
+            covered[i:i + n] = [True] * n
+    return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words)) if words else 0.0
+
+
+def test_vectorized_ngram_stats_match_naive_definition():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        vocab = ["a", "bb", "ccc", "dddd", "eeeee"][: rng.randint(2, 5)]
+        words = [rng.choice(vocab) for _ in range(rng.randint(0, 40))]
+        for n in (2, 3, 4):
+            assert top_ngram_char_frac(words, n) == pytest.approx(_naive_top(words, n))
+        for n in (5, 7, 10):
+            assert dup_ngram_char_frac(words, n) == pytest.approx(_naive_dup(words, n))

@@ -1,9 +1,11 @@
 """MinHash signatures and banded LSH near-duplicate detection over signature arrays.
 
-Signatures are bit-compatible with ``datasketch.MinHash(num_perm, seed, scheme="legacy")`` fed the same
-shingles (32-bit SHA-1 shingle hashes, universal hashing ``(a*x + b) mod (2^61 - 1)`` truncated to 32 bits),
-so they can be checked against datasketch. Shingles: word n-grams for spaced languages, character n-grams
-for CJK text, on the dedup-normalized text (NFKC, lower case, punctuation removed).
+Signatures use datasketch's ``affine32`` scheme (its default since 2.0): each 32-bit shingle hash is
+pre-mixed with MurmurHash3's fmix32, then permuted by ``a*x + b mod 2^32`` with odd ``a`` (the same draws),
+so given the same shingle hashes they equal ``datasketch.MinHash(num_perm, seed, scheme="affine32")``. Shingles: word n-grams for spaced languages,
+character n-grams for CJK text, on the dedup-normalized text (NFKC, lower case, punctuation removed). The
+pipeline hashes shingles with a vectorized rolling polynomial over per-word CRC-32s (or code points for CJK),
+finalized with MurmurHash3's fmix64 -- one Python call per distinct word instead of one SHA-1 per shingle.
 
 Near-duplicate detection is done in one pass over the signatures of *all* shards (so it works across
 machines): for each of ``b`` bands of ``r`` rows, documents with equal band keys are candidates; a candidate
@@ -19,14 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import zlib
 
 import numpy as np
 
 from lmstack.text.normalize import dedup_key_text
 from lmstack.text.quality import is_cjk
 
-MERSENNE = np.uint64((1 << 61) - 1)
-MAX_HASH = np.uint64((1 << 32) - 1)
+MAX_HASH = np.uint32(0xFFFFFFFF)
 
 
 def sha1_hash32(data: bytes) -> int:
@@ -34,11 +36,21 @@ def sha1_hash32(data: bytes) -> int:
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b), each (num_perm,) uint64 -- the same draws as datasketch's legacy scheme."""
+    """(a, b), each (num_perm,) uint32, ``a`` odd -- the same draws as datasketch's affine32 scheme."""
     gen = np.random.RandomState(seed)
-    ab = np.array([(gen.randint(1, MERSENNE, dtype=np.uint64), gen.randint(0, MERSENNE, dtype=np.uint64))
-                   for _ in range(num_perm)], dtype=np.uint64).T
-    return ab[0], ab[1]
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint64).astype(np.uint32)
+    return a, b
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3 32-bit finalizer, elementwise on uint32."""
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(0x85EBCA6B)
+        h = h ^ (h >> np.uint32(13))
+        h = h * np.uint32(0xC2B2AE35)
+        return h ^ (h >> np.uint32(16))
 
 
 def shingles(text: str, ngram: int = 5, cjk_ngram: int = 5) -> list[bytes]:
@@ -57,14 +69,64 @@ def shingles(text: str, ngram: int = 5, cjk_ngram: int = 5) -> list[bytes]:
     return list({" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)})
 
 
+_POLY = np.uint64(0x100000001B3)
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3 64-bit finalizer (avalanche), elementwise on uint64."""
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xFF51AFD7ED558CCD)
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(0xC4CEB9FE1A85EC53)
+        return h ^ (h >> np.uint64(33))
+
+
+def shingle_hashes(text: str, ngram: int = 5, cjk_ngram: int = 5) -> np.ndarray:
+    """Distinct 32-bit hashes (uint32) of the same shingles as :func:`shingles`: (n_distinct,)."""
+    norm = dedup_key_text(text)
+    if is_cjk(text):
+        chars = norm.replace(" ", "")
+        x = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)  # (L,) code points
+        n = cjk_ngram
+    else:
+        words = norm.split()
+        table = {w: zlib.crc32(w.encode()) for w in set(words)}
+        x = np.fromiter((table[w] for w in words), dtype=np.uint64, count=len(words))       # (L,) word hashes
+        n = ngram
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.uint32)
+    n = min(n, len(x))
+    x = _fmix64(x + np.uint64(1))
+    m = len(x) - n + 1
+    h = x[:m].copy()
+    with np.errstate(over="ignore"):
+        for k in range(1, n):
+            h = h * _POLY + x[k:m + k]
+    return np.unique((_fmix64(h) >> np.uint64(32)).astype(np.uint32))
+
+
+def signature_from_hashes(hv: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """MinHash signature (num_perm,) uint32 from 32-bit shingle hashes ``hv`` (n,); all 0xFFFFFFFF if empty."""
+    out = np.full(a.shape[0], MAX_HASH, dtype=np.uint32)
+    hv = _fmix32(np.asarray(hv).astype(np.uint32))
+    with np.errstate(over="ignore"):
+        for s in range(0, len(hv), chunk):
+            phv = hv[s:s + chunk, None] * a[None, :] + b[None, :]   # (chunk, num_perm) uint32, wraps mod 2^32
+            np.minimum(out, phv.min(axis=0), out=out)
+    return out
+
+
+def text_signature(text: str, a: np.ndarray, b: np.ndarray, ngram: int = 5, cjk_ngram: int = 5) -> np.ndarray:
+    """The pipeline's signature of one document: (num_perm,) uint32."""
+    return signature_from_hashes(shingle_hashes(text, ngram, cjk_ngram), a, b)
+
+
 def signature(shingle_bytes: list[bytes], a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """MinHash signature (num_perm,) uint32 of a shingle set; all-ones (max hash) for an empty set."""
-    out = np.full(a.shape[0], MAX_HASH, dtype=np.uint64)
-    for s in range(0, len(shingle_bytes), chunk):
-        hv = np.fromiter((sha1_hash32(x) for x in shingle_bytes[s:s + chunk]), dtype=np.uint64)
-        phv = (hv[:, None] * a[None, :] + b[None, :]) % MERSENNE & MAX_HASH  # (n_shingles, num_perm)
-        np.minimum(out, phv.min(axis=0), out=out)
-    return out.astype(np.uint32)
+    """MinHash signature (num_perm,) uint32 of a set of byte shingles hashed with SHA-1 (datasketch's default
+    hash); all-ones (max hash) for an empty set. The pipeline uses the faster :func:`text_signature`."""
+    hv = np.fromiter((sha1_hash32(x) for x in shingle_bytes), dtype=np.uint32, count=len(shingle_bytes))
+    return signature_from_hashes(hv, a, b, chunk)
 
 
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lmstack.data.config import BlocklistConfig, DataPipelineConfig
-from lmstack.data.minhash import exact_key, permutations, shingles, signature
+from lmstack.data.minhash import exact_key, permutations, text_signature
 from lmstack.errors import ConfigError
 from lmstack.text.lang import detect_language
 from lmstack.text.normalize import normalize_text
@@ -177,7 +177,7 @@ class DocProcessor:
         rec["text"] = text
         rec["exact_key"] = exact_key(text) if cfg.dedup.exact else 0
         if self.with_sig:
-            rec["sig"] = signature(shingles(text, cfg.dedup.ngram, cfg.dedup.cjk_ngram), self.perm_a, self.perm_b)
+            rec["sig"] = text_signature(text, self.perm_a, self.perm_b, cfg.dedup.ngram, cfg.dedup.cjk_ngram)
         return rec
 
     @staticmethod

@@ -18,10 +18,11 @@ function characters, and length uses ``min_cjk_chars``.
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from lmstack.config import StrictModel
-from lmstack.text.lang import _is_han
+import numpy as np
+
+from lmstack.text.lang import HAN_RE, count_matches
 
 GOPHER_STOP = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 ZH_STOP = frozenset("的了是在和有我这不人也就都而及与或们个上中")
@@ -64,14 +65,16 @@ class QualityConfig(StrictModel):
     short_line_chars: int = 30
 
 
+_LETTER = re.compile(r"[^\W\d_]")
+
+
 def is_cjk(text: str, min_share: float = 0.3) -> bool:
-    letters = han = 0
-    for ch in text[:5000]:
-        if ch.isalpha():
-            letters += 1
-            if _is_han(ord(ch)):
-                han += 1
-    return letters > 0 and han / letters >= min_share
+    """Han characters are at least ``min_share`` of the letters (in the first 4000 characters)."""
+    sample = text[:4000]
+    if sample.isascii():
+        return False
+    letters = count_matches(_LETTER, sample)
+    return letters > 0 and count_matches(HAN_RE, sample) / letters >= min_share
 
 
 def words_of(text: str, cjk: bool | None = None) -> list[str]:
@@ -97,34 +100,63 @@ def _dup_fracs(items: list[str]) -> tuple[float, float]:
     return dup_n / len(items), (dup_chars / total_chars if total_chars else 0.0)
 
 
+_PRIME = np.uint64(1099511628211)  # FNV-64 prime as the polynomial base of the rolling n-gram hash
+
+
+class _Words:
+    """Word ids and lengths as arrays, with rolling n-gram hashes: (L,) -> (L - n + 1,) per n."""
+
+    def __init__(self, words: list[str]) -> None:
+        inv = np.unique(np.array(words, dtype=str), return_inverse=True)[1] if words else np.zeros(0, np.int64)
+        with np.errstate(over="ignore"):
+            self.ids = (inv.astype(np.uint64).reshape(-1) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        self.lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        self.total = int(self.lens.sum())
+        self._h: dict[int, np.ndarray] = {1: self.ids}
+
+    def hashes(self, n: int) -> np.ndarray:
+        if n not in self._h:
+            prev = self.hashes(n - 1)
+            with np.errstate(over="ignore"):
+                self._h[n] = prev[:-1] * _PRIME + self.ids[n - 1:]
+        return self._h[n]
+
+
+def _top_ngram(w: _Words, n: int) -> float:
+    L = len(w.ids)
+    if L < n or w.total == 0:
+        return 0.0
+    uniq, first, counts = np.unique(w.hashes(n), return_index=True, return_counts=True)
+    top = counts.max()
+    if top <= 1:
+        return 0.0
+    p = int(first[counts == top].min())  # ties: the n-gram seen first (as collections.Counter.most_common)
+    return float(w.lens[p:p + n].sum() * top / w.total)
+
+
+def _dup_ngram(w: _Words, n: int) -> float:
+    L = len(w.ids)
+    if L < n or w.total == 0:
+        return 0.0
+    _, inv, counts = np.unique(w.hashes(n), return_inverse=True, return_counts=True)
+    starts = np.flatnonzero(counts[inv] > 1)  # every occurrence of a repeated n-gram
+    if len(starts) == 0:
+        return 0.0
+    diff = np.zeros(L + 1, dtype=np.int64)
+    np.add.at(diff, starts, 1)
+    np.add.at(diff, starts + n, -1)
+    covered = np.cumsum(diff[:L]) > 0
+    return float(w.lens[covered].sum() / w.total)
+
+
 def top_ngram_char_frac(words: list[str], n: int) -> float:
     """Gopher: characters covered by the most frequent n-gram (counting each occurrence) / all word chars."""
-    if len(words) < n:
-        return 0.0
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    gram, count = grams.most_common(1)[0]
-    if count <= 1:
-        return 0.0
-    total = sum(len(w) for w in words)
-    return sum(len(w) for w in gram) * count / total if total else 0.0
+    return _top_ngram(_Words(words), n)
 
 
 def dup_ngram_char_frac(words: list[str], n: int) -> float:
     """Gopher: characters of words inside any n-gram that occurs more than once / all word chars."""
-    if len(words) < n:
-        return 0.0
-    first: dict[tuple[str, ...], int] = {}
-    covered = [False] * len(words)
-    for i in range(len(words) - n + 1):
-        g = tuple(words[i:i + n])
-        j = first.setdefault(g, i)
-        if j != i:
-            for k in range(i, i + n):
-                covered[k] = True
-            for k in range(j, j + n):
-                covered[k] = True
-    total = sum(len(w) for w in words)
-    return sum(len(w) for w, c in zip(words, covered) if c) / total if total else 0.0
+    return _dup_ngram(_Words(words), n)
 
 
 def quality_signals(text: str, top_ns=(2, 3, 4), dup_ns=range(5, 11), short_line_chars: int = 30
@@ -137,13 +169,15 @@ def quality_signals(text: str, top_ns=(2, 3, 4), dup_ns=range(5, 11), short_line
     paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     n_words = len(words)
     sig: dict[str, float] = {"cjk": float(cjk), "n_words": n_words, "n_chars": len(text)}
-    sig["mean_word_length"] = (sum(len(w) for w in words) / n_words) if n_words else 0.0
+    w = _Words(words)
+    sig["mean_word_length"] = (w.total / n_words) if n_words else 0.0
     symbols = text.count("#") + text.count("...") + text.count("…")
     sig["symbol_word_ratio"] = symbols / n_words if n_words else 0.0
     n_lines = max(1, len(nonempty))
     sig["bullet_lines"] = sum(1 for ln in nonempty if ln.startswith(_BULLET)) / n_lines
     sig["ellipsis_lines"] = sum(1 for ln in nonempty if ln.endswith(("...", "…"))) / n_lines
-    sig["alpha_words"] = (sum(1 for w in words if any(c.isalpha() for c in w)) / n_words) if n_words else 0.0
+    # words with a letter = all but the all-digit ones (the tokenizer splits on punctuation)
+    sig["alpha_words"] = (1.0 - sum(map(str.isdigit, words)) / n_words) if n_words else 0.0
     if cjk:
         sig["stop_words"] = sum(1 for ch in text if ch in ZH_STOP)
     else:
@@ -151,9 +185,12 @@ def quality_signals(text: str, top_ns=(2, 3, 4), dup_ns=range(5, 11), short_line
     sig["dup_line_frac"], sig["dup_line_char_frac"] = _dup_fracs(nonempty)
     sig["dup_para_frac"], sig["dup_para_char_frac"] = _dup_fracs(paras)
     for n in top_ns:
-        sig[f"top_{n}gram_char_frac"] = top_ngram_char_frac(words, n)
-    for n in dup_ns:
-        sig[f"dup_{n}gram_char_frac"] = dup_ngram_char_frac(words, n)
+        sig[f"top_{n}gram_char_frac"] = _top_ngram(w, n)
+    none_dup = False  # no repeated n-gram implies no repeated longer n-gram
+    for n in sorted(dup_ns):
+        v = 0.0 if none_dup else _dup_ngram(w, n)
+        none_dup = v == 0.0
+        sig[f"dup_{n}gram_char_frac"] = v
     sig["line_punct_ratio"] = sum(1 for ln in nonempty if ln.endswith(_TERMINAL)) / n_lines
     sig["short_line_ratio"] = sum(1 for ln in nonempty if len(ln) < short_line_chars) / n_lines
     return sig
@@ -170,7 +207,7 @@ def _first_failure(text: str, s: dict[str, float], c: QualityConfig) -> str | No
     cjk = bool(s["cjk"])
     n = s["n_words"]
     if cjk:
-        n_han = sum(1 for ch in text if _is_han(ord(ch)))
+        n_han = count_matches(HAN_RE, text)
         if c.min_cjk_chars is not None and n_han < c.min_cjk_chars:
             return "too_short"
         if c.max_cjk_chars is not None and n_han > c.max_cjk_chars:
