@@ -80,6 +80,7 @@ def test_models_health_and_ui(server, client):
     assert page.status_code == 200 and '"model": "tiny"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
     assert httpx.get(server.url + "/ui/app.js").status_code == 200
+    assert httpx.get(server.url + "/ui/__init__.py").status_code == 404
 
 
 def test_chat_greedy_matches_transformers(client, hf):

@@ -24,7 +24,6 @@ from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.staticfiles import StaticFiles
 
 from lmstack.serve.api import errors as E
 from lmstack.serve.api.chat import create_chat_completion
@@ -36,6 +35,8 @@ from lmstack.serve.api.protocol import ChatCompletionRequest, CompletionRequest
 log = logging.getLogger("lmstack.serve.api")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+UI_FILES = {"app.js": "text/javascript; charset=utf-8", "markdown.js": "text/javascript; charset=utf-8",
+            "style.css": "text/css; charset=utf-8"}
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
 
 
@@ -271,7 +272,12 @@ def create_app(llm_or_engine: Any, api_key: str | None = None, served_model_name
             cfg = {"model": model.name, "maxModelLen": model.max_model_len, "needsKey": api_key is not None}
             return html.replace("/*__LMSTACK_CONFIG__*/{}", json.dumps(cfg))
 
-        app.mount("/ui", StaticFiles(directory=str(ui_dir)), name="ui")
+        @app.get("/ui/{name}")
+        async def ui_file(name: str):
+            if name not in UI_FILES:  # only the page's own assets, never the package's other files
+                raise E.APIError(404, f"no such file: /ui/{name}", type="not_found")
+            return Response((ui_dir / name).read_bytes(), media_type=UI_FILES[name],
+                            headers={"Cache-Control": "no-cache"})
 
     app.add_middleware(Gate, api_key=api_key, max_request_bytes=max_request_bytes, lifecycle=lifecycle,
                        metrics=metrics)
