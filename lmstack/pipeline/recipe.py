@@ -126,7 +126,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe.source = str(path)
     if recipe.model is not None:
         p = Path(recipe.model).expanduser()
-        if not p.is_absolute() and not p.exists():
-            p = (Path(path).parent / p)
+        if not p.is_absolute() and not p.exists() and (Path(path).parent / p).exists():
+            p = Path(path).parent / p  # relative to the recipe file
         recipe.model = str(p)
     return recipe
