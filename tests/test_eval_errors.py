@@ -114,7 +114,7 @@ def test_cli_eval_compare_and_errors(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "compare", str(a), str(b)]) == 0
     out = capsys.readouterr().out
-    assert "mc_en" in out and "only in A: ppl_en" in out
+    assert "mc_en" in out and "only in A: ppl_en" in out and "different numbers of examples" in out
     assert main(["eval", "--model", str(model_dir), "--tasks", "mc_en,nope"]) == 2
     assert "lmstack: unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "compare", str(a), str(tmp_path / "zzz")]) == 2

@@ -30,13 +30,17 @@ def evaluate_code(lm, task, progress=None) -> dict:
     completions = lm.generate([p["prompt"] for p in probs], max_tokens=task.max_tokens, stop=task.stop,
                               temperature=task.temperature, top_p=task.top_p, n=task.n_samples, seed=task.seed,
                               progress_cb=cb)
-    return score_code(probs, completions, task)
+    return score_code(probs, completions, task, progress)
 
 
-def score_code(probs: list[dict], completions: list[list[str]], task) -> dict:
+def score_code(probs: list[dict], completions: list[list[str]], task, progress=None) -> dict:
     """Run every (problem, completion) in the sandbox and compute pass@k."""
     progs = [program(p["prompt"], c, p["test"], p["entry_point"]) for p, cs in zip(probs, completions) for c in cs]
-    results = run_many(progs, workers=task.workers, timeout=task.timeout, memory_mb=task.memory_mb)
+    cb = None
+    if progress is not None:
+        bar = progress.add_task(f"{task.name} (run tests)", total=len(progs))
+        cb = lambda: progress.advance(bar, 1)  # noqa: E731
+    results = run_many(progs, workers=task.workers, timeout=task.timeout, memory_mb=task.memory_mb, on_done=cb)
     counts, samples, i = [], [], 0
     for p, cs in zip(probs, completions):
         rs = results[i:i + len(cs)]

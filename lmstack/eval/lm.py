@@ -243,7 +243,7 @@ class EvalLM:
 
         Runs on the serving engine (``lmstack.serve``: paged KV cache, continuous batching) when it is
         available (``generator="auto"|"engine"``), else on :mod:`lmstack.eval.generate`."""
-        if self.generator != "builtin":
+        if self.generator != "builtin" and self.model_dir is not None:
             try:
                 from lmstack.serve.llm import LLM  # noqa: F401
                 from lmstack.tokenizer import Tokenizer  # noqa: F401

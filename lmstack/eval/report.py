@@ -139,10 +139,12 @@ def compare_runs(a: str | Path | dict, b: str | Path | dict) -> dict[str, Any]:
         better = (d < 0) if key[1] in LOWER_IS_BETTER else (d > 0)
         rows.append({"task": key[0], "metric": key[1], "a": va[key], "b": vb[key], "delta": d,
                      "verdict": "same" if d == 0 else ("better" if better else "worse")})
-    mismatch = [n for n in ra["tasks"] if n in rb["tasks"]
-                and ra["tasks"][n].get("data_sha256") != rb["tasks"][n].get("data_sha256")]
+    shared = [n for n in ra["tasks"] if n in rb["tasks"]]
+    mismatch = [n for n in shared if ra["tasks"][n].get("data_sha256") != rb["tasks"][n].get("data_sha256")]
+    n_mismatch = [n for n in shared if ra["tasks"][n].get("n") != rb["tasks"][n].get("n")]
     return {"rows": rows, "only_a": sorted({n for n, _ in va} - {n for n, _ in vb}),
             "only_b": sorted({n for n, _ in vb} - {n for n, _ in va}), "data_mismatch": mismatch,
+            "n_mismatch": n_mismatch,
             "model_a": ra["model"]["path"], "model_b": rb["model"]["path"]}
 
 
@@ -155,6 +157,8 @@ def compare_markdown(cmp: dict) -> str:
     for key, label in (("only_a", "only in A"), ("only_b", "only in B")):
         if cmp[key]:
             lines.append(f"\n{label}: {', '.join(cmp[key])}")
+    if cmp.get("n_mismatch"):
+        lines.append(f"\nwarning: different numbers of examples (--limit?) for {', '.join(cmp['n_mismatch'])}")
     if cmp["data_mismatch"]:
         lines.append(f"\nwarning: task data differs between the runs for {', '.join(cmp['data_mismatch'])}")
     return "\n".join(lines) + "\n"

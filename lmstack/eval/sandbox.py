@@ -114,9 +114,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def run_many(programs: list[str], *, workers: int = 2, **kw) -> list[SandboxResult]:
-    """Run programs concurrently (threads each waiting on one subprocess), results in input order."""
+def run_many(programs: list[str], *, workers: int = 2, on_done=None, **kw) -> list[SandboxResult]:
+    """Run programs concurrently (threads each waiting on one subprocess), results in input order.
+
+    ``on_done()`` is called after each program finishes (progress bars)."""
     if not programs:
         return []
+
+    def one(p: str) -> SandboxResult:
+        r = run_code(p, **kw)
+        if on_done is not None:
+            on_done()
+        return r
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        return list(ex.map(lambda p: run_code(p, **kw), programs))
+        return list(ex.map(one, programs))
