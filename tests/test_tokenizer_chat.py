@@ -343,3 +343,15 @@ def test_lmstack_chatml_tools_and_tool_calls_match_transformers(lmstack_dir):
     assert _masked_runs(tok, enc) == [
         '<tool_call>\n{"name": "lookup", "arguments": {"id": "42"}}\n</tool_call>\n'
         '<tool_call>\n{"name": "lookup", "arguments": {"id": "43"}}\n</tool_call><|im_end|>', "Shipped.<|im_end|>"]
+
+
+def test_render_chat_is_thread_safe(lmstack_dir):
+    """Compiled templates are cached and shared; concurrent renders must not mix their generation spans."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = Tokenizer.from_dir(lmstack_dir)
+    convs = [[{"role": "user", "content": "q" * (i % 7)}, {"role": "assistant", "content": "a" * (i % 5 + 1)}]
+             for i in range(200)]
+    serial = [tok.render_chat(c).loss_mask for c in convs]
+    with ThreadPoolExecutor(4) as ex:
+        assert list(ex.map(lambda c: tok.render_chat(c).loss_mask, convs)) == serial

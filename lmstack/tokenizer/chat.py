@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -67,8 +68,18 @@ def compile_template(template: str):
         def __init__(self, environment):
             super().__init__(environment)
             environment.extend(lmstack_tracker=self)
-            self.blocks: list[str] | None = None
-            self.spans: list[tuple[int, int]] | None = None
+            self.local = threading.local()  # compiled templates are cached and shared: one state per thread
+
+        @property
+        def blocks(self) -> list[str] | None:
+            return getattr(self.local, "blocks", None)
+
+        @property
+        def spans(self) -> list[tuple[int, int]] | None:
+            return getattr(self.local, "spans", None)
+
+        def start(self, blocks, spans) -> None:
+            self.local.blocks, self.local.spans = blocks, spans
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
@@ -128,12 +139,12 @@ def render_template(template: str, messages: Sequence[dict], add_generation_prom
             return compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables), []
         blocks: list[str] = []
         spans: list[tuple[int, int]] = []
-        tracker.blocks, tracker.spans = blocks, spans
+        tracker.start(blocks, spans)
         try:
             for block in compiled.generate(messages=msgs, add_generation_prompt=add_generation_prompt, **variables):
                 blocks.append(block)
         finally:
-            tracker.blocks, tracker.spans = None, None
+            tracker.start(None, None)
         return "".join(blocks), spans
     except jinja2.exceptions.TemplateError as e:
         raise _TemplateError(f"chat template refused the conversation: {e}") from None
