@@ -322,3 +322,24 @@ def test_config_token_missing_from_vocab_is_reported(trained, tmp_path, caplog):
     tok = Tokenizer.from_dir(d)
     assert tok.eos_token_id is None and tok.pad_token_id == 1
     assert "eos_token '<|eot_id|>'" in caplog.text
+
+
+def test_cli_encode_decode_chat_stats(trained, tmp_path, capsys):
+    from lmstack.cli import main
+
+    tok, out = trained
+    text = "GPU加速 ok"
+    assert main(["tokenizer", "encode", str(out), text]) == 0
+    ids = [int(x) for x in capsys.readouterr().out.splitlines()[0].split()]
+    assert ids == tok.encode(text)
+    assert main(["tokenizer", "decode", str(out), *map(str, ids)]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == text
+    conv = tmp_path / "c.json"
+    conv.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]))
+    assert main(["tokenizer", "chat", str(out), str(conv)]) == 0
+    shown = capsys.readouterr().out
+    assert "<|im_start|>assistant\n[[yo<|im_end|>]]\n" in shown
+    (tmp_path / "t.txt").write_text(ENGLISH[0], encoding="utf-8")
+    assert main(["tokenizer", "stats", str(out), "--input", str(tmp_path / "t.txt")]) == 0
+    assert f"{len(ENGLISH[0].encode()) / len(tok.encode(ENGLISH[0])):.3f}" in capsys.readouterr().out
+    assert main(["tokenizer", "chat", str(out), str(tmp_path / "missing.json")]) == 2
