@@ -64,10 +64,21 @@ def quantize_nf4(w: Tensor, group_size: int = 64) -> tuple[Tensor, Tensor]:
     return packed, absmax
 
 
+_PAIR_TABLES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _pair_table(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(256, 2): the two NF4 levels packed in each byte value, so dequantization is one gather."""
+    key = (device, dtype)
+    if key not in _PAIR_TABLES:
+        b = torch.arange(256)
+        _PAIR_TABLES[key] = torch.stack([NF4_CODEBOOK[b >> 4], NF4_CODEBOOK[b & 0x0F]], 1).to(device, dtype)
+    return _PAIR_TABLES[key]
+
+
 def dequantize_nf4(packed: Tensor, absmax: Tensor, shape: tuple[int, int], group_size: int = 64,
                    dtype: torch.dtype = torch.float32) -> Tensor:
-    idx = torch.stack([packed >> 4, packed & 0x0F], dim=1).view(-1).long()  # (n_padded,)
-    vals = NF4_CODEBOOK.to(device=packed.device, dtype=dtype)[idx].view(-1, group_size)
+    vals = _pair_table(packed.device, dtype)[packed.long()].view(-1, group_size)  # (n_groups, group_size)
     vals = vals * absmax.to(dtype)[:, None]
     n = shape[0] * shape[1]
     return vals.view(-1)[:n].view(shape)
@@ -101,6 +112,8 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # a custom Function is not autocast: cast ourselves
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if torch.is_grad_enabled() and x.requires_grad:
             y = _QuantMatmul.apply(x, self)
         else:
