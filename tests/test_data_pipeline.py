@@ -90,7 +90,7 @@ def test_end_to_end(corpus):
     j = json.loads((out / "report.json").read_text())
     assert j["documents"] == 7 and sum(j["histograms"]["output"]) == 7 and sum(j["histograms"]["input"]) == 12
     html = (out / "report.html").read_text()
-    assert "too_short" in html and "lang_other" in html and "data:image/png;base64" in html
+    assert "too_short" in html and "lang_other" in html and "<svg" in html and html.count("<rect") > 4
     assert (out / "config.yaml").is_file() and not (out / "_staging").exists()
 
 

@@ -37,7 +37,7 @@ from lmstack.data.config import DataPipelineConfig
 from lmstack.data.minhash import exact_duplicates, near_duplicates
 from lmstack.data.mix import mix_rates, repeats
 from lmstack.data.readers import ReadStats, expand_inputs, iter_file
-from lmstack.data.report import length_hist, write_report
+from lmstack.data.report import HIST_EDGES, length_hist, write_report
 from lmstack.data.steps import STEP_ORDER, DocProcessor, StepStats, init_worker, load_blocklist, process_batch, snippet
 from lmstack.errors import ConfigError, DataError
 from lmstack.utils.io import atomic_dir, atomic_write, file_sha256, read_json
@@ -330,7 +330,7 @@ def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_stagi
     read_step = StepStats("read", docs_in=read.records + sum(read.problems.values()), docs_out=read.records,
                           chars_in=steps["normalize"].chars_in, chars_out=steps["normalize"].chars_in,
                           removed=collections.Counter(read.problems))
-    all_steps = [read_step, *steps.values(), exact, near]
+    all_steps = [read_step, *steps.values()] + ([exact] if cfg.dedup.exact else []) + ([near] if cfg.dedup.near else [])
     if cfg.mix.enabled:
         all_steps.append(mix)
     report = {
@@ -341,7 +341,7 @@ def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_stagi
         "steps": [s.to_dict() for s in all_steps],
         "mix_rates": rates,
         "histograms": {"input": hist_in.tolist(), "output": hist_out.tolist()},
-        "histogram_edges": [float(x) for x in __import__("lmstack.data.report", fromlist=["HIST_EDGES"]).HIST_EDGES],
+        "histogram_edges": [float(x) for x in HIST_EDGES],
         "elapsed_s": sum(s["elapsed_s"] for s in sums) + (time.time() - t0),
         "created_by": f"lmstack {__version__}",
     }

@@ -1,11 +1,9 @@
 """Pipeline report: ``report.json`` (machine-readable) and ``report.html`` (tables, removal reasons with
-examples, length histograms as embedded PNG plots)."""
+examples, length histograms as inline SVG plots)."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +20,43 @@ def length_hist(lengths: list[int] | np.ndarray) -> np.ndarray:
     return counts.astype(np.int64)
 
 
-def _plot(hist: dict[str, list[int]]) -> str:
-    import matplotlib
+def svg_histogram(hist: dict[str, list[int]], edges: np.ndarray = HIST_EDGES, width: int = 760, height: int = 260
+                  ) -> str:
+    """Inline SVG bar chart of document-length histograms on log-spaced bins (one colour per series).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
-    centers = np.sqrt(np.maximum(HIST_EDGES[:-1], 0.5) * HIST_EDGES[1:])
-    for name, counts in hist.items():
-        ax.step(centers, counts, where="mid", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("document length (characters)")
-    ax.set_ylabel("documents")
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    Hand-written SVG instead of matplotlib: no heavy import, and the report stays one self-contained file."""
+    colors = ["#4c78a8", "#f58518", "#54a24b", "#e45756"]
+    series = [(k, np.asarray(v, dtype=np.int64)) for k, v in hist.items()]
+    nz = np.flatnonzero(sum(v for _, v in series) > 0) if series else np.zeros(0, int)
+    lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 1)
+    ymax = max(1, max(int(v[lo:hi].max()) for _, v in series)) if series else 1
+    left, bottom, top, right = 60, 40, 20, 10
+    pw, ph = width - left - right, height - top - bottom
+    nb = hi - lo
+    bw = pw / max(nb, 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
+             f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>']
+    for si, (name, v) in enumerate(series):
+        sub = bw / max(len(series), 1)
+        for k in range(lo, hi):
+            h = ph * v[k] / ymax
+            x = left + (k - lo) * bw + si * sub
+            parts.append(f'<rect x="{x:.1f}" y="{top + ph - h:.1f}" width="{max(sub - 1, 1):.1f}" height="{h:.1f}" '
+                         f'fill="{colors[si % 4]}"><title>{name}: {v[k]:,} docs, {edges[k]:.0f}-{edges[k + 1]:.0f} '
+                         f'chars</title></rect>')
+        parts.append(f'<rect x="{left + 10 + si * 120}" y="4" width="10" height="10" fill="{colors[si % 4]}"/>'
+                     f'<text x="{left + 24 + si * 120}" y="13">{name}</text>')
+    parts.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>')
+    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>')
+    for k in range(lo, hi + 1, max(1, nb // 8)):
+        parts.append(f'<text x="{left + (k - lo) * bw:.1f}" y="{top + ph + 14}" text-anchor="middle">'
+                     f'{edges[k]:.0f}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">document length (characters, '
+                 f'log bins)</text>')
+    parts.append(f'<text x="{left - 6}" y="{top + 8}" text-anchor="end">{ymax:,}</text>'
+                 f'<text x="{left - 6}" y="{top + ph}" text-anchor="end">0</text>')
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
@@ -70,9 +86,7 @@ def render_html(r: dict[str, Any]) -> str:
     read = r.get("read", {})
     read_items = "".join(f"<li>{e(k)}: {v:,}</li>" for k, v in read.get("problems", {}).items())
     read_ex = "".join(f"<li><code>{e(x)}</code></li>" for x in read.get("examples", []))
-    plot = ""
-    if r.get("histograms"):
-        plot = f'<img alt="length histogram" src="data:image/png;base64,{_plot(r["histograms"])}">'
+    plot = svg_histogram(r["histograms"]) if r.get("histograms") else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>lmstack data report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
