@@ -257,7 +257,7 @@ def default_tokenizer_config(special_tokens: Sequence[str], chat_template: str |
 def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_size: int,
                     out_dir: str | os.PathLike | None = None, special_tokens: Sequence[str] | None = None,
                     min_frequency: int = 2, text_field: str = "text", chat_template: str | None = CHATML_TEMPLATE,
-                    model_max_length: int = 4096, show_progress: bool = True, sample_rate: float = 1.0,
+                    model_max_length: int = 32768, show_progress: bool = True, sample_rate: float = 1.0,
                     max_chars: int | None = None, seed: int = 0) -> Tokenizer:
     """Train byte-level BPE on ``inputs`` (file/dir paths or an iterable of strings).
 
