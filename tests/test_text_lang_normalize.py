@@ -71,3 +71,11 @@ def test_html_to_text():
 def test_dedup_key_ignores_case_punct_space():
     assert dedup_key_text("Hello,  World!") == dedup_key_text("hello world") == "hello world"
     assert dedup_key_text("ＨＥＬＬＯ") == "hello"
+
+
+def test_nfkc_keeps_chinese_punctuation_by_default():
+    raw = "你好，世界！（测试）：ＡＢＣ１２３"
+    text, _ = normalize_text(raw)
+    assert text == "你好，世界！（测试）：ABC123"
+    folded, _ = normalize_text(raw, keep_cjk_punct=False)
+    assert folded == unicodedata.normalize("NFKC", raw) == "你好,世界!(测试):ABC123"

@@ -26,6 +26,7 @@ class InputConfig(StrictModel):
 class NormalizeConfig(StrictModel):
     enabled: bool = True
     nfkc: bool = True
+    keep_cjk_punct: bool = True                 # NFKC leaves full-width punctuation (，！？：；) alone
     control: bool = True
     whitespace: bool = True
     html: Literal["auto", "always", "never"] = "auto"   # .html inputs are always converted

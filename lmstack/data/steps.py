@@ -123,7 +123,7 @@ class DocProcessor:
             html_mode = "always" if rec.get("html") else n.html
             new, changed = normalize_text(text, nfkc=n.nfkc and n.enabled, control=n.control and n.enabled,
                                           whitespace=n.whitespace or bool(rec.get("html")), html_mode=html_mode,
-                                          mojibake=n.mojibake and n.enabled)
+                                          mojibake=n.mojibake and n.enabled, keep_cjk_punct=n.keep_cjk_punct)
             for c in changed:
                 st.changed[c] += 1
                 st.example(c, f"{rec['id']}: {snippet(text, 80)!r} -> {snippet(new, 80)!r}", ex)
@@ -168,8 +168,10 @@ class DocProcessor:
                     return self._drop(st, "pii", rec, text, extra=f" {r.counts}")
                 for k, v in r.counts.items():
                     st.changed[k] += v
-                    st.example(k, f"{rec['id']}: {r.spans[0].text if k == r.spans[0].kind else k} -> "
-                               f"{snippet(r.text, 80)!r}", ex)
+                    if len(st.examples.get(k, ())) < ex:
+                        sp = next(x for x in r.spans if x.kind == k)
+                        ctx = text[max(0, sp.start - 40):sp.end + 40].replace("\n", " ")
+                        st.example(k, f"{rec['id']}: {sp.text!r} in …{ctx}…", ex)
                 rec["pii"] = r.counts
                 if cfg.pii.action == "redact":
                     text = r.text

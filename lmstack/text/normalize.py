@@ -102,8 +102,27 @@ def looks_like_html(text: str) -> bool:
     return len(_HTML_HINT.findall(text[:5000])) >= 2
 
 
+# Full-width punctuation that NFKC would turn into ASCII (，。is kept anyway: 。 has no compatibility mapping).
+# Chinese text uses these on purpose, so by default NFKC leaves them alone (full-width letters/digits still fold).
+_CJK_PUNCT = re.compile(r"[\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]+")
+
+
+def _nfkc(text: str, keep_cjk_punct: bool = True) -> str:
+    """Unicode NFKC; with ``keep_cjk_punct`` full-width punctuation (，！？：；（）) is kept as is."""
+    if not keep_cjk_punct or text.isascii():
+        return unicodedata.normalize("NFKC", text)
+    out, pos = [], 0
+    for m in _CJK_PUNCT.finditer(text):
+        out.append(unicodedata.normalize("NFKC", text[pos:m.start()]))
+        out.append(m.group())
+        pos = m.end()
+    out.append(unicodedata.normalize("NFKC", text[pos:]))
+    return "".join(out)
+
+
 def normalize_text(text: str, *, nfkc: bool = True, control: bool = True, whitespace: bool = True,
-                   html_mode: str = "auto", mojibake: bool = True) -> tuple[str, list[str]]:
+                   html_mode: str = "auto", mojibake: bool = True, keep_cjk_punct: bool = True
+                   ) -> tuple[str, list[str]]:
     """Apply the chosen normalizations in a fixed order; return (text, names of those that changed it).
 
     ``html_mode``: ``"auto"`` (convert when the text looks like HTML), ``"always"`` or ``"never"``."""
@@ -119,7 +138,7 @@ def normalize_text(text: str, *, nfkc: bool = True, control: bool = True, whites
             changed.append("mojibake")
             text = new
     if nfkc:
-        new = unicodedata.normalize("NFKC", text)
+        new = _nfkc(text, keep_cjk_punct)
         if new != text:
             changed.append("nfkc")
             text = new
