@@ -58,13 +58,12 @@ def register(app: typer.Typer) -> None:
         """Supervised fine-tuning (assistant tokens only) with full, LoRA, QLoRA, prompt or prefix tuning.
 
         Any field can be overridden: --lora.r 16 --lora.target_modules all-linear --train.steps 500."""
-        from lmstack.config import load_config
-        from lmstack.tune.config import FinetuneConfig
+        from lmstack.tune.config import FinetuneConfig, load_stage_config
         from lmstack.tune.sft import finetune
 
         ov = _set(_overrides(list(ctx.args)), model=model, **{"data.path": data, "method": method,
                                                               "run_dir": run_dir, "train.resume": resume})
-        res = finetune(load_config(FinetuneConfig, config, ov))
+        res = finetune(load_stage_config(FinetuneConfig, config, ov))
         typer.echo(_summary(res))
         if res.stopped == "interrupted":
             raise typer.Exit(130)
@@ -83,13 +82,12 @@ def register(app: typer.Typer) -> None:
         resume: str = typer.Option(None, "--resume"),
     ) -> None:
         """Direct Preference Optimization; logs reward margins and preference accuracy. --dpo.beta 0.1"""
-        from lmstack.config import load_config
-        from lmstack.tune.config import DPOConfig
+        from lmstack.tune.config import DPOConfig, load_stage_config
         from lmstack.tune.dpo import align_dpo
 
         ov = _set(_overrides(list(ctx.args)), model=model, **{"data.path": data, "method": method,
                                                               "run_dir": run_dir, "train.resume": resume})
-        res = align_dpo(load_config(DPOConfig, config, ov))
+        res = align_dpo(load_stage_config(DPOConfig, config, ov))
         typer.echo(_summary(res))
         if res.stopped == "interrupted":
             raise typer.Exit(130)
@@ -106,13 +104,12 @@ def register(app: typer.Typer) -> None:
         resume: str = typer.Option(None, "--resume"),
     ) -> None:
         """Knowledge distillation: KL to the teacher's softened distribution + cross-entropy."""
-        from lmstack.config import load_config
-        from lmstack.tune.config import DistillConfig
+        from lmstack.tune.config import DistillConfig, load_stage_config
         from lmstack.tune.distill import distill
 
         ov = _set(_overrides(list(ctx.args)), teacher=teacher, student=student,
                   **{"data.path": data, "method": method, "run_dir": run_dir, "train.resume": resume})
-        res = distill(load_config(DistillConfig, config, ov))
+        res = distill(load_stage_config(DistillConfig, config, ov))
         typer.echo(_summary(res))
         if res.stopped == "interrupted":
             raise typer.Exit(130)

@@ -6,13 +6,14 @@ thing in every stage; method sections (``lora:``, ``quant:``, ``prompt:``) are s
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 
-from lmstack.config import StrictModel
+from lmstack.config import StrictModel, apply_overrides, read_yaml, validate
 from lmstack.train.config import TrainConfig
 
+T = TypeVar("T", bound=StrictModel)
 Method = Literal["full", "lora", "qlora", "prompt", "prefix"]
 
 
@@ -126,3 +127,23 @@ class DistillConfig(_Common):
     method: Literal["full", "lora", "qlora"] = "full"
     distill: DistillSection = Field(default_factory=DistillSection)
     data: SFTDataSection
+
+
+def load_stage_config(model: type[T], path: str | None, overrides: list[str]) -> T:
+    """Read a stage config for ``lmstack finetune`` / ``align dpo`` / ``distill``.
+
+    The file is either the stage config itself, or a pipeline recipe (``lmstack run``) whose
+    ``finetune.config`` holds it; then the recipe's ``model`` and ``finetune.method`` fill ``model`` and
+    ``method`` unless the stage config sets them. This way every file in ``recipes/`` is also a valid
+    pipeline recipe (stage-only ones say ``stages: []``)."""
+    data = read_yaml(path) if path else {}
+    ft = data.get("finetune")
+    if isinstance(ft, dict) and "config" in ft:
+        stage = dict(ft.get("config") or {})
+        if data.get("model") is not None and "model" in model.model_fields:
+            stage.setdefault("model", data["model"])
+        if "method" in ft:
+            stage.setdefault("method", ft["method"])
+        data = stage
+    apply_overrides(data, overrides)
+    return validate(model, data, str(path or "config"))
