@@ -39,3 +39,24 @@ def test_lm_eval_with_lmstack_model_equals_lmstack_accuracy(tmp_path, monkeypatc
         assert res[name]["acc,none"] == pytest.approx(ours[spec]["metrics"]["acc"]), spec
         assert res[name]["acc_norm,none"] == pytest.approx(ours[spec]["metrics"]["acc_norm"]), spec
     assert ours["mc_en"]["n"] == 10
+
+
+def test_harness_rolling_loglikelihood_and_generation(tmp_path):
+    import torch
+    import transformers
+    from lm_eval.api.instance import Instance
+
+    from lmstack.eval.harness import LmstackLM
+
+    d = make_model_dir(tmp_path / "model")
+    text = "The river town woke slowly in the grey light of early spring."
+    lm = LmstackLM(pretrained=str(d), device="cuda:0")  # lm-eval's default device falls back to cpu
+    (total,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.tensor([[1] + transformers.AutoTokenizer.from_pretrained(d)(text, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ids).logits[0, :-1], -1)
+    assert total == pytest.approx(float(logp.gather(1, ids[0, 1:, None]).sum()), rel=1e-5)
+    req = Instance("generate_until", {}, ("Question: hi\nAnswer:", {"until": ["\n"], "max_gen_toks": 6}), 0)
+    (out,) = lm.generate_until([req], disable_tqdm=True)
+    assert out == lm.lm.generate(["Question: hi\nAnswer:"], max_tokens=6, stop=["\n"])[0][0]

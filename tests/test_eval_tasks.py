@@ -273,3 +273,29 @@ def test_results_record_provenance_and_reports(env, tmp_path):
     html = (out / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
     assert len((out / "samples" / "mc_en.jsonl").read_text().splitlines()) == 3
+
+
+def test_prompt_tuning_adapter_perplexity_equals_peft(env, tmp_path):
+    d, hf, tok, lm = env
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)
+    pm.save_pretrained(tmp_path / "pt")
+    f = _write(tmp_path / "t.txt", PPL_TEXT)
+    ids = torch.tensor([[tok.bos_token_id] + tok(PPL_TEXT, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        logits = pm(input_ids=ids).logits[0]  # (4 virtual + T, V)
+        loss_base = hf(ids, labels=ids).loss.item()
+    assert logits.shape[0] == 4 + ids.shape[1]
+    # score real tokens 1..T-1 (BOS is context, as in lmstack); peft's own loss also scores BOS after the prompt
+    logp = torch.log_softmax(logits[4:-1], -1).gather(1, ids[0, 1:, None])
+    loss_peft = -logp.mean().item()
+    assert abs(loss_peft - loss_base) > 1e-3
+    r = run_eval(d, [{"type": "perplexity", "name": "p", "data": str(f), "max_length": 200, "stride": 200}],
+                 adapter=tmp_path / "pt", show_progress=False)
+    assert r["tasks"]["p"]["metrics"]["perplexity"] == pytest.approx(math.exp(loss_peft), rel=1e-4)
