@@ -46,8 +46,9 @@ class PagedAttention:
     """The attention context for one engine step (built by :meth:`ModelRunner.prepare`)."""
 
     def __init__(self, runner: "ModelRunner", slots: Tensor, num_decode: int, dec_blocks: Tensor | None,
-                 dec_mask: Tensor | None, prefills: list[_Prefill]):
+                 dec_mask: Tensor | None, prefills: list[_Prefill], dec_span: tuple[int, int] | None = None):
         self.r = runner
+        self.dec_span = dec_span  # (first slot, last slot + 1): one decode whose visible keys are contiguous
         self.slots = slots  # (N,) slot of each packed token
         self.num_decode = num_decode
         self.dec_blocks = dec_blocks  # (B_dec, nb_max)
@@ -75,8 +76,14 @@ class PagedAttention:
         nd = self.num_decode
         if nd:
             qd = q[:, :, :nd].permute(2, 1, 0, 3)  # (B_dec, H, 1, D)
-            kd, vd = self._gather(layer_idx, self.dec_blocks)
-            outs.append(_sdpa(qd, kd, vd, self.dec_mask).permute(2, 1, 0, 3))  # (1, H, B_dec, D)
+            if self.dec_span is not None:  # zero-copy: a slice of the pool, no mask needed
+                a, b = self.dec_span
+                kd = r.k_flat[layer_idx][a:b].transpose(0, 1)[None]  # (1, n_kv, S, D)
+                vd = r.v_flat[layer_idx][a:b].transpose(0, 1)[None]
+                outs.append(_sdpa(qd, kd, vd, None).permute(2, 1, 0, 3))
+            else:
+                kd, vd = self._gather(layer_idx, self.dec_blocks)
+                outs.append(_sdpa(qd, kd, vd, self.dec_mask).permute(2, 1, 0, 3))  # (1, H, B_dec, D)
         for p in self.prefills:
             a, b = p.offset, p.offset + p.num_tokens
             qp = q[:, :, a:b]  # (1, H, T, D)
@@ -159,8 +166,10 @@ class ModelRunner:
             ids.append(s.seq.token_ids[p])
             pos.append(p)
             slots.append(s.seq.block_table[p // bs] * bs + p % bs)
-        dec_blocks = dec_mask = None
-        if decode:
+        dec_blocks = dec_mask = dec_span = None
+        if len(decode) == 1 and P == 0:
+            dec_span = self._contiguous_span(decode[0])
+        if decode and dec_span is None:
             nb = max(len(s.seq.block_table) for s in decode)
             dec_blocks = torch.tensor([s.seq.block_table + [0] * (nb - len(s.seq.block_table)) for s in decode],
                                       dtype=torch.long, device=self.device)
@@ -191,8 +200,21 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([pos], dtype=torch.long, device=self.device) + P
         ctx = PagedAttention(self, torch.tensor(slots, dtype=torch.long, device=self.device), len(decode),
-                             dec_blocks, dec_mask, prefills)
+                             dec_blocks, dec_mask, prefills, dec_span)
         return input_ids, position_ids, ctx, sample_idx
+
+    def _contiguous_span(self, s: ScheduledSeq) -> tuple[int, int] | None:
+        """Slot range of the keys a single decode token sees, when its blocks are consecutive in the pool
+        (the usual case at batch 1): attention then reads a view instead of a gathered copy."""
+        bs, bt = self.block_size, s.seq.block_table
+        end = s.start + 1  # context length including the new token
+        lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
+        b0, b1 = lo // bs, (end - 1) // bs
+        first = bt[b0]
+        if any(bt[i] != first + i - b0 for i in range(b0 + 1, b1 + 1)):
+            return None
+        base = first * bs - b0 * bs
+        return base + lo, base + end
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
