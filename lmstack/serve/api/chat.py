@@ -52,9 +52,12 @@ async def create_chat_completion(model: ServedModel, req: P.ChatCompletionReques
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     final = first
-    if not final.finished:
-        async for out in rest:
-            final = out
+    try:
+        if not final.finished:
+            async for out in rest:
+                final = out
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]  (cancelled by a disconnect: abort the request)
     return JSONResponse(_full(model, head, final, k))
 
 
