@@ -146,48 +146,59 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_we
 
 
 class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n, dtype=np.int64)
+    """Union-find whose roots are the highest-priority (lowest ``prio``) member of each set."""
+
+    def __init__(self, prio: np.ndarray) -> None:
+        self.parent = np.arange(len(prio), dtype=np.int64)
+        self.prio = prio
 
     def find(self, x: int) -> int:
         p = self.parent
         root = x
         while p[root] != root:
-            root = p[root]
+            root = int(p[root])
         while p[x] != root:
-            p[x], x = root, p[x]
-        return int(root)
+            p[x], x = root, int(p[x])
+        return root
 
     def union(self, x: int, y: int) -> None:
         rx, ry = self.find(x), self.find(y)
-        if rx != ry:  # the smaller index (earlier document) becomes the root
-            self.parent[max(rx, ry)] = min(rx, ry)
+        if rx != ry:
+            if self.prio[rx] < self.prio[ry]:
+                self.parent[ry] = rx
+            else:
+                self.parent[rx] = ry
 
 
 def near_duplicates(sigs: np.ndarray, threshold: float, active: np.ndarray | None = None,
-                    bands: tuple[int, int] | None = None, max_compare: int = 32, seed: int = 0
-                    ) -> tuple[np.ndarray, list[tuple[int, int, float]]]:
-    """Near-duplicate flags for ``sigs`` (N, num_perm) uint32, rows in priority order (earlier row wins).
+                    bands: tuple[int, int] | None = None, max_compare: int = 32, seed: int = 0,
+                    priority: np.ndarray | None = None) -> tuple[np.ndarray, list[tuple[int, int, float]]]:
+    """Near-duplicate flags for ``sigs`` (N, num_perm) uint32 (an array or a read-only memmap).
 
-    ``active``: (N,) bool, rows to consider (e.g. not exact duplicates). Returns (is_dup (N,) bool,
-    confirmed pairs (dup_row, kept_row, estimated_jaccard) -- a sample for reports)."""
+    ``priority`` (N,): lower wins (default: row order, earlier row wins). ``active`` (N,) bool: rows to
+    consider (e.g. not exact duplicates). Returns (is_dup (N,) bool, a sample of confirmed pairs
+    (dup_row, kept_row, estimated_jaccard) for reports). Memory: O(N) per band plus the candidate rows."""
     n, num_perm = sigs.shape
-    if active is None:
-        active = np.ones(n, dtype=bool)
+    active = np.ones(n, dtype=bool) if active is None else active
+    prio = np.arange(n, dtype=np.int64) if priority is None else np.asarray(priority)
     b, r = bands or optimal_bands(threshold, num_perm)
-    uf = _UnionFind(n)
+    uf = _UnionFind(prio)
     rows_active = np.flatnonzero(active)
+    prio_active = prio[rows_active]
     mult = np.random.RandomState(seed).randint(1, 2**62, size=r, dtype=np.int64).astype(np.uint64) | np.uint64(1)
     checked: set[tuple[int, int]] = set()
     for band in range(b):
         block = np.asarray(sigs[rows_active, band * r:(band + 1) * r], dtype=np.uint64)  # (n_active, r)
-        keys = (block * mult[None, :]).sum(axis=1, dtype=np.uint64)                     # (n_active,)
-        order = np.argsort(keys, kind="stable")
+        with np.errstate(over="ignore"):
+            keys = (block * mult[None, :]).sum(axis=1, dtype=np.uint64)                  # (n_active,)
+        del block
+        order = np.lexsort((prio_active, keys))   # by key, then priority
         sk = keys[order]
         starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
         ends = np.r_[starts[1:], len(sk)]
-        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
-            members = rows_active[order[s:e]]  # ascending row (stable sort of ascending rows)
+        multi = ends - starts > 1
+        for s, e in zip(starts[multi], ends[multi]):
+            members = rows_active[order[s:e]]     # highest priority first
             for k in range(1, len(members)):
                 j = int(members[k])
                 for i in members[max(0, k - max_compare):k]:
@@ -195,8 +206,7 @@ def near_duplicates(sigs: np.ndarray, threshold: float, active: np.ndarray | Non
                     if (i, j) in checked:
                         continue
                     checked.add((i, j))
-                    est = float(np.mean(np.asarray(sigs[i]) == np.asarray(sigs[j])))
-                    if est >= threshold:
+                    if float(np.mean(np.asarray(sigs[i]) == np.asarray(sigs[j]))) >= threshold:
                         uf.union(i, j)
     is_dup = np.zeros(n, dtype=bool)
     pairs: list[tuple[int, int, float]] = []

@@ -205,6 +205,19 @@ def _load_shards(cfg: DataPipelineConfig, out_dir: Path) -> tuple[int, list[Path
     return n, want, sums
 
 
+def _signatures(dirs: list[Path], num_perm: int, out_dir: Path) -> np.ndarray:
+    """All shards' MinHash signatures as one read-only memmap (N, num_perm) uint32 (concatenated on disk)."""
+    if len(dirs) == 1:
+        path = dirs[0] / "sig.bin"
+    else:
+        path = out_dir / STAGING / "all_sig.bin"
+        with open(path, "wb") as out:
+            for d in dirs:
+                with open(d / "sig.bin", "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+    return np.memmap(path, dtype=np.uint32, mode="r").reshape(-1, num_perm)
+
+
 def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_staging: bool = True) -> dict[str, Any]:
     """Phase 2: global exact + near dedup and mixing over all shards; writes data.jsonl and the report."""
     t0 = time.time()
@@ -236,12 +249,11 @@ def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_stagi
     is_near = np.zeros(total, dtype=bool)
     pairs: list[tuple[int, int, float]] = []
     if cfg.dedup.near and total:
-        P = sums[0]["num_perm"]
-        sigs = np.concatenate([np.fromfile(d / "sig.bin", dtype=np.uint32).reshape(-1, P) for d in dirs])[order]
-        flags, pairs_sorted = near_duplicates(sigs, cfg.dedup.threshold, active=~is_exact[order], seed=cfg.dedup.seed)
+        sigs = _signatures(dirs, sums[0]["num_perm"], out_dir)
+        is_near, pairs_unsorted = near_duplicates(sigs, cfg.dedup.threshold, active=~is_exact, seed=cfg.dedup.seed,
+                                                  priority=rank)
         del sigs
-        is_near[order] = flags
-        pairs = [(int(order[a]), int(order[b]), j) for a, b, j in pairs_sorted]
+        pairs = sorted(pairs_unsorted, key=lambda p: rank[p[0]])
     near.removed["near_duplicate"] = int(is_near.sum())
     keep = ~(is_exact | is_near)
     near.docs_out, near.chars_out = int(keep.sum()), int(nch[keep].sum())
