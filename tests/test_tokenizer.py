@@ -343,3 +343,13 @@ def test_cli_encode_decode_chat_stats(trained, tmp_path, capsys):
     assert main(["tokenizer", "stats", str(out), "--input", str(tmp_path / "t.txt")]) == 0
     assert f"{len(ENGLISH[0].encode()) / len(tok.encode(ENGLISH[0])):.3f}" in capsys.readouterr().out
     assert main(["tokenizer", "chat", str(out), str(tmp_path / "missing.json")]) == 2
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["<|im_end|>", "<|pad|>", " ", "\n", "x", "中", "😀", "123", "\x00", "'s"])
+                | st.text(st.characters(exclude_categories=("Cs",)), max_size=10), max_size=12).map("".join))
+def test_ids_match_autotokenizer_property(trained, hf, text):
+    tok, _ = trained
+    ids = tok.encode(text)
+    assert ids == hf.encode(text, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
