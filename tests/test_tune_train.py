@@ -89,6 +89,17 @@ def test_prompt_and_prefix_sft_train_save_and_serve(env, method):
     with torch.no_grad():
         torch.testing.assert_close(logits, tuned(b["input_ids"], attention_mask=b["attention_mask"]),
                                    rtol=1e-4, atol=1e-4)
+    # and the serving engine (lmstack.load(..., adapter=...)) decodes greedily what the wrapper predicts
+    import lmstack
+
+    prompt = [int(t) for t in b["input_ids"][0, :10]]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(tuned(torch.tensor([ids]))[0, -1].argmax()))
+    out = lmstack.load(str(env["model"]), adapter=str(res.final_dir), device="cpu").generate(
+        [prompt], temperature=0.0, max_tokens=4, ignore_eos=True, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == ids[10:]
 
 
 def test_full_finetune_writes_a_model_directory(env):
