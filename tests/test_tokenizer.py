@@ -353,3 +353,20 @@ def test_ids_match_autotokenizer_property(trained, hf, text):
     ids = tok.encode(text)
     assert ids == hf.encode(text, add_special_tokens=False)
     assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+
+
+def test_with_added_tokens_matches_transformers(trained, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok, out = trained
+    new = tok.with_added_tokens(["<|tool|>", "<|im_end|>", "<|think|>"])  # <|im_end|> exists: kept
+    ref = AutoTokenizer.from_pretrained(out)
+    ref.add_special_tokens({"additional_special_tokens": ["<|tool|>", "<|think|>"]})
+    assert new.vocab_size == len(ref) == tok.vocab_size + 2
+    text = "a<|tool|>b<|think|>c<|im_end|>"
+    assert new.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert new.token_to_id("<|im_end|>") == tok.token_to_id("<|im_end|>")
+    assert new.decode(new.encode(text), skip_special_tokens=True) == "abc"
+    new.save(tmp_path / "t")
+    assert AutoTokenizer.from_pretrained(tmp_path / "t").encode(text, add_special_tokens=False) == new.encode(text)
+    assert tok.sha256 != new.sha256 and Tokenizer.from_dir(tmp_path / "t").sha256 == new.sha256

@@ -113,6 +113,30 @@ class Tokenizer:
             gen_eos = [int(e) for e in (eos if isinstance(eos, list) else [eos])]
         return cls(backend, config, raw, gen_eos, template)
 
+    def with_added_tokens(self, tokens: Sequence[str], special: bool = True) -> "Tokenizer":
+        """A new tokenizer with ``tokens`` added after the current ids (existing ids unchanged), e.g. new chat
+        markers before fine-tuning. The model's embedding must then grow to the new ``vocab_size``.
+        Tokens already in the vocabulary are left as they are. ``special`` tokens are skipped by
+        ``decode(skip_special_tokens=True)`` and count as control tokens for ``sanitize``."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as _Backend
+
+        backend = _Backend.from_str(self._json.decode("utf-8"))
+        new = [t for t in dict.fromkeys(tokens) if t not in self._vocab]
+        # ids continue after the largest existing id (tokenizers would reuse the model's size otherwise)
+        added = [AddedToken(t, special=special, normalized=False, single_word=False, lstrip=False, rstrip=False)
+                 for t in new]
+        (backend.add_special_tokens if special else backend.add_tokens)(added)
+        cfg = json.loads(json.dumps(self.config))
+        dec = cfg.setdefault("added_tokens_decoder", {})
+        for t in new:
+            dec[str(backend.token_to_id(t))] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                               "single_word": False, "special": special}
+        if special:
+            extra = cfg.get("additional_special_tokens") or []
+            cfg["additional_special_tokens"] = [*extra, *[t for t in new if t not in extra]]
+        return Tokenizer(backend, cfg, None, self._generation_eos, self._chat_template)
+
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (the exact bytes this tokenizer was loaded from) + ``tokenizer_config.json``."""
         from lmstack.utils.io import atomic_write, atomic_write_json
