@@ -205,3 +205,25 @@ def test_cli_verbs(corpus, capsys):
         "malformed_json": 1}
     assert cli_main(["data", "clean", str(corpus / "nope"), "-o", str(corpus / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_sharded_dedup_then_merge_without_config(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(FIX))
+    from gen import corpus as synth
+
+    docs, planted = synth(seed=5, n_en=12, n_zh=8, n_dup_en=4, n_dup_zh=4)
+    for k in range(3):
+        with open(tmp_path / f"p{k}.jsonl", "w", encoding="utf-8") as f:
+            for d in docs[k::3]:
+                f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    files = [str(tmp_path / f"p{k}.jsonl") for k in range(3)]
+    for i in range(2):
+        assert cli_main(["data", "dedup", *files, "-o", str(tmp_path / "o"), "--workers", "1", "--shard", f"{i}/2"]) == 0
+    assert "merge --out" in capsys.readouterr().out
+    assert cli_main(["data", "merge", "--out", str(tmp_path / "o")]) == 0
+    assert cli_main(["data", "dedup", *files, "-o", str(tmp_path / "full"), "--workers", "1"]) == 0
+    assert _out(tmp_path / "o") == _out(tmp_path / "full")
+    assert len(_out(tmp_path / "full")) <= len(docs) - int(0.9 * len(planted))
+    assert cli_main(["data", "merge", "--out", str(tmp_path / "nothing")]) == 2

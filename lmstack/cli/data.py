@@ -24,6 +24,17 @@ def _summary(report: dict) -> None:
     Console().print(t)
 
 
+def _done(report: dict, shard: Optional[str], out: Optional[str]) -> None:
+    if shard is None:
+        _summary(report)
+    else:
+        typer.echo(f"shard {shard}: {report['documents']:,} documents kept; run the other shards, then "
+                   f"`lmstack data merge --out {out or '<out_dir>'}`")
+
+
+_SHARD = typer.Option(None, "--shard", help="Run only shard i/n; then `lmstack data merge --out DIR`.")
+
+
 def register(app: typer.Typer) -> None:
     data = typer.Typer(help="Data pipeline: clean, filter, dedup, PII, mix, report, token shards.",
                        no_args_is_help=True)
@@ -39,14 +50,11 @@ def register(app: typer.Typer) -> None:
         from lmstack.data.pipeline import run_pipeline
 
         r = run_pipeline(config, out, shard=shard, overrides=ctx.args)
-        if shard is None:
-            _summary(r)
-        else:
-            typer.echo(f"shard {shard}: {r['documents']:,} documents kept; run the other shards, then "
-                       f"`lmstack data merge --config {config}`")
+        _done(r, shard, out)
 
     @data.command("merge", context_settings=_EXTRA)
-    def merge(ctx: typer.Context, config: str = typer.Option(..., "--config", "-c"),
+    def merge(ctx: typer.Context,
+              config: Optional[str] = typer.Option(None, "--config", "-c", help="Default: the shards' config."),
               out: Optional[str] = typer.Option(None, "--out", "-o")) -> None:
         """After `run --shard i/n` for every i: global exact + near dedup, mixing, output and report."""
         from lmstack.data.pipeline import merge_output
@@ -59,12 +67,13 @@ def register(app: typer.Typer) -> None:
               lang: str = typer.Option("en,zh", "--lang", help="Languages to keep: comma list of en, zh, other."),
               pii: str = typer.Option("redact", "--pii", help="redact | drop | count | off"),
               no_quality: bool = typer.Option(False, "--no-quality", help="Skip the quality filters."),
-              workers: int = typer.Option(0, "--workers", help="Processes (0 = all cores).")) -> None:
+              workers: int = typer.Option(0, "--workers", help="Processes (0 = all cores)."),
+              shard: Optional[str] = _SHARD) -> None:
         """Normalize, language-filter, quality-filter and redact PII (no dedup)."""
         from lmstack.data.verbs import clean as run_clean
 
-        _summary(run_clean(inputs, out, text_field=text_field, languages=[x.strip() for x in lang.split(",") if x],
-                           pii=pii, quality=not no_quality, workers=workers, overrides=ctx.args))
+        _done(run_clean(inputs, out, text_field=text_field, languages=[x.strip() for x in lang.split(",") if x],
+                        pii=pii, quality=not no_quality, workers=workers, shard=shard, overrides=ctx.args), shard, out)
 
     @data.command("dedup", context_settings=_EXTRA)
     def dedup(ctx: typer.Context, inputs: List[str] = typer.Argument(...), out: str = typer.Option(..., "--out", "-o"),
@@ -72,12 +81,12 @@ def register(app: typer.Typer) -> None:
               threshold: float = typer.Option(0.8, "--threshold", help="Jaccard threshold for near duplicates."),
               num_perm: int = typer.Option(128, "--num-perm"),
               exact_only: bool = typer.Option(False, "--exact-only"),
-              workers: int = typer.Option(0, "--workers")) -> None:
+              workers: int = typer.Option(0, "--workers"), shard: Optional[str] = _SHARD) -> None:
         """Exact and MinHash-LSH near dedup only (text unchanged)."""
         from lmstack.data.verbs import dedup as run_dedup
 
-        _summary(run_dedup(inputs, out, text_field=text_field, threshold=threshold, num_perm=num_perm,
-                           near=not exact_only, workers=workers, overrides=ctx.args))
+        _done(run_dedup(inputs, out, text_field=text_field, threshold=threshold, num_perm=num_perm,
+                        near=not exact_only, workers=workers, shard=shard, overrides=ctx.args), shard, out)
 
     @data.command("stats")
     def stats(inputs: List[str] = typer.Argument(...), text_field: str = typer.Option("text", "--text-field"),

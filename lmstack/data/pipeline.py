@@ -184,6 +184,7 @@ def run_shard(cfg: DataPipelineConfig, out_dir: str | os.PathLike, shard: tuple[
                    "elapsed_s": time.time() - t0}
         with atomic_write(tmp / "summary.json") as f:
             json.dump(summary, f, ensure_ascii=False)
+        save_config(cfg, tmp / "config.yaml")  # lets `lmstack data merge --out DIR` run without --config
     return summary
 
 
@@ -424,9 +425,16 @@ def run_pipeline(cfg: DataPipelineConfig | str | os.PathLike | dict, out_dir: st
     return merge_shards(cfg, out, keep_staging=False)
 
 
-def merge_output(cfg: DataPipelineConfig | str | os.PathLike | dict, out_dir: str | os.PathLike | None = None,
+def merge_output(cfg: DataPipelineConfig | str | os.PathLike | dict | None, out_dir: str | os.PathLike | None = None,
                  overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Phase 2 for a sharded run (``lmstack data merge``): same config, same output directory."""
+    """Phase 2 for a sharded run (``lmstack data merge``). ``cfg=None``: the config the shards were run with."""
+    if cfg is None:
+        if not out_dir:
+            raise ConfigError("merge needs --out (the directory the shards wrote to) or --config")
+        saved = sorted((Path(out_dir) / STAGING).glob("shard-*-of-*/config.yaml"))
+        if not saved:
+            raise DataError(f"{Path(out_dir) / STAGING}: no shard outputs; run the shards with --shard i/n first")
+        cfg = saved[0]
     cfg = load_pipeline_config(cfg, overrides)
     out = out_dir or cfg.out_dir
     if not out:

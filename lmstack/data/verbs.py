@@ -27,23 +27,24 @@ def _inputs(paths: Sequence[str], text_field: str) -> list[dict[str, Any]]:
 
 def clean(paths: Sequence[str], out_dir: str | os.PathLike, *, text_field: str = "text",
           languages: Sequence[str] = ("en", "zh"), pii: str = "redact", quality: bool = True, workers: int = 0,
-          overrides: Sequence[str] = ()) -> dict[str, Any]:
+          shard: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Normalize, language filter, quality filters and PII redaction; no dedup."""
     cfg = {"inputs": _inputs(paths, text_field), "workers": workers,
            "language": {"keep": list(languages)}, "quality": {"enabled": quality},
            "pii": {"enabled": pii != "off", "action": pii if pii != "off" else "redact"},
            "dedup": {"exact": False, "near": False}}
-    return run_pipeline(cfg, out_dir, overrides=overrides)
+    return run_pipeline(cfg, out_dir, shard=shard, overrides=overrides)
 
 
 def dedup(paths: Sequence[str], out_dir: str | os.PathLike, *, text_field: str = "text", threshold: float = 0.8,
-          num_perm: int = 128, near: bool = True, workers: int = 0, overrides: Sequence[str] = ()) -> dict[str, Any]:
+          num_perm: int = 128, near: bool = True, workers: int = 0, shard: str | None = None,
+          overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Exact and (optionally) near dedup only; the text is passed through unchanged."""
     cfg = {"inputs": _inputs(paths, text_field), "workers": workers,
            "normalize": {"enabled": False}, "language": {"enabled": False}, "quality": {"enabled": False},
            "pii": {"enabled": False},
            "dedup": {"exact": True, "near": near, "threshold": threshold, "num_perm": num_perm}}
-    return run_pipeline(cfg, out_dir, overrides=overrides)
+    return run_pipeline(cfg, out_dir, shard=shard, overrides=overrides)
 
 
 def stats(paths: Sequence[str], *, text_field: str = "text", max_docs: int | None = None) -> dict[str, Any]:
