@@ -160,3 +160,34 @@ def test_prefix_changes_outputs_only_through_prefixes(qwen2_dir):
         with_prefix = base(IDS, position_ids=hidden_pos, ctx=ctx)
     torch.testing.assert_close(masked, plain, rtol=1e-4, atol=1e-4)
     assert (with_prefix - plain).abs().max() > 1e-3
+
+
+def test_adapter_trained_with_peft_loads_in_lmstack(tmp_path):
+    import peft
+
+    hf = make_hf_model("llama", tmp_path / "base")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "up_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(hf, cfg).eval()
+    pm.save_pretrained(tmp_path / "peft_adapter")
+    model = load_model(tmp_path / "base")
+    rt = load_adapter(model, tmp_path / "peft_adapter")
+    assert sorted({n.rsplit(".", 1)[-1] for n in rt.wrapped_modules}) == ["k_proj", "up_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), pm(input_ids=IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_errors_name_the_problem(qwen2_dir, tmp_path):
+    from lmstack.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        load_adapter(load_model(qwen2_dir), tmp_path)
+    model = load_model(qwen2_dir)
+    spec = LoraSpec(r=2, alpha=4, target_modules=["q_proj"])
+    apply_lora(model, spec)
+    save_lora_adapter(model, tmp_path / "a", spec)
+    (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 3, "target_modules": ["q_proj"]}')
+    with pytest.raises(CheckpointError, match=r"has shape \(2, 64\) but this model needs \(3, 64\)"):
+        load_adapter(load_model(qwen2_dir), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    with pytest.raises(CheckpointError, match="peft_type 'IA3' is not supported"):
+        load_adapter(load_model(qwen2_dir), tmp_path / "a")
