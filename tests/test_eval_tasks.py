@@ -113,8 +113,6 @@ def test_multiple_choice_predictions_equal_transformers_argmax(env):
     r = run_eval(d, ["mc_en"], lm=lm, limit=6, show_progress=False)["tasks"]["mc_en"]
     rows = [json.loads(x) for x in open(load_task("mc_en").data, encoding="utf-8")][:6]
     correct = 0
-    from lmstack.eval.run import _evaluator  # noqa: F401  (samples are popped by run_eval; recompute here)
-
     preds = []
     for row in rows:
         ctx = ("The following are multiple choice questions (with answers) about general knowledge.\n\n"

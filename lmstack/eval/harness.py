@@ -99,7 +99,9 @@ class LmstackLM(LM):
 
 def register() -> None:
     """Make ``--model lmstack`` resolvable in lm-eval (idempotent)."""
-    import lm_eval.models  # noqa: F401  (registers lm-eval's own model types first)
+    import importlib
+
+    importlib.import_module("lm_eval.models")  # registers lm-eval's own model types first
 
     if "lmstack" not in model_registry:
         register_model("lmstack")(LmstackLM)

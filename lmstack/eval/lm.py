@@ -245,8 +245,10 @@ class EvalLM:
         available (``generator="auto"|"engine"``), else on :mod:`lmstack.eval.generate`."""
         if self.generator != "builtin" and self.model_dir is not None:
             try:
-                from lmstack.serve.llm import LLM  # noqa: F401
-                from lmstack.tokenizer import Tokenizer  # noqa: F401
+                import importlib
+
+                importlib.import_module("lmstack.serve.llm")
+                importlib.import_module("lmstack.tokenizer")
             except ImportError:
                 if self.generator == "engine":
                     raise
