@@ -370,3 +370,22 @@ def test_with_added_tokens_matches_transformers(trained, tmp_path):
     new.save(tmp_path / "t")
     assert AutoTokenizer.from_pretrained(tmp_path / "t").encode(text, add_special_tokens=False) == new.encode(text)
     assert tok.sha256 != new.sha256 and Tokenizer.from_dir(tmp_path / "t").sha256 == new.sha256
+
+
+def test_json_array_and_truncated_archives_are_counted(tmp_path):
+    import gzip
+
+    import zstandard
+
+    docs = corpus(6)
+    (tmp_path / "a.json").write_text(json.dumps([{"text": docs[0]}, docs[1], {"x": 1}, 5]), encoding="utf-8")
+    whole = gzip.compress("\n".join(json.dumps({"text": t}) for t in docs[2:]).encode())
+    (tmp_path / "b.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # truncated download
+    (tmp_path / "c.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(docs[0].encode())[:-6])
+    (tmp_path / "d.txt").write_text(docs[5], encoding="utf-8")
+    tok = train_tokenizer([tmp_path], vocab_size=300, show_progress=False)
+    st = tok.train_stats
+    assert st.files == 4
+    assert st.bad_records == 2 + 1 + 1  # two bad array items, two unreadable archives
+    assert any("b.jsonl.gz" in f and "unreadable" in r for f, _, r in st.malformed)
+    assert any("c.txt.zst" in f and "unreadable" in r for f, _, r in st.malformed)

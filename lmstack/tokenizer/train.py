@@ -48,6 +48,43 @@ class ReadStats:
             self.malformed.append((str(path), line, reason))
 
 
+class _ZstdStream(io.RawIOBase):
+    """Zstandard decompression that, unlike ``stream_reader``, raises EOFError on a truncated frame
+    (multi-frame files, as written by ``zstd`` in chunks, are supported)."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self.raw = raw
+        self.dctx = zstandard.ZstdDecompressor()
+        self.obj = self.dctx.decompressobj()
+        self.buf = b""
+        self.started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf:
+            chunk = self.raw.read(1 << 16)
+            if not chunk:
+                if self.started and not self.obj.eof:
+                    raise EOFError("zstd data ended before the end of its frame (truncated file?)")
+                return 0
+            self.started = True
+            out = b""
+            while chunk:
+                if self.obj.eof:  # next frame
+                    self.obj = self.dctx.decompressobj()
+                out += self.obj.decompress(chunk)
+                chunk = self.obj.unused_data if self.obj.eof else b""
+            self.buf = out
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+
 class _Reader:
     """Binary line reader over a plain, .gz or .zst file; ``pos`` = bytes of the file on disk consumed so far."""
 
@@ -57,9 +94,7 @@ class _Reader:
         if name.endswith(".gz"):
             self.f = gzip.GzipFile(fileobj=self.raw)
         elif name.endswith(".zst"):
-            import zstandard
-
-            self.f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(self.raw))
+            self.f = io.BufferedReader(_ZstdStream(self.raw))
         else:
             self.f = self.raw
 
@@ -113,8 +148,11 @@ def iter_file_texts(path: Path, text_field: str, stats: ReadStats,
             advance(pos - done)
             done = pos
 
+    lineno = 0
     try:
-        if suffix in (".jsonl", ".json", ".ndjson"):
+        if suffix == ".json" and _starts_with(reader, b"["):  # one JSON array of records (or strings)
+            yield from _json_array(path, b"".join(reader), text_field, stats)
+        elif suffix in (".jsonl", ".json", ".ndjson"):
             for lineno, raw in enumerate(reader, 1):
                 line = raw.decode("utf-8", errors="replace")
                 if not line.strip():
@@ -150,8 +188,44 @@ def iter_file_texts(path: Path, text_field: str, stats: ReadStats,
                 stats.chars += len(text)
                 yield text
         advance(reader.pos - done)
+    except _read_errors() as e:  # truncated .gz/.zst, bad compressed data: count it, skip the rest of the file
+        stats.bad(path, lineno, f"unreadable after this point ({type(e).__name__}: {e})")
+        log.warning("%s: unreadable after line %d (%s); skipping the rest of the file", path, lineno, e)
     finally:
         reader.close()
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:  # pragma: no cover
+        pass
+    return errors
+
+
+def _starts_with(reader: "_Reader", prefix: bytes) -> bool:
+    """Whether the file's first non-whitespace bytes are ``prefix`` (the reader is rewound)."""
+    head = reader.f.peek(64) if hasattr(reader.f, "peek") else b""
+    return head.lstrip()[: len(prefix)] == prefix
+
+
+def _json_array(path: Path, data: bytes, text_field: str, stats: ReadStats) -> Iterator[str]:
+    try:
+        items = json.loads(data.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
+        stats.bad(path, e.lineno, f"invalid JSON ({e.msg})")
+        return
+    for i, rec in enumerate(items):
+        t = rec if isinstance(rec, str) else rec.get(text_field) if isinstance(rec, dict) else None
+        if not isinstance(t, str):
+            stats.bad(path, i + 1, f"item {i} has no string field {text_field!r}")
+            continue
+        stats.documents += 1
+        stats.chars += len(t)
+        yield t
 
 
 TRAIN_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".json", ".ndjson", ".parquet"}
