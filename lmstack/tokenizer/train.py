@@ -3,9 +3,10 @@
 Sennrich et al. 2016 (BPE for NMT); GPT-2's byte-level variant; the split pattern is in ``pretokenize.py``.
 
 Inputs are files or an iterable of strings. Files: ``.txt``/``.md`` (one document per file, streamed in
-1 MiB pieces cut at line ends), ``.jsonl`` (one JSON object per line, text in ``text_field``), each optionally
-``.gz`` or ``.zst`` compressed, and ``.parquet`` (a string column ``text_field``). Malformed JSONL lines are
-counted and reported, not fatal.
+1 MiB pieces cut at line ends), ``.jsonl`` (one JSON object per line, text in ``text_field``), ``.json`` (JSONL,
+or one array of records or strings), each optionally ``.gz`` or ``.zst`` compressed, and ``.parquet`` (a string
+column ``text_field``). Malformed records and the unreadable rest of a truncated archive are counted and
+reported (``ReadStats``), not fatal.
 """
 
 from __future__ import annotations
