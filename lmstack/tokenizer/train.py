@@ -336,6 +336,10 @@ def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_s
                     max_chars: int | None = None, seed: int = 0) -> Tokenizer:
     """Train byte-level BPE on ``inputs`` (file/dir paths or an iterable of strings).
 
+    A list of ``str`` is read as paths when every item looks like a path (no whitespace) and one exists or all
+    contain "/" or a suffix; pass ``pathlib.Path`` objects (always paths) or an iterator (always texts) to be
+    explicit.
+
     ``vocab_size`` counts everything: 256 byte tokens + special tokens + merges. ``special_tokens`` default:
     ``<|endoftext|>`` (document separator, bos/eos), ``<|pad|>``, ``<|im_start|>``, ``<|im_end|>`` and 8
     ``<|reserved_i|>``; they get ids 0.. in that order. Writes ``tokenizer.json`` + ``tokenizer_config.json``
