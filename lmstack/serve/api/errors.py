@@ -96,7 +96,7 @@ def from_exception(e: BaseException, param: str = "messages") -> APIError:
         return shutting_down()
     if isinstance(e, PromptTooLong):
         limit, got = getattr(e, "limit", None), getattr(e, "got", None)
-        if limit is not None and got is not None:
+        if limit is not None and got is not None and getattr(e, "what", "max_model_len") == "max_model_len":
             return prompt_too_long(int(limit), int(got), param)
         return APIError(400, str(e), param=param, code="context_length_exceeded")
     if isinstance(e, LmstackError):  # SamplingParams.validate and friends: the user's values
