@@ -57,6 +57,7 @@ class Tokenizer:
         self._vocab = backend.get_vocab(with_added_tokens=True)  # str -> id
         added = backend.get_added_tokens_decoder()  # id -> AddedToken
         self._special_ids = {i for i, t in added.items() if t.special}
+        self._skip_ids = frozenset(self._special_ids)  # what decode(skip_special_tokens=True) drops (as Rust does)
         self._added = {t.content: i for i, t in added.items()}
         self.special_tokens: dict[str, str] = {}  # "bos_token" -> "<|endoftext|>"
         for key in SPECIAL_KEYS:
@@ -242,7 +243,7 @@ class Tokenizer:
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         """Incremental decoder: ``.step(id) -> str`` text delta (never a split character), ``.flush() -> str``."""
-        skip = frozenset(self._special_ids) if skip_special_tokens else frozenset()
+        skip = self._skip_ids if skip_special_tokens else frozenset()  # exactly what decode() skips
         return StreamDecoder(lambda ids: self._tk.decode(list(ids), skip_special_tokens=False), skip)
 
     # ------------------------------------------------------------------ chat
