@@ -67,7 +67,7 @@ def _resolve(cfg: DataPipelineConfig) -> list[tuple[int, str, Path, str, Any]]:
     """All input files up front (fails before any work): (file index, source name, path, rel, input cfg)."""
     files = []
     for k, inp in enumerate(cfg.inputs):
-        name = inp.name or Path(inp.path.split("*")[0].rstrip("/") or "input").stem or f"input{k}"
+        name = inp.name or Path(inp.path.split("*")[0].rstrip("/") or "input").name.split(".")[0] or f"input{k}"
         for path, rel in expand_inputs(inp.path, where=f"inputs[{k}].path"):
             files.append((len(files), name, path, rel, inp))
     return files
@@ -151,6 +151,7 @@ def run_shard(cfg: DataPipelineConfig, out_dir: str | os.PathLike, shard: tuple[
     hist_in = np.zeros(len(length_hist([])), dtype=np.int64)
     t0 = time.time()
     n_docs = 0
+    created_by = f"lmstack {__version__}"
     with atomic_dir(_shard_dir(out_dir, i, n)) as tmp, progress() as bar:
         task = bar.add_task(f"clean shard {i}/{n}" if n > 1 else "clean", total=None)
         with open(tmp / "docs.jsonl", "w", encoding="utf-8") as fdocs, open(tmp / "pos.bin", "wb") as fpos, \
@@ -175,6 +176,8 @@ def run_shard(cfg: DataPipelineConfig, out_dir: str | os.PathLike, shard: tuple[
                         np.stack([d.pop("sig") for d in docs]).astype(np.uint32).tofile(fsig)
                     for d in docs:
                         d.pop("html", None)
+                        d.pop("pos", None)
+                        d["created_by"] = created_by
                         fdocs.write(json.dumps(d, ensure_ascii=False) + "\n")
                 n_docs += len(docs)
                 bar.advance(task, bstats["normalize"]["docs_in"])
@@ -306,23 +309,20 @@ def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_stagi
                     near.example("near_duplicate", f"{d['id']} ~ {kept_ids.get(kept, '?')} (est. Jaccard {j:.2f}): "
                                  f"{snippet(d['text'])}", cfg.examples)
                 continue
-            d = json.loads(line)
             reps = 1
             if rates is not None:
+                d = json.loads(line)
                 reps = repeats(d["id"], rates.get(d["source"], 0.0), cfg.mix.seed)
                 if reps == 0:
                     mix.removed[f"sampled_out:{d['source']}"] += 1
                     continue
                 if reps > 1:
                     mix.changed[f"repeated:{d['source']}"] += reps - 1
-            d.pop("pos", None)
-            d["created_by"] = f"lmstack {__version__}"
-            s = json.dumps(d, ensure_ascii=False) + "\n"
             for _ in range(reps):
-                fout.write(s)
+                fout.write(line)  # already in final form (written by run_shard)
             n_out += reps
-            chars_out += reps * len(d["text"])
-            lens.extend([len(d["text"])] * reps)
+            chars_out += reps * int(nch[row])
+            lens.extend([int(nch[row])] * reps)
             if len(lens) >= 65536:
                 hist_out += length_hist(lens)
                 lens.clear()

@@ -107,9 +107,8 @@ class _Words:
     """Word ids and lengths as arrays, with rolling n-gram hashes: (L,) -> (L - n + 1,) per n."""
 
     def __init__(self, words: list[str]) -> None:
-        inv = np.unique(np.array(words, dtype=str), return_inverse=True)[1] if words else np.zeros(0, np.int64)
-        with np.errstate(over="ignore"):
-            self.ids = (inv.astype(np.uint64).reshape(-1) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        # Python's string hash: equal words -> equal ids within this process, which is all a document needs
+        self.ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
         self.lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         self.total = int(self.lens.sum())
         self._h: dict[int, np.ndarray] = {1: self.ids}
