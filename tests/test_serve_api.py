@@ -249,6 +249,20 @@ def test_error_statuses(server, client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert status_of(lambda: chat(model="tiny", messages=MSGS, tools=tools))[0] == 400
     assert status_of(lambda: chat(model="tiny", messages=MSGS, response_format={"type": "json_object"}))[0] == 400
+    for kw, param in [(dict(n=0), "n"), (dict(top_logprobs=2), "top_logprobs"), (dict(stop=["x"] * 17), "stop"),
+                      (dict(extra_body={"top_k": -5}), "top_k"), (dict(max_tokens=0), "max_tokens"),
+                      (dict(presence_penalty=3), "presence_penalty")]:
+        code, body = status_of(lambda: chat(model="tiny", messages=MSGS, **kw))
+        assert code == 400 and json.loads(body)["param"] == param, (kw, body)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    assert status_of(lambda: chat(model="tiny", messages=image))[0] == 400
+    assert status_of(lambda: chat(model="tiny", messages=[]))[0] == 400
+    comp = client.completions.create
+    code, body = status_of(lambda: comp(model="tiny", prompt=[5, 99999], max_tokens=2))
+    assert code == 400 and "99999" in body and "320" in body
+    assert status_of(lambda: comp(model="tiny", prompt="x", echo=True, logprobs=1))[0] == 400
+    assert status_of(lambda: comp(model="tiny", prompt="x", suffix="y"))[0] == 400
+    assert status_of(lambda: comp(model="tiny", prompt="fox " * 300))[0] == 400
     # harmless unknown parameters are ignored
     ok = chat(model="tiny", messages=MSGS, max_tokens=2, user="u1", extra_body={"frobnicate": 1})
     assert ok.usage.completion_tokens <= 2

@@ -198,7 +198,10 @@ def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: A
     mml = max_model_len or getattr(llm, "max_model_len", None) or getattr(engine, "max_model_len", None)
     if not mml:
         raise ValueError("create_app: unknown max_model_len (pass max_model_len=)")
-    return ServedModel(engine=engine, tokenizer=tok, names=names, max_model_len=int(mml))
+    cfg = getattr(getattr(llm, "model", None), "config", None)
+    vocab = getattr(cfg, "vocab_size", None) or getattr(tok, "vocab_size", None)
+    return ServedModel(engine=engine, tokenizer=tok, names=names, max_model_len=int(mml),
+                       vocab_size=int(vocab) if isinstance(vocab, int) else None)
 
 
 def create_app(llm_or_engine: Any, api_key: str | None = None, served_model_name: str | list[str] | None = None,

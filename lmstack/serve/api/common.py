@@ -27,6 +27,7 @@ class ServedModel:
     names: list[str]  # served model names; names[0] is reported in responses
     max_model_len: int
     metrics: Any = None  # ServerMetrics
+    vocab_size: int | None = None  # the model's embedding rows (token-id prompts must be below it)
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
 

@@ -24,7 +24,7 @@ from lmstack.serve.types import RequestOutput
 
 
 def _encode(model: ServedModel, prompts: list[str | list[int]]) -> list[list[int]]:
-    vocab = getattr(model.tokenizer, "vocab_size", None)
+    vocab = model.vocab_size
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
