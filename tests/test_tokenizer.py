@@ -187,6 +187,8 @@ def test_stream_decoder_sentencepiece_spaces(tmp_path):
     deltas = _stream(tok, ids)
     assert "".join(deltas) == AutoTokenizer.from_pretrained(d).decode(ids) == text
     assert not any("\ufffd" in x for x in deltas)
+    with_specials = tok.encode(text, add_special_tokens=True) + [tok.eos_token_id]  # <s> ... </s>
+    assert "".join(_stream(tok, with_specials)) == tok.decode(with_specials, skip_special_tokens=True) == text
 
 
 def test_stream_decoder_flushes_invalid_bytes(trained):
