@@ -126,3 +126,29 @@ def test_every_shipped_problem_passes_with_its_reference_solution():
     assert [r.status for r in res] == ["passed"] * len(rows)
     res = run_many([program(r["prompt"], "    pass\n", r["test"], r["entry_point"]) for r in rows])
     assert not any(r.passed for r in res)  # the tests really test something
+
+
+@pytest.mark.skipif("--pid" not in __import__("lmstack.eval.sandbox", fromlist=["x"]).namespace_prefix(),
+                    reason="needs unprivileged PID namespaces")
+def test_detached_grandchildren_die_with_the_sample():
+    import os
+    import uuid
+
+    marker = f"lmstack-test-{uuid.uuid4().hex}"
+    code = ("import os, subprocess, sys, time\n"
+            f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'], "
+            "start_new_session=True)\n"
+            "time.sleep(60)\n")
+    t0 = time.perf_counter()
+    assert run_code(code, timeout=1.0).status == "timeout"
+    assert time.perf_counter() - t0 < 4  # nothing kept the pipes open
+    time.sleep(0.3)
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    alive.append(pid)
+        except OSError:
+            continue
+    assert not alive

