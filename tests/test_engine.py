@@ -228,3 +228,33 @@ def test_engine_rejects_bad_input(qwen2):
         eng.add_request([1, 2], SamplingParams(top_p=0))
     with pytest.raises(ConfigError, match="unknown sampling parameter"):
         LLM(load_model(path, device="cpu")).generate([[1, 2]], temprature=0.5)
+
+
+def test_stress_small_pool_random_lengths_and_aborts(qwen2):
+    """8 requests of random lengths through a 14-block pool with a 16-token budget and an abort mid-way:
+    greedy outputs equal an unconstrained engine's, and every block's reference count returns to 0."""
+    path, _ = qwen2
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 250, (int(n),), generator=g).tolist() for n in torch.randint(2, 30, (8,), generator=g)]
+    free = load(path, device="cpu").generate(prompts, **{**GREEDY, "max_tokens": 8})
+    model = load_model(path, device="cpu")
+    per_block = 2 * 2 * 4 * 2 * 16 * 4
+    llm = LLM(model, block_size=4, kv_cache_memory=14 * per_block, max_num_batched_tokens=16, max_num_seqs=6)
+    eng = llm.engine
+    params = SamplingParams(**{**GREEDY, "max_tokens": 8})
+    for i, p in enumerate(prompts):
+        eng.add_request(p, params, request_id=str(i))
+    done, steps = {}, 0
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o
+        steps += 1
+        if steps == 6:
+            eng.abort_request("5")
+    assert "5" not in done
+    for i in range(8):
+        if i != 5:
+            assert done[str(i)].outputs[0].token_ids == free[i].outputs[0].token_ids, i
+    assert eng.stats()["preemptions_total"] > 0
+    assert eng.block_manager.num_used == 0 and all(r == 0 for r in eng.block_manager.ref_count)

@@ -74,32 +74,39 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        scheduled_ids: set[int] = set()
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        scheduled: dict[int, ScheduledSeq] = {}
+        # decodes first (oldest first), then unfinished prefill chunks: a long prompt never starves decodes
+        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1)
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this step
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             ok = self.bm.ensure_slots(seq, seq.num_computed_tokens + n)
             while not ok:
-                victim = self.running[-1]
-                if victim is seq:  # nothing newer to preempt
+                victim = self.running[-1]  # the newest request gives its blocks back
+                if victim is seq:
                     break
+                if victim.seq_id in scheduled:
+                    budget += scheduled.pop(victim.seq_id).num_tokens
                 self._preempt(victim, out)
                 ok = self.bm.ensure_slots(seq, seq.num_computed_tokens + n)
             if not ok:
-                if len(self.running) == 1 and not out.scheduled:  # alone and still no room: pool is too small
+                if len(self.running) == 1:  # alone and still no room: the pool is too small for it
                     self.running.remove(seq)
                     self.bm.free_seq(seq)
+                    if seq.detok is not None:
+                        seq.detok.flush()
                     seq.status = SequenceStatus.FINISHED
                     seq.finish_reason = "length"
                     out.finished.append(seq)
                 else:
                     self._preempt(seq, out)
                 continue
-            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
-            scheduled_ids.add(seq.seq_id)
+            scheduled[seq.seq_id] = ScheduledSeq(seq, seq.num_computed_tokens, n)
             budget -= n
-            i += 1
+        out.scheduled = list(scheduled.values())
         if out.preempted:  # the pool is full: admit nobody this step
             return out
         skipped: list[Sequence] = []
