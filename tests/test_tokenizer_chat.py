@@ -213,6 +213,8 @@ def test_named_templates_and_jinja_file(tmp_path, lmstack_dir):
         tok.get_chat_template("nope")
     tok.save(tmp_path / "again")
     assert Tokenizer.from_dir(tmp_path / "again").apply_chat_template(conv) == "Dx"
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": "P{{ messages[0].content }}"}))
+    assert Tokenizer.from_dir(d).apply_chat_template(conv) == "Px"
     (d / "chat_template.jinja").write_text("J{{ messages[0].content }}")
     assert Tokenizer.from_dir(d).apply_chat_template(conv) == "Jx"  # the .jinja file wins, as in transformers
     assert _hf(d).apply_chat_template(conv, tokenize=False) == "Jx"

@@ -8,6 +8,7 @@ On disk (Hugging Face layout, see docs/tokenizer.md):
     tokenizer.json          the model, pre-tokenizer, decoder, added tokens   (sha256 of its bytes = identity)
     tokenizer_config.json   bos/eos/pad/unk tokens, chat_template (str or list of named ones), added_tokens_decoder
     chat_template.jinja     optional; overrides tokenizer_config.json's chat_template (transformers >= 4.43 layout)
+    chat_template.json      optional {"chat_template": ...} (processor layout); below .jinja, above the config
     generation_config.json  optional; its eos_token_id (int or list) joins ``eos_token_ids``
 """
 
@@ -96,6 +97,9 @@ class Tokenizer:
             raise LmstackError(f"{tj}: cannot be read as a Hugging Face tokenizer ({why})") from None
         config = _read_json_obj(path / "tokenizer_config.json")
         template = config.get("chat_template")
+        legacy = _read_json_obj(path / "chat_template.json")  # processor-style file of multimodal models
+        if legacy.get("chat_template"):
+            template = legacy["chat_template"]
         jinja = path / "chat_template.jinja"
         if jinja.is_file():
             template = jinja.read_text(encoding="utf-8")
