@@ -357,3 +357,16 @@ def test_render_chat_is_thread_safe(lmstack_dir):
     serial = [tok.render_chat(c).loss_mask for c in convs]
     with ThreadPoolExecutor(4) as ex:
         assert list(ex.map(lambda c: tok.render_chat(c).loss_mask, convs)) == serial
+
+
+def test_save_over_a_directory_with_a_stale_template_file(tmp_path, lmstack_dir, family_dirs):
+    """Saving lmstack's tokenizer into a model dir that still has Qwen's chat_template.jinja must not leave the
+    stale file winning on load."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "chat_template.jinja").write_text("STALE")
+    tok = Tokenizer.from_dir(lmstack_dir)
+    tok.save(d)
+    conv = [{"role": "user", "content": "x"}]
+    assert Tokenizer.from_dir(d).apply_chat_template(conv) == tok.apply_chat_template(conv)
+    assert _hf(d).apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(conv)

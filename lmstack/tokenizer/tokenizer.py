@@ -144,7 +144,7 @@ class Tokenizer:
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` (the exact bytes this tokenizer was loaded from) + ``tokenizer_config.json``."""
-        from lmstack.utils.io import atomic_write, atomic_write_json
+        from lmstack.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -156,6 +156,17 @@ class Tokenizer:
         elif self._chat_template is not None:
             cfg["chat_template"] = self._chat_template
         atomic_write_json(out / "tokenizer_config.json", cfg)
+        # A template file left in the directory by an earlier tokenizer would win over the config when loading:
+        # keep it in step with this tokenizer's template instead of leaving it stale.
+        default = pick_template(self._chat_template) if self._chat_template else None
+        for name in ("chat_template.jinja", "chat_template.json"):
+            if (out / name).exists():
+                if default is None:
+                    (out / name).unlink()
+                elif name.endswith(".jinja"):
+                    atomic_write_text(out / name, default)
+                else:
+                    atomic_write_json(out / name, {"chat_template": default})
         return out
 
     @property
