@@ -130,6 +130,20 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     assert [s.status for s in res.stages] == ["skipped"] * 4 + ["ran"]
     assert json.loads((run_dir / "eval/finetuned/results.json").read_text())["tasks"]["support_heldout"]["n"] == 2
 
+    # 5) the assistant app on the fine-tuned model: same prompt format as the eval, history kept
+    from lmstack.apps.support import SYSTEM_PROMPT
+    from lmstack.apps.support.assistant import SupportAssistant
+
+    bot = SupportAssistant(run_dir / "finetune/final", max_tokens=5)
+    first = bot.ask("Do you ship internationally?")
+    assert isinstance(first, str)
+    bot.ask("And to PO boxes?")
+    msgs = bot.messages("third")
+    assert msgs[0] == {"role": "system", "content": SYSTEM_PROMPT} and len(msgs) == 6
+    assert msgs[1] == {"role": "user", "content": "Do you ship internationally?"}
+    greedy = bot.llm.chat(msgs[:2], max_tokens=5, temperature=0.0).outputs[0].text.strip()
+    assert greedy == first
+
 
 def test_cli_bad_recipe_is_one_line_error(tmp_path, capsys):
     from lmstack.cli import main

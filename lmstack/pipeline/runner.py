@@ -174,6 +174,8 @@ def run_stages(recipe: Recipe, registry: dict[str, Stage], *, from_stage: str | 
         disable = None if show_progress is None else not show_progress
         with progress(disable=disable) as bar:
             task = bar.add_task("pipeline", total=len(recipe.stages))
+            if console is not None:
+                console = bar.console  # print through the live display's console so lines land above the bars
             for i, name in enumerate(recipe.stages):
                 st = registry[name]
                 bar.update(task, description=f"[{i + 1}/{len(recipe.stages)}] {name}")
