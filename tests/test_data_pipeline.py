@@ -227,3 +227,23 @@ def test_cli_sharded_dedup_then_merge_without_config(tmp_path, capsys):
     assert _out(tmp_path / "o") == _out(tmp_path / "full")
     assert len(_out(tmp_path / "full")) <= len(docs) - int(0.9 * len(planted))
     assert cli_main(["data", "merge", "--out", str(tmp_path / "nothing")]) == 2
+
+
+def test_cli_tokenize_any_input(corpus, capsys):
+    from lmstack.data.shards import open_split, read_index
+    from lmstack.tokenizer import Tokenizer, train_tokenizer
+    from lmstack.utils.io import file_sha256
+
+    train_tokenizer(EN + ZH, vocab_size=400, out_dir=corpus / "tok", show_progress=False)
+    tok = Tokenizer.from_dir(corpus / "tok")
+    assert cli_main(["data", "tokenize", str(corpus / "zh"), "-t", str(corpus / "tok"), "-o", str(corpus / "t"),
+                     "--val-documents", "1", "--shard-tokens", "64"]) == 0
+    index = read_index(corpus / "t")
+    assert [s["documents"] for s in index["sources"]] == [1, 1, 1, 1]
+    assert index["sources"][0]["sha256"] == file_sha256(corpus / "zh" / "0.txt")
+    assert index["splits"]["val"]["documents"] == 1 and index["splits"]["train"]["documents"] == 3
+    total = sum(len(a) for s in ("train", "val") for a in open_split(corpus / "t", s))
+    ref = sum(len(tok.encode((corpus / "zh" / f"{k}.txt").read_text(encoding="utf-8"))) + 1 for k in range(4))
+    assert total == ref
+    assert cli_main(["data", "tokenize", str(corpus / "zh"), "-t", str(corpus), "-o", str(corpus / "t2")]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
