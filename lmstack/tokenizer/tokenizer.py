@@ -158,7 +158,11 @@ class Tokenizer:
         atomic_write_json(out / "tokenizer_config.json", cfg)
         # A template file left in the directory by an earlier tokenizer would win over the config when loading:
         # keep it in step with this tokenizer's template instead of leaving it stale.
-        default = pick_template(self._chat_template) if self._chat_template else None
+        default = None
+        if isinstance(self._chat_template, dict):
+            default = self._chat_template.get("default") or next(iter(self._chat_template.values()), None)
+        elif self._chat_template:
+            default = self._chat_template
         for name in ("chat_template.jinja", "chat_template.json"):
             if (out / name).exists():
                 if default is None:
