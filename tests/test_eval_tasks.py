@@ -297,3 +297,25 @@ def test_prompt_tuning_adapter_perplexity_equals_peft(env, tmp_path):
     r = run_eval(d, [{"type": "perplexity", "name": "p", "data": str(f), "max_length": 200, "stride": 200}],
                  adapter=tmp_path / "pt", show_progress=False)
     assert r["tasks"]["p"]["metrics"]["perplexity"] == pytest.approx(math.exp(loss_peft), rel=1e-4)
+
+
+def test_model_saved_by_lmstack_with_its_chatml_tokenizer(tmp_path):
+    """A directory lmstack itself writes (train_tokenizer + save_model): chat prompts use the tokenizer's own
+    template renderer ({% generation %} tags) and generation stops at the end-of-turn marker."""
+    from lmstack.model import ModelConfig, build_model, save_model
+    from lmstack.tokenizer import Tokenizer, train_tokenizer
+    from tests.eval_fixtures import CORPUS
+
+    tok = train_tokenizer(iter(CORPUS * 3), 320, tmp_path / "tok", show_progress=False)
+    cfg = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    save_model(build_model(cfg), tmp_path / "m", tokenizer_dir=tmp_path / "tok")
+    lm = EvalLM.load(tmp_path / "m")
+    t = Tokenizer.from_dir(tmp_path / "tok")
+    assert "{% generation %}" in t.chat_template
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my order?"}]
+    assert lm.tok.apply_chat_template(msgs) == t.apply_chat_template(msgs, add_generation_prompt=True)
+    assert t.encode("<|im_end|>")[0] in lm.tok.eos_ids
+    r = run_eval(tmp_path / "m", ["support_qa"], lm=lm, limit=2, show_progress=False)["tasks"]["support_qa"]
+    assert r["n"] == 2 and set(r["metrics"]) == {"exact_match", "f1", "bleu", "rougeL"}
+    del tok

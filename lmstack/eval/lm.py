@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from lmstack.errors import CheckpointError, ConfigError
+from lmstack.errors import CheckpointError, ConfigError, LmstackError
 from lmstack.utils.io import file_sha256
 
 
@@ -55,6 +55,14 @@ class EvalTokenizer:
         if model_cfg is not None and model_cfg.eos_token_id is not None:
             ids = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, list) else [model_cfg.eos_token_id]
             eos += [i for i in ids if i not in eos]
+        self._lm_tok = None  # lmstack.tokenizer.Tokenizer: chat templates and end-of-turn markers
+        try:
+            from lmstack.tokenizer import Tokenizer
+
+            self._lm_tok = Tokenizer.from_dir(d)
+            eos += [i for i in self._lm_tok.eos_token_ids if i not in eos]  # e.g. <|im_end|> ends a chat turn
+        except (ImportError, LmstackError):
+            pass
         self.eos_ids = eos
         self._sha: str | None = None
 
@@ -71,9 +79,20 @@ class EvalTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render with lmstack's tokenizer (transformers semantics: ``{% generation %}``, ``strftime_now``...);
+        a plain sandboxed Jinja2 render is the fallback when ``lmstack.tokenizer`` is unavailable."""
         if not self.chat_template:
             raise ConfigError(f"{self.path.parent}: the tokenizer has no chat_template; set chat: false in the "
                               "task or save a tokenizer with a chat template")
+        try:
+            from lmstack.tokenizer import Tokenizer
+        except ImportError:
+            return self._render_jinja(messages, add_generation_prompt)
+        if self._lm_tok is None:
+            self._lm_tok = Tokenizer.from_dir(self.path.parent)
+        return self._lm_tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def _render_jinja(self, messages: list[dict], add_generation_prompt: bool) -> str:
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
