@@ -170,9 +170,12 @@ def test_stream_decoder_never_splits_characters(trained, text):
 
 
 def test_stream_decoder_skips_specials(trained):
+    import torch
+
     tok, _ = trained
     ids = tok.encode("<|im_start|>assistant\n你好<|im_end|>")
     assert "".join(_stream(tok, ids)) == "assistant\n你好"
+    assert "".join(_stream(tok, list(torch.tensor(ids)))) == "assistant\n你好"  # tensor scalars, as a sampler gives
     assert "".join(_stream(tok, ids, skip=False)) == "<|im_start|>assistant\n你好<|im_end|>"
 
 

@@ -28,9 +28,10 @@ class StreamDecoder:
         self.text = ""  # everything emitted so far
 
     def step(self, token_id: int) -> str:
+        token_id = int(token_id)  # numpy / torch scalars hash differently from int
         if token_id in self._skip:
             return ""
-        self._ids.append(int(token_id))
+        self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         new_text = self._decode(self._ids[self._prefix:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT):
