@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--dedup-mb", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--e2e-only", action="store_true", help="only the end-to-end run (reuses --dir/corpus.jsonl)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     os.environ.setdefault("LMSTACK_NO_PROGRESS", "1")
@@ -179,10 +180,30 @@ def main() -> None:
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="lmstack-bench-data-"))
     tmp.mkdir(parents=True, exist_ok=True)
     corpus = tmp / "corpus.jsonl"
-    t = time.perf_counter()
-    n, size = make_corpus(corpus, args.mb)
-    print(f"corpus: {n:,} docs, {size / 1e6:.1f} MB ({time.perf_counter() - t:.1f} s to generate) at {corpus}")
+    if args.e2e_only and corpus.is_file():
+        n, size = sum(1 for _ in open(corpus, encoding="utf-8")), corpus.stat().st_size
+    else:
+        t = time.perf_counter()
+        n, size = make_corpus(corpus, args.mb)
+        print(f"corpus: {n:,} docs, {size / 1e6:.1f} MB ({time.perf_counter() - t:.1f} s to generate) at {corpus}")
+    if not args.e2e_only:
+        _steps_and_dedup(corpus, args)
 
+    cfg = {"inputs": [{"path": str(corpus)}], "workers": args.workers}
+    t = time.perf_counter()
+    rep = run_pipeline(cfg, tmp / "out")
+    secs = time.perf_counter() - t
+    print(f"end to end ({args.workers} processes, all steps): {_rate(n, size, secs)}; "
+          f"{rep['documents']:,} docs out")
+    for s in rep["steps"]:
+        print(f"  {s['name']:12s} in {s['docs_in']:9,d} out {s['docs_out']:9,d}  removed {dict(s['removed'])}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak RSS: main {peak:.0f} MB, largest worker {child:.0f} MB; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
+
+
+def _steps_and_dedup(corpus: Path, args) -> None:
     docs = [json.loads(x)["text"] for x in open(corpus, encoding="utf-8")]
     step_docs, acc = [], 0
     for d in docs:
@@ -200,18 +221,6 @@ def main() -> None:
     del docs
     bench_near_dedup(dd)
     del dd
-
-    cfg = {"inputs": [{"path": str(corpus)}], "workers": args.workers}
-    t = time.perf_counter()
-    rep = run_pipeline(cfg, tmp / "out")
-    secs = time.perf_counter() - t
-    print(f"end to end ({args.workers} processes, all steps): {_rate(n, size, secs)}; "
-          f"{rep['documents']:,} docs out")
-    for s in rep["steps"]:
-        print(f"  {s['name']:12s} in {s['docs_in']:9,d} out {s['docs_out']:9,d}  removed {dict(s['removed'])}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"peak RSS: main {peak:.0f} MB, largest worker {child:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ banding); Lee et al. 2022 "Deduplicating Training Data Makes Language Models Bet
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import zlib
@@ -129,6 +130,7 @@ def signature(shingle_bytes: list[bytes], a: np.ndarray, b: np.ndarray, chunk: i
     return signature_from_hashes(hv, a, b, chunk)
 
 
+@functools.lru_cache(maxsize=64)
 def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5
                   ) -> tuple[int, int]:
     """(bands, rows) with bands * rows <= num_perm minimising weighted FP + FN area (datasketch's rule)."""
