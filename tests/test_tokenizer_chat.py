@@ -370,3 +370,25 @@ def test_save_over_a_directory_with_a_stale_template_file(tmp_path, lmstack_dir,
     conv = [{"role": "user", "content": "x"}]
     assert Tokenizer.from_dir(d).apply_chat_template(conv) == tok.apply_chat_template(conv)
     assert _hf(d).apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(conv)
+
+
+def test_pydantic_and_dataclass_messages(lmstack_dir):
+    from dataclasses import dataclass
+
+    from pydantic import BaseModel
+
+    class Msg(BaseModel):
+        role: str
+        content: str | None = None
+
+    @dataclass
+    class DMsg:
+        role: str
+        content: str
+
+    tok = Tokenizer.from_dir(lmstack_dir)
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert tok.apply_chat_template([Msg(**m) for m in plain]) == tok.apply_chat_template(plain)
+    assert tok.render_chat([DMsg(**m) for m in plain]).loss_mask == tok.render_chat(plain).loss_mask
+    with pytest.raises(LmstackError, match="message 1 must be a dict"):
+        tok.apply_chat_template([plain[0], "oops"])

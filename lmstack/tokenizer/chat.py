@@ -20,6 +20,7 @@ Tokens are then masked when their character span overlaps an assistant span (``c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -118,6 +119,10 @@ def _clean_messages(messages: Sequence[dict]) -> list[dict]:
         raise LmstackError("messages must be a list of {'role': ..., 'content': ...} dicts")
     out = []
     for i, m in enumerate(messages):
+        if hasattr(m, "model_dump"):  # pydantic messages (e.g. an OpenAI request model), as transformers accepts
+            m = m.model_dump()
+        elif dataclasses.is_dataclass(m) and not isinstance(m, type):
+            m = dataclasses.asdict(m)
         if not isinstance(m, dict) or "role" not in m:
             raise LmstackError(f"message {i} must be a dict with a 'role' (got {m!r:.80})")
         out.append({k: v for k, v in m.items() if v is not None})  # content=None -> key absent, as transformers
