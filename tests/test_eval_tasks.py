@@ -312,7 +312,9 @@ def test_model_saved_by_lmstack_with_its_chatml_tokenizer(tmp_path):
     save_model(build_model(cfg), tmp_path / "m", tokenizer_dir=tmp_path / "tok")
     lm = EvalLM.load(tmp_path / "m")
     t = Tokenizer.from_dir(tmp_path / "tok")
-    assert "{% generation %}" in t.chat_template
+    import re
+
+    assert re.search(r"\{%-?\s*generation\s*-?%\}", t.chat_template)  # needs lmstack's renderer, not plain jinja
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my order?"}]
     assert lm.tok.apply_chat_template(msgs) == t.apply_chat_template(msgs, add_generation_prompt=True)
     assert t.encode("<|im_end|>")[0] in lm.tok.eos_ids
