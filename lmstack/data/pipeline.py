@@ -38,7 +38,7 @@ from lmstack.data.minhash import exact_duplicates, near_duplicates
 from lmstack.data.mix import mix_rates, repeats
 from lmstack.data.readers import ReadStats, expand_inputs, iter_file
 from lmstack.data.report import HIST_EDGES, length_hist, write_report
-from lmstack.data.steps import STEP_ORDER, DocProcessor, StepStats, init_worker, load_blocklist, process_batch, snippet
+from lmstack.data.steps import STEP_ORDER, StepStats, init_worker, load_blocklist, process_batch, snippet
 from lmstack.errors import ConfigError, DataError
 from lmstack.utils.io import atomic_dir, atomic_write, file_sha256, read_json
 from lmstack.utils.progress import progress

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lmstack.data.config import BlocklistConfig, DataPipelineConfig
 from lmstack.data.minhash import exact_key, permutations, text_signature
 from lmstack.errors import ConfigError
