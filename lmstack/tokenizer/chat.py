@@ -114,7 +114,7 @@ def compile_template(template: str):
         raise _TemplateError(f"chat template has a jinja syntax error at line {e.lineno}: {e.message}") from None
 
 
-def _clean_messages(messages: Sequence[dict]) -> list[dict]:
+def normalize_messages(messages: Sequence[dict]) -> list[dict]:
     if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
         raise LmstackError("messages must be a list of {'role': ..., 'content': ...} dicts")
     out = []
@@ -135,7 +135,7 @@ def render_template(template: str, messages: Sequence[dict], add_generation_prom
     import jinja2
 
     compiled = compile_template(template)
-    msgs = _clean_messages(messages)
+    msgs = normalize_messages(messages)
     variables.setdefault("tools", None)
     variables.setdefault("documents", None)
     tracker = compiled.environment.lmstack_tracker
@@ -162,7 +162,7 @@ def render_continuation(template: str, messages: Sequence[dict], field: str = "c
                         **variables: Any) -> str:
     """Render so that the model continues the final message (transformers' ``continue_final_message``):
     the final message's end marker and anything after it are cut off."""
-    msgs = [dict(m) for m in _clean_messages(messages)]
+    msgs = [dict(m) for m in normalize_messages(messages)]
     if not msgs:
         raise LmstackError("continue_final_message needs at least one message")
     final = msgs[-1].get(field)
@@ -198,7 +198,7 @@ def _trim_turn(text: str, start: int, end: int) -> int:
 def assistant_spans(template: str, messages: Sequence[dict], add_generation_prompt: bool = False,
                     special_tokens: Sequence[str] = (), **variables: Any) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans of assistant content + end marker (see module docstring)."""
-    msgs = _clean_messages(messages)
+    msgs = normalize_messages(messages)
     if GENERATION_TAG_RE.search(template):
         return render_template(template, msgs, add_generation_prompt, track=True, **variables)
     full, _ = render_template(template, msgs, add_generation_prompt, **variables)

@@ -23,7 +23,8 @@ from typing import Any, Iterable, Sequence
 
 from lmstack.errors import LmstackError
 from lmstack.tokenizer.chat import (
-    ChatEncoding, assistant_spans, mask_from_offsets, pick_template, render_continuation, render_template,
+    ChatEncoding, assistant_spans, mask_from_offsets, normalize_messages, pick_template, render_continuation,
+    render_template,
 )
 from lmstack.tokenizer.pretokenize import KNOWN_END_MARKERS
 from lmstack.tokenizer.stream import StreamDecoder
@@ -322,8 +323,8 @@ class Tokenizer:
 
             added = {t: (i in self._special_ids) for t, i in self._added.items()}
             controls = control_tokens(added, template)
-            messages, tools, variables = mark(list(messages), controls), mark(tools, controls), mark(variables,
-                                                                                                     controls)
+            messages = mark(normalize_messages(messages), controls)
+            tools, variables = mark(tools, controls), mark(variables, controls)
         kw = self._template_vars({"tools": tools, **variables})
         text, spans = assistant_spans(template, messages, add_generation_prompt and not continue_final_message,
                                       special_tokens=specials, **kw)
