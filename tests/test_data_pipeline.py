@@ -247,3 +247,15 @@ def test_cli_tokenize_any_input(corpus, capsys):
     assert total == ref
     assert cli_main(["data", "tokenize", str(corpus / "zh"), "-t", str(corpus), "-o", str(corpus / "t2")]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_docs_example_config_is_valid():
+    import re
+
+    from lmstack.data.config import DataPipelineConfig
+
+    md = (Path(__file__).parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", md, re.S) if b.startswith("inputs:"))
+    cfg = DataPipelineConfig.model_validate(yaml.safe_load(block))
+    assert cfg.inputs[0].weight == 3.0 and cfg.quality.max_dup_ngram_char_frac[10] == 0.10
+    assert cfg.pii.action == "redact" and cfg.dedup.threshold == 0.8

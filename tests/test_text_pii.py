@@ -82,3 +82,24 @@ def test_no_pii_text_unchanged():
     text = "今天天气很好。The meeting is at 10:30 in room 204, see section 3.2.1."
     r = redact(text)
     assert r.text == text and r.counts == {} and r.spans == []
+
+
+def test_redaction_is_idempotent_and_digit_free_text_is_clean():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.text(alphabet=st.characters(blacklist_categories=("Nd",), blacklist_characters="@:"), max_size=200))
+    def no_pii_without_digits(s):
+        assert find_pii(s, kinds=["PHONE", "IP", "CREDIT_CARD", "CN_ID", "IBAN", "EMAIL"]) == []
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.sampled_from([*sum(PLANTED.values(), []), *LOOKALIKES, " ", "，", "x", "电话", "\n"]),
+                    max_size=12))
+    def idempotent(parts):
+        # items separated by "; " (numbers separated by a bare space can read as one longer phone number)
+        once = redact("; ".join(parts)).text
+        assert redact(once).text == once
+
+    no_pii_without_digits()
+    idempotent()

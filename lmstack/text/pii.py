@@ -57,7 +57,7 @@ _NANP = re.compile(r"(?<![\w-])(?:\(\d{3}\)\s?|\d{3}[-.])\d{3}[-.]\d{4}(?![\w-])
 _IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d]|\.\d)")
 _IPV6_CAND = re.compile(r"(?<![0-9A-Fa-f:.])[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*(?:%\w+)?(?![0-9A-Fa-f:])")
 # contiguous 13-19 digits, 4-4-4-(1..7) groups, or Amex-style 4-6-5 groups (space or dash separated)
-_CARD = re.compile(r"(?<![\d+-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{4,5})(?![\d]|[ -]\d)")
+_CARD = re.compile(r"(?<![\d+-])(?:\d{13,19}|\d{4}([ -])\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -])\d{6}\2\d{4,5})(?!\d|-\d)")
 _CN_ID = re.compile(r"(?<![\dA-Za-z])[1-9]\d{16}[\dXx](?![\dA-Za-z])")
 _IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]){11,30}(?![A-Za-z0-9])")
 
@@ -101,6 +101,16 @@ def iban_valid(s: str) -> bool:
     moved = s[4:] + s[:4]
     num = "".join(str(int(c, 36)) for c in moved)
     return int(num) % 97 == 1
+
+
+def _iban_end(cand: str) -> int:
+    """Length of the longest valid IBAN that is a prefix of ``cand`` ending at a space or at its end (0: none).
+    The pattern is greedy ("GB82 WEST ... 32 13812345678" runs into the next number), so cut back."""
+    cuts = [k for k in range(len(cand), 0, -1) if k == len(cand) or cand[k] == " "]
+    for k in cuts:
+        if iban_valid(cand[:k].rstrip()):
+            return len(cand[:k].rstrip())
+    return 0
 
 
 def _digits(s: str) -> str:
@@ -159,9 +169,9 @@ def _candidates(text: str, kinds: set[str]):
                         yield "PHONE", m.start(), m.end()
     if "IBAN" in kinds and _IBAN_GATE.search(text):
         for m in _IBAN.finditer(text):
-            g = m.group().rstrip()
-            if iban_valid(g):
-                yield "IBAN", m.start(), m.start() + len(g)
+            end = _iban_end(m.group())
+            if end:
+                yield "IBAN", m.start(), m.start() + end
     if "IP" in kinds and ":" in text and _IPV6_GATE.search(text):
         for m in _IPV6_CAND.finditer(text):
             cand = m.group().rstrip(".")
