@@ -176,3 +176,27 @@ def test_cli_errors_are_one_line(env, tmp_path, capsys):
     assert rc == 2 and "missing.jsonl: data file not found" in capsys.readouterr().err
     rc = main(["finetune", "--model", str(env["model"]), "--data", str(env["sft"]), "--lora.target_modules", "qq"])
     assert rc == 2 and "no linear layer named 'qq'" in capsys.readouterr().err
+
+
+def test_lora_run_resumes_exactly(env, tmp_path):
+    """Stopping after 2 steps and resuming (--resume auto) ends with the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    from lmstack.tune.sft import finetune
+
+    def run(name, steps, resume=None):
+        cfg = validate(FinetuneConfig, {
+            "model": str(env["model"]), "method": "lora", "run_dir": str(tmp_path / name),
+            "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0},
+            "data": {"path": str(env["sft"]), "val_fraction": 0.0, "batch_size": 2},
+            "train": {**TRAIN, "steps": steps, "ckpt_every": 2, "eval_every": 0, "resume": resume,
+                      "schedule": "constant", "warmup_steps": 0}})
+        return finetune(cfg)
+
+    whole = run("whole", 4)
+    run("parts", 2)
+    resumed = run("parts", 4, resume="auto")
+    assert resumed.steps == 4
+    a = load_file(str(whole.final_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -170,6 +170,12 @@ class PromptTunedModel(nn.Module):
         return self.base(input_ids, position_ids=positions, ctx=ctx)
 
     @property
+    def model(self) -> nn.Module:
+        """The base's decoder (``embed_tokens``, ``layers``): what activation checkpointing and FLOP
+        counting look for; not a registered submodule, so state-dict keys stay ``base.*`` / ``encoder.*``."""
+        return self.base.model
+
+    @property
     def device(self) -> torch.device:
         return self.base.device
 
