@@ -321,3 +321,50 @@ def test_model_saved_by_lmstack_with_its_chatml_tokenizer(tmp_path):
     r = run_eval(tmp_path / "m", ["support_qa"], lm=lm, limit=2, show_progress=False)["tasks"]["support_qa"]
     assert r["n"] == 2 and set(r["metrics"]) == {"exact_match", "f1", "bleu", "rougeL"}
     del tok
+
+
+def test_long_requests_are_truncated_on_the_left_like_lm_eval(env):
+    d, hf, tok, lm = env
+    short = EvalLM(lm.model, lm.tok, max_length=16, generator="builtin")
+    ids = tok(PPL_TEXT, add_special_tokens=False).input_ids[:40]
+    ctx, cont = ids[:37], ids[37:]
+    (score, _), = short.loglikelihood_tokens([(ctx, cont)])
+    window = torch.tensor([ids[-17:]])  # 16 input tokens predicting the last 16, of which 3 are scored
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(window[:, :-1]).logits[0], -1)
+    assert score == pytest.approx(float(sum(logp[13 + i, t] for i, t in enumerate(cont))), rel=1e-5)
+    (score_all, _), = short.loglikelihood_tokens([(ids[:2], ids[2:40])])  # continuation longer than the window
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids[-17:-1]])).logits[0], -1)
+    assert score_all == pytest.approx(float(sum(logp[i, t] for i, t in enumerate(ids[-16:]))), rel=1e-5)
+
+
+def test_shared_prefix_scoring_equals_scoring_each_request_whole(env):
+    d, hf, tok, lm = env
+    import random
+
+    rng = random.Random(0)
+    ids = tok(PPL_TEXT * 4, add_special_tokens=False).input_ids
+    assert len(ids) > 310
+    reqs = []
+    for _ in range(7):  # contexts of different lengths, each with 1-4 continuations of 1-6 tokens
+        a = rng.randrange(0, len(ids) - 60)
+        ctx = ids[a:a + rng.randrange(1, 40)]
+        for _ in range(rng.randrange(1, 5)):
+            b = rng.randrange(0, len(ids) - 6)
+            reqs.append((ctx, ids[b:b + rng.randrange(1, 7)]))
+    reqs.append((ids[:300], ids[300:303]))  # truncated on the left (max_length 256) and shared
+    reqs.append((ids[:300], ids[303:305]))
+    shared = EvalLM(lm.model, lm.tok, share_prefix=True)
+    whole = EvalLM(lm.model, lm.tok, share_prefix=False, batch_tokens=64)
+    a, b = shared.loglikelihood_tokens(reqs), whole.loglikelihood_tokens(reqs)
+    np.testing.assert_allclose([x[0] for x in a], [x[0] for x in b], rtol=1e-5, atol=1e-4)
+    assert [x[1] for x in a] == [x[1] for x in b]
+    # and against transformers for one shared group
+    (c, x0), (_, x1) = reqs[-2], reqs[-1]
+    for (ctx, cont), (score, _) in zip([(c, x0), (c, x1)], a[-2:]):
+        window = (ctx + cont)[-257:]
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([window[:-1]])).logits[0], -1)
+        n = len(window) - 1
+        assert score == pytest.approx(float(sum(logp[n - len(cont) + i, t] for i, t in enumerate(cont))), rel=1e-5)

@@ -136,7 +136,7 @@ def _score(lm, task, pairs, progress) -> list[float]:
     reqs = [lm.encode_pair(c, x) for c, x in pairs]
     cb = None
     if progress is not None:
-        bar = progress.add_task(task.name, total=lm.num_rows(reqs))
+        bar = progress.add_task(task.name, total=len(reqs))
         cb = lambda k: progress.advance(bar, k)  # noqa: E731
     return [s for s, _ in lm.loglikelihood_tokens(reqs, cb)]
 

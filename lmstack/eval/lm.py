@@ -117,7 +117,7 @@ class EvalLM:
 
     def __init__(self, model, tokenizer: EvalTokenizer, *, model_dir: str | None = None, adapter: str | None = None,
                  adapter_runtime=None, batch_tokens: int = 8192, max_batch: int = 64, max_length: int | None = None,
-                 generator: str = "auto"):
+                 generator: str = "auto", share_prefix: bool = True):
         self.model = model.eval()
         self.tok = tokenizer
         self.model_dir = model_dir
@@ -127,6 +127,7 @@ class EvalLM:
         if generator not in ("auto", "engine", "builtin"):
             raise ConfigError(f"generator {generator!r} is not one of auto, engine, builtin")
         self.generator = generator
+        self.share_prefix = share_prefix  # score options of one context on its cached keys (shared_prefix.py)
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
         self.max_length = max_length or model.config.max_position_embeddings
@@ -177,23 +178,53 @@ class EvalLM:
     @torch.no_grad()
     def loglikelihood_tokens(self, reqs: Sequence[tuple[list[int], list[int]]],
                              progress_cb=None) -> list[tuple[float, bool]]:
-        rows: dict[tuple[int, ...], int] = {}  # distinct model input -> row index
-        inputs: list[tuple[int, ...]] = []
-        plan: list[tuple[int, list[int]]] = []  # per request: (row, continuation ids)
+        """(sum log p(cont | ctx), greedy?) per (ctx ids, cont ids); ``progress_cb(k)`` after k requests.
+
+        Requests that share a context with others run through :mod:`lmstack.eval.shared_prefix` (the
+        context once, the continuations batched on its cached keys); the rest are batched whole, rows with
+        identical inputs computed once."""
+        trimmed: list[tuple[tuple[int, ...], list[int]]] = []  # (context after left truncation, continuation)
         for ctx, cont in reqs:
             if not cont:
                 raise ValueError("empty continuation")
             full = (list(ctx) + list(cont))[-(self.max_length + 1):]
-            cont = cont[-(len(full) - 1):] if len(cont) >= len(full) else cont  # keep >= 1 context token
-            key = tuple(full[:-1])
+            cont = list(cont[-(len(full) - 1):]) if len(cont) >= len(full) else list(cont)  # >= 1 context token
+            trimmed.append((tuple(full[:len(full) - len(cont)]), cont))
+        by_ctx: dict[tuple[int, ...], list[int]] = {}
+        for i, (c, _) in enumerate(trimmed):
+            by_ctx.setdefault(c, []).append(i)
+        shared_ok = self.prefix_kv is None and self.model.config.sliding_window is None and self.share_prefix
+        shared = [idx for idx in by_ctx.values()
+                  if shared_ok and len(idx) > 1 and any(len(trimmed[i][1]) > 1 for i in idx)]
+        out: list[tuple[float, bool] | None] = [None] * len(reqs)
+        if shared:
+            from lmstack.eval.shared_prefix import score_groups
+
+            groups = [(list(trimmed[idx[0]][0]), [trimmed[i][1] for i in idx]) for idx in shared]
+            for idx, scores in zip(shared, score_groups(self.model, groups, self.batch_tokens, progress_cb)):
+                for i, sc in zip(idx, scores):
+                    out[i] = sc
+        rest = [i for i in range(len(reqs)) if out[i] is None]
+        for i, sc in zip(rest, self._score_whole([trimmed[i] for i in rest], progress_cb)):
+            out[i] = sc
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _score_whole(self, reqs: list[tuple[tuple[int, ...], list[int]]], progress_cb=None):
+        rows: dict[tuple[int, ...], int] = {}  # distinct model input -> row index
+        inputs: list[tuple[int, ...]] = []
+        plan: list[tuple[int, list[int]]] = []  # per request: (row, continuation ids)
+        for ctx, cont in reqs:
+            key = tuple(ctx) + tuple(cont[:-1])
             if key not in rows:
                 rows[key] = len(inputs)
                 inputs.append(key)
-            plan.append((rows[key], list(cont)))
-        # positions each row must score: the union over requests sharing the row
-        need: list[int] = [0] * len(inputs)
+            plan.append((rows[key], cont))
+        need: list[int] = [0] * len(inputs)  # positions each row must score (union over its requests)
+        users: list[int] = [0] * len(inputs)  # requests answered by each row (progress)
         for r, cont in plan:
             need[r] = max(need[r], len(cont))
+            users[r] += 1
         logprobs: list[torch.Tensor | None] = [None] * len(inputs)  # (need, V) log-softmax per row
         order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
         i = 0
@@ -211,7 +242,7 @@ class EvalLM:
                 logprobs[r] = torch.log_softmax(logits, dim=-1).cpu()
             i += len(batch)
             if progress_cb is not None:
-                progress_cb(len(batch))
+                progress_cb(sum(users[r] for r in batch))
         out = []
         for r, cont in plan:
             lp = logprobs[r][-len(cont):]  # (len(cont), V)
@@ -232,9 +263,6 @@ class EvalLM:
         pos = torch.arange(P, P + T, device=ids.device).expand(B, T)
         return self.model.hidden_states(ids, position_ids=pos,
                                         ctx=PrefixContext(self.prefix_kv, sliding_window=self.model.config.sliding_window))
-
-    def num_rows(self, reqs: Sequence[tuple[list[int], list[int]]]) -> int:
-        return len({tuple((list(c) + list(x))[-(self.max_length + 1):][:-1]) for c, x in reqs})
 
     def rolling_windows(self, ids: list[int], max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
         """Split a token sequence into (context, targets) windows scoring every token after the first once.

@@ -86,7 +86,7 @@ def evaluate_perplexity(lm, task, progress=None) -> dict:
         raise DataError(f"task {task.name}: {task.data}: no tokens to score")
     cb = None
     if progress is not None:
-        bar = progress.add_task(f"{task.name} (ppl)", total=lm.num_rows(reqs))
+        bar = progress.add_task(f"{task.name} (ppl)", total=len(reqs))
         cb = lambda k: progress.advance(bar, k)  # noqa: E731
     scores = lm.loglikelihood_tokens(reqs, cb)
     nll = -sum(s for s, _ in scores)
