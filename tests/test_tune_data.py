@@ -10,7 +10,7 @@ from lmstack.model import load_model
 from lmstack.tune.batches import IGNORE, SFTBatches, collate_sft, pack_rows
 from lmstack.tune.data import BadRecord, load_pairs, load_sft, to_messages, to_preference
 from lmstack.tune.losses import forward_logits
-from tests.tune_fixtures import PAIR_ROWS, SFT_ROWS, make_model_dir, write_jsonl
+from tests.tune_fixtures import SFT_ROWS, make_model_dir, write_jsonl
 
 torch.set_num_threads(2)
 

@@ -188,7 +188,7 @@ def _truncate(ex: Example, max_len: int) -> tuple[Example, bool]:
     return Example(ex.input_ids[:max_len], ex.loss_mask[:max_len]), True
 
 
-def load_sft(path: str | Path, tok: Any, max_len: int, show: bool = True) -> tuple[list[Example], DataReport]:
+def load_sft(path: str | Path, tok: Any, max_len: int) -> tuple[list[Example], DataReport]:
     """Read, render and tokenize an SFT file. Raises DataError when no record is usable."""
     report = DataReport(str(path))
     out: list[Example] = []
