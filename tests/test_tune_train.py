@@ -200,3 +200,16 @@ def test_lora_run_resumes_exactly(env, tmp_path):
     a = load_file(str(whole.final_dir / "adapter_model.safetensors"))
     b = load_file(str(resumed.final_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tokenizer_model_mismatch_stops_before_training(env, tmp_path):
+    from lmstack.errors import DataError
+    from lmstack.tune.sft import finetune
+    from tests.conftest import make_hf_model
+
+    small = tmp_path / "small_vocab"
+    make_hf_model("qwen2", small, vocab_size=64)  # the default tokenizer has 320 ids
+    cfg = validate(FinetuneConfig, {"model": str(small), "tokenizer": str(env["model"]), "run_dir": str(tmp_path / "r"),
+                                    "data": {"path": str(env["sft"])}, "train": TRAIN})
+    with pytest.raises(DataError, match=r"token id \d+ >= the model's vocab_size 64"):
+        finetune(cfg)

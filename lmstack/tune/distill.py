@@ -19,7 +19,7 @@ from lmstack.tune.batches import SFTBatches, sft_eval_batches
 from lmstack.tune.config import DistillConfig
 from lmstack.tune.data import load_sft, split_val
 from lmstack.tune.losses import forward_logits, kd_loss
-from lmstack.tune.sft import console, load_tokenizer, pad_id_of, prepare_for, report_data
+from lmstack.tune.sft import check_vocab, console, load_tokenizer, pad_id_of, prepare_for, report_data
 from lmstack.utils.device import resolve_device
 from lmstack.utils.io import file_sha256
 
@@ -49,6 +49,7 @@ def distill(cfg: DistillConfig) -> FitResult:
     else:
         train_ex, val_ex = split_val(train_ex, d.val_fraction, cfg.train.seed)
     report_data(reports, run_dir)
+    check_vocab(cfg.student, train_ex + val_ex, d.path)
 
     prep = prepare_for(cfg, cfg.student)
     dev = resolve_device(cfg.train.device)

@@ -26,7 +26,7 @@ from lmstack.tune.config import DPOConfig
 from lmstack.tune.data import PairExample, load_pairs, split_val
 from lmstack.tune.losses import dpo_loss, forward_logits, sequence_logps
 from lmstack.tune.lora import lora_disabled, lora_modules
-from lmstack.tune.sft import console, load_tokenizer, pad_id_of, prepare_for, report_data
+from lmstack.tune.sft import check_vocab, console, load_tokenizer, pad_id_of, prepare_for, report_data
 from lmstack.utils.io import atomic_write_json
 from lmstack.utils.progress import progress
 
@@ -89,6 +89,7 @@ def align_dpo(cfg: DPOConfig) -> FitResult:
     else:
         train_p, val_p = split_val(train_p, d.val_fraction, cfg.train.seed)
     report_data(reports, run_dir)
+    check_vocab(cfg.model, train_p + val_p, d.path)
     console.print(f"[bold]data[/bold] {len(train_p)} train / {len(val_p)} validation pairs")
 
     prep = prepare_for(cfg, cfg.model)

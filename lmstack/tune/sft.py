@@ -56,6 +56,20 @@ def report_data(reports: list[DataReport], run_dir: Path) -> None:
          "bad": [{"line": ln, "reason": why} for ln, why in r.bad]} for r in reports])
 
 
+def check_vocab(model_dir: str, examples: list, where: str) -> None:
+    """Every token id must index the model's embedding: a tokenizer/model mismatch fails here, not mid-run."""
+    from lmstack.errors import DataError
+    from lmstack.model import ModelConfig
+
+    vocab = ModelConfig.from_hf(model_dir).vocab_size
+    ids = (i for e in examples for x in ((e.chosen, e.rejected) if hasattr(e, "chosen") else (e,))
+           for i in x.input_ids)
+    top = max(ids, default=-1)
+    if top >= vocab:
+        raise DataError(f"{where}: token id {top} >= the model's vocab_size {vocab} ({model_dir}); the tokenizer "
+                        "does not belong to this model (set `tokenizer:` to the model's own tokenizer directory)")
+
+
 def prepare_for(cfg: Any, model_dir: str) -> Prepared:
     prep = prepare(model_dir, cfg.method, lora=lora_spec(cfg.lora), quant_method=cfg.quant.method,
                    group_size=cfg.quant.group_size, prompt=prompt_spec(cfg.prompt), dtype=cfg.dtype,
@@ -88,6 +102,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
     else:
         train_ex, val_ex = split_val(train_ex, d.val_fraction, cfg.train.seed)
     report_data(reports, run_dir)
+    check_vocab(cfg.model, train_ex + val_ex, d.path)
     console.print(f"[bold]data[/bold] {len(train_ex)} train / {len(val_ex)} validation examples")
 
     prep = prepare_for(cfg, cfg.model)
