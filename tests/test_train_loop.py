@@ -102,10 +102,12 @@ def test_grad_accum_is_token_weighted(tmp_path):
     a, b = dist_model(), dist_model()
     fit(a, Cycle(micro), causal_lm_loss, cfg(steps=3, grad_accum=2), tmp_path / "a")
     fit(b, Cycle([whole]), causal_lm_loss, cfg(steps=3, grad_accum=1), tmp_path / "b")
-    torch.testing.assert_close(losses(tmp_path / "a"), losses(tmp_path / "b"), atol=1e-6, rtol=0)
-    # weights: summation order differs (two backward passes vs one); AdamW's 1/sqrt(v) amplifies that to ~2e-6
+    # float32 summation order differs (two backward passes vs one) and AdamW's 1/sqrt(v) amplifies it:
+    # seen ~2e-6 on losses, ~5e-5 on weights. Averaging the two micro-batch means instead (3 tokens weighted
+    # like 13) misses by 0.23 on the step-3 loss and 3e-2 on weights.
+    torch.testing.assert_close(losses(tmp_path / "a"), losses(tmp_path / "b"), atol=1e-5, rtol=0)
     for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=0, msg=k)
+        torch.testing.assert_close(pa, pb, atol=2e-4, rtol=0, msg=k)
 
 
 # --------------------------------------------------------------------------- resume

@@ -36,7 +36,7 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 
 def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                        size: int | None = None, seconds: float = 0.3) -> float:
+                        size: int | None = None, seconds: float = 0.5) -> float:
     """Best FLOP/s of an (n x n) @ (n x n) matmul on this device/dtype, with the current thread count."""
     device = torch.device(device)
     key = (str(device), dtype)
@@ -50,7 +50,8 @@ def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype =
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(2):
+    t_warm = time.perf_counter() + min(0.25, seconds)  # let clocks and thread pools spin up
+    while time.perf_counter() < t_warm:
         a @ b
     sync()
     best = float("inf")

@@ -27,8 +27,9 @@ THE CONTRACT (stable; other stages build on it)::
         run_config=None,  # the stage's full resolved config (pydantic) for config.yaml; default cfg
     ) -> FitResult(final_dir, steps, last_loss, best_val_loss, metrics_path, bad_steps, stopped)
 
-What one optimizer step does: ``cfg.grad_accum`` micro-batches, each ``loss * num_tokens`` backpropagated;
-then gradients are divided by the tokens of the whole step summed over all processes, so the update is
+What one optimizer step does: ``cfg.grad_accum`` micro-batches, each loss backpropagated with weight
+``num_tokens``, and the gradients normalised by the tokens of the whole step summed over all processes, so
+the update is
 the token-weighted mean loss of the global batch whatever the micro-batching or process count (the fix
 for the gradient-accumulation bias discussed in transformers#34191). Then clipping, AdamW, the lr of
 :func:`lmstack.train.optim.lr_at`.
@@ -168,6 +169,11 @@ def fit(
             set_lr(optimizer, lr)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             tokens = 0
+            # Backward of loss * n / norm; after the step grads are rescaled by norm / (tokens of the step).
+            # One process: norm = first micro-batch's tokens x grad_accum, so equal-sized micro-batches
+            # need no rescale at all. Several: norm = 1 on every rank (the same weights before DDP/FSDP
+            # average them), rescaled by world / global tokens.
+            norm = 1.0 if info.active else None
             step_metrics: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
                 batch = _to_device(next(train_data), device)
@@ -175,10 +181,13 @@ def fit(
                     fpt = flops_per_token(model, _seq_len(batch))
                 with D.no_sync(wrapped, info, micro == cfg.grad_accum - 1), _autocast(device, amp):
                     out = loss_fn(wrapped, batch)
-                    weighted = out.loss.float() * out.num_tokens
+                    n = int(out.num_tokens)
+                    if norm is None:
+                        norm = float(max(n, 1) * cfg.grad_accum)
+                    weighted = out.loss.float() * (n / norm)
                 weighted.backward()
-                loss_sum += weighted.detach().double()
-                tokens += int(out.num_tokens)
+                loss_sum += out.loss.detach().double() * n
+                tokens += n
                 for k, v in out.metrics.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / cfg.grad_accum
             # (loss_sum, tokens, stop flag) summed over processes: one all-reduce per step
@@ -190,9 +199,9 @@ def fit(
             grad_norm = float("nan")
             ok = math.isfinite(step_loss)
             if ok:
-                scale = info.world_size / global_tokens  # DDP / FSDP average over processes; undo, then /tokens
+                scale = info.world_size * norm / global_tokens  # DDP / FSDP average over processes: undo
                 grads = [p.grad for p in trained if p.grad is not None]
-                if grads:
+                if grads and scale != 1.0:
                     torch._foreach_mul_(grads, scale)
                 max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf")
                 gn = torch.nn.utils.clip_grad_norm_(trained, max_norm, foreach=True)

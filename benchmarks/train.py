@@ -1,0 +1,159 @@
+"""Training throughput: lmstack ``fit`` vs a plain PyTorch loop over transformers ``LlamaForCausalLM``.
+
+Same model config and initial weights (the lmstack model is saved and loaded by transformers), same data
+(random tokens, batch 8 x 256), same AdamW hyperparameters, gradient clipping 1.0, fp32, 2 threads.
+Each variant runs in its own subprocess (so peak RSS is per variant) one after another in this run:
+
+    lmstack        fit() as shipped (fused AdamW, token-weighted loss, metrics every step)
+    lmstack+ac     the same with activation checkpointing per block
+    lmstack+compile  (--compile) torch.compile per block
+    transformers   LlamaForCausalLM(input_ids, labels=...).loss, torch.optim.AdamW defaults (foreach)
+
+Reported: median tokens/s over the timed steps, MFU against a matmul peak measured here (fp32, same
+threads; bf16 on CUDA), and peak memory (RSS on CPU, max allocated on CUDA). Usage::
+
+    .venv/bin/python benchmarks/train.py [--presets tiny,small] [--steps 8] [--threads 2] [--compile]
+    python benchmarks/train.py --device cuda --batch 32 --presets small --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH, SEQ, WARMUP = 8, 256, 2
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(variant: str, preset_name: str, steps: int, threads: int, device: str, batch: int,
+           peak: float) -> dict:
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from lmstack.model import build_model, preset, save_model
+    from lmstack.train import TrainConfig, causal_lm_loss, fit
+    from lmstack.train.flops import flops_per_token
+
+    cuda = device == "cuda"
+    amp = torch.bfloat16 if cuda else torch.float32  # bf16 autocast on GPU (both sides), fp32 on CPU
+    mc = preset(preset_name)
+    model = build_model(mc, device="cpu", dtype="fp32", seed=0)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, mc.vocab_size, (steps + WARMUP, batch, SEQ + 1), generator=g)
+    fpt = flops_per_token(model, SEQ)
+    times: list[float] = []
+    rss0 = _rss_mib()
+    if variant.startswith("lmstack"):
+        class Src:
+            i = 0
+
+            def __next__(self):
+                w = data[self.i % len(data)]
+                self.i += 1
+                return {"input_ids": w[:, :-1], "targets": w[:, 1:]}
+
+        with tempfile.TemporaryDirectory() as run:
+            cfg = TrainConfig(steps=steps + WARMUP, warmup_steps=1, lr=3e-4, log_every=1, eval_every=0,
+                              ckpt_every=0, save_final=False, plot=False, tensorboard=False, peak_flops=peak,
+                              device=device, dtype="bf16" if cuda else "fp32", activation_checkpointing=variant.endswith("+ac"),
+                              compile=variant.endswith("+compile"))
+            fit(model, Src(), causal_lm_loss, cfg, run)
+            recs = [json.loads(x) for x in Path(run, "metrics.jsonl").read_text().splitlines()]
+            times = [batch * SEQ / r["tokens_per_s"] for r in recs if "loss" in r][WARMUP:]
+    else:
+        import transformers
+
+        with tempfile.TemporaryDirectory() as d:
+            save_model(model, d)
+            del model
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).train()
+        decay = [p for p in hf.parameters() if p.ndim >= 2]
+        other = [p for p in hf.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                                lr=3e-4, betas=(0.9, 0.95), fused=cuda or None)
+        rss0 = _rss_mib()
+        for i in range(steps + WARMUP):
+            t0 = time.perf_counter()
+            w = data[i].to(device)
+            ctx = torch.autocast("cuda", dtype=amp) if cuda else contextlib.nullcontext()
+            with ctx:
+                loss = hf(input_ids=w[:, :-1], labels=w[:, :-1]).loss  # transformers shifts labels itself
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()
+            if i >= WARMUP:
+                times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tps = batch * SEQ / step_s
+    mem = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mib()
+    return {"variant": variant, "preset": preset_name, "params_M": mc.num_parameters() / 1e6,
+            "tokens_per_s": tps, "step_s": step_s, "mfu": fpt * tps / peak, "peak_gflops": peak / 1e9,
+            "peak_mem_mib": mem, "rss_before_steps_mib": rss0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant (after 2 warmup steps)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time lmstack with train.compile=true")
+    ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast on both sides)")
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "PRESET"), help=argparse.SUPPRESS)
+    ap.add_argument("--peak", type=float, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a.steps, a.threads, a.device, a.batch,
+                                            a.peak)))
+        return
+    import torch
+
+    from lmstack.train.flops import measure_matmul_peak
+
+    torch.set_num_threads(a.threads)
+    # one peak for every variant: the best of 2 s of (n x n) matmuls in this process
+    peak = measure_matmul_peak(a.device, torch.bfloat16 if a.device == "cuda" else torch.float32, seconds=2.0)
+    variants = ["transformers", "lmstack", "lmstack+ac"] + (["lmstack+compile"] if a.compile else [])
+    env = {**os.environ, "LMSTACK_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(a.threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH")]))}
+    mem = "peak CUDA memory" if a.device == "cuda" else "peak RSS"
+    print(f"device {a.device}, batch {a.batch} x {SEQ} tokens, {'bf16 autocast' if a.device == 'cuda' else 'fp32'}, {a.threads} threads, {a.steps} timed steps; "
+          f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+    results: dict[tuple[str, str], dict] = {}
+    for p in a.presets.split(","):
+        for v in variants:
+            out = subprocess.run([sys.executable, __file__, "--worker", v, p, "--steps", str(a.steps),
+                                  "--threads", str(a.threads), "--device", a.device, "--batch", str(a.batch), "--peak", str(peak)], env=env, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(f"{p} {v}: failed\n{out.stderr[-2000:]}")
+                continue
+            r = results[(p, v)] = json.loads(line[0][7:])
+            print(f"{p:>6} ({r['params_M']:.1f}M) {v:<16} {r['tokens_per_s']:8.0f} tok/s  "
+                  f"MFU {100 * r['mfu']:5.1f}%  {mem} {r['peak_mem_mib']:7.0f} MiB")
+        base = results.get((p, "transformers"))
+        for v in variants[1:]:
+            r = results.get((p, v))
+            if base and r:
+                print(f"{p:>6} {v} / transformers = {r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
