@@ -186,3 +186,24 @@ def test_cli_one_line_error_and_overrides(tmp_path, capsys):
     assert "train.schedule" in capsys.readouterr().err
     assert main(["pretrain", "--config", str(recipe), "--train.steps=2", "--train.eval_every=0"]) == 0
     assert "completed: 2 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("recipes/pretrain-*.yaml")))
+def test_shipped_pretrain_recipes_load(path):
+    from lmstack.train.config import load_pretrain_config
+
+    c = load_pretrain_config(str(path), ["train.lr=0.002", "data.shards=elsewhere"])
+    assert c.train.lr == 0.002 and c.data.shards == "elsewhere" and c.run_dir.startswith("runs/")
+
+
+def test_recipe_form_config(tmp_path):
+    from lmstack.train.config import load_pretrain_config
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"name": "demo", "stages": [], "seed": 7,
+                                 "pretrain": {"model": {"preset": "small"}, "data": {"shards": "s"},
+                                              "train": {"steps": 5, "warmup_steps": 1}}}))
+    c = load_pretrain_config(str(p), ["train.steps=9"])
+    assert (c.run_dir, c.model.preset, c.train.seed, c.train.steps) == ("runs/demo", "small", 7, 9)
+    with pytest.raises(ConfigError, match=r"data.shards"):
+        load_pretrain_config(str(p), ["data.shards=null"])

@@ -10,7 +10,8 @@ def register(app: typer.Typer) -> None:
     @app.command("pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def pretrain_cmd(
         ctx: typer.Context,
-        config: str = typer.Option(None, "--config", "-c", help="Recipe YAML (run_dir, model, data, train)."),
+        config: str = typer.Option(None, "--config", "-c",
+                                   help="Recipe YAML (recipes/pretrain-*.yaml, or run_dir/model/data/train)."),
         resume: str = typer.Option(None, "--resume", help="'auto' (newest checkpoint of run_dir) or a path."),
     ) -> None:
         """Pretrain from scratch on token shards, or continue pretraining a Hugging Face model.
@@ -19,13 +20,13 @@ def register(app: typer.Typer) -> None:
         Under torchrun it runs DDP (or FSDP2 with --train.distributed=fsdp)."""
         import os
 
-        from lmstack.config import load_config
-        from lmstack.train import PretrainConfig, pretrain
+        from lmstack.train import pretrain
+        from lmstack.train.config import load_pretrain_config
 
         overrides = list(ctx.args)
         if resume:
             overrides.append(f"train.resume={resume}")
-        cfg = load_config(PretrainConfig, config, overrides)
+        cfg = load_pretrain_config(config, overrides)
         res = pretrain(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             where = res.final_dir or res.checkpoint_dir
