@@ -20,8 +20,10 @@ HEADLINE = {"support_heldout": ("rougeL", "exact_match", "f1", "chrf"), "heldout
 
 
 def _fmt(v: Any) -> str:
-    if v is None:
+    if v is None or v == {}:
         return "-"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
     if isinstance(v, float):
         return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
     if isinstance(v, int):
