@@ -176,7 +176,12 @@ def fit(
             norm = 1.0 if info.active else None
             step_metrics: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
-                batch = _to_device(next(train_data), device)
+                try:
+                    batch = _to_device(next(train_data), device)
+                except StopIteration:
+                    raise LmstackError(
+                        f"train_data ran out at step {state.step + 1} of {cfg.steps}; give fit an endless batch "
+                        "source (PackedBatches cycles epochs) or lower train.steps") from None
                 if fpt is None:
                     fpt = flops_per_token(model, _seq_len(batch))
                 with D.no_sync(wrapped, info, micro == cfg.grad_accum - 1), _autocast(device, amp):
