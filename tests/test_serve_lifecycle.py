@@ -164,3 +164,17 @@ def test_sigterm_drains_lmstack_serve(model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_busy_port_is_a_one_line_error(model_dir, capsys):
+    import socket
+
+    from lmstack.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmstack: cannot listen on 127.0.0.1:") and "--port" in err and "\n" not in err

@@ -64,6 +64,21 @@ def build_server(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level:
     return DrainingServer(config, app.state.lifecycle, drain_timeout)
 
 
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from lmstack.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); another server may be using it: "
+                              "pick another --port or stop it") from None
+
+
 def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, served_model_name: str | None = None, max_num_seqs: int = 64,
                max_model_len: int | None = None, max_waiting: int = 256, device: str | None = None,
@@ -73,6 +88,7 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
     import lmstack.serve.llm as L
     from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 
+    _check_port(host, port)  # fail in a second, not after loading the model
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = L.load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=max_num_seqs,
