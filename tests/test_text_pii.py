@@ -89,7 +89,7 @@ def test_redaction_is_idempotent_and_digit_free_text_is_clean():
     from hypothesis import strategies as st
 
     @settings(max_examples=60, deadline=None)
-    @given(st.text(alphabet=st.characters(blacklist_categories=("Nd",), blacklist_characters="@:"), max_size=200))
+    @given(st.text(alphabet="abcdefxyzABCDEFGHXYZ .,;-+()[]/\n\t中文电话号码身份证，。！éß", max_size=200))
     def no_pii_without_digits(s):
         assert find_pii(s, kinds=["PHONE", "IP", "CREDIT_CARD", "CN_ID", "IBAN", "EMAIL"]) == []
 
