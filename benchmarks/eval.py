@@ -1,10 +1,10 @@
 """Multiple-choice scoring throughput: lmstack vs lm-evaluation-harness's ``hf`` backend, same model, same task,
 same process.
 
-    .venv/bin/python benchmarks/eval.py [--model DIR] [--items 200] [--threads 2]
+    .venv/bin/python benchmarks/eval.py [--model DIR] [--items 200] [--threads 2] [--continuation letter|text]
 
 Without ``--model`` a random Llama (4 layers, 256 wide, byte-level BPE tokenizer) is built in a temp dir.
-The task is the shipped ``mc_en`` (MMLU layout, letters scored) repeated with rotated options to ``--items``
+The task is the shipped ``mc_en`` (MMLU layout; letters or option texts scored) repeated with rotated options to ``--items``
 questions, exported to an lm-eval task by ``lmstack.eval.lmeval_task`` so both sides score identical
 (context, continuation) pairs. Two measurements:
 
@@ -58,20 +58,22 @@ def build_model(out: Path, hidden: int, layers: int) -> Path:
     return out
 
 
-def build_task(tmp: Path, items: int) -> Path:
+def build_task(tmp: Path, items: int, continuation: str = "letter") -> Path:
     src = Path(__file__).resolve().parents[1] / "lmstack" / "eval" / "data" / "mc_en.jsonl"
     rows = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines()]
     rng = random.Random(0)
-    data = tmp / "mc_bench.jsonl"
+    data = tmp / f"mc_bench_{continuation}.jsonl"
     with open(data, "w", encoding="utf-8") as f:
         for i in range(items):
             r = rows[i % len(rows)]
             k = rng.randrange(4)
             choices = r["choices"][k:] + r["choices"][:k]
             gold = choices.index(r["choices"]["ABCD".index(r["answer"])])
-            f.write(json.dumps({"question": r["question"], "choices": choices, "answer": gold}) + "\n")
-    y = tmp / "mc_bench.yaml"
-    y.write_text(f"type: multiple_choice\ndata: {data}\nchoices_field: choices\nsubject: general knowledge\n")
+            q = r["question"] if i < len(rows) else f"{r['question']} (variant {i // len(rows)})"  # no duplicates
+            f.write(json.dumps({"question": q, "choices": choices, "answer": gold}) + "\n")
+    y = tmp / f"mc_bench_{continuation}.yaml"
+    y.write_text(f"type: multiple_choice\ndata: {data}\nchoices_field: choices\nsubject: general knowledge\n"
+                 f"continuation: {continuation}\n")
     return y
 
 
@@ -82,11 +84,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--continuation", choices=["letter", "text"], default="letter",
+                    help="letter: score ' A'..' D' (MMLU); text: score each option's text (ARC style)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="lmstack-bench-eval-"))
     model_dir = Path(args.model) if args.model else build_model(tmp / "model", args.hidden, args.layers)
-    task_yaml = build_task(tmp, args.items)
+    task_yaml = build_task(tmp, args.items, args.continuation)
 
     import lm_eval
     from lm_eval.api.instance import Instance
@@ -102,8 +106,8 @@ def main() -> None:
     task = load_task(task_yaml)
     name = export_lm_eval_task(task, tmp / "lm_eval_tasks")
     _, pairs, _ = mc_requests(task)
-    print(f"model {model_dir} | {args.items} questions, {len(pairs)} (context, continuation) pairs | "
-          f"threads {args.threads}")
+    print(f"model {model_dir} | {args.items} questions, {len(pairs)} (context, continuation) pairs, "
+          f"{args.continuation} scoring | threads {args.threads}")
 
     ours = EvalLM.load(model_dir, dtype="fp32", device="cpu")
     hf = HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=16)

@@ -183,20 +183,33 @@ class EvalLM:
         Requests that share a context with others run through :mod:`lmstack.eval.shared_prefix` (the
         context once, the continuations batched on its cached keys); the rest are batched whole, rows with
         identical inputs computed once."""
-        trimmed: list[tuple[tuple[int, ...], list[int]]] = []  # (context after left truncation, continuation)
+        trimmed: list[tuple[tuple[int, ...], list[int]]] = []  # distinct (context after left truncation, cont)
+        where: list[int] = []  # request -> index into trimmed (identical requests are scored once)
+        seen: dict[tuple, int] = {}
         for ctx, cont in reqs:
             if not cont:
                 raise ValueError("empty continuation")
             full = (list(ctx) + list(cont))[-(self.max_length + 1):]
             cont = list(cont[-(len(full) - 1):]) if len(cont) >= len(full) else list(cont)  # >= 1 context token
-            trimmed.append((tuple(full[:len(full) - len(cont)]), cont))
+            item = (tuple(full[:len(full) - len(cont)]), cont)
+            key = (item[0], tuple(cont))
+            if key not in seen:
+                seen[key] = len(trimmed)
+                trimmed.append(item)
+            where.append(seen[key])
+        if progress_cb is not None and len(trimmed) < len(reqs):
+            progress_cb(len(reqs) - len(trimmed))  # duplicates are answered by their first occurrence
+        scores = self._score_distinct(trimmed, progress_cb)
+        return [scores[w] for w in where]
+
+    def _score_distinct(self, trimmed: list[tuple[tuple[int, ...], list[int]]], progress_cb=None):
         by_ctx: dict[tuple[int, ...], list[int]] = {}
         for i, (c, _) in enumerate(trimmed):
             by_ctx.setdefault(c, []).append(i)
         shared_ok = self.prefix_kv is None and self.model.config.sliding_window is None and self.share_prefix
         shared = [idx for idx in by_ctx.values()
                   if shared_ok and len(idx) > 1 and any(len(trimmed[i][1]) > 1 for i in idx)]
-        out: list[tuple[float, bool] | None] = [None] * len(reqs)
+        out: list[tuple[float, bool] | None] = [None] * len(trimmed)
         if shared:
             from lmstack.eval.shared_prefix import score_groups
 
@@ -204,7 +217,7 @@ class EvalLM:
             for idx, scores in zip(shared, score_groups(self.model, groups, self.batch_tokens, progress_cb)):
                 for i, sc in zip(idx, scores):
                     out[i] = sc
-        rest = [i for i in range(len(reqs)) if out[i] is None]
+        rest = [i for i in range(len(trimmed)) if out[i] is None]
         for i, sc in zip(rest, self._score_whole([trimmed[i] for i in rest], progress_cb)):
             out[i] = sc
         return out  # type: ignore[return-value]
