@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from lmstack.errors import ConfigError
 from lmstack.serve.api import errors as E
 from lmstack.serve.api.chat import create_chat_completion
 from lmstack.serve.api.common import ServedModel
@@ -192,12 +193,13 @@ def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: A
         engine, llm = AsyncEngine(obj, max_waiting=max_waiting), obj
     tok = tokenizer or getattr(llm, "tokenizer", None) or getattr(engine, "tokenizer", None)
     if tok is None:
-        raise ValueError("create_app: no tokenizer (pass tokenizer= or an engine with .llm.tokenizer)")
+        raise ConfigError("the model directory has no tokenizer (tokenizer.json); the server needs one to read "
+                          "prompts: copy the tokenizer files into it (lmstack.model.copy_tokenizer) or pass tokenizer=")
     name = served_model_name or getattr(llm, "model_name", None) or getattr(engine, "model_name", None) or "lmstack"
     names = [name] if isinstance(name, str) else list(name)
     mml = max_model_len or getattr(llm, "max_model_len", None) or getattr(engine, "max_model_len", None)
     if not mml:
-        raise ValueError("create_app: unknown max_model_len (pass max_model_len=)")
+        raise ConfigError("unknown context length: pass max_model_len= (CLI: --max-model-len)")
     cfg = getattr(getattr(llm, "model", None), "config", None)
     vocab = getattr(cfg, "vocab_size", None) or getattr(tok, "vocab_size", None)
     return ServedModel(engine=engine, tokenizer=tok, names=names, max_model_len=int(mml),
