@@ -121,3 +121,17 @@ def test_cli_eval_compare_and_errors(model_dir, tmp_path, capsys):
     assert "no results.json found" in capsys.readouterr().err
     assert main(["eval", "tasks"]) == 0
     assert "code_mini" in capsys.readouterr().out
+
+
+def test_jsonl_choices_list_is_found_without_configuration(tmp_path):
+    from lmstack.eval.choice import mc_requests
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4", "5"], "answer": "4"}) + "\n"
+                    + json.dumps({"question": "1+2?", "choices": ["3", "4", "5"], "answer": 0}) + "\n")
+    items, pairs, _ = mc_requests(load_task({"type": "multiple_choice", "name": "t", "data": str(data)}))
+    assert [it["gold"] for it in items] == [1, 0]
+    assert pairs[0] == ("2+2?\nA. 3\nB. 4\nC. 5\nAnswer:", " A") and len(pairs) == 6
+    data.write_text(json.dumps({"question": "q", "A": "x", "B": "y"}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: missing field 'C'"):
+        mc_requests(load_task({"type": "multiple_choice", "name": "t", "data": str(data)}))

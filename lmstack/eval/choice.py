@@ -36,10 +36,13 @@ def _mc_records(task, path: str):
 def mc_item(task, rec: Record) -> tuple[str, list[str], int]:
     """(question, choices, gold index) of one record."""
     q = str(rec.get(task.name, task.question_field))
-    if task.choices_field:
-        choices = rec.get(task.name, task.choices_field)
+    field = task.choices_field
+    if field is None and task.choice_fields[0] not in rec.data and isinstance(rec.data.get("choices"), list):
+        field = "choices"  # the common JSONL layout, without having to say choices_field: choices
+    if field:
+        choices = rec.get(task.name, field)
         if not isinstance(choices, list) or len(choices) < 2:
-            raise DataError(f"task {task.name}: {rec.file}:{rec.line}: field {task.choices_field!r} must be a "
+            raise DataError(f"task {task.name}: {rec.file}:{rec.line}: field {field!r} must be a "
                             "list of at least 2 choices")
         choices = [str(c) for c in choices]
     else:
