@@ -109,6 +109,8 @@ def test_sharded_run_equals_unsharded(tmp_path, by_file):
     else:
         files = [tmp_path / "all.jsonl"]
         _write(files[0], docs)
+        with open(files[0], "a", encoding="utf-8") as f:
+            f.write("{not json\n")
     cfg = _cfg(files)
     full = run_pipeline(cfg, tmp_path / "full")
     ids_full = [json.loads(x)["id"] for x in open(tmp_path / "full" / "data.jsonl", encoding="utf-8")]
@@ -118,6 +120,8 @@ def test_sharded_run_equals_unsharded(tmp_path, by_file):
     merged = merge_output(cfg, tmp_path / "sharded")
     ids_sharded = [json.loads(x)["id"] for x in open(tmp_path / "sharded" / "data.jsonl", encoding="utf-8")]
     assert ids_sharded == ids_full and len(ids_full) == full["documents"] == merged["documents"]
+    assert merged["read"]["problems"] == full["read"]["problems"] == ({} if by_file else {"malformed_json": 1})
+    assert merged["read"]["records"] == full["read"]["records"] == len(docs)
     removed = {s["name"]: s["removed"] for s in full["steps"]}
     assert removed["exact_dedup"]["exact_duplicate"] == 1
     assert removed["near_dedup"]["near_duplicate"] >= 0.9 * len(planted)

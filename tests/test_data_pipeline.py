@@ -259,3 +259,14 @@ def test_docs_example_config_is_valid():
     cfg = DataPipelineConfig.model_validate(yaml.safe_load(block))
     assert cfg.inputs[0].weight == 3.0 and cfg.quality.max_dup_ngram_char_frac[10] == 0.10
     assert cfg.pii.action == "redact" and cfg.dedup.threshold == 0.8
+
+
+def test_inputs_with_no_documents_give_an_empty_output_and_a_report(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("", encoding="utf-8")
+    (tmp_path / "in" / "b.jsonl").write_text("{bad\n", encoding="utf-8")
+    rep = run_pipeline({"inputs": [{"path": str(tmp_path / "in")}], "workers": 1}, tmp_path / "o")
+    assert rep["documents"] == 0 and (tmp_path / "o" / "data.jsonl").read_text() == ""
+    assert rep["read"]["problems"] == {"empty_file": 1, "malformed_json": 1}
+    assert any(e.endswith("b.jsonl:1: malformed_json (Expecting property name enclosed in double quotes)")
+               for e in rep["read"]["examples"])

@@ -86,14 +86,17 @@ def iter_records(cfg: DataPipelineConfig, shard: tuple[int, int], stats: ReadSta
     for fidx, name, path, rel, inp in files:
         if by_file and fidx % n != i:
             continue
-        st = stats if (by_file or i == 0) else ReadStats()  # record mode: shard 0 reports input problems
+        st = stats if by_file else ReadStats()  # record mode: every shard reads the file, shard 0 reports it
         for k, rec in enumerate(iter_file(path, rel, name, inp.text_field, st, inp.txt_mode, tuple(inp.keep_fields))):
             if not by_file and (fidx + k) % n != i:
                 continue
-            if st is not stats:
+            if not by_file:
                 stats.records += 1
             yield {"pos": (fidx << 32) | k, "id": rec.id, "text": rec.text, "source": name, "path": rec.path,
                    "line": rec.line, "html": rec.html, "meta": rec.meta}
+        if not by_file and i == 0:
+            st.records = 0  # counted above, per shard
+            stats.merge(st)
 
 
 def _batched(it: Iterator, size: int) -> Iterator[list]:
