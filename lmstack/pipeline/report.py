@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import shlex
 import json
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,11 @@ def next_commands(res: PipelineResult) -> list[str]:
         target = f"--model {ft}"
     else:
         target = f"--model {base}"
-    return [f"lmstack chat {target}", f"lmstack serve {target} --port 8000   # then open http://127.0.0.1:8000",
-            f"lmstack generate {target} --prompt 'How long does standard shipping take?'"]
+    system = recipe.data.shop.system_prompt
+    if system is None:
+        from lmstack.apps.support.dialogues import SYSTEM_PROMPT as system
+    return [f"lmstack chat {target} --system {shlex.quote(system)} --temperature 0",
+            f"lmstack serve {target} --port 8000   # OpenAI API; web chat at http://127.0.0.1:8000"]
 
 
 # ------------------------------------------------------------------------------------------------- HTML
