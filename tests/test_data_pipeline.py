@@ -270,3 +270,16 @@ def test_inputs_with_no_documents_give_an_empty_output_and_a_report(tmp_path):
     assert rep["read"]["problems"] == {"empty_file": 1, "malformed_json": 1}
     assert any(e.endswith("b.jsonl:1: malformed_json (Expecting property name enclosed in double quotes)")
                for e in rep["read"]["examples"])
+
+
+def test_builtin_blocklists(tmp_path):
+    docs = [EN[0] + " Visit our online casino today.", ZH[0] + "欢迎访问博彩网站。", EN[1], ZH[1],
+            EN[2] + " The word casinos alone is fine."]
+    with open(tmp_path / "a.jsonl", "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    rep = run_pipeline({"inputs": [{"path": str(tmp_path / "a.jsonl")}], "workers": 1,
+                        "blocklist": {"enabled": True, "builtin": ["en", "zh"]}}, tmp_path / "o")
+    steps = {s["name"]: s for s in rep["steps"]}
+    assert steps["blocklist"]["removed"] == {"blocklisted": 2}
+    assert [d["id"] for d in _out(tmp_path / "o")] == ["a/a.jsonl:3", "a/a.jsonl:4", "a/a.jsonl:5"]

@@ -41,6 +41,7 @@ class LanguageConfig(StrictModel):
 
 class BlocklistConfig(StrictModel):
     enabled: bool = False
+    builtin: list[Literal["en", "zh"]] = []     # lmstack/data/blocklists/{en,zh}.txt: short spam/adult/gambling lists
     words: list[str] = []                       # English words match whole words (case-insensitive); Chinese: substrings
     files: list[str] = []                       # one word per line, '#' comments
     max_hits: int = Field(0, ge=0)              # drop a document with more than this many hits

@@ -68,9 +68,13 @@ class StepStats:
                    Counter(d["changed"]), {k: list(v) for k, v in d["examples"].items()})
 
 
+BUILTIN_BLOCKLISTS = Path(__file__).parent / "blocklists"
+
+
 def load_blocklist(cfg: BlocklistConfig) -> list[str]:
+    """Words from ``words``, the built-in lists named in ``builtin`` and ``files`` (one per line, '#' comments)."""
     words = list(cfg.words)
-    for f in cfg.files:
+    for f in [*(BUILTIN_BLOCKLISTS / f"{name}.txt" for name in cfg.builtin), *cfg.files]:
         p = Path(f)
         if not p.is_file():
             raise ConfigError(f"blocklist.files: {f} does not exist")
