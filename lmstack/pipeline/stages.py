@@ -78,9 +78,19 @@ def _heldout(key: str, seed: int, fraction: float) -> bool:
 
 
 def _shop_dir(recipe: Recipe) -> Path:
+    """``data.shop.dir`` (relative to the working directory, else to the recipe file), else the shipped
+    knowledge base next to the recipe (``recipes/data/shop``), else the one in the source checkout."""
     from lmstack.apps.support.kb import default_kb_dir
 
-    return Path(recipe.data.shop.dir) if recipe.data.shop.dir else default_kb_dir()
+    here = Path(recipe.source).parent if recipe.source else None
+    if recipe.data.shop.dir:
+        p = Path(recipe.data.shop.dir).expanduser()
+        if not p.is_absolute() and not p.exists() and here is not None and (here / p).exists():
+            p = here / p
+        return p
+    if here is not None and (here / "data" / "shop" / "faq.yaml").is_file():
+        return here / "data" / "shop"
+    return default_kb_dir()
 
 
 def _system_prompt(recipe: Recipe) -> str:
