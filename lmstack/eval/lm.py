@@ -130,7 +130,8 @@ class EvalLM:
         self.share_prefix = share_prefix  # score options of one context on its cached keys (shared_prefix.py)
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
-        self.max_length = max_length or model.config.max_position_embeddings
+        n_virtual = self.prefix_kv[0][0].shape[-2] if self.prefix_kv is not None else 0  # adapter's P slots
+        self.max_length = max_length or model.config.max_position_embeddings - n_virtual
         self.device = model.device
 
     @classmethod
