@@ -345,3 +345,22 @@ def test_non_streaming_client_that_gives_up_aborts_request(server):
     assert m["lmstack_generation_tokens_total"] - before < 200  # stopped early, not run to max_tokens
     text = httpx.get(server.url + "/metrics").text
     assert 'lmstack_http_requests_total{route="/v1/chat/completions",status="499"} 1.0' in text
+
+
+def test_hf_reference_engine_behind_the_same_api(model_dir, client):
+    """The benchmark's baseline (transformers generate, one at a time) answers like the lmstack engine."""
+    from lmstack.serve.api import create_app
+    from lmstack.serve.api.hf_engine import HFEngine
+
+    kw = dict(model="tiny", messages=MSGS, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    want = client.chat.completions.create(**kw).choices[0].message.content
+    with LiveServer(create_app(HFEngine(model_dir), served_model_name="tiny")) as s:
+        base = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        r = base.chat.completions.create(**kw)
+        assert r.choices[0].message.content == want and r.usage.completion_tokens == 8
+        streamed = "".join(c.choices[0].delta.content or "" for c in base.chat.completions.create(stream=True, **kw)
+                           if c.choices)
+        assert streamed == want
+        comp = base.completions.create(model="tiny", prompt=["The quick", "Hello"], max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+        assert [c.index for c in comp.choices] == [0, 1] and comp.usage.completion_tokens == 8
