@@ -8,7 +8,9 @@ Each (shape, method) runs in its own subprocess so peak memory is its own: on CU
 ``torch.cuda.max_memory_allocated`` over the training steps; on CPU the peak anonymous resident memory
 (``RssAnon``, sampled every 2 ms) over the training steps, after setup garbage is freed. Both include the
 weights, gradients, optimizer state and activations. Models have random weights (same shapes as the
-presets); a step is forward + backward + AdamW over ``--batch`` x ``--seq`` random tokens.
+presets); a step is forward + next-token loss + backward + AdamW over ``--batch`` x ``--seq`` random tokens.
+lmstack methods use lmstack's SFT loss (``lmstack.tune.losses.sft_token_loss``: chunked logits); the
+baseline uses transformers' own ``labels=`` loss.
 
 Named baseline: Hugging Face ``transformers`` + ``peft`` LoRA (same shape, rank, targets, batch) in the same run.
 Ratios printed: LoRA / full peak memory (target <= 0.5 on the 0.5B shape), QLoRA / LoRA peak memory
@@ -75,7 +77,7 @@ def _free() -> None:
 
 
 def build(shape: str, method: str, device: torch.device, r: int):
-    """(model, trainable params, forward fn ids -> logits) for one method."""
+    """(model, trainable params, loss fn ids -> mean next-token CE) for one method."""
     from lmstack.model import build_model, preset
 
     cfg = preset(shape)
@@ -89,7 +91,8 @@ def build(shape: str, method: str, device: torch.device, r: int):
         if device.type == "cuda":
             m = m.to(torch.bfloat16)
         m = peft.get_peft_model(m, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0))
-        return m, [p for p in m.parameters() if p.requires_grad], lambda ids: m(input_ids=ids).logits
+        # transformers' own loss (labels=ids): what a transformers + peft user runs
+        return m, [p for p in m.parameters() if p.requires_grad], lambda ids: m(input_ids=ids, labels=ids).loss
     from lmstack.quant import quantize_model
     from lmstack.tune.lora import LoraSpec, apply_lora
 
@@ -105,7 +108,11 @@ def build(shape: str, method: str, device: torch.device, r: int):
                 layer.post_attention_layernorm.to(torch.bfloat16)
     if method != "full":
         apply_lora(model, LoraSpec(r=r, alpha=2 * r, dropout=0.0, target_modules=TARGETS))
-    return model, [p for p in model.parameters() if p.requires_grad], lambda ids: model(ids)
+    from lmstack.tune.losses import sft_token_loss
+
+    # lmstack's SFT loss: logits only for target positions, a chunk at a time
+    return model, [p for p in model.parameters() if p.requires_grad], lambda ids: sft_token_loss(
+        model, {"input_ids": ids, "labels": ids})[0]
 
 
 def worker(shape: str, method: str, device_s: str, steps: int, batch: int, seq: int, r: int) -> dict:
@@ -130,8 +137,7 @@ def worker(shape: str, method: str, device_s: str, steps: int, batch: int, seq: 
 
     def step() -> None:
         with amp:
-            logits = fwd(ids)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = fwd(ids)  # mean next-token cross-entropy over the batch
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from lmstack.tune.batches import IGNORE
@@ -92,3 +93,41 @@ def test_token_ce_and_sequence_logps_match_transformers_loss():
         logp = torch.log_softmax(out.logits, -1)
         ref0 = sum(float(logp[0, t - 1, ids[0, t]]) for t in range(3, 7))
         assert math.isclose(float(lp[0]), ref0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "lora", "prefix"])
+def test_chunked_sft_loss_equals_full_logits_loss_and_gradients(wrap, monkeypatch):
+    from lmstack.model import build_model
+    from lmstack.model.config import ModelConfig
+    from lmstack.tune import losses
+    from lmstack.tune.lora import LoraSpec, apply_lora
+    from lmstack.tune.prompt import PromptEncoder, PromptSpec, PromptTunedModel
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = build_model(cfg, device="cpu", seed=0)
+    if wrap == "lora":
+        apply_lora(model, LoraSpec(r=2, target_modules="all-linear"))
+        torch.nn.init.normal_(model.model.layers[0].self_attn.q_proj.lora_B.weight, std=0.1)
+    if wrap == "prefix":
+        model = PromptTunedModel(model, PromptEncoder(model, "prefix", PromptSpec(3)))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 96, (3, 11), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    labels[2, 8:] = IGNORE
+    attn = torch.ones_like(ids)
+    attn[2, 9:] = 0
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": attn}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    ref, n_ref, acc_ref = token_ce(losses.forward_logits(model, batch), labels)
+    ref_grads = torch.autograd.grad(ref, params)
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 96 * 5)  # 5 rows per chunk: 4 chunks for 18 targets
+    got, n, acc = losses.sft_token_loss(model, batch)
+    grads = torch.autograd.grad(got, params)
+    assert n == n_ref == 3 * 7 - 3 and acc == pytest.approx(acc_ref)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert isinstance(losses._core_model(model).lm_head, torch.nn.Linear)  # swapped back

@@ -17,7 +17,7 @@ from lmstack.train import FitResult, LossOutput, fit
 from lmstack.tune.batches import SFTBatches, sft_eval_batches
 from lmstack.tune.config import FinetuneConfig, LoraSection, PromptSection
 from lmstack.tune.data import DataReport, load_sft, split_val
-from lmstack.tune.losses import forward_logits, token_ce
+from lmstack.tune.losses import sft_token_loss
 from lmstack.tune.lora import LoraSpec
 from lmstack.tune.methods import Prepared, prepare
 from lmstack.tune.prompt import PromptSpec
@@ -79,7 +79,7 @@ def prepare_for(cfg: Any, model_dir: str) -> Prepared:
 
 
 def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
-    loss, n, acc = token_ce(forward_logits(model, batch), batch["labels"])
+    loss, n, acc = sft_token_loss(model, batch)
     return LossOutput(loss, n, {"token_acc": acc})
 
 
