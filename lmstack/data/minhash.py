@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import struct
+import unicodedata
 import zlib
 
 import numpy as np
@@ -30,6 +32,7 @@ from lmstack.text.normalize import dedup_key_text
 from lmstack.text.quality import is_cjk
 
 MAX_HASH = np.uint32(0xFFFFFFFF)
+_ALNUM = re.compile(r"[^\W_]+")
 
 
 def sha1_hash32(data: bytes) -> int:
@@ -85,15 +88,13 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
 
 def shingle_hashes(text: str, ngram: int = 5, cjk_ngram: int = 5) -> np.ndarray:
     """Distinct 32-bit hashes (uint32) of the same shingles as :func:`shingles`: (n_distinct,)."""
-    norm = dedup_key_text(text)
+    tokens = _ALNUM.findall(unicodedata.normalize("NFKC", text).lower())  # == dedup_key_text(text).split()
     if is_cjk(text):
-        chars = norm.replace(" ", "")
-        x = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)  # (L,) code points
+        x = np.frombuffer("".join(tokens).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)  # (L,) chars
         n = cjk_ngram
     else:
-        words = norm.split()
-        table = {w: zlib.crc32(w.encode()) for w in set(words)}
-        x = np.fromiter((table[w] for w in words), dtype=np.uint64, count=len(words))       # (L,) word hashes
+        table = {w: zlib.crc32(w.encode()) for w in set(tokens)}
+        x = np.fromiter(map(table.__getitem__, tokens), dtype=np.uint64, count=len(tokens))   # (L,) words
         n = ngram
     if len(x) == 0:
         return np.zeros(0, dtype=np.uint32)
