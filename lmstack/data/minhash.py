@@ -213,7 +213,7 @@ def near_duplicates(sigs: np.ndarray, threshold: float, active: np.ndarray | Non
                         uf.union(i, j)
     is_dup = np.zeros(n, dtype=bool)
     pairs: list[tuple[int, int, float]] = []
-    for j in rows_active:
+    for j in np.flatnonzero(uf.parent != np.arange(n)):  # only rows that were unioned under another root
         root = uf.find(int(j))
         if root != j:
             is_dup[j] = True
