@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import shlex
 import json
 from pathlib import Path
@@ -172,7 +173,8 @@ def write_html(res: PipelineResult) -> Path:
             keys = sorted({k for s in steps for k in s}, key=lambda k: (k != "name", k != "step", k))
             parts.append(_table(keys, [[_fmt(s.get(k)) for k in keys] for s in steps]))
         if data.get("data_report"):
-            parts.append(f"<p>Full data report: <code>{html.escape(data['data_report'])}</code></p>")
+            rel = os.path.relpath(data["data_report"], run)
+            parts.append(f"<p>Full data report: <a href='{html.escape(rel)}'>{html.escape(rel)}</a></p>")
     for name, title in (("pretrain", "Pretraining"), ("finetune", "Fine-tuning")):
         m = res.summary(name)
         if m:
