@@ -228,3 +228,22 @@ def test_stdlib_corpus_cap_kinds_and_determinism():
     assert all(d["license"] == "PSF-2.0" for d in a)
     assert not any("/test/" in d["source"] or "test_" in d["source"].rsplit("/", 1)[-1] for d in a)
     assert stdlib_corpus(150_000) == a
+
+
+def test_plan_matches_what_run_does(tmp_path):
+    from lmstack.pipeline.runner import plan_stages
+
+    calls: list = []
+    reg = _registry(calls, fail={"finetune": KeyboardInterrupt()})
+    recipe = _recipe(tmp_path)
+    assert [a for _, a, _ in plan_stages(recipe, reg)] == ["run"] * 5
+    with pytest.raises(StageInterrupted):
+        run_stages(recipe, reg)
+    plan = plan_stages(_recipe(tmp_path, eval={"max_tokens": 3}), reg)
+    assert [(n, a) for n, a, _ in plan] == [("data", "skip"), ("tokenizer", "skip"), ("pretrain", "skip"),
+                                           ("finetune", "resume"), ("eval", "run")]
+    calls.clear()
+    res = run_stages(_recipe(tmp_path, eval={"max_tokens": 3}), reg)
+    assert [s.status for s in res.stages] == ["skipped", "skipped", "skipped", "resumed", "ran"]
+    assert [a for _, a, _ in plan_stages(recipe, reg, from_stage="pretrain")] == ["skip", "skip", "run", "run", "run"]
+    assert plan_stages(recipe, reg, only="data") == [("data", "run", "--only")]

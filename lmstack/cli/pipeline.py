@@ -13,6 +13,7 @@ def register(app: typer.Typer) -> None:
         from_stage: str = typer.Option(None, "--from", help="Rerun this stage and every later one."),
         only: str = typer.Option(None, "--only", help="Run only this stage (earlier ones must be done)."),
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
+        plan: bool = typer.Option(False, "--plan", help="Show which stages would run, resume or be skipped; run nothing."),
     ) -> None:
         """Run a recipe's stages (data, tokenizer, pretrain, finetune, eval); unchanged stages are skipped.
 
@@ -21,8 +22,12 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from lmstack.pipeline import run_recipe
+        from lmstack.pipeline import plan_recipe, run_recipe
 
+        if plan:
+            for name, action, why in plan_recipe(recipe, list(ctx.args), from_stage=from_stage, only=only):
+                typer.echo(f"{name:10s} {action:7s} {why}")
+            return
         if no_progress:
             os.environ["LMSTACK_NO_PROGRESS"] = "1"
         run_recipe(recipe, list(ctx.args), from_stage=from_stage, only=only, console=Console(),

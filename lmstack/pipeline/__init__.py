@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.pipeline.recipe import STAGE_ORDER, Recipe, load_recipe
-from lmstack.pipeline.runner import PipelineResult, Stage, StageContext, StageInterrupted, run_stages
+from lmstack.pipeline.runner import PipelineResult, Stage, StageContext, StageInterrupted, plan_stages, run_stages
 
 
 def run_recipe(recipe: Recipe | str | Path, overrides: list[str] | tuple[str, ...] = (), *,
@@ -42,5 +42,15 @@ def run_recipe(recipe: Recipe | str | Path, overrides: list[str] | tuple[str, ..
     return result
 
 
-__all__ = ["run_recipe", "load_recipe", "Recipe", "STAGE_ORDER", "PipelineResult", "Stage", "StageContext",
+def plan_recipe(recipe: Recipe | str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                from_stage: str | None = None, only: str | None = None) -> list[tuple[str, str, str]]:
+    """``(stage, "skip"|"run"|"resume", reason)`` for each stage ``run_recipe`` would visit; runs nothing."""
+    from lmstack.pipeline.stages import STAGES
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    return plan_stages(recipe, STAGES, from_stage=from_stage, only=only)
+
+
+__all__ = ["run_recipe", "plan_recipe", "plan_stages", "load_recipe", "Recipe", "STAGE_ORDER", "PipelineResult", "Stage", "StageContext",
            "StageInterrupted", "run_stages"]

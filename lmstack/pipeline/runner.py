@@ -154,6 +154,36 @@ def _clear(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def plan_stages(recipe: Recipe, registry: dict[str, Stage], *, from_stage: str | None = None,
+                only: str | None = None) -> list[tuple[str, str, str]]:
+    """What :func:`run_stages` would do, without doing it: ``(stage, "skip"|"run"|"resume", reason)``."""
+    fps = fingerprints(recipe, registry)
+    forced = set(recipe.stages[recipe.stages.index(from_stage):]) if from_stage in recipe.stages else set()
+    out = []
+    for name in recipe.stages:
+        if only is not None and recipe.stages.index(name) > recipe.stages.index(only):
+            break
+        state = _read_state(recipe.run_path / "state" / f"{name}.json")
+        ctx = StageContext(recipe, name, recipe.run_path)
+        same = state is not None and state.get("fingerprint") == fps[name]
+        status = state.get("status") if state else None
+        if only is not None and name != only:
+            out.append((name, "skip", "upstream of --only" if same and status == "done" else "NOT DONE: --only fails"))
+        elif name in forced:
+            out.append((name, "run", "--from"))
+        elif not same:
+            out.append((name, "run", "never run" if state is None else "config, inputs or an upstream stage changed"))
+        elif status == "running":
+            out.append((name, "resume", "interrupted last time"))
+        elif not all(p.exists() for p in registry[name].outputs(ctx)):
+            out.append((name, "run", "outputs missing"))
+        elif only is not None:
+            out.append((name, "run", "--only"))
+        else:
+            out.append((name, "skip", f"up to date ({state.get('seconds', 0):.0f} s last run)"))
+    return out
+
+
 def run_stages(recipe: Recipe, registry: dict[str, Stage], *, from_stage: str | None = None,
                only: str | None = None, console: Any = None, show_progress: bool | None = None) -> PipelineResult:
     """Run the recipe's stages with skip / resume semantics (see the module docstring)."""
