@@ -41,7 +41,7 @@ def dist_runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dist")
     shards = write_shards(tmp / "shards")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMSTACK_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMSTACK_NO_PROGRESS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(ROOT / "tests" / "train_fixtures.py"), str(tmp / "out"), str(shards)]

@@ -125,13 +125,13 @@ def _dist_main(out: str, shards: str) -> None:  # pragma: no cover - runs under 
 
 
 # ------------------------------------------------------------------------------------------------------
-# A run that SIGKILLs itself during step KILL_AT's forward (after the step-4 checkpoint), launched as
+# A run that SIGKILLs itself during step KILL_AT's forward (after the step-3 checkpoint), launched as
 #   python tests/train_fixtures.py kill RUN_DIR SHARDS
-KILL_STEPS, KILL_AT = 8, 6
+KILL_STEPS, KILL_AT = 6, 5
 
 
 def kill_train_config(**kw):
-    return dist_train_config(steps=KILL_STEPS, ckpt_every=2, keep_last=2, save_final=True, **kw)
+    return dist_train_config(steps=KILL_STEPS, ckpt_every=3, keep_last=2, save_final=True, **kw)
 
 
 def _kill_main(run_dir: str, shards: str) -> None:  # pragma: no cover - killed by design
