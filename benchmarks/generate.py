@@ -16,7 +16,6 @@ import argparse
 import gc
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -114,8 +113,6 @@ def bench_preset(name: str, args, bandwidth: float | None) -> list[dict]:
                 row["bound"] = bound
             rows.append(row)
             print(_fmt(row), flush=True)
-        del llm, ours, hf
-        gc.collect()
     return rows
 
 
