@@ -364,3 +364,26 @@ def test_hf_reference_engine_behind_the_same_api(model_dir, client):
         comp = base.completions.create(model="tiny", prompt=["The quick", "Hello"], max_tokens=4, temperature=0,
                                        extra_body={"ignore_eos": True})
         assert [c.index for c in comp.choices] == [0, 1] and comp.usage.completion_tokens == 8
+
+
+def test_chat_stream_n2_with_logprobs_matches_non_stream(client):
+    kw = dict(model="tiny", messages=MSGS, max_tokens=6, temperature=1.0, seed=7, n=2, logprobs=True,
+              top_logprobs=2, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    text: dict[int, str] = {0: "", 1: ""}
+    lps: dict[int, list] = {0: [], 1: []}
+    roles, reasons = [], {}
+    for ch in client.chat.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            if c.delta.role:
+                roles.append(c.index)
+            text[c.index] += c.delta.content or ""
+            if c.logprobs is not None:
+                lps[c.index] += [(t.token, round(t.logprob, 4), len(t.top_logprobs)) for t in c.logprobs.content]
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    assert sorted(roles) == [0, 1] and reasons == {0: "length", 1: "length"}
+    for ch in full.choices:
+        assert text[ch.index] == ch.message.content
+        assert lps[ch.index] == [(t.token, round(t.logprob, 4), 2) for t in ch.logprobs.content]
+        assert len(lps[ch.index]) == 6
