@@ -66,10 +66,12 @@ def setup(cfg: TrainConfig) -> DistInfo:
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated decoder blocks (``model.model.layers``) when the model has them."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return list(layers) if isinstance(layers, nn.ModuleList) else []
+    """The repeated decoder blocks: the first ``ModuleList`` named ``layers`` (``model.model.layers`` in the
+    Transformer; found also when a wrapper such as a prompt-tuning module holds the Transformer)."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+            return list(mod)
+    return []
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
