@@ -19,6 +19,7 @@ import hmac
 import inspect
 import json
 import logging
+import time
 from importlib import resources
 from typing import Any, Awaitable, Callable
 
@@ -28,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from lmstack.errors import ConfigError
 from lmstack.serve.api import errors as E
 from lmstack.serve.api.chat import create_chat_completion
-from lmstack.serve.api.common import ServedModel
+from lmstack.serve.api.common import REQUEST_ARRIVAL, ServedModel
 from lmstack.serve.api.completions import create_completion
 from lmstack.serve.api.metrics import ServerMetrics
 from lmstack.serve.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -84,6 +85,7 @@ class Gate:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        arrival = time.perf_counter()
         path = scope.get("path", "")
         route = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/") else "other")
         status = {"code": 500}
@@ -105,9 +107,11 @@ class Gate:
                 return await body_receive.response()(scope, receive, counting_send)
             self.lifecycle.enter()
             self.metrics.in_flight.inc()
+            token = REQUEST_ARRIVAL.set(arrival)
             try:
                 await self.app(scope, body_receive, counting_send)
             finally:
+                REQUEST_ARRIVAL.reset(token)
                 self.lifecycle.exit()
                 self.metrics.in_flight.dec()
         finally:

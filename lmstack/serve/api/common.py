@@ -11,11 +11,17 @@ import asyncio
 import contextlib
 import json
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from lmstack.serve.api.errors import APIError, from_exception
 from lmstack.serve.types import RequestOutput, SamplingParams, TokenLogprob
+
+
+# perf_counter() when the request reached the server (set by the Gate middleware): latency metrics start here,
+# so time-to-first-token includes body parsing, tokenization and the chat template.
+REQUEST_ARRIVAL: ContextVar[float | None] = ContextVar("lmstack_request_arrival", default=None)
 
 
 @dataclass
@@ -66,7 +72,7 @@ async def tracked_generate(model: ServedModel, prompt: str | list[int], params: 
                            request_id: str) -> AsyncIterator[RequestOutput]:
     """``engine.generate`` plus latency metrics; aborts the engine request if not consumed to the end."""
     m = model.metrics
-    t0 = time.perf_counter()
+    t0 = REQUEST_ARRIVAL.get() or time.perf_counter()
     last: float | None = None
     finished = False
     try:
