@@ -154,6 +154,7 @@ def test_sigint_saves_a_checkpoint_and_resumes(shards, tmp_path):
 
 def test_keep_last_prunes_and_leaves_no_temporaries(shards, tmp_path):
     run = tmp_path / "run"
+    (run / "checkpoints" / ".step_000007.tmp").mkdir(parents=True)  # as left by a run killed mid-save
     fit(dist_model(), dist_data(shards, 0, 1, 2), causal_lm_loss, cfg(steps=4, ckpt_every=1, keep_last=2), run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
     ck = run / "checkpoints" / "step_000004"

@@ -142,9 +142,10 @@ def save(run_dir: Path, state: TrainerState, model: nn.Module, optimizer: torch.
     name = f"step_{state.step:06d}"
     final, tmp = root / name, root / f".{name}.tmp"
     if info.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step_*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
     D.barrier(info)
     if info.kind == "fsdp":
         import torch.distributed.checkpoint as dcp
