@@ -387,3 +387,31 @@ def test_chat_stream_n2_with_logprobs_matches_non_stream(client):
         assert text[ch.index] == ch.message.content
         assert lps[ch.index] == [(t.token, round(t.logprob, 4), 2) for t in ch.logprobs.content]
         assert len(lps[ch.index]) == 6
+
+
+def test_lora_adapter_served_matches_peft(model_dir, hf, tmp_path):
+    """`lmstack serve --adapter`: the served model is the base plus the PEFT LoRA, as peft computes it."""
+    import peft
+    import transformers
+
+    import lmstack.serve.llm as L
+    from lmstack.serve.api import create_app
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                          init_lora_weights=False)  # random A and B: the adapter changes the output
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(base, cfg).eval()
+    pm.save_pretrained(tmp_path / "adapter")
+    prompt = chat_ids(hf, MSGS)
+    with torch.no_grad():
+        out = pm.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref = out[0, len(prompt):].tolist()
+    assert ref != hf_greedy(hf, prompt, 8)  # the adapter matters for this check
+    app = create_app(L.load(model_dir, adapter=tmp_path / "adapter"), served_model_name="tiny-lora")
+    with LiveServer(app) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="tiny-lora", messages=MSGS, max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == hf[1].decode(ref, skip_special_tokens=True)
