@@ -131,3 +131,32 @@ def test_chunked_sft_loss_equals_full_logits_loss_and_gradients(wrap, monkeypatc
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert isinstance(losses._core_model(model).lm_head, torch.nn.Linear)  # swapped back
+
+
+def test_chunked_sequence_logps_equal_full_logits_and_gradients(monkeypatch):
+    from lmstack.model import build_model
+    from lmstack.model.config import ModelConfig
+    from lmstack.tune import losses
+    from lmstack.tune.lora import LoraSpec, apply_lora
+
+    cfg = ModelConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = build_model(cfg, device="cpu", seed=1)
+    apply_lora(model, LoraSpec(r=2, target_modules=["q_proj", "down_proj"]))
+    torch.nn.init.normal_(model.model.layers[0].mlp.down_proj.lora_B.weight, std=0.1)
+    ids = torch.randint(0, 80, (4, 9), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    labels[3, :] = IGNORE  # a row with no target sums to 0
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = sequence_logps(losses.forward_logits(model, batch), labels)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    ref_g = torch.autograd.grad((ref * w).sum(), params)
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 80 * 3)
+    got = losses.model_sequence_logps(model, batch)
+    g = torch.autograd.grad((got * w).sum(), params)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert float(got[3].detach()) == 0.0
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -24,7 +24,7 @@ from lmstack.train import FitResult, LossOutput, fit
 from lmstack.tune.batches import PairBatches, collate_pairs, pair_eval_batches
 from lmstack.tune.config import DPOConfig
 from lmstack.tune.data import PairExample, load_pairs, split_val
-from lmstack.tune.losses import dpo_loss, forward_logits, sequence_logps
+from lmstack.tune.losses import dpo_loss, model_sequence_logps
 from lmstack.tune.lora import lora_disabled, lora_modules
 from lmstack.tune.sft import check_vocab, console, load_tokenizer, pad_id_of, prepare_for, report_data
 from lmstack.utils.io import atomic_write_json
@@ -33,7 +33,7 @@ from lmstack.utils.progress import progress
 
 def pair_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) summed reply log-probs, each (B,), from one forward over the (2B, T) batch."""
-    logps = sequence_logps(forward_logits(model, batch), batch["labels"])
+    logps = model_sequence_logps(model, batch)
     B = logps.shape[0] // 2
     return logps[:B], logps[B:]
 

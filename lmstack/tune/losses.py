@@ -100,6 +100,36 @@ def sft_token_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     return loss / n, n, correct / n
 
 
+def _logp_chunk(h: Tensor, w: Tensor, t: Tensor) -> Tensor:
+    logits = F.linear(h, w).float()  # (n, V)
+    return logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (n,)
+
+
+def chunked_target_logps(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) (N,) for ``hidden`` (N, H), with the chunking of :func:`chunked_ce`."""
+    n = hidden.shape[0]
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    if chunk >= n:
+        return _logp_chunk(hidden, weight, targets)
+    return torch.cat([checkpoint(_logp_chunk, hidden[i:i + chunk], weight, targets[i:i + chunk],
+                                 use_reentrant=False) for i in range(0, n, chunk)])
+
+
+def model_sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Summed log p(target) per row (B,) of ``batch`` under ``model``; equal to
+    ``sequence_logps(forward_logits(model, batch), labels)`` without materialising the full logits."""
+    labels = batch["labels"]
+    with hidden_only(model) as head:
+        out = forward_logits(model, batch)
+    if head is None:
+        return sequence_logps(out, labels)
+    tg = labels[:, 1:]
+    valid = tg != IGNORE  # (B, T-1)
+    lp = chunked_target_logps(out[:, :-1][valid], head.weight, tg[valid])  # (N,)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(valid)[valid]  # (N,)
+    return torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+
+
 def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Position t predicts token t+1: logits (B, T-1, V), targets (B, T-1)."""
     return logits[:, :-1], labels[:, 1:]
