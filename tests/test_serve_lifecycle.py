@@ -178,3 +178,19 @@ def test_busy_port_is_a_one_line_error(model_dir, capsys):
         assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmstack: cannot listen on 127.0.0.1:") and "--port" in err and "\n" not in err
+
+
+def test_cors_preflight_only_for_allowed_origins(model_dir):
+    import lmstack.serve.llm as L
+    from lmstack.serve.api import create_app
+
+    app = create_app(L.load(model_dir), api_key="k", served_model_name="m", allowed_origins=["http://app.local"])
+    with LiveServer(app) as s:
+        pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+        ok = httpx.options(s.url + "/v1/chat/completions", headers={"Origin": "http://app.local", **pre})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://app.local"
+        bad = httpx.options(s.url + "/v1/chat/completions", headers={"Origin": "http://evil.local", **pre})
+        assert "access-control-allow-origin" not in bad.headers
+        r = httpx.post(s.url + "/v1/chat/completions", headers={"Origin": "http://app.local", "Authorization": "Bearer k"},
+                       json={"model": "m", "messages": MSGS, "max_tokens": 2})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.local"

@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
                                             help="Seconds SIGTERM waits for in-flight requests."),
         prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
                                             help="Reuse KV blocks of shared prompt prefixes."),
+        allowed_origin: Optional[list[str]] = typer.Option(None, "--allowed-origin",
+                                                           help="Allow browser apps from this origin (CORS); repeat."),
         log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
     ) -> None:
         """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
@@ -36,4 +38,5 @@ def register(app: typer.Typer) -> None:
         run_server(model, adapter=adapter, host=host, port=port, api_key=api_key,
                    served_model_name=served_model_name, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                    max_waiting=max_waiting, device=device, dtype=dtype, max_request_bytes=max_request_bytes,
-                   drain_timeout=drain_timeout, enable_prefix_caching=prefix_caching, log_level=log_level)
+                   drain_timeout=drain_timeout, enable_prefix_caching=prefix_caching,
+                   allowed_origins=allowed_origin or None, log_level=log_level)

@@ -213,7 +213,7 @@ def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: A
 def create_app(llm_or_engine: Any, api_key: str | None = None, served_model_name: str | list[str] | None = None,
                *, tokenizer: Any = None, max_model_len: int | None = None, max_waiting: int = 256,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ui: bool = True,
-               shutdown_engine: bool = True) -> FastAPI:
+               allowed_origins: list[str] | None = None, shutdown_engine: bool = True) -> FastAPI:
     """An OpenAI-compatible app around one model (an ``LLM`` from ``lmstack.serve.llm.load`` or an engine)."""
     model = _served(llm_or_engine, served_model_name=served_model_name, tokenizer=tokenizer,
                     max_model_len=max_model_len, max_waiting=max_waiting)
@@ -290,4 +290,9 @@ def create_app(llm_or_engine: Any, api_key: str | None = None, served_model_name
 
     app.add_middleware(Gate, api_key=api_key, max_request_bytes=max_request_bytes, lifecycle=lifecycle,
                        metrics=metrics)
+    if allowed_origins:  # outermost, so browser preflights are answered before auth
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Api-Key"], max_age=600)
     return app

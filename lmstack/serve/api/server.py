@@ -83,7 +83,8 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
                api_key: str | None = None, served_model_name: str | None = None, max_num_seqs: int = 64,
                max_model_len: int | None = None, max_waiting: int = 256, device: str | None = None,
                dtype: str | None = None, max_request_bytes: int | None = None, drain_timeout: float = 300.0,
-               enable_prefix_caching: bool = True, log_level: str = "info") -> None:
+               enable_prefix_caching: bool = True, allowed_origins: list[str] | None = None,
+               log_level: str = "info") -> None:
     """Serve ``model`` (a model directory) on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
     import lmstack.serve.llm as L
     from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, create_app
@@ -94,7 +95,8 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
     llm = L.load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=max_num_seqs,
                  max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching)
     app = create_app(llm, api_key=api_key, served_model_name=served_model_name, max_waiting=max_waiting,
-                     max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES)
+                     max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+                     allowed_origins=allowed_origins)
     model_state = app.state.model
     log.info("serving %s (max_model_len %d) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
              model_state.name, model_state.max_model_len, host, port)
