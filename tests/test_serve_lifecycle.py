@@ -191,6 +191,6 @@ def test_cors_preflight_only_for_allowed_origins(model_dir):
         assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://app.local"
         bad = httpx.options(s.url + "/v1/chat/completions", headers={"Origin": "http://evil.local", **pre})
         assert "access-control-allow-origin" not in bad.headers
-        r = httpx.post(s.url + "/v1/chat/completions", headers={"Origin": "http://app.local", "Authorization": "Bearer k"},
-                       json={"model": "m", "messages": MSGS, "max_tokens": 2})
+        r = httpx.post(s.url + "/v1/chat/completions", json={"model": "m", "messages": MSGS, "max_tokens": 2},
+                       headers={"Origin": "http://app.local", "Authorization": "Bearer k"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.local"

@@ -63,7 +63,8 @@ def configure(page, *, key: str = KEY, max_tokens: int = 12, temperature: str = 
     page.fill("#seed", seed)
     page.fill("#max_tokens", str(max_tokens))
     page.fill("#system", system)
-    page.locator("#temperature").evaluate(f"(e) => {{ e.value = '{temperature}'; e.dispatchEvent(new Event('input')); }}")
+    page.locator("#temperature").evaluate(
+        f"(e) => {{ e.value = '{temperature}'; e.dispatchEvent(new Event('input')); }}")
 
 
 def send(page, text: str) -> None:
