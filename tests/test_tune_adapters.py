@@ -94,11 +94,12 @@ def test_load_adapter_round_trip_lora(qwen2_dir, tmp_path):
         torch.testing.assert_close(fresh(IDS), model(IDS), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "qwen3"])  # mistral: sliding window 8 < P + T = 13
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_prompt_and_prefix_match_peft(method, tmp_path):
+def test_prompt_and_prefix_match_peft(method, arch, tmp_path):
     import peft
 
-    hf = make_hf_model("qwen2", tmp_path / "base")
+    hf = make_hf_model(arch, tmp_path / "base")
     base = load_model(tmp_path / "base")
     enc = PromptEncoder(base, method, PromptSpec(num_virtual_tokens=5), seed=2)
     with torch.no_grad():
@@ -121,8 +122,8 @@ def test_prompt_and_prefix_match_peft(method, tmp_path):
     # the serving contract: prefix_kv from load_adapter + PrefixContext gives the same logits
     rt = load_adapter(load_model(tmp_path / "base"), tmp_path / "adapter")
     assert rt.method == method and len(rt.prefix_kv) == 2
-    assert rt.prefix_kv[0][0].shape == (2, 5, 16)
-    ctx = PrefixContext(rt.prefix_kv, mask)
+    assert rt.prefix_kv[0][0].shape == (2, 5, base.config.head_dim)
+    ctx = PrefixContext(rt.prefix_kv, mask, base.config.sliding_window)
     pos = 5 + (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         served = base(IDS, position_ids=pos, ctx=ctx)
