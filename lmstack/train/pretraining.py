@@ -85,11 +85,10 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
     train = PackedBatches(train_arrays, dc.seq_len, dc.batch_size, seed=tc.seed, rank=rank, world_size=world,
                           windows=(files, offs))
 
-    val = None
-    if val_arrays:
-        def val() -> Any:
-            return eval_batches(val_arrays, dc.seq_len, dc.batch_size, rank=rank, world_size=world,
-                                windows=val_windows)
+    def val_pass() -> Any:
+        return eval_batches(val_arrays, dc.seq_len, dc.batch_size, rank=rank, world_size=world, windows=val_windows)
+
+    val = val_pass if val_arrays else None
 
     return fit(model, train, causal_lm_loss, tc, cfg.run_dir, val_data=val,
                tokenizer_dir=tokenizer_dir, run_config=cfg)
