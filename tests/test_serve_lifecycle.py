@@ -150,15 +150,27 @@ def test_sigterm_drains_lmstack_serve(model_dir):
 
         wait_for(up, timeout=60, what="lmstack serve to start")
         auth = {"Authorization": f"Bearer {key}"}
-        inflight = Streamer(url, 60, auth)
+        inflight = Streamer(url, 120, auth)
         inflight.start()
         inflight.started.wait(30)
         proc.send_signal(signal.SIGTERM)
         body = {"model": "m", "messages": MSGS, "max_tokens": 2}
-        wait_for(lambda: httpx.post(url + "/v1/chat/completions", json=body, headers=auth).status_code == 503,
-                 timeout=5, what="503 while draining")
+        statuses: list = []
+
+        def refused() -> bool:
+            try:
+                r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=30)
+                statuses.append(r.status_code)
+            except httpx.TransportError as e:  # recorded: the server must still listen while draining
+                statuses.append(type(e).__name__)
+            return statuses[-1] == 503
+
+        try:
+            wait_for(refused, timeout=10, what="503 while draining")
+        except AssertionError:
+            raise AssertionError(f"no 503 while draining; got {statuses}") from None
         inflight.join(60)
-        assert inflight.error is None and (inflight.finish_reason, inflight.usage) == ("length", 60)
+        assert inflight.error is None and (inflight.finish_reason, inflight.usage) == ("length", 120)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
