@@ -156,8 +156,9 @@ def test_mmlu_headerless_csv_ceval_csv_and_k_shot_prompts(env, tmp_path):
     assert "Pick, the third\nA. x" in ctx  # the quoted comma survived CSV parsing
     assert [p[1] for p in pairs[:4]] == [" A", " B", " C", " D"]
     zh_items, zh_pairs, _ = mc_requests(load_task("mc_zh"))
-    assert len(zh_items) == 16 and zh_items[0]["gold"] == 1
-    assert zh_pairs[0][0].endswith("中国的首都是哪座城市？\nA. 上海\nB. 北京\nC. 广州\nD. 深圳\nAnswer:")
+    assert len(zh_items) == 16 and [it["gold"] for it in zh_items[:5]] == [0, 1, 2, 3, 0]
+    assert zh_pairs[0][0].endswith("中国的首都是哪座城市？\nA. 北京\nB. 上海\nC. 广州\nD. 深圳\nAnswer:")
+    assert zh_pairs[4 * 8][0].endswith("计算机中,1 KB 等于多少字节？\nA. 1024\nB. 100\nC. 512\nD. 1000\nAnswer:")
 
 
 def test_classification_equals_transformers_argmax_and_sklearn_macro_f1(env):
