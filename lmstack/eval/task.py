@@ -114,7 +114,7 @@ def shipped_tasks() -> list[str]:
 def resolve_task_path(spec: str | Path) -> Path:
     """A shipped task name or a path to a task YAML -> the YAML path."""
     p = Path(spec)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
             raise ConfigError(f"task file {p} not found (give a shipped task name or an existing YAML path)")
         return p
