@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/lmstack run recipes/quickstart.yaml
 
 test: $(STAMP) browser
-	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests
+	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
