@@ -154,3 +154,30 @@ def test_stop_strings_are_cut_and_never_streamed():
         if det.step(t):
             break
     assert det.text == "Hello wo"
+
+
+def test_block_manager_chained_hashes_refcounts_and_lru_eviction():
+    from lmstack.serve.block_manager import BlockManager
+
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = _seq([1, 2, 3, 4, 5], [])
+    assert bm.match_prefix(a) == 0 and bm.ensure_slots(a, 5) and len(a.block_table) == 3
+    a.num_computed_tokens = 5
+    bm.register_computed(a)  # blocks [1,2] and [3,4] are full -> cached
+    b = _seq([1, 2, 3, 4, 9], [])
+    assert bm.match_prefix(b) == 4 and b.block_table == a.block_table[:2]
+    assert [bm.ref_count[x] for x in a.block_table] == [2, 2, 1]
+    c = _seq([7, 7, 3, 4, 9], [])  # same second block, different prefix: the chain does not match
+    assert bm.match_prefix(c) == 0
+    assert not bm.ensure_slots(c, 5)  # 1 free block, 3 needed: nothing allocated
+    assert c.block_table == [] and bm.num_free == 1
+    bm.free_seq(b)
+    bm.free_seq(a)
+    assert bm.num_used == 0 and all(r == 0 for r in bm.ref_count)
+    # fresh allocations take uncached blocks first, then evict cached ones least recently freed first:
+    # a's tail block ([3, 4]) was freed before its head ([1, 2])
+    d = _seq([8] * 5, [])
+    assert bm.ensure_slots(d, 6)  # 3 blocks: the 2 uncached ones, then [3, 4] is evicted
+    f = _seq([1, 2, 3, 4, 9], [])
+    assert bm.match_prefix(f) == 2  # [1, 2] survived, [3, 4] is gone
+    assert bm.prefix_hits == 3

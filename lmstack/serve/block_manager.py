@@ -133,11 +133,3 @@ class BlockManager:
             seq.block_hashes.append(h)
             parent = h
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
-
-    def reset_prefix_cache(self) -> None:
-        for block, h in enumerate(self.block_hash):
-            if h is not None and self.ref_count[block] == 0:
-                self.block_hash[block] = None
-                self.block_key[block] = None
-                self.free.move_to_end(block, last=False)
-        self.hash_to_block = {h: b for h, b in self.hash_to_block.items() if self.block_hash[b] == h}

@@ -68,9 +68,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def text(self) -> str:
-        return self.detok.text if self.detok is not None else ""
-
     def snapshot(self, final_text: bool) -> CompletionOutput:
         """A CompletionOutput with the text/tokens added since the previous snapshot."""
         out_ids = self.output_token_ids
