@@ -298,3 +298,16 @@ def test_flops_per_token_palm_formula():
     # per layer q 4096 + k,v 4096 + o 4096 + mlp 24576 + norms 128 = 36992; x2 + final norm 64 = 74048;
     # + lm_head 16384 = 90432 -> 6N = 542592; attention 12*L*H*Q*T = 12*2*4*16*32 = 49152
     assert flops_per_token(m, 32) == 542592 + 49152
+
+
+def test_sigterm_sets_the_same_stop_flag_and_handlers_are_restored():
+    from lmstack.train.loop import _StopFlag
+
+    before = signal.getsignal(signal.SIGTERM)
+    flag = _StopFlag()
+    with flag.installed():
+        signal.raise_signal(signal.SIGTERM)  # a cluster preemption / torchrun shutdown
+        assert flag.is_set
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
