@@ -27,6 +27,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused kernel, the same formula (x * rsqrt(mean(x^2) + eps) * w) in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -60,6 +63,19 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def signed_sin(sin: Tensor) -> Tensor:
+    """(..., D) sin -> cat(-sin[:D/2], sin[D/2:]) so that ``rotate_half(x) * sin == swap_halves(x) * signed_sin``
+    exactly (negation is exact): one op fewer per rotation, once per forward instead of per layer."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin_s: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin, with ``sin_s = signed_sin(sin)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin_s)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -77,6 +93,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+        """sin is :func:`signed_sin` of the RoPE sin."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -84,8 +101,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         o = ctx.attend(self.layer_idx, q, k, v)  # (B, n_heads, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -186,6 +203,7 @@ class Transformer(nn.Module):
         if ctx is None:
             ctx = CausalContext(attention_mask, self.config.sliding_window)
         cos, sin = self.rope(position_ids, x.dtype)
+        sin = signed_sin(sin)
         for layer in self.model.layers:
             x = layer(x, cos, sin, ctx)
         return self.model.norm(x)

@@ -46,9 +46,11 @@ class PagedAttention:
     """The attention context for one engine step (built by :meth:`ModelRunner.prepare`)."""
 
     def __init__(self, runner: "ModelRunner", slots: Tensor, num_decode: int, dec_blocks: Tensor | None,
-                 dec_mask: Tensor | None, prefills: list[_Prefill], dec_span: tuple[int, int] | None = None):
+                 dec_mask: Tensor | None, prefills: list[_Prefill], dec_span: tuple[int, int] | None = None,
+                 dec_slots: Tensor | None = None):
         self.r = runner
         self.dec_span = dec_span  # (first slot, last slot + 1): one decode whose visible keys are contiguous
+        self.dec_slots = dec_slots  # (S,) slots of the visible keys of one decode whose blocks are scattered
         self.slots = slots  # (N,) slot of each packed token
         self.num_decode = num_decode
         self.dec_blocks = dec_blocks  # (B_dec, nb_max)
@@ -59,8 +61,9 @@ class PagedAttention:
         """blocks (B, nb) -> k, v (B, n_kv, P + nb * bs, D), with the prefix in front."""
         r = self.r
         B, nb = blocks.shape
-        k = r.k_pool[layer_idx][blocks].view(B, nb * r.block_size, r.n_kv, r.head_dim).transpose(1, 2)
-        v = r.v_pool[layer_idx][blocks].view(B, nb * r.block_size, r.n_kv, r.head_dim).transpose(1, 2)
+        flat = blocks.view(-1)  # index_select on dim 0 is a plain row copy, far cheaper than advanced indexing
+        k = r.k_pool[layer_idx].index_select(0, flat).view(B, nb * r.block_size, r.n_kv, r.head_dim).transpose(1, 2)
+        v = r.v_pool[layer_idx].index_select(0, flat).view(B, nb * r.block_size, r.n_kv, r.head_dim).transpose(1, 2)
         if r.prefix_kv is not None:
             pk, pv = r.prefix_kv[layer_idx]  # (n_kv, P, D)
             k = torch.cat([pk.expand(B, *pk.shape), k], 2)
@@ -80,6 +83,10 @@ class PagedAttention:
                 a, b = self.dec_span
                 kd = r.k_flat[layer_idx][a:b].transpose(0, 1)[None]  # (1, n_kv, S, D)
                 vd = r.v_flat[layer_idx][a:b].transpose(0, 1)[None]
+                outs.append(_sdpa(qd, kd, vd, None).permute(2, 1, 0, 3))
+            elif self.dec_slots is not None:  # one decode, scattered blocks: gather exactly its visible keys
+                kd = r.k_flat[layer_idx].index_select(0, self.dec_slots).transpose(0, 1)[None]  # (1, n_kv, S, D)
+                vd = r.v_flat[layer_idx].index_select(0, self.dec_slots).transpose(0, 1)[None]
                 outs.append(_sdpa(qd, kd, vd, None).permute(2, 1, 0, 3))
             else:
                 kd, vd = self._gather(layer_idx, self.dec_blocks)
@@ -166,15 +173,19 @@ class ModelRunner:
             ids.append(s.seq.token_ids[p])
             pos.append(p)
             slots.append(s.seq.block_table[p // bs] * bs + p % bs)
-        dec_blocks = dec_mask = dec_span = None
+        dec_blocks = dec_mask = dec_span = dec_slots = None
         if len(decode) == 1 and P == 0:
             dec_span = self._contiguous_span(decode[0])
-        if decode and dec_span is None:
+            if dec_span is None:
+                dec_slots = self._visible_slots(decode[0])
+        if decode and dec_span is None and dec_slots is None:
             nb = max(len(s.seq.block_table) for s in decode)
             dec_blocks = torch.tensor([s.seq.block_table + [0] * (nb - len(s.seq.block_table)) for s in decode],
                                       dtype=torch.long, device=self.device)
             qpos = torch.tensor(pos, dtype=torch.long, device=self.device)  # (B_dec,)
-            dec_mask = self._visible(qpos, nb)[:, None, None, :]  # (B_dec, 1, 1, P + S)
+            vis = self._visible(qpos, nb)[:, None, None, :]  # (B_dec, 1, 1, P + S)
+            # additive float mask, built once per step (a bool mask is converted by SDPA in every layer)
+            dec_mask = torch.zeros(vis.shape, dtype=self.dtype, device=self.device).masked_fill_(~vis, float("-inf"))
         prefills: list[_Prefill] = []
         for s in prefill:
             seq, c, n = s.seq, s.start, s.num_tokens
@@ -200,7 +211,7 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([pos], dtype=torch.long, device=self.device) + P
         ctx = PagedAttention(self, torch.tensor(slots, dtype=torch.long, device=self.device), len(decode),
-                             dec_blocks, dec_mask, prefills, dec_span)
+                             dec_blocks, dec_mask, prefills, dec_span, dec_slots)
         return input_ids, position_ids, ctx, sample_idx
 
     def _contiguous_span(self, s: ScheduledSeq) -> tuple[int, int] | None:
@@ -215,6 +226,17 @@ class ModelRunner:
             return None
         base = first * bs - b0 * bs
         return base + lo, base + end
+
+    def _visible_slots(self, s: ScheduledSeq) -> Tensor:
+        """(S,) pool slots of the keys a single decode token sees (its causal / sliding-window range), in
+        position order: attention then needs no mask."""
+        bs, bt = self.block_size, s.seq.block_table
+        end = s.start + 1
+        lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
+        b0, b1 = lo // bs, (end - 1) // bs
+        blocks = torch.tensor(bt[b0:b1 + 1], dtype=torch.long, device=self.device)  # (nb,)
+        slots = (blocks[:, None] * bs + self._key_pos(1)[None, :]).view(-1)  # (nb * bs,)
+        return slots[lo - b0 * bs:end - b0 * bs]
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
