@@ -71,3 +71,47 @@ def test_lone_decode_contiguous_and_long_context_matches_transformers(arch_dir):
         eng.step()
     got = req.seqs[0].output_token_ids
     assert got == hf_is_greedy(hf, prompt, got), arch
+
+
+def test_fused_projections_keep_outputs_names_grads_and_saving(tmp_path):
+    """After ``fuse_projections`` (done by the engine): logits equal transformers', state_dict has the same
+    names and values and saves / reloads, gradients still reach q_proj / gate_proj, and ``.to()`` falls
+    back to the separate matmuls."""
+    from lmstack.model import save_model
+
+    path = tmp_path / "m"
+    hf = hf_model("qwen2", path)  # q/k/v biases
+    model = load_model(path, device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42, 7]])
+    model.fuse_projections()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.weight.data_ptr() == attn._qkv[0].data_ptr()  # the parameters are views now
+    assert attn.v_proj.bias.data_ptr() > attn._qkv[1].data_ptr()
+    with torch.inference_mode():
+        ref = hf(ids).logits
+        got = model(ids)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    save_model(model, tmp_path / "saved")  # the parameters are views into the fused weights
+    again = load_model(tmp_path / "saved", device="cpu")
+    with torch.inference_mode():
+        torch.testing.assert_close(again(ids), ref, atol=1e-5, rtol=1e-5)
+    # training: gradients flow into the named parameters (separate matmuls under autograd)
+    model.zero_grad()
+    model(ids).sum().backward()
+    assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
+    assert mlp.up_proj.weight.grad is not None and mlp.up_proj.weight.grad.abs().sum() > 0
+    # in-place updates (an optimizer step) are seen by the fused path
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(0.5)
+        hf.model.layers[0].self_attn.k_proj.weight.mul_(0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+    # .to(dtype) re-allocates the weights: the stale fused copy must not be used
+    m64 = model.to(torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(m64(ids).float(), hf(ids).logits, atol=1e-5, rtol=1e-5)

@@ -76,6 +76,44 @@ def apply_rope(x: Tensor, cos: Tensor, sin_s: Tensor) -> Tensor:
     return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin_s)
 
 
+def _fuse_linears(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
+    """Concatenate the weights (and biases) of plain ``nn.Linear`` layers with the same input along the
+    output dim, then point each layer's parameter at its rows of the result: no extra memory, the same
+    parameter names and values. Returns None (nothing changed) for wrapped layers (e.g. LoRA) or mixed
+    bias / dtype / device."""
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    ws = [m.weight for m in linears]
+    has_bias = [m.bias is not None for m in linears]
+    if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1 or len(set(has_bias)) != 1:
+        return None
+    with torch.no_grad():
+        w = torch.cat([x.detach() for x in ws])
+        b = torch.cat([m.bias.detach() for m in linears]) if has_bias[0] else None
+        o = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight.data = w[o:o + n]
+            if b is not None:
+                m.bias.data = b[o:o + n]
+            o += n
+    return w, b
+
+
+def _is_fused(fused: tuple[Tensor, Tensor | None], linears: list[nn.Module]) -> bool:
+    """The fused weight still backs the layers (no ``.to()``, reassignment or adapter wrapping since), and
+    no gradient is wanted (training keeps the separate matmuls)."""
+    if torch.is_grad_enabled() and any(m.weight.requires_grad for m in linears):
+        return False
+    w = fused[0]
+    o = 0
+    for m in linears:
+        if type(m) is not nn.Linear or m.weight.data_ptr() != w.data_ptr() + o * w.stride(0) * w.element_size():
+            return False
+        o += m.weight.shape[0]
+    return True
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -91,13 +129,22 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self._qkv: tuple[Tensor, Tensor | None] | None = None  # fused (weight, bias), see fuse_projections
+
+    def fuse(self) -> None:
+        """One ((H + 2 KV) D, hidden) weight for q/k/v; the three parameters become views of it."""
+        self._qkv = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
         """sin is :func:`signed_sin` of the RoPE sin."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self._qkv is not None and _is_fused(self._qkv, [self.q_proj, self.k_proj, self.v_proj]):
+            qkv = F.linear(x, *self._qkv).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+            q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], 2)
+        else:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+            k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+            v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
@@ -115,8 +162,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self._gate_up: tuple[Tensor, Tensor | None] | None = None  # fused (weight, None), see fuse_projections
+
+    def fuse(self) -> None:
+        self._gate_up = _fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._gate_up is not None and _is_fused(self._gate_up, [self.gate_proj, self.up_proj]):
+            gate, up = F.linear(x, *self._gate_up).chunk(2, -1)  # (..., 2 * intermediate) -> 2 x (..., intermediate)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -171,6 +225,16 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> "Transformer":
+        """Inference speed-up: q/k/v and gate/up of every layer become one matmul each (33 instead of 57
+        matmuls per token for an 8-layer model). The HF-named parameters turn into views of the fused
+        weights (no extra memory; ``state_dict()`` keeps its names and values). Layers fall back to separate matmuls whenever the views no longer
+        back them (``.to()``, reassigned weights, LoRA wrappers) or gradients are enabled."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     # ------------------------------------------------------------------ forward
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -59,6 +59,8 @@ class LLMEngine:
         if block_size < 1 or max_num_seqs < 1:
             raise ConfigError("block_size and max_num_seqs must be >= 1")
         self.model = model.eval()
+        # q/k/v and gate/up as one matmul each (parameters become views of the fused weights; no copy)
+        model.fuse_projections()
         self.tokenizer = tokenizer
         num_prefix = prefix_kv[0][0].shape[1] if prefix_kv else 0
         self.max_model_len = int(max_model_len or cfg.max_position_embeddings - num_prefix)
