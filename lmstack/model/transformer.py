@@ -142,9 +142,15 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
         """sin is :func:`signed_sin` of the RoPE sin."""
         B, T, _ = x.shape
+        H, KV = self.n_heads, self.n_kv
         if self._qkv is not None and _is_fused(self._qkv, [self.q_proj, self.k_proj, self.v_proj]):
-            qkv = F.linear(x, *self._qkv).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
-            q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], 2)
+            qkv = F.linear(x, *self._qkv).view(B, T, H + 2 * KV, self.head_dim)
+            if self.q_norm is None:  # rotate q and k heads together: one RoPE instead of two
+                qk = apply_rope(qkv[:, :, :H + KV].transpose(1, 2), cos, sin)  # (B, H + KV, T, D)
+                q, k = qk.split([H, KV], 1)
+                o = ctx.attend(self.layer_idx, q, k, qkv[:, :, H + KV:].transpose(1, 2))  # (B, H, T, D)
+                return self.o_proj(o.transpose(1, 2).reshape(B, T, H * self.head_dim))
+            q, k, v = qkv.split([H, KV, KV], 2)
         else:
             q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
             k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
