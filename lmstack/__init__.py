@@ -1,7 +1,7 @@
 """lmstack: the whole large-language-model workflow in one PyTorch package.
 
     import lmstack
-    llm = lmstack.load("runs/quickstart/final")        # model + tokenizer on the serving engine
+    llm = lmstack.load("runs/quickstart/finetune/final")        # model + tokenizer on the serving engine
     print(llm.generate("Where is my order?", max_tokens=64)[0].outputs[0].text)
 """
 
