@@ -17,9 +17,8 @@ from lmstack.model import ModelConfig, load_model
 from lmstack.train import FitResult, LossOutput, fit
 from lmstack.tune.batches import SFTBatches, sft_eval_batches
 from lmstack.tune.config import DistillConfig
-from lmstack.tune.data import load_sft, split_val
 from lmstack.tune.losses import forward_logits, kd_loss
-from lmstack.tune.sft import check_vocab, console, load_tokenizer, pad_id_of, prepare_for, report_data
+from lmstack.tune.sft import console, load_sft_splits, load_tokenizer, pad_id_of, prepare_for
 from lmstack.utils.device import resolve_device
 from lmstack.utils.io import file_sha256
 
@@ -41,15 +40,7 @@ def distill(cfg: DistillConfig) -> FitResult:
     tok = load_tokenizer(cfg.student, cfg.tokenizer)
     pad = pad_id_of(tok)
     d = cfg.data
-    train_ex, rep = load_sft(d.path, tok, d.max_len)
-    reports = [rep]
-    if d.val_path:
-        val_ex, vrep = load_sft(d.val_path, tok, d.max_len)
-        reports.append(vrep)
-    else:
-        train_ex, val_ex = split_val(train_ex, d.val_fraction, cfg.train.seed)
-    report_data(reports, run_dir)
-    check_vocab(cfg.student, train_ex + val_ex, d.path)
+    train_ex, val_ex = load_sft_splits(d, tok, cfg.student, cfg.train.seed, run_dir)
 
     prep = prepare_for(cfg, cfg.student)
     dev = resolve_device(cfg.train.device)

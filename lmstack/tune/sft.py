@@ -70,6 +70,22 @@ def check_vocab(model_dir: str, examples: list, where: str) -> None:
                         "does not belong to this model (set `tokenizer:` to the model's own tokenizer directory)")
 
 
+def load_sft_splits(d: Any, tok: Any, model_dir: str, seed: int, run_dir: Path) -> tuple[list, list]:
+    """Load the SFT data section ``d`` (path, max_len, val_path or val_fraction): train and validation examples.
+
+    Writes the data report into ``run_dir`` and checks the token ids fit ``model_dir``'s vocabulary."""
+    train_ex, rep = load_sft(d.path, tok, d.max_len)
+    reports = [rep]
+    if d.val_path:
+        val_ex, vrep = load_sft(d.val_path, tok, d.max_len)
+        reports.append(vrep)
+    else:
+        train_ex, val_ex = split_val(train_ex, d.val_fraction, seed)
+    report_data(reports, run_dir)
+    check_vocab(model_dir, train_ex + val_ex, d.path)
+    return train_ex, val_ex
+
+
 def prepare_for(cfg: Any, model_dir: str) -> Prepared:
     prep = prepare(model_dir, cfg.method, lora=lora_spec(cfg.lora), quant_method=cfg.quant.method,
                    group_size=cfg.quant.group_size, prompt=prompt_spec(cfg.prompt), dtype=cfg.dtype,
@@ -94,15 +110,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
 
         raise ConfigError("data.packing is not supported with method prompt/prefix (every sequence needs its "
                           "own virtual tokens); set data.packing=false")
-    train_ex, rep = load_sft(d.path, tok, d.max_len)
-    reports = [rep]
-    if d.val_path:
-        val_ex, vrep = load_sft(d.val_path, tok, d.max_len)
-        reports.append(vrep)
-    else:
-        train_ex, val_ex = split_val(train_ex, d.val_fraction, cfg.train.seed)
-    report_data(reports, run_dir)
-    check_vocab(cfg.model, train_ex + val_ex, d.path)
+    train_ex, val_ex = load_sft_splits(d, tok, cfg.model, cfg.train.seed, run_dir)
     console.print(f"[bold]data[/bold] {len(train_ex)} train / {len(val_ex)} validation examples")
 
     prep = prepare_for(cfg, cfg.model)
