@@ -26,18 +26,25 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, *, expect: type = dict, error: type[Exception] = ConfigError,
+              what: str = "config file") -> Any:
+    """Parse a YAML file whose top level must be ``expect`` (a mapping by default).
+
+    Problems raise ``error`` naming the file and, for a syntax error, the line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise error(f"{path}: {what} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise error(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        data = expect()
+    if not isinstance(data, expect):
+        kind = "a mapping" if expect is dict else "a list" if expect is list else expect.__name__
+        raise error(f"{path}: expected {kind} at the top level, got {type(data).__name__}")
     return data
 
 

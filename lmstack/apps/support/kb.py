@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lmstack.config import read_yaml
 from lmstack.errors import DataError
 
 LANGS = ("en", "zh")
@@ -43,17 +42,8 @@ class ShopKB:
 
 
 def _read_yaml_list(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(f"{path}: knowledge-base file not found (expected in the shop data directory)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise DataError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of entries at the top level")
-    return data
+    return read_yaml(path, expect=list, error=DataError,
+                     what="knowledge-base file (it belongs in the shop data directory)")
 
 
 def _check_faq(path: Path, i: int, e: Any) -> None:
