@@ -131,14 +131,18 @@
           var chunk = JSON.parse(data);
           if (chunk.error) throw new Error("Error: " + chunk.error.message);
           if (chunk.usage) usage = chunk.usage;
+          var first = false;
           (chunk.choices || []).forEach(function (c) {
             if (c.delta && c.delta.content) {
-              if (tFirst === null) tFirst = performance.now();
+              if (tFirst === null) { tFirst = performance.now(); first = true; }
               content += c.delta.content;
             }
             if (c.finish_reason) finish = c.finish_reason;
           });
-          if (!pending) { pending = true; requestAnimationFrame(paint); }
+          // The first token is painted at once (time to first token is what a user feels; animation
+          // frames can also be throttled in background tabs); later ones are batched per frame.
+          if (first) paint();
+          else if (!pending) { pending = true; requestAnimationFrame(paint); }
         }
       }
     } catch (e) {
