@@ -122,6 +122,7 @@
         buf += decoder.decode(r.value, { stream: true });
         var idx;
         while ((idx = buf.indexOf("\n\n")) >= 0) {
+          if (controller.signal.aborted) { stopped = true; break outer; }  // Stop while a read was buffered
           var event = buf.slice(0, idx);
           buf = buf.slice(idx + 2);
           var data = event.split("\n").filter(function (l) { return l.indexOf("data:") === 0; })
@@ -141,7 +142,10 @@
           });
           // The first token is painted at once (time to first token is what a user feels; animation
           // frames can also be throttled in background tabs); later ones are batched per frame.
-          if (first) paint();
+          if (first) {
+            paint();
+            await new Promise(function (r) { setTimeout(r, 0); });  // let a Stop click land even if the
+          }                                                         // whole reply arrived in one read
           else if (!pending) { pending = true; requestAnimationFrame(paint); }
         }
       }
