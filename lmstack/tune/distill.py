@@ -18,7 +18,7 @@ from lmstack.train import FitResult, LossOutput, fit
 from lmstack.tune.batches import SFTBatches, sft_eval_batches
 from lmstack.tune.config import DistillConfig
 from lmstack.tune.losses import forward_logits, kd_loss
-from lmstack.tune.sft import console, load_sft_splits, load_tokenizer, pad_id_of, prepare_for
+from lmstack.tune.sft import console, load_splits, load_tokenizer, pad_id_of, prepare_for
 from lmstack.utils.device import resolve_device
 from lmstack.utils.io import file_sha256
 
@@ -40,7 +40,7 @@ def distill(cfg: DistillConfig) -> FitResult:
     tok = load_tokenizer(cfg.student, cfg.tokenizer)
     pad = pad_id_of(tok)
     d = cfg.data
-    train_ex, val_ex = load_sft_splits(d, tok, cfg.student, cfg.train.seed, run_dir)
+    train_ex, val_ex = load_splits(d, tok, cfg.student, cfg.train.seed, run_dir)
 
     prep = prepare_for(cfg, cfg.student)
     dev = resolve_device(cfg.train.device)

@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from lmstack.train import FitResult, LossOutput, fit
 from lmstack.tune.batches import PairBatches, collate_pairs, pair_eval_batches
 from lmstack.tune.config import DPOConfig
-from lmstack.tune.data import PairExample, load_pairs, split_val
+from lmstack.tune.data import PairExample, load_pairs
 from lmstack.tune.losses import dpo_loss, model_sequence_logps
 from lmstack.tune.lora import lora_disabled, lora_modules
-from lmstack.tune.sft import check_vocab, console, load_tokenizer, pad_id_of, prepare_for, report_data
+from lmstack.tune.sft import console, load_splits, load_tokenizer, pad_id_of, prepare_for
 from lmstack.utils.io import atomic_write_json
 from lmstack.utils.progress import progress
 
@@ -81,15 +81,7 @@ def align_dpo(cfg: DPOConfig) -> FitResult:
     tok = load_tokenizer(cfg.model, cfg.tokenizer)
     pad = pad_id_of(tok)
     d = cfg.data
-    train_p, rep = load_pairs(d.path, tok, d.max_len)
-    reports = [rep]
-    if d.val_path:
-        val_p, vrep = load_pairs(d.val_path, tok, d.max_len)
-        reports.append(vrep)
-    else:
-        train_p, val_p = split_val(train_p, d.val_fraction, cfg.train.seed)
-    report_data(reports, run_dir)
-    check_vocab(cfg.model, train_p + val_p, d.path)
+    train_p, val_p = load_splits(d, tok, cfg.model, cfg.train.seed, run_dir, load=load_pairs)
     console.print(f"[bold]data[/bold] {len(train_p)} train / {len(val_p)} validation pairs")
 
     prep = prepare_for(cfg, cfg.model)

@@ -8,7 +8,7 @@ References: InstructGPT SFT stage (Ouyang et al. 2022); torchtune / LLaMA-Factor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from torch import Tensor, nn
@@ -70,14 +70,16 @@ def check_vocab(model_dir: str, examples: list, where: str) -> None:
                         "does not belong to this model (set `tokenizer:` to the model's own tokenizer directory)")
 
 
-def load_sft_splits(d: Any, tok: Any, model_dir: str, seed: int, run_dir: Path) -> tuple[list, list]:
-    """Load the SFT data section ``d`` (path, max_len, val_path or val_fraction): train and validation examples.
+def load_splits(d: Any, tok: Any, model_dir: str, seed: int, run_dir: Path,
+                load: Callable[..., tuple[list, DataReport]] = load_sft) -> tuple[list, list]:
+    """Load a data section ``d`` (path, max_len, val_path or val_fraction) with ``load`` (``load_sft`` for
+    chats/instructions, ``load_pairs`` for preference pairs): train and validation examples.
 
     Writes the data report into ``run_dir`` and checks the token ids fit ``model_dir``'s vocabulary."""
-    train_ex, rep = load_sft(d.path, tok, d.max_len)
+    train_ex, rep = load(d.path, tok, d.max_len)
     reports = [rep]
     if d.val_path:
-        val_ex, vrep = load_sft(d.val_path, tok, d.max_len)
+        val_ex, vrep = load(d.val_path, tok, d.max_len)
         reports.append(vrep)
     else:
         train_ex, val_ex = split_val(train_ex, d.val_fraction, seed)
@@ -110,7 +112,7 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
 
         raise ConfigError("data.packing is not supported with method prompt/prefix (every sequence needs its "
                           "own virtual tokens); set data.packing=false")
-    train_ex, val_ex = load_sft_splits(d, tok, cfg.model, cfg.train.seed, run_dir)
+    train_ex, val_ex = load_splits(d, tok, cfg.model, cfg.train.seed, run_dir)
     console.print(f"[bold]data[/bold] {len(train_ex)} train / {len(val_ex)} validation examples")
 
     prep = prepare_for(cfg, cfg.model)
