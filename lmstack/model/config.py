@@ -8,12 +8,12 @@ Llama, Qwen2, Qwen3 and Mistral are rows of values read from a Hugging Face ``co
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from lmstack.errors import CheckpointError, ConfigError
+from lmstack.utils.io import read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _ARCHITECTURES = {
@@ -93,10 +93,7 @@ class ModelConfig:
             where = str(p)
             if not p.is_file():
                 raise CheckpointError(f"{p}: config.json not found (is this a Hugging Face model directory?)")
-            try:
-                d = json.loads(p.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+            d = read_json(p, error=CheckpointError)
         else:
             d = dict(source)
         mt = d.get("model_type")

@@ -25,7 +25,6 @@ one tensor ``prompt_embeddings`` ((P, hidden) or (P, n_layers * 2 * n_kv_heads *
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from lmstack.errors import CheckpointError
 from lmstack.model.transformer import Transformer
 from lmstack.tune.lora import LoraSpec, apply_lora, lora_modules, lora_state_dict
 from lmstack.tune.prompt import PromptEncoder, PromptSpec
-from lmstack.utils.io import atomic_write_json
+from lmstack.utils.io import atomic_write_json, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -111,10 +110,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[str, dict[str, Any], dict[str
     cfg_path, w_path = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
     if not cfg_path.is_file():
         raise CheckpointError(f"{d}: no {ADAPTER_CONFIG} (is this an adapter directory?)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    cfg = read_json(cfg_path, error=CheckpointError)
     peft_type = cfg.get("peft_type")
     methods = {v: k for k, v in PEFT_TYPES.items()}
     if peft_type not in methods:

@@ -88,12 +88,12 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file, turning a parse error into a DataError naming the file, line and column."""
+def read_json(path: str | os.PathLike, *, error: type[Exception] = DataError) -> Any:
+    """Read a JSON file; a missing file or parse error raises ``error`` naming the file, line and column."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise error(f"{path}: file not found")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+        raise error(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
