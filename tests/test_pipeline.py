@@ -40,8 +40,25 @@ def _registry(calls: list[tuple[str, bool]], fail: dict[str, BaseException] | No
             "eval": make("eval", ["finetune"])}
 
 
+FIVE = ["data", "tokenizer", "pretrain", "finetune", "eval"]  # the fake registry's stages (no rag)
+
+
 def _recipe(tmp_path: Path, **kw) -> Recipe:
-    return Recipe(name="t", run_dir=str(tmp_path / "run"), **kw)
+    return Recipe(name="t", run_dir=str(tmp_path / "run"), **{"stages": FIVE, **kw})
+
+
+def test_rag_stage_fingerprints_leave_tokenizer_and_pretraining_alone(tmp_path):
+    """The real registry: a retrieval setting reruns rag, fine-tuning and eval, never tokenizer or pretraining."""
+    from lmstack.pipeline.runner import fingerprints
+    from lmstack.pipeline.stages import STAGES
+
+    base = Recipe(name="t", run_dir=str(tmp_path / "run"))
+    assert base.stages == ["data", "rag", "tokenizer", "pretrain", "finetune", "eval"]
+    a = fingerprints(base, STAGES)
+    b = fingerprints(Recipe(name="t", run_dir=str(tmp_path / "run"), rag={"k": 2}), STAGES)
+    assert [n for n in a if a[n] != b[n]] == ["rag", "finetune", "eval"]
+    with pytest.raises(ValueError, match="need the data stage"):
+        Recipe(name="t", stages=["rag"])
 
 
 def test_runs_then_skips_then_reruns_only_what_changed(tmp_path):

@@ -16,7 +16,7 @@ import typer
 from lmstack.errors import LmstackError
 
 # Order is the order of `lmstack --help`.
-AREAS = ("model", "generate", "tokenizer", "data", "train", "tune", "eval", "serve", "pipeline")
+AREAS = ("model", "generate", "tokenizer", "data", "train", "tune", "eval", "serve", "pipeline", "support")
 
 app = typer.Typer(
     name="lmstack",

@@ -1,7 +1,7 @@
 """The recipe: one YAML file that names the stages to run, in order, and configures each.
 
     name: quickstart                 # runs/quickstart/
-    stages: [data, tokenizer, pretrain, finetune, eval]
+    stages: [data, rag, tokenizer, pretrain, finetune, eval]
     data: {general: {max_chars: 3000000}}
     pretrain: {model: {preset: tiny}, train: {steps: 400}}
     ...
@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from lmstack.config import StrictModel, load_config
 
-STAGE_ORDER = ("data", "tokenizer", "pretrain", "finetune", "eval")
+STAGE_ORDER = ("data", "rag", "tokenizer", "pretrain", "finetune", "eval")
 
 
 class GeneralCorpus(StrictModel):
@@ -46,6 +46,16 @@ class DataStage(StrictModel):
                                 "quality, PII, dedup) on the general corpus")
     clean: dict[str, Any] = Field(default_factory=dict, description="lmstack.data pipeline config (steps) "
                                   "applied to the general corpus; the shop's own pages are trusted and kept as is")
+
+
+class RagStage(StrictModel):
+    k: int = Field(3, ge=1, le=20, description="passages retrieved per question (BM25 over the shop's chunks)")
+    faq_keywords: bool = Field(True, description="make the FAQ's other *training* ways of asking searchable "
+                               "(never the held-out one)")
+    policy_max_chars: int = Field(400, ge=50, description="policy pages are cut at sections, then to this size")
+    context_max_chars: int | None = Field(None, ge=50, description="cap on the passages shown (characters)")
+    shuffle_train: bool = Field(True, description="shuffle the passages of training chats (the model learns to "
+                                "pick the one that answers, not the first)")
 
 
 class TokenizerStage(StrictModel):
@@ -85,12 +95,13 @@ class Recipe(StrictModel):
     description: str = ""
     run_dir: str | None = Field(None, description="default: runs/NAME")
     seed: int = 0
-    stages: list[Literal["data", "tokenizer", "pretrain", "finetune", "eval"]] = Field(
+    stages: list[Literal["data", "rag", "tokenizer", "pretrain", "finetune", "eval"]] = Field(
         default_factory=lambda: list(STAGE_ORDER))
     model: str | None = Field(None, description="an existing Hugging Face model directory to fine-tune "
                               "(instead of the pretrain stage)")
     device: str = "auto"
     data: DataStage = Field(default_factory=DataStage)
+    rag: RagStage = Field(default_factory=RagStage)
     tokenizer: TokenizerStage = Field(default_factory=TokenizerStage)
     pretrain: PretrainStage = Field(default_factory=PretrainStage)
     finetune: FinetuneStage = Field(default_factory=FinetuneStage)
@@ -111,8 +122,8 @@ class Recipe(StrictModel):
             raise ValueError("finetune/eval need a base model: add the pretrain stage or set `model: PATH`")
         if "pretrain" in self.stages and "tokenizer" not in self.stages:
             raise ValueError("the pretrain stage needs the tokenizer stage (it trains on its token shards)")
-        if {"tokenizer", "finetune"} & set(self.stages) and "data" not in self.stages:
-            raise ValueError("the tokenizer and finetune stages need the data stage")
+        if {"tokenizer", "finetune", "rag"} & set(self.stages) and "data" not in self.stages:
+            raise ValueError("the rag, tokenizer and finetune stages need the data stage")
         return self
 
     @property

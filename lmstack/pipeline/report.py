@@ -46,6 +46,10 @@ def stage_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
             fig = (f"general {_fmt(m.get('general_documents_kept'))}/{_fmt(m.get('general_documents_in'))} docs kept "
                    f"({_fmt(m.get('general_chars_kept'))} chars); {_fmt(m.get('shop_pages'))} shop pages; "
                    f"{_fmt(m.get('sft_examples'))} chats; {_fmt(m.get('heldout_questions'))} held-out questions")
+        elif s.name == "rag":
+            ret, k = m.get("retrieval") or {}, m.get("k")
+            fig = (f"{_fmt(m.get('chunks'))} chunks indexed; {_fmt(m.get('sft_examples'))} grounded chats; held-out "
+                   f"recall@1 {_fmt(ret.get('recall@1'))}, recall@{k} {_fmt(ret.get(f'recall@{k}'))}")
         elif s.name == "tokenizer":
             fig = (f"vocab {_fmt(m.get('vocab_size'))}; {_fmt(m.get('train_tokens'))} train / "
                    f"{_fmt(m.get('val_tokens'))} val tokens; {_fmt(m.get('chars_per_token'))} chars/token")
@@ -60,7 +64,8 @@ def stage_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
             for who in ("base", "finetuned"):
                 qa = (m.get(who) or {}).get("support_heldout", {})
                 if qa:
-                    parts.append(f"{who} ROUGE-L {_fmt(qa.get('rougeL'))} EM {_fmt(qa.get('exact_match'))}")
+                    parts.append(f"{who} ROUGE-L {_fmt(qa.get('rougeL'))} F1 {_fmt(qa.get('f1'))} "
+                                 f"EM {_fmt(qa.get('exact_match'))}")
             fig = "; ".join(parts)
         else:
             fig = ", ".join(f"{k}={_fmt(v)}" for k, v in m.items() if not isinstance(v, (dict, list)))
@@ -80,6 +85,16 @@ def eval_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
             if b is None and f is None:
                 continue
             rows.append((task, k, _fmt(b), _fmt(f)))
+    bl, fl = m.get("base_by_lang") or {}, m.get("finetuned_by_lang") or {}
+    for lang in sorted(set(bl) | set(fl)):
+        for k in HEADLINE["support_heldout"]:
+            b, f = bl.get(lang, {}).get(k), fl.get(lang, {}).get(k)
+            if b is not None or f is not None:
+                rows.append((f"support_heldout [{lang}]", k, _fmt(b), _fmt(f)))
+    ret = m.get("retrieval") or {}
+    for k, v in ret.items():  # the same passages for both models: one number
+        if not k.startswith(("en_", "zh_")) or k.endswith(("@1", "@3")):
+            rows.append(("retrieval (BM25)", k, _fmt(v), _fmt(v)))
     return rows
 
 
@@ -113,6 +128,13 @@ def next_commands(res: PipelineResult) -> list[str]:
     else:
         target = f"--model {base}"
     system = recipe.data.shop.system_prompt
+    if "rag" in recipe.stages:  # the model was tuned on retrieved passages: talk to it the same way
+        index = run / "rag" / "index.sqlite"
+        sys_opt = f" --system {shlex.quote(system)}" if system else ""
+        k = f" --k {recipe.rag.k}" if recipe.rag.k != 3 else ""
+        return [f"lmstack support chat {target} --index {index}{k}{sys_opt} --show-context",
+                f"lmstack support serve {target} --index {index}{k}{sys_opt} --port 8000   "
+                f"# OpenAI API; web chat at http://127.0.0.1:8000"]
     if system is None:
         from lmstack.apps.support.dialogues import SYSTEM_PROMPT as system
     return [f"lmstack chat {target} --system {shlex.quote(system)} --temperature 0",
@@ -133,8 +155,8 @@ def _img(path: str | None, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>"
 
 
-def _samples(run: Path, n: int = 8) -> list[tuple[str, str, str, str]]:
-    """Side by side: question, reference, base answer, fine-tuned answer (first n held-out questions)."""
+def _samples(run: Path, n: int = 10) -> list[tuple[str, str, str, str]]:
+    """Side by side: question, reference, base answer, fine-tuned answer (n held-out questions spread over the set)."""
     def load(who: str) -> list[dict[str, Any]]:
         p = run / "eval" / who / "samples" / "support_heldout.jsonl"
         if not p.is_file():
@@ -145,7 +167,13 @@ def _samples(run: Path, n: int = 8) -> list[tuple[str, str, str, str]]:
     qs = [json.loads(x) for x in qa.read_text(encoding="utf-8").splitlines() if x.strip()] if qa.is_file() else []
     base, ft = load("base"), load("finetuned")
     rows = []
-    for i, q in enumerate(qs[:n]):
+    if len(qs) > n:  # spread over the set (it is sorted by id: FAQ first, then products; EN and ZH)
+        step = len(qs) / n
+        picks = [int(i * step) for i in range(n)]
+    else:
+        picks = list(range(len(qs)))
+    for i in picks:
+        q = qs[i]
         rows.append((q["question"], q["answer"], base[i]["prediction"] if i < len(base) else "-",
                      ft[i]["prediction"] if i < len(ft) else "-"))
     return rows
@@ -184,7 +212,10 @@ def write_html(res: PipelineResult) -> Path:
     if ev:
         parts += ["<h2>Evaluation</h2>", "<p>Held-out support questions are paraphrases that never appear in "
                   "training; the reference is the knowledge base's answer. Perplexity is on general text held out "
-                  "of pretraining.</p>", _table(["task", "metric", "base", "fine-tuned"], ev)]
+                  "of pretraining."
+                  + (" Both models are asked with the same retrieved passages in the prompt; retrieval recall@k is "
+                     "the share of questions whose answering passage is among the top k." if "rag" in recipe.stages
+                     else "") + "</p>", _table(["task", "metric", "base", "fine-tuned"], ev)]
         samples = _samples(run)
         if samples:
             parts += ["<h3>Sample answers</h3>", _table(["question", "reference", "base", "fine-tuned"], samples)]

@@ -221,6 +221,52 @@ def _step_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------ rag
+def _qa_dir(recipe: Recipe) -> Path:
+    """Where the support chats and held-out questions are read from: grounded ones when the recipe has rag."""
+    return recipe.run_path / ("rag" if "rag" in recipe.stages else "data")
+
+
+def retrieval_scores(rows: list[dict[str, Any]], ks: tuple[int, ...] = (1, 3, 5)) -> dict[str, float]:
+    """recall@k of the gold chunk over grounded held-out rows, overall and per language."""
+    from lmstack.rag import recall_at_k
+
+    out: dict[str, float] = {}
+    groups = {"": rows, **{f"{lang}_": [r for r in rows if r["lang"] == lang] for lang in sorted({r["lang"] for r in rows})}}
+    for prefix, rs in groups.items():
+        for k in ks:
+            out[f"{prefix}recall@{k}"] = round(recall_at_k([r["retrieved"] for r in rs], [r["gold"] for r in rs], k), 4)
+    return out
+
+
+def run_rag(ctx: StageContext) -> dict[str, Any]:
+    """Index the shop's knowledge base (SQLite FTS5, BM25) and ground the support chats and held-out
+    questions in retrieved passages (lmstack.apps.support.retrieval)."""
+    import random
+
+    from lmstack.apps.support import load_kb
+    from lmstack.apps.support.retrieval import build_kb_index, ground_chat, ground_question
+    from lmstack.rag import Retriever
+
+    r, out, data = ctx.recipe.rag, ctx.out_dir, ctx.stage_dir("data")
+    out.mkdir(parents=True, exist_ok=True)
+    kb = load_kb(_shop_dir(ctx.recipe))
+    index = out / "index.sqlite"
+    stats = build_kb_index(kb, index, faq_keywords=r.faq_keywords, policy_max_chars=r.policy_max_chars)
+    retriever = Retriever(index)
+    rng = random.Random(ctx.recipe.seed) if r.shuffle_train else None
+    n = write_jsonl(out / "sft_train.jsonl", (ground_chat(rec, retriever, r.k, rng, r.context_max_chars)
+                                              for rec in read_jsonl(data / "sft_train.jsonl")))
+    held = [ground_question(row, retriever, r.k, r.context_max_chars) for row in read_jsonl(data / "heldout_qa.jsonl")]
+    write_jsonl(out / "heldout_qa.jsonl", held)
+    retriever.close()
+    scores = retrieval_scores(held)
+    ctx.log(f"{stats['chunks']} chunks indexed; held-out questions: recall@1 {scores['recall@1']:.3f}, "
+            f"recall@{r.k} {scores.get(f'recall@{r.k}', float('nan')):.3f}")
+    return {"index": str(index), "chunks": stats["chunks"], "k": r.k, "sft_examples": n,
+            "heldout_questions": len(held), "retrieval": scores}
+
+
 # ----------------------------------------------------------------------------------------------- tokenizer
 def run_tokenizer(ctx: StageContext) -> dict[str, Any]:
     from lmstack.data.shards import write_shards
@@ -310,7 +356,7 @@ def finetune_config(recipe: Recipe, resume: bool = False):
 
     r = recipe.finetune
     extra = dict(r.config)
-    data = {**extra.pop("data", {}), "path": str(recipe.run_path / "data" / "sft_train.jsonl")}
+    data = {**extra.pop("data", {}), "path": str(_qa_dir(recipe) / "sft_train.jsonl")}
     train = {"seed": recipe.seed, "device": recipe.device, **extra.pop("train", {})}
     if resume:
         train["resume"] = "auto"
@@ -349,7 +395,7 @@ def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str,
     r = recipe.eval
     data = recipe.run_path / "data"
     tok = Tokenizer.from_dir(tokenizer_dir)
-    rows = list(read_jsonl(data / "heldout_qa.jsonl"))
+    rows = list(read_jsonl(_qa_dir(recipe) / "heldout_qa.jsonl"))
     subset = sample_heldout(rows, r.heldout_limit, seed=recipe.seed)
     qa_path = out / "support_heldout.jsonl"
     write_jsonl(qa_path, ({"question": x["question"], "answer": x["answer"], "lang": x["lang"], "id": x["id"],
@@ -371,6 +417,24 @@ def _task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {name: t.get("metrics", {}) for name, t in results.get("tasks", {}).items()}
 
 
+def per_language(out: Path, metrics: list[str]) -> dict[str, dict[str, float]]:
+    """The support task's metrics per language, rescored from the saved predictions (``out/samples``)."""
+    from lmstack.eval.generation import score_generation
+
+    qa = out.parent / "support_heldout.jsonl"
+    samples = out / "samples" / "support_heldout.jsonl"
+    if not (qa.is_file() and samples.is_file()):
+        return {}
+    langs = [r["lang"] for r in read_jsonl(qa)]
+    preds = list(read_jsonl(samples))
+    res: dict[str, dict[str, float]] = {}
+    for lang in sorted(set(langs)):
+        idx = [i for i, x in enumerate(langs) if x == lang and i < len(preds)]
+        res[lang] = score_generation([preds[i]["prediction"] for i in idx], [preds[i]["references"] for i in idx],
+                                     metrics)
+    return res
+
+
 def run_eval(ctx: StageContext) -> dict[str, Any]:
     from lmstack.eval.run import run_eval as eval_run
 
@@ -387,9 +451,15 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
         else:
             res = eval_run(final, tasks, out / "finetuned")
         summary["finetuned"] = _task_metrics(res)
+        summary["finetuned_by_lang"] = per_language(out / "finetuned", recipe.eval.metrics)
     if recipe.eval.compare_base or "finetune" not in recipe.stages:
         res = eval_run(base, tasks, out / "base")
         summary["base"] = _task_metrics(res)
+        summary["base_by_lang"] = per_language(out / "base", recipe.eval.metrics)
+    if "rag" in recipe.stages:  # retrieval recall on exactly the questions asked
+        asked = {r["id"] for r in read_jsonl(out / "support_heldout.jsonl")}
+        rows = [r for r in read_jsonl(recipe.run_path / "rag" / "heldout_qa.jsonl") if r["id"] in asked]
+        summary["retrieval"] = retrieval_scores(rows)
     return summary
 
 
@@ -407,6 +477,10 @@ STAGES: dict[str, Stage] = {
                              for p in r.data.general.inputs}},
         outputs=lambda c: [c.out_dir / n for n in ("general_train.jsonl", "heldout_text.jsonl", "shop_kb.jsonl",
                                                    "sft_train.jsonl", "heldout_qa.jsonl")]),
+    "rag": Stage(
+        "rag", run_rag, deps=_deps("data"), description="index the shop KB (BM25); ground chats in passages",
+        config=lambda r: r.rag.model_dump(mode="json"),
+        outputs=lambda c: [c.out_dir / n for n in ("index.sqlite", "sft_train.jsonl", "heldout_qa.jsonl")]),
     "tokenizer": Stage(
         "tokenizer", run_tokenizer, deps=_deps("data"), description="byte-level BPE + token shards",
         config=lambda r: r.tokenizer.model_dump(mode="json"),
@@ -416,12 +490,12 @@ STAGES: dict[str, Stage] = {
         config=lambda r: r.pretrain.model_dump(mode="json"),
         outputs=lambda c: [c.out_dir / "final" / "config.json"]),
     "finetune": Stage(
-        "finetune", run_finetune, deps=_deps("data", "pretrain"), description="SFT on the support chats",
+        "finetune", run_finetune, deps=_deps("data", "rag", "pretrain"), description="SFT on the support chats",
         config=lambda r: r.finetune.model_dump(mode="json"),
         inputs=lambda r: {"model": _model_dir_hash(Path(r.model))} if r.model else {},
         outputs=lambda c: [c.out_dir / "final"]),
     "eval": Stage(
-        "eval", run_eval, deps=_deps("data", "pretrain", "finetune"),
+        "eval", run_eval, deps=_deps("data", "rag", "pretrain", "finetune"),
         description="held-out support questions, base vs fine-tuned; held-out perplexity",
         config=lambda r: r.eval.model_dump(mode="json"),
         inputs=lambda r: {"model": _model_dir_hash(Path(r.model))} if r.model else {},

@@ -1,13 +1,20 @@
-"""The Larkspur Home support assistant: a fine-tuned model on the generation engine, with the system prompt
-it was trained under and a bounded conversation history.
+"""The Larkspur Home support assistant: retrieve -> prompt -> model, with the system prompt it was trained
+under and a bounded conversation history.
 
     from lmstack.apps.support.assistant import SupportAssistant
-    bot = SupportAssistant("runs/quickstart/finetune/final")
+    bot = SupportAssistant("runs/quickstart/finetune/final", index="runs/quickstart/rag/index.sqlite")
     bot.ask("How long does standard shipping take?")     # -> "Standard shipping takes 3-5 business days ..."
+    bot.last_context                                      # the knowledge-base passages that answer used
     bot.ask("And express?")                               # the history is kept; bot.reset() clears it
 
-Built only from public pieces: :func:`lmstack.serve.llm.load` (model, tokenizer, engine; adapters) and the
-tokenizer's chat template. Retrieval (RAG) and guardrails plug in here when those stages land.
+With ``index`` (a retrieval index written by the recipe's ``rag`` stage, or an open
+:class:`lmstack.rag.Retriever`) every turn retrieves the top ``k`` passages for the question (and the best
+one for the previous question) and puts them into the system message, exactly as the fine-tuning chats and
+the evaluation were built (:func:`lmstack.apps.support.retrieval.context_hits`). Without an index it asks
+the model with the bare system prompt (a model tuned without retrieval).
+
+Built only from public pieces: :func:`lmstack.serve.llm.load` (model, tokenizer, engine; adapters), the
+tokenizer's chat template and :mod:`lmstack.rag`.
 """
 
 from __future__ import annotations
@@ -16,12 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
+from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
 
 
 class SupportAssistant:
     def __init__(self, model: str | Path | Any, adapter: str | Path | None = None, *,
+                 index: str | Path | Any = None, k: int = DEFAULT_K, context_max_chars: int | None = None,
                  system_prompt: str = SYSTEM_PROMPT, max_history_turns: int = 4, max_tokens: int = 96,
                  temperature: float = 0.0, **load_kw: Any):
+        if isinstance(index, (str, Path)):
+            from lmstack.rag import Retriever
+
+            index = Retriever(index)
+        self.retriever = index
+        self.k, self.context_max_chars = k, context_max_chars
         if isinstance(model, (str, Path)):
             from lmstack.serve.llm import load
 
@@ -32,11 +47,23 @@ class SupportAssistant:
         self.max_history_turns = max_history_turns
         self.sampling = {"max_tokens": max_tokens, "temperature": temperature}
         self.history: list[dict[str, str]] = []
+        self.last_context: list[Any] = []  # lmstack.rag.Hit of the last question
+
+    def retrieve(self, question: str) -> list[Any]:
+        """The passages a turn is answered from (empty without an index)."""
+        if self.retriever is None:
+            return []
+        previous = [m["content"] for m in self.history if m["role"] == "user"]
+        return context_hits(self.retriever, question, previous[-1:], k=self.k)
 
     def messages(self, question: str) -> list[dict[str, str]]:
-        """System prompt + the last ``max_history_turns`` exchanges + the new question."""
+        """System prompt (+ retrieved passages) + the last ``max_history_turns`` exchanges + the new question."""
+        from lmstack.rag import with_context
+
         keep = self.history[-2 * self.max_history_turns:] if self.max_history_turns else []
-        return [{"role": "system", "content": self.system_prompt}, *keep, {"role": "user", "content": question}]
+        self.last_context = self.retrieve(question)
+        system = with_context(self.system_prompt, self.last_context, self.context_max_chars)
+        return [{"role": "system", "content": system}, *keep, {"role": "user", "content": question}]
 
     def ask(self, question: str, **sampling: Any) -> str:
         question = question.strip()
@@ -49,3 +76,4 @@ class SupportAssistant:
 
     def reset(self) -> None:
         self.history.clear()
+        self.last_context = []

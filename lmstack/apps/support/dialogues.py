@@ -6,7 +6,8 @@ evaluation measures whether the model answers a *paraphrase it has not seen* abo
 
 Outputs (deterministic for a given seed):
 
-- ``train``   chat records ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``:
+- ``train``   chat records ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...],
+  "facts": [QA item ids the answers state]}``:
   one single-turn record per training question, a few greetings and out-of-scope refusals, and short
   two-turn dialogues joining two facts of the same language;
 - ``heldout`` ``{"id", "lang", "topic", "question", "answer", "messages"}`` rows (``messages`` holds the system
@@ -107,11 +108,14 @@ def qa_items(kb: ShopKB) -> list[QAItem]:
     return items
 
 
-def _chat(*turns: str, system: str = SYSTEM_PROMPT) -> dict[str, Any]:
+def _chat(*turns: str, system: str = SYSTEM_PROMPT, facts: list[str] | None = None) -> dict[str, Any]:
     msgs = [{"role": "system", "content": system}] if system else []
     for i, t in enumerate(turns):
         msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
-    return {"messages": msgs}
+    rec: dict[str, Any] = {"messages": msgs}
+    if facts is not None:
+        rec["facts"] = facts  # the QA items the answers state (for grounding in retrieved passages)
+    return rec
 
 
 def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
@@ -122,11 +126,11 @@ def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
     train: list[dict[str, Any]] = []
     for it in items:
         for q in it.train_questions:
-            train.append(_chat(q, it.answer, system=system_prompt))
+            train.append(_chat(q, it.answer, system=system_prompt, facts=[it.id]))
     for table in (GREETINGS, OUT_OF_SCOPE):
         for lang, (qs, a) in table.items():
             for q in qs:
-                train.append(_chat(q, a, system=system_prompt))
+                train.append(_chat(q, a, system=system_prompt, facts=[]))
     by_lang: dict[str, list[QAItem]] = {}
     for it in items:
         by_lang.setdefault(it.lang, []).append(it)
@@ -134,7 +138,7 @@ def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
         lang = ("en", "zh")[k % 2]
         a, b = rng.sample(by_lang[lang], 2)
         train.append(_chat(rng.choice(a.train_questions), a.answer, rng.choice(b.train_questions), b.answer,
-                           system=system_prompt))
+                           system=system_prompt, facts=[a.id, b.id]))
     rng.shuffle(train)
     heldout = [
         {"id": it.id, "lang": it.lang, "topic": it.topic, "question": it.heldout_question, "answer": it.answer,

@@ -1,0 +1,137 @@
+"""Grounding the support assistant in its knowledge base: KB chunks, their index, and the context of a turn.
+
+The same function builds the context for a training chat, an evaluation question and a live conversation
+(:func:`context_hits`), so the model is always asked in the format it was tuned on.
+
+Chunks (one retrieval unit each, in the question's language):
+
+- ``faq/<id>.<lang>``          ``Q: <first way of asking>\\nA: <answer>``; with ``faq_keywords`` the other
+                               *training* ways of asking are searchable too (never the held-out one);
+- ``product/<sku>.<lang>``     the product's facts on labelled lines (price, warranty, material, ...);
+- ``policy/<name>.<lang>#<n>`` policy pages cut at their sections (:func:`lmstack.rag.chunk_documents`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from lmstack.apps.support.kb import LANGS, ShopKB, fmt_num
+from lmstack.rag import Chunk, Hit, Retriever, build_index, chunk_documents, query_lang
+
+DEFAULT_K = 3
+
+
+def product_chunk_text(p: dict[str, Any], lang: str) -> str:
+    name = p["name"][lang]
+    if lang == "en":
+        return (f"{name} ({p['sku']}): {p['description']['en']}\nPrice: ${fmt_num(p['price'])}. "
+                f"Warranty: {p['warranty_years']}-year limited warranty. Material: {p['material']['en']}. "
+                f"Colors: {p['colors']['en']}. Weight: {fmt_num(p['weight_kg'])} kg.")
+    return (f"{name}（{p['sku']}）：{p['description']['zh']}\n价格：{fmt_num(p['price'])}美元。"
+            f"保修：{p['warranty_years']}年有限保修。材质：{p['material']['zh']}。颜色：{p['colors']['zh']}。"
+            f"重量：{fmt_num(p['weight_kg'])}公斤。")
+
+
+def kb_chunks(kb: ShopKB, *, faq_keywords: bool = False, policy_max_chars: int = 400) -> list[Chunk]:
+    """Every retrieval unit of the shop (see the module docstring), in a fixed order."""
+    out: list[Chunk] = []
+    for e in kb.faqs:
+        for lang in LANGS:
+            q = e[lang]["q"]
+            out.append(Chunk(id=f"faq/{e['id']}.{lang}", doc_id=f"faq/{e.get('topic', 'general')}.{lang}",
+                             text=f"Q: {q[0]}\nA: {e[lang]['a']}", title=e.get("topic", ""), lang=lang,
+                             source="shop:faq.yaml", keywords="\n".join(q[1:-1]) if faq_keywords else ""))
+    for p in kb.products:
+        for lang in LANGS:
+            out.append(Chunk(id=f"product/{p['sku']}.{lang}", doc_id=f"product/{p['sku']}.{lang}",
+                             text=product_chunk_text(p, lang), title=p["name"][lang], lang=lang,
+                             source="shop:products.yaml"))
+    pages = [{"id": f"policy/{name}.{lang}", "lang": lang, "text": text, "source": f"shop:policies/{name}.{lang}.md"}
+             for name, by_lang in sorted(kb.policies.items()) for lang, text in sorted(by_lang.items())]
+    out.extend(chunk_documents(pages, max_chars=policy_max_chars))
+    return out
+
+
+def gold_chunk_id(item_id: str) -> str:
+    """The chunk holding the fact a QA item asks about: ``faq/x.en`` -> itself, ``product/S/price.en`` ->
+    ``product/S.en``."""
+    if item_id.startswith("product/"):
+        _, sku, rest = item_id.split("/", 2)
+        return f"product/{sku}.{rest.rsplit('.', 1)[1]}"
+    return item_id
+
+
+def build_kb_index(kb: ShopKB, path: str | Path, *, faq_keywords: bool = False,
+                   policy_max_chars: int = 400) -> dict[str, Any]:
+    """Write the shop's retrieval index (:func:`lmstack.rag.build_index` over :func:`kb_chunks`)."""
+    return build_index(kb_chunks(kb, faq_keywords=faq_keywords, policy_max_chars=policy_max_chars), path)
+
+
+def context_hits(retriever: Retriever, question: str, previous: Sequence[str] = (), k: int = DEFAULT_K) -> list[Hit]:
+    """The chunks a turn is answered from: the top ``k`` for ``question`` (in its language), then the top
+    chunk of the previous question (so a follow-up like "And express?" keeps what the last answer used),
+    without duplicates."""
+    lang = query_lang(question)
+    hits = retriever.search(question, k=k, lang=lang)
+    if previous:
+        seen = {h.chunk.id for h in hits}
+        prev = previous[-1]
+        for h in retriever.search(prev, k=1, lang=query_lang(prev)):
+            if h.chunk.id not in seen:
+                hits.append(Hit(h.chunk, h.score, len(hits) + 1))
+    return hits
+
+
+def _with_gold(hits: list[Hit], gold: list[str], retriever: Retriever, k: int) -> list[Hit]:
+    """``hits`` with every gold chunk present: a missing one replaces the lowest-ranked non-gold hit."""
+    have = {h.chunk.id for h in hits}
+    for g in gold:
+        if g in have:
+            continue
+        chunk = retriever.get(g)
+        if chunk is None:
+            continue
+        keep = [h for h in hits if h.chunk.id in gold]
+        rest = [h for h in hits if h.chunk.id not in gold]
+        if len(hits) >= max(k, len(gold)) and rest:
+            rest = rest[:-1]
+        hits = keep + rest + [Hit(chunk, 0.0, 0)]
+        have.add(g)
+    return hits
+
+
+def ground_chat(rec: dict[str, Any], retriever: Retriever, k: int = DEFAULT_K, rng: Any = None,
+                max_chars: int | None = None) -> dict[str, Any]:
+    """A training chat with the retrieved passages in its system message.
+
+    The passages are those :func:`context_hits` finds for its (last) question, with the chunks of the facts
+    the answers state (``rec["facts"]``) put in when retrieval missed them, in a shuffled order (given
+    ``rng``) so the model learns to pick the passage that answers, not the first one."""
+    from lmstack.rag import with_context
+
+    msgs = [dict(m) for m in rec["messages"]]
+    users = [m["content"] for m in msgs if m["role"] == "user"]
+    if not users:
+        return {**rec, "messages": msgs}
+    hits = context_hits(retriever, users[-1], users[:-1], k=k)
+    hits = _with_gold(hits, [gold_chunk_id(f) for f in rec.get("facts") or []], retriever, k)
+    if rng is not None:
+        rng.shuffle(hits)
+    if msgs[0]["role"] == "system":
+        msgs[0]["content"] = with_context(msgs[0]["content"], hits, max_chars)
+    return {**rec, "messages": msgs, "context": [h.chunk.id for h in hits]}
+
+
+def ground_question(row: dict[str, Any], retriever: Retriever, k: int = DEFAULT_K,
+                    max_chars: int | None = None) -> dict[str, Any]:
+    """A held-out question row asked with retrieval exactly as the assistant does it (ranked, nothing
+    added); ``context`` lists the chunk ids shown and ``gold`` the one that holds the answer."""
+    from lmstack.rag import with_context
+
+    msgs = [dict(m) for m in row["messages"]]
+    hits = context_hits(retriever, row["question"], k=k)
+    if msgs[0]["role"] == "system":
+        msgs[0]["content"] = with_context(msgs[0]["content"], hits, max_chars)
+    return {**row, "messages": msgs, "context": [h.chunk.id for h in hits], "gold": gold_chunk_id(row["id"]),
+            "retrieved": [h.chunk.id for h in retriever.search(row["question"], k=10, lang=query_lang(row["question"]))]}

@@ -1,0 +1,131 @@
+"""The support assistant over HTTP: lmstack's OpenAI-compatible server (and its web chat) with every chat
+request grounded in the knowledge base first.
+
+    serve_support("runs/quickstart/finetune/final", "runs/quickstart/rag/index.sqlite", port=8000)
+
+:class:`GroundingMiddleware` is an ASGI wrapper around :func:`lmstack.serve.api.create_app`: on
+``POST /v1/chat/completions`` it reads the JSON body, retrieves passages for the last user message (and the
+best one for the user message before it), and puts them into the system message -- the same
+:func:`lmstack.apps.support.retrieval.context_hits` + :func:`lmstack.rag.with_context` the fine-tuning chats,
+the evaluation and :class:`~lmstack.apps.support.assistant.SupportAssistant` use. A request without a
+system message gets the assistant's system prompt. Everything else (other routes, bodies that are not a chat
+request, oversized bodies) passes through untouched, so the server's own validation and errors apply.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from lmstack.apps.support.dialogues import SYSTEM_PROMPT
+from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
+
+MAX_BODY = 1 << 20  # larger bodies are passed on unread (the server answers 413 past its own limit)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEFAULT_K,
+                    system_prompt: str = SYSTEM_PROMPT, context_max_chars: int | None = None) -> list[dict[str, Any]]:
+    """OpenAI-style ``messages`` with the retrieved passages in the (first) system message."""
+    from lmstack.rag import with_context
+
+    users = [_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    users = [u for u in users if u.strip()]
+    if not users:
+        return messages
+    hits = context_hits(retriever, users[-1], users[-2:-1], k=k)
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = with_context(_text(out[0].get("content")), hits, context_max_chars)
+    else:
+        out.insert(0, {"role": "system", "content": with_context(system_prompt, hits, context_max_chars)})
+    return out
+
+
+class GroundingMiddleware:
+    """ASGI middleware: ground ``/v1/chat/completions`` requests in retrieved passages (module docstring)."""
+
+    def __init__(self, app: Callable, retriever: Any, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
+                 context_max_chars: int | None = None):
+        self.app, self.retriever, self.k = app, retriever, k
+        self.system_prompt, self.context_max_chars = system_prompt, context_max_chars
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if not (scope.get("type") == "http" and scope.get("method") == "POST"
+                and scope.get("path") == "/v1/chat/completions"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        if declared > MAX_BODY:
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # client went away
+                return
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            req = json.loads(body)
+            if isinstance(req, dict) and isinstance(req.get("messages"), list):
+                req["messages"] = ground_messages(req["messages"], self.retriever, self.k, self.system_prompt,
+                                                  self.context_max_chars)
+                body = json.dumps(req, ensure_ascii=False).encode()
+        except (ValueError, TypeError, AttributeError):
+            pass  # not a JSON chat request: the server's own validation answers it
+        scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
+                 + [(b"content-length", str(len(body)).encode())]}
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
+                       context_max_chars: int | None = None, **app_kw: Any) -> GroundingMiddleware:
+    """:func:`lmstack.serve.api.create_app` for ``llm``, wrapped in :class:`GroundingMiddleware`."""
+    from lmstack.serve.api.app import create_app
+
+    app = create_app(llm, **app_kw)
+    wrapped = GroundingMiddleware(app, retriever, k, system_prompt, context_max_chars)
+    wrapped.state = app.state  # type: ignore[attr-defined]  (the served model, for callers and tests)
+    return wrapped
+
+
+def serve_support(model: str, index: str, *, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+                  k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT, api_key: str | None = None,
+                  device: str | None = None, dtype: str | None = None, max_num_seqs: int = 16,
+                  log_level: str = "info", drain_timeout: float = 30.0) -> None:
+    """Serve the grounded support assistant on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
+    import logging
+
+    from lmstack.rag import Retriever
+    from lmstack.serve.api.server import build_server
+    from lmstack.serve.llm import load
+
+    retriever = Retriever(index)  # fails at once on a bad index path, before the model loads
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=max_num_seqs)
+    app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key)
+    logging.getLogger("lmstack.support").info(
+        "support assistant %s grounded in %s (%d passages) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
+        model, index, len(retriever), host, port)
+    build_server(app, host, port, log_level, drain_timeout).run()
