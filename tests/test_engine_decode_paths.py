@@ -1,6 +1,7 @@
 """The engine's batch-1 decode fast paths against transformers: a lone sequence whose KV blocks are
 scattered over the pool (gathered slot by slot, no mask), the contiguous-slice path, and the batched
-decode path with its additive float mask -- all must give transformers' greedy tokens."""
+decode path with its additive float mask -- all must give transformers' greedy tokens. These are the eager paths (the compiled CPU kernel, tested in
+test_kernels.py, takes decode-only steps when it is available), so the engines here turn the kernel off."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_lone_decode_over_scattered_blocks_matches_transformers(arch_dir):
     aborted and B decodes alone over non-consecutive blocks: the scattered-slot path must be taken and B's
     tokens must still be transformers' greedy continuation."""
     arch, path, hf = arch_dir
-    eng = LLMEngine(load_model(path, device="cpu"), block_size=4, enable_prefix_caching=False)
+    eng = LLMEngine(load_model(path, device="cpu"), use_kernel=False, block_size=4, enable_prefix_caching=False)
     runner = eng.runner
     calls = {"scattered": 0, "batched": 0}
     orig_slots, orig_visible = runner._visible_slots, runner._visible
@@ -64,7 +65,7 @@ def test_lone_decode_over_scattered_blocks_matches_transformers(arch_dir):
 def test_lone_decode_contiguous_and_long_context_matches_transformers(arch_dir):
     """A single fresh request (consecutive blocks: the zero-copy slice path) well past mistral's window."""
     arch, path, hf = arch_dir
-    eng = LLMEngine(load_model(path, device="cpu"), block_size=4)
+    eng = LLMEngine(load_model(path, device="cpu"), use_kernel=False, block_size=4)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5]
     req = eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     while eng.has_unfinished_requests():

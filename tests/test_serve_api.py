@@ -34,6 +34,7 @@ def server(model_dir):
     llm = L.load(model_dir, max_num_seqs=64)
     app = create_app(llm, api_key=KEY, served_model_name="tiny", max_request_bytes=64 * 1024)
     with LiveServer(app) as s:
+        s.llm = llm
         yield s
 
 
@@ -330,9 +331,19 @@ def test_client_disconnect_aborts_request(server):
     assert m["lmstack_num_requests_running"] == 0 and m["lmstack_kv_cache_blocks_used"] == 0
 
 
-def test_non_streaming_client_that_gives_up_aborts_request(server):
+def test_non_streaming_client_that_gives_up_aborts_request(server, monkeypatch):
     import time
 
+    # 200 tokens of this 2-layer model take well under the client's 0.25 s with the compiled decode kernel:
+    # slow each engine step down (5 ms) so the client really gives up mid-generation
+    runner = server.llm.engine.runner
+    run = runner.run
+
+    def slow_run(batch):
+        time.sleep(0.005)
+        return run(batch)
+
+    monkeypatch.setattr(runner, "run", slow_run)
     before = metrics(server)["lmstack_generation_tokens_total"]
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},

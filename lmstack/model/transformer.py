@@ -76,7 +76,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin_s: Tensor) -> Tensor:
     return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin_s)
 
 
-def _fuse_linears(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
+def _fuse_linears(linears: list[nn.Module], column_major: bool = True) -> tuple[Tensor, Tensor | None] | None:
     """Concatenate the weights (and biases) of plain ``nn.Linear`` layers with the same input along the
     output dim, stored column-major (an (in, out) contiguous buffer, seen as (out, in)), then point each
     layer's parameter at its part of it: no extra memory, the same parameter names, shapes and values.
@@ -84,7 +84,8 @@ def _fuse_linears(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None] | No
 
     Why column-major: a matrix-vector product ``x @ W.T`` streams a contiguous W.T at the memory-read
     speed, while the row-major (out, in) layout runs ~25-35% slower on CPU (measured at M = 1..64; see
-    docs/generation.md)."""
+    docs/generation.md). ``column_major=False`` keeps the usual row-major (out, in) layout (what the compiled
+    CPU decode kernel in ``lmstack.kernels`` streams)."""
     if any(type(m) is not nn.Linear for m in linears):
         return None
     ws = [m.weight for m in linears]
@@ -92,7 +93,10 @@ def _fuse_linears(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None] | No
     if len({(w.dtype, w.device, w.shape[1]) for w in ws}) != 1 or len(set(has_bias)) != 1:
         return None
     with torch.no_grad():
-        w = torch.cat([x.detach().t() for x in ws], 1).t()  # (out_total, in), strides (1, out_total)
+        if column_major:
+            w = torch.cat([x.detach().t() for x in ws], 1).t()  # (out_total, in), strides (1, out_total)
+        else:
+            w = torch.cat([x.detach() for x in ws], 0) if len(ws) > 1 else ws[0].detach().contiguous()
         b = torch.cat([m.bias.detach() for m in linears]) if has_bias[0] else None
         o = 0
         for m in linears:
@@ -135,9 +139,9 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self._qkv: tuple[Tensor, Tensor | None] | None = None  # fused (weight, bias), see fuse_projections
 
-    def fuse(self) -> None:
+    def fuse(self, column_major: bool = True) -> None:
         """One ((H + 2 KV) D, hidden) weight for q/k/v; the three parameters become views of it."""
-        self._qkv = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        self._qkv = _fuse_linears([self.q_proj, self.k_proj, self.v_proj], column_major)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
         """sin is :func:`signed_sin` of the RoPE sin."""
@@ -174,8 +178,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self._gate_up: tuple[Tensor, Tensor | None] | None = None  # fused (weight, None), see fuse_projections
 
-    def fuse(self) -> None:
-        self._gate_up = _fuse_linears([self.gate_proj, self.up_proj])
+    def fuse(self, column_major: bool = True) -> None:
+        self._gate_up = _fuse_linears([self.gate_proj, self.up_proj], column_major)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._gate_up is not None and _is_fused(self._gate_up, [self.gate_proj, self.up_proj]):
@@ -236,19 +240,22 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def fuse_projections(self) -> "Transformer":
+    def fuse_projections(self, column_major: bool = True) -> "Transformer":
         """Inference speed-up: q/k/v and gate/up of every layer become one matmul each (33 instead of 57
         matmuls per token for an 8-layer model), and every projection weight (lm_head included) is stored
         column-major, which CPU matrix-vector products read faster. The HF-named parameters turn into
         (non-contiguous) views of the new buffers: no extra memory, ``state_dict()`` keeps its names,
         shapes and values. Layers fall back to separate matmuls whenever the views no longer back them
-        (``.to()``, reassigned weights, LoRA wrappers) or gradients are enabled."""
+        (``.to()``, reassigned weights, LoRA wrappers) or gradients are enabled.
+
+        ``column_major=False``: the same fusion with every weight row-major and contiguous, the layout the
+        compiled CPU decode kernel (``lmstack.kernels``) reads."""
         for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-            _fuse_linears([layer.self_attn.o_proj])  # column-major layout only
-            _fuse_linears([layer.mlp.down_proj])
-        _fuse_linears([self.lm_head])  # with tied embeddings the embedding table shares the new layout
+            layer.self_attn.fuse(column_major)
+            layer.mlp.fuse(column_major)
+            _fuse_linears([layer.self_attn.o_proj], column_major)  # layout only
+            _fuse_linears([layer.mlp.down_proj], column_major)
+        _fuse_linears([self.lm_head], column_major)  # with tied embeddings the embedding table shares the layout
         return self
 
     # ------------------------------------------------------------------ forward

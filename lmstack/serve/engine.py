@@ -21,7 +21,9 @@ from lmstack.model.transformer import Transformer
 from lmstack.serve.block_manager import BlockManager
 from lmstack.serve.detokenizer import IncrementalDetokenizer
 from lmstack.serve.errors import PromptTooLong
-from lmstack.serve.runner import ModelRunner
+from lmstack.kernels import load_cpu_decode
+from lmstack.kernels import mode as kernel_mode
+from lmstack.serve.runner import ModelRunner, kernel_supported
 from lmstack.serve.sampler import Sampler
 from lmstack.serve.scheduler import Scheduler
 from lmstack.serve.sequence import Request, Sequence
@@ -54,13 +56,23 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         eos_token_ids: list[int] | None = None,
+        use_kernel: bool | None = None,
+        kernel_max_batch: int = 8,
     ):
         cfg = model.config
         if block_size < 1 or max_num_seqs < 1:
             raise ConfigError("block_size and max_num_seqs must be >= 1")
         self.model = model.eval()
-        # q/k/v and gate/up as one matmul each (parameters become views of the fused weights; no copy)
-        model.fuse_projections()
+        # decode-only steps at small batch run through the compiled CPU kernel when it can run this model
+        # (lmstack.kernels; LMSTACK_KERNELS=0 turns it off, use_kernel=False here too)
+        self.kernel_reason = ("disabled" if use_kernel is False else "LMSTACK_KERNELS=0" if kernel_mode() == "off"
+                              else kernel_supported(model, prefix_kv))
+        if self.kernel_reason is None and not load_cpu_decode():
+            self.kernel_reason = "the kernel could not be built (see the warning above)"
+        use = self.kernel_reason is None
+        # q/k/v and gate/up as one matmul each (parameters become views of the fused weights; no copy),
+        # column-major for the eager CPU matmuls, row-major for the kernel
+        model.fuse_projections(column_major=not use)
         self.tokenizer = tokenizer
         num_prefix = prefix_kv[0][0].shape[1] if prefix_kv else 0
         self.max_model_len = int(max_model_len or cfg.max_position_embeddings - num_prefix)
@@ -83,7 +95,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens,
                                    self.max_model_len, self.eos_token_ids)
-        self.runner = ModelRunner(model, num_blocks, block_size, prefix_kv)
+        self.runner = ModelRunner(model, num_blocks, block_size, prefix_kv, use_kernel=use,
+                                  kernel_max_batch=kernel_max_batch)
         self.sampler = Sampler(self.eos_token_ids, model.device)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()

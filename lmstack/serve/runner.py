@@ -17,13 +17,14 @@ KV-pool layout (num_blocks, block_size, n_kv, D) follows nano-vllm.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmstack.model.transformer import Transformer
+from lmstack.model.transformer import Transformer, rope_inv_freq
 from lmstack.serve.scheduler import ScheduledSeq
 
 
@@ -102,11 +103,121 @@ class PagedAttention:
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
+def kernel_supported(model: Transformer, prefix_kv: object = None) -> str | None:
+    """None when the compiled CPU decode kernel (``lmstack.kernels``) can run this model, else why not."""
+    cfg = model.config
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return "it runs fp32 on the CPU only"
+    if prefix_kv is not None:
+        return "prefix / prompt tuning uses the eager path"
+    if cfg.head_dim % 2 or cfg.num_attention_heads % cfg.num_key_value_heads:
+        return "odd head_dim or heads not a multiple of key/value heads"
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        mods = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        if any(type(x) is not torch.nn.Linear for x in mods):
+            return "adapter-wrapped projections (merge the adapter for the kernel path)"
+        if a.o_proj.bias is not None or any(x.bias is not None for x in mods[4:]):
+            return "biases on o_proj or the MLP"
+    if type(model.lm_head) is not torch.nn.Linear or model.lm_head.bias is not None:
+        return "a wrapped lm_head"
+    return None
+
+
+class KernelDecode:
+    """Decode-only steps through ``torch.ops.lmstack_cpu.decode_step`` (lmstack/kernels/cpu_decode.cpp):
+    one call for all layers and lm_head. Needs the row-major fused weights of
+    ``Transformer.fuse_projections(column_major=False)``."""
+
+    def __init__(self, runner: "ModelRunner"):
+        m, cfg = runner.model, runner.model.config
+        empty = torch.empty(0)
+        ws: list[Tensor] = []
+        for layer in m.model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            if a._qkv is None or mlp._gate_up is None:
+                raise RuntimeError("fuse_projections(column_major=False) must run before KernelDecode")
+            qkv_w, qkv_b = a._qkv
+            ws += [layer.input_layernorm.weight, qkv_w, qkv_b if qkv_b is not None else empty,
+                   a.q_norm.weight if a.q_norm is not None else empty,
+                   a.k_norm.weight if a.k_norm is not None else empty,
+                   a.o_proj.weight, layer.post_attention_layernorm.weight, mlp._gate_up[0], mlp.down_proj.weight]
+        self.weights = [w.detach() for w in ws]
+        if not all(w.is_contiguous() for w in self.weights):
+            raise RuntimeError("the kernel path needs contiguous row-major weights")
+        self.embed = m.model.embed_tokens.weight.detach()
+        self.norm = m.model.norm.weight.detach()
+        self.lm_head = m.lm_head.weight.detach()
+        self.inv_freq = rope_inv_freq(cfg).float().contiguous()
+        self.k_pool, self.v_pool = runner.k_pool, runner.v_pool
+        self.args = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, runner.block_size,
+                     float(cfg.rms_norm_eps))
+        self.window = cfg.sliding_window
+        self.op = torch.ops.lmstack_cpu.decode_step
+        self.tuner = ThreadTuner()
+
+    def __call__(self, batch: list[ScheduledSeq]) -> Tensor:
+        """Logits (B, vocab) fp32 for B decode entries (num_tokens == 1)."""
+        pos = [s.start for s in batch]
+        ids = [s.seq.token_ids[p] for s, p in zip(batch, pos)]
+        W = self.window
+        lo = [max(0, p - W + 1) for p in pos] if W is not None else [0] * len(pos)
+        tables = [s.seq.block_table for s in batch]
+        nb = max(len(t) for t in tables)
+        bt = torch.tensor([t + [0] * (nb - len(t)) for t in tables] if len(tables) > 1 else tables,
+                          dtype=torch.long)
+        nt = self.tuner.pick()
+        t = time.perf_counter()
+        out = self.op(torch.tensor(ids), torch.tensor(pos), torch.tensor(lo), bt, self.k_pool, self.v_pool,
+                      self.weights, self.embed, self.norm, self.lm_head, self.inv_freq, *self.args, nt)
+        self.tuner.record(nt, time.perf_counter() - t)
+        return out
+
+
+class ThreadTuner:
+    """Picks the kernel's thread count online. All of torch's threads is fastest on an idle machine; when
+    other processes keep the cores busy, threads that meet at a barrier ~60 times a step wait on each
+    other's scheduling and one thread can be several times faster. Every ``period`` calls the other
+    choice is tried ``trials`` times, interleaved with the current one, and kept if its median is
+    ``margin`` faster."""
+
+    def __init__(self, period: int = 128, trials: int = 4, margin: float = 0.9):
+        self.period, self.trials, self.margin = period, trials, margin
+        self.calls = 0
+        self.current = torch.get_num_threads()
+        self.samples: dict[int, list[float]] = {}
+
+    def pick(self) -> int:
+        n = torch.get_num_threads()
+        if n == 1:
+            return 1
+        self.current = min(self.current, n) if self.current != 1 else 1
+        phase = self.calls % self.period
+        if phase < 2 * self.trials:
+            alt = 1 if self.current != 1 else n
+            return alt if phase % 2 == 0 else self.current
+        return self.current
+
+    def record(self, nt: int, seconds: float) -> None:
+        phase = self.calls % self.period
+        self.calls += 1
+        if phase >= 2 * self.trials:
+            return
+        self.samples.setdefault(nt, []).append(seconds)
+        if phase == 2 * self.trials - 1:
+            med = {k: sorted(v)[len(v) // 2] for k, v in self.samples.items() if v}
+            alt = [k for k in med if k != self.current]
+            if alt and self.current in med and med[alt[0]] < self.margin * med[self.current]:
+                self.current = alt[0]
+            self.samples.clear()
+
+
 class ModelRunner:
     """Owns the KV pool and turns a scheduled batch into next-token logits."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 prefix_kv: list[tuple[Tensor, Tensor]] | None = None):
+                 prefix_kv: list[tuple[Tensor, Tensor]] | None = None, use_kernel: bool = False,
+                 kernel_max_batch: int = 8):
         cfg = model.config
         self.model = model
         self.device, self.dtype = model.device, model.dtype
@@ -126,6 +237,8 @@ class ModelRunner:
             self.prefix_kv = [(k.to(self.device, self.dtype), v.to(self.device, self.dtype)) for k, v in prefix_kv]
             self.num_prefix = self.prefix_kv[0][0].shape[1]
         self._arange = torch.arange(0, dtype=torch.long, device=self.device)
+        self.kernel = KernelDecode(self) if use_kernel else None
+        self.kernel_max_batch = kernel_max_batch
 
     @staticmethod
     def kv_bytes_per_block(model: Transformer, block_size: int) -> int:
@@ -246,6 +359,9 @@ class ModelRunner:
     def run(self, batch: list[ScheduledSeq]) -> tuple[Tensor | None, list[int]]:
         """Forward the batch. Returns fp32 logits (M, vocab) for the M entries that need a sample, and
         for each batch entry its row in those logits (-1 where none)."""
+        if (self.kernel is not None and len(batch) <= self.kernel_max_batch
+                and all(s.num_tokens == 1 and s.needs_sample for s in batch)):
+            return self.kernel(batch), list(range(len(batch)))
         input_ids, position_ids, ctx, sample_idx = self.prepare(batch)
         h = self.model.hidden_states(input_ids, position_ids=position_ids, ctx=ctx)  # (1, N, hidden)
         rows = [i for i in sample_idx if i >= 0]

@@ -1,0 +1,108 @@
+"""Optional compiled kernels, built from source on first use and cached.
+
+``cpu_decode.cpp`` runs a whole decode step of the Transformer (every layer and ``lm_head``) for a batch of
+sequences with one new token each, over the serving engine's paged KV pool, in fp32 on the CPU. The serving
+engine uses it for decode-only steps at small batch when it is available and falls back to the eager path
+(the same math, tested equal) otherwise. See docs/generation.md ("CPU decode kernel").
+
+It is compiled with the system C++ compiler through :func:`torch.utils.cpp_extension.load` the first time a
+CPU fp32 engine starts (~20-40 s, once per machine / torch version / source change; cached under
+``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). ``LMSTACK_KERNELS`` controls it:
+
+- ``auto`` (default): build and use it when possible; if the build fails (no compiler), warn once and run eager;
+- ``0`` / ``off``: never build, always eager;
+- ``1`` / ``on``: require it (a failed build raises :class:`KernelError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from lmstack.errors import LmstackError
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+_lock = threading.Lock()
+_loaded: dict[str, bool] = {}
+_error: dict[str, str] = {}
+
+
+class KernelError(LmstackError):
+    """LMSTACK_KERNELS=1 but the compiled kernels could not be built or loaded."""
+
+
+def mode() -> str:
+    m = os.environ.get("LMSTACK_KERNELS", "auto").strip().lower()
+    if m in ("0", "off", "false", "no"):
+        return "off"
+    if m in ("1", "on", "true", "yes", "require"):
+        return "on"
+    return "auto"
+
+
+def _cpu_fingerprint() -> str:
+    """The build uses -march=native: a cached library must not be reused on a different CPU."""
+    text = platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+        for line in info.splitlines():
+            if line.startswith(("model name", "flags")):
+                text += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        pass
+    return text
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-fopenmp", "-std=c++20"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+    return flags
+
+
+def load_cpu_decode() -> bool:
+    """Build (once) and load the CPU decode kernel; True when ``torch.ops.lmstack_cpu.decode_step`` exists."""
+    m = mode()
+    if m == "off":
+        return False
+    with _lock:
+        if "cpu" in _loaded:
+            if not _loaded["cpu"] and m == "on":
+                raise KernelError(f"the CPU decode kernel could not be built: {_error.get('cpu')}")
+            return _loaded["cpu"]
+        ok, err = False, ""
+        try:
+            from torch.utils.cpp_extension import load
+
+            flags = _flags()
+            h = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
+                               + _cpu_fingerprint().encode()).hexdigest()[:12]
+            name = f"lmstack_cpu_decode_{h}"
+            if not os.environ.get("LMSTACK_NO_PROGRESS") and sys.stderr.isatty():
+                print(f"lmstack: building the CPU decode kernel ({name}; first use on this machine, ~30 s)",
+                      file=sys.stderr, flush=True)
+            load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                 is_python_module=False, verbose=False)
+            ok = hasattr(torch.ops.lmstack_cpu, "decode_step")
+            if not ok:
+                err = "the library loaded but registered no lmstack_cpu::decode_step"
+        except Exception as e:  # noqa: BLE001 - any build failure means "use the eager path"
+            err = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        _loaded["cpu"] = ok
+        if not ok:
+            _error["cpu"] = err
+            if m == "on":
+                raise KernelError(f"the CPU decode kernel could not be built: {err} (needs a C++20 compiler and "
+                                  "ninja; set LMSTACK_KERNELS=auto to fall back to the eager path)")
+            print(f"lmstack: warning: CPU decode kernel unavailable ({err}); using the eager path, which is "
+                  "slower at small batch. Install a C++ compiler (g++) or set LMSTACK_KERNELS=0 to silence this.",
+                  file=sys.stderr, flush=True)
+        return ok
