@@ -13,6 +13,15 @@ import torch
 
 torch.set_num_threads(2)
 
+
+def pytest_configure(config):
+    """Build the compiled CPU decode kernel (lmstack/kernels) once, before any test: the first engine of the
+    session would otherwise pay the ~15-30 s build inside a test, and CLI / server subprocesses find it cached."""
+    from lmstack.kernels import load_cpu_decode
+
+    load_cpu_decode()
+
+
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 

@@ -136,7 +136,13 @@ def test_env_off_and_failed_build(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(ext, "load", broken)
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setenv("LMSTACK_KERNELS", "auto")
+    monkeypatch.setenv("LMSTACK_KERNEL_CACHE", str(tmp_path / "cache"))
+    lib = kernels.library_path()
+    assert str(lib).startswith(str(tmp_path / "cache"))
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"not a shared library")  # a build cut short: the cached file is dropped and rebuilt
     assert kernels.load_cpu_decode() is False
+    assert not lib.exists()
     err = capsys.readouterr().err
     assert "CPU decode kernel unavailable" in err and "command not found" in err
     eng = LLMEngine(load_model(path, device="cpu"))

@@ -7,7 +7,8 @@ engine uses it for decode-only steps at small batch when it is available and fal
 
 It is compiled with the system C++ compiler through :func:`torch.utils.cpp_extension.load` the first time a
 CPU fp32 engine starts (~20-40 s, once per machine / torch version / source change; cached under
-``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). ``LMSTACK_KERNELS`` controls it:
+``$LMSTACK_KERNEL_CACHE`` or ``~/.cache/lmstack/kernels``, the name carrying a hash of the source, flags,
+torch version and CPU). ``LMSTACK_KERNELS`` controls it:
 
 - ``auto`` (default): build and use it when possible; if the build fails (no compiler), warn once and run eager;
 - ``0`` / ``off``: never build, always eager;
@@ -68,6 +69,22 @@ def _flags() -> list[str]:
     return flags
 
 
+def cache_dir() -> Path:
+    """Where built kernels live: $LMSTACK_KERNEL_CACHE, else $XDG_CACHE_HOME/lmstack/kernels (~/.cache/...)."""
+    env = os.environ.get("LMSTACK_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmstack" / "kernels"
+
+
+def library_path() -> Path:
+    """The built library: its name hashes the source, the flags, the torch version and the CPU."""
+    h = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(_flags()).encode()
+                       + _cpu_fingerprint().encode()).hexdigest()[:12]
+    name = f"lmstack_cpu_decode_{h}"
+    return cache_dir() / name / f"{name}.so"
+
+
 def load_cpu_decode() -> bool:
     """Build (once) and load the CPU decode kernel; True when ``torch.ops.lmstack_cpu.decode_step`` exists."""
     m = mode()
@@ -80,17 +97,25 @@ def load_cpu_decode() -> bool:
             return _loaded["cpu"]
         ok, err = False, ""
         try:
-            from torch.utils.cpp_extension import load
-
             flags = _flags()
-            h = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()
-                               + _cpu_fingerprint().encode()).hexdigest()[:12]
-            name = f"lmstack_cpu_decode_{h}"
-            if not os.environ.get("LMSTACK_NO_PROGRESS") and sys.stderr.isatty():
-                print(f"lmstack: building the CPU decode kernel ({name}; first use on this machine, ~30 s)",
-                      file=sys.stderr, flush=True)
-            load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                 is_python_module=False, verbose=False)
+            lib = library_path()
+            build_dir, name = lib.parent, lib.stem
+            cached = False
+            if lib.is_file():  # built before: load it directly (importing cpp_extension + ninja costs ~2 s)
+                try:
+                    torch.ops.load_library(str(lib))
+                    cached = True
+                except (OSError, RuntimeError):  # e.g. a link cut short: rebuild below
+                    lib.unlink(missing_ok=True)
+            if not cached:
+                from torch.utils.cpp_extension import load
+
+                build_dir.mkdir(parents=True, exist_ok=True)
+                if not os.environ.get("LMSTACK_NO_PROGRESS") and sys.stderr.isatty():
+                    print(f"lmstack: building the CPU decode kernel (first use on this machine, ~20-40 s) in "
+                          f"{build_dir}", file=sys.stderr, flush=True)
+                load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                     build_directory=str(build_dir), is_python_module=False, verbose=False)
             ok = hasattr(torch.ops.lmstack_cpu, "decode_step")
             if not ok:
                 err = "the library loaded but registered no lmstack_cpu::decode_step"
