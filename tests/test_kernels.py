@@ -173,3 +173,33 @@ def test_thread_tuner_switches_to_the_faster_choice(monkeypatch):
         nt = t.pick()
         t.record(nt, cost[nt])
     assert t.current == 2
+
+
+def test_lora_adapter_is_merged_at_load_and_matches_peft(tmp_path):
+    """``lmstack.load(path, adapter=LoRA)`` merges the adapter, so the kernel path serves it; the tokens equal
+    peft's ``generate``, and equal the unmerged (wrapped, eager) engine's."""
+    import peft
+
+    from lmstack.serve.llm import load
+    from tests.engine_fixtures import hf_greedy
+
+    path = tmp_path / "m"
+    base = hf_model("llama", path)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(base, cfg).eval()
+    pm.save_pretrained(tmp_path / "ad")
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    with pm.disable_adapter():
+        assert ref != hf_greedy(pm, prompt, 16)  # the adapter changes the output
+    merged = load(path, adapter=tmp_path / "ad", device="cpu")
+    assert merged.engine.kernel_reason is None
+    wrapped = load(path, adapter=tmp_path / "ad", device="cpu", merge_lora=False)
+    assert "adapter" in wrapped.engine.kernel_reason
+    for llm in (merged, wrapped):
+        out = llm.generate([prompt], temperature=0, max_tokens=16, ignore_eos=True, use_tqdm=False)
+        assert out[0].outputs[0].token_ids == ref

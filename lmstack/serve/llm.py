@@ -130,9 +130,13 @@ class LLM:
 
 def load(path: str | Path, adapter: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, max_num_seqs: int = 64, max_model_len: int | None = None,
-         kv_cache_memory: int | None = None, block_size: int = 16, **engine_kw: Any) -> LLM:
+         kv_cache_memory: int | None = None, block_size: int = 16, merge_lora: bool = True,
+         **engine_kw: Any) -> LLM:
     """Load a model directory (HF layout, with its tokenizer when present) and an optional adapter
-    (LoRA / prompt / prefix tuning, PEFT layout) into a ready-to-generate :class:`LLM`."""
+    (LoRA / prompt / prefix tuning, PEFT layout) into a ready-to-generate :class:`LLM`.
+
+    A LoRA adapter is merged into the base weights (``W + B A * scaling``; the engine serves one adapter, and
+    plain linears take the fused and compiled decode paths); ``merge_lora=False`` keeps the adapter modules."""
     from lmstack.model.hf_io import load_model
 
     path = Path(path)
@@ -147,5 +151,9 @@ def load(path: str | Path, adapter: str | Path | None = None, device: str | torc
         from lmstack.tune.adapters import load_adapter
 
         runtime = load_adapter(model, adapter)
+        if runtime.method == "lora" and merge_lora:
+            from lmstack.tune.lora import merge_lora as merge
+
+            merge(model)
     return LLM(model, tokenizer, model_name=path.resolve().name, adapter=runtime, max_num_seqs=max_num_seqs,
                max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, block_size=block_size, **engine_kw)
