@@ -19,14 +19,14 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 # The quickstart shrunk to seconds: a 2-layer 64-wide model, a 60 KB general corpus, a 400-token vocabulary.
 SMALL = [
     "data.general.max_chars=60000", "data.general.heldout_fraction=0.1", "data.shop.dialogues=10",
-    "data.clean.workers=1",
+    "data.clean.workers=1", "rag.k=1",
     "tokenizer.vocab_size=400", "tokenizer.domain_repeat=1", "tokenizer.val_fraction=0.1",
     "pretrain.model.overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
     "num_attention_heads: 4, num_key_value_heads: 2}",
     "pretrain.data.seq_len=64", "pretrain.data.batch_size=4",
     "pretrain.train.steps=16", "pretrain.train.warmup_steps=2", "pretrain.train.ckpt_every=4",
     "pretrain.train.eval_every=8", "pretrain.train.eval_batches=2", "pretrain.train.log_every=2",
-    "finetune.config.data.max_len=128", "finetune.config.data.batch_size=2",
+    "finetune.config.data.max_len=512", "finetune.config.data.batch_size=2",
     "finetune.config.train.steps=4", "finetune.config.train.warmup_steps=1", "finetune.config.train.eval_every=2",
     "finetune.config.train.ckpt_every=2", "finetune.config.train.eval_batches=1",
     "eval.heldout_limit=4", "eval.max_tokens=6", "eval.ppl_limit=2", "eval.ppl_max_length=64",
@@ -89,7 +89,8 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     monkeypatch.setattr(lmstack.train, "pretrain", spy)
     res = run_recipe(load_recipe(QUICKSTART, overrides), show_progress=False)
     assert [(s.name, s.status) for s in res.stages] == [
-        ("data", "skipped"), ("tokenizer", "skipped"), ("pretrain", "resumed"), ("finetune", "ran"), ("eval", "ran")]
+        ("data", "skipped"), ("rag", "skipped"), ("tokenizer", "skipped"), ("pretrain", "resumed"),
+        ("finetune", "ran"), ("eval", "ran")]
     assert seen == ["auto"]
     steps = [r["step"] for r in map(json.loads, (run_dir / "pretrain/metrics.jsonl").read_text().splitlines())
              if "loss" in r]
@@ -102,6 +103,13 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     assert (data / "clean" / "report.json").is_file()
     d = res.summary("data")
     assert 0 < d["general_documents_kept"] <= d["general_documents_in"] and d["shop_pages"] == 88
+    rag = res.summary("rag")
+    assert rag["chunks"] > 200 and rag["k"] == 1 and rag["sft_examples"] == d["sft_examples"]
+    assert 0.5 < rag["retrieval"]["recall@5"] <= 1.0 and rag["retrieval"]["recall@1"] <= rag["retrieval"]["recall@5"]
+    first = json.loads((run_dir / "rag/sft_train.jsonl").read_text().splitlines()[0])
+    assert "Knowledge base:\n[1] " in first["messages"][0]["content"]
+    asked = [json.loads(x) for x in (run_dir / "eval/support_heldout.jsonl").read_text().splitlines()]
+    assert all("Knowledge base:" in q["prompt"] for q in asked)  # the eval asks with the passages too
     idx = json.loads((run_dir / "tokenizer/shards/index.json").read_text())
     assert idx["vocab_size"] == 400 and idx["splits"]["train"]["tokens"] > 0
     from lmstack.tokenizer import Tokenizer
@@ -119,30 +127,33 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
         assert results["tasks"]["support_heldout"]["n"] == 4
         assert 0.0 <= ev[who]["support_heldout"]["rougeL"] <= 1.0
         assert ev[who]["heldout_text_ppl"]["perplexity"] > 1.0
+        assert set(ev[f"{who}_by_lang"]) <= {"en", "zh"} and ev[f"{who}_by_lang"]
+    assert set(ev["retrieval"]) >= {"recall@1", "recall@3", "en_recall@1", "zh_recall@3"}
     html = (run_dir / "report.html").read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") == 2 and "support_heldout" in html and "lmstack chat" in html
+    assert html.count("data:image/png;base64,") == 2 and "support_heldout" in html
+    assert f"lmstack support chat --model {run_dir / 'finetune/final'} --index {run_dir / 'rag/index.sqlite'}" in html
+    assert "retrieval (BM25)" in html
 
     # 4) unchanged: everything is skipped; a changed eval setting reruns eval only
     monkeypatch.setattr(lmstack.train, "pretrain", real)
     res = run_recipe(load_recipe(QUICKSTART, overrides), show_progress=False)
-    assert [s.status for s in res.stages] == ["skipped"] * 5
+    assert [s.status for s in res.stages] == ["skipped"] * 6
     res = run_recipe(load_recipe(QUICKSTART, overrides + ["eval.heldout_limit=2"]), show_progress=False)
-    assert [s.status for s in res.stages] == ["skipped"] * 4 + ["ran"]
+    assert [s.status for s in res.stages] == ["skipped"] * 5 + ["ran"]
     assert json.loads((run_dir / "eval/finetuned/results.json").read_text())["tasks"]["support_heldout"]["n"] == 2
 
-    # 5) the assistant app on the fine-tuned model: same prompt format as the eval, history kept
+    # 5) the assistant app on the fine-tuned model: retrieve -> the eval's prompt format -> model, history kept
     from lmstack.apps.support import SYSTEM_PROMPT
     from lmstack.apps.support.assistant import SupportAssistant
 
-    bot = SupportAssistant(run_dir / "finetune/final", max_tokens=5)
-    first = bot.ask("Do you ship internationally?")
-    assert isinstance(first, str)
+    bot = SupportAssistant(run_dir / "finetune/final", index=run_dir / "rag/index.sqlite", k=1, max_tokens=5)
+    q = asked[0]  # exactly the prompt the eval asked with
+    assert bot.llm.tokenizer.apply_chat_template(bot.messages(q["question"]), add_generation_prompt=True) == q["prompt"]
+    assert isinstance(bot.ask(q["question"]), str)
     bot.ask("And to PO boxes?")
     msgs = bot.messages("third")
-    assert msgs[0] == {"role": "system", "content": SYSTEM_PROMPT} and len(msgs) == 6
-    assert msgs[1] == {"role": "user", "content": "Do you ship internationally?"}
-    greedy = bot.llm.chat(msgs[:2], max_tokens=5, temperature=0.0).outputs[0].text.strip()
-    assert greedy == first
+    assert msgs[0]["content"].startswith(SYSTEM_PROMPT + "\n\nKnowledge base:") and len(msgs) == 6
+    assert msgs[1] == {"role": "user", "content": q["question"]}
 
 
 def test_cli_bad_recipe_is_one_line_error(tmp_path, capsys):

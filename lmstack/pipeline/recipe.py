@@ -62,6 +62,10 @@ class TokenizerStage(StrictModel):
     vocab_size: int = Field(8192, ge=300)
     min_frequency: int = Field(2, ge=1)
     domain_repeat: int = Field(4, ge=1, description="copies of each shop page in the pretraining shards")
+    chat_repeat: int = Field(0, ge=0, description="copies of the support training chats (the grounded ones when "
+                             "the recipe has a rag stage), rendered with the chat template, in the pretraining "
+                             "shards: the model meets the answer format, and copying facts out of passages, "
+                             "while it pretrains (held-out questions are never among them)")
     val_fraction: float = Field(0.01, ge=0, lt=0.5)
 
 

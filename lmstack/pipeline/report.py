@@ -90,7 +90,7 @@ def eval_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
         for k in HEADLINE["support_heldout"]:
             b, f = bl.get(lang, {}).get(k), fl.get(lang, {}).get(k)
             if b is not None or f is not None:
-                rows.append((f"support_heldout [{lang}]", k, _fmt(b), _fmt(f)))
+                rows.append((f"support_heldout ({lang})", k, _fmt(b), _fmt(f)))
     ret = m.get("retrieval") or {}
     for k, v in ret.items():  # the same passages for both models: one number
         if not k.startswith(("en_", "zh_")) or k.endswith(("@1", "@3")):

@@ -280,10 +280,16 @@ def run_tokenizer(ctx: StageContext) -> dict[str, Any]:
     ctx.log(f"training a {r.vocab_size}-token byte-level BPE on {len(general) + len(shop)} documents + {len(chats)} chat turns")
     tok = train_tokenizer(general + shop + chats, vocab_size=r.vocab_size, out_dir=tok_dir, min_frequency=r.min_frequency)
     texts = general + shop * r.domain_repeat
+    sources = [{"path": str(data / "general_train.jsonl"), "documents": len(general)},
+               {"path": str(data / "shop_kb.jsonl"), "documents": len(shop) * r.domain_repeat}]
+    if r.chat_repeat:
+        chat_file = _qa_dir(ctx.recipe) / "sft_train.jsonl"
+        rendered = [tok.apply_chat_template(rec["messages"]) for rec in read_jsonl(chat_file)]
+        texts += rendered * r.chat_repeat
+        sources.append({"path": str(chat_file), "documents": len(rendered) * r.chat_repeat})
+        ctx.log(f"pretraining shards: + {len(rendered)} support chats x {r.chat_repeat} ({chat_file.parent.name}/)")
     index = write_shards(texts, tok, ctx.out_dir / "shards", val_fraction=r.val_fraction, seed=ctx.recipe.seed,
-                         tokenizer_dir=str(tok_dir), progress_total=len(texts),
-                         sources=[{"path": str(data / "general_train.jsonl"), "documents": len(general)},
-                                  {"path": str(data / "shop_kb.jsonl"), "documents": len(shop) * r.domain_repeat}])
+                         tokenizer_dir=str(tok_dir), progress_total=len(texts), sources=sources)
     n_train = index["splits"]["train"]["tokens"]
     n_val = index["splits"].get("val", {}).get("tokens", 0)
     n_chars = sum(len(t) for t in texts)
@@ -482,7 +488,8 @@ STAGES: dict[str, Stage] = {
         config=lambda r: r.rag.model_dump(mode="json"),
         outputs=lambda c: [c.out_dir / n for n in ("index.sqlite", "sft_train.jsonl", "heldout_qa.jsonl")]),
     "tokenizer": Stage(
-        "tokenizer", run_tokenizer, deps=_deps("data"), description="byte-level BPE + token shards",
+        "tokenizer", run_tokenizer, description="byte-level BPE + token shards",
+        deps=lambda r: [n for n in ("data", "rag") if n in r.stages and (n == "data" or r.tokenizer.chat_repeat)],
         config=lambda r: r.tokenizer.model_dump(mode="json"),
         outputs=lambda c: [c.out_dir / "tokenizer" / "tokenizer.json", c.out_dir / "shards" / "index.json"]),
     "pretrain": Stage(

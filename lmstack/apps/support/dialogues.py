@@ -92,6 +92,17 @@ class QAItem:
         return self.questions[-1]
 
 
+def _product_values(p: dict[str, Any], lang: str) -> dict[str, Any]:
+    return {"name": p["name"][lang], "price": fmt_num(p["price"]), "warranty": p["warranty_years"],
+            "material": p["material"][lang], "colors": p["colors"][lang], "weight": fmt_num(p["weight_kg"])}
+
+
+def product_facts(p: dict[str, Any], lang: str) -> dict[str, str]:
+    """attribute -> the sentence that states it (``The Cedar Cutting Board costs $34.``)."""
+    values = _product_values(p, lang)
+    return {attr: by_lang[lang][1].format(**values) for attr, by_lang in PRODUCT_QUESTIONS.items()}
+
+
 def qa_items(kb: ShopKB) -> list[QAItem]:
     """One item per fact and language: every FAQ entry, and every (product, attribute) pair."""
     items: list[QAItem] = []
@@ -101,8 +112,7 @@ def qa_items(kb: ShopKB) -> list[QAItem]:
     for p in kb.products:
         for attr, by_lang in PRODUCT_QUESTIONS.items():
             for lang, (templates, answer) in by_lang.items():
-                values = {"name": p["name"][lang], "price": fmt_num(p["price"]), "warranty": p["warranty_years"],
-                          "material": p["material"][lang], "colors": p["colors"][lang], "weight": fmt_num(p["weight_kg"])}
+                values = _product_values(p, lang)
                 items.append(QAItem(f"product/{p['sku']}/{attr}.{lang}", lang, f"product-{attr}",
                                     [t.format(**values) for t in templates], answer.format(**values)))
     return items

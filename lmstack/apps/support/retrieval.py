@@ -7,7 +7,7 @@ Chunks (one retrieval unit each, in the question's language):
 
 - ``faq/<id>.<lang>``          ``Q: <first way of asking>\\nA: <answer>``; with ``faq_keywords`` the other
                                *training* ways of asking are searchable too (never the held-out one);
-- ``product/<sku>.<lang>``     the product's facts on labelled lines (price, warranty, material, ...);
+- ``product/<sku>.<lang>``     the product's description and one sentence per fact (price, warranty, ...);
 - ``policy/<name>.<lang>#<n>`` policy pages cut at their sections (:func:`lmstack.rag.chunk_documents`).
 """
 
@@ -16,21 +16,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmstack.apps.support.kb import LANGS, ShopKB, fmt_num
+from lmstack.apps.support.kb import LANGS, ShopKB
 from lmstack.rag import Chunk, Hit, Retriever, build_index, chunk_documents, query_lang
 
 DEFAULT_K = 3
 
 
 def product_chunk_text(p: dict[str, Any], lang: str) -> str:
-    name = p["name"][lang]
-    if lang == "en":
-        return (f"{name} ({p['sku']}): {p['description']['en']}\nPrice: ${fmt_num(p['price'])}. "
-                f"Warranty: {p['warranty_years']}-year limited warranty. Material: {p['material']['en']}. "
-                f"Colors: {p['colors']['en']}. Weight: {fmt_num(p['weight_kg'])} kg.")
-    return (f"{name}（{p['sku']}）：{p['description']['zh']}\n价格：{fmt_num(p['price'])}美元。"
-            f"保修：{p['warranty_years']}年有限保修。材质：{p['material']['zh']}。颜色：{p['colors']['zh']}。"
-            f"重量：{fmt_num(p['weight_kg'])}公斤。")
+    """The product's page as a passage: name, SKU, description, then one plain sentence per fact (price,
+    warranty, material, colors, weight) -- the sentences the shop's answers use, so a small model answers
+    by finding the right sentence and copying it."""
+    from lmstack.apps.support.dialogues import product_facts
+
+    sep = " " if lang == "en" else ""
+    head = f"{p['name'][lang]} ({p['sku']}): " if lang == "en" else f"{p['name'][lang]}（{p['sku']}）："
+    return head + p["description"][lang] + "\n" + sep.join(product_facts(p, lang).values())
 
 
 def kb_chunks(kb: ShopKB, *, faq_keywords: bool = False, policy_max_chars: int = 400) -> list[Chunk]:
