@@ -155,6 +155,26 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     assert msgs[0]["content"].startswith(SYSTEM_PROMPT + "\n\nKnowledge base:") and len(msgs) == 6
     assert msgs[1] == {"role": "user", "content": q["question"]}
 
+    # 6) what the run prints: `lmstack support chat` (terminal) and `lmstack support serve` (OpenAI API)
+    import io
+
+    from starlette.testclient import TestClient
+
+    from lmstack.apps.support.server import create_support_app
+    from lmstack.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Do you ship internationally?\n/exit\n"))
+    assert main(["support", "chat", "--model", str(run_dir / "finetune/final"), "--index",
+                 str(run_dir / "rag/index.sqlite"), "--k", "1", "-n", "4", "--show-context"]) == 0
+    assert main(["support", "chat", "--model", str(run_dir / "finetune/final"), "--index",
+                 str(run_dir / "nope.sqlite")]) == 2  # one clear line, before the model loads
+    with TestClient(create_support_app(bot.llm, bot.retriever, k=1)) as client:
+        r = client.post("/v1/chat/completions", json={"model": bot.llm.model_name, "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": q["question"]}]})
+        assert r.status_code == 200, r.text
+        assert isinstance(r.json()["choices"][0]["message"]["content"], str)
+        assert r.json()["usage"]["prompt_tokens"] == len(bot.llm.tokenizer.encode(q["prompt"]))  # grounded
+
 
 def test_cli_bad_recipe_is_one_line_error(tmp_path, capsys):
     from lmstack.cli import main

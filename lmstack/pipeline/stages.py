@@ -253,7 +253,14 @@ def run_rag(ctx: StageContext) -> dict[str, Any]:
     kb = load_kb(_shop_dir(ctx.recipe))
     index = out / "index.sqlite"
     stats = build_kb_index(kb, index, faq_keywords=r.faq_keywords, policy_max_chars=r.policy_max_chars)
-    retriever = Retriever(index)
+    embedder = None
+    if r.dense:
+        from lmstack.rag.dense import add_embeddings, load_embedder
+
+        embedder = load_embedder(r.embedder)
+        n_vec = add_embeddings(index, embedder, name=r.embedder, langs=r.dense_langs)
+        ctx.log(f"{n_vec} passage embeddings ({r.embedder}, {', '.join(r.dense_langs)})")
+    retriever = Retriever(index, embedder=embedder)
     rng = random.Random(ctx.recipe.seed) if r.shuffle_train else None
     n = write_jsonl(out / "sft_train.jsonl", (ground_chat(rec, retriever, r.k, rng, r.context_max_chars)
                                               for rec in read_jsonl(data / "sft_train.jsonl")))
@@ -263,7 +270,7 @@ def run_rag(ctx: StageContext) -> dict[str, Any]:
     scores = retrieval_scores(held)
     ctx.log(f"{stats['chunks']} chunks indexed; held-out questions: recall@1 {scores['recall@1']:.3f}, "
             f"recall@{r.k} {scores.get(f'recall@{r.k}', float('nan')):.3f}")
-    return {"index": str(index), "chunks": stats["chunks"], "k": r.k, "sft_examples": n,
+    return {"index": str(index), "chunks": stats["chunks"], "k": r.k, "sft_examples": n, "dense": r.dense,
             "heldout_questions": len(held), "retrieval": scores}
 
 
@@ -441,6 +448,32 @@ def per_language(out: Path, metrics: list[str]) -> dict[str, dict[str, float]]:
     return res
 
 
+def select_eval(recipe: Recipe, out: Path, model: Path, adapter: Path | None, who: str) -> dict[str, Any]:
+    """The assistant's default answers (lmstack.apps.support.reader: the model picks the passage sentence that
+    answers) on the held-out questions asked, scored like the generation task; samples under ``out/who``."""
+    from lmstack.apps.support.reader import Reader, candidates
+    from lmstack.eval.generation import score_generation
+    from lmstack.rag import Hit, Retriever
+
+    retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+    grounded = {r["id"]: r for r in read_jsonl(recipe.run_path / "rag" / "heldout_qa.jsonl")}
+    reader = Reader.load(model, adapter=adapter)
+    asked = list(read_jsonl(out / "support_heldout.jsonl"))
+    rows = []
+    for q in asked:
+        hits = [Hit(c, 0.0, i + 1) for i, c in enumerate(filter(None, map(retriever.get, grounded[q["id"]]["context"])))]
+        rows.append({"id": q["id"], "lang": q["lang"], "prediction": reader.pick(q["prompt"], candidates(hits, q["lang"])),
+                     "references": [q["answer"]]})
+    retriever.close()
+    write_jsonl(out / who / "samples" / "support_select.jsonl", rows)
+    metrics = recipe.eval.metrics
+    res = {"all": score_generation([r["prediction"] for r in rows], [r["references"] for r in rows], metrics)}
+    for lang in sorted({r["lang"] for r in rows}):
+        sub = [r for r in rows if r["lang"] == lang]
+        res[lang] = score_generation([r["prediction"] for r in sub], [r["references"] for r in sub], metrics)
+    return res
+
+
 def run_eval(ctx: StageContext) -> dict[str, Any]:
     from lmstack.eval.run import run_eval as eval_run
 
@@ -462,6 +495,18 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
         res = eval_run(base, tasks, out / "base")
         summary["base"] = _task_metrics(res)
         summary["base_by_lang"] = per_language(out / "base", recipe.eval.metrics)
+    if "rag" in recipe.stages and recipe.eval.select:  # the assistant's default, grounded answers
+        ft_model = Path(ft.get("final_dir") or recipe.run_path / "finetune" / "final")
+        ft_adapter = ft_model if (ft_model / "adapter_config.json").is_file() else None
+        runs = [("finetuned", base if ft_adapter else ft_model, ft_adapter)] if "finetune" in recipe.stages else []
+        if recipe.eval.compare_base or "finetune" not in recipe.stages:
+            runs.append(("base", base, None))
+        for who, model, adapter in runs:
+            sel = select_eval(recipe, out, model, adapter, who)
+            summary.setdefault(who, {})["support_select"] = sel.pop("all")
+            for lang, m in sel.items():
+                summary.setdefault(f"{who}_by_lang", {}).setdefault(lang, {}).update(
+                    {f"select_{k}": v for k, v in m.items()})
     if "rag" in recipe.stages:  # retrieval recall on exactly the questions asked
         asked = {r["id"] for r in read_jsonl(out / "support_heldout.jsonl")}
         rows = [r for r in read_jsonl(recipe.run_path / "rag" / "heldout_qa.jsonl") if r["id"] in asked]

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
-_SENT = re.compile(r"(?<=[.!?。！？])\s*")
+_SENT = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*")  # "1.2 kg" stays whole
 
 
 @dataclass

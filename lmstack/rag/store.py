@@ -26,7 +26,7 @@ import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from lmstack.errors import DataError
 from lmstack.rag.analyze import terms
@@ -105,9 +105,15 @@ def match_query(query: str) -> str | None:
 
 
 class Retriever:
-    """BM25 search over an index file written by :func:`build_index`."""
+    """BM25 search over an index file written by :func:`build_index`; hybrid BM25 + dense (reciprocal-rank
+    fusion) for queries in the languages the index has embeddings for (:mod:`lmstack.rag.dense`).
 
-    def __init__(self, path: str | Path):
+    ``embedder``: "auto" loads the model the index was embedded with (when it has embeddings), None never
+    uses embeddings, or an already loaded sentence-transformers model."""
+
+    CANDIDATES = 20  # per ranking, before fusion
+
+    def __init__(self, path: str | Path, embedder: Any = "auto"):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: retrieval index not found (build it with lmstack.rag.build_index, "
@@ -120,25 +126,60 @@ class Retriever:
         if self.meta.get("format") != FORMAT:
             raise DataError(f"{self.path}: index format {self.meta.get('format')}, this lmstack reads {FORMAT}; "
                             "rebuild it")
+        self.dense = None
+        if self.meta.get("dense_model") and embedder is not None:
+            from lmstack.rag.dense import DenseIndex, load_embedder
+
+            if embedder == "auto":
+                embedder = load_embedder(self.meta["dense_model"])
+            self.dense = DenseIndex(self.con, self.meta, embedder)
 
     def __len__(self) -> int:
         return int(self.meta.get("chunks", 0))
 
-    def search(self, query: str, k: int = 3, lang: str | None = None) -> list[Hit]:
-        """The ``k`` best chunks for ``query`` (optionally only chunks in ``lang``), best first."""
+    def bm25(self, query: str, k: int, lang: str | None = None) -> list[tuple[int, float]]:
+        """``[(chunk rowid, BM25 score)]``, best first."""
         expr = match_query(query)
         if expr is None or k <= 0:
             return []
-        sql = ("SELECT c.id, c.doc_id, c.text, c.title, c.lang, c.source, c.keywords, bm25(chunks_fts) AS s "
-               "FROM chunks_fts JOIN chunks c ON c.rowid = chunks_fts.rowid WHERE chunks_fts MATCH ?")
+        sql = ("SELECT c.rowid, bm25(chunks_fts) AS s FROM chunks_fts JOIN chunks c ON c.rowid = chunks_fts.rowid "
+               "WHERE chunks_fts MATCH ?")
         args: list[object] = [expr]
         if lang:
             sql += " AND c.lang = ?"
             args.append(lang)
         sql += " ORDER BY s, c.rowid LIMIT ?"
         args.append(k)
-        rows = self.con.execute(sql, args).fetchall()
-        return [Hit(Chunk(*r[:7]), -float(r[7]), i + 1) for i, r in enumerate(rows)]
+        return [(int(r), -float(s)) for r, s in self.con.execute(sql, args).fetchall()]
+
+    def _chunks(self, rowids: list[int]) -> dict[int, Chunk]:
+        if not rowids:
+            return {}
+        q = ",".join("?" * len(rowids))
+        rows = self.con.execute(f"SELECT rowid, id, doc_id, text, title, lang, source, keywords FROM chunks "
+                                f"WHERE rowid IN ({q})", rowids).fetchall()
+        return {int(r[0]): Chunk(*r[1:]) for r in rows}
+
+    def search(self, query: str, k: int = 3, lang: str | None = None) -> list[Hit]:
+        """The ``k`` best chunks for ``query`` (optionally only chunks in ``lang``), best first. The score is
+        BM25, or the fused reciprocal-rank score when embeddings take part."""
+        if k <= 0 or not query.strip():
+            return []
+        from lmstack.rag.analyze import query_lang
+
+        if self.dense is not None and self.dense.covers(lang or query_lang(query)):
+            from lmstack.rag.dense import rrf
+
+            lexical = [r for r, _ in self.bm25(query, self.CANDIDATES, lang)]
+            dense = self.dense.rank(query, self.CANDIDATES * 4)
+            if lang:
+                langs = {r: c.lang for r, c in self._chunks(dense).items()}
+                dense = [r for r in dense if langs.get(r) == lang]
+            ranked = rrf([lexical, dense[:self.CANDIDATES]])[:k]
+        else:
+            ranked = self.bm25(query, k, lang)
+        chunks = self._chunks([r for r, _ in ranked])
+        return [Hit(chunks[r], s, i + 1) for i, (r, s) in enumerate(ranked)]
 
     def get(self, chunk_id: str) -> Chunk | None:
         row = self.con.execute("SELECT id, doc_id, text, title, lang, source, keywords FROM chunks WHERE id = ?",

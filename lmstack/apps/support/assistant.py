@@ -5,6 +5,7 @@ under and a bounded conversation history.
     bot = SupportAssistant("runs/quickstart/finetune/final", index="runs/quickstart/rag/index.sqlite")
     bot.ask("How long does standard shipping take?")     # -> "Standard shipping takes 3-5 business days ..."
     bot.last_context                                      # the knowledge-base passages that answer used
+    # the answer is the passage sentence the model ranks highest (mode="select"; "generate": free text)
     bot.ask("And express?")                               # the history is kept; bot.reset() clears it
 
 With ``index`` (a retrieval index written by the recipe's ``rag`` stage, or an open
@@ -27,22 +28,36 @@ from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
 
 
 class SupportAssistant:
+    """``mode``: "select" (with an index, the default: the model picks the knowledge-base sentence that answers,
+    :mod:`lmstack.apps.support.reader`) or "generate" (free generation from the grounded prompt)."""
+
     def __init__(self, model: str | Path | Any, adapter: str | Path | None = None, *,
                  index: str | Path | Any = None, k: int = DEFAULT_K, context_max_chars: int | None = None,
+                 mode: str = "select", reader: Any = None,
                  system_prompt: str = SYSTEM_PROMPT, max_history_turns: int = 4, max_tokens: int = 96,
                  temperature: float = 0.0, **load_kw: Any):
+        if mode not in ("select", "generate"):
+            raise ValueError(f"mode must be 'select' or 'generate', got {mode!r}")
         if isinstance(index, (str, Path)):
             from lmstack.rag import Retriever
 
             index = Retriever(index)
         self.retriever = index
         self.k, self.context_max_chars = k, context_max_chars
+        self.mode = mode if index is not None else "generate"
         if isinstance(model, (str, Path)):
             from lmstack.serve.llm import load
 
             self.llm = load(model, adapter=adapter, **load_kw)
+            if self.mode == "select" and reader is None:
+                from lmstack.apps.support.reader import Reader
+
+                reader = Reader.load(model, adapter=adapter, device=load_kw.get("device"))
         else:  # an already loaded lmstack LLM
             self.llm = model
+        self.reader = reader
+        if self.mode == "select" and reader is None:
+            raise ValueError("mode='select' needs a reader (lmstack.apps.support.reader.Reader) for a loaded model")
         self.system_prompt = system_prompt
         self.max_history_turns = max_history_turns
         self.sampling = {"max_tokens": max_tokens, "temperature": temperature}
@@ -69,8 +84,16 @@ class SupportAssistant:
         question = question.strip()
         if not question:
             return ""
-        out = self.llm.chat(self.messages(question), **{**self.sampling, **sampling})
-        answer = out.outputs[0].text.strip()
+        msgs = self.messages(question)
+        if self.mode == "select":
+            from lmstack.apps.support.reader import candidates
+            from lmstack.rag import query_lang
+
+            prompt = self.llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+            answer = self.reader.pick(prompt, candidates(self.last_context, query_lang(question)))
+        else:
+            out = self.llm.chat(msgs, **{**self.sampling, **sampling})
+            answer = out.outputs[0].text.strip()
         self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         return answer
 

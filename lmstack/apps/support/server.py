@@ -8,8 +8,11 @@ request grounded in the knowledge base first.
 best one for the user message before it), and puts them into the system message -- the same
 :func:`lmstack.apps.support.retrieval.context_hits` + :func:`lmstack.rag.with_context` the fine-tuning chats,
 the evaluation and :class:`~lmstack.apps.support.assistant.SupportAssistant` use. A request without a
-system message gets the assistant's system prompt. Everything else (other routes, bodies that are not a chat
-request, oversized bodies) passes through untouched, so the server's own validation and errors apply.
+system message gets the assistant's system prompt. With a ``reader`` (the default of ``serve_support``),
+a plain chat request is then answered like ``lmstack support chat`` answers: the model picks the passage
+sentence that answers (:mod:`lmstack.apps.support.reader`), returned as an OpenAI ``chat.completion`` or its
+event stream. Everything else (other routes, bodies that are not a chat request, requests with ``n`` > 1,
+tools or logprobs, oversized bodies) passes to the server untouched, so its own validation and errors apply.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ def _text(content: Any) -> str:
 
 
 def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEFAULT_K,
-                    system_prompt: str = SYSTEM_PROMPT, context_max_chars: int | None = None) -> list[dict[str, Any]]:
-    """OpenAI-style ``messages`` with the retrieved passages in the (first) system message."""
+                    system_prompt: str = SYSTEM_PROMPT, context_max_chars: int | None = None,
+                    hits_out: list | None = None) -> list[dict[str, Any]]:
+    """OpenAI-style ``messages`` with the retrieved passages in the (first) system message (the passages are
+    appended to ``hits_out`` when given)."""
     from lmstack.rag import with_context
 
     users = [_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
@@ -41,6 +46,8 @@ def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEF
     if not users:
         return messages
     hits = context_hits(retriever, users[-1], users[-2:-1], k=k)
+    if hits_out is not None:
+        hits_out.extend(hits)
     out = [dict(m) for m in messages]
     if out and out[0].get("role") == "system":
         out[0]["content"] = with_context(_text(out[0].get("content")), hits, context_max_chars)
@@ -49,13 +56,61 @@ def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEF
     return out
 
 
+def _selectable(req: dict[str, Any], names: list[str]) -> bool:
+    """A plain chat request the reader can answer (anything else goes to the server, which validates it)."""
+    msgs = req.get("messages")
+    return (req.get("model") in names and isinstance(msgs, list) and bool(msgs) and isinstance(msgs[-1], dict)
+            and msgs[-1].get("role") == "user" and req.get("n") in (None, 1) and not req.get("tools")
+            and not req.get("logprobs") and not req.get("response_format"))
+
+
+def _completion(req: dict[str, Any], answer: str, prompt_tokens: int, completion_tokens: int) -> tuple[bytes, bytes]:
+    """(content type, body) of an OpenAI ``chat.completion`` -- or its event stream -- carrying ``answer``."""
+    import time
+    import uuid
+
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.get("model"),
+            "system_fingerprint": None}
+    use = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if not req.get("stream"):
+        body = {**head, "object": "chat.completion", "usage": use, "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": answer, "refusal": None, "tool_calls": None},
+            "logprobs": None, "finish_reason": "stop"}]}
+        return b"application/json", json.dumps(body, ensure_ascii=False).encode()
+    include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+    extra = {"usage": None} if include_usage else {}
+
+    def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
+        obj = {**head, "object": "chat.completion.chunk", **extra,
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    events = [chunk({"role": "assistant", "content": ""}), chunk({"content": answer}), chunk({}, "stop")]
+    if include_usage:
+        events.append(f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': use})}\n\n")
+    events.append("data: [DONE]\n\n")
+    return b"text/event-stream", "".join(events).encode()
+
+
 class GroundingMiddleware:
     """ASGI middleware: ground ``/v1/chat/completions`` requests in retrieved passages (module docstring)."""
 
     def __init__(self, app: Callable, retriever: Any, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
-                 context_max_chars: int | None = None):
+                 context_max_chars: int | None = None, *, reader: Any = None, tokenizer: Any = None,
+                 model_names: list[str] | None = None, api_key: str | None = None):
         self.app, self.retriever, self.k = app, retriever, k
         self.system_prompt, self.context_max_chars = system_prompt, context_max_chars
+        # with a reader, plain chat requests are answered by selection (lmstack.apps.support.reader), as
+        # `lmstack support chat` answers; everything else goes to the server's generation
+        self.reader, self.tokenizer, self.model_names, self.api_key = reader, tokenizer, model_names or [], api_key
+
+    def _authorized(self, scope: dict) -> bool:
+        if self.api_key is None:
+            return True
+        h = dict(scope.get("headers") or [])
+        auth = h.get(b"authorization", b"").decode(errors="replace")
+        return auth == f"Bearer {self.api_key}" or h.get(b"x-api-key", b"").decode(errors="replace") == self.api_key
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if not (scope.get("type") == "http" and scope.get("method") == "POST"
@@ -79,9 +134,12 @@ class GroundingMiddleware:
         try:
             req = json.loads(body)
             if isinstance(req, dict) and isinstance(req.get("messages"), list):
+                hits: list = []
                 req["messages"] = ground_messages(req["messages"], self.retriever, self.k, self.system_prompt,
-                                                  self.context_max_chars)
+                                                  self.context_max_chars, hits_out=hits)
                 body = json.dumps(req, ensure_ascii=False).encode()
+                if self.reader is not None and _selectable(req, self.model_names) and self._authorized(scope):
+                    return await self._select(req, hits, send)
         except (ValueError, TypeError, AttributeError):
             pass  # not a JSON chat request: the server's own validation answers it
         scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
@@ -97,14 +155,33 @@ class GroundingMiddleware:
 
         return await self.app(scope, replay, send)
 
+    async def _select(self, req: dict[str, Any], hits: list, send: Callable) -> None:
+        import asyncio
+
+        from lmstack.apps.support.reader import candidates
+        from lmstack.rag import query_lang
+
+        msgs = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in req["messages"]]
+        prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        cands = candidates(hits, query_lang(msgs[-1]["content"]))
+        answer = await asyncio.to_thread(self.reader.pick, prompt, cands)  # CPU-bound: off the event loop
+        ctype, body = _completion(req, answer, len(self.tokenizer.encode(prompt)), len(self.tokenizer.encode(answer)))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
+                                (b"cache-control", b"no-cache")]})
+        await send({"type": "http.response.body", "body": body})
+
 
 def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
-                       context_max_chars: int | None = None, **app_kw: Any) -> GroundingMiddleware:
-    """:func:`lmstack.serve.api.create_app` for ``llm``, wrapped in :class:`GroundingMiddleware`."""
+                       context_max_chars: int | None = None, reader: Any = None, **app_kw: Any) -> GroundingMiddleware:
+    """:func:`lmstack.serve.api.create_app` for ``llm``, wrapped in :class:`GroundingMiddleware` (with a
+    ``reader``, plain chat requests get the selected answer, as in ``lmstack support chat``)."""
     from lmstack.serve.api.app import create_app
 
     app = create_app(llm, **app_kw)
-    wrapped = GroundingMiddleware(app, retriever, k, system_prompt, context_max_chars)
+    wrapped = GroundingMiddleware(app, retriever, k, system_prompt, context_max_chars, reader=reader,
+                                  tokenizer=app.state.model.tokenizer, model_names=list(app.state.model.names),
+                                  api_key=app_kw.get("api_key"))
     wrapped.state = app.state  # type: ignore[attr-defined]  (the served model, for callers and tests)
     return wrapped
 
@@ -112,7 +189,7 @@ def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_p
 def serve_support(model: str, index: str, *, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                   k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT, api_key: str | None = None,
                   device: str | None = None, dtype: str | None = None, max_num_seqs: int = 16,
-                  log_level: str = "info", drain_timeout: float = 30.0) -> None:
+                  log_level: str = "info", drain_timeout: float = 30.0, mode: str = "select") -> None:
     """Serve the grounded support assistant on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
     import logging
 
@@ -124,7 +201,12 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=max_num_seqs)
-    app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key)
+    reader = None
+    if mode == "select":
+        from lmstack.apps.support.reader import Reader
+
+        reader = Reader.load(model, adapter=adapter, device=device)
+    app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key, reader=reader)
     logging.getLogger("lmstack.support").info(
         "support assistant %s grounded in %s (%d passages) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
         model, index, len(retriever), host, port)
