@@ -108,6 +108,9 @@ def test_assistant_retrieves_every_turn_and_keeps_history(retriever):
     assert "faq/ship-standard-time.en" in ids  # the previous question's best passage is kept
     bot.ask("雪松砧板多少钱？")
     assert bot.last_context[0].chunk.id == "product/LH-K01.zh" and "34美元" in llm.seen[2][0]["content"]
+    assert all(h.chunk.lang == "zh" for h in bot.last_context)  # no English passage from the last question
+    bot.ask("你好")  # retrieves nothing: no passages at all, not even the last question's
+    assert bot.last_context == [] and llm.seen[3][0]["content"] == SYSTEM_PROMPT
     bot.reset()
     assert bot.history == [] and bot.last_context == []
     plain = SupportAssistant(FakeLLM())  # no index: the bare system prompt, as before retrieval existed

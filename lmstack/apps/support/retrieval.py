@@ -71,10 +71,11 @@ def build_kb_index(kb: ShopKB, path: str | Path, *, faq_keywords: bool = False,
 def context_hits(retriever: Retriever, question: str, previous: Sequence[str] = (), k: int = DEFAULT_K) -> list[Hit]:
     """The chunks a turn is answered from: the top ``k`` for ``question`` (in its language), then the top
     chunk of the previous question (so a follow-up like "And express?" keeps what the last answer used),
-    without duplicates."""
+    without duplicates. The previous question's chunk is left out when it is in another language, or when
+    the question itself retrieves nothing (a greeting is answered without passages, as in training)."""
     lang = query_lang(question)
     hits = retriever.search(question, k=k, lang=lang)
-    if previous:
+    if previous and hits and query_lang(previous[-1]) == lang:
         seen = {h.chunk.id for h in hits}
         prev = previous[-1]
         for h in retriever.search(prev, k=1, lang=query_lang(prev)):
