@@ -163,7 +163,7 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     assert bot.mode == "select" and bot.ask(q["question"]) == selected["prediction"]
     assert selected["prediction"] in {u for h in bot.last_context for u in answer_units(h.chunk)} | fixed
     bot.ask("And to PO boxes?")
-    msgs = bot.messages("third")
+    msgs = bot.messages("What does the Cedar Cutting Board cost?")
     assert msgs[0]["content"].startswith(SYSTEM_PROMPT + "\n\nKnowledge base:") and len(msgs) == 6
     assert msgs[1] == {"role": "user", "content": q["question"]}
 

@@ -96,9 +96,10 @@ def eval_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
                 if b is not None or f is not None:
                     rows.append((f"{task} ({lang})", k, _fmt(b), _fmt(f)))
     ret = m.get("retrieval") or {}
+    label = "retrieval (BM25 + dense)" if res.summary("rag").get("dense") else "retrieval (BM25)"
     for k, v in ret.items():  # the same passages for both models: one number
         if not k.startswith(("en_", "zh_")) or k.endswith(("@1", "@3")):
-            rows.append(("retrieval (BM25)", k, _fmt(v), _fmt(v)))
+            rows.append((label, k, _fmt(v), _fmt(v)))
     return rows
 
 
