@@ -1,4 +1,4 @@
-"""``lmstack run recipe.yaml``: data -> tokenizer -> pretrain -> finetune -> eval, each stage skipped when
+"""``lmstack run recipe.yaml``: data -> rag -> tokenizer -> pretrain -> finetune -> eval, each stage skipped when
 its inputs and config are unchanged, resumable after an interruption, summarised in ``runs/NAME/report.html``.
 
     from lmstack.pipeline import load_recipe, run_recipe

@@ -6,11 +6,14 @@ stage      calls                                                               w
 data       pipeline.stdlib_corpus, data.pipeline.run_pipeline (clean/dedup/    data/ (general_train.jsonl,
            PII on the general corpus), apps.support (shop pages, QA, splits)   heldout_text.jsonl, shop_kb.jsonl,
                                                                                sft_train.jsonl, heldout_qa.jsonl)
+rag        rag.build_index over apps.support.retrieval.kb_chunks; chats and    rag/ (index.sqlite, grounded
+           held-out questions grounded in retrieved passages                   sft_train.jsonl, heldout_qa.jsonl)
 tokenizer  tokenizer.train_tokenizer, data.shards.write_shards                 tokenizer/, shards/
 pretrain   train.pretrain (resume="auto" after an interruption)                pretrain/ (final/, loss.png, ...)
 finetune   tune SFT (full or LoRA) on the support chats                        finetune/ (final/, loss.png, ...)
 eval       eval.run_eval: held-out support questions (base vs fine-tuned),     eval/base/, eval/finetuned/
-           perplexity on held-out general text
+           perplexity on held-out general text; with rag, also the
+           assistant's selected answers (apps.support.reader)
 =========  ==================================================================  =================================
 
 No stage re-implements a library: they fill in paths, pick the inputs and collect a summary.
