@@ -134,6 +134,7 @@ def test_sigkill_then_resume_gives_the_same_losses(shards, tmp_path):
 
 def test_sigint_saves_a_checkpoint_and_resumes(shards, tmp_path):
     calls = {"n": 0}
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when run as a shell background job
 
     def interrupting(model, batch):
         calls["n"] += 1
@@ -146,7 +147,7 @@ def test_sigint_saves_a_checkpoint_and_resumes(shards, tmp_path):
     assert res.stopped == "interrupted" and res.steps == 3 and res.final_dir is None
     assert res.checkpoint_dir == run / "checkpoints" / "step_000003"
     assert (res.checkpoint_dir / "trainer_state.pt").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
     fit(dist_model(), dist_data(shards, 0, 1, 4), causal_lm_loss, cfg(steps=5, resume="auto"), run)
     fit(dist_model(), dist_data(shards, 0, 1, 4), causal_lm_loss, cfg(steps=5), tmp_path / "straight")
     torch.testing.assert_close(losses(run), losses(tmp_path / "straight"), atol=1e-6, rtol=0)
