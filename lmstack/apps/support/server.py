@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
 from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
+from lmstack.serve.api.app import authorized, replay_body
 
 MAX_BODY = 1 << 20  # larger bodies are passed on unread (the server answers 413 past its own limit)
 
@@ -106,11 +107,7 @@ class GroundingMiddleware:
         self.reader, self.tokenizer, self.model_names, self.api_key = reader, tokenizer, model_names or [], api_key
 
     def _authorized(self, scope: dict) -> bool:
-        if self.api_key is None:
-            return True
-        h = dict(scope.get("headers") or [])
-        auth = h.get(b"authorization", b"").decode(errors="replace")
-        return auth == f"Bearer {self.api_key}" or h.get(b"x-api-key", b"").decode(errors="replace") == self.api_key
+        return self.api_key is None or authorized(scope, self.api_key)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if not (scope.get("type") == "http" and scope.get("method") == "POST"
@@ -144,16 +141,7 @@ class GroundingMiddleware:
             pass  # not a JSON chat request: the server's own validation answers it
         scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
                  + [(b"content-length", str(len(body)).encode())]}
-        sent = False
-
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replay_body(body, receive), send)
 
     async def _select(self, req: dict[str, Any], hits: list, send: Callable) -> None:
         import asyncio

@@ -118,10 +118,7 @@ class Gate:
             self.metrics.requests.labels(route, str(status["code"])).inc()
 
     def _authorized(self, scope: dict) -> bool:
-        headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode()
-        return bool(token) and hmac.compare_digest(token.encode(), self.api_key.encode())  # type: ignore[union-attr]
+        return authorized(scope, self.api_key)  # type: ignore[arg-type]
 
     async def _read_body(self, scope: dict, receive: Callable) -> Callable | E.APIError:
         """Buffer the body (at most ``limit`` bytes), then replay it; later receives pass through."""
@@ -140,16 +137,30 @@ class Gate:
                 return E.too_large(size, self.limit)
             chunks.append(chunk)
             more = message.get("more_body", False)
-        body, sent = b"".join(chunks), False
+        return replay_body(b"".join(chunks), receive)
 
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
 
-        return replay
+def authorized(scope: dict, api_key: str) -> bool:
+    """The request carries ``api_key`` as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` (constant-time)."""
+    headers = dict(scope.get("headers") or [])
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode()
+    return bool(token) and hmac.compare_digest(token.encode(), api_key.encode())
+
+
+def replay_body(body: bytes, receive: Callable) -> Callable:
+    """An ASGI ``receive`` that first returns the already-read ``body`` whole, then passes through to ``receive``
+    (disconnects)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
