@@ -6,7 +6,7 @@
 // weights that do not fit in cache at ~40% of the memory bandwidth. Here every matrix-vector product is a
 // streaming dot product over row-major weights (4 rows at a time, AVX2/FMA when the compiler targets it),
 // split statically across the threads of ONE OpenMP parallel region per step; the phases of a layer are
-// separated by a spinning barrier (it yields the CPU after ~16k spins), so a step pays one thread wake-up
+// separated by a barrier that spins ~4k pauses, then sleeps on a futex, so a step pays one thread wake-up
 // instead of ~40 (under OMP_WAIT_POLICY=PASSIVE each wake-up is a futex round trip). Norms, RoPE, the KV write
 // and the softmax run in-line; nothing is allocated inside the region.
 //

@@ -21,8 +21,7 @@ from lmstack.model.transformer import Transformer
 from lmstack.serve.block_manager import BlockManager
 from lmstack.serve.detokenizer import IncrementalDetokenizer
 from lmstack.serve.errors import PromptTooLong
-from lmstack.kernels import load_cpu_decode
-from lmstack.kernels import mode as kernel_mode
+from lmstack.kernels import load_cpu_decode, mode as kernel_mode
 from lmstack.serve.runner import ModelRunner, kernel_supported
 from lmstack.serve.sampler import Sampler
 from lmstack.serve.scheduler import Scheduler

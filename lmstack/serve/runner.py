@@ -164,8 +164,7 @@ class KernelDecode:
         lo = [max(0, p - W + 1) for p in pos] if W is not None else [0] * len(pos)
         tables = [s.seq.block_table for s in batch]
         nb = max(len(t) for t in tables)
-        bt = torch.tensor([t + [0] * (nb - len(t)) for t in tables] if len(tables) > 1 else tables,
-                          dtype=torch.long)
+        bt = torch.tensor([t + [0] * (nb - len(t)) for t in tables], dtype=torch.long)
         nt = self.tuner.pick()
         t = time.perf_counter()
         out = self.op(torch.tensor(ids), torch.tensor(pos), torch.tensor(lo), bt, self.k_pool, self.v_pool,
@@ -191,7 +190,7 @@ class ThreadTuner:
         n = torch.get_num_threads()
         if n == 1:
             return 1
-        self.current = min(self.current, n) if self.current != 1 else 1
+        self.current = min(self.current, n)
         phase = self.calls % self.period
         if phase < 2 * self.trials:
             alt = 1 if self.current != 1 else n
