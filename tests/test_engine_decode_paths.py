@@ -120,3 +120,41 @@ def test_fused_projections_keep_outputs_names_grads_and_saving(tmp_path):
     m64 = model.to(torch.float64)
     with torch.inference_mode():
         torch.testing.assert_close(m64(ids).float(), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_unmasked_cuda_steps_skip_cudnn_attention(arch_dir, monkeypatch):
+    """On CUDA, steps whose attention needs no mask (a lone decode, prefills from position 0) run SDPA without
+    cuDNN attention, which plans per key length (a new plan at every decode step; measured on an H100). The
+    policy is checked directly, then forced on this CPU: the steps it covers are the unmasked ones, the
+    restricted-backend path gives transformers' greedy tokens, and masked (batched) steps keep the default."""
+    from torch.nn.attention import SDPBackend
+
+    import lmstack.serve.runner as runner_mod
+
+    assert runner_mod.sdpa_backends(torch.device("cpu"), masked=False) is None
+    assert runner_mod.sdpa_backends(torch.device("cuda"), masked=True) is None
+    chosen = runner_mod.sdpa_backends(torch.device("cuda"), masked=False)
+    assert SDPBackend.CUDNN_ATTENTION not in chosen and SDPBackend.MATH in chosen
+
+    arch, path, hf = arch_dir
+    seen = []
+
+    def policy(device, masked):  # as on CUDA, recording which steps take the restricted backends
+        seen.append(masked)
+        return None if masked else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+    monkeypatch.setattr(runner_mod, "sdpa_backends", policy)
+    eng = LLMEngine(load_model(path, device="cpu"), use_kernel=False, block_size=4, enable_prefix_caching=False)
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), request_id="a")
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            final = out
+    assert seen and not any(seen)  # direct prefill + lone decodes: every step unmasked
+    assert final.outputs[0].token_ids == hf_greedy(hf, prompt, 12), arch
+    seen.clear()
+    for i, p in enumerate([prompt, list(range(20, 31))]):
+        eng.add_request(p, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), request_id=f"b{i}")
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert True in seen  # two decodes at once: the padded, masked path keeps PyTorch's own choice
