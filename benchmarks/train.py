@@ -14,6 +14,10 @@ threads; bf16 on CUDA), and peak memory (RSS on CPU, max allocated on CUDA). Usa
 
     .venv/bin/python benchmarks/train.py [--presets tiny,small] [--steps 8] [--threads 2] [--compile]
     python benchmarks/train.py --device cuda --batch 32 --presets small --compile
+    python benchmarks/train.py --device cuda --presets 100m --batch 16 --seq 1024 --steps 200 --compile --json t.json
+
+Besides lmstack's presets, ``--presets`` takes the benchmark-only shapes in ``SHAPES`` (``100m``: a ~100M
+parameter Llama, GPT-2-small sized: 100M without the input embedding, 124.7M with it).
 """
 
 from __future__ import annotations
@@ -31,29 +35,46 @@ from pathlib import Path
 
 BATCH, SEQ, WARMUP = 8, 256, 2
 
+# benchmark-only shapes: a preset plus overrides (lmstack's presets stop at ~30M before the 0.5B shape)
+SHAPES = {
+    # 12 x 768, GQA 12/4 heads, SwiGLU 2048, 32k vocabulary, untied: 75.5M in the layers + 24.6M lm_head = 100M
+    # counted by MFU (6N), 124.7M with the input embedding
+    "100m": ("small", dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                           num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)),
+}
+
+
+def model_config(name: str):
+    from lmstack.model import preset
+
+    if name in SHAPES:
+        base, over = SHAPES[name]
+        return preset(base, **over)
+    return preset(name)
+
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(variant: str, preset_name: str, steps: int, threads: int, device: str, batch: int,
-           peak: float) -> dict:
+           peak: float, seq: int = SEQ) -> dict:
     import contextlib
 
     import torch
 
     torch.set_num_threads(threads)
-    from lmstack.model import build_model, preset, save_model
+    from lmstack.model import build_model, save_model
     from lmstack.train import TrainConfig, causal_lm_loss, fit
     from lmstack.train.flops import flops_per_token
 
     cuda = device == "cuda"
     amp = torch.bfloat16 if cuda else torch.float32  # bf16 autocast on GPU (both sides), fp32 on CPU
-    mc = preset(preset_name)
+    mc = model_config(preset_name)
     model = build_model(mc, device="cpu", dtype="fp32", seed=0)
     g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, mc.vocab_size, (steps + WARMUP, batch, SEQ + 1), generator=g)
-    fpt = flops_per_token(model, SEQ)
+    data = torch.randint(0, mc.vocab_size, (steps + WARMUP, batch, seq + 1), generator=g)
+    fpt = flops_per_token(model, seq)
     times: list[float] = []
     rss0 = _rss_mib()
     if variant.startswith("lmstack"):
@@ -72,7 +93,7 @@ def worker(variant: str, preset_name: str, steps: int, threads: int, device: str
                               compile=variant.endswith("+compile"))
             fit(model, Src(), causal_lm_loss, cfg, run)
             recs = [json.loads(x) for x in Path(run, "metrics.jsonl").read_text().splitlines()]
-            times = [batch * SEQ / r["tokens_per_s"] for r in recs if "loss" in r][WARMUP:]
+            times = [batch * seq / r["tokens_per_s"] for r in recs if "loss" in r][WARMUP:]
     else:
         import transformers
 
@@ -99,9 +120,12 @@ def worker(variant: str, preset_name: str, steps: int, threads: int, device: str
             if i >= WARMUP:
                 times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    tps = batch * SEQ / step_s
+    tps = batch * seq / step_s
     mem = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mib()
-    return {"variant": variant, "preset": preset_name, "params_M": mc.num_parameters() / 1e6,
+    if cuda:
+        torch.cuda.synchronize()
+    return {"variant": variant, "preset": preset_name, "params_M": mc.num_parameters() / 1e6, "batch": batch,
+            "seq": seq, "steps": steps, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "tokens_per_s": tps, "step_s": step_s, "mfu": fpt * tps / peak, "peak_gflops": peak / 1e9,
             "peak_mem_mib": mem, "rss_before_steps_mib": rss0}
 
@@ -114,12 +138,15 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time lmstack with train.compile=true")
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast on both sides)")
     ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--seq", type=int, default=SEQ, help="tokens per row")
+    ap.add_argument("--variants", help="comma-separated subset of transformers,lmstack,lmstack+ac,lmstack+compile")
+    ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "PRESET"), help=argparse.SUPPRESS)
     ap.add_argument("--peak", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print("RESULT " + json.dumps(worker(a.worker[0], a.worker[1], a.steps, a.threads, a.device, a.batch,
-                                            a.peak)))
+                                            a.peak, a.seq)))
         return
     import torch
 
@@ -129,17 +156,20 @@ def main() -> None:
     # one peak for every variant: the best of 2 s of (n x n) matmuls in this process
     peak = measure_matmul_peak(a.device, torch.bfloat16 if a.device == "cuda" else torch.float32, seconds=2.0)
     variants = ["transformers", "lmstack", "lmstack+ac"] + (["lmstack+compile"] if a.compile else [])
+    if a.variants:
+        variants = a.variants.split(",")
     env = {**os.environ, "LMSTACK_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(a.threads),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH")]))}
     mem = "peak CUDA memory" if a.device == "cuda" else "peak RSS"
-    print(f"device {a.device}, batch {a.batch} x {SEQ} tokens, {'bf16 autocast' if a.device == 'cuda' else 'fp32'}, {a.threads} threads, {a.steps} timed steps; "
+    print(f"torch {torch.__version__}, device {a.device}, batch {a.batch} x {a.seq} tokens, {'bf16 autocast' if a.device == 'cuda' else 'fp32'}, {a.threads} threads, {a.steps} timed steps; "
           f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; measured matmul peak {peak / 1e9:.0f} GFLOP/s")
     results: dict[tuple[str, str], dict] = {}
     for p in a.presets.split(","):
         for v in variants:
             out = subprocess.run([sys.executable, __file__, "--worker", v, p, "--steps", str(a.steps),
-                                  "--threads", str(a.threads), "--device", a.device, "--batch", str(a.batch), "--peak", str(peak)], env=env, capture_output=True, text=True)
+                                  "--threads", str(a.threads), "--device", a.device, "--batch", str(a.batch),
+                                  "--seq", str(a.seq), "--peak", str(peak)], env=env, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:
                 print(f"{p} {v}: failed\n{out.stderr[-2000:]}")
@@ -153,6 +183,11 @@ def main() -> None:
             if base and r:
                 print(f"{p:>6} {v} / transformers = {r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    if a.json:
+        base = {p: results.get((p, "transformers")) for p in a.presets.split(",")}
+        rows = [{**r, "ratio_vs_transformers": (r["tokens_per_s"] / base[p]["tokens_per_s"]) if base[p] else None}
+                for (p, _), r in results.items()]
+        Path(a.json).write_text(json.dumps({"torch": torch.__version__, "peak_flops": peak, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
