@@ -48,15 +48,20 @@ def _recipe(tmp_path: Path, **kw) -> Recipe:
 
 
 def test_rag_stage_fingerprints_leave_tokenizer_and_pretraining_alone(tmp_path):
-    """The real registry: a retrieval setting reruns rag, fine-tuning and eval, never tokenizer or pretraining."""
+    """The real registry: a retrieval setting reruns rag, fine-tuning, the reader and eval, never tokenizer or
+    pretraining; a reader setting reruns the reader and eval only."""
     from lmstack.pipeline.runner import fingerprints
     from lmstack.pipeline.stages import STAGES
 
     base = Recipe(name="t", run_dir=str(tmp_path / "run"))
-    assert base.stages == ["data", "rag", "tokenizer", "pretrain", "finetune", "eval"]
+    assert base.stages == ["data", "rag", "tokenizer", "pretrain", "finetune", "reader", "eval"]
     a = fingerprints(base, STAGES)
     b = fingerprints(Recipe(name="t", run_dir=str(tmp_path / "run"), rag={"k": 2}), STAGES)
-    assert [n for n in a if a[n] != b[n]] == ["rag", "finetune", "eval"]
+    assert [n for n in a if a[n] != b[n]] == ["rag", "finetune", "reader", "eval"]
+    c = fingerprints(Recipe(name="t", run_dir=str(tmp_path / "run"), reader={"l2": 0.1}), STAGES)
+    assert [n for n in a if a[n] != c[n]] == ["reader", "eval"]
+    with pytest.raises(ValueError, match="add the rag stage"):
+        Recipe(name="t", stages=["data", "tokenizer", "pretrain", "reader"])
     with pytest.raises(ValueError, match="need the data stage"):
         Recipe(name="t", stages=["rag"])
 
@@ -192,10 +197,20 @@ def test_knowledge_base_and_heldout_split_never_leak():
         assert row["question"] not in pages, row["question"]
         assert row["messages"][-1] == {"role": "user", "content": row["question"]}
     assert {r["lang"] for r in held} == {"en", "zh"}
+    # dev questions: one more paraphrase per FAQ entry and a greeting / out-of-scope question per language,
+    # none of them in training, the pages or the held-out set; their answers are taught in training
+    dev = data["dev"]
+    assert len(dev) == 2 * len(kb.faqs) + 4
+    assert {r["id"] for r in dev if r["id"].startswith("reply/")} == {
+        f"reply/{k}.{lang}" for k in ("greeting", "out-of-scope") for lang in ("en", "zh")}
+    held_q = {r["question"] for r in held}
+    for row in dev:
+        assert row["question"] not in train_user and row["question"] not in pages and row["question"] not in held_q
+        assert row["messages"][-1] == {"role": "user", "content": row["question"]}
     assert any(re.search(r"[\u4e00-\u9fff]", q) for q in train_user)
     # every held-out fact is taught in training under other wordings
     answers = {m["content"] for r in data["train"] for m in r["messages"] if m["role"] == "assistant"}
-    assert all(r["answer"] in answers for r in held)
+    assert all(r["answer"] in answers for r in held + dev)
     # deterministic per seed, different across seeds
     assert build_support_data(kb, seed=3) == data
     assert build_support_data(kb, seed=4)["train"] != data["train"]

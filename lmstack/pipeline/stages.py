@@ -193,12 +193,15 @@ def run_data(ctx: StageContext) -> dict[str, Any]:
     sup = build_support_data(kb, seed=seed, n_dialogues=r.shop.dialogues, system_prompt=_system_prompt(ctx.recipe))
     write_jsonl(out / "sft_train.jsonl", sup["train"])
     write_jsonl(out / "heldout_qa.jsonl", sup["heldout"])
-    ctx.log(f"shop: {len(pages)} pages, {len(sup['train'])} training chats, {len(sup['heldout'])} held-out questions")
+    write_jsonl(out / "dev_qa.jsonl", sup["dev"])
+    ctx.log(f"shop: {len(pages)} pages, {len(sup['train'])} training chats, {len(sup['heldout'])} held-out "
+            f"questions, {len(sup['dev'])} dev questions")
     return {
         "general_documents_in": len(docs), "general_chars_in": sum(len(d["text"]) for d in docs),
         "general_documents_kept": len(kept), "general_chars_kept": sum(len(d.get("text", "")) for d in kept),
         "general_train_documents": len(train), "heldout_text_chunks": len(held),
         "shop_pages": len(pages), "sft_examples": len(sup["train"]), "heldout_questions": len(sup["heldout"]),
+        "dev_questions": len(sup["dev"]),
         "data_report": _report_path(out / "clean"),
         "steps": _step_table(report),
     }
@@ -269,6 +272,8 @@ def run_rag(ctx: StageContext) -> dict[str, Any]:
                                               for rec in read_jsonl(data / "sft_train.jsonl")))
     held = [ground_question(row, retriever, r.k, r.context_max_chars) for row in read_jsonl(data / "heldout_qa.jsonl")]
     write_jsonl(out / "heldout_qa.jsonl", held)
+    write_jsonl(out / "dev_qa.jsonl", (ground_question(row, retriever, r.k, r.context_max_chars)
+                                       for row in read_jsonl(data / "dev_qa.jsonl")))
     retriever.close()
     scores = retrieval_scores(held)
     ctx.log(f"{stats['chunks']} chunks indexed; held-out questions: recall@1 {scores['recall@1']:.3f}, "
@@ -451,21 +456,128 @@ def per_language(out: Path, metrics: list[str]) -> dict[str, dict[str, float]]:
     return res
 
 
-def select_eval(recipe: Recipe, out: Path, model: Path, adapter: Path | None, who: str) -> dict[str, Any]:
-    """The assistant's default answers (lmstack.apps.support.reader: the model picks the passage sentence that
-    answers) on the held-out questions asked, scored like the generation task; samples under ``out/who``."""
-    from lmstack.apps.support.reader import Reader, candidates
+# -------------------------------------------------------------------------------------------------- reader
+RANKERS = {"finetuned": "ranker.json", "base": "base.json", "no_model": "no_model.json"}
+
+
+def _grounded_hits(retriever: Any, context_ids: list[str]) -> list[Any]:
+    from lmstack.rag import Hit
+
+    return [Hit(c, 0.0, i + 1) for i, c in enumerate(filter(None, map(retriever.get, context_ids)))]
+
+
+def _eval_subset_ids(recipe: Recipe) -> set[str]:
+    """The held-out questions the eval stage reports (the reader stage fits on the others)."""
+    from lmstack.apps.support import sample_heldout
+
+    rows = list(read_jsonl(_qa_dir(recipe) / "heldout_qa.jsonl"))
+    return {r["id"] for r in sample_heldout(rows, recipe.eval.heldout_limit, seed=recipe.seed)}
+
+
+def _finetuned_model(recipe: Recipe, summaries: dict[str, Any]) -> tuple[Path, Path | None]:
+    """(model dir, adapter dir or None) of the fine-tuned model."""
+    final = Path((summaries.get("finetune") or {}).get("final_dir") or recipe.run_path / "finetune" / "final")
+    if (final / "adapter_config.json").is_file():
+        return base_model_dir(recipe), final
+    return final, None
+
+
+def run_reader(ctx: StageContext) -> dict[str, Any]:
+    """Fit the assistant's answer ranker (lmstack.apps.support.reader) on dev questions: held-out questions
+    that the eval stage does not report. One ranker per model (fine-tuned: ``ranker.json``, the one the
+    assistant uses; base: ``base.json``) and one without the model (``no_model.json``: retrieval, overlap
+    and embeddings alone), so the evaluation shows what the model adds."""
+    import random
+
+    from lmstack.apps.support.reader import FEATURES, Reader, candidate_set
+    from lmstack.eval.lm import EvalLM
+    from lmstack.rag import Retriever
+    from lmstack.rag.rerank import LinearRanker
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.utils.progress import progress
+
+    recipe, out, r = ctx.recipe, ctx.out_dir, ctx.recipe.reader
+    out.mkdir(parents=True, exist_ok=True)
+    reported = _eval_subset_ids(recipe)
+    # dev: the FAQ dev paraphrases, held-out greetings / out-of-scope questions, and the held-out questions the
+    # eval stage does not report (mostly product questions)
+    dev = list(read_jsonl(_qa_dir(recipe) / "dev_qa.jsonl"))
+    dev += [q for q in read_jsonl(_qa_dir(recipe) / "heldout_qa.jsonl") if q["id"] not in reported]
+    if r.dev_limit is not None and len(dev) > r.dev_limit:
+        dev = sorted(random.Random(recipe.seed).sample(dev, r.dev_limit), key=lambda q: q["id"])
+    if not dev:
+        raise DataError("reader: no dev question to fit the answer ranker on; lower eval.heldout_limit or remove "
+                        "the reader stage")
+    feats = [f for f in r.features if f != "dense" or r.dense]
+    embedder = None
+    if "dense" in feats:
+        from lmstack.rag.dense import load_embedder
+
+        embedder = load_embedder(recipe.rag.embedder)
+    retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+    base = base_model_dir(recipe)
+    tok = Tokenizer.from_dir(base)
+    cands = [candidate_set(_grounded_hits(retriever, q["context"]), q["lang"]) for q in dev]
+    retriever.close()
+    prompts = [tok.apply_chat_template(q["messages"], add_generation_prompt=True) for q in dev]
+    golds = [[i for i, c in enumerate(cs) if c.text.strip() == q["answer"].strip()] for q, cs in zip(dev, cands)]
+    plain = Reader(None, LinearRanker({}), embedder, recipe.rag.dense_langs)
+    rows = [plain.features(p, q["question"], cs, names=[f for f in feats if f != "lm"])
+            for p, q, cs in zip(prompts, dev, cands)]
+    # each (language, FAQ | product) kind of question counts as much as in the reported evaluation, which
+    # balances them (the dev questions left over are mostly product questions)
+    kind = [(q["lang"], q["id"].split("/", 1)[0]) for q in dev]
+    gw = [1.0 / kind.count(x) for x in kind]
+    info = {"dev_questions": len(dev), "embedder": recipe.rag.embedder if embedder is not None else None,
+            "dense_langs": list(recipe.rag.dense_langs)}
+    summary: dict[str, Any] = {"dev_questions": len(dev), "answer_in_candidates": round(
+        sum(bool(g) for g in golds) / len(dev), 4), "features": feats}
+    fitted = {"no_model": LinearRanker.fit(list(zip(rows, golds)), [f for f in feats if f != "lm"], r.l2,
+                                           {**info, "model": None}, gw)}
+    models: list[tuple[str, Path, Path | None]] = []
+    if "lm" in feats:
+        if "finetune" in recipe.stages:
+            models.append(("finetuned", *_finetuned_model(recipe, ctx.summaries)))
+        if recipe.eval.compare_base or "finetune" not in recipe.stages:
+            models.append(("base", base, None))
+    for who, model, adapter in models:
+        reader = Reader(EvalLM.load(model, adapter=adapter), LinearRanker({"lm": 1.0}))
+        with_lm = []
+        with progress() as prog:
+            task = prog.add_task(f"reader: {who} model's likelihoods", total=len(dev))
+            for i, (p, q, cs) in enumerate(zip(prompts, dev, cands)):
+                lm = reader.scores(p, [c.text for c in cs]) if cs else []
+                with_lm.append([{**row, "lm": x} for row, x in zip(rows[i], lm)])
+                prog.advance(task)
+        fitted[who] = LinearRanker.fit(list(zip(with_lm, golds)), feats, r.l2,
+                                       {**info, "model": str(adapter or model)}, gw)
+        del reader
+    for who, ranker in fitted.items():
+        ranker.save(out / RANKERS[who])
+        summary[who] = {"dev_accuracy": round(ranker.info["accuracy"], 4),
+                        "weights": {k: round(v, 3) for k, v in ranker.weights.items()}}
+        ctx.log(f"{who}: dev accuracy {ranker.info['accuracy']:.3f}; weights "
+                + ", ".join(f"{k} {v:+.2f}" for k, v in ranker.weights.items()))
+    return summary
+
+
+def select_eval(recipe: Recipe, out: Path, model: Path | None, adapter: Path | None, who: str) -> dict[str, Any]:
+    """The assistant's default answers (lmstack.apps.support.reader: the candidate passage sentence the ranker
+    scores highest) on the held-out questions asked, scored like the generation task; samples under
+    ``out/who``. The ranker is the reader stage's for ``who`` (without a reader stage: the likelihood alone)."""
+    from lmstack.apps.support.reader import Reader
     from lmstack.eval.generation import score_generation
-    from lmstack.rag import Hit, Retriever
+    from lmstack.rag import Retriever
 
     retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
     grounded = {r["id"]: r for r in read_jsonl(recipe.run_path / "rag" / "heldout_qa.jsonl")}
-    reader = Reader.load(model, adapter=adapter)
+    ranker = recipe.run_path / "reader" / RANKERS[who] if "reader" in recipe.stages else None
+    reader = Reader.load(model, adapter=adapter, ranker=ranker)
     asked = list(read_jsonl(out / "support_heldout.jsonl"))
     rows = []
     for q in asked:
-        hits = [Hit(c, 0.0, i + 1) for i, c in enumerate(filter(None, map(retriever.get, grounded[q["id"]]["context"])))]
-        rows.append({"id": q["id"], "lang": q["lang"], "prediction": reader.pick(q["prompt"], candidates(hits, q["lang"])),
+        hits = _grounded_hits(retriever, grounded[q["id"]]["context"])
+        rows.append({"id": q["id"], "lang": q["lang"], "prediction": reader.answer(q["prompt"], q["question"], hits),
                      "references": [q["answer"]]})
     retriever.close()
     write_jsonl(out / who / "samples" / "support_select.jsonl", rows)
@@ -499,11 +611,13 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
         summary["base"] = _task_metrics(res)
         summary["base_by_lang"] = per_language(out / "base", recipe.eval.metrics)
     if "rag" in recipe.stages and recipe.eval.select:  # the assistant's default, grounded answers
-        ft_model = Path(ft.get("final_dir") or recipe.run_path / "finetune" / "final")
-        ft_adapter = ft_model if (ft_model / "adapter_config.json").is_file() else None
-        runs = [("finetuned", base if ft_adapter else ft_model, ft_adapter)] if "finetune" in recipe.stages else []
+        runs: list[tuple[str, Path | None, Path | None]] = []
+        if "finetune" in recipe.stages:
+            runs.append(("finetuned", *_finetuned_model(recipe, ctx.summaries)))
         if recipe.eval.compare_base or "finetune" not in recipe.stages:
             runs.append(("base", base, None))
+        if "reader" in recipe.stages and (recipe.run_path / "reader" / RANKERS["no_model"]).is_file():
+            runs.append(("no_model", None, None))
         for who, model, adapter in runs:
             sel = select_eval(recipe, out, model, adapter, who)
             summary.setdefault(who, {})["support_select"] = sel.pop("all")
@@ -530,11 +644,12 @@ STAGES: dict[str, Stage] = {
                           **{p: (_dir_hash(Path(p)) if Path(p).is_dir() else file_sha256(p) if Path(p).is_file() else "missing")
                              for p in r.data.general.inputs}},
         outputs=lambda c: [c.out_dir / n for n in ("general_train.jsonl", "heldout_text.jsonl", "shop_kb.jsonl",
-                                                   "sft_train.jsonl", "heldout_qa.jsonl")]),
+                                                   "sft_train.jsonl", "heldout_qa.jsonl", "dev_qa.jsonl")]),
     "rag": Stage(
         "rag", run_rag, deps=_deps("data"), description="index the shop KB (BM25); ground chats in passages",
         config=lambda r: r.rag.model_dump(mode="json"),
-        outputs=lambda c: [c.out_dir / n for n in ("index.sqlite", "sft_train.jsonl", "heldout_qa.jsonl")]),
+        outputs=lambda c: [c.out_dir / n for n in ("index.sqlite", "sft_train.jsonl", "heldout_qa.jsonl",
+                                                   "dev_qa.jsonl")]),
     "tokenizer": Stage(
         "tokenizer", run_tokenizer, description="byte-level BPE + token shards",
         deps=lambda r: [n for n in ("data", "rag") if n in r.stages and (n == "data" or r.tokenizer.chat_repeat)],
@@ -549,8 +664,16 @@ STAGES: dict[str, Stage] = {
         config=lambda r: r.finetune.model_dump(mode="json"),
         inputs=lambda r: {"model": _model_dir_hash(Path(r.model))} if r.model else {},
         outputs=lambda c: [c.out_dir / "final"]),
+    "reader": Stage(
+        "reader", run_reader, deps=_deps("data", "rag", "tokenizer", "pretrain", "finetune"),
+        description="fit the answer ranker on dev questions (never the reported ones)",
+        config=lambda r: {"reader": r.reader.model_dump(mode="json"), "eval_subset": [r.eval.heldout_limit],
+                          "embedder": r.rag.embedder, "dense_langs": r.rag.dense_langs,
+                          "compare_base": r.eval.compare_base},
+        inputs=lambda r: {"model": _model_dir_hash(Path(r.model))} if r.model else {},
+        outputs=lambda c: [c.out_dir / RANKERS["no_model"]]),
     "eval": Stage(
-        "eval", run_eval, deps=_deps("data", "rag", "pretrain", "finetune"),
+        "eval", run_eval, deps=_deps("data", "rag", "pretrain", "finetune", "reader"),
         description="held-out support questions, base vs fine-tuned; held-out perplexity",
         config=lambda r: r.eval.model_dump(mode="json"),
         inputs=lambda r: {"model": _model_dir_hash(Path(r.model))} if r.model else {},

@@ -5,7 +5,8 @@ under and a bounded conversation history.
     bot = SupportAssistant("runs/quickstart/finetune/final", index="runs/quickstart/rag/index.sqlite")
     bot.ask("How long does standard shipping take?")     # -> "Standard shipping takes 3-5 business days ..."
     bot.last_context                                      # the knowledge-base passages that answer used
-    # the answer is the passage sentence the model ranks highest (mode="select"; "generate": free text)
+    # the answer is the passage sentence the ranker scores highest (mode="select"; "generate": free text);
+    # ranker="runs/quickstart/reader/ranker.json" uses the weights the recipe fit (default: likelihood alone)
     bot.ask("And express?")                               # the history is kept; bot.reset() clears it
 
 With ``index`` (a retrieval index written by the recipe's ``rag`` stage, or an open
@@ -28,12 +29,13 @@ from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
 
 
 class SupportAssistant:
-    """``mode``: "select" (with an index, the default: the model picks the knowledge-base sentence that answers,
-    :mod:`lmstack.apps.support.reader`) or "generate" (free generation from the grounded prompt)."""
+    """``mode``: "select" (with an index, the default: the knowledge-base sentence a ranker scores highest,
+    :mod:`lmstack.apps.support.reader`; ``ranker`` is the reader stage's ``ranker.json``) or "generate" (free
+    generation from the grounded prompt)."""
 
     def __init__(self, model: str | Path | Any, adapter: str | Path | None = None, *,
                  index: str | Path | Any = None, k: int = DEFAULT_K, context_max_chars: int | None = None,
-                 mode: str = "select", reader: Any = None,
+                 mode: str = "select", reader: Any = None, ranker: str | Path | Any = None,
                  system_prompt: str = SYSTEM_PROMPT, max_history_turns: int = 4, max_tokens: int = 96,
                  temperature: float = 0.0, **load_kw: Any):
         if mode not in ("select", "generate"):
@@ -52,7 +54,7 @@ class SupportAssistant:
             if self.mode == "select" and reader is None:
                 from lmstack.apps.support.reader import Reader
 
-                reader = Reader.load(model, adapter=adapter, device=load_kw.get("device"))
+                reader = Reader.load(model, adapter=adapter, device=load_kw.get("device"), ranker=ranker)
         else:  # an already loaded lmstack LLM
             self.llm = model
         self.reader = reader
@@ -86,11 +88,8 @@ class SupportAssistant:
             return ""
         msgs = self.messages(question)
         if self.mode == "select":
-            from lmstack.apps.support.reader import candidates
-            from lmstack.rag import query_lang
-
             prompt = self.llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-            answer = self.reader.pick(prompt, candidates(self.last_context, query_lang(question)))
+            answer = self.reader.answer(prompt, question, self.last_context)
         else:
             out = self.llm.chat(msgs, **{**self.sampling, **sampling})
             answer = out.outputs[0].text.strip()

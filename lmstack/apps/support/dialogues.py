@@ -3,6 +3,9 @@
 Every fact (an FAQ entry, or one attribute of one product) can be asked several ways. The LAST way of asking
 is held out: it never appears in fine-tuning data (nor in the KB pages used for pretraining), so the
 evaluation measures whether the model answers a *paraphrase it has not seen* about a fact it has learned.
+For FAQ entries the second-to-last way of asking is held out too, as a *dev* question (the reported
+evaluation never sees it; the assistant's answer ranker is fit on such questions), and so is the last
+greeting and out-of-scope question of each language (the ranker learns when to greet or decline).
 
 Outputs (deterministic for a given seed):
 
@@ -11,7 +14,9 @@ Outputs (deterministic for a given seed):
   one single-turn record per training question, a few greetings and out-of-scope refusals, and short
   two-turn dialogues joining two facts of the same language;
 - ``heldout`` ``{"id", "lang", "topic", "question", "answer", "messages"}`` rows (``messages`` holds the system
-  prompt and the held-out question; ``answer`` is the reference for exact match / ROUGE-L).
+  prompt and the held-out question; ``answer`` is the reference for exact match / ROUGE-L);
+- ``dev``     rows of the same shape: the FAQ dev paraphrases and the held-out greetings / out-of-scope
+  questions (ids ``reply/greeting.en`` ...).
 """
 
 from __future__ import annotations
@@ -80,12 +85,17 @@ class QAItem:
     id: str
     lang: str
     topic: str
-    questions: list[str]  # all ways of asking; the last is held out
+    questions: list[str]  # all ways of asking; the last is held out (and the one before it, for dev, if n_dev)
     answer: str
+    n_dev: int = 0
 
     @property
     def train_questions(self) -> list[str]:
-        return self.questions[:-1]
+        return self.questions[:-1 - self.n_dev]
+
+    @property
+    def dev_questions(self) -> list[str]:
+        return self.questions[len(self.questions) - 1 - self.n_dev:-1]
 
     @property
     def heldout_question(self) -> str:
@@ -108,7 +118,9 @@ def qa_items(kb: ShopKB) -> list[QAItem]:
     items: list[QAItem] = []
     for e in kb.faqs:
         for lang in ("en", "zh"):
-            items.append(QAItem(f"faq/{e['id']}.{lang}", lang, e.get("topic", "general"), list(e[lang]["q"]), e[lang]["a"]))
+            qs = list(e[lang]["q"])
+            items.append(QAItem(f"faq/{e['id']}.{lang}", lang, e.get("topic", "general"), qs, e[lang]["a"],
+                                n_dev=1 if len(qs) >= 4 else 0))
     for p in kb.products:
         for attr, by_lang in PRODUCT_QUESTIONS.items():
             for lang, (templates, answer) in by_lang.items():
@@ -137,10 +149,13 @@ def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
     for it in items:
         for q in it.train_questions:
             train.append(_chat(q, it.answer, system=system_prompt, facts=[it.id]))
-    for table in (GREETINGS, OUT_OF_SCOPE):
+    dev: list[dict[str, Any]] = []
+    for name, table in (("greeting", GREETINGS), ("out-of-scope", OUT_OF_SCOPE)):
         for lang, (qs, a) in table.items():
-            for q in qs:
+            for q in qs[:-1]:
                 train.append(_chat(q, a, system=system_prompt, facts=[]))
+            dev.append({"id": f"reply/{name}.{lang}", "lang": lang, "topic": name, "question": qs[-1], "answer": a,
+                        "messages": _chat(qs[-1], system=system_prompt)["messages"]})
     by_lang: dict[str, list[QAItem]] = {}
     for it in items:
         by_lang.setdefault(it.lang, []).append(it)
@@ -155,7 +170,10 @@ def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
          "messages": _chat(it.heldout_question, system=system_prompt)["messages"]}
         for it in items
     ]
-    return {"train": train, "heldout": heldout}
+    dev = [{"id": it.id, "lang": it.lang, "topic": it.topic, "question": q, "answer": it.answer,
+            "messages": _chat(q, system=system_prompt)["messages"]}
+           for it in items for q in it.dev_questions] + dev
+    return {"train": train, "heldout": heldout, "dev": dev}
 
 
 def sample_heldout(rows: list[dict[str, Any]], n: int | None, seed: int = 0) -> list[dict[str, Any]]:

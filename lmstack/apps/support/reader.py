@@ -1,23 +1,37 @@
-"""Grounded answers by selection: the fine-tuned model picks, by likelihood, which knowledge-base sentence
-of the retrieved passages answers the question (an extractive reader).
+"""Grounded answers by selection: the assistant answers with the knowledge-base sentence, among those of the
+retrieved passages, that a learned ranker scores highest (an extractive reader).
 
 A ~10M-parameter model trained for minutes on a CPU does not yet copy facts out of its prompt reliably
-(docs/quickstart.md measures its free-running answers), but it ranks candidate answers well enough to be
-useful. So the assistant's default answer is the candidate with the highest mean token log-probability as
-the assistant's reply to the same prompt the model was fine-tuned and evaluated with (system prompt +
-passages + conversation), among
+(docs/quickstart.md measures its free-running answers), so the assistant's default answer is chosen, not
+written. The candidates (:func:`candidate_set`) are
 
 - the answer units of the retrieved passages: an FAQ passage's answer, each fact sentence of a product
   passage, each sentence of a policy passage;
 - the shop's fixed greeting and out-of-scope replies in the question's language.
 
 Every answer is therefore a sentence the shop wrote (no invented prices), and a wrong answer is a real
-sentence about the wrong thing. ``mode="generate"`` keeps free generation (what ``lmstack serve`` alone does).
+sentence about the wrong thing. Each candidate gets these features (:meth:`Reader.features`):
+
+``lm``        the model's mean log-probability per token of the candidate (+ end-of-turn marker) as the
+              assistant's reply to the same prompt it was fine-tuned and evaluated with (system prompt +
+              passages + conversation);
+``overlap``   the fraction of the question's index terms (:func:`lmstack.rag.terms`: English stems, Chinese
+              character bigrams) the candidate contains;
+``dense``     the cosine similarity of question and candidate under the index's sentence embedder, for the
+              languages it reads (0 otherwise; optional, the ``rag`` extra);
+``rank2`` ``rank3`` ``rank_more``  the retrieval rank of the candidate's passage (rank 1 is the baseline);
+``reply``     1 for the fixed greeting / out-of-scope replies.
+
+and the answer is the candidate with the highest ``sum w_f * x_f`` (:class:`lmstack.rag.rerank.LinearRanker`).
+The weights are fit by the recipe's ``reader`` stage on held-out *dev* questions (never the reported ones);
+without a fitted ranker the model's likelihood alone decides (``{"lm": 1}``). ``mode="generate"`` keeps free
+generation (what ``lmstack serve`` alone does).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,41 +51,162 @@ def answer_units(chunk: Any) -> list[str]:
     return [s.strip() for ln in lines for s in _SENT.split(ln) if len(s.strip()) > 3]
 
 
-def candidates(hits: Sequence[Any], lang: str) -> list[str]:
-    """Answer units of the passages, in rank order, then the fixed greeting and refusal (no duplicates)."""
-    out: list[str] = []
+@dataclass(frozen=True)
+class Candidate:
+    """One possible answer: its text, the retrieval rank of the passage it comes from (0 for a fixed reply)
+    and that passage's chunk id ("" for a fixed reply)."""
+
+    text: str
+    rank: int
+    chunk_id: str = ""
+
+
+def candidate_set(hits: Sequence[Any], lang: str) -> list[Candidate]:
+    """Answer units of the passages, in rank order, then the fixed greeting and refusal (no duplicate texts)."""
+    out: list[Candidate] = []
+    seen: set[str] = set()
     for h in hits:
         for u in answer_units(h.chunk):
-            if u not in out:
-                out.append(u)
+            if u not in seen:
+                seen.add(u)
+                out.append(Candidate(u, int(h.rank), h.chunk.id))
     for table in (GREETINGS, OUT_OF_SCOPE):
-        if table[lang][1] not in out:
-            out.append(table[lang][1])
+        if table[lang][1] not in seen:
+            seen.add(table[lang][1])
+            out.append(Candidate(table[lang][1], 0))
     return out
 
 
-class Reader:
-    """Scores candidate replies with a causal LM (:class:`lmstack.eval.lm.EvalLM`)."""
+def candidates(hits: Sequence[Any], lang: str) -> list[str]:
+    """The texts of :func:`candidate_set`."""
+    return [c.text for c in candidate_set(hits, lang)]
 
-    def __init__(self, lm: Any):
+
+FEATURES = ("lm", "overlap", "dense", "rank2", "rank3", "rank_more", "reply")
+LM_ONLY = {"lm": 1.0}
+
+
+def overlap(question_terms: set[str], text: str) -> float:
+    """Fraction of the question's distinct index terms that occur in ``text``."""
+    if not question_terms:
+        return 0.0
+    from lmstack.rag import terms
+
+    return len(question_terms & set(terms(text))) / len(question_terms)
+
+
+class Reader:
+    """Scores the candidates of a turn and answers with the best one (module docstring).
+
+    ``lm``: an :class:`lmstack.eval.lm.EvalLM` (None for a ranker that does not use ``lm``);
+    ``ranker``: a :class:`lmstack.rag.rerank.LinearRanker` (default: the likelihood alone);
+    ``embedder``: a sentence-transformers model for the ``dense`` feature, reading ``dense_langs``."""
+
+    def __init__(self, lm: Any = None, ranker: Any = None, embedder: Any = None,
+                 dense_langs: Sequence[str] | None = ("en",)):
+        from lmstack.rag.rerank import LinearRanker
+
         self.lm = lm
-        template = getattr(lm.tok, "chat_template", None) or ""
-        eos = getattr(lm.tok, "eos_token", None)
+        self.ranker = ranker if ranker is not None else LinearRanker(LM_ONLY)
+        if self.ranker.uses("lm") and lm is None:
+            raise ValueError("this ranker weighs the model's likelihood: give the Reader a model")
+        self.embedder = embedder
+        self.dense_langs = None if dense_langs is None else set(dense_langs)
+        self._vecs: dict[str, Any] = {}
+        tok = getattr(lm, "tok", None)
+        template = getattr(tok, "chat_template", None) or ""
+        eos = getattr(tok, "eos_token", None)
         self.end = "<|im_end|>" if "<|im_end|>" in template else (eos if isinstance(eos, str) else "")
 
     @classmethod
-    def load(cls, model: str | Path, adapter: str | Path | None = None, device: str | None = None) -> "Reader":
-        from lmstack.eval.lm import EvalLM
+    def load(cls, model: str | Path | None, adapter: str | Path | None = None, device: str | None = None,
+             ranker: Any = None, embedder: Any = "auto") -> "Reader":
+        """``ranker``: a ranker file (the reader stage's ``ranker.json``), a LinearRanker, or None (likelihood
+        alone). ``embedder="auto"`` loads the one the ranker was fit with when it weighs ``dense``; if that
+        is not installed, the feature is dropped with a warning (answers then rank without it)."""
+        from lmstack.rag.rerank import LinearRanker
 
-        return cls(EvalLM.load(model, adapter=adapter, device=device))
+        if isinstance(ranker, (str, Path)):
+            ranker = LinearRanker.load(ranker)
+        ranker = ranker if ranker is not None else LinearRanker(LM_ONLY)
+        dense_langs = ranker.info.get("dense_langs", ["en"])
+        if embedder == "auto":
+            embedder = None
+            if ranker.uses("dense"):
+                from lmstack.errors import ConfigError
+                from lmstack.rag.dense import DEFAULT_EMBEDDER, load_embedder
 
+                try:
+                    embedder = load_embedder(ranker.info.get("embedder") or DEFAULT_EMBEDDER)
+                except ConfigError as e:
+                    import warnings
+
+                    warnings.warn(f"the ranker weighs sentence-embedding similarity, but {e}; answering without "
+                                  "that feature", stacklevel=2)
+                    ranker = LinearRanker({k: v for k, v in ranker.weights.items() if k != "dense"}, ranker.info)
+        lm = None
+        if ranker.uses("lm"):
+            if model is None:
+                raise ValueError("this ranker weighs the model's likelihood: give a model directory")
+            from lmstack.eval.lm import EvalLM
+
+            lm = EvalLM.load(model, adapter=adapter, device=device)
+        return cls(lm, ranker, embedder, dense_langs)
+
+    # ------------------------------------------------------------------ features
     def scores(self, prompt: str, cands: Sequence[str]) -> list[float]:
         """Mean log-probability per token of each candidate (+ the end-of-turn marker) after ``prompt``."""
         reqs = [self.lm.encode_pair(prompt, c + self.end) for c in cands]
         return [s / max(1, len(cont)) for (s, _), (_, cont) in zip(self.lm.loglikelihood_tokens(reqs), reqs)]
 
-    def pick(self, prompt: str, cands: Sequence[str]) -> str:
-        if not cands:
-            return ""
-        sc = self.scores(prompt, cands)
-        return cands[max(range(len(cands)), key=lambda i: (sc[i], -i))]
+    def _dense(self, question: str, texts: Sequence[str]) -> list[float]:
+        from lmstack.rag.dense import encode
+
+        todo = [t for t in dict.fromkeys([question, *texts]) if t not in self._vecs]
+        if todo:
+            for t, v in zip(todo, encode(self.embedder, todo)):
+                self._vecs[t] = v
+            if len(self._vecs) > 50_000:  # a long-running server: keep the cache bounded
+                self._vecs = {t: self._vecs[t] for t in [question, *texts]}
+        q = self._vecs[question]
+        return [float(self._vecs[t] @ q) for t in texts]
+
+    def features(self, prompt: str, question: str, cands: Sequence[Candidate],
+                 names: Sequence[str] | None = None) -> list[dict[str, float]]:
+        """Feature rows of ``cands`` (module docstring); ``names`` limits which are computed (default: those
+        the ranker weighs)."""
+        from lmstack.rag import query_lang, terms
+
+        want = set(names if names is not None else [f for f in FEATURES if self.ranker.uses(f)])
+        rows: list[dict[str, float]] = [{"rank2": float(c.rank == 2), "rank3": float(c.rank == 3),
+                                         "rank_more": float(c.rank > 3), "reply": float(c.rank == 0)} for c in cands]
+        texts = [c.text for c in cands]
+        if "lm" in want and cands:
+            for r, x in zip(rows, self.scores(prompt, texts)):
+                r["lm"] = x
+        if "overlap" in want:
+            qt = set(terms(question))
+            for r, t in zip(rows, texts):
+                r["overlap"] = overlap(qt, t)
+        if "dense" in want and self.embedder is not None and cands:
+            lang = query_lang(question)
+            sims = self._dense(question, texts) if self.dense_langs is None or lang in self.dense_langs \
+                else [0.0] * len(texts)
+            for r, x in zip(rows, sims):
+                r["dense"] = x
+        return rows
+
+    # ------------------------------------------------------------------ answers
+    def ranked(self, prompt: str, question: str, hits: Sequence[Any]) -> list[tuple[Candidate, float]]:
+        """The candidates of ``hits`` with their scores, best first."""
+        from lmstack.rag import query_lang
+
+        cands = candidate_set(hits, query_lang(question))
+        sc = self.ranker.scores(self.features(prompt, question, cands))
+        order = sorted(range(len(cands)), key=lambda i: (-sc[i], i))
+        return [(cands[i], sc[i]) for i in order]
+
+    def answer(self, prompt: str, question: str, hits: Sequence[Any]) -> str:
+        """The best candidate's text for the turn ``question`` asked with ``prompt`` over ``hits``."""
+        best = self.ranked(prompt, question, hits)
+        return best[0][0].text if best else ""

@@ -41,7 +41,8 @@ def kb_chunks(kb: ShopKB, *, faq_keywords: bool = False, policy_max_chars: int =
             q = e[lang]["q"]
             out.append(Chunk(id=f"faq/{e['id']}.{lang}", doc_id=f"faq/{e.get('topic', 'general')}.{lang}",
                              text=f"Q: {q[0]}\nA: {e[lang]['a']}", title=e.get("topic", ""), lang=lang,
-                             source="shop:faq.yaml", keywords="\n".join(q[1:-1]) if faq_keywords else ""))
+                             source="shop:faq.yaml",
+                             keywords="\n".join(q[1:-2] if len(q) >= 4 else q[1:-1]) if faq_keywords else ""))
     for p in kb.products:
         for lang in LANGS:
             out.append(Chunk(id=f"product/{p['sku']}.{lang}", doc_id=f"product/{p['sku']}.{lang}",

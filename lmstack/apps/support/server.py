@@ -146,13 +146,10 @@ class GroundingMiddleware:
     async def _select(self, req: dict[str, Any], hits: list, send: Callable) -> None:
         import asyncio
 
-        from lmstack.apps.support.reader import candidates
-        from lmstack.rag import query_lang
-
         msgs = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in req["messages"]]
         prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-        cands = candidates(hits, query_lang(msgs[-1]["content"]))
-        answer = await asyncio.to_thread(self.reader.pick, prompt, cands)  # CPU-bound: off the event loop
+        # CPU-bound: off the event loop
+        answer = await asyncio.to_thread(self.reader.answer, prompt, msgs[-1]["content"], hits)
         ctype, body = _completion(req, answer, len(self.tokenizer.encode(prompt)), len(self.tokenizer.encode(answer)))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
@@ -177,7 +174,8 @@ def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_p
 def serve_support(model: str, index: str, *, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
                   k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT, api_key: str | None = None,
                   device: str | None = None, dtype: str | None = None, max_num_seqs: int = 16,
-                  log_level: str = "info", drain_timeout: float = 30.0, mode: str = "select") -> None:
+                  log_level: str = "info", drain_timeout: float = 30.0, mode: str = "select",
+                  ranker: str | None = None) -> None:
     """Serve the grounded support assistant on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
     import logging
 
@@ -193,7 +191,7 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
     if mode == "select":
         from lmstack.apps.support.reader import Reader
 
-        reader = Reader.load(model, adapter=adapter, device=device)
+        reader = Reader.load(model, adapter=adapter, device=device, ranker=ranker)
     app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key, reader=reader)
     logging.getLogger("lmstack.support").info(
         "support assistant %s grounded in %s (%d passages) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
