@@ -279,3 +279,19 @@ def test_plan_matches_what_run_does(tmp_path):
     assert [s.status for s in res.stages] == ["skipped", "skipped", "skipped", "resumed", "ran"]
     assert [a for _, a, _ in plan_stages(recipe, reg, from_stage="pretrain")] == ["skip", "skip", "run", "run", "run"]
     assert plan_stages(recipe, reg, only="data") == [("data", "run", "--only")]
+
+
+def test_micro_preset_matches_transformers_parameter_count():
+    """The quickstart's model: transformers' Llama of the same shape has the same parameters (3,934,656)."""
+    import transformers
+
+    from lmstack.model import build_model
+    from lmstack.model.config import preset
+
+    cfg = preset("micro")
+    ours = build_model(cfg, device="cpu")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, tie_word_embeddings=cfg.tie_word_embeddings))
+    assert ours.num_parameters() == hf.num_parameters() == 3_934_656

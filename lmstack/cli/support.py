@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
 
         if mode not in ("select", "generate"):
             raise typer.BadParameter("use select or generate", param_hint="--mode")
-        from lmstack.rag import Retriever
+        from lmstack.rag import Retriever, query_lang
 
         retriever = Retriever(index)  # a bad path fails here, in one line, before the model loads
         bot = SupportAssistant(model, adapter, index=retriever, k=k, mode=mode, ranker=ranker,
@@ -59,9 +59,11 @@ def register(app: typer.Typer) -> None:
             if not line:
                 continue
             answer = bot.ask(line)
+            dense = getattr(bot.retriever, "dense", None)  # fused scores for the languages it embeds
+            score = "rrf" if dense is not None and dense.covers(query_lang(line)) else "bm25"
             if show_context:
                 for h in bot.last_context:
-                    typer.echo(f"  [{h.rank}] {h.chunk.id}  (bm25 {h.score:.2f})")
+                    typer.echo(f"  [{h.rank}] {h.chunk.id}  ({score} {h.score:.2f})")
             typer.echo(answer)
 
     @support.command("serve")

@@ -102,6 +102,13 @@ def _system_prompt(recipe: Recipe) -> str:
     return recipe.data.shop.system_prompt or SYSTEM_PROMPT
 
 
+def _device(recipe: Recipe) -> str:
+    """The recipe's device as a torch device string ("auto": cuda when available)."""
+    from lmstack.utils.device import resolve_device
+
+    return str(resolve_device(recipe.device))
+
+
 def base_model_dir(ctx_or_recipe: StageContext | Recipe) -> Path:
     recipe = ctx_or_recipe.recipe if isinstance(ctx_or_recipe, StageContext) else ctx_or_recipe
     if recipe.model is not None:
@@ -263,7 +270,7 @@ def run_rag(ctx: StageContext) -> dict[str, Any]:
     if r.dense:
         from lmstack.rag.dense import add_embeddings, load_embedder
 
-        embedder = load_embedder(r.embedder)
+        embedder = load_embedder(r.embedder, device=_device(ctx.recipe))
         n_vec = add_embeddings(index, embedder, name=r.embedder, langs=r.dense_langs)
         ctx.log(f"{n_vec} passage embeddings ({r.embedder}, {', '.join(r.dense_langs)})")
     retriever = Retriever(index, embedder=embedder)
@@ -489,7 +496,7 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
     and embeddings alone), so the evaluation shows what the model adds."""
     import random
 
-    from lmstack.apps.support.reader import FEATURES, Reader, candidate_set
+    from lmstack.apps.support.reader import Reader, candidate_set
     from lmstack.eval.lm import EvalLM
     from lmstack.rag import Retriever
     from lmstack.rag.rerank import LinearRanker
@@ -513,7 +520,7 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
     if "dense" in feats:
         from lmstack.rag.dense import load_embedder
 
-        embedder = load_embedder(recipe.rag.embedder)
+        embedder = load_embedder(recipe.rag.embedder, device=_device(recipe))
     retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
     base = base_model_dir(recipe)
     tok = Tokenizer.from_dir(base)
@@ -646,7 +653,7 @@ STAGES: dict[str, Stage] = {
         outputs=lambda c: [c.out_dir / n for n in ("general_train.jsonl", "heldout_text.jsonl", "shop_kb.jsonl",
                                                    "sft_train.jsonl", "heldout_qa.jsonl", "dev_qa.jsonl")]),
     "rag": Stage(
-        "rag", run_rag, deps=_deps("data"), description="index the shop KB (BM25); ground chats in passages",
+        "rag", run_rag, deps=_deps("data"), description="index the shop KB (BM25; + embeddings with rag.dense); ground chats in passages",
         config=lambda r: r.rag.model_dump(mode="json"),
         outputs=lambda c: [c.out_dir / n for n in ("index.sqlite", "sft_train.jsonl", "heldout_qa.jsonl",
                                                    "dev_qa.jsonl")]),

@@ -137,7 +137,10 @@ class Reader:
                 from lmstack.rag.dense import DEFAULT_EMBEDDER, load_embedder
 
                 try:
-                    embedder = load_embedder(ranker.info.get("embedder") or DEFAULT_EMBEDDER)
+                    from lmstack.utils.device import resolve_device
+
+                    embedder = load_embedder(ranker.info.get("embedder") or DEFAULT_EMBEDDER,
+                                             device=str(resolve_device(device)))
                 except ConfigError as e:
                     import warnings
 
