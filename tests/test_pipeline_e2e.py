@@ -136,7 +136,7 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     assert html.count("data:image/png;base64,") == 2 and "support_heldout" in html
     assert f"lmstack support chat --model {run_dir / 'finetune/final'} --index {run_dir / 'rag/index.sqlite'}" in html
     assert f"--ranker {run_dir / 'reader/ranker.json'}" in html and "Answer ranker" in html
-    assert "retrieval (BM25)" in html
+    assert "retrieval (BM25 + dense)" in html  # the recipe fuses MiniLM embeddings for English
 
     # 4) unchanged: everything is skipped; a changed eval setting reruns eval only
     monkeypatch.setattr(lmstack.train, "pretrain", real)
