@@ -1,7 +1,7 @@
 """The recipe: one YAML file that names the stages to run, in order, and configures each.
 
     name: quickstart                 # runs/quickstart/
-    stages: [data, rag, tokenizer, pretrain, finetune, eval]
+    stages: [data, rag, tokenizer, pretrain, finetune, reader, eval]
     data: {general: {max_chars: 3000000}}
     pretrain: {model: {preset: tiny}, train: {steps: 400}}
     ...

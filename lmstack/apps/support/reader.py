@@ -1,9 +1,9 @@
 """Grounded answers by selection: the assistant answers with the knowledge-base sentence, among those of the
 retrieved passages, that a learned ranker scores highest (an extractive reader).
 
-A ~10M-parameter model trained for minutes on a CPU does not yet copy facts out of its prompt reliably
-(docs/quickstart.md measures its free-running answers), so the assistant's default answer is chosen, not
-written. The candidates (:func:`candidate_set`) are
+A few-million-parameter model trained for minutes on a CPU does not yet copy facts out of its prompt
+reliably (docs/quickstart.md measures its free-running answers), so the assistant's default answer is chosen,
+not written. The candidates (:func:`candidate_set`) are
 
 - the answer units of the retrieved passages: an FAQ passage's answer, each fact sentence of a product
   passage, each sentence of a policy passage;
