@@ -56,22 +56,13 @@ NEW_TOKENS = 24
 
 # ---------------------------------------------------------------------------------------------- models
 def hf_config(arch: str, **kw):
-    """A 3-layer, 128-wide config (GQA 4/2 heads, 512 tokens), as tests/conftest.py builds them, larger."""
-    import transformers
+    """tests/conftest.py's tiny config of ``arch``, larger: 3 layers, 128 wide (GQA 4/2 heads), 512 tokens."""
+    from tests.conftest import tiny_hf_config
 
-    common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
-    common.update(kw)
-    if arch == "llama":
-        return transformers.LlamaConfig(rope_theta=10000.0, tie_word_embeddings=False, **common)
-    if arch == "qwen2":
-        return transformers.Qwen2Config(rope_theta=1000000.0, tie_word_embeddings=True, **common)
-    if arch == "qwen3":
-        return transformers.Qwen3Config(head_dim=48, tie_word_embeddings=True, **common)
-    if arch == "mistral":
-        return transformers.MistralConfig(sliding_window=WINDOW, tie_word_embeddings=False, **common)
-    raise ValueError(arch)
+    per_arch = {"qwen3": {"head_dim": 48}, "mistral": {"sliding_window": WINDOW}}.get(arch, {})
+    return tiny_hf_config(arch, **{"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+                                   "num_hidden_layers": 3, "max_position_embeddings": 512, "initializer_range": 0.2,
+                                   **per_arch, **kw})
 
 
 def make_hf_model(arch: str, path: Path, seed: int = 0):

@@ -26,22 +26,21 @@ ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def tiny_hf_config(arch: str, **kw):
-    """A 2-layer, 64-wide config of the given architecture (GQA: 4 heads, 2 kv heads)."""
+    """A 2-layer, 64-wide config of the given architecture (GQA: 4 heads, 2 kv heads); ``kw`` overrides any
+    field (benchmarks/gpu.py builds its larger models with it)."""
     import transformers
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    common.update(kw)
-    if arch == "llama":
-        return transformers.LlamaConfig(rope_theta=10000.0, tie_word_embeddings=False, **common)
-    if arch == "qwen2":
-        return transformers.Qwen2Config(rope_theta=1000000.0, tie_word_embeddings=True, **common)
-    if arch == "qwen3":
-        return transformers.Qwen3Config(head_dim=32, tie_word_embeddings=True, **common)
-    if arch == "mistral":
-        return transformers.MistralConfig(sliding_window=8, tie_word_embeddings=False, **common)
-    raise ValueError(arch)
+    per_arch = {"llama": (transformers.LlamaConfig, dict(rope_theta=10000.0, tie_word_embeddings=False)),
+                "qwen2": (transformers.Qwen2Config, dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+                "qwen3": (transformers.Qwen3Config, dict(head_dim=32, tie_word_embeddings=True)),
+                "mistral": (transformers.MistralConfig, dict(sliding_window=8, tie_word_embeddings=False))}
+    if arch not in per_arch:
+        raise ValueError(arch)
+    cls, defaults = per_arch[arch]
+    return cls(**{**common, **defaults, **kw})  # kw overrides the shared and the per-architecture defaults
 
 
 def make_hf_model(arch: str, path, seed: int = 0, **kw):
