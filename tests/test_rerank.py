@@ -80,8 +80,9 @@ def test_scores_best_and_files(tmp_path):
 
     r = LinearRanker({"lm": 0.5, "overlap": 2.0}, {"dev_questions": 3})
     rows = [{"lm": -2.0, "overlap": 0.0}, {"lm": -3.0, "overlap": 1.0}, {"lm": -1.0}]
-    assert r.scores(rows) == [-1.0, 0.5, -0.5] and r.best(rows) == 1 and r.best([]) == -1
-    assert r.best([{"lm": 1.0}, {"lm": 1.0}]) == 0  # ties: the earlier candidate (the better-ranked passage)
+    assert r.scores(rows) == [-1.0, 0.5, -0.5] and r.order(rows) == [(1, 0.5), (2, -0.5), (0, -1.0)]
+    assert r.order([]) == []
+    assert r.order([{"lm": 1.0}, {"lm": 1.0}])[0][0] == 0  # ties: the earlier candidate (the better-ranked passage)
     p = tmp_path / "ranker.json"
     r.save(p)
     back = LinearRanker.load(p)

@@ -568,10 +568,12 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
-def select_eval(recipe: Recipe, out: Path, model: Path | None, adapter: Path | None, who: str) -> dict[str, Any]:
+def select_eval(recipe: Recipe, out: Path, model: Path | None, adapter: Path | None, who: str,
+                embedder: Any = "auto") -> dict[str, Any]:
     """The assistant's default answers (lmstack.apps.support.reader: the candidate passage sentence the ranker
     scores highest) on the held-out questions asked, scored like the generation task; samples under
-    ``out/who``. The ranker is the reader stage's for ``who`` (without a reader stage: the likelihood alone)."""
+    ``out/who``. The ranker is the reader stage's for ``who`` (without a reader stage: the likelihood alone);
+    ``embedder``: a loaded sentence embedder shared by the calls, or "auto" (Reader.load loads it)."""
     from lmstack.apps.support.reader import Reader
     from lmstack.eval.generation import score_generation
     from lmstack.rag import Retriever
@@ -579,7 +581,7 @@ def select_eval(recipe: Recipe, out: Path, model: Path | None, adapter: Path | N
     retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
     grounded = {r["id"]: r for r in read_jsonl(recipe.run_path / "rag" / "heldout_qa.jsonl")}
     ranker = recipe.run_path / "reader" / RANKERS[who] if "reader" in recipe.stages else None
-    reader = Reader.load(model, adapter=adapter, ranker=ranker)
+    reader = Reader.load(model, adapter=adapter, ranker=ranker, embedder=embedder)
     asked = list(read_jsonl(out / "support_heldout.jsonl"))
     rows = []
     for q in asked:
@@ -625,8 +627,13 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
             runs.append(("base", base, None))
         if "reader" in recipe.stages and (recipe.run_path / "reader" / RANKERS["no_model"]).is_file():
             runs.append(("no_model", None, None))
+        embedder: Any = "auto"
+        if "reader" in recipe.stages and recipe.reader.dense and "dense" in recipe.reader.features:
+            from lmstack.rag.dense import load_embedder  # once for the three rankers, as the reader stage did
+
+            embedder = load_embedder(recipe.rag.embedder, device=_device(recipe))
         for who, model, adapter in runs:
-            sel = select_eval(recipe, out, model, adapter, who)
+            sel = select_eval(recipe, out, model, adapter, who, embedder)
             summary.setdefault(who, {})["support_select"] = sel.pop("all")
             for lang, m in sel.items():
                 summary.setdefault(f"{who}_by_lang", {}).setdefault(lang, {}).update(

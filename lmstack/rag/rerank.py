@@ -17,7 +17,7 @@ A feature absent from a candidate counts as 0; features constant within every qu
 similarity for a language the embedder does not read) get no gradient and stay at 0 weight.
 
     r = LinearRanker.fit(groups, features=["lm", "overlap"])      # groups: [([{feature: x}, ...], [gold idx])]
-    r.scores([{"lm": -1.2, "overlap": 0.5}, ...]);  r.save("ranker.json");  LinearRanker.load("ranker.json")
+    r.order([{"lm": -1.2, "overlap": 0.5}, ...]);  r.save("ranker.json");  LinearRanker.load("ranker.json")
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ class LinearRanker:
     def scores(self, rows: Sequence[Mapping[str, float]]) -> list[float]:
         return [sum(w * float(r.get(f, 0.0)) for f, w in self.weights.items()) for r in rows]
 
-    def best(self, rows: Sequence[Mapping[str, float]]) -> int:
-        """Index of the highest-scoring row (the earliest on ties); -1 for no rows."""
+    def order(self, rows: Sequence[Mapping[str, float]]) -> list[tuple[int, float]]:
+        """``[(row index, score)]``, best first (the earlier row on ties: the better-ranked passage)."""
         sc = self.scores(rows)
-        return max(range(len(sc)), key=lambda i: (sc[i], -i)) if sc else -1
+        return sorted(enumerate(sc), key=lambda t: (-t[1], t[0]))
 
     # ------------------------------------------------------------------ fitting
     @classmethod

@@ -102,6 +102,11 @@ class QAItem:
         return self.questions[-1]
 
 
+def faq_dev_count(questions: list[str]) -> int:
+    """How many ways of asking an FAQ entry are held out as dev questions (before the held-out last one)."""
+    return 1 if len(questions) >= 4 else 0
+
+
 def _product_values(p: dict[str, Any], lang: str) -> dict[str, Any]:
     return {"name": p["name"][lang], "price": fmt_num(p["price"]), "warranty": p["warranty_years"],
             "material": p["material"][lang], "colors": p["colors"][lang], "weight": fmt_num(p["weight_kg"])}
@@ -120,7 +125,7 @@ def qa_items(kb: ShopKB) -> list[QAItem]:
         for lang in ("en", "zh"):
             qs = list(e[lang]["q"])
             items.append(QAItem(f"faq/{e['id']}.{lang}", lang, e.get("topic", "general"), qs, e[lang]["a"],
-                                n_dev=1 if len(qs) >= 4 else 0))
+                                n_dev=faq_dev_count(qs)))
     for p in kb.products:
         for attr, by_lang in PRODUCT_QUESTIONS.items():
             for lang, (templates, answer) in by_lang.items():

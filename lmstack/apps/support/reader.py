@@ -205,9 +205,7 @@ class Reader:
         from lmstack.rag import query_lang
 
         cands = candidate_set(hits, query_lang(question))
-        sc = self.ranker.scores(self.features(prompt, question, cands))
-        order = sorted(range(len(cands)), key=lambda i: (-sc[i], i))
-        return [(cands[i], sc[i]) for i in order]
+        return [(cands[i], s) for i, s in self.ranker.order(self.features(prompt, question, cands))]
 
     def answer(self, prompt: str, question: str, hits: Sequence[Any]) -> str:
         """The best candidate's text for the turn ``question`` asked with ``prompt`` over ``hits``."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from lmstack.apps.support.dialogues import faq_dev_count
 from lmstack.apps.support.kb import LANGS, ShopKB
 from lmstack.rag import Chunk, Hit, Retriever, build_index, chunk_documents, query_lang
 
@@ -42,7 +43,7 @@ def kb_chunks(kb: ShopKB, *, faq_keywords: bool = False, policy_max_chars: int =
             out.append(Chunk(id=f"faq/{e['id']}.{lang}", doc_id=f"faq/{e.get('topic', 'general')}.{lang}",
                              text=f"Q: {q[0]}\nA: {e[lang]['a']}", title=e.get("topic", ""), lang=lang,
                              source="shop:faq.yaml",
-                             keywords="\n".join(q[1:-2] if len(q) >= 4 else q[1:-1]) if faq_keywords else ""))
+                             keywords="\n".join(q[1:len(q) - 1 - faq_dev_count(q)]) if faq_keywords else ""))
     for p in kb.products:
         for lang in LANGS:
             out.append(Chunk(id=f"product/{p['sku']}.{lang}", doc_id=f"product/{p['sku']}.{lang}",
