@@ -159,7 +159,7 @@ def test_keep_last_prunes_and_leaves_no_temporaries(shards, tmp_path):
     fit(dist_model(), dist_data(shards, 0, 1, 2), causal_lm_loss, cfg(steps=4, ckpt_every=1, keep_last=2), run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
     ck = run / "checkpoints" / "step_000004"
-    ts = torch.load(ck / "trainer_state.pt", weights_only=False)
+    ts = torch.load(ck / "trainer_state.pt", weights_only=True)
     assert ts["step"] == 4 and ts["data"]["cursor"] == 8 and ts["optimizer"]["state"]
     assert (ck / "config.yaml").is_file() and (ck / "config.json").is_file()
 

@@ -4,7 +4,9 @@ Layout of ``run_dir/checkpoints/step_000500/``::
 
     config.json model.safetensors tokenizer.json ...   the model directory (save_model_fn; HF layout by default)
     trainer_state.pt                                  step, optimizer, RNG states (per process), data position,
-                                                      bad-step counts, tokens seen, best val loss
+                                                      bad-step counts, tokens seen, best val loss; only
+                                                      tensors / numbers / strings, read back with
+                                                      ``torch.load(weights_only=True)`` (never a full unpickle)
     config.yaml                                       the run's resolved config
     dcp/                                              FSDP2 only: sharded model + optimizer
                                                       (torch.distributed.checkpoint), what a resume loads
@@ -116,7 +118,10 @@ class ModelWriter:
 
 # ------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors, ints and tuples only, so ``torch.load(weights_only=True)`` reads them back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -124,7 +129,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(st: dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    kind, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -178,12 +184,7 @@ def save(run_dir: Path, state: TrainerState, model: nn.Module, optimizer: torch.
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_data: Any, info: D.DistInfo,
          default_writer: bool, trained: list[nn.Parameter]) -> TrainerState:
     """Restore weights, optimizer, data position and RNG from a checkpoint; return the counters."""
-    try:
-        ts = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 -- any unreadable file is the same user problem
-        raise CheckpointError(f"{path}/trainer_state.pt: cannot read ({e}); resume from an older checkpoint") from None
-    if not isinstance(ts, dict) or ts.get("format") != FORMAT:
-        raise CheckpointError(f"{path}/trainer_state.pt: not an lmstack trainer state ({FORMAT})")
+    ts = read_trainer_state(path)
     was_fsdp, is_fsdp = ts.get("distributed") == "fsdp", info.kind == "fsdp"
     if was_fsdp != is_fsdp:
         raise CheckpointError(
@@ -214,6 +215,22 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_d
         set_rng_state(rngs[0])
     keys = TrainerState.__dataclass_fields__
     return TrainerState(**{k: ts[k] for k in keys if k in ts})
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` read with ``weights_only=True``: tensors, numbers, strings and containers only.
+    A checkpoint is untrusted input (it may come from anywhere), and a full unpickle would run any code
+    the file names before the format check (PyTorch security note on ``torch.load``)."""
+    f = path / "trainer_state.pt"
+    try:
+        ts = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unreadable file is the same user problem
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{f}: cannot read it as an lmstack trainer state (only tensors, numbers and "
+                              f"strings are loaded; {first[:200]}); resume from another checkpoint") from None
+    if not isinstance(ts, dict) or ts.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: not an lmstack trainer state ({FORMAT}); resume from another checkpoint")
+    return ts
 
 
 def _trained_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

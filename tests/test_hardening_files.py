@@ -1,0 +1,61 @@
+"""Untrusted files never run code: a crafted trainer state, chat template or adapter config that would run a
+command (touch a marker file) when loaded the unsafe way is refused with one line, and the marker never
+appears. Each test first shows the crafted file is real: the unsafe loader does run it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmstack.errors import CheckpointError, LmstackError
+from lmstack.train import causal_lm_loss, fit
+from tests.train_fixtures import dist_data, dist_model, dist_train_config, write_shards
+
+
+class _Touch:
+    """Unpickling this runs ``touch MARKER`` (what an attacker's file does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+# --------------------------------------------------------------------------- trainer state (torch.load)
+def test_crafted_trainer_state_does_not_run_on_resume(tmp_path):
+    shards = write_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    fit(dist_model(), dist_data(shards, 0, 1, 2), causal_lm_loss, dist_train_config(steps=2, ckpt_every=2), run)
+    state = run / "checkpoints" / "step_000002" / "trainer_state.pt"
+    good = torch.load(state, weights_only=True)  # the real state loads with the safe loader
+    assert good["step"] == 2
+
+    marker = tmp_path / "pwned"
+    evil = dict(good, optimizer=_Touch(marker))  # right format tag, a payload inside
+    torch.save(evil, state)
+    # control: the file really runs a command when unpickled in full
+    torch.load(state, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(CheckpointError, match=r"trainer_state.pt: cannot read it as an lmstack trainer state"):
+        fit(dist_model(), dist_data(shards, 0, 1, 2), causal_lm_loss,
+            dist_train_config(steps=3, ckpt_every=2, resume="auto"), run)
+    assert not marker.exists()
+
+
+def test_plain_pickle_named_trainer_state_is_refused(tmp_path):
+    from lmstack.train.checkpoint import read_trainer_state
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "trainer_state.pt").write_bytes(pickle.dumps(_Touch(marker)))
+    with pytest.raises(CheckpointError) as e:
+        read_trainer_state(tmp_path)
+    assert not marker.exists() and "\n" not in str(e.value)
