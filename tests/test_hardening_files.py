@@ -59,3 +59,29 @@ def test_plain_pickle_named_trainer_state_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as e:
         read_trainer_state(tmp_path)
     assert not marker.exists() and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- chat templates (jinja)
+SSTI = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{{ cycler.__init__.__globals__.os.system('touch MARKER') }}")
+
+
+def test_chat_template_from_a_model_dir_cannot_run_commands(tmp_path):
+    import jinja2
+
+    from lmstack.tokenizer import Tokenizer
+    from tests.tokenizer_fixtures import corpus, write_qwen2_dir
+
+    marker = tmp_path / "pwned"
+    template = SSTI.replace("MARKER", str(marker))
+    # control: an ordinary jinja2 Environment runs the payload
+    jinja2.Environment().from_string(template).render(messages=[{"role": "user", "content": "hi"}])
+    assert marker.exists()
+    marker.unlink()
+
+    d = write_qwen2_dir(tmp_path / "tok", corpus(20), template=template)
+    tok = Tokenizer.from_dir(d)
+    with pytest.raises(LmstackError) as e:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "chat template" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
