@@ -87,8 +87,8 @@ def test_fused_projections_keep_outputs_names_grads_and_saving(tmp_path):
     ids = torch.tensor([[4, 8, 15, 16, 23, 42, 7]])
     model.fuse_projections()
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert attn.q_proj.weight.data_ptr() == attn._qkv[0].data_ptr()  # the parameters are views now
-    assert attn.v_proj.bias.data_ptr() > attn._qkv[1].data_ptr()
+    assert attn.q_proj.weight.data_ptr() == attn.fused_qkv[0].data_ptr()  # the parameters are views now
+    assert attn.v_proj.bias.data_ptr() > attn.fused_qkv[1].data_ptr()
     # column-major storage (faster matrix-vector products), shapes unchanged
     for lin in (attn.q_proj, attn.o_proj, mlp.down_proj, model.lm_head):
         assert lin.weight.stride()[0] == 1 and lin.weight.shape == before[

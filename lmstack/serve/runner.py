@@ -169,13 +169,14 @@ class KernelDecode:
         ws: list[Tensor] = []
         for layer in m.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            if a._qkv is None or mlp._gate_up is None:
+            qkv, gate_up = a.fused_qkv, mlp.fused_gate_up
+            if qkv is None or gate_up is None:
                 raise RuntimeError("fuse_projections(column_major=False) must run before KernelDecode")
-            qkv_w, qkv_b = a._qkv
+            qkv_w, qkv_b = qkv
             ws += [layer.input_layernorm.weight, qkv_w, qkv_b if qkv_b is not None else empty,
                    a.q_norm.weight if a.q_norm is not None else empty,
                    a.k_norm.weight if a.k_norm is not None else empty,
-                   a.o_proj.weight, layer.post_attention_layernorm.weight, mlp._gate_up[0], mlp.down_proj.weight]
+                   a.o_proj.weight, layer.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight]
         self.weights = [w.detach() for w in ws]
         if not all(w.is_contiguous() for w in self.weights):
             raise RuntimeError("the kernel path needs contiguous row-major weights")
