@@ -120,14 +120,15 @@ def test_models_the_kernel_cannot_run_use_the_eager_path(tmp_path):
     assert len(out.seqs[0].output_token_ids) == 3
 
 
-def test_env_off_and_failed_build(monkeypatch, tmp_path, capsys):
+def test_env_off_and_failed_build(monkeypatch, tmp_path, capsys, caplog):
     path = tmp_path / "m"
     hf_model("llama", path)
     monkeypatch.setenv("LMSTACK_KERNELS", "0")
     eng = LLMEngine(load_model(path, device="cpu"))
     assert eng.runner.kernel is None and "LMSTACK_KERNELS" in eng.kernel_reason
 
-    # a build that fails (no compiler): auto warns once and runs eager; "1" raises a clear error
+    # a build that fails (no compiler): auto warns once (warnings, not a print) and runs eager; "1" raises a clear
+    # error
     import torch.utils.cpp_extension as ext
 
     def broken(*a, **k):
@@ -141,10 +142,15 @@ def test_env_off_and_failed_build(monkeypatch, tmp_path, capsys):
     assert str(lib).startswith(str(tmp_path / "cache"))
     lib.parent.mkdir(parents=True)
     lib.write_bytes(b"not a shared library")  # a build cut short: the cached file is dropped and rebuilt
-    assert kernels.load_cpu_decode() is False
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="lmstack.kernels"), \
+            pytest.warns(kernels.KernelUnavailableWarning, match="unavailable.*command not found") as warned:
+        assert kernels.load_cpu_decode() is False
     assert not lib.exists()
-    err = capsys.readouterr().err
-    assert "CPU decode kernel unavailable" in err and "command not found" in err
+    assert len(warned) == 1 and warned[0].filename == __file__  # attributed to the caller, not the library
+    notes = [r.getMessage() for r in caplog.records if r.name == "lmstack.kernels"]
+    assert len(notes) == 1 and notes[0].startswith("building the CPU decode kernel")
+    assert capsys.readouterr().err == ""  # the library printed nothing itself
     eng = LLMEngine(load_model(path, device="cpu"))
     assert eng.runner.kernel is None and "could not be built" in eng.kernel_reason
     monkeypatch.setenv("LMSTACK_KERNELS", "1")

@@ -10,18 +10,24 @@ CPU fp32 engine starts (~20-40 s, once per machine / torch version / source chan
 ``$LMSTACK_KERNEL_CACHE`` or ``~/.cache/lmstack/kernels``, the name carrying a hash of the source, flags,
 torch version and CPU). ``LMSTACK_KERNELS`` controls it:
 
-- ``auto`` (default): build and use it when possible; if the build fails (no compiler), warn once and run eager;
+- ``auto`` (default): build and use it when possible; if the build fails (no compiler), warn once
+  (:class:`KernelUnavailableWarning`, through :mod:`warnings`) and run eager;
 - ``0`` / ``off``: never build, always eager;
 - ``1`` / ``on``: require it (a failed build raises :class:`KernelError`).
+
+The library does not print (docs/design.md): the one-time build is announced on the ``lmstack.kernels`` logger at
+WARNING, so it shows (on stderr through logging's last-resort handler) where the application configured no
+logging, and a failed build is a :mod:`warnings` warning the caller may filter.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
-import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,10 +38,15 @@ SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 _lock = threading.Lock()
 _loaded: dict[str, bool] = {}
 _error: dict[str, str] = {}
+log = logging.getLogger("lmstack.kernels")
 
 
 class KernelError(LmstackError):
     """LMSTACK_KERNELS=1 but the compiled kernels could not be built or loaded."""
+
+
+class KernelUnavailableWarning(RuntimeWarning):
+    """LMSTACK_KERNELS=auto and the kernel could not be built: the eager path runs instead (slower at small batch)."""
 
 
 def mode() -> str:
@@ -111,9 +122,7 @@ def load_cpu_decode() -> bool:
                 from torch.utils.cpp_extension import load
 
                 build_dir.mkdir(parents=True, exist_ok=True)
-                if not os.environ.get("LMSTACK_NO_PROGRESS") and sys.stderr.isatty():
-                    print(f"lmstack: building the CPU decode kernel (first use on this machine, ~20-40 s) in "
-                          f"{build_dir}", file=sys.stderr, flush=True)
+                log.warning("building the CPU decode kernel (first use on this machine, ~20-40 s) in %s", build_dir)
                 load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                      build_directory=str(build_dir), is_python_module=False, verbose=False)
             ok = hasattr(torch.ops.lmstack_cpu, "decode_step")
@@ -127,7 +136,7 @@ def load_cpu_decode() -> bool:
             if m == "on":
                 raise KernelError(f"the CPU decode kernel could not be built: {err} (needs a C++20 compiler and "
                                   "ninja; set LMSTACK_KERNELS=auto to fall back to the eager path)")
-            print(f"lmstack: warning: CPU decode kernel unavailable ({err}); using the eager path, which is "
-                  "slower at small batch. Install a C++ compiler (g++) or set LMSTACK_KERNELS=0 to silence this.",
-                  file=sys.stderr, flush=True)
+            warnings.warn(f"CPU decode kernel unavailable ({err}); using the eager path, which is slower at small "
+                          "batch. Install a C++ compiler (g++) or set LMSTACK_KERNELS=0 to silence this.",
+                          KernelUnavailableWarning, stacklevel=2)
         return ok
