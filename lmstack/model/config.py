@@ -1,9 +1,15 @@
 """ModelConfig: one dataclass describes every supported decoder (litgpt's "variants as data").
 
-Llama, Qwen2, Qwen3 and Mistral are rows of values read from a Hugging Face ``config.json``
-(:meth:`ModelConfig.from_hf`) and written back (:meth:`ModelConfig.to_hf`). Switches are fields:
-``attention_bias`` (Qwen2 q/k/v bias), ``qk_norm`` (Qwen3 per-head RMSNorm), ``sliding_window`` (Mistral),
-``rope_scaling`` (Llama-3 long-context), ``tie_word_embeddings``.
+Llama, Qwen2, Qwen3, Mistral, Mixtral, Qwen2-MoE and Qwen3-MoE are rows of values read from a Hugging Face
+``config.json`` (:meth:`ModelConfig.from_hf`) and written back (:meth:`ModelConfig.to_hf`). Switches are fields:
+``attention_bias`` (q/k/v bias), ``attention_out_bias`` (o_proj bias, Llama / Qwen3 ``attention_bias``),
+``mlp_bias``, ``qk_norm`` (Qwen3 per-head RMSNorm), ``sliding_window`` (Mistral, or every layer of a
+Qwen2 with ``use_sliding_window``), ``rope_scaling`` (linear, Llama-3, YaRN, dynamic NTK),
+``num_experts`` > 0 (sparse mixture of experts, :mod:`lmstack.model.moe`), ``tie_word_embeddings``.
+
+Every ``config.json`` field that changes the numbers is either honoured or refused here, with one line
+(:func:`check_hf_config`); ``lmstack info`` and loading run the same check (tests/test_model_sweep.py sets each
+field of each architecture in the installed ``transformers`` to a non-default value and checks exactly that).
 """
 
 from __future__ import annotations
@@ -15,15 +21,30 @@ from typing import Any
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.utils.io import read_json
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
-
-
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+# Family defaults where config.json may omit a key (the defaults of the transformers config classes).
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "qwen2": dict(tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "qwen3": dict(tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "mistral": dict(tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "mixtral": dict(tie_word_embeddings=False, rms_norm_eps=1e-5, num_experts_per_tok=2, num_experts=8),
+    "qwen2_moe": dict(tie_word_embeddings=False, rms_norm_eps=1e-6, num_experts_per_tok=4, num_experts=60,
+                      moe_intermediate_size=1408, shared_expert_intermediate_size=5632, norm_topk_prob=False),
+    "qwen3_moe": dict(tie_word_embeddings=False, rms_norm_eps=1e-6, num_experts_per_tok=8, num_experts=128,
+                      moe_intermediate_size=768, norm_topk_prob=False),
+}
 @dataclass
 class ModelConfig:
     vocab_size: int = 8192
@@ -35,12 +56,25 @@ class ModelConfig:
     head_dim: int | None = None  # defaults to hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3", "factor": 8, ...}
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3" | "linear" | "yarn" | "dynamic", ...}
     attention_bias: bool = False  # q/k/v bias (Qwen2)
+    attention_out_bias: bool = False  # o_proj bias (Llama / Qwen3 with attention_bias: true)
+    mlp_bias: bool = False  # gate/up/down bias (Llama mlp_bias)
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
     tie_word_embeddings: bool = True
     max_position_embeddings: int = 2048
-    sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
+    sliding_window: int | None = None  # every layer attends to at most this many previous tokens
+    # ---- sparse mixture of experts (lmstack/model/moe.py); num_experts == 0: a dense SwiGLU MLP
+    num_experts: int = 0
+    num_experts_per_tok: int = 2  # top-k
+    moe_intermediate_size: int | None = None  # per expert; defaults to intermediate_size (Mixtral)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert with a sigmoid gate
+    norm_topk_prob: bool = True  # renormalise the top-k probabilities to sum to 1 (Mixtral: always)
+    decoder_sparse_step: int = 1  # layer i is sparse iff (i + 1) % step == 0 and i not in mlp_only_layers
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001  # load-balancing loss weight in training (Switch / Mixtral)
+    router_z_loss_coef: float = 0.0  # router z-loss weight in training (ST-MoE)
+    router_jitter_noise: float = 0.0  # multiplicative input noise in training (Mixtral)
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -52,6 +86,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f'model_type "{self.model_type}" is not supported; supported: {", ".join(SUPPORTED_MODEL_TYPES)}'
@@ -61,22 +97,41 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                              f"num_experts ({self.num_experts})")
+        if self.decoder_sparse_step < 1:
+            raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        check_rope(self.rope_scaling, self.head_dim)
 
     # ------------------------------------------------------------------ sizes
     @property
     def n_rep(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
-    def num_parameters(self, include_embeddings: bool = True) -> int:
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether decoder layer ``i`` has a sparse MoE block (Qwen2-MoE's ``decoder_sparse_step`` rule)."""
+        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+
+    def num_parameters(self, include_embeddings: bool = True, active_only: bool = False) -> int:
+        """All parameters, or with ``active_only`` those one token uses (top-k of the routed experts)."""
         h, d, i = self.hidden_size, self.head_dim, self.intermediate_size
         q = h * self.num_attention_heads * d
         kv = 2 * h * self.num_key_value_heads * d
         o = self.num_attention_heads * d * h
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * d if self.attention_bias else 0
+        bias += h if self.attention_out_bias else 0
         norms = 2 * h + (2 * d if self.qk_norm else 0)
-        per_layer = q + kv + o + bias + 3 * h * i + norms
+        dense = 3 * h * i + ((2 * i + h) if self.mlp_bias else 0)
+        ei = self.moe_intermediate_size
+        n_routed = self.num_experts_per_tok if active_only else self.num_experts
+        sparse = n_routed * 3 * h * ei + self.num_experts * h
+        if self.shared_expert_intermediate_size:
+            sparse += 3 * h * self.shared_expert_intermediate_size + h
+        total = h
+        for layer in range(self.num_hidden_layers):
+            total += q + kv + o + bias + norms + (sparse if self.is_moe_layer(layer) else dense)
         emb = self.vocab_size * h
-        total = self.num_hidden_layers * per_layer + h
         if include_embeddings:
             total += emb if self.tie_word_embeddings else 2 * emb
         return total
@@ -84,7 +139,10 @@ class ModelConfig:
     # ------------------------------------------------------------------ HF interop
     @classmethod
     def from_hf(cls, source: str | Path | dict[str, Any]) -> "ModelConfig":
-        """Build from a HF ``config.json`` (path, model directory, or already-parsed dict)."""
+        """Build from a HF ``config.json`` (path, model directory, or already-parsed dict).
+
+        Refuses, with one line naming the field, any value lmstack would otherwise compute differently from
+        ``transformers`` (see :func:`check_hf_config`)."""
         where = "config"
         if isinstance(source, (str, Path)):
             p = Path(source)
@@ -94,6 +152,8 @@ class ModelConfig:
             if not p.is_file():
                 raise CheckpointError(f"{p}: config.json not found (is this a Hugging Face model directory?)")
             d = read_json(p, error=CheckpointError)
+            if not isinstance(d, dict):
+                raise CheckpointError(f"{p}: expected a JSON object")
         else:
             d = dict(source)
         mt = d.get("model_type")
@@ -101,42 +161,18 @@ class ModelConfig:
             raise CheckpointError(
                 f'{where} has model_type "{mt}"; supported: {", ".join(SUPPORTED_MODEL_TYPES)}'
             )
-        known = {f.name for f in fields(cls)} - {"extra", "qk_norm", "attention_bias"}
-        kw: dict[str, Any] = {k: d[k] for k in known if k in d}
-        # rope: transformers 5 moves rope_theta / rope_scaling into `rope_parameters`
-        rp = d.get("rope_parameters")
-        if isinstance(rp, dict):
-            if "rope_theta" in rp:
-                kw["rope_theta"] = rp["rope_theta"]
-            if rp.get("rope_type", "default") != "default":
-                kw["rope_scaling"] = dict(rp)
-        if kw.get("rope_scaling") and kw["rope_scaling"].get("rope_type", kw["rope_scaling"].get("type")) in (None, "default"):
-            kw["rope_scaling"] = None
-        kw["attention_bias"] = bool(d.get("attention_bias", mt == "qwen2"))
-        kw["qk_norm"] = mt == "qwen3"
-        if mt == "qwen2" or mt == "qwen3":
-            if not d.get("use_sliding_window", False):
-                kw["sliding_window"] = None
-        if mt == "llama":
-            kw["sliding_window"] = None
-        if mt == "mistral" and "tie_word_embeddings" not in d:
-            kw["tie_word_embeddings"] = False
-        if mt == "llama" and "tie_word_embeddings" not in d:
-            kw["tie_word_embeddings"] = False
-        if d.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"{where}: hidden_act {d.get('hidden_act')!r} is not supported (only silu / SwiGLU)")
-        dtype = d.get("dtype") or d.get("torch_dtype")  # transformers 5 writes "dtype"
-        kw["torch_dtype"] = dtype if isinstance(dtype, str) else "float32"
-        if kw.get("head_dim") is None:
-            kw.pop("head_dim", None)
-        kw["extra"] = {k: v for k, v in d.items() if k not in known and k not in ("rope_parameters",)}
-        return cls(**kw)
+        try:
+            return cls(**_hf_to_kwargs(d, mt, where))
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """A ``config.json`` dict that ``transformers.AutoConfig`` reads for this model_type."""
+        mt = self.model_type
+        rope = {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
         d: dict[str, Any] = {
-            "architectures": [_ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
+            "architectures": [_ARCHITECTURES[mt]],
+            "model_type": mt,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -148,6 +184,7 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": self.rope_scaling,
+            "rope_parameters": rope,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": self.initializer_range,
@@ -157,17 +194,37 @@ class ModelConfig:
             "torch_dtype": self.torch_dtype,
             "attention_dropout": 0.0,
         }
-        if self.model_type == "llama":
+        if mt in ("llama", "qwen3", "qwen3_moe"):
+            if self.attention_bias != self.attention_out_bias:
+                raise ConfigError(f"{mt} has one attention_bias for q/k/v and o_proj; "
+                                  f"got attention_bias={self.attention_bias}, attention_out_bias={self.attention_out_bias}")
             d["attention_bias"] = self.attention_bias
-            d["mlp_bias"] = False
-        if self.model_type in ("qwen2", "qwen3"):
+        if mt == "llama":
+            d["mlp_bias"] = self.mlp_bias
+        if mt == "qwen2_moe":
+            d["qkv_bias"] = self.attention_bias
+        if mt in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+            # every layer slides (max_window_layers = 0) or none does
             d["use_sliding_window"] = self.sliding_window is not None
             d["sliding_window"] = self.sliding_window
-            d["max_window_layers"] = self.num_hidden_layers
-        if self.model_type == "qwen3":
-            d["attention_bias"] = self.attention_bias
-        if self.model_type == "mistral":
+            d["max_window_layers"] = 0 if self.sliding_window is not None else self.num_hidden_layers
+            if mt != "qwen3_moe":
+                d["layer_types"] = ["sliding_attention" if self.sliding_window is not None else "full_attention"
+                                    ] * self.num_hidden_layers
+        if mt in ("mistral", "mixtral"):
             d["sliding_window"] = self.sliding_window
+        if mt == "mixtral":
+            d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     router_aux_loss_coef=self.router_aux_loss_coef, router_jitter_noise=self.router_jitter_noise)
+        if mt in ("qwen2_moe", "qwen3_moe"):
+            d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                     decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
+                     router_aux_loss_coef=self.router_aux_loss_coef)
+        if mt == "qwen2_moe":
+            d["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
+        if self.router_z_loss_coef:
+            d["router_z_loss_coef"] = self.router_z_loss_coef
         for k, v in self.extra.items():
             d.setdefault(k, v)
         return d
@@ -177,6 +234,147 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_rope(rs: dict[str, Any] | None, head_dim: int) -> None:
+    """Refuse a RoPE scaling lmstack does not compute (one line naming the type and the supported ones)."""
+    if not rs:
+        return
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"rope type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if float(rs.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError("partial_rotary_factor != 1 (RoPE on part of each head) is not supported")
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                              "original_max_position_embeddings"),
+            "yarn": ("original_max_position_embeddings",), "dynamic": ("factor",)}.get(kind, ())
+    missing = [k for k in need if rs.get(k) is None]
+    if missing:
+        raise ConfigError(f"rope type {kind!r} needs {', '.join(missing)} in rope_scaling / rope_parameters")
+
+
+def _layer_types(d: dict[str, Any], mt: str, n_layers: int) -> list[str]:
+    """Which layers slide, by each family's rule in transformers (explicit ``layer_types`` wins)."""
+    if isinstance(d.get("layer_types"), list) and mt in ("qwen2", "qwen3", "qwen2_moe"):
+        return list(d["layer_types"])
+    use = bool(d.get("use_sliding_window", False))
+    window = d.get("sliding_window", 4096)
+    mwl = d.get("max_window_layers", 28)
+    if mt in ("qwen2", "qwen3"):
+        return ["sliding_attention" if use and window is not None and i >= mwl else "full_attention"
+                for i in range(n_layers)]
+    if mt == "qwen2_moe":  # transformers: odd layers below max_window_layers slide
+        return ["sliding_attention" if use and (i + 1) % 2 and i < mwl else "full_attention"
+                for i in range(n_layers)]
+    if mt == "qwen3_moe":
+        return ["sliding_attention" if use and window is not None else "full_attention"] * n_layers
+    if mt in ("mistral", "mixtral"):
+        return ["sliding_attention" if window is not None else "full_attention"] * n_layers
+    return ["full_attention"] * n_layers
+
+
+def _hf_to_kwargs(d: dict[str, Any], mt: str, where: str) -> dict[str, Any]:
+    """``config.json`` -> ModelConfig keyword arguments, refusing what lmstack would compute differently."""
+    fam = _FAMILY_DEFAULTS[mt]
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act {act!r} is not supported (only silu / SwiGLU)")
+    known = {f.name for f in fields(ModelConfig)} - {
+        "extra", "qk_norm", "attention_bias", "attention_out_bias", "mlp_bias", "sliding_window", "num_experts",
+        "rope_scaling", "rope_theta", "tie_word_embeddings", "rms_norm_eps", "num_experts_per_tok",
+        "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob"}
+    kw: dict[str, Any] = {k: d[k] for k in known if k in d}
+    if kw.get("num_key_value_heads") is None:
+        kw["num_key_value_heads"] = d.get("num_attention_heads", ModelConfig.num_attention_heads)
+    if kw.get("head_dim") is None:
+        kw.pop("head_dim", None)
+        if mt == "qwen3" and "head_dim" not in d:
+            kw["head_dim"] = 128  # Qwen3Config's default
+    for k in ("tie_word_embeddings", "rms_norm_eps", "num_experts_per_tok", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "norm_topk_prob"):
+        v = d.get(k, fam.get(k))
+        if v is not None:
+            kw[k] = v
+    if kw.get("mlp_only_layers") is None:
+        kw["mlp_only_layers"] = []
+    # ---- rope: transformers 5 moves rope_theta / rope_scaling into `rope_parameters`
+    rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else None
+    rs = d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else None
+    if rp is not None and rp and all(isinstance(v, dict) for v in rp.values()):
+        raise ConfigError("rope_parameters per layer type (nested) is not supported")
+    theta = (rp or {}).get("rope_theta", d.get("rope_theta"))
+    kw["rope_theta"] = float(theta if theta is not None else 10000.0)
+    scaling = dict(rp) if rp and rp.get("rope_type", rp.get("type", "default")) != "default" else (
+        dict(rs) if rs else None)
+    if scaling is not None:
+        scaling.pop("rope_theta", None)
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "default":
+            scaling = None
+        else:
+            scaling["rope_type"] = kind
+            scaling.pop("type", None)
+            if kind in ("llama3", "yarn"):  # transformers' standardize_rope_params
+                if d.get("original_max_position_embeddings") is not None:
+                    scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+                scaling.setdefault("original_max_position_embeddings",
+                                   d.get("max_position_embeddings", ModelConfig.max_position_embeddings))
+    if float(d.get("partial_rotary_factor", (rp or {}).get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise ConfigError("partial_rotary_factor != 1 (RoPE on part of each head) is not supported")
+    kw["rope_scaling"] = scaling
+    # ---- biases and norms per family
+    if mt == "qwen2":
+        kw["attention_bias"] = True  # transformers' Qwen2Attention always has q/k/v bias
+    elif mt == "qwen2_moe":
+        kw["attention_bias"] = bool(d.get("qkv_bias", True))
+    elif mt in ("llama", "qwen3", "qwen3_moe"):
+        kw["attention_bias"] = kw["attention_out_bias"] = bool(d.get("attention_bias", False))
+    kw["mlp_bias"] = bool(d.get("mlp_bias", False)) if mt == "llama" else False
+    kw["qk_norm"] = mt in ("qwen3", "qwen3_moe")
+    # ---- sliding window: one window for all layers, or none
+    n_layers = int(d.get("num_hidden_layers", ModelConfig.num_hidden_layers))
+    types = _layer_types(d, mt, n_layers)
+    bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if bad:
+        raise ConfigError(f"layer_types has {bad[0]!r}; supported: sliding_attention, full_attention")
+    window = d.get("sliding_window", 4096 if mt != "mixtral" else None)
+    if mt == "qwen2_moe" and not window:
+        window = None
+    sliding = [t == "sliding_attention" for t in types]
+    if any(sliding) and not all(sliding) and window is not None:
+        n = sum(sliding)
+        raise ConfigError(
+            f"{n} of {n_layers} layers use a sliding window and the rest full attention "
+            f"(use_sliding_window / max_window_layers / layer_types); lmstack runs one attention type for all "
+            "layers: set max_window_layers to 0 (all slide) or use_sliding_window to false (none) if the model was "
+            "trained that way")
+    kw["sliding_window"] = int(window) if all(sliding) and window is not None and sliding else None
+    if mt in ("mistral", "mixtral") and window is not None:
+        kw["sliding_window"] = int(window)
+    # ---- mixture of experts
+    if mt == "mixtral":
+        kw["num_experts"] = int(d.get("num_local_experts", fam["num_experts"]))
+        kw["norm_topk_prob"] = True
+        kw["moe_intermediate_size"] = kw.get("intermediate_size", ModelConfig.intermediate_size)
+    elif mt in ("qwen2_moe", "qwen3_moe"):
+        kw["num_experts"] = int(d.get("num_experts", fam["num_experts"]))
+        if mt == "qwen3_moe":
+            kw["shared_expert_intermediate_size"] = 0
+        if kw["num_experts"] == 0:
+            raise ConfigError("num_experts 0 in an MoE family is not supported (use the dense family)")
+    else:
+        kw.pop("decoder_sparse_step", None)
+        kw.pop("mlp_only_layers", None)
+        for k in ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                  "norm_topk_prob"):
+            kw.pop(k, None)
+    dtype = d.get("dtype") or d.get("torch_dtype")  # transformers 5 writes "dtype"
+    kw["torch_dtype"] = dtype if isinstance(dtype, str) else "float32"
+    used = set(kw) | {"rope_parameters", "rope_scaling", "num_local_experts", "qkv_bias", "attention_bias",
+                      "mlp_bias", "hidden_act", "partial_rotary_factor", "original_max_position_embeddings",
+                      "sliding_window", "num_experts", "dtype", "torch_dtype"}
+    kw["extra"] = {k: v for k, v in d.items() if k not in used}
+    return kw
 
 
 # Named presets: CPU-sized models to train from scratch, and real shapes (random weights) for benchmarks.

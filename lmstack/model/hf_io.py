@@ -68,13 +68,55 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a model directory, from the safetensors headers only (no data read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in weight_files(Path(path)):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for k in st.keys():
+                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file, it may be corrupt or truncated ({e})") from None
+    return shapes
+
+
+def check_weights(path: str | Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Transformer:
+    """The one weights-vs-config check that loading and ``lmstack info`` share: every tensor the config implies
+    is present with its shape, and nothing else. Returns the model built on the meta device."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = {k for k in shapes if not k.endswith(_IGNORED_KEY_SUFFIXES)}
+    if cfg.tie_word_embeddings:
+        names.discard("lm_head.weight")
+    missing = [k for k in expected if k not in names and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    unexpected = sorted(k for k in names if k not in expected)
+    if missing:
+        raise CheckpointError(
+            f"{path}: weights are missing {len(missing)} tensor(s) the config needs, e.g. {missing[0]} "
+            "(do config.json and the weights belong to the same model?)"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: weights have {len(unexpected)} tensor(s) the config does not describe, e.g. {unexpected[0]}"
+            " (a field of config.json lmstack does not read, or weights of another model)"
+        )
+    for k in names:
+        if tuple(shapes[k]) != expected[k]:
+            raise CheckpointError(
+                f"{path}: tensor {k} has shape {tuple(shapes[k])} but config.json implies {expected[k]}"
+            )
+    return model
+
+
 def load_model(
     path: str | Path,
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> Transformer:
-    """Load a local HF directory (llama, qwen2, qwen3, mistral) into lmstack's Transformer, in eval mode."""
+    """Load a local HF directory (any of ``SUPPORTED_MODEL_TYPES``) into lmstack's Transformer, in eval mode."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: model directory not found")
@@ -84,30 +126,11 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype if dtype is not None else "auto", dev)
     sd = read_state_dict(path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = model.state_dict()
+    model = check_weights(path, cfg, {k: tuple(t.shape) for k, t in sd.items()})
     for k in list(sd):
-        if k.endswith(_IGNORED_KEY_SUFFIXES):
+        if k.endswith(_IGNORED_KEY_SUFFIXES) or (cfg.tie_word_embeddings and k == "lm_head.weight"):
             del sd[k]
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in sd and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    unexpected = [k for k in sd if k not in expected]
-    if missing:
-        raise CheckpointError(
-            f"{path}: weights are missing {len(missing)} tensor(s) the config needs, e.g. {missing[0]} "
-            "(do config.json and the weights belong to the same model?)"
-        )
-    if unexpected:
-        raise CheckpointError(
-            f"{path}: weights have {len(unexpected)} tensor(s) the config does not describe, e.g. {unexpected[0]}"
-        )
     for k, t in sd.items():
-        if tuple(t.shape) != tuple(expected[k].shape):
-            raise CheckpointError(
-                f"{path}: tensor {k} has shape {tuple(t.shape)} but config.json implies {tuple(expected[k].shape)}"
-            )
         sd[k] = t.to(device=dev, dtype=dt) if t.is_floating_point() else t.to(dev)
     if cfg.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
@@ -128,8 +151,27 @@ def build_model(cfg: ModelConfig, *, device: str | torch.device | None = None,
     return model.to(dt)
 
 
-def generation_config(cfg: ModelConfig) -> dict[str, Any]:
-    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+def stop_token_ids(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> int | list[int] | None:
+    """Every id that ends a generation: the config's eos plus, from the tokenizer directory, its eos and the
+    chat template's end-of-turn markers (``<|im_end|>``, ``<|eot_id|>``, ...) — the ids lmstack's engine stops
+    on, so ``transformers``' ``generate`` stops at the end of a turn too (one int when there is one id)."""
+    ids: list[int] = []
+    for e in (cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]):
+        if e is not None and int(e) not in ids:
+            ids.append(int(e))
+    if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        from lmstack.tokenizer import Tokenizer  # the same rule the engine stops by (Tokenizer.eos_token_ids)
+
+        for e in Tokenizer.from_dir(tokenizer_dir).eos_token_ids:
+            if e not in ids:
+                ids.append(int(e))
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
+
+
+def generation_config(cfg: ModelConfig, tokenizer_dir: str | Path | None = None) -> dict[str, Any]:
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": stop_token_ids(cfg, tokenizer_dir),
             "pad_token_id": cfg.pad_token_id, "do_sample": False}
 
 
@@ -181,7 +223,7 @@ def save_model(
     dt = next(iter(tensors.values())).dtype if tensors else torch.float32
     hf["torch_dtype"] = str(dt).removeprefix("torch.")
     atomic_write_json(path / "config.json", hf)
-    gen = generation_config(cfg)
+    gen = generation_config(cfg, tokenizer_dir)
     gen.update(extra_generation_config or {})
     atomic_write_json(path / "generation_config.json", gen)
     if tokenizer_dir is not None:

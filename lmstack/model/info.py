@@ -1,4 +1,8 @@
-"""Summaries of a model directory for ``lmstack info`` (no weights are loaded)."""
+"""Summaries of a model directory for ``lmstack info`` (no weights are loaded).
+
+``info`` runs the checks loading runs — :meth:`ModelConfig.from_hf` (every numerics-changing field honoured or
+refused) and :func:`check_weights` on the safetensors headers — so it never describes a model that loading
+then refuses."""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.model.config import ModelConfig
-from lmstack.model.hf_io import weight_files
+from lmstack.model.hf_io import check_weights, tensor_shapes
 
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 
@@ -21,7 +25,7 @@ def human_bytes(n: float) -> str:
 
 def model_info(path: str | Path) -> dict[str, Any]:
     cfg = ModelConfig.from_hf(path)
-    weight_files(Path(path))  # fails clearly when weights are missing
+    check_weights(path, cfg, tensor_shapes(Path(path)))  # the same check as load_model
     n = cfg.num_parameters()
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
     fields = {
@@ -37,9 +41,16 @@ def model_info(path: str | Path) -> dict[str, Any]:
         "rope theta / scaling": f"{cfg.rope_theta:g} / {cfg.rope_scaling or 'none'}",
         "q/k/v bias, q/k norm": f"{cfg.attention_bias}, {cfg.qk_norm}",
         "sliding window": cfg.sliding_window,
+        "o_proj / MLP bias": f"{cfg.attention_out_bias}, {cfg.mlp_bias}",
         "tied embeddings": cfg.tie_word_embeddings,
         "stored dtype": cfg.torch_dtype,
         "KV cache per token (fp16)": human_bytes(kv_per_token * 2),
     }
+    if cfg.num_experts:
+        a = cfg.num_parameters(active_only=True)
+        fields["experts (routed / per token / shared)"] = (
+            f"{cfg.num_experts} / top-{cfg.num_experts_per_tok} / "
+            f"{'1 gated' if cfg.shared_expert_intermediate_size else 'none'}")
+        fields["active parameters per token"] = f"{a:,} ({a / 1e6:.1f}M)"
     memory = {k: human_bytes(n * b) for k, b in BYTES_PER_PARAM.items()}
     return {"config": cfg, "fields": fields, "memory": memory, "num_parameters": n}
