@@ -1,22 +1,24 @@
-"""The one decoder: Llama / Qwen2 / Qwen3 / Mistral as rows of :class:`ModelConfig`.
+"""The one decoder: Llama / Qwen2 / Qwen3 / Mistral / Mixtral / Qwen2-MoE / Qwen3-MoE as rows of :class:`ModelConfig`.
 
 Module names are the Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``), so a
 checkpoint loads by key copy. References: Llama (Touvron et al. 2023), GQA (Ainslie et al. 2023),
 RoPE (Su et al. 2021), SwiGLU (Shazeer 2020), RMSNorm (Zhang & Sennrich 2019); numerics follow
-``transformers`` ``modeling_llama.py`` / ``modeling_qwen3.py``.
+``transformers`` ``modeling_llama.py`` / ``modeling_qwen3.py`` / ``modeling_mixtral.py`` / ``modeling_qwen2_moe.py``.
+Sparse MoE feed-forward blocks live in :mod:`lmstack.model.moe`; RoPE scalings in :mod:`lmstack.model.rope`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.errors import ConfigError
 from lmstack.model.attention import AttentionContext, CausalContext
 from lmstack.model.config import ModelConfig
+from lmstack.model.moe import SparseMoE, router_losses
+from lmstack.model.rope import rope_attention_factor, rope_inv_freq, rope_is_dynamic
+
+__all__ = ["RMSNorm", "Attention", "MLP", "Block", "Transformer", "rope_inv_freq", "apply_rope", "signed_sin"]
 
 
 class RMSNorm(nn.Module):
@@ -33,29 +35,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> Tensor:
-    """Inverse frequencies (D/2,), with Llama-3 or linear scaling when configured."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    rs = cfg.rope_scaling
-    if not rs:
-        return inv
-    kind = rs.get("rope_type", rs.get("type"))
-    if kind == "linear":
-        return inv / rs["factor"]
-    if kind == "llama3":
-        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old = rs["original_max_position_embeddings"]
-        lo_wavelen, hi_wavelen = old / lo, old / hi
-        wavelen = 2 * math.pi / inv
-        inv_l = torch.where(wavelen > lo_wavelen, inv / factor, inv)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
-        medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
-        return torch.where(medium, smoothed, inv_l)
-    raise ConfigError(f"rope_scaling type {kind!r} is not supported; supported: llama3, linear")
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -131,7 +110,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, self.n_heads * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=cfg.attention_out_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -178,9 +157,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self._gate_up: tuple[Tensor, Tensor | None] | None = None  # fused (weight, None), see fuse_projections
 
     def fuse(self, column_major: bool = True) -> None:
@@ -199,16 +178,35 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm decoder layer. The feed-forward part is a dense SwiGLU ``mlp`` or a :class:`SparseMoE`, under the
+    family's HF name (``block_sparse_moe`` for Mixtral, ``mlp`` otherwise); ``self.ffn`` names it."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.ffn_name = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
+        if cfg.is_moe_layer(layer_idx):
+            setattr(self, self.ffn_name, SparseMoE(cfg))
+        else:
+            self.ffn_name = "mlp"
+            self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    @property
+    def ffn(self) -> nn.Module:
+        return getattr(self, self.ffn_name)
+
+    def fuse(self, column_major: bool = True) -> None:
+        self.self_attn.fuse(column_major)
+        _fuse_linears([self.self_attn.o_proj], column_major)  # layout only
+        if isinstance(self.ffn, MLP):
+            self.mlp.fuse(column_major)
+            _fuse_linears([self.mlp.down_proj], column_major)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.ffn(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -261,23 +259,30 @@ class Transformer(nn.Module):
         ``column_major=False``: the same fusion with every weight row-major and contiguous, the layout the
         compiled CPU decode kernel (``lmstack.kernels``) reads."""
         for layer in self.model.layers:
-            layer.self_attn.fuse(column_major)
-            layer.mlp.fuse(column_major)
-            _fuse_linears([layer.self_attn.o_proj], column_major)  # layout only
-            _fuse_linears([layer.mlp.down_proj], column_major)
+            layer.fuse(column_major)
         _fuse_linears([self.lm_head], column_major)  # with tied embeddings the embedding table shares the layout
         return self
 
     # ------------------------------------------------------------------ forward
     def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin (B, 1, T, D) for integer positions (B, T); computed in fp32 like transformers."""
+        """cos, sin (B, 1, T, D) for integer positions (B, T); computed in fp32 like transformers, scaled by
+        YaRN's attention factor where configured. Dynamic NTK recomputes the frequencies for a forward pass
+        that reaches past max_position_embeddings (as transformers does for that pass)."""
         dev = position_ids.device
-        inv = self._inv_freq.get(dev)
-        if inv is None:
-            inv = self._inv_freq[dev] = rope_inv_freq(self.config).to(dev)
+        cfg = self.config
+        if rope_is_dynamic(cfg) and position_ids.numel() and int(position_ids.max()) + 1 > cfg.max_position_embeddings:
+            inv = rope_inv_freq(cfg, int(position_ids.max()) + 1).to(dev)
+        else:
+            inv = self._inv_freq.get(dev)
+            if inv is None:
+                inv = self._inv_freq[dev] = rope_inv_freq(cfg).to(dev)
         freqs = position_ids[..., None].float() * inv  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        a = rope_attention_factor(cfg)
+        if a != 1.0:
+            cos, sin = cos * a, sin * a
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
     def hidden_states(
         self,
@@ -324,6 +329,12 @@ class Transformer(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
+
+    # ------------------------------------------------------------------ MoE training losses
+    def router_losses(self, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """After a training forward of an MoE model: ``{"aux": weighted load-balancing + z-loss, ...}`` to add
+        to the LM loss (``loss + out["aux"]``); an empty dict for a dense model. See :mod:`lmstack.model.moe`."""
+        return router_losses(self, attention_mask)
 
     # ------------------------------------------------------------------ info
     def num_parameters(self, trainable_only: bool = False) -> int:
