@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test install browser bench clean
+.PHONY: demo test install browser sandbox bench clean
 
 # torch is installed first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -23,10 +23,16 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
 
+# Generated code (code eval) runs only inside bubblewrap (Debian package); see lmstack/eval/sandbox.py.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; fi; }
+
 demo: $(STAMP)
 	$(BIN)/lmstack run recipes/quickstart.yaml
 
-test: $(STAMP) browser
+test: $(STAMP) browser sandbox
 	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests
 
 clean:

@@ -10,7 +10,7 @@ import pytest
 
 from lmstack.eval.code import program, score_code
 from lmstack.eval.metrics import pass_at_k
-from lmstack.eval.sandbox import network_namespace_available, run_code, run_many
+from lmstack.eval.sandbox import isolation, run_code, run_many
 from lmstack.eval.task import load_task
 
 
@@ -81,20 +81,22 @@ def test_network_call_is_blocked(local_server):
     assert not r.passed and "network access is disabled" in r.stderr
 
 
-@pytest.mark.skipif(not network_namespace_available(), reason="needs unprivileged network namespaces")
 def test_network_namespace_blocks_raw_sockets(local_server):
     # bypasses the Python-level guard with the C module: only the empty namespace stops it
     r = run_code(RAW.format(port=local_server), timeout=5)
     assert not r.passed and ("refused" in r.stderr or "unreachable" in r.stderr.lower())
 
 
-def test_runs_in_a_temporary_directory_removed_afterwards():
-    r = run_code("import os\nopen('x.txt', 'w').write('1')\nprint(os.getcwd())")
-    cwd = r.stdout.strip()
-    assert r.passed and "lmstack-sandbox-" in cwd
+def test_runs_in_a_private_temporary_directory_removed_afterwards(monkeypatch):
     import os
+    import tempfile
 
-    assert not os.path.exists(cwd)
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    r = run_code("import os\nopen('x.txt', 'w').write('1')\nprint(os.getcwd(), sorted(os.listdir('.')))")
+    assert r.passed and r.stdout.split()[0] == "/tmp", r.stderr
+    assert len(made) == 1 and "lmstack-sandbox-" in made[0] and not os.path.exists(made[0])
 
 
 def test_code_task_scoring_counts_hangs_and_crashes_as_failures():
@@ -128,8 +130,6 @@ def test_every_shipped_problem_passes_with_its_reference_solution():
     assert not any(r.passed for r in res)  # the tests really test something
 
 
-@pytest.mark.skipif("--pid" not in __import__("lmstack.eval.sandbox", fromlist=["x"]).namespace_prefix(),
-                    reason="needs unprivileged PID namespaces")
 def test_detached_grandchildren_die_with_the_sample():
     import os
     import uuid
