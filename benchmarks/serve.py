@@ -11,7 +11,7 @@ between streamed chunks) p50/p99 and time per output token (TPOT: (e2e - TTFT) /
 
 Servers (each alone on the machine while measured, started as subprocesses with OMP_NUM_THREADS=--threads):
   * lmstack:  ``python -m lmstack.cli serve --model DIR`` (paged KV cache, continuous batching, prefix cache)
-  * baseline: this file's ``--serve-baseline`` mode: :class:`lmstack.serve.api.hf_engine.HFEngine`
+  * baseline: this file's ``--serve-baseline`` mode: :class:`benchmarks.hf_engine.HFEngine`
     (``transformers`` ``generate``, one request at a time) behind the same FastAPI app.
 
 Prefix-cache run: every prompt is one shared --prefix-len-token system prompt plus 32 unique tokens; lmstack
@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # benchmarks.hf_engine, when run as a script
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -121,7 +122,7 @@ def baseline_server(model: Path, args) -> Server:
 def serve_baseline(model: str, port: int, threads: int) -> None:
     torch.set_num_threads(threads)
     from lmstack.serve.api import build_server, create_app
-    from lmstack.serve.api.hf_engine import HFEngine
+    from benchmarks.hf_engine import HFEngine
 
     app = create_app(HFEngine(model), served_model_name="bench")
     build_server(app, port=port, log_level="warning").run()

@@ -181,3 +181,25 @@ def test_block_manager_chained_hashes_refcounts_and_lru_eviction():
     f = _seq([1, 2, 3, 4, 9], [])
     assert bm.match_prefix(f) == 2  # [1, 2] survived, [3, 4] is gone
     assert bm.prefix_hits == 3
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("min_p", 1.1),
+    ("repetition_penalty", 0.0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("max_tokens", 0),
+    ("min_tokens", -1), ("min_tokens", 17), ("logprobs", 21), ("stop", [""]),
+])
+def test_sampling_params_name_the_field_out_of_range(field, value):
+    from lmstack.errors import ConfigError
+    from lmstack.serve.errors import InvalidSamplingParam
+
+    with pytest.raises(InvalidSamplingParam) as ei:
+        SamplingParams(**{field: value}).validate()  # max_tokens defaults to 16
+    assert ei.value.param == field and ei.value.args[0].startswith(field)
+    assert isinstance(ei.value, ConfigError)  # the CLI prints it as one line
+
+
+def test_sampling_params_accept_the_engine_range_beyond_openai_limits():
+    """OpenAI caps n at 128 and temperature at 2; the engine does not (pass@k with n=200, hot sampling offline)."""
+    p = SamplingParams(n=200, temperature=3.0, stop="END", min_tokens=16, logprobs=20)
+    p.validate()
+    assert p.stop == ["END"]

@@ -250,9 +250,14 @@ def test_error_statuses(server, client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert status_of(lambda: chat(model="tiny", messages=MSGS, tools=tools))[0] == 400
     assert status_of(lambda: chat(model="tiny", messages=MSGS, response_format={"type": "json_object"}))[0] == 400
-    for kw, param in [(dict(n=0), "n"), (dict(top_logprobs=2), "top_logprobs"), (dict(stop=["x"] * 17), "stop"),
+    # OpenAI's own limits (n, temperature, 16 stops), then SamplingParams' ranges, each answered with its field
+    for kw, param in [(dict(n=0), "n"), (dict(n=129), "n"), (dict(temperature=2.5), "temperature"),
+                      (dict(top_logprobs=2), "top_logprobs"), (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+                      (dict(stop=["x"] * 17), "stop"), (dict(stop=["ok", ""]), "stop"),
                       (dict(extra_body={"top_k": -5}), "top_k"), (dict(max_tokens=0), "max_tokens"),
-                      (dict(presence_penalty=3), "presence_penalty")]:
+                      (dict(presence_penalty=3), "presence_penalty"), (dict(top_p=0), "top_p"),
+                      (dict(extra_body={"min_p": 1.5}), "min_p"), (dict(extra_body={"min_tokens": -1}), "min_tokens"),
+                      (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty")]:
         code, body = status_of(lambda: chat(model="tiny", messages=MSGS, **kw))
         assert code == 400 and json.loads(body)["param"] == param, (kw, body)
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
@@ -262,6 +267,10 @@ def test_error_statuses(server, client):
     code, body = status_of(lambda: comp(model="tiny", prompt=[5, 99999], max_tokens=2))
     assert code == 400 and "99999" in body and "320" in body
     assert status_of(lambda: comp(model="tiny", prompt="x", echo=True, logprobs=1))[0] == 400
+    code, body = status_of(lambda: comp(model="tiny", prompt="x", logprobs=6))
+    assert code == 400 and json.loads(body)["param"] == "logprobs"
+    code, body = status_of(lambda: comp(model="tiny", prompt="x", frequency_penalty=-2.5))
+    assert code == 400 and json.loads(body)["param"] == "frequency_penalty"
     assert status_of(lambda: comp(model="tiny", prompt="x", suffix="y"))[0] == 400
     assert status_of(lambda: comp(model="tiny", prompt="fox " * 300))[0] == 400
     # harmless unknown parameters are ignored
@@ -359,9 +368,10 @@ def test_non_streaming_client_that_gives_up_aborts_request(server, monkeypatch):
 
 
 def test_hf_reference_engine_behind_the_same_api(model_dir, client):
-    """The benchmark's baseline (transformers generate, one at a time) answers like the lmstack engine."""
+    """The benchmark's baseline (benchmarks/hf_engine.py: transformers generate, one at a time) answers like the
+    lmstack engine behind the same API."""
+    from benchmarks.hf_engine import HFEngine
     from lmstack.serve.api import create_app
-    from lmstack.serve.api.hf_engine import HFEngine
 
     kw = dict(model="tiny", messages=MSGS, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
     want = client.chat.completions.create(**kw).choices[0].message.content

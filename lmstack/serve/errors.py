@@ -5,7 +5,15 @@ All are :class:`~lmstack.errors.LmstackError`, so the CLI prints them as one lin
 
 from __future__ import annotations
 
-from lmstack.errors import LmstackError
+from lmstack.errors import ConfigError, LmstackError
+
+
+class InvalidSamplingParam(ConfigError):
+    """A sampling parameter outside its range; ``param`` names the field (the HTTP layer answers 400 with it)."""
+
+    def __init__(self, param: str, message: str):
+        self.param = param
+        super().__init__(message)
 
 
 class QueueFull(LmstackError):

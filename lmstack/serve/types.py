@@ -8,8 +8,11 @@ speak these types.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
+
+from lmstack.errors import ConfigError
+from lmstack.serve.errors import InvalidSamplingParam
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -38,13 +41,9 @@ class SamplingParams:
     def from_kwargs(cls, **kw) -> "SamplingParams":
         """Build from keyword arguments; accepts ``max_new_tokens`` for ``max_tokens`` and a single ``stop``
         string. Unknown names raise ConfigError listing the allowed ones."""
-        from dataclasses import fields as _fields
-
-        from lmstack.errors import ConfigError
-
         if "max_new_tokens" in kw:
             kw["max_tokens"] = kw.pop("max_new_tokens")
-        names = {f.name for f in _fields(cls)}
+        names = {f.name for f in fields(cls)}
         bad = sorted(set(kw) - names)
         if bad:
             raise ConfigError(f"unknown sampling parameter(s) {', '.join(bad)}; allowed: {', '.join(sorted(names))}")
@@ -53,32 +52,31 @@ class SamplingParams:
         return p
 
     def validate(self) -> None:
-        from lmstack.errors import ConfigError
-
+        """The one place the ranges are checked (the offline API, the engine and the HTTP server all call it);
+        raises :class:`InvalidSamplingParam` naming the field. Normalizes ``stop`` (a string, None) to a list."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is None:
             self.stop = []
         if self.stop_token_ids is None:
             self.stop_token_ids = []
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ConfigError("stop must be a list of non-empty strings")
         checks = [
-            (self.n >= 1, "n must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            ("n", self.n >= 1, "n must be >= 1"),
+            ("temperature", self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            ("min_p", 0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            ("max_tokens", self.max_tokens >= 1, "max_tokens must be >= 1"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
         ]
-        for ok, msg in checks:
+        for param, ok, msg in checks:
             if not ok:
-                raise ConfigError(msg)
+                raise InvalidSamplingParam(param, f"{msg}; got {getattr(self, param)!r}")
 
 
 @dataclass

@@ -23,6 +23,8 @@ from typing import Any, Callable
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
 from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
 from lmstack.serve.api.app import authorized, replay_body
+from lmstack.serve.api.chat import chat_choice, chat_chunk, chat_completion, chat_head, chat_usage_chunk
+from lmstack.serve.api.common import SSE_DONE, usage
 
 MAX_BODY = 1 << 20  # larger bodies are passed on unread (the server answers 413 past its own limit)
 
@@ -66,31 +68,20 @@ def _selectable(req: dict[str, Any], names: list[str]) -> bool:
 
 
 def _completion(req: dict[str, Any], answer: str, prompt_tokens: int, completion_tokens: int) -> tuple[bytes, bytes]:
-    """(content type, body) of an OpenAI ``chat.completion`` -- or its event stream -- carrying ``answer``."""
-    import time
-    import uuid
-
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.get("model"),
-            "system_fingerprint": None}
-    use = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-           "total_tokens": prompt_tokens + completion_tokens}
+    """(content type, body) of an OpenAI ``chat.completion`` -- or its event stream -- carrying ``answer``, built
+    by the server's own response functions (:mod:`lmstack.serve.api.chat`)."""
+    head = chat_head(req.get("model"))
+    use = usage(prompt_tokens, completion_tokens)
     if not req.get("stream"):
-        body = {**head, "object": "chat.completion", "usage": use, "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": answer, "refusal": None, "tool_calls": None},
-            "logprobs": None, "finish_reason": "stop"}]}
+        body = chat_completion(head, [chat_choice(0, answer, "stop")], use)
         return b"application/json", json.dumps(body, ensure_ascii=False).encode()
     include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-    extra = {"usage": None} if include_usage else {}
-
-    def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
-        obj = {**head, "object": "chat.completion.chunk", **extra,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    events = [chunk({"role": "assistant", "content": ""}), chunk({"content": answer}), chunk({}, "stop")]
+    events = [chat_chunk(head, 0, {"role": "assistant", "content": ""}, include_usage=include_usage),
+              chat_chunk(head, 0, {"content": answer}, include_usage=include_usage),
+              chat_chunk(head, 0, {}, finish_reason="stop", include_usage=include_usage)]
     if include_usage:
-        events.append(f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': use})}\n\n")
-    events.append("data: [DONE]\n\n")
+        events.append(chat_usage_chunk(head, use))
+    events.append(SSE_DONE)
     return b"text/event-stream", "".join(events).encode()
 
 

@@ -42,10 +42,9 @@ async def create_chat_completion(model: ServedModel, req: P.ChatCompletionReques
     if want is not None and want < 1:
         raise APIError(400, "max_tokens must be >= 1.", param="max_tokens")
     max_tokens = check_context(model, len(prompt_ids), want, "messages")
-    params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k)
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    first, rest = await first_then_rest(tracked_generate(model, prompt_ids, params, rid), "messages")
-    head = dict(id=rid, created=int(time.time()), model=model.name, system_fingerprint=None)
+    params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, logprobs_param="top_logprobs")
+    head = chat_head(model.name)
+    first, rest = await first_then_rest(tracked_generate(model, prompt_ids, params, head["id"]), "messages")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_stream(model, head, first, rest, req.n, k, include_usage),
@@ -61,32 +60,60 @@ async def create_chat_completion(model: ServedModel, req: P.ChatCompletionReques
     return JSONResponse(_full(model, head, final, k))
 
 
+# ------------------------------------------------------------------------------ response shapes
+# The one builder of chat.completion bodies and chunks: the routes below and the support app's answers
+# (lmstack/apps/support/server.py) both use these.
+def chat_head(model_name: str | None) -> dict[str, Any]:
+    """The fields every body and chunk of one response shares (a fresh ``chatcmpl-`` id)."""
+    return dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_name,
+                system_fingerprint=None)
+
+
+def chat_choice(index: int, content: str, finish_reason: str | None,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One choice of a ``chat.completion`` body."""
+    return {"index": index,
+            "message": {"role": "assistant", "content": content, "refusal": None, "tool_calls": None},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_completion(head: dict[str, Any], choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
+    """A whole ``chat.completion`` body (``use``: :func:`~lmstack.serve.api.common.usage`)."""
+    return {**head, "object": "chat.completion", "choices": choices, "usage": use}
+
+
+def chat_chunk(head: dict[str, Any], index: int, delta: dict[str, Any], logprobs: Any = None,
+               finish_reason: str | None = None, include_usage: bool = False) -> str:
+    """One ``chat.completion.chunk`` event for choice ``index`` (with ``usage: null`` when the stream will end
+    with a usage chunk)."""
+    extra = {"usage": None} if include_usage else {}
+    return sse({**head, "object": "chat.completion.chunk", "choices": [
+        {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}], **extra})
+
+
+def chat_usage_chunk(head: dict[str, Any], use: dict[str, Any]) -> str:
+    """The last event before ``[DONE]`` with ``stream_options.include_usage``: no choices, the usage."""
+    return sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": use})
+
+
 def _full(model: ServedModel, head: dict[str, Any], out: RequestOutput, k: int | None) -> dict[str, Any]:
-    choices = []
-    for o in out.outputs:
-        choices.append({
-            "index": o.index,
-            "message": {"role": "assistant", "content": o.text, "refusal": None, "tool_calls": None},
-            "logprobs": chat_logprobs(model, o.logprobs, k or 0) if k is not None else None,
-            "finish_reason": finish_reason(o.finish_reason),
-        })
+    choices = [chat_choice(o.index, o.text, finish_reason(o.finish_reason),
+                           chat_logprobs(model, o.logprobs, k or 0) if k is not None else None)
+               for o in out.outputs]
     n_gen = sum(len(o.token_ids) for o in out.outputs)
-    return {**head, "object": "chat.completion", "choices": choices,
-            "usage": usage(len(out.prompt_token_ids), n_gen, out.metrics.num_cached_prompt_tokens)}
+    return chat_completion(head, choices,
+                           usage(len(out.prompt_token_ids), n_gen, out.metrics.num_cached_prompt_tokens))
 
 
 async def _stream(model: ServedModel, head: dict[str, Any], first: RequestOutput,
                   rest: AsyncIterator[RequestOutput], n: int, k: int | None,
                   include_usage: bool) -> AsyncIterator[str]:
-    base = {**head, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
     sent = [0] * n  # tokens already streamed per choice (for slicing cumulative logprobs)
     started = [False] * n
     done = [False] * n
 
     def chunk(index: int, delta: dict[str, Any], lp: Any = None, reason: str | None = None) -> str:
-        return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp,
-                                         "finish_reason": reason}], **extra})
+        return chat_chunk(head, index, delta, lp, reason, include_usage)
 
     last = first
     try:
@@ -123,6 +150,5 @@ async def _stream(model: ServedModel, head: dict[str, Any], first: RequestOutput
         await rest.aclose()  # type: ignore[attr-defined]  (aborts the engine request if unfinished)
     if include_usage:
         n_gen = sum(len(o.token_ids) for o in last.outputs)
-        yield sse({**base, "choices": [],
-                   "usage": usage(len(last.prompt_token_ids), n_gen, last.metrics.num_cached_prompt_tokens)})
+        yield chat_usage_chunk(head, usage(len(last.prompt_token_ids), n_gen, last.metrics.num_cached_prompt_tokens))
     yield SSE_DONE

@@ -100,7 +100,7 @@ def from_exception(e: BaseException, param: str = "messages") -> APIError:
             return prompt_too_long(int(limit), int(got), param)
         return APIError(400, str(e), param=param, code="context_length_exceeded")
     if isinstance(e, LmstackError):  # SamplingParams.validate and friends: the user's values
-        return bad_request(str(e))
+        return bad_request(str(e), param=getattr(e, "param", None))
     log.exception("internal error", exc_info=e)
     return APIError(500, f"Internal server error: {type(e).__name__}: {e}", type="server_error")
 

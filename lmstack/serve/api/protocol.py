@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmstack.serve.api.errors import bad_request
+from lmstack.serve.errors import InvalidSamplingParam
 from lmstack.serve.types import SamplingParams
 
 log = logging.getLogger("lmstack.serve.api")
@@ -155,40 +156,27 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     return msgs
 
 
-def _stops(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > 16:
-        raise bad_request("stop accepts at most 16 sequences.", param="stop")
-    if any(s == "" for s in stops):
-        raise bad_request("stop sequences must be non-empty strings.", param="stop")
-    return stops
+# OpenAI's own limits on a request: the engine accepts more (n > 128 for pass@k, temperature > 2 offline),
+# the API answers 400 as OpenAI does. Every other range is SamplingParams.validate's.
+OPENAI_LIMITS = [
+    ("n", lambda r: r.n <= 128, "n must be at most 128"),
+    ("temperature", lambda r: r.temperature is None or r.temperature <= 2, "temperature must be in [0, 2]"),
+    ("stop", lambda r: not isinstance(r.stop, list) or len(r.stop) <= 16, "stop accepts at most 16 sequences"),
+]
 
 
-def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
-    """Translate the request to engine params; range errors are 400s naming the field."""
-    checks = [
-        (1 <= req.n <= 128, "n", "n must be between 1 and 128"),
-        (req.temperature is None or 0 <= req.temperature <= 2, "temperature", "temperature must be in [0, 2]"),
-        (req.top_p is None or 0 < req.top_p <= 1, "top_p", "top_p must be in (0, 1]"),
-        (-2 <= req.presence_penalty <= 2, "presence_penalty", "presence_penalty must be in [-2, 2]"),
-        (-2 <= req.frequency_penalty <= 2, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
-        (req.top_k >= 0 or req.top_k == -1, "top_k", "top_k must be >= 0 (0 or -1: off)"),
-        (0 <= req.min_p <= 1, "min_p", "min_p must be in [0, 1]"),
-        (req.repetition_penalty > 0, "repetition_penalty", "repetition_penalty must be > 0"),
-        (max_tokens >= 1, "max_tokens", "max_tokens must be >= 1"),
-        (req.min_tokens >= 0, "min_tokens", "min_tokens must be >= 0"),
-        (logprobs is None or 0 <= logprobs <= 20, "top_logprobs", "top_logprobs must be in [0, 20]"),
-    ]
-    for ok, param, msg in checks:
-        if not ok:
+def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
+                    logprobs_param: str = "logprobs") -> SamplingParams:
+    """Translate the request to engine params, validated by :meth:`SamplingParams.validate`; a value out of
+    range is a 400 naming the request field (``logprobs_param``: the field that carried ``logprobs``)."""
+    for param, ok, msg in OPENAI_LIMITS:
+        if not ok(req):
             raise bad_request(msg + ".", param=param)
-    return SamplingParams(
+    params = SamplingParams(
         n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(req.top_k, 0),
+        top_k=0 if req.top_k == -1 else req.top_k,  # vLLM's "off" spelling
         min_p=req.min_p,
         repetition_penalty=req.repetition_penalty,
         presence_penalty=req.presence_penalty,
@@ -196,13 +184,18 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None) ->
         seed=req.seed,
         max_tokens=max_tokens,
         min_tokens=min(req.min_tokens, max_tokens),
-        stop=_stops(req.stop),
+        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         stop_token_ids=list(req.stop_token_ids),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
     )
+    try:
+        params.validate()
+    except InvalidSamplingParam as e:
+        raise bad_request(f"{e}.", param=logprobs_param if e.param == "logprobs" else e.param) from None
+    return params
 
 
 def chat_logprobs_k(req: ChatCompletionRequest) -> int | None:

@@ -1,7 +1,9 @@
 """A reference engine: ``transformers`` ``generate``, one request at a time, behind the AsyncEngine interface.
 
 This is the baseline of ``benchmarks/serve.py`` (what a naive server does: no batching, no paged KV
-cache, no prefix cache) and a second implementation the HTTP layer can be checked against. It speaks the
+cache, no prefix cache) and a second implementation the HTTP layer can be checked against
+(``tests/test_serve_api.py`` serves it with :func:`lmstack.serve.api.create_app`). It lives beside the
+benchmark, not in the package: nothing in lmstack imports it. It speaks the
 same seam as :class:`lmstack.serve.async_engine.AsyncEngine`: ``generate(prompt, params, request_id)``
 yields :class:`RequestOutput` snapshots with ``delta_text`` / ``delta_token_ids``; ``abort``; ``stats``;
 ``shutdown``. Not supported here: logprobs, min_p, presence/frequency penalties (the API still accepts
