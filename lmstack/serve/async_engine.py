@@ -1,9 +1,10 @@
 """AsyncEngine: the engine for asyncio servers (the OpenAI API, the web chat).
 
 One background thread owns the :class:`~lmstack.serve.engine.LLMEngine` and steps it while work exists.
-Coroutines never touch the engine directly: ``generate`` / ``abort`` post commands to the thread, which
-applies them between steps and hands back RequestOutput snapshots through per-request asyncio queues
-(``loop.call_soon_threadsafe``), so the event loop never blocks on a forward pass.
+Coroutines never touch the engine directly: ``generate`` / ``abort`` post typed commands
+(:class:`AddRequest`, :class:`AbortRequest`) to the thread, which applies them between steps and hands back
+RequestOutput snapshots through per-request asyncio queues (``loop.call_soon_threadsafe``), so the event
+loop never blocks on a forward pass.
 
     eng = AsyncEngine(llm, max_waiting=256)
     async for out in eng.generate("Hello", SamplingParams(max_tokens=32), request_id="r1"):
@@ -17,6 +18,7 @@ aborts its request, which frees its KV blocks before the next step. Reference: v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
@@ -26,6 +28,27 @@ from typing import Any
 from lmstack.errors import ConfigError
 from lmstack.serve.errors import EngineShuttingDown, QueueFull
 from lmstack.serve.types import RequestOutput, SamplingParams
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """Coroutine -> engine thread: admit this request (its stream is already registered)."""
+
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    """Coroutine -> engine thread: abort this request; ``done`` (a future of the caller's loop) is resolved once
+    its KV blocks are freed."""
+
+    request_id: str
+    done: asyncio.Future | None = None
+
+
+Command = AddRequest | AbortRequest
 
 
 @dataclass
@@ -46,7 +69,7 @@ class AsyncEngine:
         self.engine = llm.engine
         self.max_waiting = max_waiting
         self._streams: dict[str, _Stream] = {}
-        self._commands: deque[tuple] = deque()
+        self._commands: deque[Command] = deque()
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -73,11 +96,11 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise ConfigError(f"request id {request_id!r} is already in use")
-            pending = sum(1 for c in self._commands if c[0] == "add")
+            pending = sum(1 for c in self._commands if isinstance(c, AddRequest))
             if pending + len(self.engine.scheduler.waiting) >= self.max_waiting:
                 raise QueueFull(self.max_waiting)
             self._streams[request_id] = stream
-            self._commands.append(("add", request_id, prompt, params))
+            self._commands.append(AddRequest(request_id, prompt, params))
             self._ensure_thread()
         self._wake.set()
         finished = False
@@ -100,13 +123,13 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         """Abort a request; returns once its KV blocks are freed (its stream ends with reason "abort")."""
         done = asyncio.get_running_loop().create_future()
-        self._post_abort(request_id, _Stream(asyncio.get_running_loop(), None), done)
+        self._post_abort(request_id, done)
         await done
 
     def stats(self) -> dict[str, float | int]:
         s = self.engine.stats()
         with self._lock:
-            s["num_waiting"] += sum(1 for c in self._commands if c[0] == "add")
+            s["num_waiting"] += sum(1 for c in self._commands if isinstance(c, AddRequest))
         return s
 
     async def shutdown(self, drain: bool = True) -> None:
@@ -129,9 +152,9 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     # ------------------------------------------------------------------ engine thread
-    def _post_abort(self, request_id: str, notify: _Stream | None = None, done: asyncio.Future | None = None) -> None:
+    def _post_abort(self, request_id: str, done: asyncio.Future | None = None) -> None:
         with self._lock:
-            self._commands.append(("abort", request_id, notify, done))
+            self._commands.append(AbortRequest(request_id, done))
             self._ensure_thread()
         self._wake.set()
 
@@ -148,22 +171,21 @@ class AsyncEngine:
                 if not self._commands:
                     return
                 cmd = self._commands.popleft()
-                stream = self._streams.get(cmd[1])
-            if cmd[0] == "add":
-                _, rid, prompt, params = cmd
+                stream = self._streams.get(cmd.request_id)
+            if isinstance(cmd, AddRequest):
                 if stream is None:  # aborted before it started
                     continue
                 try:
-                    eng.add_request(prompt, params, request_id=rid)
+                    eng.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id)
                 except Exception as e:  # PromptTooLong, ConfigError: the caller's own request fails
                     stream.put(e)
             else:
-                _, rid, notify, done = cmd
-                out = eng.abort_request(rid)
+                out = eng.abort_request(cmd.request_id)
                 if out is not None and stream is not None:
                     stream.put(out)
-                if done is not None:
-                    notify.loop.call_soon_threadsafe(lambda d=done: d.done() or d.set_result(None))
+                if cmd.done is not None:
+                    with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                        cmd.done.get_loop().call_soon_threadsafe(lambda d=cmd.done: d.done() or d.set_result(None))
 
     def _loop(self) -> None:
         eng = self.engine
