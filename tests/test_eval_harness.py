@@ -17,7 +17,7 @@ _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 def test_lm_eval_cli_with_lmstack_model_equals_lmstack_accuracy(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-    from lmstack.eval import harness
+    from lmstack.cli import lm_eval as harness
     from lmstack.eval.lmeval_task import export_lm_eval_task
     from lmstack.eval.run import run_eval
     from lmstack.eval.task import load_task
@@ -52,7 +52,7 @@ def test_harness_rolling_loglikelihood_and_generation(tmp_path):
     import transformers
     from lm_eval.api.instance import Instance
 
-    from lmstack.eval.harness import LmstackLM
+    from lmstack.cli.lm_eval import LmstackLM  # the harness model with the serving engine attached
 
     d = make_model_dir(tmp_path / "model")
     text = "The river town woke slowly in the grey light of early spring."

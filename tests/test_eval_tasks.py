@@ -177,30 +177,27 @@ def test_classification_equals_transformers_argmax_and_sklearn_macro_f1(env):
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def test_builtin_generation_equals_transformers_greedy_with_left_padding(env):
+def test_generation_runs_on_the_serving_engine_and_equals_transformers_greedy(env):
+    """Evaluation has no decoder of its own: EvalLM.generate goes through lmstack.serve (batched, paged KV) and
+    gives transformers' greedy tokens; without an engine attached it says how to attach one."""
+    from lmstack.errors import ConfigError
+    from lmstack.serve.evaluation import generate
+
     d, hf, tok, lm = env
-    from lmstack.eval.generate import generate_ids
-
-    prompts = ["Question: What is the answer?\nAnswer:", "def add(a, b):"]
-    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    ours = generate_ids(lm.model, enc, max_tokens=8, eos_ids=[2])
-    T = max(map(len, enc))
-    ids = torch.tensor([[0] * (T - len(e)) + e for e in enc])
-    mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc])
-    with torch.no_grad():
-        ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, eos_token_id=2,
-                          pad_token_id=0)[:, T:].tolist()
-    for o, r in zip(ours, ref):
-        r = r[:r.index(2)] if 2 in r else r
-        assert o == r
-
-
-def test_engine_and_builtin_generators_agree_on_greedy(env):
-    d, hf, tok, lm = env
-    builtin = EvalLM(lm.model, lm.tok, model_dir=str(d), generator="builtin")
-    engine = EvalLM(lm.model, lm.tok, model_dir=str(d), generator="engine")
-    prompts = ["Question: What is the capital?\nAnswer:", "中国的首都是", "def add(a, b):\n"]
-    assert builtin.generate(prompts, max_tokens=12, stop=["e"]) == engine.generate(prompts, max_tokens=12, stop=["e"])
+    eng = EvalLM(lm.model, lm.tok, model_dir=str(d), engine=generate)
+    prompts = ["Question: What is the answer?\nAnswer:", "def add(a, b):", "中国的首都是"]
+    outs = eng.generate(prompts, max_tokens=8)
+    for p, (o,) in zip(prompts, outs):
+        ids = tok(p, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, eos_token_id=eng.eos_ids,
+                              pad_token_id=0)[0, len(ids):].tolist()
+        ref = ref[:min([ref.index(e) for e in eng.eos_ids if e in ref] or [len(ref)])]
+        assert o == tok.decode(ref, skip_special_tokens=True)
+    cut = eng.generate(prompts, max_tokens=8, stop=["e"])
+    assert all("e" not in c[0] and o[0].startswith(c[0]) for c, o in zip(cut, outs))
+    with pytest.raises(ConfigError, match="serving engine"):
+        EvalLM(lm.model, lm.tok).generate(prompts)
 
 
 def test_chat_template_prompt_equals_transformers(env):
@@ -317,16 +314,20 @@ def test_model_saved_by_lmstack_with_its_chatml_tokenizer(tmp_path):
 
     assert re.search(r"\{%-?\s*generation\s*-?%\}", t.chat_template)  # needs lmstack's renderer, not plain jinja
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my order?"}]
-    assert lm.tok.apply_chat_template(msgs) == t.apply_chat_template(msgs, add_generation_prompt=True)
-    assert t.encode("<|im_end|>")[0] in lm.tok.eos_ids
-    r = run_eval(tmp_path / "m", ["support_qa"], lm=lm, limit=2, show_progress=False)["tasks"]["support_qa"]
+    assert lm.tok.apply_chat_template(msgs, add_generation_prompt=True) == t.apply_chat_template(
+        msgs, add_generation_prompt=True)
+    assert t.encode("<|im_end|>")[0] in lm.eos_ids
+    from lmstack.serve.evaluation import generate
+
+    r = run_eval(tmp_path / "m", ["support_qa"], lm=lm, engine=generate, limit=2,
+                 show_progress=False)["tasks"]["support_qa"]
     assert r["n"] == 2 and set(r["metrics"]) == {"exact_match", "f1", "bleu", "rougeL"}
     del tok
 
 
 def test_long_requests_are_truncated_on_the_left_like_lm_eval(env):
     d, hf, tok, lm = env
-    short = EvalLM(lm.model, lm.tok, max_length=16, generator="builtin")
+    short = EvalLM(lm.model, lm.tok, max_length=16)
     ids = tok(PPL_TEXT, add_special_tokens=False).input_ids[:40]
     ctx, cont = ids[:37], ids[37:]
     (score, _), = short.loglikelihood_tokens([(ctx, cont)])

@@ -11,9 +11,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lmstack.config import StrictModel
 from lmstack.errors import ConfigError, DataError, LmstackError
 from lmstack.pipeline.recipe import Recipe, load_recipe
 from lmstack.pipeline.runner import Stage, StageInterrupted, run_stages
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeConfig(StrictModel):
+    """A stage section of the fake app: any keys (typed configs are the real stages' business)."""
+
+    model_config = {"extra": "allow"}
 
 
 # ------------------------------------------------------------------------------------------ fake stages
@@ -29,10 +38,9 @@ def _registry(calls: list[tuple[str, bool]], fail: dict[str, BaseException] | No
             if name in fail:
                 raise fail.pop(name)
             (ctx.out_dir / "out.txt").write_text(name)
-            return {"upstream": sorted(ctx.summaries), "value": getattr(ctx.recipe, name).model_dump(mode="json")}
+            return {"upstream": sorted(ctx.summaries), "value": ctx.config.model_dump(mode="json")}
 
-        return Stage(name, run, deps=lambda r, d=deps: [x for x in d if x in r.stages],
-                     config=lambda r, n=name: getattr(r, n).model_dump(mode="json"),
+        return Stage(name, run, deps=lambda r, d=deps: [x for x in d if x in r.stages], config=FakeConfig,
                      outputs=lambda c: [c.out_dir / "out.txt"])
 
     return {"data": make("data", []), "tokenizer": make("tokenizer", ["data"]),
@@ -44,26 +52,60 @@ FIVE = ["data", "tokenizer", "pretrain", "finetune", "eval"]  # the fake registr
 
 
 def _recipe(tmp_path: Path, **kw) -> Recipe:
-    return Recipe(name="t", run_dir=str(tmp_path / "run"), **{"stages": FIVE, **kw})
+    return Recipe(name="t", app="fake", run_dir=str(tmp_path / "run"), **{"stages": FIVE, **kw})
+
+
+def _support(tmp_path: Path, **kw) -> Recipe:
+    stages = ["data", "rag", "tokenizer", "pretrain", "finetune", "reader", "eval", "bundle"]
+    return Recipe(name="t", app="support", run_dir=str(tmp_path / "run"), **{"stages": stages, **kw})
 
 
 def test_rag_stage_fingerprints_leave_tokenizer_and_pretraining_alone(tmp_path):
-    """The real registry: a retrieval setting reruns rag, fine-tuning, the reader and eval, never tokenizer or
-    pretraining; a reader setting reruns the reader and eval only."""
+    """The support app's stages: a retrieval setting reruns rag, fine-tuning, the reader, eval and the bundle,
+    never tokenizer or pretraining; a reader setting reruns the reader, eval and the bundle only."""
+    from lmstack.pipeline import get_app
     from lmstack.pipeline.runner import fingerprints
-    from lmstack.pipeline.stages import STAGES
 
-    base = Recipe(name="t", run_dir=str(tmp_path / "run"))
-    assert base.stages == ["data", "rag", "tokenizer", "pretrain", "finetune", "reader", "eval"]
-    a = fingerprints(base, STAGES)
-    b = fingerprints(Recipe(name="t", run_dir=str(tmp_path / "run"), rag={"k": 2}), STAGES)
-    assert [n for n in a if a[n] != b[n]] == ["rag", "finetune", "reader", "eval"]
-    c = fingerprints(Recipe(name="t", run_dir=str(tmp_path / "run"), reader={"l2": 0.1}), STAGES)
-    assert [n for n in a if a[n] != c[n]] == ["reader", "eval"]
-    with pytest.raises(ValueError, match="add the rag stage"):
-        Recipe(name="t", stages=["data", "tokenizer", "pretrain", "reader"])
-    with pytest.raises(ValueError, match="need the data stage"):
-        Recipe(name="t", stages=["rag"])
+    stages = get_app("support").registry
+    a = fingerprints(_support(tmp_path), stages)
+    b = fingerprints(_support(tmp_path, rag={"k": 2}), stages)
+    assert [n for n in a if a[n] != b[n]] == ["rag", "finetune", "reader", "eval", "bundle"]
+    c = fingerprints(_support(tmp_path, reader={"l2": 0.1}), stages)
+    assert [n for n in a if a[n] != c[n]] == ["reader", "eval", "bundle"]
+    d = fingerprints(_support(tmp_path, seed=1), stages)
+    assert all(a[n] != d[n] for n in a)  # the seed reaches every stage, by the one rule
+
+
+def test_one_config_rule_for_run_pretrain_and_finetune(tmp_path):
+    """`lmstack run`, `lmstack pretrain -c` and `lmstack finetune -c` build the same stage config from one file:
+    the recipe's seed/device/dtype are train defaults (a stage's own value wins), run_dir is runs/NAME/STAGE, and
+    the app's wiring fills the paths the section leaves unset (an explicit path wins)."""
+    from lmstack.pipeline import configure, get_app, stage_config
+    from lmstack.train.config import PretrainConfig, load_pretrain_config
+    from lmstack.tune.config import FinetuneConfig
+
+    doc = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text(encoding="utf-8"))
+    doc.update(seed=7, device="cpu", run_dir=str(tmp_path / "run"))
+    doc["finetune"]["train"]["seed"] = 3
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    run = configure(load_recipe(path), get_app("support").registry)
+    pre = stage_config(PretrainConfig, str(path), "pretrain")
+    fin = stage_config(FinetuneConfig, str(path), "finetune")
+    assert pre == run["pretrain"] and fin == run["finetune"]
+    assert (pre.train.seed, pre.train.device, fin.train.seed, fin.train.device) == (7, "cpu", 3, "cpu")
+    assert pre.run_dir == str(tmp_path / "run" / "pretrain") and pre.data.shards == str(tmp_path / "run/tokenizer/shards")
+    assert fin.model == str(tmp_path / "run/pretrain/final") and fin.data.path == str(tmp_path / "run/rag/sft_train.jsonl")
+    # the lower floor's reader (no app wiring) follows the same rule for everything it can know
+    low = load_pretrain_config(str(path), [f"data.shards={pre.data.shards}"])
+    assert low == pre
+    # an explicit path in the section wins over the wiring
+    assert stage_config(FinetuneConfig, str(path), "finetune", ["data.path=x.jsonl"]).data.path == "x.jsonl"
+    # the old shape gets one clear line
+    doc["finetune"] = {"method": "full", "config": {"train": {"steps": 3}}}
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError, match="move the keys under finetune.config up one level"):
+        stage_config(FinetuneConfig, str(path), "finetune")
 
 
 def test_runs_then_skips_then_reruns_only_what_changed(tmp_path):
@@ -86,7 +128,7 @@ def test_runs_then_skips_then_reruns_only_what_changed(tmp_path):
     changed = _recipe(tmp_path, pretrain={"train": {"steps": 7}})
     res = run_stages(changed, reg)
     assert [c[0] for c in calls] == ["pretrain", "finetune", "eval"]
-    assert res.summary("pretrain")["value"]["train"] == {"steps": 7}
+    assert res.summary("pretrain")["value"]["train"] == {"steps": 7, "seed": 0, "device": "auto", "dtype": "auto"}
 
     # a missing output makes a stage rerun even with the same fingerprint
     calls.clear()
@@ -152,31 +194,58 @@ def test_run_dir_lock(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- recipes
 def test_recipe_validation_errors(tmp_path):
+    from lmstack.pipeline import recipe_app
+
     p = tmp_path / "r.yaml"
-    p.write_text(yaml.safe_dump({"name": "x", "stages": ["tokenizer", "data"]}))
+
+    def check(doc, *overrides):
+        p.write_text(yaml.safe_dump(doc))
+        return recipe_app(load_recipe(p, list(overrides)))
+
     with pytest.raises(ConfigError, match="must follow the order"):
-        load_recipe(p)
-    p.write_text(yaml.safe_dump({"name": "x", "pretrain": {"trian": {}}}))
+        check({"name": "x", "app": "support", "stages": ["tokenizer", "data"]})
     with pytest.raises(ConfigError, match="pretrain.trian"):
-        load_recipe(p)
-    p.write_text(yaml.safe_dump({"name": "x", "stages": ["data", "finetune"]}))
+        check({"name": "x", "app": "support", "stages": ["data", "tokenizer", "pretrain"], "pretrain": {"trian": {}}})
     with pytest.raises(ConfigError, match="need a base model"):
-        load_recipe(p)
-    with pytest.raises(ConfigError, match="r.yaml"):
-        load_recipe(p, ["eval.max_tokens=0"])
+        check({"name": "x", "app": "support", "stages": ["data", "finetune"]})
+    with pytest.raises(ConfigError, match=r"r.yaml: invalid config: eval.max_tokens"):
+        check({"name": "x", "app": "support", "stages": ["data"]}, "eval.max_tokens=0")
+    with pytest.raises(ConfigError, match="'evel' is neither a recipe field nor a stage"):
+        check({"name": "x", "app": "support", "stages": ["data"], "evel": {}})
+    with pytest.raises(ConfigError, match="app 'nope' is not installed; installed apps: .*support"):
+        check({"name": "x", "app": "nope", "stages": ["data"]})
+    with pytest.raises(ConfigError, match="names its app"):
+        load_recipe(p, ["app=null"])
 
 
-@pytest.mark.parametrize("path", sorted(Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else [])
-def test_shipped_recipes_validate(path, monkeypatch, tmp_path):
-    """Every shipped recipe parses, and its sections pass the libraries' own configs (preflight)."""
-    from lmstack.pipeline.stages import preflight
+SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_shipped_recipes_are_found():
+    assert len(SHIPPED) >= 10 and (REPO / "recipes" / "quickstart.yaml") in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path, tmp_path):
+    """Every shipped recipe parses; a recipe with stages passes its app's checks and every section validates
+    against its stage's own config; a stage-only recipe validates as the config of the command it names."""
+    from lmstack.config import read_yaml
+    from lmstack.pipeline import recipe_app, stage_config
+    from lmstack.train.config import PretrainConfig
+    from lmstack.tune.config import DistillConfig, DPOConfig, FinetuneConfig
 
     recipe = load_recipe(path)
     if recipe.model is not None:  # real-checkpoint recipes: point at a stand-in directory
         (tmp_path / "config.json").write_text("{}")
         recipe.model = str(tmp_path)
-    if "pipeline" in str(path) or recipe.stages:
-        preflight(recipe)
+    if recipe.stages:
+        recipe_app(recipe)
+    else:
+        kinds = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "dpo": DPOConfig, "distill": DistillConfig}
+        sections = [k for k in read_yaml(path) if k in kinds]
+        assert sections, f"{path.name}: a stage-only recipe configures one of {sorted(kinds)}"
+        for k in sections:
+            stage_config(kinds[k], str(path), k)
 
 
 # ------------------------------------------------------------------------------------------ support data
@@ -251,7 +320,7 @@ def test_malformed_knowledge_base_names_file_and_entry(tmp_path):
 
 
 def test_stdlib_corpus_cap_kinds_and_determinism():
-    from lmstack.pipeline.stdlib_corpus import stdlib_corpus
+    from lmstack.data.stdlib_corpus import stdlib_corpus
 
     a = stdlib_corpus(150_000)
     total = sum(len(d["text"]) for d in a)

@@ -36,10 +36,11 @@ def register(app: typer.Typer) -> None:
 
         from lmstack.eval.report import to_markdown
         from lmstack.eval.run import run_eval
+        from lmstack.serve.evaluation import generate
 
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         results = run_eval(model, names, out, adapter=adapter, limit=limit, device=device, dtype=dtype,
-                           batch_tokens=batch_tokens)
+                           batch_tokens=batch_tokens, engine=generate)
         Console().print(Markdown(to_markdown(results)))
         if out:
             Console().print(f"wrote {out}/results.json, report.md, report.html")

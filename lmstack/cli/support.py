@@ -7,16 +7,38 @@ from typing import Optional
 
 import typer
 
-MODEL = typer.Option(..., "--model", "-m", help="Fine-tuned model directory (runs/NAME/finetune/final).")
-INDEX = typer.Option(..., "--index", "-i", help="Retrieval index (runs/NAME/rag/index.sqlite).")
+BUNDLE = typer.Argument(None, help="The assistant's bundle (runs/NAME/bundle, written by `lmstack run`): model, "
+                        "index, ranker, k and system prompt; no other flag needed.")
+MODEL = typer.Option(None, "--model", "-m", help="Without a bundle: fine-tuned model directory.")
+INDEX = typer.Option(None, "--index", "-i", help="Without a bundle: retrieval index (runs/NAME/rag/index.sqlite).")
 ADAPTER = typer.Option(None, "--adapter", help="LoRA adapter directory (PEFT layout) on top of --model.")
-K = typer.Option(3, "--k", help="Passages retrieved per question (use the recipe's rag.k).")
-SYSTEM = typer.Option(None, "--system", help="System prompt (default: the one the model was tuned with).")
+K = typer.Option(None, "--k", help="Passages retrieved per question (default: the bundle's, else 3).")
+SYSTEM = typer.Option(None, "--system", help="System prompt (default: the bundle's / the one the model was tuned with).")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available).")
 RANKER = typer.Option(None, "--ranker", help="Answer-ranker weights (runs/NAME/reader/ranker.json, written by the "
                       "recipe's reader stage); default: the model's likelihood alone.")
-MODE = typer.Option("select", "--mode", help="select: the model picks the passage sentence that answers; "
-                    "generate: free generation from the grounded prompt.")
+MODE = typer.Option(None, "--mode", help="select: the model picks the passage sentence that answers; "
+                    "generate: free generation from the grounded prompt (default: the bundle's, else select).")
+
+
+def assistant_kwargs(bundle: Optional[str], **flags) -> dict:
+    """The assistant's settings: the bundle's, with the flags given on the command line winning; without a
+    bundle, --model and --index are required (the flags of earlier releases keep working)."""
+    from lmstack.apps.support.assistant import bundle_kwargs
+    from lmstack.apps.support.dialogues import SYSTEM_PROMPT
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if bundle is not None:
+        return {**bundle_kwargs(bundle), **given}
+    for flag, key in (("--model", "model"), ("--index", "index")):
+        if key not in given:
+            raise typer.BadParameter(f"give a bundle (runs/NAME/bundle) or {flag}", param_hint=flag)
+    return {"k": 3, "mode": "select", "system_prompt": SYSTEM_PROMPT, **given}
+
+
+def _mode(mode: Optional[str]) -> None:
+    if mode not in (None, "select", "generate"):
+        raise typer.BadParameter("use select or generate", param_hint="--mode")
 
 
 def register(app: typer.Typer) -> None:
@@ -25,24 +47,21 @@ def register(app: typer.Typer) -> None:
     app.add_typer(support, name="support")
 
     @support.command("chat")
-    def chat(model: str = MODEL, index: str = INDEX, adapter: Optional[str] = ADAPTER, k: int = K,
-             ranker: Optional[str] = RANKER,
-             system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: str = MODE,
-             max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n"),
+    def chat(bundle: Optional[str] = BUNDLE, model: Optional[str] = MODEL, index: Optional[str] = INDEX,
+             adapter: Optional[str] = ADAPTER, k: Optional[int] = K, ranker: Optional[str] = RANKER,
+             system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: Optional[str] = MODE,
+             max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n"),
              show_context: bool = typer.Option(False, "--show-context", help="Print the passages each answer used."),
              ) -> None:
         """Chat in the terminal; every question retrieves passages first (/reset, /exit)."""
         from lmstack.apps.support.assistant import SupportAssistant
-        from lmstack.apps.support.dialogues import SYSTEM_PROMPT
-
-        if mode not in ("select", "generate"):
-            raise typer.BadParameter("use select or generate", param_hint="--mode")
         from lmstack.rag import Retriever, query_lang
 
-        retriever = Retriever(index)  # a bad path fails here, in one line, before the model loads
-        bot = SupportAssistant(model, adapter, index=retriever, k=k, mode=mode, ranker=ranker,
-                               system_prompt=system or SYSTEM_PROMPT, max_tokens=max_new_tokens, device=device,
-                               max_num_seqs=1)
+        _mode(mode)
+        kw = assistant_kwargs(bundle, model=model, index=index, adapter=adapter, k=k, ranker=ranker,
+                              system_prompt=system, mode=mode, max_tokens=max_new_tokens, device=device)
+        kw["index"] = Retriever(kw["index"])  # a bad path fails here, in one line, before the model loads
+        bot = SupportAssistant(**kw, max_num_seqs=1)
         typer.echo(f"Larkspur Home support ({len(bot.retriever)} passages indexed). /reset clears, /exit quits.")
         while True:
             try:
@@ -67,18 +86,17 @@ def register(app: typer.Typer) -> None:
             typer.echo(answer)
 
     @support.command("serve")
-    def serve(model: str = MODEL, index: str = INDEX, adapter: Optional[str] = ADAPTER, k: int = K,
-              ranker: Optional[str] = RANKER,
-              system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: str = MODE,
+    def serve(bundle: Optional[str] = BUNDLE, model: Optional[str] = MODEL, index: Optional[str] = INDEX,
+              adapter: Optional[str] = ADAPTER, k: Optional[int] = K, ranker: Optional[str] = RANKER,
+              system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: Optional[str] = MODE,
               host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
               api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY"),
               ) -> None:
         """OpenAI API (/v1/chat/completions) + web chat at /, each chat request grounded in the index."""
-        from lmstack.apps.support.dialogues import SYSTEM_PROMPT
         from lmstack.apps.support.server import serve_support
 
-        if mode not in ("select", "generate"):
-            raise typer.BadParameter("use select or generate", param_hint="--mode")
-        serve_support(model, index, adapter=adapter, host=host, port=port, k=k,
-                      system_prompt=system or SYSTEM_PROMPT, api_key=api_key, device=device, mode=mode,
-                      ranker=ranker)
+        _mode(mode)
+        kw = assistant_kwargs(bundle, model=model, index=index, adapter=adapter, k=k, ranker=ranker,
+                              system_prompt=system, mode=mode, device=device)
+        kw.pop("max_tokens", None), kw.pop("context_max_chars", None)
+        serve_support(kw.pop("model"), kw.pop("index"), host=host, port=port, api_key=api_key, **kw)

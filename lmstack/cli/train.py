@@ -20,13 +20,14 @@ def register(app: typer.Typer) -> None:
         Under torchrun it runs DDP (or FSDP2 with --train.distributed=fsdp)."""
         import os
 
+        from lmstack.pipeline import stage_config
         from lmstack.train import pretrain
-        from lmstack.train.config import load_pretrain_config
+        from lmstack.train.config import PretrainConfig
 
         overrides = list(ctx.args)
         if resume:
             overrides.append(f"train.resume={resume}")
-        cfg = load_pretrain_config(config, overrides)
+        cfg = stage_config(PretrainConfig, config, "pretrain", overrides)  # as `lmstack run` builds it
         res = pretrain(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             where = res.final_dir or res.checkpoint_dir

@@ -58,12 +58,13 @@ def register(app: typer.Typer) -> None:
         """Supervised fine-tuning (assistant tokens only) with full, LoRA, QLoRA, prompt or prefix tuning.
 
         Any field can be overridden: --lora.r 16 --lora.target_modules all-linear --train.steps 500."""
-        from lmstack.tune.config import FinetuneConfig, load_stage_config
+        from lmstack.pipeline import stage_config
+        from lmstack.tune.config import FinetuneConfig
         from lmstack.tune.sft import finetune
 
         ov = _set(_overrides(list(ctx.args)), model=model, **{"data.path": data, "method": method,
                                                               "run_dir": run_dir, "train.resume": resume})
-        res = finetune(load_stage_config(FinetuneConfig, config, ov))
+        res = finetune(stage_config(FinetuneConfig, config, "finetune", ov))
         typer.echo(_summary(res))
         if res.stopped == "interrupted":
             raise typer.Exit(130)
@@ -82,12 +83,13 @@ def register(app: typer.Typer) -> None:
         resume: str = typer.Option(None, "--resume"),
     ) -> None:
         """Direct Preference Optimization; logs reward margins and preference accuracy. --dpo.beta 0.1"""
-        from lmstack.tune.config import DPOConfig, load_stage_config
+        from lmstack.pipeline import stage_config
+        from lmstack.tune.config import DPOConfig
         from lmstack.tune.dpo import align_dpo
 
         ov = _set(_overrides(list(ctx.args)), model=model, **{"data.path": data, "method": method,
                                                               "run_dir": run_dir, "train.resume": resume})
-        res = align_dpo(load_stage_config(DPOConfig, config, ov))
+        res = align_dpo(stage_config(DPOConfig, config, "dpo", ov))
         typer.echo(_summary(res))
         if res.stopped == "interrupted":
             raise typer.Exit(130)
@@ -104,12 +106,13 @@ def register(app: typer.Typer) -> None:
         resume: str = typer.Option(None, "--resume"),
     ) -> None:
         """Knowledge distillation: KL to the teacher's softened distribution + cross-entropy."""
-        from lmstack.tune.config import DistillConfig, load_stage_config
+        from lmstack.pipeline import stage_config
+        from lmstack.tune.config import DistillConfig
         from lmstack.tune.distill import distill
 
         ov = _set(_overrides(list(ctx.args)), teacher=teacher, student=student,
                   **{"data.path": data, "method": method, "run_dir": run_dir, "train.resume": resume})
-        res = distill(load_stage_config(DistillConfig, config, ov))
+        res = distill(stage_config(DistillConfig, config, "distill", ov))
         typer.echo(_summary(res))
         if res.stopped == "interrupted":
             raise typer.Exit(130)
@@ -120,8 +123,10 @@ def register(app: typer.Typer) -> None:
         adapter: str = typer.Option(..., "--adapter", help="LoRA adapter directory (PEFT layout)."),
         out: str = typer.Option(..., "--out", help="Output model directory."),
         dtype: str = typer.Option(None, "--dtype", help="fp32 | bf16 | fp16 (default: fp32)"),
+        allow_base_mismatch: bool = typer.Option(
+            False, "--allow-base-mismatch", help="Merge even if the adapter was trained on another base model."),
     ) -> None:
         """Fold a LoRA adapter into the base weights; writes a plain Hugging Face model directory."""
         from lmstack.tune.merge import merge_adapter
 
-        typer.echo(f"merged model: {merge_adapter(model, adapter, out, dtype)}")
+        typer.echo(f"merged model: {merge_adapter(model, adapter, out, dtype, allow_base_mismatch)}")

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from lmstack import __version__
+from lmstack._version import __version__
 from lmstack.config import load_config, save_config
 from lmstack.data.config import DataPipelineConfig
 from lmstack.data.minhash import exact_duplicates, near_duplicates

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from lmstack import __version__
+from lmstack._version import __version__
 from lmstack.errors import DataError
 from lmstack.utils.io import atomic_dir, atomic_write_json, read_json
 

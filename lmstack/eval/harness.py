@@ -24,6 +24,10 @@ from tqdm import tqdm
 
 
 class LmstackLM(LM):
+    # generation runs on the serving engine, which this floor may not import: ``lmstack-lm-eval``
+    # (lmstack.cli.lm_eval) sets it to lmstack.serve.evaluation.generate before lm-eval builds the model
+    ENGINE = None
+
     def __init__(self, pretrained: str, adapter: str | None = None, device: str | None = None,
                  dtype: str | None = None, batch_size: int | str | None = None, max_length: int | None = None,
                  batch_tokens: int = 8192, **_ignored):
@@ -39,7 +43,7 @@ class LmstackLM(LM):
             kw["max_length"] = int(max_length)
         if batch_size not in (None, "auto") and str(batch_size).isdigit():
             kw["max_batch"] = int(batch_size)
-        self.lm = EvalLM.load(pretrained, adapter=adapter, device=device, dtype=dtype, **kw)
+        self.lm = EvalLM.load(pretrained, adapter=adapter, device=device, dtype=dtype, engine=type(self).ENGINE, **kw)
         self.pretrained = pretrained
 
     @property

@@ -73,7 +73,7 @@ def evaluate_perplexity(lm, task, progress=None) -> dict:
             token_docs = [d[:task.limit] for d in token_docs]
         n_bytes = sum(len(lm.tok.decode(d, skip_special_tokens=False).encode("utf-8")) for d in token_docs)
     vocab = lm.model.config.vocab_size
-    bos = [lm.tok.bos_id] if task.add_bos and lm.tok.bos_id is not None else []
+    bos = [lm.bos_id] if task.add_bos and lm.bos_id is not None else []
     reqs, doc_of = [], []
     for di, ids in enumerate(token_docs):
         if ids and max(ids) >= vocab:

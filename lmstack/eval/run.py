@@ -66,14 +66,16 @@ def _evaluator(task_type: str):
 
 def run_eval(model_dir: str | Path, tasks: Sequence[str | Path | dict], out_dir: str | Path | None = None, *,
              adapter: str | Path | None = None, limit: int | None = None, device: str | None = None,
-             dtype: str | None = None, batch_tokens: int = 8192, lm=None, show_progress: bool | None = None,
-             write_report: bool = True) -> dict[str, Any]:
+             dtype: str | None = None, batch_tokens: int = 8192, lm=None, engine=None,
+             show_progress: bool | None = None, write_report: bool = True) -> dict[str, Any]:
     """Evaluate ``model_dir`` on ``tasks`` (shipped names, YAML paths or dicts); return the results dict.
 
     ``limit`` caps the examples per task. ``lm`` reuses an already loaded :class:`~lmstack.eval.lm.EvalLM`.
+    ``engine`` decodes the generation tasks (``lmstack.serve.evaluation.generate``; the callers above the
+    serving layer pass it in).
     When ``out_dir`` is given, results.json, samples/ and the reports are written there (atomically).
     """
-    import lmstack
+    from lmstack._version import __version__
     from lmstack.eval.lm import EvalLM
 
     loaded = [load_task(t) for t in tasks]
@@ -90,9 +92,11 @@ def run_eval(model_dir: str | Path, tasks: Sequence[str | Path | dict], out_dir:
                                 "(paths in a task YAML are relative to the YAML file)")
     if lm is None:
         lm = EvalLM.load(model_dir, adapter=adapter, device=device, dtype=dtype, batch_tokens=batch_tokens)
+    if engine is not None:
+        lm.engine = engine
     results: dict[str, Any] = {
         "format_version": RESULTS_VERSION,
-        "lmstack_version": lmstack.__version__,
+        "lmstack_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": str(Path(model_dir).resolve()), "weights_sha256": weights_sha256(model_dir),
                   "tokenizer_sha256": lm.tok.sha256, "model_type": lm.model.config.model_type,

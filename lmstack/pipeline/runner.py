@@ -13,6 +13,7 @@ directory) and the fingerprints of the stages it reads. The state of stage S liv
 - anything else -> the stage directory is cleared and the stage runs from scratch.
 
 The done marker is written atomically after the stage's outputs, so a killed run never looks finished.
+The runner knows no app: an :class:`App` (``lmstack/apps/NAME``) hands it typed :class:`Stage` objects.
 ``from_stage`` forces that stage and every later one to rerun; ``only`` runs one stage (its upstream
 stages must be done). One rich progress display covers the stages; the libraries' own bars nest under it.
 """
@@ -30,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from lmstack import __version__
-from lmstack.config import save_config
+from lmstack._version import __version__
+from lmstack.config import save_config, stage_section, validate
 from lmstack.errors import ConfigError, LmstackError
 from lmstack.pipeline.recipe import Recipe
 from lmstack.utils.io import atomic_write_json
@@ -49,6 +50,7 @@ class StageContext:
     recipe: Recipe
     name: str
     run_dir: Path
+    config: Any = None  # the stage's validated config (its ``Stage.config`` type), None for a stage without one
     resume: bool = False
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # upstream stage -> summary
     console: Any = None
@@ -67,13 +69,31 @@ class StageContext:
 
 @dataclass
 class Stage:
+    """One step of a recipe. ``config`` is the pydantic type of its recipe section (the library's own config,
+    e.g. ``PretrainConfig``, or the app's); ``wire`` gives the values the pipeline connects (upstream outputs,
+    the base model), which fill what the section leaves unset (:func:`lmstack.config.stage_section`)."""
+
     name: str
-    run: Callable[[StageContext], dict[str, Any]]  # does the work, returns a JSON-able summary
+    run: Callable[[StageContext], dict[str, Any]]  # does the work (ctx.config), returns a JSON-able summary
+    config: type | None = None  # the section's typed config
+    wire: Callable[[Recipe], dict[str, Any]] = lambda r: {}  # connected values, filled where the section is silent
     deps: Callable[[Recipe], list[str]] = lambda r: []  # stages (in this recipe) whose outputs it reads
-    config: Callable[[Recipe], Any] = lambda r: None  # the config it depends on (JSON-able)
+    depends: Callable[[Recipe], Any] = lambda r: None  # more of the recipe it depends on (JSON-able)
     inputs: Callable[[Recipe], dict[str, str]] = lambda r: {}  # external inputs -> content hash
     outputs: Callable[[StageContext], list[Path]] = lambda ctx: []  # must exist for a skip
+    row: Callable[[dict[str, Any]], str] | None = None  # the summary as one line of the stage table
     description: str = ""
+
+    def configure(self, recipe: Recipe) -> Any:
+        """The stage's validated config from the recipe (ConfigError names the file, section and field)."""
+        if self.config is None:
+            return None
+        data = stage_section(recipe.document(), self.name, self.wire(recipe), recipe.source or "recipe")
+        written = recipe.section(self.name)
+        for key in ("run_dir", "train"):  # the rule's defaults apply to the stages that have these fields
+            if key not in self.config.model_fields and key not in written:
+                data.pop(key, None)
+        return validate(self.config, data, recipe.source or "recipe", prefix=self.name)
 
 
 @dataclass
@@ -103,14 +123,33 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
 
 
+def configure(recipe: Recipe, registry: dict[str, Stage]) -> dict[str, Any]:
+    """Validate every stage section of the recipe before any stage runs: ``{stage: config object}``."""
+    unknown = [s for s in recipe.stages if s not in registry]
+    if unknown:
+        raise ConfigError(f"{recipe.source or 'recipe'}: stages: {unknown[0]!r} is not a stage of app "
+                          f"{recipe.app!r}; its stages are {', '.join(registry)}")
+    stray = [k for k in recipe.sections if k not in registry]
+    if stray:
+        raise ConfigError(f"{recipe.source or 'recipe'}: {stray[0]!r} is neither a recipe field nor a stage of app "
+                          f"{recipe.app!r} (its stages: {', '.join(registry)})")
+    for name in recipe.sections:  # a section the recipe does not run is still checked: a typo fails early
+        if name not in recipe.stages:
+            registry[name].configure(recipe)
+    return {name: registry[name].configure(recipe) for name in recipe.stages}
+
+
 def fingerprints(recipe: Recipe, registry: dict[str, Stage]) -> dict[str, str]:
     """Fingerprint of every stage of the recipe, upstream first (a change upstream changes downstream)."""
     fps: dict[str, str] = {}
+    configs = configure(recipe, registry)
     for name in recipe.stages:
         st = registry[name]
+        cfg = configs[name]
         fps[name] = _digest({
             "stage": name, "lmstack": __version__, "seed": recipe.seed, "device": recipe.device,
-            "config": st.config(recipe), "inputs": st.inputs(recipe),
+            "dtype": recipe.dtype, "config": cfg.model_dump(mode="json") if cfg is not None else None,
+            "depends": st.depends(recipe), "inputs": st.inputs(recipe),
             "deps": {d: fps[d] for d in st.deps(recipe) if d in fps},
         })
     return fps
@@ -195,6 +234,7 @@ def run_stages(recipe: Recipe, registry: dict[str, Stage], *, from_stage: str | 
     run_dir = recipe.run_path
     state_dir = run_dir / "state"
     fps = fingerprints(recipe, registry)
+    configs = configure(recipe, registry)
     forced = set(recipe.stages[recipe.stages.index(from_stage):]) if from_stage else set()
     t_start = time.perf_counter()
     results: list[StageResult] = []
@@ -211,7 +251,7 @@ def run_stages(recipe: Recipe, registry: dict[str, Stage], *, from_stage: str | 
                 bar.update(task, description=f"[{i + 1}/{len(recipe.stages)}] {name}")
                 state_path = state_dir / f"{name}.json"
                 state = _read_state(state_path)
-                ctx = StageContext(recipe, name, run_dir, summaries=summaries, console=console)
+                ctx = StageContext(recipe, name, run_dir, config=configs[name], summaries=summaries, console=console)
                 same = state is not None and state.get("fingerprint") == fps[name]
                 if only is not None and recipe.stages.index(name) > recipe.stages.index(only):
                     break

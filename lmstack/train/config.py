@@ -94,24 +94,10 @@ class PretrainConfig(StrictModel):
 
 
 def load_pretrain_config(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
-    """Read the config of ``lmstack pretrain``.
+    """Read the config of ``lmstack pretrain``: a :class:`PretrainConfig` file itself, or the ``pretrain:``
+    section of a recipe, by the one rule of :func:`lmstack.config.stage_section` (the recipe's seed, device and
+    dtype are defaults for ``train:``; ``run_dir`` defaults to ``runs/NAME/pretrain``). Overrides address
+    PretrainConfig fields: ``train.lr=3e-4``, ``data.shards=DIR``, ``run_dir=runs/x``."""
+    from lmstack.config import load_stage_config
 
-    The file is either a :class:`PretrainConfig` itself (``run_dir``, ``model``, ``data``, ``train`` at the top)
-    or a pipeline recipe (``lmstack run``) whose ``pretrain:`` section holds ``model``/``data``/``train``; then
-    ``run_dir`` defaults to the recipe's ``run_dir`` or ``runs/NAME``, so every file in ``recipes/`` is also a
-    valid pipeline recipe (stage-only ones say ``stages: []``). Overrides address PretrainConfig fields:
-    ``train.lr=3e-4``, ``data.shards=DIR``, ``run_dir=runs/x``."""
-    from lmstack.config import apply_overrides, read_yaml, validate
-
-    data = read_yaml(path) if path else {}
-    stage = data.get("pretrain")
-    if isinstance(stage, dict):
-        out = dict(stage)
-        name = data.get("name")
-        out.setdefault("run_dir", data.get("run_dir") or (f"runs/{name}" if name else "runs/pretrain"))
-        if data.get("seed") is not None:
-            out.setdefault("train", {})
-            out["train"] = {"seed": data["seed"], **out["train"]}
-        data = out
-    apply_overrides(data, overrides)
-    return validate(PretrainConfig, data, str(path or "config"))
+    return load_stage_config(PretrainConfig, path, "pretrain", overrides)

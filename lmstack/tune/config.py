@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field, field_validator, model_validator
 
-from lmstack.config import StrictModel, apply_overrides, read_yaml, validate
+from lmstack.config import StrictModel, read_yaml
 from lmstack.train.config import TrainConfig
 
 T = TypeVar("T", bound=StrictModel)
@@ -129,21 +129,16 @@ class DistillConfig(_Common):
     data: SFTDataSection
 
 
-def load_stage_config(model: type[T], path: str | None, overrides: list[str]) -> T:
-    """Read a stage config for ``lmstack finetune`` / ``align dpo`` / ``distill``.
+def load_stage_config(model: type[T], path: str | None, overrides: list[str], section: str = "finetune") -> T:
+    """Read the config of ``lmstack finetune`` / ``align dpo`` / ``distill``: the stage config file itself, or
+    section ``section`` of a recipe (``finetune``, ``dpo``, ``distill``), by the one rule of
+    :func:`lmstack.config.stage_section` (the recipe's ``model`` fills ``model``; seed, device and dtype are
+    defaults for ``train:``; ``run_dir`` defaults to ``runs/NAME/SECTION``)."""
+    from lmstack.config import is_recipe, load_stage_config as load
 
-    The file is either the stage config itself, or a pipeline recipe (``lmstack run``) whose
-    ``finetune.config`` holds it; then the recipe's ``model`` and ``finetune.method`` fill ``model`` and
-    ``method`` unless the stage config sets them. This way every file in ``recipes/`` is also a valid
-    pipeline recipe (stage-only ones say ``stages: []``)."""
-    data = read_yaml(path) if path else {}
-    ft = data.get("finetune")
-    if isinstance(ft, dict) and "config" in ft:
-        stage = dict(ft.get("config") or {})
-        if data.get("model") is not None and "model" in model.model_fields:
-            stage.setdefault("model", data["model"])
-        if "method" in ft:
-            stage.setdefault("method", ft["method"])
-        data = stage
-    apply_overrides(data, overrides)
-    return validate(model, data, str(path or "config"))
+    wired = {}
+    if path:
+        doc = read_yaml(path)
+        if is_recipe(doc) and doc.get("model") is not None and "model" in model.model_fields:
+            wired["model"] = doc["model"]
+    return load(model, path, section, overrides, wired)

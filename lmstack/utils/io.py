@@ -97,3 +97,52 @@ def read_json(path: str | os.PathLike, *, error: type[Exception] = DataError) ->
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise error(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+
+
+def write_jsonl(path: str | os.PathLike, rows: Any) -> int:
+    """Write an iterable of dicts as JSON Lines, atomically; return the number of rows."""
+    n = 0
+    with atomic_write(path) as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def iter_jsonl(path: str | os.PathLike, *, error: type[Exception] = DataError) -> Iterator[Any]:
+    """The records of a JSON Lines file written by lmstack (blank lines skipped); a bad line raises ``error``
+    naming ``file:line``. Readers of *user* data count bad records instead (lmstack.data.readers)."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise error(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
+def dir_sha256(root: str | os.PathLike) -> str:
+    """Content hash of every (non-hidden) file under ``root``, names included."""
+    root, h = Path(root), hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(str(p.relative_to(root)).encode())
+            h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
+def model_dir_hash(path: str | os.PathLike) -> str:
+    """Cheap identity of a (possibly multi-GB) model directory: config and tokenizer content, weight sizes/mtimes."""
+    path, h = Path(path), hashlib.sha256()
+    if not path.is_dir():
+        return "missing"
+    for p in sorted(path.iterdir()):
+        if not p.is_file():
+            continue
+        h.update(p.name.encode())
+        if p.suffix in (".json", ".jinja", ".txt", ".model"):
+            h.update(file_sha256(p).encode())
+        else:
+            st = p.stat()
+            h.update(f"{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()

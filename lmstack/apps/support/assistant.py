@@ -54,7 +54,7 @@ class SupportAssistant:
             if self.mode == "select" and reader is None:
                 from lmstack.apps.support.reader import Reader
 
-                reader = Reader.load(model, adapter=adapter, device=load_kw.get("device"), ranker=ranker)
+                reader = Reader.load(model, adapter=adapter, device=load_kw.get("device"), ranker=ranker, llm=self.llm)
         else:  # an already loaded lmstack LLM
             self.llm = model
         self.reader = reader
@@ -65,6 +65,13 @@ class SupportAssistant:
         self.sampling = {"max_tokens": max_tokens, "temperature": temperature}
         self.history: list[dict[str, str]] = []
         self.last_context: list[Any] = []  # lmstack.rag.Hit of the last question
+
+    @classmethod
+    def load(cls, bundle: str | Path, **overrides: Any) -> "SupportAssistant":
+        """The assistant a recipe built, from its bundle directory alone (model, adapter, index, ranker, k,
+        system prompt, mode: :mod:`lmstack.apps.bundle`). ``overrides``: constructor arguments that win
+        (``device``, ``max_num_seqs``, ``mode`` ...)."""
+        return cls(**{**bundle_kwargs(bundle), **overrides})
 
     def retrieve(self, question: str) -> list[Any]:
         """The passages a turn is answered from (empty without an index)."""
@@ -99,3 +106,17 @@ class SupportAssistant:
     def reset(self) -> None:
         self.history.clear()
         self.last_context = []
+
+
+def bundle_kwargs(bundle: str | Path) -> dict[str, Any]:
+    """:class:`SupportAssistant` arguments from a support bundle (what ``lmstack support chat|serve BUNDLE`` use)."""
+    from lmstack.apps.bundle import read_bundle
+
+    b = read_bundle(bundle, app="support")
+    s = b.settings
+    out: dict[str, Any] = {"model": str(b.part("model")), "adapter": b.part("adapter"), "index": str(b.part("index")),
+                           "ranker": b.part("ranker")}
+    for key in ("k", "context_max_chars", "mode", "system_prompt", "max_tokens"):
+        if s.get(key) is not None:
+            out[key] = s[key]
+    return out

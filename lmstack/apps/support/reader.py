@@ -113,17 +113,19 @@ class Reader:
         self.embedder = embedder
         self.dense_langs = None if dense_langs is None else set(dense_langs)
         self._vecs: dict[str, Any] = {}
-        tok = getattr(lm, "tok", None)
+        tok = getattr(lm, "tok", None)  # lmstack.tokenizer.Tokenizer
         template = getattr(tok, "chat_template", None) or ""
-        eos = getattr(tok, "eos_token", None)
-        self.end = "<|im_end|>" if "<|im_end|>" in template else (eos if isinstance(eos, str) else "")
+        eos = tok.id_to_token(tok.eos_token_id) if tok is not None and tok.eos_token_id is not None else None
+        self.end = "<|im_end|>" if "<|im_end|>" in str(template) else (eos if isinstance(eos, str) else "")
 
     @classmethod
     def load(cls, model: str | Path | None, adapter: str | Path | None = None, device: str | None = None,
-             ranker: Any = None, embedder: Any = "auto") -> "Reader":
+             ranker: Any = None, embedder: Any = "auto", llm: Any = None) -> "Reader":
         """``ranker``: a ranker file (the reader stage's ``ranker.json``), a LinearRanker, or None (likelihood
         alone). ``embedder="auto"`` loads the one the ranker was fit with when it weighs ``dense``; if that
-        is not installed, the feature is dropped with a warning (answers then rank without it)."""
+        is not installed, the feature is dropped with a warning (answers then rank without it). ``llm``: a
+        loaded serving :class:`lmstack.serve.llm.LLM` whose model scores the candidates (one load of the
+        weights for serving and scoring); otherwise ``model`` (+ ``adapter``) is loaded."""
         from lmstack.rag.rerank import LinearRanker
 
         if isinstance(ranker, (str, Path)):
@@ -153,7 +155,10 @@ class Reader:
                 raise ValueError("this ranker weighs the model's likelihood: give a model directory")
             from lmstack.eval.lm import EvalLM
 
-            lm = EvalLM.load(model, adapter=adapter, device=device)
+            if llm is not None:  # the served model itself (a LoRA adapter is merged into it, prefix KV is passed)
+                lm = EvalLM(llm.model, llm.tokenizer, model_dir=model and str(model), adapter_runtime=llm.adapter)
+            else:
+                lm = EvalLM.load(model, adapter=adapter, device=device)
         return cls(lm, ranker, embedder, dense_langs)
 
     # ------------------------------------------------------------------ features

@@ -182,7 +182,7 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
     if mode == "select":
         from lmstack.apps.support.reader import Reader
 
-        reader = Reader.load(model, adapter=adapter, device=device, ranker=ranker)
+        reader = Reader.load(model, adapter=adapter, device=device, ranker=ranker, llm=llm)  # one load
     app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key, reader=reader)
     logging.getLogger("lmstack.support").info(
         "support assistant %s grounded in %s (%d passages) at http://%s:%d  (web chat at /, OpenAI API at /v1)",

