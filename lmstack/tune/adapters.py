@@ -21,22 +21,32 @@ On disk (loadable by ``peft.PeftModel.from_pretrained`` on the matching ``transf
 ``adapter_config.json`` (PEFT fields) + ``adapter_model.safetensors``: LoRA keys
 ``base_model.model.{module}.lora_A.weight`` (r, in) / ``lora_B.weight`` (out, r); prompt and prefix tuning
 one tensor ``prompt_embeddings`` ((P, hidden) or (P, n_layers * 2 * n_kv_heads * head_dim)).
+
+Base check: adapters lmstack saves carry a fingerprint of their base (:mod:`lmstack.tune.fingerprint`);
+applying one to another base raises :class:`CheckpointError` unless ``allow_base_mismatch=True`` (or
+``LMSTACK_ALLOW_BASE_MISMATCH=1``), which applies it with a warning. LoRA targets, ranks and alphas follow
+PEFT's rules, patterns and layer subsets included (:mod:`lmstack.tune.peft_targets`).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lmstack.errors import CheckpointError
 from lmstack.model.transformer import Transformer
-from lmstack.tune.lora import LoraSpec, apply_lora, lora_modules, lora_state_dict
+from lmstack.tune import fingerprint as FP
+from lmstack.tune.lora import LoraSpec, apply_lora_plan, lora_modules, lora_state_dict
+from lmstack.tune.peft_targets import lora_targets
 from lmstack.tune.prompt import PromptEncoder, PromptSpec
 from lmstack.utils.io import atomic_write_json, read_json
 
@@ -44,6 +54,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 PEFT_TYPES = {"lora": "LORA", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
+ALLOW_MISMATCH_ENV = "LMSTACK_ALLOW_BASE_MISMATCH"
 
 
 @dataclass
@@ -58,9 +69,12 @@ class AdapterRuntime:
         return 0 if self.prefix_kv is None else self.prefix_kv[0][0].shape[-2]
 
 
-def _write_weights(tensors: dict[str, Tensor], path: Path) -> None:
+def _write_weights(tensors: dict[str, Tensor], path: Path, base: nn.Module | None = None) -> None:
     tmp = path.with_name(f".{path.name}.partial")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    meta = {"format": "pt"}
+    if base is not None:
+        meta[FP.KEY] = FP.encode(FP.base_fingerprint(base))
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
 
 
@@ -78,7 +92,7 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec,
         "target_modules": leaves, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False,
     }
-    _write_weights({_PREFIX + k: v for k, v in sd.items()}, out / ADAPTER_WEIGHTS)
+    _write_weights({_PREFIX + k: v for k, v in sd.items()}, out / ADAPTER_WEIGHTS, base=model)
     atomic_write_json(out / ADAPTER_CONFIG, cfg)
     return out
 
@@ -99,7 +113,7 @@ def save_prompt_adapter(encoder: PromptEncoder, model: Transformer, out_dir: str
     else:  # PEFT stores GQA prefixes with the kv-head count (peft#1901)
         cfg.update(token_dim=c.num_key_value_heads * c.head_dim, num_attention_heads=c.num_key_value_heads,
                    prefix_projection=False, encoder_hidden_size=c.hidden_size)
-    _write_weights({"prompt_embeddings": encoder.prompt_embeddings}, out / ADAPTER_WEIGHTS)
+    _write_weights({"prompt_embeddings": encoder.prompt_embeddings}, out / ADAPTER_WEIGHTS, base=model)
     atomic_write_json(out / ADAPTER_CONFIG, cfg)
     return out
 
@@ -131,19 +145,44 @@ def _check_shape(name: str, got: Tensor, want: tuple[int, ...], where: Path) -> 
                               f"{tuple(want)} (was the adapter trained on a different base model?)")
 
 
-def load_adapter(model: Transformer, adapter_dir: str | Path) -> AdapterRuntime:
+def check_base(model: Transformer, adapter_dir: str | Path, allow_base_mismatch: bool = False) -> str | None:
+    """Compare the adapter's recorded base fingerprint with ``model``: None when it matches or none was
+    recorded; the reason when it does not and the mismatch is allowed; :class:`CheckpointError` otherwise."""
+    w = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(w), framework="pt") as f:
+            saved = FP.decode((f.metadata() or {}).get(FP.KEY))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{w}: cannot read safetensors file ({e})") from None
+    if saved is None:
+        return None
+    why = FP.mismatch(saved, model)
+    if why is None:
+        return None
+    if allow_base_mismatch or os.environ.get(ALLOW_MISMATCH_ENV) == "1":
+        warnings.warn(f"{adapter_dir}: applied to a base it was not trained on ({why})", stacklevel=3)
+        return why
+    raise CheckpointError(f"{adapter_dir}: trained on a different base model ({why}); apply it to its base, or "
+                          f"pass --allow-base-mismatch ({ALLOW_MISMATCH_ENV}=1) to apply it anyway")
+
+
+def _same_weight(saved: Tensor, p: Tensor) -> bool:
+    if tuple(saved.shape) != tuple(p.shape):
+        return False
+    a, b = saved.float(), p.detach().float().cpu()
+    return bool(torch.allclose(a, b, rtol=1e-2, atol=1e-2 * float(b.abs().max()) + 1e-6))
+
+
+def load_adapter(model: Transformer, adapter_dir: str | Path, allow_base_mismatch: bool = False) -> AdapterRuntime:
     """Attach an adapter to ``model`` (see the module docstring for the exact contract)."""
     d = Path(adapter_dir)
     method, cfg, tensors = read_adapter(d)
+    check_base(model, d, allow_base_mismatch)
     dev, dt = model.device, model.dtype
     if method == "lora":
-        targets = cfg.get("target_modules") or []
-        spec = LoraSpec(r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", cfg["r"])), dropout=0.0,
-                        target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)))
-        if cfg.get("use_dora") or cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-            raise CheckpointError(f"{d / ADAPTER_CONFIG}: DoRA, LoRA biases and modules_to_save are not supported")
+        plan = lora_targets(model, cfg, d / ADAPTER_CONFIG)
         requires = {n: p.requires_grad for n, p in model.named_parameters()}
-        wrapped = apply_lora(model, spec)
+        wrapped = apply_lora_plan(model, plan, 0.0, bool(cfg.get("use_rslora", False)))
         for n, p in model.named_parameters():  # apply_lora freezes everything; restore the caller's flags
             base_name = n.replace(".base_layer.", ".")
             if base_name in requires:
@@ -156,7 +195,19 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> AdapterRuntime:
             _check_shape(key, tensors[key], tuple(p.shape), d)
             with torch.no_grad():
                 p.copy_(tensors[key].to(p.dtype))
-        extra = [k for k in tensors if k.removeprefix(_PREFIX) not in own]
+        params = dict(model.named_parameters())
+        extra = []
+        for k in tensors:
+            name = k.removeprefix(_PREFIX)
+            if name in own:
+                continue
+            if ".base_layer." in name and name in params:  # peft's save_embedding_layers copy of a base weight
+                if _same_weight(tensors[k], params[name]):
+                    continue
+                raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: stores its own {name} that differs from this base's "
+                                      "(a resized vocabulary or another base); lmstack does not replace base weights "
+                                      "from an adapter: merge it with peft and load the merged model")
+            extra.append(k)
         if extra:
             raise CheckpointError(f"{d / ADAPTER_WEIGHTS}: tensor {extra[0]} matches no LoRA module of this model")
         return AdapterRuntime("lora", cfg, None, wrapped)

@@ -115,15 +115,21 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
     """Freeze every parameter, wrap the target linears in :class:`LoRALinear` (only A, B train).
 
     Returns the wrapped module names."""
+    targets = resolve_targets(model, spec.target_modules)
+    return apply_lora_plan(model, {n: (spec.r, spec.alpha) for n in targets}, spec.dropout, spec.use_rslora)
+
+
+def apply_lora_plan(model: nn.Module, plan: dict[str, tuple[int, float]], dropout: float = 0.0,
+                    use_rslora: bool = False) -> list[str]:
+    """Freeze every parameter and wrap each named linear with its own ``(r, alpha)`` (PEFT's
+    ``rank_pattern`` / ``alpha_pattern``). Returns the wrapped module names."""
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = resolve_targets(model, spec.target_modules)
-    for name in targets:
+    for name, (r, alpha) in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), spec.r, spec.alpha, spec.dropout,
-                                          spec.use_rslora))
-    return targets
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+    return list(plan)
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:

@@ -18,14 +18,14 @@ from lmstack.utils.io import atomic_dir
 
 
 def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
-                  dtype: str | None = None) -> Path:
+                  dtype: str | None = None, allow_base_mismatch: bool = False) -> Path:
     """Write ``out_dir`` (atomically): base weights with the LoRA update folded in, config, tokenizer."""
     method, _, _ = read_adapter(adapter_dir)
     if method != "lora":
         raise CheckpointError(f"{adapter_dir} is a {method}-tuning adapter; only LoRA adapters can be merged "
                               "into the weights (serve it with `lmstack generate --adapter`)")
     model = load_model(model_dir, device="cpu", dtype=dtype)
-    load_adapter(model, adapter_dir)
+    load_adapter(model, adapter_dir, allow_base_mismatch=allow_base_mismatch)
     merge_lora(model)
     adapter_has_tok = any((Path(adapter_dir) / f).is_file() for f in TOKENIZER_FILES)
     tok_src = adapter_dir if adapter_has_tok else model_dir
