@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from lmstack.serve.api.errors import APIError, from_exception
+from lmstack.serve.errors import EngineShuttingDown, QueueFull
 from lmstack.serve.types import RequestOutput, SamplingParams, TokenLogprob
 
 
@@ -87,6 +88,9 @@ async def tracked_generate(model: ServedModel, prompt: str | list[int], params: 
                 yield out
                 if finished:
                     break
+    except (QueueFull, EngineShuttingDown):
+        finished = True  # refused at admission: the engine never held it, and the answer needs no engine step
+        raise
     finally:
         if not finished:
             with contextlib.suppress(Exception):
