@@ -357,7 +357,8 @@ def _hf_to_kwargs(d: dict[str, Any], mt: str, where: str) -> dict[str, Any]:
         kw["norm_topk_prob"] = True
         kw["moe_intermediate_size"] = kw.get("intermediate_size", ModelConfig.intermediate_size)
     elif mt in ("qwen2_moe", "qwen3_moe"):
-        kw["num_experts"] = int(d.get("num_experts", fam["num_experts"]))
+        n = d.get("num_experts", d.get("num_local_experts"))  # Qwen3-MoE saves num_local_experts
+        kw["num_experts"] = int(n if n is not None else fam["num_experts"])
         if mt == "qwen3_moe":
             kw["shared_expert_intermediate_size"] = 0
         if kw["num_experts"] == 0:
@@ -389,6 +390,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~30M parameters.
     "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+    # Sparse MoE (Mixtral layout): 8 experts, top-2; ~22M parameters, ~8M active per token — the same active
+    # FFN width as `tiny`'s dense 1024 (benchmarks/moe.py compares the two).
+    "moe": dict(model_type="mixtral", vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, num_experts=8,
+                num_experts_per_tok=2, tie_word_embeddings=True, router_aux_loss_coef=0.01,
+                router_z_loss_coef=0.001),
     # The shape of Qwen2.5-0.5B (random weights): benchmarks and memory planning.
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,

@@ -105,6 +105,7 @@ class SparseMoE(nn.Module):
         expert = MixtralExpert if cfg.model_type == "mixtral" else QwenExpert
         self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.jitter = cfg.router_jitter_noise
+        self.aux_coef, self.z_coef = cfg.router_aux_loss_coef, cfg.router_z_loss_coef
         self.gate = nn.Linear(h, e, bias=False)
         self.experts = nn.ModuleList(expert(h, cfg.moe_intermediate_size) for _ in range(e))
         if cfg.shared_expert_intermediate_size:
@@ -161,15 +162,16 @@ def moe_blocks(model: nn.Module) -> list[SparseMoE]:
 
 def router_losses(model: nn.Module, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
     """After a training forward: ``{"aux": coef * load_balancing + z_coef * z, "load_balancing", "z"}``
-    from the router logits the MoE blocks kept (empty dict for a dense model)."""
-    blocks = moe_blocks(model)
-    logits = [b.router_logits for b in blocks if b.router_logits is not None]
-    if not logits:
+    from the router logits the MoE blocks kept (empty dict for a dense model). Works through DDP / FSDP /
+    compile wrappers: it finds the blocks among ``model.modules()``."""
+    blocks = [b for b in moe_blocks(model) if b.router_logits is not None]
+    if not blocks:
         return {}
-    cfg = model.config
-    lb = load_balancing_loss(logits, cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
+    logits = [b.router_logits for b in blocks]
+    b0 = blocks[0]
+    lb = load_balancing_loss(logits, len(b0.experts), b0.top_k, attention_mask)
     z = z_loss(logits)
-    return {"aux": cfg.router_aux_loss_coef * lb + cfg.router_z_loss_coef * z, "load_balancing": lb, "z": z}
+    return {"aux": b0.aux_coef * lb + b0.z_coef * z, "load_balancing": lb, "z": z}
 
 
 def expert_utilization(model: nn.Module) -> Tensor:

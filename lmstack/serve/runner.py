@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmstack.model.rope import rope_attention_factor
 from lmstack.model.transformer import Transformer, rope_inv_freq
 from lmstack.serve.scheduler import ScheduledSeq
 
@@ -146,6 +147,10 @@ def kernel_supported(model: Transformer, prefix_kv: object = None) -> str | None
         return "prefix / prompt tuning uses the eager path"
     if cfg.head_dim % 2 or cfg.num_attention_heads % cfg.num_key_value_heads:
         return "odd head_dim or heads not a multiple of key/value heads"
+    if cfg.num_experts:
+        return "mixture-of-experts layers run on the eager path"
+    if rope_attention_factor(cfg) != 1.0:
+        return "YaRN's RoPE attention factor is not in the kernel"
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         mods = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]

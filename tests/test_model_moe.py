@@ -1,0 +1,160 @@
+"""Mixture of experts against transformers: Mixtral, Qwen2-MoE (shared expert, sigmoid gate) and Qwen3-MoE
+logits (load and save), the sorted dispatch against a per-token loop written here, the load-balancing loss
+against transformers' ``load_balancing_loss_func``, the z-loss against its formula, gradients reaching the
+router, the ``moe`` preset, and the serving engine's greedy output against transformers ``generate``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lmstack.model import KVCache, Transformer, load_model, preset, save_model
+from lmstack.model.moe import dispatch, load_balancing_loss, route, z_loss
+from tests.model_fixtures import MOE_ARCHS, make_model
+from tests.test_model_hf import hf_logits, padded_batch
+
+
+@pytest.fixture(scope="module", params=MOE_ARCHS)
+def moe_dir(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"moe_{request.param}")
+    return request.param, path, make_model(request.param, path)
+
+
+def test_moe_logits_match_transformers(moe_dir):
+    arch, path, hf = moe_dir
+    ours = load_model(path, device="cpu", dtype="fp32")
+    assert ours.config.model_type == arch and ours.config.num_experts == 4
+    ids, mask, pos = padded_batch()
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask, position_ids=pos)
+    assert_close(got[mask.bool()], hf_logits(hf, ids, mask, pos)[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+def test_moe_save_loads_in_transformers_with_hub_names(moe_dir, tmp_path):
+    import transformers
+    from safetensors import safe_open
+
+    arch, path, hf = moe_dir
+    out = save_model(load_model(path), tmp_path / "saved")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    expert = {"mixtral": "model.layers.0.block_sparse_moe.experts.3.w2.weight"}.get(
+        arch, "model.layers.0.mlp.experts.3.down_proj.weight")
+    assert expert in keys  # the per-expert layout of Hub checkpoints
+    back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids, mask, pos = padded_batch()
+    assert_close(hf_logits(back, ids, mask, pos)[mask.bool()], hf_logits(hf, ids, mask, pos)[mask.bool()],
+                 atol=1e-5, rtol=1e-5)
+
+
+def test_moe_kv_cache_matches_full_forward(moe_dir):
+    _, path, _ = moe_dir
+    m = load_model(path)
+    cfg = m.config
+    ids, mask, pos = padded_batch()
+    with torch.no_grad():
+        full = m(ids, attention_mask=mask, position_ids=pos)
+        cache = KVCache(cfg.num_hidden_layers, 3, cfg.num_key_value_heads, cfg.head_dim, 32, torch.float32,
+                        torch.device("cpu"), cfg.sliding_window)
+        cache.set_padding(mask[:, :15])
+        outs = [m(ids[:, :15], position_ids=pos[:, :15], ctx=cache)]
+        cache.advance(15)
+        for t in range(15, 20):
+            cache.set_padding(mask[:, t:t + 1])
+            outs.append(m(ids[:, t:t + 1], position_ids=pos[:, t:t + 1], ctx=cache))
+            cache.advance(1)
+    assert_close(torch.cat(outs, 1)[mask.bool()], full[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+def test_sorted_dispatch_equals_per_token_sum():
+    torch.manual_seed(0)
+    experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 8))
+                                  for _ in range(5))
+    x = torch.randn(37, 8)
+    logits = torch.randn(37, 5)
+    logits[:, 4] = -30  # expert 4 receives no token: an empty group
+    w, idx = route(logits, 2, normalize=False)
+    want = torch.zeros_like(x)
+    probs = logits.softmax(-1)
+    for t in range(37):  # reference: each token, its two most probable experts, weighted by their probability
+        top = sorted(range(5), key=lambda e: -probs[t, e].item())[:2]
+        for e in top:
+            want[t] += probs[t, e] * experts[e](x[t])
+    with torch.no_grad():
+        assert_close(dispatch(x, w, idx, experts), want.detach(), atol=1e-5, rtol=1e-5)
+    wn, _ = route(logits, 2, normalize=True)
+    assert_close(wn.sum(-1), torch.ones(37))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_load_balancing_loss_matches_transformers(masked):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    g = torch.Generator().manual_seed(3)
+    layers = [torch.randn(2 * 9, 6, generator=g) for _ in range(3)]
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    am = mask if masked else None
+    want = load_balancing_loss_func(tuple(layers), 6, 2, am)
+    assert_close(load_balancing_loss(layers, 6, 2, am), want)
+    # perfectly uniform routing gives the minimum, top_k (f sums to k over experts, P = 1/E)
+    assert_close(load_balancing_loss([torch.zeros(12, 6)], 6, 2), torch.tensor(2.0), atol=1e-6, rtol=0)
+
+
+def test_z_loss_formula():
+    logits = [torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.5, 0.5]]), torch.tensor([[3.0, -2.0, 0.0]])]
+    rows = [[1.0, 2.0, -1.0], [0.5, 0.5, 0.5], [3.0, -2.0, 0.0]]
+    want = sum(math.log(sum(math.exp(v) for v in r)) ** 2 for r in rows) / 3
+    assert z_loss(logits).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_router_losses_in_training_match_transformers_aux_loss(tmp_path):
+    """In training mode the blocks keep their router logits; lmstack's load-balancing term equals the
+    aux_loss transformers returns for the same batch, and the aux loss sends gradient to every router."""
+    hf = make_model("mixtral", tmp_path, output_router_logits=True)
+    ours = load_model(tmp_path).train()
+    ids, mask, pos = padded_batch()
+    hf.train()
+    want = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).aux_loss
+    ours(ids, attention_mask=mask, position_ids=pos)
+    losses = ours.router_losses(mask)
+    assert_close(losses["load_balancing"], want.detach(), atol=1e-5, rtol=1e-5)
+    assert_close(losses["aux"], ours.config.router_aux_loss_coef * losses["load_balancing"]
+                 + ours.config.router_z_loss_coef * losses["z"])
+    losses["aux"].backward()
+    for layer in ours.model.layers:
+        assert layer.block_sparse_moe.gate.weight.grad.abs().sum() > 0
+    ours.eval()
+    with torch.no_grad():
+        ours(ids)
+    assert ours.router_losses() == {}  # nothing kept at inference
+
+
+def test_moe_preset_parameters_and_active_share():
+    cfg = preset("moe")
+    with torch.device("meta"):  # shapes only
+        m = Transformer(cfg)
+    assert m.num_parameters() == cfg.num_parameters()
+    active = cfg.num_parameters(active_only=True)
+    assert active < 0.6 * cfg.num_parameters()
+    per_layer_experts = cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert cfg.num_parameters() - active == cfg.num_hidden_layers * per_layer_experts * (
+        cfg.num_experts - cfg.num_experts_per_tok) // cfg.num_experts
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_engine_greedy_matches_transformers(arch, tmp_path):
+    from lmstack.serve.llm import load
+    from tests.engine_fixtures import INIT, hf_greedy
+
+    hf = make_model(arch, tmp_path, initializer_range=INIT)
+    prompt = [40, 41] * 9 + [7]
+    ref = hf_greedy(hf, prompt, 12)
+    llm = load(tmp_path, device="cpu")
+    assert "experts" in llm.engine.kernel_reason  # the compiled CPU kernel declines, with the reason
+    outs = llm.generate([prompt, prompt[:5]], temperature=0, max_tokens=12, ignore_eos=True)
+    assert outs[0].outputs[0].token_ids == ref
+    assert llm.engine.block_manager.num_used == 0
