@@ -34,12 +34,18 @@ def read_yaml(path: str | Path, *, expect: type = dict, error: type[Exception] =
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {what} not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if b"\x00" in raw[:8192]:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: a binary file, not YAML text ({e.reason} at byte {e.start}); pass a {what}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise error(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        why = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise error(f"{path}{where}: invalid YAML ({why})") from None
     if data is None:
         data = expect()
     if not isinstance(data, expect):

@@ -24,3 +24,13 @@ class DataError(LmstackError):
 
 class CheckpointError(LmstackError):
     """A model or checkpoint directory is missing, incomplete, corrupt or inconsistent."""
+
+
+class Interrupted(LmstackError):
+    """The user stopped a run (Ctrl-C = SIGINT, or SIGTERM). The message says what was kept and how to resume;
+    the exit status is the shell's convention, 128 + the signal number (130 / 143)."""
+
+    def __init__(self, message: str, signum: int = 2):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+

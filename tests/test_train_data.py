@@ -13,7 +13,7 @@ import yaml
 from lmstack.errors import ConfigError, DataError
 from lmstack.train import PretrainConfig, pretrain
 from lmstack.train.data import PackedBatches, eval_batches
-from tests.train_fixtures import TINY_MODEL, write_shards
+from tests.train_fixtures import TINY_MODEL, TINY_TOKENIZER, tiny_tokenizer_json, write_shards
 
 torch.set_num_threads(2)
 
@@ -108,7 +108,7 @@ def test_pretrain_from_preset_end_to_end(tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["seq_len"] == 32 and saved["train"]["lr"] == 1e-2
     final = res.final_dir
-    assert (final / "tokenizer.json").read_bytes() == b'{"fake": "tokenizer"}'  # from the shards' tokenizer_dir
+    assert (final / "tokenizer.json").read_bytes() == TINY_TOKENIZER  # from the shards' tokenizer_dir
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     assert hf.config.vocab_size == 256 and hf.config.eos_token_id == 2
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
@@ -117,7 +117,7 @@ def test_pretrain_from_preset_end_to_end(tmp_path):
 def test_continued_pretraining_from_hf_dir(tmp_path):
     from tests.conftest import make_hf_model
 
-    tok = b'{"same": "tokenizer"}'
+    tok = tiny_tokenizer_json("same")
     shards = write_shards(tmp_path / "shards", tokenizer_json=tok)
     make_hf_model("qwen2", tmp_path / "base")
     (tmp_path / "base" / "tokenizer.json").write_bytes(tok)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lmstack.train import LossOutput, TrainConfig, TrainingDiverged, causal_lm_loss, fit
 from tests.train_fixtures import (
-    KILL_AT, KILL_STEPS, TINY_MODEL, dist_data, dist_model, dist_train_config, kill_train_config, write_shards,
+    KILL_AT, KILL_STEPS, TINY_MODEL, TINY_TOKENIZER, dist_data, dist_model, dist_train_config, kill_train_config, write_shards,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def test_outputs_metrics_plot_and_final_model(shards, tmp_path):
 
     tok = tmp_path / "tok"
     tok.mkdir()
-    (tok / "tokenizer.json").write_text('{"t": 1}')
+    (tok / "tokenizer.json").write_bytes(TINY_TOKENIZER)
     model = dist_model()
     run = tmp_path / "run"
     res = fit(model, dist_data(shards, 0, 1, 4), causal_lm_loss,
@@ -236,7 +236,7 @@ def test_outputs_metrics_plot_and_final_model(shards, tmp_path):
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "config.yaml").is_file()
     # the final directory loads in transformers; its val loss is the logged one
-    assert (res.final_dir / "tokenizer.json").read_text() == '{"t": 1}'
+    assert (res.final_dir / "tokenizer.json").read_bytes() == TINY_TOKENIZER
     hf = transformers.AutoModelForCausalLM.from_pretrained(res.final_dir, dtype=torch.float32).eval()
     tot, n = 0.0, 0
     with torch.no_grad():

@@ -13,8 +13,18 @@ TINY_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hid
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
+def tiny_tokenizer_json(word: str = "hello") -> bytes:
+    """A valid (WordLevel) tokenizer.json: saving a model reads its tokenizer's stop tokens."""
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({"<unk>": 0, word: 1}, unk_token="<unk>")).to_str().encode()
+
+
+TINY_TOKENIZER = tiny_tokenizer_json()
+
+
 def write_shards(root: Path, *, train_tokens: int = 4000, val_tokens: int = 600, vocab: int = 256,
-                 n_files: int = 2, seed: int = 0, tokenizer_json: bytes | None = b'{"fake": "tokenizer"}',
+                 n_files: int = 2, seed: int = 0, tokenizer_json: bytes | None = TINY_TOKENIZER,
                  eos: int = 2) -> Path:
     """Documents of a learnable pattern (counting mod 50 from a random start) separated by EOS."""
     root = Path(root)

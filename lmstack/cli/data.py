@@ -22,6 +22,10 @@ def _summary(report: dict) -> None:
         t.add_row(s["name"], f"{s['docs_in']:,}", f"{s['docs_out']:,}", f"{s['chars_in']:,}", f"{s['chars_out']:,}",
                   reasons)
     Console().print(t)
+    problems = (report.get("read") or {}).get("problems") or {}
+    if problems:  # unreadable paths, binary files, oversized records, malformed lines: never silent
+        typer.echo("input problems (skipped; details in report.html): "
+                   + ", ".join(f"{k}={v:,}" for k, v in sorted(problems.items())), err=True)
 
 
 def _done(report: dict, shard: Optional[str], out: Optional[str]) -> None:
@@ -44,12 +48,13 @@ def register(app: typer.Typer) -> None:
     def run(ctx: typer.Context,
             config: str = typer.Option(..., "--config", "-c", help="Pipeline YAML (see docs/data.md)."),
             out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (or out_dir in the YAML)."),
-            shard: Optional[str] = typer.Option(None, "--shard", help="Run only shard i/n (then `lmstack data merge`).")
+            shard: Optional[str] = typer.Option(None, "--shard", help="Run only shard i/n (then `lmstack data merge`)."),
+            strict: bool = typer.Option(False, "--strict", help="Stop at an unreadable file or directory.")
             ) -> None:
         """Run the whole pipeline from a YAML config; extra args `section.key=value` override it."""
         from lmstack.data.pipeline import run_pipeline
 
-        r = run_pipeline(config, out, shard=shard, overrides=ctx.args)
+        r = run_pipeline(config, out, shard=shard, overrides=[*ctx.args, *(["strict=true"] if strict else [])])
         _done(r, shard, out)
 
     @data.command("merge", context_settings=_EXTRA)

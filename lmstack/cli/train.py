@@ -34,5 +34,4 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{res.stopped}: {res.steps} steps, last loss {res.last_loss:.4f}"
                        + (f", best val loss {res.best_val_loss:.4f}" if res.best_val_loss is not None else "")
                        + f"; model: {where}; metrics: {res.metrics_path}")
-        if res.stopped == "interrupted":
-            raise typer.Exit(130)
+        res.raise_if_interrupted("pretraining")

@@ -66,8 +66,7 @@ def register(app: typer.Typer) -> None:
                                                               "run_dir": run_dir, "train.resume": resume})
         res = finetune(stage_config(FinetuneConfig, config, "finetune", ov))
         typer.echo(_summary(res))
-        if res.stopped == "interrupted":
-            raise typer.Exit(130)
+        res.raise_if_interrupted("finetuning")
 
     align = typer.Typer(help="Preference alignment.", no_args_is_help=True)
     app.add_typer(align, name="align")
@@ -91,8 +90,7 @@ def register(app: typer.Typer) -> None:
                                                               "run_dir": run_dir, "train.resume": resume})
         res = align_dpo(stage_config(DPOConfig, config, "dpo", ov))
         typer.echo(_summary(res))
-        if res.stopped == "interrupted":
-            raise typer.Exit(130)
+        res.raise_if_interrupted("DPO")
 
     @app.command("distill", context_settings=_EXTRA)
     def distill_cmd(
@@ -114,8 +112,7 @@ def register(app: typer.Typer) -> None:
                   **{"data.path": data, "method": method, "run_dir": run_dir, "train.resume": resume})
         res = distill(stage_config(DistillConfig, config, "distill", ov))
         typer.echo(_summary(res))
-        if res.stopped == "interrupted":
-            raise typer.Exit(130)
+        res.raise_if_interrupted("distillation")
 
     @app.command("merge")
     def merge_cmd(

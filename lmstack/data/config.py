@@ -110,6 +110,8 @@ class DataPipelineConfig(StrictModel):
     workers: int = Field(0, ge=0)               # processes; 0 = every core
     batch_size: int = Field(256, ge=1)          # documents per worker task
     examples: int = Field(3, ge=0)              # examples kept per removal reason in the report
+    strict: bool = False                        # an unreadable file or directory stops the run (else: counted)
+    max_record_bytes: int = Field(8 << 20, ge=1024)  # larger documents are skipped as record_too_large
     normalize: NormalizeConfig = NormalizeConfig()
     language: LanguageConfig = LanguageConfig()
     quality: QualityConfig = QualityConfig()

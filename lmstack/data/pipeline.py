@@ -38,9 +38,11 @@ from lmstack.data.minhash import exact_duplicates, near_duplicates
 from lmstack.data.mix import mix_rates, repeats
 from lmstack.data.readers import ReadStats, expand_inputs, iter_file
 from lmstack.data.report import HIST_EDGES, length_hist, write_report
-from lmstack.data.steps import STEP_ORDER, StepStats, init_worker, load_blocklist, process_batch, snippet
+from lmstack.data.steps import (
+    STEP_ORDER, StepStats, init_pool_worker, init_worker, load_blocklist, process_batch, snippet,
+)
 from lmstack.errors import ConfigError, DataError
-from lmstack.utils.io import atomic_dir, atomic_write, file_sha256, read_json
+from lmstack.utils.io import atomic_dir, atomic_write, file_sha256, read_json, remove_stale_temps
 from lmstack.utils.progress import progress
 
 STAGING = "_staging"
@@ -86,8 +88,10 @@ def iter_records(cfg: DataPipelineConfig, shard: tuple[int, int], stats: ReadSta
     for fidx, name, path, rel, inp in files:
         if by_file and fidx % n != i:
             continue
-        st = stats if by_file else ReadStats()  # record mode: every shard reads the file, shard 0 reports it
-        for k, rec in enumerate(iter_file(path, rel, name, inp.text_field, st, inp.txt_mode, tuple(inp.keep_fields))):
+        st = stats if by_file else ReadStats(strict=stats.strict)  # record mode: every shard reads the file,
+        recs = iter_file(path, rel, name, inp.text_field, st, inp.txt_mode, tuple(inp.keep_fields),  # shard 0 reports
+                         max_record_bytes=cfg.max_record_bytes)
+        for k, rec in enumerate(recs):
             if not by_file and (fidx + k) % n != i:
                 continue
             if not by_file:
@@ -119,7 +123,7 @@ def _ordered_pool_map(fn, batches: Iterator[list], workers: int, initargs: tuple
         return
     # fork like torch DataLoader workers (lmstack.utils imports torch, but no torch threads run here)
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, initializer=init_worker, initargs=initargs) as pool:
+    with ctx.Pool(workers, initializer=init_pool_worker, initargs=initargs) as pool:
         pending: collections.deque = collections.deque()
         for b in batches:
             pending.append(pool.apply_async(fn, (b,)))
@@ -149,12 +153,13 @@ def run_shard(cfg: DataPipelineConfig, out_dir: str | os.PathLike, shard: tuple[
     num_perm = cfg.dedup.num_perm
     sources = _source_names(cfg)
     src_idx = {s: k for k, s in enumerate(sources)}
-    read = ReadStats()
+    read = ReadStats(strict=cfg.strict)
     steps = {k: StepStats(k) for k in STEP_ORDER[1:6]}
     hist_in = np.zeros(len(length_hist([])), dtype=np.int64)
     t0 = time.time()
     n_docs = 0
     created_by = f"lmstack {__version__}"
+    remove_stale_temps(out_dir / STAGING)  # a shard killed while writing leaves .shard-*.tmp-PID
     with atomic_dir(_shard_dir(out_dir, i, n)) as tmp, progress() as bar:
         task = bar.add_task(f"clean shard {i}/{n}" if n > 1 else "clean", total=None)
         with open(tmp / "docs.jsonl", "w", encoding="utf-8") as fdocs, open(tmp / "pos.bin", "wb") as fpos, \
@@ -229,6 +234,7 @@ def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_stagi
     """Phase 2: global exact + near dedup and mixing over all shards; writes data.jsonl and the report."""
     t0 = time.time()
     out_dir = Path(out_dir)
+    remove_stale_temps(out_dir)  # left by a merge killed while writing (SIGKILL)
     n, dirs, sums = _load_shards(cfg, out_dir)
     counts = [s["documents"] for s in sums]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -333,7 +339,7 @@ def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_stagi
     mix.docs_out, mix.chars_out = n_out, chars_out
 
     # assemble the report
-    read = ReadStats()
+    read = ReadStats(strict=cfg.strict)
     steps = {k: StepStats(k) for k in STEP_ORDER[1:6]}
     hist_in = np.zeros_like(hist_out)
     for s in sums:

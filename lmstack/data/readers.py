@@ -4,6 +4,12 @@ Every reader yields :class:`Record` objects one at a time (constant memory, exce
 whole-file txt/html documents, which hold one file). Malformed input never stops a run: bad JSON lines,
 missing or non-string text fields, undecodable bytes and empty files are counted in :class:`ReadStats` with
 ``file:line`` examples. A missing input path stops *before* any work (:func:`expand_inputs`).
+
+Always, whatever the later filters: a file whose first 8 KiB hold a NUL byte or mostly control characters
+is ``binary_file`` (not text, whatever its name); a record (line, field, whole file) over
+``max_record_bytes`` is skipped as ``record_too_large`` without being read into memory whole; a directory or
+file that cannot be read is ``unreadable_path`` / ``unreadable_file`` -- counted and reported, and fatal when
+``ReadStats.strict`` (``lmstack data run --strict``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ JSONL_EXT = {".jsonl", ".ndjson"}
 SUPPORTED = TEXT_EXT | HTML_EXT | JSONL_EXT | {".json", ".csv", ".tsv", ".parquet"}
 COMPRESSED = {".gz", ".zst", ".zstd", ".bz2", ".xz"}
 MAX_EXAMPLES = 20
+MAX_RECORD_BYTES = 8 << 20  # 8 MiB of text per document; larger ones are skipped (record_too_large)
+MAX_JSON_ARRAY_BYTES = 1 << 30  # a .json file is parsed whole; larger: convert it to JSON Lines
+BINARY_SAMPLE = 8192
+UNREADABLE = ("unreadable_path", "unreadable_file")
 
 
 @dataclass
@@ -50,8 +60,12 @@ class ReadStats:
     bytes: int = 0
     problems: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    strict: bool = False  # an unreadable path raises DataError instead of being counted
 
     def bad(self, kind: str, where: str, detail: str = "") -> None:
+        if self.strict and kind in UNREADABLE:
+            raise DataError(f"{where}: cannot read it ({detail}); fix its permissions or remove it from the inputs "
+                            "(without --strict it is skipped and counted in the report)")
         self.problems[kind] += 1
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(f"{where}: {kind}" + (f" ({detail})" if detail else ""))
@@ -116,14 +130,75 @@ def expand_inputs(pattern: str | os.PathLike, where: str = "inputs") -> list[tup
             raise DataError(f"{where}: {spec!r} matches no files; check the path and the glob pattern")
         return [(f, str(f.relative_to(base)) if f.is_relative_to(base) else f.name) for f in files]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                       and split_ext(f)[0] in SUPPORTED)
-        if not files:
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise DataError(f"{where}: directory {spec} cannot be read (permission denied); fix its permissions")
+        files, unreadable = _walk(p)
+        if not files and not unreadable:
             raise DataError(f"{where}: directory {spec} has no supported files ({', '.join(sorted(SUPPORTED))})")
-        return [(f, str(f.relative_to(p))) for f in files]
+        if not files and len(unreadable) == 1 and unreadable[0] == p:
+            raise DataError(f"{where}: directory {spec} cannot be read; fix its permissions")
+        # unreadable subdirectories stay in the list: the reader counts each as unreadable_path
+        return sorted(((f, str(f.relative_to(p))) for f in files + unreadable), key=lambda x: str(x[0]))
     if p.is_file():
         return [(p, p.name)]
     raise DataError(f"{where}: input path {spec} does not exist")
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+    """(supported files, directories that could not be listed) under ``root``; hidden entries skipped."""
+    files: list[Path] = []
+    unreadable: list[Path] = []
+
+    def onerror(e: OSError) -> None:
+        unreadable.append(Path(e.filename) if e.filename else root)
+
+    for d, dirs, names in os.walk(root, onerror=onerror):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        for n in names:
+            f = Path(d) / n
+            if not n.startswith(".") and split_ext(f)[0] in SUPPORTED and f.is_file():
+                files.append(f)
+    return files, unreadable
+
+
+def looks_binary(sample: bytes) -> bool:
+    """NUL bytes, or more than 10% control characters other than tab / newline / CR / form feed / escape
+    (the heuristic of ``file`` and git: text never holds NUL)."""
+    if not sample:
+        return False
+    if b"\x00" in sample:
+        return True
+    ctrl = sum(1 for b in sample if b < 32 and b not in (9, 10, 12, 13, 27))
+    return ctrl > 0.1 * len(sample)
+
+
+def _peek(fh: Any, n: int = BINARY_SAMPLE) -> bytes:
+    try:
+        return bytes(fh.peek(n)[:n])
+    except (AttributeError, OSError, EOFError, ValueError):
+        return b""
+
+
+def _read_capped(fh: Any, cap: int) -> bytes | None:
+    """The rest of ``fh``, or None (after draining nothing more) when it exceeds ``cap`` bytes."""
+    raw = fh.read(cap + 1)
+    return None if len(raw) > cap else raw
+
+
+def _lines_capped(fh: Any, cap: int) -> Iterator[bytes | None]:
+    """Lines of ``fh``; a line over ``cap`` bytes yields None and is skipped in chunks (never held whole)."""
+    while True:
+        raw = fh.readline(cap + 1)
+        if not raw:
+            return
+        if len(raw) > cap and not raw.endswith(b"\n"):
+            while True:
+                rest = fh.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield None
+            continue
+        yield raw
 
 
 def _decode(raw: bytes, stats: ReadStats, where: str) -> str:
@@ -143,8 +218,12 @@ def _field(obj: Any, dotted: str) -> Any:
 
 
 def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadStats,
-              txt_mode: str = "file", keep_fields: tuple[str, ...] = ()) -> Iterator[Record]:
+              txt_mode: str = "file", keep_fields: tuple[str, ...] = (),
+              max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[Record]:
     """Yield the records of one file; problems go to ``stats``."""
+    if path.is_dir():  # a subdirectory the walk could not list
+        stats.bad("unreadable_path", str(path), "directory cannot be listed")
+        return
     fmt, _ = split_ext(path)
     stats.files += 1
     name = f"{source}/{rel}"
@@ -154,15 +233,22 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
     try:
         fh = open_binary(path)
     except OSError as e:
-        stats.bad("unreadable_file", str(path), str(e))
+        stats.bad("unreadable_file", str(path), e.strerror or str(e))
         return
     n_before, p_before = stats.records, sum(stats.problems.values())
+    cap = max_record_bytes
     try:
         with fh:
+            if fmt != ".parquet" and looks_binary(_peek(fh)):
+                stats.bad("binary_file", str(path), "NUL bytes or control characters: not text")
+                return
             if fmt in JSONL_EXT or (fmt in TEXT_EXT and txt_mode == "line"):
-                for lineno, raw in enumerate(fh, 1):
-                    stats.bytes += len(raw)
+                for lineno, raw in enumerate(_lines_capped(fh, cap), 1):
                     where = f"{path}:{lineno}"
+                    if raw is None:
+                        stats.bad("record_too_large", where, f"line over {cap:,} bytes; skipped")
+                        continue
+                    stats.bytes += len(raw)
                     line = _decode(raw, stats, where).strip()
                     if not line:
                         continue
@@ -176,11 +262,15 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
                         stats.bad("malformed_json", where, e.msg)
                         continue
                     rec = _record_from_obj(obj, text_field, stats, where, f"{name}:{lineno}", source, path, lineno,
-                                           keep_fields)
+                                           keep_fields, cap)
                     if rec is not None:
                         yield rec
             elif fmt == ".json":
-                raw = fh.read()
+                raw = _read_capped(fh, MAX_JSON_ARRAY_BYTES)
+                if raw is None:
+                    stats.bad("record_too_large", str(path), f".json file over {MAX_JSON_ARRAY_BYTES:,} bytes is "
+                              "parsed whole; convert it to JSON Lines")
+                    return
                 stats.bytes += len(raw)
                 try:
                     data = json.loads(_decode(raw, stats, str(path)))
@@ -190,11 +280,11 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
                 items = data if isinstance(data, list) else [data]
                 for row, obj in enumerate(items, 1):
                     rec = _record_from_obj(obj, text_field, stats, f"{path}[{row}]", f"{name}:{row}", source, path,
-                                           row, keep_fields)
+                                           row, keep_fields, cap)
                     if rec is not None:
                         yield rec
             elif fmt in (".csv", ".tsv"):
-                csv.field_size_limit(sys.maxsize)
+                csv.field_size_limit(min(cap, sys.maxsize))
                 text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")
                 reader = csv.DictReader(text, delimiter="\t" if fmt == ".tsv" else ",")
                 if reader.fieldnames is not None and text_field not in reader.fieldnames:
@@ -202,7 +292,7 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
                     return
                 for row, obj in enumerate(reader, 1):
                     rec = _record_from_obj(obj, text_field, stats, f"{path}:{row + 1}", f"{name}:{row}", source,
-                                           path, row, keep_fields)
+                                           path, row, keep_fields, cap)
                     if rec is not None:
                         yield rec
             elif fmt == ".parquet":
@@ -218,11 +308,14 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
                     for obj in batch.to_pylist():
                         row += 1
                         rec = _record_from_obj(obj, text_field, stats, f"{path}[row {row}]", f"{name}:{row}", source,
-                                               path, row, keep_fields)
+                                               path, row, keep_fields, cap)
                         if rec is not None:
                             yield rec
             else:  # whole-file text / markdown / html document, or txt paragraphs
-                raw = fh.read()
+                raw = _read_capped(fh, cap if txt_mode != "paragraph" else MAX_JSON_ARRAY_BYTES)
+                if raw is None:
+                    stats.bad("record_too_large", str(path), f"document over {cap:,} bytes; skipped")
+                    return
                 stats.bytes += len(raw)
                 text = _decode(raw, stats, str(path))
                 if fmt in TEXT_EXT and txt_mode == "paragraph":
@@ -242,6 +335,8 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
                 elif text.strip():
                     stats.records += 1
                     yield Record(text, f"{name}:0", source, str(path), 0, html=fmt in HTML_EXT)
+    except csv.Error as e:  # a field over the cap
+        stats.bad("record_too_large", str(path), f"csv: {e}")
     except (OSError, EOFError, ValueError) as e:  # truncated gzip/zstd, corrupt parquet
         stats.bad("corrupt_file", str(path), f"{type(e).__name__}: {e}")
     if stats.records == n_before and sum(stats.problems.values()) == p_before:
@@ -249,7 +344,7 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
 
 
 def _record_from_obj(obj: Any, text_field: str, stats: ReadStats, where: str, rid: str, source: str, path: Path,
-                     line: int, keep_fields: tuple[str, ...]) -> Record | None:
+                     line: int, keep_fields: tuple[str, ...], cap: int = MAX_RECORD_BYTES) -> Record | None:
     if not isinstance(obj, dict):
         stats.bad("not_an_object", where, type(obj).__name__)
         return None
@@ -262,6 +357,9 @@ def _record_from_obj(obj: Any, text_field: str, stats: ReadStats, where: str, ri
         return None
     if not text.strip():
         stats.bad("empty_text", where)
+        return None
+    if len(text) > cap // 4 and len(text.encode("utf-8")) > cap:
+        stats.bad("record_too_large", where, f"{text_field!r} over {cap:,} bytes; skipped")
         return None
     stats.records += 1
     meta = {k: obj[k] for k in keep_fields if k in obj}

@@ -157,7 +157,9 @@ def write_shards(texts: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
             "vocab_size": vocab,
             "eos_token_id": int(eos),
             "tokenizer_sha256": getattr(tokenizer, "sha256", None),
-            "tokenizer_dir": tokenizer_dir,
+            # relative to this directory, so the shards find their tokenizer from any working directory
+            "tokenizer_dir": (os.path.relpath(os.path.abspath(tokenizer_dir), os.path.abspath(out_dir))
+                              if tokenizer_dir else None),
             "splits": {"train": train.close(), "val": val.close()},
             "sources": sources() if callable(sources) else list(sources or []),
             "created_by": f"lmstack {__version__}",

@@ -209,6 +209,16 @@ def init_worker(cfg_json: str, blockwords: list[str], with_dedup_keys: bool) -> 
     _PROC = DocProcessor(DataPipelineConfig.model_validate_json(cfg_json), blockwords, with_dedup_keys)
 
 
+def init_pool_worker(cfg_json: str, blockwords: list[str], with_dedup_keys: bool) -> None:
+    """Pool initializer: the parent alone handles Ctrl-C / SIGTERM (it stops the pool, which terminates the
+    workers); a worker interrupted mid-batch would otherwise die without a result and leave the parent waiting."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    init_worker(cfg_json, blockwords, with_dedup_keys)
+
+
 def process_batch(batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, dict]]:
     """Run the steps over a batch; returns (surviving records, step stats as dicts)."""
     assert _PROC is not None, "init_worker was not called"

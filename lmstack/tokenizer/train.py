@@ -329,6 +329,9 @@ def default_tokenizer_config(special_tokens: Sequence[str], chat_template: str |
     return cfg
 
 
+MAX_VOCAB = 1 << 21  # 2,097,152: 8x the largest released vocabularies (~256k)
+
+
 def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_size: int,
                     out_dir: str | os.PathLike | None = None, special_tokens: Sequence[str] | None = None,
                     min_frequency: int = 2, text_field: str = "text", chat_template: str | None = CHATML_TEMPLATE,
@@ -361,6 +364,10 @@ def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_s
     if vocab_size < floor:
         raise LmstackError(f"vocab_size {vocab_size} is too small: 256 byte tokens + {len(specials)} special "
                            f"tokens need at least {floor}; use e.g. --vocab-size 32000")
+    if vocab_size > MAX_VOCAB:
+        raise LmstackError(f"vocab_size {vocab_size} is too large: the BPE trainer preallocates per token (10^9 "
+                           f"needs ~70 GB) and token ids must fit the shards' uint32; use at most {MAX_VOCAB:,} "
+                           "(e.g. --vocab-size 32000)")
     backend = build_bpe_tokenizer(specials)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,

@@ -62,7 +62,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from lmstack.errors import LmstackError
+from lmstack.errors import Interrupted, LmstackError
 from lmstack.train import checkpoint as ckpt
 from lmstack.train import distributed as D
 from lmstack.train.config import TrainConfig
@@ -90,6 +90,16 @@ class FitResult:
     bad_steps: int = 0
     stopped: str = "completed"  # "completed" | "interrupted"
     checkpoint_dir: Path | None = None  # last checkpoint written or resumed from
+    signal: int | None = None  # what stopped an interrupted run: signal.SIGINT or signal.SIGTERM
+
+    def raise_if_interrupted(self, what: str = "training") -> None:
+        """For the CLI: an interrupted run becomes :class:`Interrupted` (exit 130 / 143) naming what was kept."""
+        if self.stopped != "interrupted":
+            return
+        sig = self.signal or signal.SIGINT
+        kept = (f"checkpoint {self.checkpoint_dir} kept; continue with --resume auto" if self.checkpoint_dir
+                else "no checkpoint was written")
+        raise Interrupted(f"{what} interrupted by {signal.Signals(sig).name} after step {self.steps}; {kept}", sig)
 
 
 class BatchSource(Protocol):
@@ -263,7 +273,7 @@ def fit(
             if interrupted:
                 logger.close()
                 return FitResult(None, state.step, last_loss, state.best_val_loss, logger.path,
-                                 state.bad_steps, "interrupted", last_ckpt)
+                                 state.bad_steps, "interrupted", last_ckpt, stop.signum)
 
     final_dir = None
     if cfg.save_final:
@@ -339,11 +349,13 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.is_set = False
+        self.signum: int | None = None
 
     def _handler(self, signum, frame) -> None:
         if self.is_set and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.is_set = True
+        self.signum = self.signum or signum
 
     @contextlib.contextmanager
     def installed(self):

@@ -56,6 +56,11 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
         over.setdefault("eos_token_id", index.get("eos_token_id"))
         mc = preset(cfg.model.preset or "tiny", **over)
         model = build_model(mc, device="cpu", dtype="fp32", seed=tc.seed).train()
+    if tokenizer_dir is None and (index.get("tokenizer_dir") or shard_sha):
+        # the run's final/ would be a model directory no one can load (no tokenizer): refuse before training
+        raise DataError(f"{shards}/index.json: the tokenizer the shards were made with "
+                        f"({index.get('tokenizer_dir') or 'sha ' + str(shard_sha)[:12]}) is not found from here; "
+                        "restore it next to the shards, or re-run `lmstack data tokenize`")
     mc = model.config
 
     # ---- checks before any work

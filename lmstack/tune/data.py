@@ -98,6 +98,8 @@ def _check_messages(msgs: Any, what: str = "messages") -> list[dict[str, str]]:
             raise BadRecord(f'{what}[{i}] must be an object with "role" and "content"')
         if m["role"] not in ROLES:
             raise BadRecord(f'{what}[{i}].role is {m["role"]!r}; use one of {", ".join(ROLES)}')
+        if m.get("content") is None and not m.get("tool_calls"):  # only a tool-calling turn may omit it
+            raise BadRecord(f'{what}[{i}] ({m["role"]}) has no "content"')
         out.append({"role": m["role"], "content": _text(m.get("content") or "", f"{what}[{i}].content")})
     return out
 

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,7 +33,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     """Open a temp file beside ``path``; on success rename it over ``path``; on error remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
@@ -78,6 +79,48 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove what :func:`atomic_write` / :func:`atomic_dir` leave behind when their process was killed
+    (SIGKILL, power loss): ``.NAME.PID.XXXX.tmp`` files, ``.NAME.tmp-PID`` / ``.NAME.old-PID`` directories, and
+    pre-PID ``.NAME.XXXX.tmp`` files. Temporaries of a process that is still running are kept. Returns the
+    removed paths."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in d.iterdir():
+        name = p.name
+        if not name.startswith("."):
+            continue
+        pid = None
+        m = re.fullmatch(r"\..+\.(?:tmp|old)-(\d+)", name) or re.fullmatch(r"\..+?\.(\d+)\.[^.]+\.tmp", name)
+        if m:
+            pid = int(m.group(1))
+        elif not re.fullmatch(r"\..+\.[A-Za-z0-9_]{8}\.tmp", name):
+            continue  # not one of ours
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue
+        if pid == os.getpid():
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p)
+    return removed
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
