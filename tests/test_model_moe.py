@@ -158,3 +158,30 @@ def test_engine_greedy_matches_transformers(arch, tmp_path):
     outs = llm.generate([prompt, prompt[:5]], temperature=0, max_tokens=12, ignore_eos=True)
     assert outs[0].outputs[0].token_ids == ref
     assert llm.engine.block_manager.num_used == 0
+
+
+def test_training_loss_adds_router_losses_and_learns(tmp_path):
+    """lmstack's causal-LM loss adds the weighted router losses for an MoE model; a few AdamW steps on one
+    batch lower the LM loss and report the load-balancing term."""
+    import torch.nn.functional as F
+
+    from lmstack.train.losses import causal_lm_loss
+
+    make_model("qwen2_moe", tmp_path)
+    m = load_model(tmp_path).train()
+    m.config.router_z_loss_coef = 0.0
+    ids = torch.randint(3, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "targets": torch.roll(ids, -1, 1)}
+    out = causal_lm_loss(m, batch)
+    ce = F.cross_entropy(m(ids).flatten(0, 1), batch["targets"].flatten())
+    lb = load_balancing_loss([b.router_logits for b in m.modules() if hasattr(b, "router_logits")], 4, 2)
+    assert_close(out.loss, ce + m.config.router_aux_loss_coef * lb, atol=1e-5, rtol=1e-5)
+    assert out.metrics["moe_load_balancing"] == pytest.approx(lb.item(), rel=1e-5)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = out.metrics["lm_loss"]
+    for _ in range(8):
+        opt.zero_grad()
+        out = causal_lm_loss(m, batch)
+        out.loss.backward()
+        opt.step()
+    assert out.metrics["lm_loss"] < first - 0.5

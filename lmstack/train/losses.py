@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmstack.model.moe import router_losses
 from lmstack.train.loop import LossOutput
 
 IGNORE_INDEX = -100
@@ -31,4 +32,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     if n == 0:  # nothing to predict: a zero loss that still touches the graph (DDP needs a backward)
         return LossOutput(logits.sum() * 0.0, 0, {})
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    moe = router_losses(model, mask)  # MoE: weighted load-balancing + z-loss (lmstack.model.moe); {} if dense
+    if moe:
+        return LossOutput(loss + moe["aux"], n, {"lm_loss": loss.item(), "moe_z_loss": moe["z"].item(),
+                                                 "moe_load_balancing": moe["load_balancing"].item()})
     return LossOutput(loss, n, {})
