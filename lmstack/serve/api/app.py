@@ -189,13 +189,11 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 
 def _is_engine(obj: Any) -> bool:
-    try:
-        from lmstack.serve.async_engine import AsyncEngine
-        if isinstance(obj, AsyncEngine):
-            return True
-    except ImportError:  # pragma: no cover - engine not installed yet
-        pass
-    return inspect.iscoroutinefunction(getattr(obj, "abort", None)) and hasattr(obj, "stats")
+    """An AsyncEngine, or any object with its seam (async ``abort``, ``stats``), e.g. benchmarks/hf_engine.py's."""
+    from lmstack.serve.async_engine import AsyncEngine
+
+    return isinstance(obj, AsyncEngine) or (inspect.iscoroutinefunction(getattr(obj, "abort", None))
+                                            and hasattr(obj, "stats"))
 
 
 def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: Any, max_model_len: int | None,

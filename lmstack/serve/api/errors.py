@@ -21,18 +21,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmstack.errors import LmstackError
+from lmstack.serve.errors import EngineShuttingDown, PromptTooLong, QueueFull
 
 log = logging.getLogger("lmstack.serve.api")
 
-# The engine's errors (lmstack/serve/errors.py, owned by the engine). Imported defensively so the API
-# package still imports while the engine is being built; a missing class simply never matches.
-try:  # pragma: no cover - depends on the engine being present
-    from lmstack.serve.errors import EngineShuttingDown, PromptTooLong, QueueFull
-except ImportError:  # pragma: no cover
-    class _Never(Exception):
-        pass
-
-    QueueFull = EngineShuttingDown = PromptTooLong = _Never  # type: ignore[misc,assignment]
 
 
 class APIError(Exception):
