@@ -47,8 +47,9 @@ def _register_all() -> None:
 _register_all()
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is (like Ctrl-C) so ``finally`` blocks and pool shutdowns run."""
+class _Terminated(BaseException):
+    """SIGTERM, raised where the program is (like Ctrl-C) so ``finally`` blocks and pool shutdowns run. Not a
+    KeyboardInterrupt: typer turns those into a silent exit status 130."""
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -90,17 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False, prog_name="lmstack")
     except LmstackError as e:
         if debug or os.environ.get("LMSTACK_DEBUG"):
             raise
         print(f"lmstack: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt as e:
-        sig = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
-        print(f"lmstack: interrupted by {sig}; outputs are written atomically, so nothing partial was kept "
-              "(finished --shard outputs and checkpoints stay); run the command again to continue", file=sys.stderr)
-        return 143 if isinstance(e, _Terminated) else 130
+    except (KeyboardInterrupt, _Terminated) as e:
+        return _interrupted(isinstance(e, _Terminated))
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     except Exception as e:  # noqa: BLE001 -- click usage errors and OS errors on the user's paths
@@ -130,7 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+    if rc == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent Exit(130)
+        return _interrupted(False)
     return rc if isinstance(rc, int) else 0
+
+
+def _interrupted(term: bool) -> int:
+    print(f"lmstack: interrupted by {'SIGTERM' if term else 'SIGINT'}; outputs are written atomically, so nothing "
+          "partial was kept (finished --shard outputs and checkpoints stay); run the command again to continue",
+          file=sys.stderr)
+    return 143 if term else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -82,8 +82,13 @@ def gguf_metadata(model_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
         raise CheckpointError(f"{src}: no tokenizer.json; a GGUF file carries its tokenizer, so export needs one")
     tok = Tokenizer.from_dir(src)
     tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    plain = tok.encode("a", add_special_tokens=False)
+    full = tok.encode("a", add_special_tokens=True)  # what the post-processor adds around a text
+    add_bos = len(full) > len(plain) and tok.bos_token_id is not None and full[0] == tok.bos_token_id
+    add_eos = len(full) > len(plain) and tok.eos_token_id is not None and full[-1] == tok.eos_token_id
     try:
-        kv.update(tokenizer_to_gguf(tj, tok.config, cfg.vocab_size, tok.eos_token_ids, tok.chat_template))
+        kv.update(tokenizer_to_gguf(tj, tok.config, cfg.vocab_size, tok.eos_token_ids, tok.chat_template,
+                                    add_bos=add_bos, add_eos=add_eos))
     except CheckpointError as e:
         raise CheckpointError(f"{src}: {e}") from None
     return cfg, kv

@@ -216,8 +216,11 @@ def _known_pre(pre_tokenizer: dict[str, Any] | None) -> tuple[str, str | None]:
 
 
 def tokenizer_to_gguf(tokenizer_json: dict[str, Any], tokenizer_config: dict[str, Any], n_vocab: int,
-                      eos_ids: list[int], chat_template: Any) -> dict[str, Any]:
+                      eos_ids: list[int], chat_template: Any, *, add_bos: bool = False,
+                      add_eos: bool = False) -> dict[str, Any]:
     """GGUF tokenizer metadata (key -> value; token lists as Python lists) for a byte-level BPE tokenizer.
+
+    ``add_bos`` / ``add_eos``: whether encoding adds them (the tokenizer's post-processor does, in HF files).
 
     ``n_vocab`` is the model's embedding rows: the token list is padded to it with ``[PAD{id}]`` (type UNUSED),
     as llama.cpp's converter does; a tokenizer with more ids than the model is refused."""
@@ -251,8 +254,8 @@ def tokenizer_to_gguf(tokenizer_json: dict[str, Any], tokenizer_config: dict[str
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": token_types,
         "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.add_bos_token": bool(tokenizer_config.get("add_bos_token", False)),
-        "tokenizer.ggml.add_eos_token": bool(tokenizer_config.get("add_eos_token", False)),
+        "tokenizer.ggml.add_bos_token": bool(add_bos),
+        "tokenizer.ggml.add_eos_token": bool(add_eos),
     }
     if regex is not None:
         out[PRE_REGEX_KEY] = regex

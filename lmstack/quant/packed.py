@@ -8,7 +8,8 @@
   ``W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g]`` with ``g = k // group_size``, ``q in [0, 15]``,
   ``scale = (max - min) / 15``, ``zero = min + 8 * scale`` (round to nearest). On CPU
   ``torch._weight_int4pack_mm_for_cpu``; on CUDA ``torch._weight_int4pack_mm`` (bf16); both read half a byte
-  per weight. Anywhere else (or if the kernel refuses a shape) the weight is dequantized for one matmul.
+  per weight. Where those kernels are slow (a CPU without AVX-512, see :func:`use_packed_kernel`), elsewhere, or
+if the kernel refuses a shape, the layer is dequantized for one matmul (memory stays int8 / int4 between calls).
 
 On disk (safetensors, any device can read it) an int8 layer is ``weight`` int8 (out, in) + ``weight_scale``
 (out,); an int4 layer is ``weight`` uint8 (out, in / 2), two values per byte (low nibble = even column),
@@ -18,6 +19,8 @@ on a device. These modules never train (QLoRA uses :mod:`lmstack.quant.linear`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +29,21 @@ from lmstack.errors import ConfigError
 from lmstack.quant.linear import quantize_int8
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def use_packed_kernel(device: torch.device) -> bool:
+    """Whether the packed kernels are the fast path on ``device``. On CUDA, yes. On CPU, PyTorch's int8 / int4
+    kernels are vectorised for AVX-512 only: on an AVX2 CPU they run 10-80x slower than the fp32 matmul
+    (benchmarks/quant.py), and dequantizing the layer for one fp32 matmul is faster. ``LMSTACK_QUANT_KERNEL=1``
+    or ``0`` forces the choice (tests and benchmarks compare both)."""
+    forced = os.environ.get("LMSTACK_QUANT_KERNEL")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
 
 
 # ---------------------------------------------------------------------------------------------- int4 maths
@@ -99,7 +117,7 @@ class Int8PackedLinear(_PackedLinear):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).contiguous()  # (M, in)
-        if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.device.type in ("cpu", "cuda"):
+        if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and use_packed_kernel(x.device):
             y = torch._weight_int8pack_mm(x2, self.weight, self._scales(x))  # (M, out)
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
@@ -126,7 +144,7 @@ class Int4PackedLinear(_PackedLinear):
         self.register_buffer("weight_zero", torch.zeros(out_features, n_groups, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) \
             if bias else None
-        self._kernel: tuple[torch.device, torch.dtype, Tensor, Tensor] | None = None  # packed weight, scales+zeros
+        self._kernel: tuple | None = None  # ((device, dtype, fast), packed weight, scales-and-zeros)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int = 64) -> "Int4PackedLinear":
@@ -149,7 +167,7 @@ class Int4PackedLinear(_PackedLinear):
             packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
             return packed, sz.to(x.dtype)
         if x.device.type == "cuda" and x.dtype == torch.bfloat16 and self.out_features % 8 == 0 \
-                and self.in_features % 1024 == 0:  # tinygemm's tile constraints (k % (16 * innerKTiles))
+                and self.in_features % 128 == 0:  # tinygemm tiles: n % 8, k % (16 * innerKTiles)
             p = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8).to(x.device)
             return torch._convert_weight_to_int4pack(p, 8), sz.to(x.device, torch.bfloat16)
         return None, None
@@ -157,16 +175,17 @@ class Int4PackedLinear(_PackedLinear):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).contiguous()
+        fast = x.dtype in (torch.float32, torch.bfloat16, torch.float16) and use_packed_kernel(x.device)
         k = self._kernel
-        if k is None or k[0] != x.device or k[1] != x.dtype:
-            packed, sz = self._build(x) if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else (None, None)
-            k = self._kernel = (x.device, x.dtype, packed, sz)
-        if k[2] is None:
+        if k is None or k[0] != (x.device, x.dtype, fast):
+            packed, sz = self._build(x) if fast else (None, None)
+            k = self._kernel = ((x.device, x.dtype, fast), packed, sz)
+        if k[1] is None:
             y = F.linear(x2, self.dequantize(x.dtype))
         elif x.device.type == "cpu":
-            y = torch._weight_int4pack_mm_for_cpu(x2, k[2], self.group_size, k[3])
+            y = torch._weight_int4pack_mm_for_cpu(x2, k[1], self.group_size, k[2])
         else:
-            y = torch._weight_int4pack_mm(x2, k[2], self.group_size, k[3])
+            y = torch._weight_int4pack_mm(x2, k[1], self.group_size, k[2])
         return self._bias(y).reshape(*shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda(): the kernel layout is rebuilt on the next forward

@@ -1,0 +1,51 @@
+"""``lmstack import`` (GGUF -> model directory), ``lmstack export`` (model directory -> GGUF + Ollama Modelfile),
+``lmstack quantize`` (model directory -> int8 / int4 model directory)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("import")
+    def import_(
+        gguf: str = typer.Option(..., "--gguf", help="A GGUF file (llama, qwen2, qwen3, mistral; any tensor type)."),
+        out: str = typer.Option(..., "--out", help="Model directory to write (Hugging Face layout)."),
+        dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 weights."),
+    ) -> None:
+        """Dequantize a GGUF file into a model directory with its tokenizer and chat template."""
+        from lmstack.export.gguf_import import import_gguf
+
+        typer.echo(f"wrote {import_gguf(gguf, out, dtype=dtype)}")
+
+    @app.command("export")
+    def export(
+        model: str = typer.Option(..., "--model", "-m", help="Model directory (Hugging Face layout, with tokenizer)."),
+        out: str = typer.Option(..., "--out", help="Output file (e.g. model.q8_0.gguf)."),
+        fmt: str = typer.Option("gguf", "--format", help="gguf (ONNX is not implemented yet)."),
+        dtype: str = typer.Option("f16", "--dtype", help="f32, f16, q8_0 or q4_0."),
+        name: Optional[str] = typer.Option(None, "--name", help="general.name in the file (default: directory name)."),
+    ) -> None:
+        """Write MODEL as one GGUF file for llama.cpp / Ollama / LM Studio, and an Ollama Modelfile beside it."""
+        from lmstack.export.gguf_export import export_gguf
+
+        if fmt != "gguf":
+            from lmstack.errors import ConfigError
+
+            raise ConfigError(f"--format {fmt!r} is not supported; supported: gguf")
+        path = export_gguf(model, out, dtype=dtype, name=name)
+        typer.echo(f"wrote {path} and {path.with_suffix('.Modelfile')}")
+
+    @app.command("quantize")
+    def quantize(
+        model: str = typer.Option(..., "--model", "-m", help="Float model directory."),
+        out: str = typer.Option(..., "--out", help="Quantized model directory to write."),
+        method: str = typer.Option("int8", "--method", help="int8 (per channel) or int4 (group-wise)."),
+        group_size: int = typer.Option(64, "--group-size", help="int4 group size: 32, 64, 128 or 256."),
+    ) -> None:
+        """Weight-only quantization of every linear layer (lm_head and embeddings stay float)."""
+        from lmstack.quant.checkpoint import quantize_checkpoint
+
+        typer.echo(f"wrote {quantize_checkpoint(model, out, method=method, group_size=group_size)}")
