@@ -34,3 +34,10 @@ class Interrupted(LmstackError):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
 
+
+
+class Terminated(BaseException):
+    """SIGTERM under the ``lmstack`` command, raised where the program is (like Ctrl-C's KeyboardInterrupt) so
+    ``finally`` blocks, pool shutdowns and atomic writes clean up; the CLI then exits 143. A BaseException,
+    like KeyboardInterrupt, so ``except Exception`` does not swallow it (and not a KeyboardInterrupt, which
+    typer turns into a silent exit status 130). Catch ``(KeyboardInterrupt, Terminated)`` to handle both."""

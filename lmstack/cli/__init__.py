@@ -2,7 +2,9 @@
 
 Each area registers its verbs in its own module (``lmstack/cli/<area>.py``) exposing ``register(app)``;
 heavy imports stay inside the command functions so ``lmstack --help`` is fast.
-A :class:`~lmstack.errors.LmstackError` becomes one line on stderr and exit code 2 (``--debug``: traceback).
+A :class:`~lmstack.errors.LmstackError`, a usage error (typer's bundled click included) or an OS error on a
+user's path becomes one line on stderr and exit code 2 (``--debug``: traceback). SIGINT / SIGTERM exit 130 / 143
+with one line saying what was kept (training: the checkpoint and ``--resume auto``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 
 import typer
 
-from lmstack.errors import LmstackError
+from lmstack.errors import LmstackError, Terminated
 
 # Order is the order of `lmstack --help`.
 AREAS = ("model", "generate", "tokenizer", "data", "train", "tune", "eval", "serve", "export", "pipeline", "support")
@@ -47,13 +49,8 @@ def _register_all() -> None:
 _register_all()
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised where the program is (like Ctrl-C) so ``finally`` blocks and pool shutdowns run. Not a
-    KeyboardInterrupt: typer turns those into a silent exit status 130."""
-
-
 def _on_sigterm(signum, frame) -> None:
-    raise _Terminated()
+    raise Terminated()
 
 
 def _click_errors() -> tuple[type[BaseException], ...]:
@@ -97,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lmstack: {e}", file=sys.stderr)
         return e.exit_code
-    except (KeyboardInterrupt, _Terminated) as e:
-        return _interrupted(isinstance(e, _Terminated))
+    except (KeyboardInterrupt, Terminated) as e:
+        return _interrupted(isinstance(e, Terminated))
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     except Exception as e:  # noqa: BLE001 -- click usage errors and OS errors on the user's paths
