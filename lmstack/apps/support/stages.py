@@ -98,22 +98,8 @@ def _clean_general(ctx: StageContext, raw: Path, out: Path) -> tuple[list[dict[s
     cfg = {**r.clean, "inputs": inputs}
     report = run_pipeline(cfg, out)
     docs = []
-    for f in _pipeline_outputs(out, report):
-        docs.extend(read_jsonl(f))
+    docs.extend(read_jsonl(report["output"]))  # run_pipeline's report: "output" is the merged JSONL
     return docs, report
-
-
-def _pipeline_outputs(out: Path, report: dict[str, Any]) -> list[Path]:
-    for key in ("output", "output_path", "out_path", "outputs"):
-        v = report.get(key) if isinstance(report, dict) else None
-        if isinstance(v, str):
-            return [Path(v)]
-        if isinstance(v, list):
-            return [Path(x) for x in v]
-    files = sorted(p for p in out.glob("*.jsonl") if "report" not in p.name and "removed" not in p.name)
-    if not files:
-        raise DataError(f"{out}: the data pipeline wrote no .jsonl output")
-    return files
 
 
 HELDOUT_CHUNK = 2000  # held-out documents are cut into pieces of this many characters for perplexity
@@ -194,16 +180,12 @@ def _report_path(clean: Path) -> str | None:
 
 
 def _step_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-step documents in/out from the data report (whatever of it is there)."""
-    rows = []
-    steps = report.get("steps") if isinstance(report, dict) else None
-    if isinstance(steps, dict):
-        steps = [{"name": k, **(v if isinstance(v, dict) else {})} for k, v in steps.items()]
-    for s in steps or []:
-        if isinstance(s, dict):
-            rows.append({k: s.get(k) for k in ("name", "step", "docs_in", "docs_out", "documents_in",
-                                               "documents_out", "removed", "changed") if k in s})
-    return rows
+    """Per-step documents in/out from the data pipeline's report (its ``steps``: StepStats dicts)."""
+    from lmstack.data.steps import StepStats
+
+    steps = [StepStats.from_dict(d) for d in report.get("steps", [])]
+    return [{"name": s.name, "docs_in": s.docs_in, "docs_out": s.docs_out, "removed": dict(s.removed),
+             "changed": dict(s.changed)} for s in steps]
 
 
 # ------------------------------------------------------------------------------------------------------ rag
