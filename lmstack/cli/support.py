@@ -26,6 +26,7 @@ def assistant_kwargs(bundle: Optional[str], **flags) -> dict:
     bundle, --model and --index are required (the flags of earlier releases keep working)."""
     from lmstack.apps.support.assistant import bundle_kwargs
     from lmstack.apps.support.dialogues import SYSTEM_PROMPT
+    from lmstack.apps.support.retrieval import DEFAULT_K
 
     given = {k: v for k, v in flags.items() if v is not None}
     if bundle is not None:
@@ -33,7 +34,7 @@ def assistant_kwargs(bundle: Optional[str], **flags) -> dict:
     for flag, key in (("--model", "model"), ("--index", "index")):
         if key not in given:
             raise typer.BadParameter(f"give a bundle (runs/NAME/bundle) or {flag}", param_hint=flag)
-    return {"k": 3, "mode": "select", "system_prompt": SYSTEM_PROMPT, **given}
+    return {"k": DEFAULT_K, "mode": "select", "system_prompt": SYSTEM_PROMPT, **given}
 
 
 def _mode(mode: Optional[str]) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from lmstack.apps.support.retrieval import DEFAULT_K
 from lmstack.config import StrictModel
 
 class GeneralCorpus(StrictModel):
@@ -45,7 +46,7 @@ class DataStage(StrictModel):
 
 
 class RagStage(StrictModel):
-    k: int = Field(3, ge=1, le=20, description="passages retrieved per question (BM25 over the shop's chunks)")
+    k: int = Field(DEFAULT_K, ge=1, le=20, description="passages retrieved per question (BM25 over the shop's chunks)")
     faq_keywords: bool = Field(True, description="make the FAQ's other *training* ways of asking searchable "
                                "(never the held-out one)")
     policy_max_chars: int = Field(400, ge=50, description="policy pages are cut at sections, then to this size")
