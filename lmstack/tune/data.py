@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from lmstack.errors import DataError
+from lmstack.utils.io import iter_jsonl_lines
 
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -57,28 +58,31 @@ class DataReport:
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_records(path: str | Path, report: DataReport) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record) for each record; JSON errors are counted in ``report``."""
+    """(line number, parsed record) for each record; bad lines (not JSON, over the size cap) are counted in
+    ``report`` (lmstack.utils.io.iter_jsonl_lines, the one reader of users' JSON Lines)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: data file not found")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
-        for i, obj in enumerate(items, 1):
-            report.records += 1
-            yield i, obj  # for a JSON list, "line" is the 1-based record index
-        return
-    for ln, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    if p.suffix == ".json":
+        with open(p, "rb") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"["):  # one JSON array of records: parsed whole
+            try:
+                items = json.loads(p.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+            for i, obj in enumerate(items, 1):
+                report.records += 1
+                yield i, obj  # for a JSON list, "line" is the 1-based record index
+            return
+
+    def bad(ln: int, why: str) -> None:
         report.records += 1
-        try:
-            yield ln, json.loads(line)
-        except json.JSONDecodeError as e:
-            report.add_bad(ln, f"invalid JSON ({e.msg} at column {e.colno})")
+        report.add_bad(ln, why)
+
+    for ln, obj in iter_jsonl_lines(p, bad):
+        report.records += 1
+        yield ln, obj
 
 
 def _text(v: Any, what: str) -> str:
