@@ -60,6 +60,13 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         raise CheckpointError(f"import dtype {dtype!r} is not supported; choose one of float32, bfloat16, float16")
     g = read_gguf(src)
     where = str(src)
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import _type_traits as dequantizable
+
+    for t in g.tensors.values():  # refuse an unusable type before any work (I8/I32 tensors, Q8_K, ...)
+        if t.qtype not in (Q.F32, Q.F16) and t.qtype not in dequantizable:
+            raise CheckpointError(f"{where}: tensor {t.name} has type {t.type_name}, which lmstack cannot dequantize; "
+                                  "re-quantize the model to a common type (Q4_K_M, Q8_0, F16)")
     cfg = config_from_gguf(g.meta, set(g.tensors), where)
     tokenizer_json, tokenizer_config, stops = tokenizer_from_gguf(g.meta, where)
     names = hf_name_table(cfg.num_hidden_layers)
