@@ -52,10 +52,12 @@ class EvalLM:
     @classmethod
     def load(cls, model_dir: str | Path, adapter: str | Path | None = None, device: str | None = None,
              dtype: str | None = None, **kw) -> "EvalLM":
-        from lmstack.model import load_model
+        from lmstack.export.gguf_import import resolve_model_path
+        from lmstack.quant.checkpoint import load_any
         from lmstack.tokenizer import Tokenizer
 
-        model = load_model(model_dir, device=device, dtype=dtype)
+        model_dir = resolve_model_path(model_dir)  # a .gguf file: imported once into a cache directory
+        model = load_any(model_dir, device=device, dtype=dtype)  # float or lmstack-quantized weights
         runtime = None
         if adapter is not None:
             try:

@@ -137,10 +137,11 @@ def load(path: str | Path, adapter: str | Path | None = None, device: str | torc
 
     A LoRA adapter is merged into the base weights (``W + B A * scaling``; the engine serves one adapter, and
     plain linears take the fused and compiled decode paths); ``merge_lora=False`` keeps the adapter modules."""
-    from lmstack.model.hf_io import load_model
+    from lmstack.export.gguf_import import resolve_model_path
+    from lmstack.quant.checkpoint import load_any
 
-    path = Path(path)
-    model = load_model(path, device=device, dtype=dtype)
+    path = resolve_model_path(path)  # a .gguf file is imported once into a cache directory
+    model = load_any(path, device=device, dtype=dtype)  # float or lmstack-quantized (int8 / int4) weights
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         from lmstack.tokenizer import Tokenizer

@@ -102,6 +102,9 @@ def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
 
 
 def finetune(cfg: FinetuneConfig) -> FitResult:
+    from lmstack.export.gguf_import import resolve_model_path
+
+    cfg = cfg.model_copy(update={"model": str(resolve_model_path(cfg.model))})  # a .gguf: imported once, cached
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model, cfg.tokenizer)
