@@ -262,3 +262,14 @@ def test_sft_turn_without_content_is_rejected_with_its_line(tmp_path):
         except BadRecord as e:
             bad.append((ln, str(e)))
     assert bad == [(2, 'messages[0] (user) has no "content"'), (3, 'messages[0] (user) has no "content"')]
+
+
+def test_tokenizer_training_skips_binary_files(tmp_path):
+    from lmstack.tokenizer import train_tokenizer
+
+    (tmp_path / "good.txt").write_text(GOOD * 20, encoding="utf-8")
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 64)
+    tok = train_tokenizer([tmp_path / "good.txt", tmp_path / "blob.txt"], vocab_size=300, show_progress=False)
+    st = tok.train_stats
+    assert st.bad_records == 1 and st.malformed[0][0].endswith("blob.txt") and "binary" in st.malformed[0][2]
+    assert st.documents == 1

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmstack.errors import DataError
+from lmstack.utils.io import looks_binary
 
 TEXT_EXT = {".txt", ".md", ".markdown", ".text"}
 HTML_EXT = {".html", ".htm", ".xhtml"}
@@ -159,17 +160,6 @@ def _walk(root: Path) -> tuple[list[Path], list[Path]]:
             if not n.startswith(".") and split_ext(f)[0] in SUPPORTED and f.is_file():
                 files.append(f)
     return files, unreadable
-
-
-def looks_binary(sample: bytes) -> bool:
-    """NUL bytes, or more than 10% control characters other than tab / newline / CR / form feed / escape
-    (the heuristic of ``file`` and git: text never holds NUL)."""
-    if not sample:
-        return False
-    if b"\x00" in sample:
-        return True
-    ctrl = sum(1 for b in sample if b < 32 and b not in (9, 10, 12, 13, 27))
-    return ctrl > 0.1 * len(sample)
 
 
 def _peek(fh: Any, n: int = BINARY_SAMPLE) -> bytes:

@@ -25,6 +25,7 @@ from lmstack.errors import DataError, LmstackError
 from lmstack.tokenizer.pretokenize import DEFAULT_SPECIAL_TOKENS, EOS, IM_END, IM_START, PAD, build_bpe_tokenizer
 from lmstack.tokenizer.templates import CHATML_TEMPLATE
 from lmstack.tokenizer.tokenizer import Tokenizer
+from lmstack.utils.io import looks_binary
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,10 @@ def iter_file_texts(path: Path, text_field: str, stats: ReadStats,
 
     lineno = 0
     try:
+        head = reader.f.peek(8192)[:8192] if hasattr(reader.f, "peek") else b""
+        if looks_binary(head):  # an image or executable named .txt is not training text
+            stats.bad(path, 0, "binary file (NUL bytes or control characters); skipped")
+            return
         if suffix == ".json" and _starts_with(reader, b"["):  # one JSON array of records (or strings)
             yield from _json_array(path, b"".join(reader), text_field, stats)
         elif suffix in (".jsonl", ".json", ".ndjson"):

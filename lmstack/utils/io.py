@@ -123,6 +123,17 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def looks_binary(sample: bytes) -> bool:
+    """Whether the first bytes of a file are not text: a NUL byte, or more than 10% control characters other
+    than tab / newline / form feed / CR / escape (the heuristic of ``file`` and git: text never holds NUL)."""
+    if not sample:
+        return False
+    if b"\x00" in sample:
+        return True
+    ctrl = sum(1 for b in sample if b < 32 and b not in (9, 10, 12, 13, 27))
+    return ctrl > 0.1 * len(sample)
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
