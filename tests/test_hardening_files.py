@@ -85,3 +85,21 @@ def test_chat_template_from_a_model_dir_cannot_run_commands(tmp_path):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert "chat template" in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- YAML configs and recipes
+def test_yaml_config_with_python_tags_does_not_run(tmp_path):
+    import yaml
+
+    from lmstack.config import read_yaml
+    from lmstack.errors import ConfigError
+
+    marker = tmp_path / "pwned"
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(f'name: x\nstages: !!python/object/apply:os.system ["touch {marker}"]\n')
+    yaml.unsafe_load(cfg.read_text())  # control: an unsafe loader runs it
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ConfigError, match="invalid YAML") as e:
+        read_yaml(cfg)
+    assert not marker.exists() and "\n" not in str(e.value)
