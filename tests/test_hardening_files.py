@@ -103,3 +103,23 @@ def test_yaml_config_with_python_tags_does_not_run(tmp_path):
     with pytest.raises(ConfigError, match="invalid YAML") as e:
         read_yaml(cfg)
     assert not marker.exists() and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- sizes
+def test_oversized_json_files_are_refused_before_reading(tmp_path):
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.tune.adapters import load_adapter
+    from lmstack.utils.io import MAX_JSON_BYTES
+
+    def sparse(p: Path, size: int) -> Path:  # no disk used: the size alone must stop the read
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "wb") as f:
+            f.truncate(size)
+        return p
+
+    sparse(tmp_path / "tok" / "tokenizer.json", MAX_JSON_BYTES + 1)
+    with pytest.raises(LmstackError, match="over the .*-byte limit"):
+        Tokenizer.from_dir(tmp_path / "tok")
+    sparse(tmp_path / "ad" / "adapter_config.json", 10 << 30)
+    with pytest.raises(CheckpointError, match="over the .*-byte limit"):
+        load_adapter(None, tmp_path / "ad")  # refused before the model is looked at

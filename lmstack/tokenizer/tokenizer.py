@@ -90,6 +90,9 @@ class Tokenizer:
                 hint = (" (it has a SentencePiece tokenizer.model: convert it once with transformers: "
                         "AutoTokenizer.from_pretrained(dir).save_pretrained(dir))")
             raise LmstackError(f"{path}: no tokenizer.json{hint}; train one with `lmstack tokenizer train`")
+        from lmstack.utils.io import check_size  # lazily: lmstack.utils loads rich
+
+        check_size(tj, error=LmstackError)
         raw = tj.read_bytes()
         try:
             backend = _Backend.from_str(raw.decode("utf-8"))
@@ -365,6 +368,9 @@ class Tokenizer:
 def _read_json_obj(path: Path) -> dict:
     if not path.is_file():
         return {}
+    from lmstack.utils.io import check_size
+
+    check_size(path, error=LmstackError)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

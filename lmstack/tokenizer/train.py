@@ -25,7 +25,6 @@ from lmstack.errors import DataError, LmstackError
 from lmstack.tokenizer.pretokenize import DEFAULT_SPECIAL_TOKENS, EOS, IM_END, IM_START, PAD, build_bpe_tokenizer
 from lmstack.tokenizer.templates import CHATML_TEMPLATE
 from lmstack.tokenizer.tokenizer import Tokenizer
-from lmstack.utils.io import looks_binary
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +151,8 @@ def iter_file_texts(path: Path, text_field: str, stats: ReadStats,
 
     lineno = 0
     try:
+        from lmstack.utils.io import looks_binary  # lazily: lmstack.utils loads rich
+
         head = reader.f.peek(8192)[:8192] if hasattr(reader.f, "peek") else b""
         if looks_binary(head):  # an image or executable named .txt is not training text
             stats.bad(path, 0, "binary file (NUL bytes or control characters); skipped")

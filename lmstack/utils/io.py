@@ -142,11 +142,24 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+MAX_JSON_BYTES = 256 << 20  # configs, indexes, tokenizers: the largest real tokenizer.json is ~35 MB
+
+
+def check_size(path: str | os.PathLike, limit: int = MAX_JSON_BYTES, *, error: type[Exception] = DataError) -> None:
+    """Refuse a file larger than ``limit`` before reading it (untrusted directories may hold anything)."""
+    size = Path(path).stat().st_size
+    if size > limit:
+        raise error(f"{path}: {size:,} bytes, over the {limit:,}-byte limit for this kind of file; "
+                    "is it the right file?")
+
+
 def read_json(path: str | os.PathLike, *, error: type[Exception] = DataError) -> Any:
-    """Read a JSON file; a missing file or parse error raises ``error`` naming the file, line and column."""
+    """Read a JSON file; a missing file or parse error raises ``error`` naming the file, line and column.
+    Files over :data:`MAX_JSON_BYTES` are refused before reading."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: file not found")
+    check_size(path, error=error)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
