@@ -112,8 +112,8 @@ def test_pretrain_interrupt_exits_128_plus_signal_naming_the_checkpoint(sig, cod
     recipe.write_text(json.dumps({"name": "x", "stages": [], "pretrain": {
         "run_dir": str(run), "model": {"preset": "tiny", "overrides": TINY_MODEL},
         "data": {"shards": str(shards), "seq_len": 16, "batch_size": 2},
-        "train": {"steps": 6, "warmup_steps": 0, "ckpt_every": 0, "eval_every": 0, "device": "cpu",
-                  "tensorboard": False, "plot": False}}}))
+        "train": {"steps": 4, "warmup_steps": 0, "ckpt_every": 0, "eval_every": 0, "device": "cpu",
+                  "peak_flops": 1e11, "save_final": False, "tensorboard": False, "plot": False}}}))
     before = signal.getsignal(signal.SIGTERM)
     assert main(["pretrain", "-c", str(recipe)]) == code
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
@@ -122,9 +122,10 @@ def test_pretrain_interrupt_exits_128_plus_signal_naming_the_checkpoint(sig, cod
                    "kept; continue with --resume auto"]
     assert (ck / "trainer_state.pt").is_file() and signal.getsignal(signal.SIGTERM) is before
 
-    monkeypatch.setattr(P, "causal_lm_loss", real)
-    assert main(["pretrain", "-c", str(recipe), "--resume", "auto"]) == 0  # and it does continue
-    assert "completed: 6 steps" in capsys.readouterr().out
+    if sig == signal.SIGTERM:  # and it does continue (once is enough)
+        monkeypatch.setattr(P, "causal_lm_loss", real)
+        assert main(["pretrain", "-c", str(recipe), "--resume", "auto"]) == 0
+        assert "completed: 4 steps" in capsys.readouterr().out
 
 
 _DATA_RUN = r"""
