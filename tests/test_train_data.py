@@ -204,6 +204,7 @@ def test_recipe_form_config(tmp_path):
                                  "pretrain": {"model": {"preset": "small"}, "data": {"shards": "s"},
                                               "train": {"steps": 5, "warmup_steps": 1}}}))
     c = load_pretrain_config(str(p), ["train.steps=9"])
-    assert (c.run_dir, c.model.preset, c.train.seed, c.train.steps) == ("runs/demo", "small", 7, 9)
+    # a recipe's stage runs in runs/NAME/STAGE (the one config rule of 40463ae)
+    assert (c.run_dir, c.model.preset, c.train.seed, c.train.steps) == ("runs/demo/pretrain", "small", 7, 9)
     with pytest.raises(ConfigError, match=r"data.shards"):
         load_pretrain_config(str(p), ["data.shards=null"])
