@@ -17,16 +17,19 @@ tools or logprobs, oversized bodies) passes to the server untouched, so its own 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from typing import Any, Callable
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
 from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
-from lmstack.serve.api.app import authorized, replay_body
+from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, authorized, read_body, replay_body
 from lmstack.serve.api.chat import chat_choice, chat_chunk, chat_completion, chat_head, chat_usage_chunk
-from lmstack.serve.api.common import SSE_DONE, usage
+from lmstack.serve.api.common import SSE_DONE, check_prompt_bytes, usage
+from lmstack.serve.api.errors import APIError
+from lmstack.serve.api.protocol import utf8_size
 
-MAX_BODY = 1 << 20  # larger bodies are passed on unread (the server answers 413 past its own limit)
 
 
 def _text(content: Any) -> str:
@@ -90,62 +93,82 @@ class GroundingMiddleware:
 
     def __init__(self, app: Callable, retriever: Any, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
                  context_max_chars: int | None = None, *, reader: Any = None, tokenizer: Any = None,
-                 model_names: list[str] | None = None, api_key: str | None = None):
+                 model_names: list[str] | None = None, api_key: str | None = None,
+                 max_body: int = DEFAULT_MAX_REQUEST_BYTES):
         self.app, self.retriever, self.k = app, retriever, k
         self.system_prompt, self.context_max_chars = system_prompt, context_max_chars
         # with a reader, plain chat requests are answered by selection (lmstack.apps.support.reader), as
         # `lmstack support chat` answers; everything else goes to the server's generation
         self.reader, self.tokenizer, self.model_names, self.api_key = reader, tokenizer, model_names or [], api_key
+        self.max_body = max_body
+        self._lock = threading.Lock()
 
     def _authorized(self, scope: dict) -> bool:
         return self.api_key is None or authorized(scope, self.api_key)
 
+    def _refused(self, scope: dict) -> bool:
+        """The server answers this request without reading its body (401 no or wrong key, 503 draining)."""
+        lifecycle = getattr(getattr(self.app, "state", None), "lifecycle", None)
+        return not self._authorized(scope) or bool(lifecycle is not None and lifecycle.draining)
+
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if not (scope.get("type") == "http" and scope.get("method") == "POST"
-                and scope.get("path") == "/v1/chat/completions"):
+                and scope.get("path") == "/v1/chat/completions") or self._refused(scope):
+            # other routes, and requests the server refuses unread: no body read, no retrieval
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        try:
-            declared = int(headers.get(b"content-length", b"0") or 0)
-        except ValueError:
-            declared = 0
-        if declared > MAX_BODY:
+        body = await read_body(scope, receive, self.max_body)
+        if isinstance(body, APIError):  # over the server's limit: it answers 413 (and counts it)
+            if body.status == 413 and b"content-length" not in dict(scope.get("headers") or []):
+                return await body.response()(scope, receive, send)
             return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            msg = await receive()
-            if msg["type"] != "http.request":  # client went away
-                return
-            chunks.append(msg.get("body", b""))
-            more = msg.get("more_body", False)
-        body = b"".join(chunks)
+        if body.disconnected:
+            return
+        grounded = await asyncio.to_thread(self._ground, body.data)  # JSON + retrieval: off the event loop
+        data = body.data
+        if grounded is not None:
+            req, hits, data = grounded
+            if self.reader is not None and _selectable(req, self.model_names):
+                return await self._select(req, hits, scope, receive, send)
+        scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
+                 + [(b"content-length", str(len(data)).encode())]}
+        return await self.app(scope, replay_body(data, receive), send)
+
+    def _ground(self, body: bytes) -> tuple[dict, list, bytes] | None:
+        """(request, passages, grounded body) of a JSON chat request; None for anything else (the server's own
+        validation answers it)."""
         try:
             req = json.loads(body)
-            if isinstance(req, dict) and isinstance(req.get("messages"), list):
-                hits: list = []
+            if not (isinstance(req, dict) and isinstance(req.get("messages"), list)):
+                return None
+            hits: list = []
+            with self._lock:  # one retriever (one SQLite connection) shared by the worker threads
                 req["messages"] = ground_messages(req["messages"], self.retriever, self.k, self.system_prompt,
                                                   self.context_max_chars, hits_out=hits)
-                body = json.dumps(req, ensure_ascii=False).encode()
-                if self.reader is not None and _selectable(req, self.model_names) and self._authorized(scope):
-                    return await self._select(req, hits, send)
-        except (ValueError, TypeError, AttributeError):
-            pass  # not a JSON chat request: the server's own validation answers it
-        scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
-                 + [(b"content-length", str(len(body)).encode())]}
-        return await self.app(scope, replay_body(body, receive), send)
+            return req, hits, json.dumps(req, ensure_ascii=False).encode()
+        except (ValueError, TypeError, AttributeError, RecursionError):
+            return None
 
-    async def _select(self, req: dict[str, Any], hits: list, send: Callable) -> None:
-        import asyncio
-
+    async def _select(self, req: dict[str, Any], hits: list, scope: dict, receive: Callable,
+                      send: Callable) -> None:
         msgs = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in req["messages"]]
-        prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-        # CPU-bound: off the event loop
-        answer = await asyncio.to_thread(self.reader.answer, prompt, msgs[-1]["content"], hits)
-        ctype, body = _completion(req, answer, len(self.tokenizer.encode(prompt)), len(self.tokenizer.encode(answer)))
+        try:  # the checks the server runs before tokenizing (lone surrogates, prompt size)
+            size = sum(utf8_size(m["content"], f"messages[{i}].content") for i, m in enumerate(msgs))
+            check_prompt_bytes(self.app.state.model, size, "messages")
+        except APIError as e:
+            return await e.response()(scope, receive, send)
+        # template, tokenizer and the reader's scoring are CPU-bound: off the event loop
+        answer, n_prompt, n_answer = await asyncio.to_thread(self._answer, msgs, hits)
+        ctype, body = _completion(req, answer, n_prompt, n_answer)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
                                 (b"cache-control", b"no-cache")]})
         await send({"type": "http.response.body", "body": body})
+
+    def _answer(self, msgs: list[dict[str, str]], hits: list) -> tuple[str, int, int]:
+        """(selected answer, prompt tokens, answer tokens)."""
+        prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        answer = self.reader.answer(prompt, msgs[-1]["content"], hits)
+        return answer, len(self.tokenizer.encode(prompt)), len(self.tokenizer.encode(answer))
 
 
 def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
@@ -157,7 +180,7 @@ def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_p
     app = create_app(llm, **app_kw)
     wrapped = GroundingMiddleware(app, retriever, k, system_prompt, context_max_chars, reader=reader,
                                   tokenizer=app.state.model.tokenizer, model_names=list(app.state.model.names),
-                                  api_key=app_kw.get("api_key"))
+                                  api_key=app_kw.get("api_key"), max_body=app.state.max_request_bytes)
     wrapped.state = app.state  # type: ignore[attr-defined]  (the served model, for callers and tests)
     return wrapped
 

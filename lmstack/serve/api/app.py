@@ -122,22 +122,38 @@ class Gate:
 
     async def _read_body(self, scope: dict, receive: Callable) -> Callable | E.APIError:
         """Buffer the body (at most ``limit`` bytes), then replay it; later receives pass through."""
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return E.too_large(int(declared), self.limit)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return E.too_large(size, self.limit)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        return replay_body(b"".join(chunks), receive)
+        body = await read_body(scope, receive, self.limit)
+        if isinstance(body, E.APIError):
+            return body
+        return replay_body(body.data, receive)
+
+
+class Body:
+    """What :func:`read_body` read: ``data`` and whether the client went away before its end."""
+
+    def __init__(self, data: bytes, disconnected: bool = False):
+        self.data, self.disconnected = data, disconnected
+
+
+async def read_body(scope: dict, receive: Callable, limit: int) -> Body | E.APIError:
+    """Read a request body of at most ``limit`` bytes: a declared ``Content-Length`` over it is refused before
+    reading, a chunked body as soon as the bytes read so far pass it (413, nothing more is read)."""
+    headers = dict(scope.get("headers") or [])
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return E.too_large(int(declared), limit)
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return Body(b"".join(chunks), disconnected=True)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return E.too_large_streamed(size, limit)
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return Body(b"".join(chunks))
 
 
 def authorized(scope: dict, api_key: str) -> bool:
@@ -197,7 +213,7 @@ def _is_engine(obj: Any) -> bool:
 
 
 def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: Any, max_model_len: int | None,
-            max_waiting: int) -> ServedModel:
+            max_waiting: int, max_prompt_bytes: int | None = None) -> ServedModel:
     if _is_engine(obj):
         engine, llm = obj, getattr(obj, "llm", None)
     else:
@@ -216,16 +232,21 @@ def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: A
     cfg = getattr(getattr(llm, "model", None), "config", None)
     vocab = getattr(cfg, "vocab_size", None) or getattr(tok, "vocab_size", None)
     return ServedModel(engine=engine, tokenizer=tok, names=names, max_model_len=int(mml),
-                       vocab_size=int(vocab) if isinstance(vocab, int) else None)
+                       vocab_size=int(vocab) if isinstance(vocab, int) else None,
+                       max_prompt_bytes=max_prompt_bytes or 0)
 
 
 def create_app(llm_or_engine: Any, api_key: str | None = None, served_model_name: str | list[str] | None = None,
                *, tokenizer: Any = None, max_model_len: int | None = None, max_waiting: int = 256,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ui: bool = True,
-               allowed_origins: list[str] | None = None, shutdown_engine: bool = True) -> FastAPI:
-    """An OpenAI-compatible app around one model (an ``LLM`` from ``lmstack.serve.llm.load`` or an engine)."""
+               allowed_origins: list[str] | None = None, shutdown_engine: bool = True,
+               max_prompt_bytes: int | None = None) -> FastAPI:
+    """An OpenAI-compatible app around one model (an ``LLM`` from ``lmstack.serve.llm.load`` or an engine).
+
+    ``max_prompt_bytes``: prompt text over this many UTF-8 bytes is refused (400) before it is tokenized
+    (default: 64 bytes per token of the context, at least 64 KiB)."""
     model = _served(llm_or_engine, served_model_name=served_model_name, tokenizer=tokenizer,
-                    max_model_len=max_model_len, max_waiting=max_waiting)
+                    max_model_len=max_model_len, max_waiting=max_waiting, max_prompt_bytes=max_prompt_bytes)
     stats = getattr(model.engine, "stats", None)
     metrics = model.metrics = ServerMetrics(stats)
     lifecycle = Lifecycle()
@@ -241,6 +262,7 @@ def create_app(llm_or_engine: Any, api_key: str | None = None, served_model_name
 
     app = FastAPI(title="lmstack", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.model, app.state.lifecycle, app.state.metrics = model, lifecycle, metrics
+    app.state.max_request_bytes = max_request_bytes  # the support app's grounding reads bodies under it too
     E.install_handlers(app)
 
     def check_model(name: str) -> None:

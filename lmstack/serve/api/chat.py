@@ -9,6 +9,7 @@ carries the usage; the stream ends with ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -17,17 +18,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmstack.serve.api import protocol as P
 from lmstack.serve.api.common import (
-    SSE_DONE, ServedModel, chat_logprobs, check_context, finish_reason, first_then_rest, sse,
+    SSE_DONE, ServedModel, chat_logprobs, check_context, check_prompt_bytes, finish_reason, first_then_rest, sse,
     tracked_generate, usage,
 )
 from lmstack.serve.api.errors import APIError, from_exception
 from lmstack.serve.types import RequestOutput
 
 
-def _prompt_ids(model: ServedModel, req: P.ChatCompletionRequest) -> list[int]:
-    msgs = P.chat_messages(req)
+def _prompt_ids(model: ServedModel, msgs: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    """The chat template's token ids (run in a worker thread: a long conversation takes a while)."""
     try:
-        ids = model.tokenizer.apply_chat_template(msgs, add_generation_prompt=req.add_generation_prompt,
+        ids = model.tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
                                                   tokenize=True)
     except Exception as e:  # a template that rejects the conversation (e.g. roles must alternate)
         raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
@@ -36,13 +37,18 @@ def _prompt_ids(model: ServedModel, req: P.ChatCompletionRequest) -> list[int]:
 
 async def create_chat_completion(model: ServedModel, req: P.ChatCompletionRequest):
     P.check_unsupported(req)
-    prompt_ids = _prompt_ids(model, req)
+    P.check_ranges(req, model.vocab_size)
+    msgs, size = P.chat_messages(req)
+    check_prompt_bytes(model, size, "messages")  # before any tokenizing
+    # template + tokenizer off the event loop: other requests (and /health) are answered meanwhile
+    prompt_ids = await asyncio.to_thread(_prompt_ids, model, msgs, req.add_generation_prompt)
     k = P.chat_logprobs_k(req)
     want = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if want is not None and want < 1:
         raise APIError(400, "max_tokens must be >= 1.", param="max_tokens")
     max_tokens = check_context(model, len(prompt_ids), want, "messages")
-    params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, logprobs_param="top_logprobs")
+    params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, logprobs_param="top_logprobs",
+                               vocab_size=model.vocab_size)
     head = chat_head(model.name)
     first, rest = await first_then_rest(tracked_generate(model, prompt_ids, params, head["id"]), "messages")
     if req.stream:

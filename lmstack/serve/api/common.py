@@ -35,8 +35,13 @@ class ServedModel:
     max_model_len: int
     metrics: Any = None  # ServerMetrics
     vocab_size: int | None = None  # the model's embedding rows (token-id prompts must be below it)
+    max_prompt_bytes: int = 0  # UTF-8 bytes of prompt text read at most (refused before tokenizing); 0: default
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.max_prompt_bytes:
+            self.max_prompt_bytes = default_max_prompt_bytes(self.max_model_len)
 
     @property
     def name(self) -> str:
@@ -50,6 +55,26 @@ class ServedModel:
             if len(self._token_text) < 200_000:
                 self._token_text[token_id] = s
         return s
+
+
+# Bytes of prompt text per context token that are read before a prompt is refused unread. A token of a
+# byte-level BPE is a few bytes on average (about 4 for English); 64 per token leaves room for long tokens (runs
+# of spaces, code) while a 10 MB prompt to a 4K-context model is refused before it costs a tokenizer pass.
+PROMPT_BYTES_PER_TOKEN = 64
+
+
+def default_max_prompt_bytes(max_model_len: int) -> int:
+    return max(64 * 1024, PROMPT_BYTES_PER_TOKEN * max_model_len)
+
+
+def check_prompt_bytes(model: ServedModel, size: int, param: str) -> None:
+    """400 naming the limit when the prompt text is over ``model.max_prompt_bytes`` (checked before tokenizing:
+    tokenizing megabytes only to refuse them costs seconds of CPU)."""
+    if size > model.max_prompt_bytes:
+        raise APIError(400, f"The prompt is {size} bytes of text; this server tokenizes at most "
+                       f"{model.max_prompt_bytes} bytes ({PROMPT_BYTES_PER_TOKEN} bytes per token of its "
+                       f"{model.max_model_len}-token context). Shorten the prompt.", param=param,
+                       code="context_length_exceeded")
 
 
 def check_context(model: ServedModel, prompt_len: int, max_tokens: int | None, param: str) -> int:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmstack.serve.api import protocol as P
 from lmstack.serve.api.common import (
-    SSE_DONE, ServedModel, check_context, completion_logprobs, finish_reason, first_then_rest, merge, sse,
+    SSE_DONE, ServedModel, check_context, check_prompt_bytes, completion_logprobs, finish_reason, first_then_rest, merge, sse,
     tracked_generate, usage,
 )
 from lmstack.serve.api.errors import APIError, from_exception
@@ -24,6 +24,7 @@ from lmstack.serve.types import RequestOutput
 
 
 def _encode(model: ServedModel, prompts: list[str | list[int]]) -> list[list[int]]:
+    """Token ids of each prompt (run in a worker thread: a long prompt takes a while to tokenize)."""
     vocab = model.vocab_size
     out = []
     for i, p in enumerate(prompts):
@@ -43,8 +44,11 @@ def _encode(model: ServedModel, prompts: list[str | list[int]]) -> list[list[int
 
 async def create_completion(model: ServedModel, req: P.CompletionRequest):
     P.check_unsupported(req)
-    prompts = P.completion_prompts(req)
-    ids = _encode(model, prompts)
+    P.check_ranges(req, model.vocab_size)
+    prompts, sizes = P.completion_prompts(req)
+    for i, size in enumerate(sizes):  # before any tokenizing
+        check_prompt_bytes(model, size, "prompt" if len(sizes) == 1 else f"prompt[{i}]")
+    ids = await asyncio.to_thread(_encode, model, prompts)  # off the event loop
     k = P.completion_logprobs_k(req)
     if req.echo and k is not None:
         raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported.", param="echo")
@@ -52,7 +56,7 @@ async def create_completion(model: ServedModel, req: P.CompletionRequest):
     if want < 1:
         raise APIError(400, "max_tokens must be >= 1.", param="max_tokens")
     max_tokens = min(check_context(model, len(x), want, "prompt") for x in ids)
-    params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k)
+    params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, vocab_size=model.vocab_size)
     cid = f"cmpl-{uuid.uuid4().hex}"
     # Admit every prompt concurrently before answering 200, so a 429 / 400 / 503 keeps its status.
     gens = [tracked_generate(model, x, params, cid if len(ids) == 1 else f"{cid}-{p}") for p, x in enumerate(ids)]

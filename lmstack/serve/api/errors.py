@@ -32,6 +32,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        # a message that quotes the client's text (a model name, ...) must still encode: lone surrogates escaped
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -60,6 +62,13 @@ def model_not_found(name: str, served: list[str]) -> APIError:
 def too_large(size: int, limit: int) -> APIError:
     return APIError(413, f"Request body is {size} bytes; this server accepts at most {limit} bytes "
                     "(raise it with `lmstack serve --max-request-bytes`).", code="request_too_large")
+
+
+def too_large_streamed(size: int, limit: int) -> APIError:
+    """413 for a body without a declared length, refused once the ``size`` bytes read pass ``limit``."""
+    return APIError(413, f"Request body is over {limit} bytes (refused after reading {size}); this server accepts "
+                    f"at most {limit} bytes (raise it with `lmstack serve --max-request-bytes`).",
+                    code="request_too_large")
 
 
 def queue_full() -> APIError:

@@ -14,6 +14,7 @@ Policy for parameters we do not implement:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -131,6 +132,17 @@ def check_unsupported(req: _Sampling) -> None:
         log.info("ignoring parameters with no effect here: %s", ", ".join(extra))
 
 
+def utf8_size(text: str, param: str) -> int:
+    """UTF-8 length of ``text``; 400 naming ``param`` for text that is not Unicode (a lone surrogate, which JSON's
+    ``\\ud800`` escapes can carry and which no tokenizer can encode)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{param} is not valid Unicode text: a lone surrogate U+{ord(text[e.start]):04X} at "
+                          f"character {e.start} (a JSON \\uD800-\\uDFFF escape must be one half of a pair); "
+                          "send UTF-8 text.", param=param) from None
+
+
 def message_text(msg: ChatMessage, index: int) -> str:
     """The message's text; content parts must be text (no images or audio on this server)."""
     if msg.content is None:
@@ -146,14 +158,20 @@ def message_text(msg: ChatMessage, index: int) -> str:
     return "".join(out)
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+def chat_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, str]], int]:
+    """The conversation as template messages, and its UTF-8 size in bytes (every string checked)."""
     if not req.messages:
         raise bad_request("messages must contain at least one message.", param="messages")
-    msgs = []
+    msgs, size = [], 0
     for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role
-        msgs.append({"role": role, "content": message_text(m, i)})
-    return msgs
+        text = message_text(m, i)
+        size += utf8_size(text, f"messages[{i}].content")
+        msg = {"role": role, "content": text}
+        if m.name is not None:
+            size += utf8_size(m.name, f"messages[{i}].name")
+        msgs.append(msg)
+    return msgs, size
 
 
 # OpenAI's own limits on a request: the engine accepts more (n > 128 for pass@k, temperature > 2 offline),
@@ -164,9 +182,42 @@ OPENAI_LIMITS = [
     ("stop", lambda r: not isinstance(r.stop, list) or len(r.stop) <= 16, "stop accepts at most 16 sequences"),
 ]
 
+INT64 = (-(2 ** 63), 2 ** 63 - 1)
+INT32 = (-(2 ** 31), 2 ** 31 - 1)
+# Integer fields and the range a value may have before any other check reads it: a JSON integer has no size,
+# and a seed past 64 bits overflows torch's generator (a 500 before this check). Tighter ranges follow
+# (SamplingParams.validate, OpenAI's limits, the context length).
+INT_FIELDS = {"seed": INT64, "n": INT32, "max_tokens": INT64, "max_completion_tokens": INT64, "top_k": INT32,
+              "min_tokens": INT64, "logprobs": INT32, "top_logprobs": INT32, "best_of": INT32}
+FLOAT_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty")
+
+
+def check_ranges(req: _Sampling, vocab_size: int | None) -> None:
+    """400 naming the field for an integer outside the range it can have, a float that is not finite, a stop
+    token id outside the vocabulary, or a string that is not Unicode."""
+    for name, (lo, hi) in INT_FIELDS.items():
+        v = getattr(req, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and not lo <= v <= hi:
+            raise bad_request(f"{name} must be an integer in [{lo}, {hi}]; got {_short(v)}.", param=name)
+    for name in FLOAT_FIELDS:
+        v = getattr(req, name, None)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise bad_request(f"{name} must be a finite number; got {v}.", param=name)
+    for i, t in enumerate(req.stop_token_ids):
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            raise bad_request(f"stop_token_ids[{i}] = {_short(t)} is outside the vocabulary [0, {vocab_size}).",
+                              param="stop_token_ids")
+    for i, s in enumerate([req.stop] if isinstance(req.stop, str) else (req.stop or [])):
+        utf8_size(s, "stop" if isinstance(req.stop, str) else f"stop[{i}]")
+
+
+def _short(v: int) -> str:
+    t = str(v)
+    return t if len(t) <= 24 else f"{t[:10]}...{t[-6:]} ({len(t)} digits)"
+
 
 def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
-                    logprobs_param: str = "logprobs") -> SamplingParams:
+                    logprobs_param: str = "logprobs", vocab_size: int | None = None) -> SamplingParams:
     """Translate the request to engine params, validated by :meth:`SamplingParams.validate`; a value out of
     range is a 400 naming the request field (``logprobs_param``: the field that carried ``logprobs``)."""
     for param, ok, msg in OPENAI_LIMITS:
@@ -176,7 +227,8 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
         n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if req.top_k == -1 else req.top_k,  # vLLM's "off" spelling
+        # -1 is vLLM's "off" spelling; k >= the vocabulary keeps every token: off too
+        top_k=0 if req.top_k == -1 or (vocab_size is not None and req.top_k >= vocab_size) else req.top_k,
         min_p=req.min_p,
         repetition_penalty=req.repetition_penalty,
         presence_penalty=req.presence_penalty,
@@ -213,18 +265,21 @@ def completion_logprobs_k(req: CompletionRequest) -> int | None:
     return req.logprobs
 
 
-def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
-    """``prompt`` may be a string, a list of strings, a token list, or a list of token lists."""
+def completion_prompts(req: CompletionRequest) -> tuple[list[str | list[int]], list[int]]:
+    """``prompt`` may be a string, a list of strings, a token list, or a list of token lists. Returns the prompts
+    and the UTF-8 size in bytes of each (0 for token lists; every string checked)."""
     p = req.prompt
     if isinstance(p, str):
-        return [p]
+        return [p], [utf8_size(p, "prompt")]
     if not p:
         raise bad_request("prompt must not be empty.", param="prompt")
     if all(isinstance(x, int) for x in p):
-        return [list(p)]  # type: ignore[arg-type]
+        return [list(p)], [0]  # type: ignore[arg-type]
     out: list[str | list[int]] = []
+    sizes: list[int] = []
     for i, x in enumerate(p):
         if isinstance(x, list) and not x:
             raise bad_request(f"prompt[{i}] is an empty token list.", param="prompt")
+        sizes.append(utf8_size(x, f"prompt[{i}]") if isinstance(x, str) else 0)
         out.append(x)  # type: ignore[arg-type]
-    return out
+    return out, sizes
