@@ -180,3 +180,10 @@ def test_without_isolation_it_refuses_unless_opted_in(monkeypatch):
     monkeypatch.setenv(S.ALLOW_ENV, "1")  # opted in: rlimits + the nonce rule, no namespaces
     assert run_code("print(1)").passed
     assert run_code("import os\nos._exit(0)").status == "failed"
+
+
+def test_private_tmp_cannot_fill_the_disk():
+    # each file is under the 16 MB file-size limit; together they exceed the private tmpfs
+    r = run_code("for i in range(12):\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\n", timeout=20)
+    assert r.status == "failed" and "No space left on device" in r.stderr
+    assert S.MAX_TMP_BYTES < 12 * (8 << 20)

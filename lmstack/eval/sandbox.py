@@ -6,8 +6,9 @@ Isolation (bubblewrap, https://github.com/containers/bubblewrap, the tool Flatpa
 shape of OpenAI's human-eval ``execution.py`` and bigcode-evaluation-harness, moved out of process):
 
 - **mount namespace** with a minimal read-only view: ``/usr`` (and the ``/bin``, ``/lib*`` links), the Python
-  install running lmstack, a fresh ``/proc`` and ``/dev``; the only writable path is ``/tmp``, a private
-  directory removed afterwards. No ``/etc``, ``/home``, ``/root``, project files or host ``/tmp``;
+  install running lmstack, a fresh ``/proc`` and ``/dev``, the program at ``/sandbox/program.py``; the only
+  writable path is ``/tmp``, a private 64 MiB tmpfs (the host's disk cannot be filled). No ``/etc``,
+  ``/home``, ``/root``, project files or host ``/tmp``;
 - **unprivileged user** 65534 (nobody): as root, bubblewrap keeps only CAP_SETUID/SETGID for ``setpriv``,
   which drops to 65534 with no capabilities and ``no_new_privs`` (a real host uid, so RLIMIT_NPROC holds --
   the kernel exempts uid 0 from it); as another user, a user namespace maps the caller to 65534;
@@ -52,6 +53,7 @@ SANDBOX_UID = 65534  # nobody
 MAX_PROCESSES = 64  # RLIMIT_NPROC inside the sandbox (threads count)
 MAX_OPEN_FILES = 256
 MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_TMP_BYTES = 64 * 1024 * 1024  # the private /tmp is a tmpfs of this size (not the host's disk)
 
 # Runs inside the sandbox as `python -I -B -c _HARNESS PROGRAM RESULT_FD MEMORY_MB CPU_S NPROC NOFILE FSIZE`.
 _HARNESS = r'''
@@ -157,7 +159,9 @@ def _bwrap_cmd(bwrap: str, tmp: str, share_net: bool) -> list[str]:
                 made.add(a)
                 cmd += ["--perms", "0755", "--dir", a]
         cmd += ["--ro-bind", p, p]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--bind", tmp, "/tmp", "--chdir", "/tmp", "--hostname", "sandbox"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", tmp, "/sandbox",
+            "--perms", "1777", "--size", str(MAX_TMP_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp",
+            "--hostname", "sandbox"]
     if os.geteuid() == 0:
         cmd += ["--cap-add", "CAP_SETUID,CAP_SETGID", "--", shutil.which("setpriv") or "/usr/bin/setpriv",
                 f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--inh-caps=-all",
@@ -215,9 +219,8 @@ def _run(code: str, kind: str, *, timeout: float, memory_mb: int, max_output: in
         exe, _ = _python()
         cpu = max(1, int(timeout) + 1)
         if kind == "bwrap":
-            if os.geteuid() == 0:
-                os.chown(tmp, SANDBOX_UID, SANDBOX_UID)
-            prefix, inner = _bwrap_cmd(shutil.which("bwrap") or "bwrap", tmp, share_net), "/tmp/program.py"
+            os.chmod(tmp, 0o755)  # read-only inside (/sandbox); the program writes to its own tmpfs /tmp
+            prefix, inner = _bwrap_cmd(shutil.which("bwrap") or "bwrap", tmp, share_net), "/sandbox/program.py"
             cwd = None
         else:
             prefix, inner, cwd = [], path, tmp
