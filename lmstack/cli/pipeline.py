@@ -15,7 +15,8 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs only)."),
         plan: bool = typer.Option(False, "--plan", help="Show which stages would run, resume or be skipped; run nothing."),
     ) -> None:
-        """Run a recipe's stages (data, rag, tokenizer, pretrain, finetune, eval); unchanged stages are skipped.
+        """Run a recipe's stages (its app's: the support app has data, rag, tokenizer, pretrain, finetune, reader,
+        eval, bundle); unchanged stages are skipped, an interrupted one resumes.
 
         Any recipe field can be overridden: --pretrain.train.steps=50 --eval.heldout_limit=40"""
         import os
