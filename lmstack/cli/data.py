@@ -37,6 +37,7 @@ def _done(report: dict, shard: Optional[str], out: Optional[str]) -> None:
 
 
 _SHARD = typer.Option(None, "--shard", help="Run only shard i/n; then `lmstack data merge --out DIR`.")
+_STRICT = typer.Option(False, "--strict", help="Stop at an unreadable file or directory (else: counted, reported).")
 
 
 def register(app: typer.Typer) -> None:
@@ -49,8 +50,7 @@ def register(app: typer.Typer) -> None:
             config: str = typer.Option(..., "--config", "-c", help="Pipeline YAML (see docs/data.md)."),
             out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (or out_dir in the YAML)."),
             shard: Optional[str] = typer.Option(None, "--shard", help="Run only shard i/n (then `lmstack data merge`)."),
-            strict: bool = typer.Option(False, "--strict", help="Stop at an unreadable file or directory.")
-            ) -> None:
+            strict: bool = _STRICT) -> None:
         """Run the whole pipeline from a YAML config; extra args `section.key=value` override it."""
         from lmstack.data.pipeline import run_pipeline
 
@@ -73,12 +73,13 @@ def register(app: typer.Typer) -> None:
               pii: str = typer.Option("redact", "--pii", help="redact | drop | count | off"),
               no_quality: bool = typer.Option(False, "--no-quality", help="Skip the quality filters."),
               workers: int = typer.Option(0, "--workers", help="Processes (0 = all cores)."),
-              shard: Optional[str] = _SHARD) -> None:
+              shard: Optional[str] = _SHARD, strict: bool = _STRICT) -> None:
         """Normalize, language-filter, quality-filter and redact PII (no dedup)."""
         from lmstack.data.verbs import clean as run_clean
 
         _done(run_clean(inputs, out, text_field=text_field, languages=[x.strip() for x in lang.split(",") if x],
-                        pii=pii, quality=not no_quality, workers=workers, shard=shard, overrides=ctx.args), shard, out)
+                        pii=pii, quality=not no_quality, workers=workers, shard=shard, overrides=ctx.args,
+                        strict=strict), shard, out)
 
     @data.command("dedup", context_settings=_EXTRA)
     def dedup(ctx: typer.Context, inputs: List[str] = typer.Argument(...), out: str = typer.Option(..., "--out", "-o"),
@@ -86,12 +87,14 @@ def register(app: typer.Typer) -> None:
               threshold: float = typer.Option(0.8, "--threshold", help="Jaccard threshold for near duplicates."),
               num_perm: int = typer.Option(128, "--num-perm"),
               exact_only: bool = typer.Option(False, "--exact-only"),
-              workers: int = typer.Option(0, "--workers"), shard: Optional[str] = _SHARD) -> None:
+              workers: int = typer.Option(0, "--workers"), shard: Optional[str] = _SHARD,
+              strict: bool = _STRICT) -> None:
         """Exact and MinHash-LSH near dedup only (text unchanged)."""
         from lmstack.data.verbs import dedup as run_dedup
 
         _done(run_dedup(inputs, out, text_field=text_field, threshold=threshold, num_perm=num_perm,
-                        near=not exact_only, workers=workers, shard=shard, overrides=ctx.args), shard, out)
+                        near=not exact_only, workers=workers, shard=shard, overrides=ctx.args, strict=strict),
+              shard, out)
 
     @data.command("stats")
     def stats(inputs: List[str] = typer.Argument(...), text_field: str = typer.Option("text", "--text-field"),

@@ -27,9 +27,9 @@ def _inputs(paths: Sequence[str], text_field: str) -> list[dict[str, Any]]:
 
 def clean(paths: Sequence[str], out_dir: str | os.PathLike, *, text_field: str = "text",
           languages: Sequence[str] = ("en", "zh"), pii: str = "redact", quality: bool = True, workers: int = 0,
-          shard: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+          shard: str | None = None, overrides: Sequence[str] = (), strict: bool = False) -> dict[str, Any]:
     """Normalize, language filter, quality filters and PII redaction; no dedup."""
-    cfg = {"inputs": _inputs(paths, text_field), "workers": workers,
+    cfg = {"inputs": _inputs(paths, text_field), "workers": workers, "strict": strict,
            "language": {"keep": list(languages)}, "quality": {"enabled": quality},
            "pii": {"enabled": pii != "off", "action": pii if pii != "off" else "redact"},
            "dedup": {"exact": False, "near": False}}
@@ -38,9 +38,9 @@ def clean(paths: Sequence[str], out_dir: str | os.PathLike, *, text_field: str =
 
 def dedup(paths: Sequence[str], out_dir: str | os.PathLike, *, text_field: str = "text", threshold: float = 0.8,
           num_perm: int = 128, near: bool = True, workers: int = 0, shard: str | None = None,
-          overrides: Sequence[str] = ()) -> dict[str, Any]:
+          overrides: Sequence[str] = (), strict: bool = False) -> dict[str, Any]:
     """Exact and (optionally) near dedup only; the text is passed through unchanged."""
-    cfg = {"inputs": _inputs(paths, text_field), "workers": workers,
+    cfg = {"inputs": _inputs(paths, text_field), "workers": workers, "strict": strict,
            "normalize": {"enabled": False}, "language": {"enabled": False}, "quality": {"enabled": False},
            "pii": {"enabled": False},
            "dedup": {"exact": True, "near": near, "threshold": threshold, "num_perm": num_perm}}
