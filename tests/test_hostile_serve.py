@@ -58,7 +58,7 @@ def server():
 
     llm = L.load(shared_model_dir(), max_num_seqs=8)
     tok = GatedTokenizer(llm.tokenizer)
-    app = create_app(llm, api_key=KEY, served_model_name="tiny", tokenizer=tok, max_request_bytes=1 << 20)
+    app = create_app(llm, api_key=[KEY, KEY2], served_model_name="tiny", tokenizer=tok, max_request_bytes=1 << 20)
     with LiveServer(app) as s:
         s.llm, s.tok = llm, tok
         yield s
@@ -190,3 +190,22 @@ def test_lone_surrogate_is_a_clear_400(server):
     err = error(post(server, "/v1/chat/completions", {"model": "x\ud800", "messages": [{"role": "user",
                                                                                          "content": "hi"}]}), 404)
     assert err["code"] == "model_not_found"
+
+
+# ------------------------------------------------------------------ 4. the prefix cache is per API key
+def test_prefix_cache_is_not_shared_across_api_keys(server):
+    secret = [{"role": "system", "content": "The vault code is 4711. " * 8},
+              {"role": "user", "content": "What is the code?"}]
+
+    def cached(key: str, **extra) -> int:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="tiny", messages=secret, max_tokens=1, extra_body=extra or None)
+        assert r.usage.prompt_tokens > 48  # at least three full 16-token blocks to cache
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    cached(KEY)  # tenant A sends the secret (cached now, whatever was there before)
+    assert cached(KEY) >= 48  # A's own repeat is served from A's cache: caching is on
+    assert cached(KEY2) == 0  # B guessing the same prefix learns nothing: B has no cached block of it
+    assert cached(KEY2) >= 48  # B's own repeat hits B's cache
+    assert cached(KEY, cache_salt="private") == 0  # a cache_salt narrows a key's namespace further
+    assert cached(KEY, cache_salt="private") >= 48

@@ -6,9 +6,11 @@ position p is slot ``block_table[p // block_size] * block_size + p % block_size`
 
 Prefix caching (vLLM "automatic prefix caching"): a *full* block whose K/V are computed is registered
 under a chained hash ``hash((parent_hash, tokens_of_block))``, so a block is identified by its whole
-prefix. A new sequence whose leading blocks hash the same reuses them (reference count + 1) and skips
-their prefill. Blocks with reference count 0 go to a free list in LRU order; a cached one stays
-reusable until it is handed out for new data (evicted, least recently used first).
+prefix. The chain starts from the request's ``SamplingParams.cache_salt`` (vLLM's ``cache_salt``; None for
+the shared namespace), so requests with different salts (the HTTP server salts by API key) share no block.
+A new sequence whose leading blocks hash the same reuses them (reference count + 1) and skips their prefill.
+Blocks with reference count 0 go to a free list in LRU order; a cached one stays reusable until it is handed
+out for new data (evicted, least recently used first).
 
 Reference: Kwon et al. 2023, "Efficient Memory Management for Large Language Model Serving with
 PagedAttention"; nano-vllm ``block_manager.py``.
@@ -64,6 +66,12 @@ class BlockManager:
         self.ref_count[block] = 1
         return block
 
+    @staticmethod
+    def _root(seq: Sequence) -> int | None:
+        """The parent hash of a sequence's first block: its request's cache salt (None: shared)."""
+        salt = seq.request.params.cache_salt if seq.request is not None else None
+        return None if salt is None else hash(("cache_salt", salt))
+
     def match_prefix(self, seq: Sequence) -> int:
         """For a sequence with no blocks: reuse cached full blocks of its tokens. Returns tokens reused.
 
@@ -73,7 +81,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs
-        parent: int | None = None
+        parent = self._root(seq)
         hashes: list[int] = []
         for i in range(max_blocks):
             key = (parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
@@ -121,7 +129,7 @@ class BlockManager:
             return
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        parent = seq.block_hashes[-1] if seq.block_hashes else self._root(seq)
         for i in range(seq.num_hashed_blocks, full):
             key = (parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
             h = hash(key)

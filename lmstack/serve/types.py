@@ -36,6 +36,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the top-k alternatives
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # prefix-cache namespace (vLLM's cache_salt): requests with different salts never share cached KV blocks, so
+    # neither cached_tokens nor time-to-first-token tells one tenant what another sent. None: the shared namespace
+    cache_salt: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kw) -> "SamplingParams":

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import inspect
 import json
 import logging
 import time
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -29,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from lmstack.errors import ConfigError
 from lmstack.serve.api import errors as E
 from lmstack.serve.api.chat import create_chat_completion
-from lmstack.serve.api.common import REQUEST_ARRIVAL, ServedModel
+from lmstack.serve.api.common import REQUEST_ARRIVAL, TENANT, ServedModel
 from lmstack.serve.api.completions import create_completion
 from lmstack.serve.api.metrics import ServerMetrics
 from lmstack.serve.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -77,9 +78,9 @@ class Lifecycle:
 class Gate:
     """ASGI middleware in front of every route: auth, drain, body limit, in-flight count, status counter."""
 
-    def __init__(self, app: Any, *, api_key: str | None, max_request_bytes: int, lifecycle: Lifecycle,
-                 metrics: ServerMetrics):
-        self.app, self.api_key, self.limit = app, api_key, max_request_bytes
+    def __init__(self, app: Any, *, api_key: str | Sequence[str] | None, max_request_bytes: int,
+                 lifecycle: Lifecycle, metrics: ServerMetrics):
+        self.app, self.keys, self.limit = app, api_keys(api_key), max_request_bytes
         self.lifecycle, self.metrics = lifecycle, metrics
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -98,7 +99,8 @@ class Gate:
         try:
             if not path.startswith("/v1/"):
                 return await self.app(scope, receive, counting_send)
-            if self.api_key is not None and not self._authorized(scope):
+            key = matched_key(scope, self.keys) if self.keys else None
+            if self.keys and key is None:
                 return await E.unauthorized().response()(scope, receive, counting_send)
             if self.lifecycle.draining:
                 return await E.shutting_down().response()(scope, receive, counting_send)
@@ -108,17 +110,16 @@ class Gate:
             self.lifecycle.enter()
             self.metrics.in_flight.inc()
             token = REQUEST_ARRIVAL.set(arrival)
+            tenant = TENANT.set(tenant_salt(key) if key is not None else None)
             try:
                 await self.app(scope, body_receive, counting_send)
             finally:
+                TENANT.reset(tenant)
                 REQUEST_ARRIVAL.reset(token)
                 self.lifecycle.exit()
                 self.metrics.in_flight.dec()
         finally:
             self.metrics.requests.labels(route, str(status["code"])).inc()
-
-    def _authorized(self, scope: dict) -> bool:
-        return authorized(scope, self.api_key)  # type: ignore[arg-type]
 
     async def _read_body(self, scope: dict, receive: Callable) -> Callable | E.APIError:
         """Buffer the body (at most ``limit`` bytes), then replay it; later receives pass through."""
@@ -156,12 +157,37 @@ async def read_body(scope: dict, receive: Callable, limit: int) -> Body | E.APIE
     return Body(b"".join(chunks))
 
 
-def authorized(scope: dict, api_key: str) -> bool:
-    """The request carries ``api_key`` as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` (constant-time)."""
+def api_keys(api_key: str | Sequence[str] | None) -> list[str]:
+    """The accepted keys: one string, several (one per tenant), or none (an open server)."""
+    if api_key is None:
+        return []
+    keys = [api_key] if isinstance(api_key, str) else list(api_key)
+    if not all(isinstance(k, str) and k for k in keys):
+        raise ConfigError("api_key: every key must be a non-empty string")
+    return keys
+
+
+def matched_key(scope: dict, keys: Sequence[str]) -> str | None:
+    """The key of ``keys`` the request carries as ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` (every key is
+    compared, in constant time), or None."""
     headers = dict(scope.get("headers") or [])
-    auth = headers.get(b"authorization", b"").decode("latin-1")
-    token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode()
-    return bool(token) and hmac.compare_digest(token.encode(), api_key.encode())
+    auth = headers.get(b"authorization", b"")
+    token = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+    found = None
+    for key in keys:
+        if hmac.compare_digest(token, key.encode()) and token:
+            found = key
+    return found
+
+
+def authorized(scope: dict, api_key: str | Sequence[str]) -> bool:
+    """The request carries one of the keys (see :func:`matched_key`)."""
+    return matched_key(scope, api_keys(api_key)) is not None
+
+
+def tenant_salt(key: str) -> str:
+    """The prefix-cache salt of the requests made with ``key`` (a digest: the key itself is not passed on)."""
+    return hashlib.sha256(b"lmstack-tenant\0" + key.encode()).hexdigest()[:32]
 
 
 def replay_body(body: bytes, receive: Callable) -> Callable:
@@ -236,15 +262,17 @@ def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: A
                        max_prompt_bytes=max_prompt_bytes or 0)
 
 
-def create_app(llm_or_engine: Any, api_key: str | None = None, served_model_name: str | list[str] | None = None,
+def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None, served_model_name: str | list[str] | None = None,
                *, tokenizer: Any = None, max_model_len: int | None = None, max_waiting: int = 256,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ui: bool = True,
                allowed_origins: list[str] | None = None, shutdown_engine: bool = True,
                max_prompt_bytes: int | None = None) -> FastAPI:
     """An OpenAI-compatible app around one model (an ``LLM`` from ``lmstack.serve.llm.load`` or an engine).
 
-    ``max_prompt_bytes``: prompt text over this many UTF-8 bytes is refused (400) before it is tokenized
-    (default: 64 bytes per token of the context, at least 64 KiB)."""
+    ``api_key``: one key, or several (one per tenant: each key's requests share prefix-cache blocks only with
+    requests made with the same key). ``max_prompt_bytes``: prompt text over this many UTF-8 bytes is refused
+    (400) before it is tokenized (default: 64 bytes per token of the context, at least 64 KiB)."""
+    api_keys(api_key)  # a bad key list fails here, not at the first request
     model = _served(llm_or_engine, served_model_name=served_model_name, tokenizer=tokenizer,
                     max_model_len=max_model_len, max_waiting=max_waiting, max_prompt_bytes=max_prompt_bytes)
     stats = getattr(model.engine, "stats", None)

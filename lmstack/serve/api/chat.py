@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmstack.serve.api import protocol as P
 from lmstack.serve.api.common import (
-    SSE_DONE, ServedModel, chat_logprobs, check_context, check_prompt_bytes, finish_reason, first_then_rest, sse,
+    SSE_DONE, ServedModel, cache_salt, chat_logprobs, check_context, check_prompt_bytes, finish_reason,
+    first_then_rest, sse,
     tracked_generate, usage,
 )
 from lmstack.serve.api.errors import APIError, from_exception
@@ -48,7 +49,8 @@ async def create_chat_completion(model: ServedModel, req: P.ChatCompletionReques
         raise APIError(400, "max_tokens must be >= 1.", param="max_tokens")
     max_tokens = check_context(model, len(prompt_ids), want, "messages")
     params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, logprobs_param="top_logprobs",
-                               vocab_size=model.vocab_size)
+                               vocab_size=model.vocab_size,
+                               cache_salt=cache_salt(req.cache_salt))
     head = chat_head(model.name)
     first, rest = await first_then_rest(tracked_generate(model, prompt_ids, params, head["id"]), "messages")
     if req.stream:

@@ -23,6 +23,17 @@ from lmstack.serve.types import RequestOutput, SamplingParams, TokenLogprob
 # perf_counter() when the request reached the server (set by the Gate middleware): latency metrics start here,
 # so time-to-first-token includes body parsing, tokenization and the chat template.
 REQUEST_ARRIVAL: ContextVar[float | None] = ContextVar("lmstack_request_arrival", default=None)
+# the prefix-cache salt of the API key the request was made with (set by the Gate; None on an open server)
+TENANT: ContextVar[str | None] = ContextVar("lmstack_tenant", default=None)
+
+
+def cache_salt(request_salt: str | None) -> str | None:
+    """The request's prefix-cache namespace: its tenant (API key), then the ``cache_salt`` it sent, if any. A
+    client can narrow its own namespace but never reach another key's."""
+    tenant = TENANT.get()
+    if tenant is None and request_salt is None:
+        return None
+    return f"{tenant or ''}\0{request_salt or ''}"
 
 
 @dataclass

@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmstack.serve.api import protocol as P
 from lmstack.serve.api.common import (
-    SSE_DONE, ServedModel, check_context, check_prompt_bytes, completion_logprobs, finish_reason, first_then_rest, merge, sse,
+    SSE_DONE, ServedModel, cache_salt, check_context, check_prompt_bytes, completion_logprobs, finish_reason,
+    first_then_rest, merge, sse,
     tracked_generate, usage,
 )
 from lmstack.serve.api.errors import APIError, from_exception
@@ -56,7 +57,8 @@ async def create_completion(model: ServedModel, req: P.CompletionRequest):
     if want < 1:
         raise APIError(400, "max_tokens must be >= 1.", param="max_tokens")
     max_tokens = min(check_context(model, len(x), want, "prompt") for x in ids)
-    params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, vocab_size=model.vocab_size)
+    params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, vocab_size=model.vocab_size,
+                               cache_salt=cache_salt(req.cache_salt))
     cid = f"cmpl-{uuid.uuid4().hex}"
     # Admit every prompt concurrently before answering 200, so a 429 / 400 / 503 keeps its status.
     gens = [tracked_generate(model, x, params, cid if len(ids) == 1 else f"{cid}-{p}") for p, x in enumerate(ids)]

@@ -69,6 +69,7 @@ class _Sampling(_Body):
     stop_token_ids: list[int] = Field(default_factory=list)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    cache_salt: str | None = None  # vLLM's: a private prefix-cache namespace inside the API key's own
 
 
 # Accepted and ignored: they do not change what the model generates.
@@ -209,6 +210,8 @@ def check_ranges(req: _Sampling, vocab_size: int | None) -> None:
                               param="stop_token_ids")
     for i, s in enumerate([req.stop] if isinstance(req.stop, str) else (req.stop or [])):
         utf8_size(s, "stop" if isinstance(req.stop, str) else f"stop[{i}]")
+    if req.cache_salt is not None:
+        utf8_size(req.cache_salt, "cache_salt")
 
 
 def _short(v: int) -> str:
@@ -217,7 +220,8 @@ def _short(v: int) -> str:
 
 
 def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
-                    logprobs_param: str = "logprobs", vocab_size: int | None = None) -> SamplingParams:
+                    logprobs_param: str = "logprobs", vocab_size: int | None = None,
+                    cache_salt: str | None = None) -> SamplingParams:
     """Translate the request to engine params, validated by :meth:`SamplingParams.validate`; a value out of
     range is a 400 naming the request field (``logprobs_param``: the field that carried ``logprobs``)."""
     for param, ok, msg in OPENAI_LIMITS:
@@ -242,6 +246,7 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        cache_salt=cache_salt,
     )
     try:
         params.validate()

@@ -80,7 +80,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-               api_key: str | None = None, served_model_name: str | None = None, max_num_seqs: int = 64,
+               api_key: str | list[str] | None = None, served_model_name: str | None = None, max_num_seqs: int = 64,
                max_model_len: int | None = None, max_waiting: int = 256, device: str | None = None,
                dtype: str | None = None, max_request_bytes: int | None = None, drain_timeout: float = 300.0,
                enable_prefix_caching: bool = True, allowed_origins: list[str] | None = None,
