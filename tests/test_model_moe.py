@@ -185,3 +185,12 @@ def test_training_loss_adds_router_losses_and_learns(tmp_path):
         out.loss.backward()
         opt.step()
     assert out.metrics["lm_loss"] < first - 0.5
+
+
+def test_info_counts_moe_parameters_like_transformers(moe_dir):
+    from lmstack.model.info import model_info
+
+    _, path, hf = moe_dir
+    info = model_info(path)
+    assert info["num_parameters"] == sum(p.numel() for p in hf.parameters())  # tied weights counted once
+    assert "active parameters per token" in info["fields"]

@@ -21,7 +21,7 @@ def train_cmd(
                                                   "EN+ZH intent set (lmstack/model/data/intents.jsonl)."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out records (default: split == test)."),
     init: str = typer.Option(None, "--init", help="A local BERT directory to fine-tune (default: a fresh encoder)."),
-    epochs: int = typer.Option(40, "--epochs"),
+    epochs: int = typer.Option(30, "--epochs"),
     lr: float = typer.Option(1e-3, "--lr"),
     batch_size: int = typer.Option(16, "--batch-size"),
     max_length: int = typer.Option(64, "--max-length"),

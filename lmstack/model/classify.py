@@ -41,13 +41,13 @@ class ClassifyConfig:
     init: str | None = None  # a local BERT directory to fine-tune; default: a fresh small encoder
     text_field: str = "text"
     label_field: str = "label"
-    vocab_size: int = 2000
+    vocab_size: int = 600  # small: 120 sentences do not support many merges (measured: 0.40 vs 0.25 acc with 2000)
     hidden_size: int = 128
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     intermediate_size: int = 256
     max_length: int = 64
-    epochs: int = 40
+    epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01
