@@ -135,3 +135,13 @@ def test_jsonl_choices_list_is_found_without_configuration(tmp_path):
     data.write_text(json.dumps({"question": "q", "A": "x", "B": "y"}) + "\n")
     with pytest.raises(DataError, match=r"d\.jsonl:1: missing field 'C'"):
         mc_requests(load_task({"type": "multiple_choice", "name": "t", "data": str(data)}))
+
+
+def test_task_prompt_template_runs_in_the_sandbox(model_dir, tmp_path):
+    """A task YAML is untrusted: its prompt template cannot walk to Python internals."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    g = _yaml(tmp_path / "g.yaml", type="generation", data="d.jsonl", reference_field="answer",
+              prompt="{{ question.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(DataError, match="refused by the sandbox"):
+        run_eval(model_dir, [g], show_progress=False)

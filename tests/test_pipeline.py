@@ -180,6 +180,21 @@ def test_interrupted_stage_resumes_and_failed_stage_is_not_marked_done(tmp_path)
     assert calls[0] == ("finetune", False)
 
 
+def test_sigterm_in_a_stage_exits_143_and_the_stage_resumes(tmp_path):
+    """SIGTERM (lmstack.errors.Terminated, raised by the CLI's handler) stops a stage like Ctrl-C does, with
+    exit status 143 and the stage left to resume."""
+    from lmstack.errors import Terminated
+
+    calls: list = []
+    with pytest.raises(StageInterrupted, match="terminated during stage tokenizer") as e:
+        run_stages(_recipe(tmp_path), _registry(calls, fail={"tokenizer": Terminated()}))
+    assert e.value.exit_code == 143
+    assert json.loads((tmp_path / "run/state/tokenizer.json").read_text())["status"] == "running"
+    with pytest.raises(StageInterrupted) as e:
+        run_stages(_recipe(tmp_path), _registry(calls, fail={"pretrain": KeyboardInterrupt()}))
+    assert e.value.exit_code == 130
+
+
 def test_run_dir_lock(tmp_path):
     recipe = _recipe(tmp_path)
     run = tmp_path / "run"

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", "-m", help="Model directory (Hugging Face layout)."),
         adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter directory (PEFT layout)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: all)."),
-        port: int = typer.Option(8000, "--port", help="TCP port."),
+        port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY",
                                               help="Require 'Authorization: Bearer KEY' on /v1 routes."),
         served_model_name: Optional[str] = typer.Option(None, "--served-model-name",

@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
     def serve(bundle: Optional[str] = BUNDLE, model: Optional[str] = MODEL, index: Optional[str] = INDEX,
               adapter: Optional[str] = ADAPTER, k: Optional[int] = K, ranker: Optional[str] = RANKER,
               system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: Optional[str] = MODE,
-              host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port"),
+              host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port", min=1, max=65535),
               api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY"),
               ) -> None:
         """OpenAI API (/v1/chat/completions) + web chat at /, each chat request grounded in the index."""

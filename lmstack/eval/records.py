@@ -89,18 +89,23 @@ _TEMPLATES: dict[str, Any] = {}
 
 
 def render(template: str, rec: Record, task: str, **extra: Any) -> str:
-    """Render a Jinja2 prompt template over a record; an unknown variable names the task, file and line."""
+    """Render a Jinja2 prompt template over a record; an unknown variable names the task, file and line. Task YAMLs
+    come from strangers: the template runs in Jinja's immutable sandbox (no attribute walks to ``__class__``,
+    ``os`` or ``subprocess``), as transformers renders chat templates."""
     import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     t = _TEMPLATES.get(template)
     if t is None:
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
         try:
             t = _TEMPLATES[template] = env.from_string(template)
         except jinja2.TemplateSyntaxError as e:
             raise DataError(f"task {task}: prompt template line {e.lineno}: {e.message}") from None
     try:
         return t.render(**rec.data, **extra)
+    except jinja2.exceptions.SecurityError as e:
+        raise DataError(f"task {task}: prompt template refused by the sandbox ({e})") from None
     except jinja2.UndefinedError as e:
         raise DataError(f"task {task}: {rec.file}:{rec.line}: prompt template uses a field the record lacks "
                         f"({e.message}); fields present: {', '.join(map(str, rec.data))}") from None

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from lmstack._version import __version__
 from lmstack.config import save_config, stage_section, validate
-from lmstack.errors import ConfigError, LmstackError
+from lmstack.errors import ConfigError, LmstackError, Terminated
 from lmstack.pipeline.recipe import Recipe
 from lmstack.utils.io import atomic_write_json
 from lmstack.utils.progress import progress
@@ -282,9 +282,12 @@ def run_stages(recipe: Recipe, registry: dict[str, Stage], *, from_stage: str | 
                 t0 = time.perf_counter()
                 try:
                     summary = st.run(ctx) or {}
-                except KeyboardInterrupt:
-                    raise StageInterrupted(f"interrupted during stage {name}; run the same command again to resume "
-                                           f"(finished stages are skipped)") from None
+                except (KeyboardInterrupt, Terminated) as e:  # Ctrl-C -> 130, SIGTERM -> 143
+                    stop = StageInterrupted(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} during "
+                                            f"stage {name}; run the same command again to resume (finished stages "
+                                            f"are skipped)")
+                    stop.exit_code = 143 if isinstance(e, Terminated) else 130
+                    raise stop from None
                 seconds = time.perf_counter() - t0
                 atomic_write_json(state_path, {"status": "done", "fingerprint": fps[name], "started": started,
                                                "seconds": round(seconds, 2), "summary": summary})
