@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test install browser sandbox bench clean
+.PHONY: demo test test-schemathesis install browser sandbox bench clean
 
 # torch is installed first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -37,6 +37,11 @@ demo: $(STAMP)
 
 test: $(STAMP) browser sandbox
 	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests
+
+# The OpenAPI schema against the live server with many generated requests per operation (`make test` runs 15).
+test-schemathesis: $(STAMP)
+	LMSTACK_SCHEMATHESIS_EXAMPLES=$${LMSTACK_SCHEMATHESIS_EXAMPLES:-300} OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE \
+	  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests/test_serve_openapi.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -12,7 +12,13 @@ system message gets the assistant's system prompt. With a ``reader`` (the defaul
 a plain chat request is then answered like ``lmstack support chat`` answers: the model picks the passage
 sentence that answers (:mod:`lmstack.apps.support.reader`), returned as an OpenAI ``chat.completion`` or its
 event stream. Everything else (other routes, bodies that are not a chat request, requests with ``n`` > 1,
-tools or logprobs, oversized bodies) passes to the server untouched, so its own validation and errors apply.
+tools or logprobs) passes to the server untouched, so its own validation and errors apply.
+
+Hostile clients: a request the server refuses unread (no or wrong API key, draining) passes on before its body
+is read, so it costs no retrieval; a body is read under the server's ``max_request_bytes`` and refused (413) as
+soon as it passes it, chunked or not; JSON parsing, retrieval and the reader run in worker threads, never on
+the event loop. Passages and messages are the server's untrusted text: the chat route encodes control tokens
+typed in them as plain text, and the reader's text prompt gets them broken up (:func:`defang`).
 """
 
 from __future__ import annotations
@@ -60,6 +66,35 @@ def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEF
     else:
         out.insert(0, {"role": "system", "content": with_context(system_prompt, hits, context_max_chars)})
     return out
+
+
+WORD_JOINER = "\u2060"  # invisible, and no tokenizer merges it into a control token
+
+
+def control_token_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The tokenizer's special tokens as strings, longest first."""
+    ids = getattr(tokenizer, "special_token_ids", None)
+    if ids is not None:
+        toks = [tokenizer.id_to_token(i) for i in ids]
+    else:
+        toks = list(getattr(tokenizer, "all_special_tokens", []))
+    return tuple(sorted({t for t in toks if t and len(t) > 1 and not t.isspace()}, key=len, reverse=True))
+
+
+def defang(text: str, tokens: tuple[str, ...]) -> str:
+    """``text`` with every control token in it broken by a word joiner after its first character, so a text
+    prompt built from it never encodes to a control id (the chat route encodes them as plain text instead)."""
+    for t in tokens:
+        if t in text:
+            text = text.replace(t, t[0] + WORD_JOINER + t[1:])
+    return text
+
+
+def undefang(text: str, tokens: tuple[str, ...]) -> str:
+    """The inverse of :func:`defang`."""
+    for t in tokens:
+        text = text.replace(t[0] + WORD_JOINER + t[1:], t)
+    return text
 
 
 def _selectable(req: dict[str, Any], names: list[str]) -> bool:
@@ -165,9 +200,17 @@ class GroundingMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def _answer(self, msgs: list[dict[str, str]], hits: list) -> tuple[str, int, int]:
-        """(selected answer, prompt tokens, answer tokens)."""
+        """(selected answer, prompt tokens, answer tokens). The reader scores a text prompt, so control tokens
+        typed in the messages or the passages are broken up first (:func:`defang`): they stay visible text."""
+        import dataclasses
+
+        tokens = control_token_strings(self.tokenizer)
+        msgs = [{**m, "content": defang(m["content"], tokens)} for m in msgs]
+        # the candidates are passage sentences, scored as the reply's text: broken up the same way
+        hits = [dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=defang(h.chunk.text, tokens)))
+                if dataclasses.is_dataclass(h) else h for h in hits]
         prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-        answer = self.reader.answer(prompt, msgs[-1]["content"], hits)
+        answer = undefang(self.reader.answer(prompt, msgs[-1]["content"], hits), tokens)  # the passage's own text
         return answer, len(self.tokenizer.encode(prompt)), len(self.tokenizer.encode(answer))
 
 

@@ -25,7 +25,7 @@ from importlib import resources
 from typing import Any, Awaitable, Callable, Sequence
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from lmstack.errors import ConfigError
 from lmstack.serve.api import errors as E
@@ -230,6 +230,27 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
+def _document_auth(app: FastAPI, required: bool) -> None:
+    """Declare in the OpenAPI schema that ``/v1/*`` needs the API key (as a bearer token or ``X-API-Key``)."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = base()  # caches itself in app.openapi_schema; completed in place below
+        if required:
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+            for path, ops in schema.get("paths", {}).items():
+                if path.startswith("/v1/"):
+                    for op in ops.values():
+                        op["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _is_engine(obj: Any) -> bool:
     """An AsyncEngine, or any object with its seam (async ``abort``, ``stats``), e.g. benchmarks/hf_engine.py's."""
     from lmstack.serve.async_engine import AsyncEngine
@@ -238,8 +259,23 @@ def _is_engine(obj: Any) -> bool:
                                             and hasattr(obj, "stats"))
 
 
+def sanitize_kw(tokenizer: Any) -> dict[str, bool]:
+    """The ``apply_chat_template`` keyword that encodes control tokens inside messages as plain text."""
+    try:
+        params = inspect.signature(tokenizer.apply_chat_template).parameters
+    except (AttributeError, TypeError, ValueError):
+        params = {}
+    if "sanitize_control_tokens" in params:  # transformers
+        return {"sanitize_control_tokens": True}
+    if "sanitize" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):  # lmstack (or a wrapper)
+        return {"sanitize": True}
+    raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) cannot encode control tokens typed in messages "
+                      "as plain text, so a client could forge chat turns: use lmstack's or transformers' tokenizer, "
+                      "or pass sanitize=False to serve trusted clients only")
+
+
 def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: Any, max_model_len: int | None,
-            max_waiting: int, max_prompt_bytes: int | None = None) -> ServedModel:
+            max_waiting: int, max_prompt_bytes: int | None = None, sanitize: bool = True) -> ServedModel:
     if _is_engine(obj):
         engine, llm = obj, getattr(obj, "llm", None)
     else:
@@ -259,22 +295,24 @@ def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: A
     vocab = getattr(cfg, "vocab_size", None) or getattr(tok, "vocab_size", None)
     return ServedModel(engine=engine, tokenizer=tok, names=names, max_model_len=int(mml),
                        vocab_size=int(vocab) if isinstance(vocab, int) else None,
-                       max_prompt_bytes=max_prompt_bytes or 0)
+                       max_prompt_bytes=max_prompt_bytes or 0, sanitize_kw=sanitize_kw(tok) if sanitize else {})
 
 
 def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None, served_model_name: str | list[str] | None = None,
                *, tokenizer: Any = None, max_model_len: int | None = None, max_waiting: int = 256,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ui: bool = True,
                allowed_origins: list[str] | None = None, shutdown_engine: bool = True,
-               max_prompt_bytes: int | None = None) -> FastAPI:
+               max_prompt_bytes: int | None = None, sanitize: bool = True) -> FastAPI:
     """An OpenAI-compatible app around one model (an ``LLM`` from ``lmstack.serve.llm.load`` or an engine).
 
     ``api_key``: one key, or several (one per tenant: each key's requests share prefix-cache blocks only with
     requests made with the same key). ``max_prompt_bytes``: prompt text over this many UTF-8 bytes is refused
-    (400) before it is tokenized (default: 64 bytes per token of the context, at least 64 KiB)."""
+    (400) before it is tokenized (default: 64 bytes per token of the context, at least 64 KiB). ``sanitize``
+    (default on): control tokens typed inside chat messages are encoded as plain text, never as control ids."""
     api_keys(api_key)  # a bad key list fails here, not at the first request
     model = _served(llm_or_engine, served_model_name=served_model_name, tokenizer=tokenizer,
-                    max_model_len=max_model_len, max_waiting=max_waiting, max_prompt_bytes=max_prompt_bytes)
+                    max_model_len=max_model_len, max_waiting=max_waiting, max_prompt_bytes=max_prompt_bytes,
+                    sanitize=sanitize)
     stats = getattr(model.engine, "stats", None)
     metrics = model.metrics = ServerMetrics(stats)
     lifecycle = Lifecycle()
@@ -297,12 +335,17 @@ def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None, s
         if name not in model.names:
             raise E.model_not_found(name, model.names)
 
-    @app.post("/v1/chat/completions")
+    stream_or_json = {200: {"description": "A chat.completion, or with `stream: true` its chunks as server-sent "
+                            "events", "content": {"application/json": {"schema": {"type": "object"}},
+                                                  "text/event-stream": {"schema": {"type": "string"}}}}}
+    api_errors = E.documented(400, 401, 404, 405, 413, 422, 429, 500, 503)
+
+    @app.post("/v1/chat/completions", responses={**stream_or_json, **api_errors})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         return await _cancel_on_disconnect(request, create_chat_completion(model, req))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={**stream_or_json, **api_errors})
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         return await _cancel_on_disconnect(request, create_completion(model, req))
@@ -311,22 +354,24 @@ def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None, s
         return {"id": name, "object": "model", "created": model.created, "owned_by": "lmstack",
                 "max_model_len": model.max_model_len}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=E.documented(401, 405, 500, 503))
     async def list_models():
         return {"object": "list", "data": [model_card(n) for n in model.names]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.get("/v1/models/{name:path}", responses=E.documented(401, 404, 405, 422, 500, 503))
     async def get_model(name: str):
         check_model(name)
         return model_card(name)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Draining for shutdown",
+                                         "content": {"application/json": {"schema": {"type": "object"}}}},
+                                   **E.documented(405)})
     async def health():
         if lifecycle.draining:
             return JSONResponse({"status": "draining", "in_flight": lifecycle.in_flight}, status_code=503)
         return {"status": "ok", "model": model.name, "in_flight": lifecycle.in_flight}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=E.documented(405))
     async def prometheus():
         metrics.draining.set(1 if lifecycle.draining else 0)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -334,19 +379,23 @@ def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None, s
     if ui:
         ui_dir = resources.files("lmstack.serve.ui")
 
-        @app.get("/", response_class=HTMLResponse)
+        @app.get("/", response_class=HTMLResponse, responses=E.documented(405))
         async def index():
             html = (ui_dir / "index.html").read_text(encoding="utf-8")
             cfg = {"model": model.name, "maxModelLen": model.max_model_len, "needsKey": api_key is not None}
             return html.replace("/*__LMSTACK_CONFIG__*/{}", json.dumps(cfg))
 
-        @app.get("/ui/{name}")
+        @app.get("/ui/{name}", response_class=Response, responses={
+            200: {"description": "The web chat's scripts and style sheet",
+                  "content": {t: {"schema": {"type": "string"}} for t in sorted(set(UI_FILES.values()))}},
+            **E.documented(404, 405, 422)})
         async def ui_file(name: str):
             if name not in UI_FILES:  # only the page's own assets, never the package's other files
                 raise E.APIError(404, f"no such file: /ui/{name}", type="not_found")
             return Response((ui_dir / name).read_bytes(), media_type=UI_FILES[name],
                             headers={"Cache-Control": "no-cache"})
 
+    _document_auth(app, bool(api_keys(api_key)))
     app.add_middleware(Gate, api_key=api_key, max_request_bytes=max_request_bytes, lifecycle=lifecycle,
                        metrics=metrics)
     if allowed_origins:  # outermost, so browser preflights are answered before auth

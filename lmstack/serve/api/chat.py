@@ -27,10 +27,12 @@ from lmstack.serve.types import RequestOutput
 
 
 def _prompt_ids(model: ServedModel, msgs: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    """The chat template's token ids (run in a worker thread: a long conversation takes a while)."""
+    """The chat template's token ids (run in a worker thread: a long conversation takes a while). Every message
+    is the client's text: control tokens typed inside it (``<|im_end|>``) are encoded as plain text, so no
+    message can close its turn or open a system turn (``model.sanitize_kw``, on by default)."""
     try:
         ids = model.tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=True)
+                                                  tokenize=True, **model.sanitize_kw)
     except Exception as e:  # a template that rejects the conversation (e.g. roles must alternate)
         raise APIError(400, f"The chat template rejected these messages: {e}", param="messages") from e
     return list(ids)

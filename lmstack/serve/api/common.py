@@ -47,6 +47,9 @@ class ServedModel:
     metrics: Any = None  # ServerMetrics
     vocab_size: int | None = None  # the model's embedding rows (token-id prompts must be below it)
     max_prompt_bytes: int = 0  # UTF-8 bytes of prompt text read at most (refused before tokenizing); 0: default
+    # keyword that makes the tokenizer's apply_chat_template encode control tokens typed inside messages as
+    # plain text ({"sanitize": True} for lmstack's, {"sanitize_control_tokens": True} for transformers'); {}: off
+    sanitize_kw: dict[str, bool] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
 

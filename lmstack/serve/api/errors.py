@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +26,37 @@ from lmstack.serve.errors import EngineShuttingDown, PromptTooLong, QueueFull
 
 log = logging.getLogger("lmstack.serve.api")
 
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response (the OpenAPI schema of each documented error status)."""
+
+    error: ErrorDetail
+
+
+WHY = {
+    400: "A parameter is out of range or unsupported (`param` names it), or the prompt does not fit the context.",
+    401: "Missing or wrong API key.",
+    404: "Unknown model (or file).",
+    405: "Method not allowed on this route (the `Allow` header lists the allowed ones).",
+    413: "Request body over the server's limit.",
+    422: "The body does not match the schema (`param` is the field path).",
+    429: "The request queue is full; retry after `Retry-After` seconds.",
+    500: "A bug in the server.",
+    503: "Draining for shutdown.",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for these error statuses, each with :class:`ErrorBody`."""
+    return {s: {"model": ErrorBody, "description": WHY[s]} for s in statuses}
 
 
 class APIError(Exception):
@@ -134,7 +166,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        # keep the exception's headers: a 405 must say which methods the route allows (``Allow``)
+        return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
 
     @app.exception_handler(LmstackError)
     async def _lmstack(_: Request, exc: LmstackError) -> JSONResponse:
