@@ -194,3 +194,31 @@ def test_info_counts_moe_parameters_like_transformers(moe_dir):
     info = model_info(path)
     assert info["num_parameters"] == sum(p.numel() for p in hf.parameters())  # tied weights counted once
     assert "active parameters per token" in info["fields"]
+
+
+def test_lora_on_attention_and_experts(tmp_path):
+    """lmstack's LoRA module swap reaches expert projections by name: with random B the adapted MoE equals the
+    base whose weights were updated by W + B A * alpha / r in this test, and only A, B receive gradients."""
+    import copy
+
+    from lmstack.tune.lora import LoraSpec, apply_lora
+
+    make_model("mixtral", tmp_path)
+    base = load_model(tmp_path)
+    ref = copy.deepcopy(base)
+    names = apply_lora(base, LoraSpec(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "w1", "w2", "w3"]))
+    assert "model.layers.1.block_sparse_moe.experts.3.w2" in names and len(names) == 2 * (2 + 3 * 4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in names:
+            lora = base.get_submodule(n)
+            lora.lora_B.weight.copy_(torch.randn(lora.lora_B.weight.shape, generator=g) * 0.05)
+            ref.get_submodule(n).weight += lora.lora_B.weight @ lora.lora_A.weight * (8.0 / 4)
+    ids, mask, pos = padded_batch()
+    with torch.no_grad():
+        assert_close(base(ids, attention_mask=mask, position_ids=pos), ref(ids, attention_mask=mask, position_ids=pos),
+                     atol=1e-4, rtol=1e-4)
+    base.train()
+    base(ids[:, :8]).sum().backward()
+    trained = {n for n, p in base.named_parameters() if p.grad is not None}
+    assert trained and all(".lora_" in n for n in trained)
