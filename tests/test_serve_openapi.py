@@ -56,6 +56,10 @@ def test_live_server_conforms_to_its_openapi_schema(live):
             case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=CHECKS, timeout=120)
 
         conforms()
+    # the generated requests reached the engine (the schema names the served model), not only the 4xx paths
+    text = httpx.get(live.url + "/metrics").text
+    generated = next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("lmstack_generation_tokens"))
+    assert generated > 0
 
 
 def test_schema_declares_what_the_routes_answer(live):

@@ -230,14 +230,19 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
-def _document_auth(app: FastAPI, required: bool) -> None:
-    """Declare in the OpenAPI schema that ``/v1/*`` needs the API key (as a bearer token or ``X-API-Key``)."""
+def _complete_schema(app: FastAPI, required: bool, names: list[str]) -> None:
+    """Complete the OpenAPI schema: ``model`` is one of the served names, and ``/v1/*`` needs the API key (as a
+    bearer token or ``X-API-Key``) when the server has one."""
     base = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = base()  # caches itself in app.openapi_schema; completed in place below
+        for body in ("ChatCompletionRequest", "CompletionRequest"):
+            prop = schema.get("components", {}).get("schemas", {}).get(body, {}).get("properties", {}).get("model")
+            if prop is not None:
+                prop["enum"] = list(names)
         if required:
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"},
@@ -395,7 +400,7 @@ def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None, s
             return Response((ui_dir / name).read_bytes(), media_type=UI_FILES[name],
                             headers={"Cache-Control": "no-cache"})
 
-    _document_auth(app, bool(api_keys(api_key)))
+    _complete_schema(app, bool(api_keys(api_key)), model.names)
     app.add_middleware(Gate, api_key=api_key, max_request_bytes=max_request_bytes, lifecycle=lifecycle,
                        metrics=metrics)
     if allowed_origins:  # outermost, so browser preflights are answered before auth

@@ -45,28 +45,38 @@ class ChatMessage(_Body):
     name: str | None = None
 
 
+def _doc(default: Any = None, **schema: Any) -> Any:
+    """A field whose OpenAPI schema states its range; the check itself is this module's (a 400 naming the field,
+    as OpenAI answers, rather than pydantic's 422)."""
+    return Field(default, json_schema_extra=schema)
+
+
+I64 = {"minimum": -(2 ** 63), "maximum": 2 ** 63 - 1}
+
+
 class _Sampling(_Body):
     """Fields shared by chat and completions (OpenAI's, then lmstack's extras)."""
 
-    model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: Union[str, list[str], None] = None
+    model: str = _doc(..., description="a served model name (GET /v1/models); any other: 404")
+    n: int = _doc(1, minimum=1, maximum=128)
+    temperature: float | None = _doc(None, minimum=0, maximum=2)
+    top_p: float | None = _doc(None, exclusiveMinimum=0, maximum=1)
+    presence_penalty: float = _doc(0.0, minimum=-2, maximum=2)
+    frequency_penalty: float = _doc(0.0, minimum=-2, maximum=2)
+    seed: int | None = _doc(None, **I64)
+    stop: Union[str, list[str], None] = _doc(None, maxItems=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = _doc(None, minimum=1, maximum=2 ** 63 - 1)
+    logit_bias: dict[str, float] | None = _doc(None, description="not supported: 400 unless empty")
     # extras (extra_body=...)
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int = _doc(0, minimum=-1, maximum=2 ** 31 - 1)
+    min_p: float = _doc(0.0, minimum=0, maximum=1)
+    repetition_penalty: float = _doc(1.0, exclusiveMinimum=0)
     ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] = Field(default_factory=list)
+    min_tokens: int = _doc(0, minimum=0, maximum=2 ** 63 - 1)
+    stop_token_ids: list[int] = Field(default_factory=list, json_schema_extra={"items": {"type": "integer",
+                                                                                        "minimum": 0}})
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     cache_salt: str | None = None  # vLLM's: a private prefix-cache namespace inside the API key's own
@@ -80,8 +90,8 @@ HARMLESS = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     logprobs: bool = False
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = None
+    top_logprobs: int | None = _doc(None, minimum=0, maximum=20)
+    max_completion_tokens: int | None = _doc(None, minimum=1, maximum=2 ** 63 - 1)
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -95,9 +105,9 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = None
+    logprobs: int | None = _doc(None, minimum=0, maximum=5)
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = _doc(None, minimum=1, maximum=128, description="must equal n")
     suffix: str | None = None
 
 
