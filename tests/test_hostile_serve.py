@@ -83,6 +83,17 @@ def error(r: httpx.Response, status: int) -> dict:
     return err
 
 
+# ------------------------------------------------------------------ 1. auth before the body, bodies capped while read
+def test_unauthenticated_or_oversized_chunked_body_is_refused_before_its_end(server):
+    from tests.test_hostile_support import big_chat_chunks, raw_chunked
+
+    # the body never ends: only a server that refuses without reading it all answers
+    status, body = raw_chunked(server.port, {}, big_chat_chunks(32 * 1024))
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, body = raw_chunked(server.port, {"Authorization": f"Bearer {KEY2}"}, big_chat_chunks((1 << 20) + 1))
+    assert status == 413 and str(1 << 20) in body["error"]["message"]
+
+
 # ------------------------------------------------------------------ 2. big prompts: capped, tokenized off the loop
 def test_health_answers_while_a_large_prompt_is_tokenized(server):
     tok = server.tok
