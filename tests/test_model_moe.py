@@ -222,3 +222,41 @@ def test_lora_on_attention_and_experts(tmp_path):
     base(ids[:, :8]).sum().backward()
     trained = {n for n, p in base.named_parameters() if p.grad is not None}
     assert trained and all(".lora_" in n for n in trained)
+
+
+def test_load_balancing_loss_balances_the_router():
+    """Trained on the same data, a top-1 router collapses onto one expert without the auxiliary loss and
+    spreads the tokens with it (the behaviour the loss exists for; its value approaches the minimum, 1.0)."""
+    shares, lb = {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 20k-parameter model: one thread is fastest, and robust to a busy machine
+    try:
+        _train_routers(shares, lb)
+    finally:
+        torch.set_num_threads(threads)
+    assert shares[0.0].max() > 0.8  # collapsed
+    assert shares[0.5].max() < 0.4 and shares[0.5].min() > 0.1  # spread over all four experts
+    assert lb[0.5] < 1.1 < lb[0.0]
+
+
+def _train_routers(shares: dict, lb: dict) -> None:
+    import torch.nn.functional as F
+
+    from lmstack.model import ModelConfig, build_model
+    from lmstack.model.moe import expert_utilization
+
+    for coef in (0.0, 0.5):
+        cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=32,
+                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                          num_experts_per_tok=1, router_aux_loss_coef=coef, initializer_range=0.2)
+        m = build_model(cfg, device="cpu", dtype="fp32", seed=0).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(60):
+            ids = torch.randint(64, (8, 32), generator=g)
+            loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+            losses = m.router_losses()
+            (loss + losses["aux"]).backward()
+            opt.step()
+            opt.zero_grad()
+        shares[coef], lb[coef] = expert_utilization(m)[0], losses["load_balancing"].item()
