@@ -254,3 +254,20 @@ def test_control_tokens_typed_in_messages_never_reach_the_engine_as_control_ids(
     ref = hf.apply_chat_template(flat, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=True)
     assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref)
     assert INJECT in tok.decode(ids)  # the client's text is all there, as text
+
+
+def test_numbers_that_would_make_nan_probabilities_do_not_fail_the_batch(server, client):
+    """A penalty or temperature that overflows float32 in the sampler made NaN probabilities: the engine step
+    failed, and with it every request in the batch (found by schemathesis)."""
+    msgs = [{"role": "user", "content": "hi"}]
+    for value in (5e-324, 1e-3, 1e3):
+        err = error(post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs,
+                                                           "repetition_penalty": value}), 400)
+        assert err["param"] == "repetition_penalty" and "[0.01, 100]" in err["message"]
+    # a temperature too small for float32 is greedy (vLLM's rule): the same text as temperature 0
+    tiny = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=5e-324, seed=1)
+    greedy = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+    ok = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, extra_body={
+        "repetition_penalty": 0.01, "top_p": 5e-324})
+    assert ok.choices[0].finish_reason in ("stop", "length")

@@ -303,8 +303,8 @@ def _served(obj: Any, *, served_model_name: str | list[str] | None, tokenizer: A
                        max_prompt_bytes=max_prompt_bytes or 0, sanitize_kw=sanitize_kw(tok) if sanitize else {})
 
 
-def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None, served_model_name: str | list[str] | None = None,
-               *, tokenizer: Any = None, max_model_len: int | None = None, max_waiting: int = 256,
+def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None,
+               served_model_name: str | list[str] | None = None, *, tokenizer: Any = None, max_model_len: int | None = None, max_waiting: int = 256,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, ui: bool = True,
                allowed_origins: list[str] | None = None, shutdown_engine: bool = True,
                max_prompt_bytes: int | None = None, sanitize: bool = True) -> FastAPI:
@@ -340,9 +340,12 @@ def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None, s
         if name not in model.names:
             raise E.model_not_found(name, model.names)
 
-    stream_or_json = {200: {"description": "A chat.completion, or with `stream: true` its chunks as server-sent "
+    # each server-sent event: ``data:`` is one chunk as JSON, the last one ``[DONE]``
+    sse_event = {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "description": "a chunk object as JSON, or [DONE] at the end"}}}
+    stream_or_json = {200: {"description": "The completion, or with `stream: true` its chunks as server-sent "
                             "events", "content": {"application/json": {"schema": {"type": "object"}},
-                                                  "text/event-stream": {"schema": {"type": "string"}}}}}
+                                                  "text/event-stream": {"schema": sse_event}}}}
     api_errors = E.documented(400, 401, 404, 405, 413, 422, 429, 500, 503)
 
     @app.post("/v1/chat/completions", responses={**stream_or_json, **api_errors})

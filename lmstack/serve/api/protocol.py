@@ -72,7 +72,7 @@ class _Sampling(_Body):
     # extras (extra_body=...)
     top_k: int = _doc(0, minimum=-1, maximum=2 ** 31 - 1)
     min_p: float = _doc(0.0, minimum=0, maximum=1)
-    repetition_penalty: float = _doc(1.0, exclusiveMinimum=0)
+    repetition_penalty: float = _doc(1.0, minimum=0.01, maximum=100)
     ignore_eos: bool = False
     min_tokens: int = _doc(0, minimum=0, maximum=2 ** 63 - 1)
     stop_token_ids: list[int] = Field(default_factory=list, json_schema_extra={"items": {"type": "integer",
@@ -191,7 +191,13 @@ OPENAI_LIMITS = [
     ("n", lambda r: r.n <= 128, "n must be at most 128"),
     ("temperature", lambda r: r.temperature is None or r.temperature <= 2, "temperature must be in [0, 2]"),
     ("stop", lambda r: not isinstance(r.stop, list) or len(r.stop) <= 16, "stop accepts at most 16 sequences"),
+    # the sampler divides positive logits by it in float32: a penalty near 0 turns them into inf, and the NaN
+    # probabilities fail the engine step (of every request in the batch), so the server bounds it
+    ("repetition_penalty", lambda r: 1e-2 <= r.repetition_penalty <= 1e2,
+     "repetition_penalty must be in [0.01, 100]"),
 ]
+# Below this a temperature is greedy (vLLM's _SAMPLING_EPS): logits divided by ~1e-45 in float32 are inf.
+GREEDY_BELOW = 1e-5
 
 INT64 = (-(2 ** 63), 2 ** 63 - 1)
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
@@ -239,7 +245,8 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
             raise bad_request(msg + ".", param=param)
     params = SamplingParams(
         n=req.n,
-        temperature=1.0 if req.temperature is None else req.temperature,
+        temperature=1.0 if req.temperature is None else (0.0 if 0 <= req.temperature < GREEDY_BELOW
+                                                         else req.temperature),
         top_p=1.0 if req.top_p is None else req.top_p,
         # -1 is vLLM's "off" spelling; k >= the vocabulary keeps every token: off too
         top_k=0 if req.top_k == -1 or (vocab_size is not None and req.top_k >= vocab_size) else req.top_k,
