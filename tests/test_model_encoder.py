@@ -128,3 +128,39 @@ def test_encoder_config_roundtrip_through_transformers():
     assert hf.id2label == {0: "billing", 1: "refund"} and hf.num_labels == 2
     back = EncoderConfig.from_hf(hf.to_dict())
     assert back.id2label == c.id2label and back.vocab_size == 77 and back.head == "seq_cls"
+
+
+def test_mlm_pretraining_through_fit_on_token_shards(tmp_path):
+    """The encoder trains with the one loop on PackedBatches (the decoder's token-shard batches): the masked-LM
+    loss falls, and final/ is a BertForMaskedLM directory transformers loads to the same logits."""
+    import numpy as np
+    import transformers
+
+    from lmstack.model.encoder import Encoder, EncoderConfig
+    from lmstack.train import TrainConfig, fit
+    from lmstack.train.data import PackedBatches
+    from lmstack.train.mlm import masked_lm_loss, save_encoder_fn
+
+    rng = np.random.default_rng(0)
+    p = 1.0 / np.arange(1, 60) ** 1.5  # Zipf-like ids 5..63 (0..4 are special): entropy 2.36 nats vs ln 59 = 4.08
+    toks = [int(t) for t in rng.choice(np.arange(5, 64), size=6000, p=p / p.sum())]
+    batches = PackedBatches([np.array(toks, dtype=np.uint16)], seq_len=32, batch_size=8, seed=0)
+    cfg = EncoderConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, head="mlm",
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = Encoder(cfg).init_weights(0)
+    tc = TrainConfig(steps=40, lr=3e-3, warmup_steps=2, log_every=5, eval_every=0, ckpt_every=0, device="cpu",
+                     dtype="fp32")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 40k-parameter model: one thread is fastest, and robust to a busy machine
+    try:
+        res = fit(model, batches, masked_lm_loss(mask_token_id=3, vocab_size=64, special_ids={0, 1, 2, 3, 4}), tc,
+                  tmp_path / "run", save_model_fn=save_encoder_fn)
+    finally:
+        torch.set_num_threads(threads)
+    losses = [json.loads(line)["loss"] for line in open(res.metrics_path) if '"loss"' in line]
+    assert losses[0] > 3.5 and sum(losses[-3:]) / 3 < 2.9  # from ~ln 59 toward the unigram entropy
+    hf = transformers.BertForMaskedLM.from_pretrained(res.final_dir).eval()
+    ids = torch.tensor([toks[:20]])
+    with torch.no_grad():
+        assert_close(load_encoder(res.final_dir)(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-4)

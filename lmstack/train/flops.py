@@ -24,7 +24,8 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
     cfg = getattr(model, "config", None)
     if isinstance(cfg, ModelConfig):
-        n = cfg.num_parameters(include_embeddings=False) + cfg.vocab_size * cfg.hidden_size
+        # MoE: the parameters one token uses (its top-k experts), not all experts
+        n = cfg.num_parameters(include_embeddings=False, active_only=True) + cfg.vocab_size * cfg.hidden_size
         attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
         return 6.0 * n + attn
     seen, n = set(), 0

@@ -1,0 +1,49 @@
+"""Masked-LM pretraining of the BERT-style encoder through the one loop (:func:`lmstack.train.fit`) on the same
+token shards as decoder pretraining (:class:`lmstack.train.data.PackedBatches`).
+
+``masked_lm_loss`` builds the ``(model, batch) -> LossOutput`` that ``fit`` takes: each batch's ``input_ids``
+are masked afresh (dynamic masking, BERT's 80/10/10 rule, :func:`lmstack.model.encoder.mlm_inputs`) and the loss is
+the cross-entropy on the selected positions (Devlin et al. 2019). ``save_encoder_fn`` writes checkpoints and
+``final/`` as a ``BertForMaskedLM`` directory. The masking generator is not part of the checkpoint: a resumed run
+masks differently from an uninterrupted one (the data order is still exact).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmstack.model.encoder import IGNORE_INDEX, Encoder, mlm_inputs, save_encoder
+from lmstack.train.loop import LossOutput
+
+
+def masked_lm_loss(mask_token_id: int, vocab_size: int, special_ids: set[int] | None = None,
+                   mlm_probability: float = 0.15, seed: int = 0) -> Callable[[nn.Module, dict[str, Tensor]], LossOutput]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
+        ids = batch["input_ids"]  # (B, T); PackedBatches' "targets" are ignored (the labels are the masked ids)
+        mask = batch.get("attention_mask")
+        inputs, labels = mlm_inputs(ids.cpu(), mask_token_id=mask_token_id, vocab_size=vocab_size,
+                                    special_ids=special_ids, mlm_probability=mlm_probability,
+                                    attention_mask=mask.cpu() if mask is not None else None, generator=gen)
+        inputs, labels = inputs.to(ids.device), labels.to(ids.device)
+        logits = model(inputs, mask)  # (B, T, V)
+        n = int((labels != IGNORE_INDEX).sum())
+        if n == 0:
+            return LossOutput(logits.sum() * 0.0, 0, {})
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return LossOutput(loss, n, {})
+
+    return loss_fn
+
+
+def save_encoder_fn(model: nn.Module, out_dir: str | Path) -> None:
+    """``fit``'s ``save_model_fn`` for an :class:`Encoder` (unwraps DDP)."""
+    m = getattr(model, "module", model)
+    assert isinstance(m, Encoder)
+    save_encoder(m, out_dir)
