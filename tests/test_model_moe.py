@@ -260,3 +260,40 @@ def _train_routers(shares: dict, lb: dict) -> None:
             opt.step()
             opt.zero_grad()
         shares[coef], lb[coef] = expert_utilization(m)[0], losses["load_balancing"].item()
+
+
+def test_pretrain_moe_preset_end_to_end(tmp_path):
+    """`lmstack pretrain`'s library function trains the `moe` preset (shrunk) on token shards: the router losses
+    are logged per step, and final/ is a Mixtral directory transformers loads to lmstack's logits."""
+    import json
+
+    import transformers
+
+    from lmstack.train import pretrain
+    from lmstack.train.config import PretrainConfig
+    from tests.train_fixtures import write_shards
+
+    shards = write_shards(tmp_path / "s")
+    small = dict(vocab_size=256, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, num_experts=4, max_position_embeddings=64)
+    cfg = PretrainConfig.model_validate({
+        "run_dir": str(tmp_path / "run"), "model": {"preset": "moe", "overrides": small},
+        "data": {"shards": str(shards), "seq_len": 16, "batch_size": 2},
+        "train": {"steps": 3, "warmup_steps": 0, "log_every": 1, "device": "cpu", "tensorboard": False,
+                  "plot": False}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = pretrain(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in open(res.metrics_path)]
+    logged = [r for r in rows if "moe_load_balancing" in r]
+    # E * sum_e f_e P_e with f_e <= 1 and sum_e P_e = 1: in (0, E]; top_k (2) when routing is uniform
+    assert len(logged) == 3 and all(0 < r["moe_load_balancing"] <= 4 for r in logged)
+    assert all(r["loss"] > r["lm_loss"] for r in logged)  # the logged loss includes the weighted aux loss
+    hf = transformers.AutoModelForCausalLM.from_pretrained(res.final_dir, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(3, 256, (1, 12))
+    with torch.no_grad():
+        assert_close(load_model(res.final_dir)(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
