@@ -92,3 +92,30 @@ def test_expand_dirs_globs_and_missing(tmp_path):
         expand_inputs(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match="matches no files"):
         expand_inputs(str(tmp_path / "*.parquet"))
+
+
+def test_truncated_zstd_is_counted_not_silently_short(tmp_path):
+    """A .zst cut short used to end quietly (zstandard's stream_reader); now it is a corrupt_file with what was
+    readable before the cut kept -- the same reader tokenizer training uses."""
+    import zstandard
+
+    lines = "".join(json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(200)).encode()
+    whole = zstandard.ZstdCompressor().compress(lines)
+    (tmp_path / "ok.jsonl.zst").write_bytes(whole)
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[: len(whole) - 40])
+    st = ReadStats()
+    assert len(list(iter_file(tmp_path / "ok.jsonl.zst", "ok", "s", "text", st))) == 200 and not st.problems
+    got = list(iter_file(tmp_path / "cut.jsonl.zst", "cut", "s", "text", st))
+    assert len(got) < 200 and st.problems["corrupt_file"] == 1
+    assert any("cut.jsonl.zst" in e and "EOFError" in e for e in st.examples)
+
+
+def test_chunks_mode_reads_a_text_document_of_any_size_in_pieces(tmp_path):
+    text = "".join(f"line {i}: " + "x" * 100 + "\n" for i in range(25_000))  # ~2.7 MB, over one chunk
+    (tmp_path / "big.py").write_text(text)
+    st = ReadStats()
+    pieces = list(iter_file(tmp_path / "big.py", "big.py", "s", "text", st, txt_mode="chunks",
+                            text_ext=frozenset({".py"})))
+    assert len(pieces) == 3 and "".join(p.text for p in pieces) == text and st.records == 1
+    assert all(p.text.endswith("\n") for p in pieces)  # cut at line ends
+    assert list(iter_file(tmp_path / "big.py", "big.py", "s", "text", ReadStats())) == []  # .py is not data text

@@ -392,5 +392,5 @@ def test_json_array_and_truncated_archives_are_counted(tmp_path):
     st = tok.train_stats
     assert st.files == 4
     assert st.bad_records == 2 + 1 + 1  # two bad array items, two unreadable archives
-    assert any("b.jsonl.gz" in f and "unreadable" in r for f, _, r in st.malformed)
-    assert any("c.txt.zst" in f and "unreadable" in r for f, _, r in st.malformed)
+    assert any("b.jsonl.gz" in f and "corrupt_file" in r for f, _, r in st.malformed)  # the data readers' word
+    assert any("c.txt.zst" in f and "corrupt_file" in r for f, _, r in st.malformed)

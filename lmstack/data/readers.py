@@ -39,6 +39,7 @@ COMPRESSED = {".gz", ".zst", ".zstd", ".bz2", ".xz"}
 MAX_EXAMPLES = 20
 MAX_RECORD_BYTES = 8 << 20  # 8 MiB of text per document; larger ones are skipped (record_too_large)
 MAX_JSON_ARRAY_BYTES = 1 << 30  # a .json file is parsed whole; larger: convert it to JSON Lines
+CHUNK_BYTES = 1 << 20  # txt_mode "chunks": pieces of a text document
 BINARY_SAMPLE = 8192
 UNREADABLE = ("unreadable_path", "unreadable_file")
 
@@ -91,16 +92,51 @@ def split_ext(path: Path) -> tuple[str, str | None]:
     return (rest[-1] if rest else ""), comp
 
 
+class _ZstdStream(io.RawIOBase):
+    """Zstandard decompression that, unlike ``stream_reader``, raises EOFError on a truncated frame
+    (multi-frame files, as written by ``zstd`` in chunks, are supported)."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self.raw = raw
+        self.dctx = zstandard.ZstdDecompressor()
+        self.obj = self.dctx.decompressobj()
+        self.buf = b""
+        self.started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.buf:
+            chunk = self.raw.read(1 << 16)
+            if not chunk:
+                if self.started and not self.obj.eof:
+                    raise EOFError("zstd data ended before the end of its frame (truncated file?)")
+                return 0
+            self.started = True
+            out = b""
+            while chunk:
+                if self.obj.eof:  # next frame
+                    self.obj = self.dctx.decompressobj()
+                out += self.obj.decompress(chunk)
+                chunk = self.obj.unused_data if self.obj.eof else b""
+            self.buf = out
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+
 def open_binary(path: Path) -> io.BufferedIOBase:
-    """Open a possibly compressed file as a binary stream (streaming decompression)."""
+    """Open a possibly compressed file as a binary stream (streaming decompression; a truncated .gz / .zst
+    raises EOFError at its end instead of ending quietly)."""
     _, comp = split_ext(path)
     if comp == ".gz":
         return gzip.open(path, "rb")
     if comp in (".zst", ".zstd"):
-        import zstandard
-
-        fh = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh, closefd=True))
+        return io.BufferedReader(_ZstdStream(open(path, "rb")))
     if comp == ".bz2":
         return bz2.open(path, "rb")
     if comp == ".xz":
@@ -209,15 +245,18 @@ def _field(obj: Any, dotted: str) -> Any:
 
 def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadStats,
               txt_mode: str = "file", keep_fields: tuple[str, ...] = (),
-              max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[Record]:
-    """Yield the records of one file; problems go to ``stats``."""
+              max_record_bytes: int = MAX_RECORD_BYTES, text_ext: frozenset[str] = frozenset()) -> Iterator[Record]:
+    """Yield the records of one file; problems go to ``stats``. ``txt_mode="chunks"``: a text file is one document
+    of any size, yielded in ~1 MiB pieces cut at line ends (what tokenizer training reads); ``text_ext``: more
+    suffixes read as plain text (source code: ``.py``, ``.c`` ...)."""
     if path.is_dir():  # a subdirectory the walk could not list
         stats.bad("unreadable_path", str(path), "directory cannot be listed")
         return
     fmt, _ = split_ext(path)
     stats.files += 1
     name = f"{source}/{rel}"
-    if fmt not in SUPPORTED:
+    is_text = fmt in TEXT_EXT or fmt in text_ext
+    if fmt not in SUPPORTED and not is_text:
         stats.bad("unsupported_file", str(path), f"extension {fmt or '(none)'}")
         return
     try:
@@ -232,7 +271,23 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
             if fmt != ".parquet" and looks_binary(_peek(fh)):
                 stats.bad("binary_file", str(path), "NUL bytes or control characters: not text")
                 return
-            if fmt in JSONL_EXT or (fmt in TEXT_EXT and txt_mode == "line"):
+            if is_text and txt_mode == "chunks":
+                buf, size, start, lineno = [], 0, 1, 0
+                for lineno, raw in enumerate(_lines_capped(fh, cap), 1):
+                    if raw is None:
+                        stats.bad("record_too_large", f"{path}:{lineno}", f"line over {cap:,} bytes; skipped")
+                        continue
+                    buf.append(raw)
+                    size += len(raw)
+                    if size >= CHUNK_BYTES:
+                        stats.bytes += size
+                        yield Record(_decode(b"".join(buf), stats, str(path)), f"{name}:{start}", source, str(path), start)
+                        buf, size, start = [], 0, lineno + 1
+                if buf:
+                    stats.bytes += size
+                    yield Record(_decode(b"".join(buf), stats, str(path)), f"{name}:{start}", source, str(path), start)
+                stats.records += 1  # one document, however many pieces
+            elif fmt in JSONL_EXT or (is_text and txt_mode == "line"):
                 for lineno, raw in enumerate(_lines_capped(fh, cap), 1):
                     where = f"{path}:{lineno}"
                     if raw is None:
@@ -308,7 +363,7 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
                     return
                 stats.bytes += len(raw)
                 text = _decode(raw, stats, str(path))
-                if fmt in TEXT_EXT and txt_mode == "paragraph":
+                if is_text and txt_mode == "paragraph":
                     para, lineno, start = [], 0, 1
                     for lineno, line in enumerate(text.split("\n"), 1):
                         if line.strip():
@@ -335,6 +390,8 @@ def iter_file(path: Path, rel: str, source: str, text_field: str, stats: ReadSta
 
 def _record_from_obj(obj: Any, text_field: str, stats: ReadStats, where: str, rid: str, source: str, path: Path,
                      line: int, keep_fields: tuple[str, ...], cap: int = MAX_RECORD_BYTES) -> Record | None:
+    if isinstance(obj, str):  # a JSON array of strings: each string is a document
+        obj = {text_field: obj}
     if not isinstance(obj, dict):
         stats.bad("not_an_object", where, type(obj).__name__)
         return None

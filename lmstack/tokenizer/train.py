@@ -2,7 +2,7 @@
 
 Sennrich et al. 2016 (BPE for NMT); GPT-2's byte-level variant; the split pattern is in ``pretokenize.py``.
 
-Inputs are files or an iterable of strings. Files: ``.txt``/``.md`` (one document per file, streamed in
+Inputs are files or an iterable of strings, files read by lmstack.data's readers: ``.txt``/``.md`` (one document per file, streamed in
 1 MiB pieces cut at line ends), ``.jsonl`` (one JSON object per line, text in ``text_field``), ``.json`` (JSONL,
 or one array of records or strings), each optionally ``.gz`` or ``.zst`` compressed, and ``.parquet`` (a string
 column ``text_field``). Malformed records and the unreadable rest of a truncated archive are counted and
@@ -11,9 +11,6 @@ reported (``ReadStats``), not fatal.
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 import logging
 import os
 import sys
@@ -29,7 +26,6 @@ from lmstack.tokenizer.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ".py", ".c", ".js", ".html"}
-_CHUNK = 1 << 20  # 1 MiB pieces of plain-text files
 
 
 @dataclass
@@ -49,190 +45,38 @@ class ReadStats:
             self.malformed.append((str(path), line, reason))
 
 
-class _ZstdStream(io.RawIOBase):
-    """Zstandard decompression that, unlike ``stream_reader``, raises EOFError on a truncated frame
-    (multi-frame files, as written by ``zstd`` in chunks, are supported)."""
-
-    def __init__(self, raw):
-        import zstandard
-
-        self.raw = raw
-        self.dctx = zstandard.ZstdDecompressor()
-        self.obj = self.dctx.decompressobj()
-        self.buf = b""
-        self.started = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self.buf:
-            chunk = self.raw.read(1 << 16)
-            if not chunk:
-                if self.started and not self.obj.eof:
-                    raise EOFError("zstd data ended before the end of its frame (truncated file?)")
-                return 0
-            self.started = True
-            out = b""
-            while chunk:
-                if self.obj.eof:  # next frame
-                    self.obj = self.dctx.decompressobj()
-                out += self.obj.decompress(chunk)
-                chunk = self.obj.unused_data if self.obj.eof else b""
-            self.buf = out
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
-        return n
-
-
-class _Reader:
-    """Binary line reader over a plain, .gz or .zst file; ``pos`` = bytes of the file on disk consumed so far."""
-
-    def __init__(self, path: Path):
-        self.raw = open(path, "rb")
-        name = path.name.lower()
-        if name.endswith(".gz"):
-            self.f = gzip.GzipFile(fileobj=self.raw)
-        elif name.endswith(".zst"):
-            self.f = io.BufferedReader(_ZstdStream(self.raw))
-        else:
-            self.f = self.raw
-
-    @property
-    def pos(self) -> int:
-        return self.raw.tell()
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self.f)
-
-    def close(self) -> None:
-        if self.f is not self.raw:
-            self.f.close()
-        self.raw.close()
-
-
 def _base_suffix(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in (".gz", ".zst"):
-        suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes else ""
+    from lmstack.data.readers import split_ext
+
+    return split_ext(path)[0]
 
 
 def iter_file_texts(path: Path, text_field: str, stats: ReadStats,
                     advance: Callable[[int], None] = lambda n: None) -> Iterator[str]:
-    """Yield the text of one file (see module docstring for formats); ``advance(n)``: n more bytes on disk read."""
-    suffix = _base_suffix(path)
-    stats.files += 1
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """The texts of one file, read by lmstack.data's readers (formats, compression, binary detection, size caps
+    and truncated archives are handled there): a plain-text file is one document in ~1 MiB pieces; every
+    problem is counted in ``stats`` with its place. ``advance(n)``: n more bytes of the file read."""
+    from lmstack.data.readers import ReadStats as FileStats, iter_file
 
-        pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
-                            "pass --text-field")
-        for g in range(pf.num_row_groups):
-            for t in pf.read_row_group(g, columns=[text_field]).column(0).to_pylist():
-                if isinstance(t, str):
-                    stats.documents += 1
-                    stats.chars += len(t)
-                    yield t
-            advance(pf.metadata.row_group(g).total_byte_size)
-        return
-    reader = _Reader(path)
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        pos = reader.pos
-        if pos - done >= _CHUNK:
-            advance(pos - done)
-            done = pos
-
-    lineno = 0
+    fs = FileStats()
+    for rec in iter_file(path, path.name, "tokenizer", text_field, fs, txt_mode="chunks",
+                         text_ext=frozenset(TEXT_SUFFIXES)):
+        stats.chars += len(rec.text)
+        yield rec.text
+    stats.files += fs.files
+    stats.documents += fs.records
+    for example in fs.examples:  # "FILE[:LINE]: kind (detail)"
+        where, _, reason = example.partition(": ")
+        file, _, line = where.rpartition(":")
+        if not line.isdigit():
+            file, line = where, "0"
+        stats.bad(Path(file), int(line), reason)
+    for _ in range(sum(fs.problems.values()) - len(fs.examples)):  # past the examples kept: counted only
+        stats.bad(path, 0, "more problems of the kinds above")
     try:
-        from lmstack.utils.io import looks_binary  # lazily: lmstack.utils loads rich
-
-        head = reader.f.peek(8192)[:8192] if hasattr(reader.f, "peek") else b""
-        if looks_binary(head):  # an image or executable named .txt is not training text
-            stats.bad(path, 0, "binary file (NUL bytes or control characters); skipped")
-            return
-        if suffix == ".json" and _starts_with(reader, b"["):  # one JSON array of records (or strings)
-            yield from _json_array(path, b"".join(reader), text_field, stats)
-        elif suffix in (".jsonl", ".json", ".ndjson"):
-            for lineno, raw in enumerate(reader, 1):
-                line = raw.decode("utf-8", errors="replace")
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    stats.bad(path, lineno, f"invalid JSON ({e.msg})")
-                    continue
-                t = rec.get(text_field) if isinstance(rec, dict) else None
-                if not isinstance(t, str):
-                    stats.bad(path, lineno, f"no string field {text_field!r}")
-                    continue
-                stats.documents += 1
-                stats.chars += len(t)
-                yield t
-                tick()
-        else:  # plain text: one document, streamed in ~1 MiB pieces cut at line ends
-            stats.documents += 1
-            buf: list[bytes] = []
-            size = 0
-            for raw in reader:
-                buf.append(raw)
-                size += len(raw)
-                if size >= _CHUNK:
-                    text = b"".join(buf).decode("utf-8", errors="replace")
-                    stats.chars += len(text)
-                    yield text
-                    buf, size = [], 0
-                    tick()
-            if buf:
-                text = b"".join(buf).decode("utf-8", errors="replace")
-                stats.chars += len(text)
-                yield text
-        advance(reader.pos - done)
-    except _read_errors() as e:  # truncated .gz/.zst, bad compressed data: count it, skip the rest of the file
-        stats.bad(path, lineno, f"unreadable after this point ({type(e).__name__}: {e})")
-        log.warning("%s: unreadable after line %d (%s); skipping the rest of the file", path, lineno, e)
-    finally:
-        reader.close()
-
-
-def _read_errors() -> tuple[type[BaseException], ...]:
-    errors: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError)
-    try:
-        import zstandard
-
-        errors += (zstandard.ZstdError,)
-    except ImportError:  # pragma: no cover
+        advance(path.stat().st_size)
+    except OSError:
         pass
-    return errors
-
-
-def _starts_with(reader: "_Reader", prefix: bytes) -> bool:
-    """Whether the file's first non-whitespace bytes are ``prefix`` (the reader is rewound)."""
-    head = reader.f.peek(64) if hasattr(reader.f, "peek") else b""
-    return head.lstrip()[: len(prefix)] == prefix
-
-
-def _json_array(path: Path, data: bytes, text_field: str, stats: ReadStats) -> Iterator[str]:
-    try:
-        items = json.loads(data.decode("utf-8", errors="replace"))
-    except json.JSONDecodeError as e:
-        stats.bad(path, e.lineno, f"invalid JSON ({e.msg})")
-        return
-    for i, rec in enumerate(items):
-        t = rec if isinstance(rec, str) else rec.get(text_field) if isinstance(rec, dict) else None
-        if not isinstance(t, str):
-            stats.bad(path, i + 1, f"item {i} has no string field {text_field!r}")
-            continue
-        stats.documents += 1
-        stats.chars += len(t)
-        yield t
 
 
 TRAIN_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".json", ".ndjson", ".parquet"}
@@ -387,7 +231,9 @@ def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_s
         first = "; ".join(f"{f}:{n}: {r}" for f, n, r in stats.malformed[:3])
         log.warning("skipped %d malformed records (%s)", stats.bad_records, first)
     if stats.documents == 0 or stats.trained_chars == 0:
-        raise DataError("no text to train on (every record was empty or malformed, or sample_rate kept none)")
+        why = f"; first problem: {stats.malformed[0][0]}:{stats.malformed[0][1]}: {stats.malformed[0][2]}" \
+            if stats.malformed else ""
+        raise DataError("no text to train on (every record was empty or malformed, or sample_rate kept none)" + why)
     added = {backend.token_to_id(t): t for t in specials}
     config = default_tokenizer_config(specials, chat_template, model_max_length, added)
     tok = Tokenizer(backend, config)
