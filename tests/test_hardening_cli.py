@@ -159,3 +159,18 @@ def test_data_run_with_workers_stops_on_interrupt(sig, code, tmp_path):
     assert r.returncode == code, r.stderr[-2000:]
     assert len(err) == 1 and err[0].startswith(f"lmstack: interrupted by {sig}; outputs are written atomically")
     assert not (tmp_path / "out" / "data.jsonl").exists()
+
+
+def test_serve_flags_reach_the_server(monkeypatch):
+    """Several tenants' keys, the prompt-size cap and sanitizing are command-line settings of `lmstack serve`."""
+    import lmstack.serve.api as api
+    from lmstack.cli import main
+
+    seen = {}
+    monkeypatch.setattr(api, "run_server", lambda model, **kw: seen.update(model=model, **kw))
+    assert main(["serve", "-m", "m", "--api-key", "a", "--api-key", "b", "--max-prompt-bytes", "1000",
+                 "--no-sanitize"]) == 0
+    assert (seen["model"], seen["api_key"], seen["max_prompt_bytes"], seen["sanitize"]) == ("m", ["a", "b"], 1000, False)
+    monkeypatch.setenv("LMSTACK_API_KEY", "k1 k2")
+    assert main(["serve", "-m", "m"]) == 0
+    assert seen["api_key"] == ["k1", "k2"] and seen["sanitize"] is True and seen["max_prompt_bytes"] is None

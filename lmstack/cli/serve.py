@@ -14,8 +14,10 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter directory (PEFT layout)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: all)."),
         port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
-        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY",
-                                              help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+        api_key: Optional[list[str]] = typer.Option(
+            None, "--api-key", envvar="LMSTACK_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on /v1 routes; repeat for several tenants (each key has its "
+                 "own prefix cache; LMSTACK_API_KEY: keys separated by spaces)."),
         served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
                                                         help="Model name clients send (default: directory name)."),
         max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most requests decoded together."),
@@ -30,13 +32,19 @@ def register(app: typer.Typer) -> None:
                                             help="Reuse KV blocks of shared prompt prefixes."),
         allowed_origin: Optional[list[str]] = typer.Option(None, "--allowed-origin",
                                                            help="Allow browser apps from this origin (CORS); repeat."),
+        max_prompt_bytes: Optional[int] = typer.Option(None, "--max-prompt-bytes", min=1,
+                                                       help="Longer prompt text gets 400 before tokenizing "
+                                                            "(default: 64 bytes per context token, >= 64 KiB)."),
+        sanitize: bool = typer.Option(True, "--sanitize/--no-sanitize",
+                                      help="Special-token text in chat messages stays text (never control tokens)."),
         log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
     ) -> None:
         """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
         from lmstack.serve.api import run_server
 
-        run_server(model, adapter=adapter, host=host, port=port, api_key=api_key,
+        run_server(model, adapter=adapter, host=host, port=port, api_key=api_key or None,
                    served_model_name=served_model_name, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                    max_waiting=max_waiting, device=device, dtype=dtype, max_request_bytes=max_request_bytes,
                    drain_timeout=drain_timeout, enable_prefix_caching=prefix_caching,
-                   allowed_origins=allowed_origin or None, log_level=log_level)
+                   allowed_origins=allowed_origin or None, log_level=log_level, max_prompt_bytes=max_prompt_bytes,
+                   sanitize=sanitize)
