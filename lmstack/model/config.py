@@ -158,8 +158,9 @@ class ModelConfig:
             d = dict(source)
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
+            hint = " (an encoder: use lmstack.model.load_encoder or `lmstack classify`)" if mt == "bert" else ""
             raise CheckpointError(
-                f'{where} has model_type "{mt}"; supported: {", ".join(SUPPORTED_MODEL_TYPES)}'
+                f'{where} has model_type "{mt}"; supported: {", ".join(SUPPORTED_MODEL_TYPES)}{hint}'
             )
         try:
             return cls(**_hf_to_kwargs(d, mt, where))
