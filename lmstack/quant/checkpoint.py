@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmstack.errors import CheckpointError
+from lmstack.errors import CheckpointError, ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.hf_io import load_model, read_state_dict, save_model
 from lmstack.model.transformer import Transformer
@@ -53,22 +53,56 @@ def quantization_config(path: str | os.PathLike) -> dict[str, Any] | None:
     return qc
 
 
+CHECKPOINT_METHODS = ("int8", "int4", "gptq")
+
+
+def calibration_ids(model_dir: Path, calib: str | os.PathLike, seq_len: int = 512, max_seqs: int = 16) -> torch.Tensor:
+    """(n, seq_len) token ids: the calibration text file cut into at most ``max_seqs`` windows of ``seq_len``."""
+    from lmstack.tokenizer import Tokenizer
+
+    path = Path(calib)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: calibration text file not found")
+    text = path.read_text(encoding="utf-8", errors="replace")[: 64 * seq_len * max_seqs]  # bytes enough, capped
+    ids = Tokenizer.from_dir(model_dir).encode(text)
+    n = min(max_seqs, len(ids) // seq_len)
+    if n == 0:
+        seq_len, n = len(ids), 1
+    if seq_len < 64:
+        raise CheckpointError(f"{path}: {len(ids)} tokens is too little calibration text (give at least a few pages)")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, method: str = "int8",
-                        group_size: int = 64) -> Path:
-    """Quantize every linear layer of ``model_dir`` (but ``lm_head``) and write the result to ``out_dir``."""
+                        group_size: int = 64, calib: str | os.PathLike | None = None) -> Path:
+    """Quantize every linear layer of ``model_dir`` (but ``lm_head``) and write the result to ``out_dir``.
+
+    ``method``: ``int8`` (per channel), ``int4`` (group-wise, round to nearest) or ``gptq`` (the same int4
+    format, calibrated on the text file ``calib``, :mod:`lmstack.quant.gptq`)."""
     src, out = Path(model_dir), Path(out_dir)
+    if method not in CHECKPOINT_METHODS:
+        raise ConfigError(f"--method {method!r} is not supported; supported: {', '.join(CHECKPOINT_METHODS)}")
+    if method == "gptq" and calib is None:
+        raise ConfigError("--method gptq needs --calib FILE (a text file of the kind of text the model will see)")
     if quantization_config(src) is not None:
         raise CheckpointError(f"{src} is already quantized; quantize the float model it came from")
     model = load_model(src, device="cpu", dtype="float32")
-    modules = quantize_linears(model, method, group_size)
+    if method == "gptq":
+        from lmstack.quant.gptq import gptq_quantize_model
+
+        modules = gptq_quantize_model(model, calibration_ids(src, calib), group_size)
+    else:
+        modules = quantize_linears(model, method, group_size)
     with atomic_dir(out) as tmp:
         save_model(model, tmp, tokenizer_dir=src)
         if (src / "generation_config.json").is_file():
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
         hf = model.config.to_hf()
         hf["torch_dtype"] = "float32"
-        hf["quantization_config"] = {"quant_method": QUANT_METHOD, "method": method,
-                                     "group_size": group_size if method == "int4" else None, "modules": modules}
+        stored = "int8" if method == "int8" else "int4"  # gptq writes the int4 format
+        hf["quantization_config"] = {"quant_method": QUANT_METHOD, "method": stored,
+                                     "group_size": group_size if stored == "int4" else None, "modules": modules,
+                                     "calibration": "gptq" if method == "gptq" else "rtn"}
         atomic_write_json(tmp / "config.json", hf)
     return out
 
