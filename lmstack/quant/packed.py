@@ -74,6 +74,18 @@ def unpack_nibbles(p: Tensor) -> Tensor:
     return torch.stack([p & 0x0F, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
+_PAIRS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _nibble_pairs(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(256, 2): the (low, high) nibble values of every byte, as ``dtype``."""
+    key = (device, dtype)
+    if key not in _PAIRS:
+        b = torch.arange(256)
+        _PAIRS[key] = torch.stack([b & 0x0F, b >> 4], 1).to(device, dtype)
+    return _PAIRS[key]
+
+
 # ---------------------------------------------------------------------------------------------- modules
 class _PackedLinear(nn.Module):
     in_features: int
@@ -157,7 +169,11 @@ class Int4PackedLinear(_PackedLinear):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:  # (out, in)
-        return dequantize_int4(unpack_nibbles(self.weight), self.weight_scale, self.weight_zero, dtype)
+        """One gather of both nibbles of each byte as floats, then ``q * scale + (zero - 8 * scale)``."""
+        table = _nibble_pairs(self.weight.device, dtype)  # (256, 2)
+        q = table[self.weight.int()].view(self.out_features, -1, self.group_size)  # (out, n_groups, group)
+        lo = (self.weight_zero - 8 * self.weight_scale).to(dtype)[..., None]
+        return torch.addcmul(lo, q, self.weight_scale.to(dtype)[..., None]).view(self.out_features, self.in_features)
 
     def _build(self, x: Tensor):
         """The kernel's packed weight and (n_groups, out, 2) scales-and-zeros for x's device and dtype."""
