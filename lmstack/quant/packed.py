@@ -74,18 +74,6 @@ def unpack_nibbles(p: Tensor) -> Tensor:
     return torch.stack([p & 0x0F, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
-_PAIRS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def _nibble_pairs(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(256, 2): the (low, high) nibble values of every byte, as ``dtype``."""
-    key = (device, dtype)
-    if key not in _PAIRS:
-        b = torch.arange(256)
-        _PAIRS[key] = torch.stack([b & 0x0F, b >> 4], 1).to(device, dtype)
-    return _PAIRS[key]
-
-
 # ---------------------------------------------------------------------------------------------- modules
 class _PackedLinear(nn.Module):
     in_features: int
@@ -169,9 +157,8 @@ class Int4PackedLinear(_PackedLinear):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:  # (out, in)
-        """One gather of both nibbles of each byte as floats, then ``q * scale + (zero - 8 * scale)``."""
-        table = _nibble_pairs(self.weight.device, dtype)  # (256, 2)
-        q = table[self.weight.int()].view(self.out_features, -1, self.group_size)  # (out, n_groups, group)
+        """``q * scale + (zero - 8 * scale)`` per group (unpack, convert, one fused multiply-add)."""
+        q = unpack_nibbles(self.weight).view(self.out_features, -1, self.group_size).to(dtype)  # (out, n_groups, g)
         lo = (self.weight_zero - 8 * self.weight_scale).to(dtype)[..., None]
         return torch.addcmul(lo, q, self.weight_scale.to(dtype)[..., None]).view(self.out_features, self.in_features)
 
