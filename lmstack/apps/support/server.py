@@ -188,7 +188,9 @@ class GroundingMiddleware:
         msgs = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in req["messages"]]
         try:  # the checks the server runs before tokenizing (lone surrogates, prompt size)
             size = sum(utf8_size(m["content"], f"messages[{i}].content") for i, m in enumerate(msgs))
-            check_prompt_bytes(self.app.state.model, size, "messages")
+            served = getattr(getattr(self.app, "state", None), "model", None)  # None: a bare ASGI app behind us
+            if served is not None:  # (the body cap, max_body, still bounds what reaches the reader)
+                check_prompt_bytes(served, size, "messages")
         except APIError as e:
             return await e.response()(scope, receive, send)
         # template, tokenizer and the reader's scoring are CPU-bound: off the event loop
