@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/quant.py                                  # tiny preset + SmolLM2-135M (imported GGUF)
     .venv/bin/python benchmarks/quant.py --models tiny --threads 2 --batches 1 8
+    cat docs/*.md > /tmp/calib.txt; .venv/bin/python benchmarks/quant.py --quality --calib /tmp/calib.txt
 
 For each model: the fp32 directory, ``lmstack quantize`` int8 and int4 (group 32) directories; decode tokens/s
 (``B * (N - 1) / (t(N) - t(1))``, greedy, best of --repeats, see benchmarks/generate.py) of the lmstack engine
@@ -105,6 +106,31 @@ def bench(name: str, args, root: Path) -> list[dict]:
     return rows
 
 
+def quality(args, root: Path) -> None:
+    """SmolLM2 perplexity on the held-out paragraph: fp32, int8, int4 round-to-nearest (groups 32 and 64) and,
+    with --calib, GPTQ int4 (group 64)."""
+    from lmstack.model.hf_io import load_model
+    from lmstack.quant import quantize_linears
+    from lmstack.quant.checkpoint import calibration_ids
+    from lmstack.quant.gptq import gptq_quantize_model
+    from lmstack.tokenizer import Tokenizer
+
+    src = model_dir("smollm2", root)
+    ids = torch.tensor([Tokenizer.from_dir(src).encode(HELD_OUT)])
+    variants = [("fp32", None), ("int8", ("int8", 64)), ("int4 g32 RTN", ("int4", 32)), ("int4 g64 RTN", ("int4", 64))]
+    for label, how in variants:
+        m = load_model(src)
+        if how:
+            quantize_linears(m, *how)
+        print(f"smollm2 perplexity {label:14s} {perplexity(m, ids):.3f}", flush=True)
+    if args.calib:
+        m = load_model(src)
+        t = time.perf_counter()
+        gptq_quantize_model(m, calibration_ids(src, args.calib, 256, 8), 64)
+        print(f"smollm2 perplexity {'int4 g64 GPTQ':14s} {perplexity(m, ids):.3f}  "
+              f"(calibration {time.perf_counter() - t:.0f} s on {args.calib})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "smollm2"], help="presets (tiny, small) or smollm2")
@@ -113,11 +139,15 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quality", action="store_true", help="only SmolLM2 perplexities (fp32, int8, int4, GPTQ)")
+    ap.add_argument("--calib", help="--quality: calibration text for GPTQ")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lmstack_bench_quant_") as d:
+        if args.quality:
+            return quality(args, Path(d))
         for name in args.models:
             t = time.perf_counter()
             bench(name, args, Path(d))
