@@ -246,3 +246,16 @@ def test_export_refuses_bad_requests(tmp_path, exported):
     with pytest.raises(CheckpointError, match="384 ids but the model's embedding has 300 rows"):
         export_gguf(small, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial*"))
+
+
+def test_cli_export_writes_gguf_and_modelfile_and_refuses_onnx(exported, tmp_path, capsys):
+    from lmstack.cli import main
+
+    arch, d, ref, f32 = exported
+    assert main(["export", "--model", str(d / "model"), "--format", "gguf", "--dtype", "q8_0",
+                 "--out", str(tmp_path / "cli.gguf")]) == 0
+    assert (tmp_path / "cli.gguf").stat().st_size > 0 and (tmp_path / "cli.Modelfile").is_file()
+    capsys.readouterr()
+    assert main(["export", "--model", str(d / "model"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "onnx" in err[0] and not (tmp_path / "m.onnx").exists()
