@@ -379,3 +379,17 @@ def test_micro_preset_matches_transformers_parameter_count():
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, tie_word_embeddings=cfg.tie_word_embeddings))
     assert ours.num_parameters() == hf.num_parameters() == 3_934_656
+
+
+def test_apps_are_found_by_entry_point_or_by_name_in_a_source_tree(monkeypatch):
+    """`lmstack run` finds an app through the lmstack.apps entry points (pip install), and in a source tree run
+    without an install through lmstack.apps.NAME.pipeline; an unknown name lists what is installed."""
+    import lmstack.pipeline.app as A
+
+    app = A.get_app("support")
+    assert app.name == "support" and "bundle" in app.order
+    monkeypatch.setattr(A, "_APPS", {})
+    monkeypatch.setattr(A, "entry_points", lambda group: [])  # as if lmstack were not pip-installed
+    assert A.get_app("support").order == app.order
+    with pytest.raises(ConfigError, match="app 'risk' is not installed; installed apps: support"):
+        A.get_app("risk")

@@ -62,11 +62,23 @@ def register_app(app: App) -> App:
 
 
 def get_app(name: str) -> App:
-    """A registered app, else the installed one of that name (entry point group ``lmstack.apps``)."""
+    """A registered app, else the installed one of that name (entry point group ``lmstack.apps``), else -- for a
+    source tree run without ``pip install`` -- the module ``lmstack.apps.NAME.pipeline`` by the same naming rule."""
+    import importlib
+    import re
+
     if name in _APPS:
         return _APPS[name]
     for ep in entry_points(group=GROUP):
         if ep.name == name:
             return register_app(ep.load())
+    if re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        try:
+            importlib.import_module(f"{GROUP}.{name}.pipeline")  # registers itself
+        except ModuleNotFoundError as e:
+            if e.name not in (f"{GROUP}.{name}", f"{GROUP}.{name}.pipeline"):
+                raise
+        if name in _APPS:
+            return _APPS[name]
     known = sorted(set(_APPS) | {ep.name for ep in entry_points(group=GROUP)})
     raise ConfigError(f"app {name!r} is not installed; installed apps: {', '.join(known) or 'none'}")
