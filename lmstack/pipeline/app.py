@@ -63,7 +63,7 @@ def register_app(app: App) -> App:
 
 def get_app(name: str) -> App:
     """A registered app, else the installed one of that name (entry point group ``lmstack.apps``), else -- for a
-    source tree run without ``pip install`` -- the module ``lmstack.apps.NAME.pipeline`` by the same naming rule."""
+    source tree run without ``pip install`` -- the ``APP`` of module ``lmstack.apps.NAME.pipeline`` (what the entry point names)."""
     import importlib
     import re
 
@@ -74,11 +74,12 @@ def get_app(name: str) -> App:
             return register_app(ep.load())
     if re.fullmatch(r"[a-z][a-z0-9_]*", name):
         try:
-            importlib.import_module(f"{GROUP}.{name}.pipeline")  # registers itself
+            module = importlib.import_module(f"{GROUP}.{name}.pipeline")
         except ModuleNotFoundError as e:
             if e.name not in (f"{GROUP}.{name}", f"{GROUP}.{name}.pipeline"):
                 raise
-        if name in _APPS:
-            return _APPS[name]
+        else:
+            if isinstance(getattr(module, "APP", None), App):  # the entry point's object, by the naming rule
+                return register_app(module.APP)
     known = sorted(set(_APPS) | {ep.name for ep in entry_points(group=GROUP)})
     raise ConfigError(f"app {name!r} is not installed; installed apps: {', '.join(known) or 'none'}")
