@@ -35,8 +35,8 @@ def recipe_app(recipe: Recipe) -> App:
         raise ConfigError(f"{recipe.source or 'recipe'}: no app: a recipe that runs stages names its app "
                           "(app: support)")
     app = get_app(recipe.app)
-    app.validate(recipe)
-    configure(recipe, app.registry)
+    configure(recipe, app.registry)  # stage names, stray sections, every section against its config
+    app.validate(recipe)  # the app's order and cross-stage rules
     return app
 
 

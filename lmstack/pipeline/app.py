@@ -39,12 +39,9 @@ class App:
         return tuple(self.registry)
 
     def validate(self, recipe: Recipe) -> None:
-        """The app's stage order and its cross-stage rules, as one-line ConfigErrors."""
-        where = recipe.source or "recipe"
-        unknown = [s for s in recipe.stages if s not in self.registry]
-        if unknown:
-            raise ConfigError(f"{where}: stages: {unknown[0]!r} is not a stage of app {self.name!r}; "
-                              f"its stages are {', '.join(self.order)}")
+        """The app's stage order and its cross-stage rules, as one-line ConfigErrors (after
+        :func:`~lmstack.pipeline.runner.configure` has checked the stage names and sections)."""
+        where = recipe.source or "recipe"  # unknown stages: lmstack.pipeline.runner.configure, which runs first
         if [s for s in self.order if s in recipe.stages] != list(recipe.stages):
             raise ConfigError(f"{where}: stages must follow the order {list(self.order)}; got {recipe.stages}")
         try:

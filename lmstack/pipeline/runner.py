@@ -139,10 +139,11 @@ def configure(recipe: Recipe, registry: dict[str, Stage]) -> dict[str, Any]:
     return {name: registry[name].configure(recipe) for name in recipe.stages}
 
 
-def fingerprints(recipe: Recipe, registry: dict[str, Stage]) -> dict[str, str]:
-    """Fingerprint of every stage of the recipe, upstream first (a change upstream changes downstream)."""
+def fingerprints(recipe: Recipe, registry: dict[str, Stage], configs: dict[str, Any] | None = None) -> dict[str, str]:
+    """Fingerprint of every stage of the recipe, upstream first (a change upstream changes downstream).
+    ``configs``: :func:`configure`'s result when the caller has it already."""
     fps: dict[str, str] = {}
-    configs = configure(recipe, registry)
+    configs = configs if configs is not None else configure(recipe, registry)
     for name in recipe.stages:
         st = registry[name]
         cfg = configs[name]
@@ -233,8 +234,8 @@ def run_stages(recipe: Recipe, registry: dict[str, Stage], *, from_stage: str | 
         raise ConfigError("use either --from or --only, not both")
     run_dir = recipe.run_path
     state_dir = run_dir / "state"
-    fps = fingerprints(recipe, registry)
     configs = configure(recipe, registry)
+    fps = fingerprints(recipe, registry, configs)
     forced = set(recipe.stages[recipe.stages.index(from_stage):]) if from_stage else set()
     t_start = time.perf_counter()
     results: list[StageResult] = []
