@@ -461,7 +461,7 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
     from lmstack.eval.run import run_eval as eval_run
     from lmstack.serve.evaluation import generate
 
-    recipe, out = ctx.recipe, ctx.out_dir
+    recipe, out, ev = ctx.recipe, ctx.out_dir, ctx.config
     out.mkdir(parents=True, exist_ok=True)
     base = base_model_dir(recipe)
     tasks = eval_tasks(recipe, out, base)
@@ -474,16 +474,16 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
         else:
             res = eval_run(final, tasks, out / "finetuned", engine=generate)
         summary["finetuned"] = _task_metrics(res)
-        summary["finetuned_by_lang"] = per_language(out / "finetuned", section(recipe, "eval").metrics)
-    if section(recipe, "eval").compare_base or "finetune" not in recipe.stages:
+        summary["finetuned_by_lang"] = per_language(out / "finetuned", ev.metrics)
+    if ev.compare_base or "finetune" not in recipe.stages:
         res = eval_run(base, tasks, out / "base", engine=generate)
         summary["base"] = _task_metrics(res)
-        summary["base_by_lang"] = per_language(out / "base", section(recipe, "eval").metrics)
-    if "rag" in recipe.stages and section(recipe, "eval").select:  # the assistant's default, grounded answers
+        summary["base_by_lang"] = per_language(out / "base", ev.metrics)
+    if "rag" in recipe.stages and ev.select:  # the assistant's default, grounded answers
         runs: list[tuple[str, Path | None, Path | None]] = []
         if "finetune" in recipe.stages:
             runs.append(("finetuned", *_finetuned_model(recipe, ctx.summaries)))
-        if section(recipe, "eval").compare_base or "finetune" not in recipe.stages:
+        if ev.compare_base or "finetune" not in recipe.stages:
             runs.append(("base", base, None))
         if "reader" in recipe.stages and (recipe.run_path / "reader" / RANKERS["no_model"]).is_file():
             runs.append(("no_model", None, None))
