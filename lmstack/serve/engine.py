@@ -26,7 +26,8 @@ from lmstack.serve.runner import ModelRunner, kernel_supported
 from lmstack.serve.sampler import Sampler
 from lmstack.serve.scheduler import Scheduler
 from lmstack.serve.sequence import Request, Sequence
-from lmstack.serve.types import RequestOutput, SamplingParams
+from lmstack.serve.logits import LogitBias, LogitsProcessorFactory
+from lmstack.serve.types import RequestOutput, SamplingParams, StructuredOutput
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # 1 GiB
 GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
@@ -103,6 +104,39 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
+    # ------------------------------------------------------------------ the logits step
+    def grammar_backend(self):
+        """The llguidance backend for this engine's tokenizer (built on first use)."""
+        from lmstack.serve.structured import StructuredError, backend_for
+
+        if self.tokenizer is None:
+            raise StructuredError("structured output needs a tokenizer; this model directory has none")
+        return backend_for(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+
+    def structured_factory(self, so: StructuredOutput) -> LogitsProcessorFactory:
+        """Compile a constraint (cached) into a per-sequence processor factory; StructuredError if it cannot."""
+        if so.kind == "python":
+            from lmstack.serve.python_syntax import PythonSyntax
+
+            tok = self.tokenizer
+            return lambda: PythonSyntax(tok, self.eos_token_ids, prefix=so.spec)
+        return self.grammar_backend().factory(so)
+
+    def processor_factories(self, params: SamplingParams) -> list[LogitsProcessorFactory]:
+        """The request's logits step, in order: logit_bias, its structured constraint, its own processors."""
+        out: list[LogitsProcessorFactory] = []
+        if params.logit_bias:
+            V = self.model.config.vocab_size
+            bad = [t for t in params.logit_bias if not 0 <= t < V]
+            if bad:
+                raise ConfigError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {V})")
+            bias = LogitBias(params.logit_bias)
+            out.append(lambda: bias)  # stateless: one shared by every sequence
+        if params.structured is not None:
+            out.append(self.structured_factory(params.structured))
+        out.extend(params.logits_processors)
+        return out
+
     # ------------------------------------------------------------------ requests
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -134,6 +168,8 @@ class LLMEngine:
             raise PromptTooLong(capacity - 1, len(ids), "the KV cache")
         if params.stop and self.tokenizer is None:
             raise ConfigError("stop strings need a tokenizer; this model directory has none (use stop_token_ids)")
+        factories = self.processor_factories(params)
+        end_ids = tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)))
         req = Request(request_id, text, ids, params)
         for j in range(params.n):
             detok = None
@@ -144,6 +180,8 @@ class LLMEngine:
                            Sampler.make_generator(params, j, self.model.device), detok)
             if params.logprobs is not None:
                 seq.logprobs = []
+            seq.processors = [f() for f in factories]
+            seq.end_ids = end_ids
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -183,6 +221,11 @@ class LLMEngine:
                         seq.request.metrics.first_token_time = now
                 self.generation_tokens_total += len(seqs)
         finished = self.scheduler.update(out, sampled)
+        for s in out.scheduled:  # processors advance (and start their next mask while the next step runs)
+            seq = s.seq
+            if seq.processors and seq.seq_id in sampled and not seq.request.aborted:
+                for p in seq.processors:
+                    p.accept(sampled[seq.seq_id])
         touched: dict[str, Request] = {}
         for s in out.scheduled:
             if s.seq.seq_id in sampled:

@@ -14,11 +14,13 @@ from typing import Any, Callable, Sequence
 
 def generate(lm: Any, prompts: Sequence[str], *, max_tokens: int = 64, stop: Sequence[str] = (),
              temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int = 0,
-             progress_cb: Callable[[int], None] | None = None) -> list[list[str]]:
+             progress_cb: Callable[[int], None] | None = None, python_syntax: bool = False) -> list[list[str]]:
     """``n`` completions per prompt for an :class:`~lmstack.eval.lm.EvalLM` (greedy at temperature 0), cut at
-    the first stop string or end-of-turn token. Prompts are cut on the left to fit the model's length."""
+    the first stop string or end-of-turn token. Prompts are cut on the left to fit the model's length.
+    ``python_syntax``: keep each completion valid Python (``lmstack.serve.python_syntax``; for pass@k, where the
+    completion is a whole program or function body)."""
     from lmstack.serve.llm import LLM
-    from lmstack.serve.types import SamplingParams
+    from lmstack.serve.types import SamplingParams, StructuredOutput
 
     P = lm.prefix_kv[0][0].shape[-2] if lm.prefix_kv is not None else 0  # prompt/prefix-tuning slots
     room = lm.max_length - P
@@ -30,7 +32,8 @@ def generate(lm: Any, prompts: Sequence[str], *, max_tokens: int = 64, stop: Seq
               max_model_len=model_len)
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                             max_tokens=max_tokens, stop=[s for s in stop if s], seed=seed,
-                            stop_token_ids=list(lm.eos_ids))
+                            stop_token_ids=list(lm.eos_ids),
+                            structured=StructuredOutput("python") if python_syntax else None)
     outs = llm.generate(enc, params, use_tqdm=False)
     if progress_cb is not None:
         progress_cb(len(enc) * n)

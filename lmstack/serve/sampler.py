@@ -5,8 +5,10 @@ processors): repetition penalty (CTRL, Keskar et al. 2019: over prompt + output,
 negative multiplied) -> presence / frequency penalties (OpenAI, over output tokens) -> min_tokens
 (EOS and stop ids masked) -> temperature -> top-k -> top-p (nucleus, Holtzman et al. 2020) ->
 min-p (Nguyen et al. 2024) -> sample. Temperature 0 is greedy (argmax of the penalised logits).
-Each seeded sequence draws from its own ``torch.Generator``, so its text does not depend on what else is
-in the batch. Log-probs are those of the model's raw distribution (log_softmax of the logits).
+Before all of that each sequence's logits processors run (``lmstack.serve.logits``: ``logit_bias``, grammar
+masks). Each seeded sequence draws from its own ``torch.Generator``, so its text does not depend on what else is
+in the batch. Log-probs are those of the distribution after the processors (log_softmax of the processed logits:
+the model's raw distribution when a request has none, the constrained one under a grammar), before penalties.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmstack.serve.logits import apply_processors
 from lmstack.serve.sequence import Sequence
 from lmstack.serve.types import SamplingParams, TokenLogprob
 
@@ -80,11 +83,17 @@ class Sampler:
     def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits (B, V) fp32 -> the chosen token per row and its log-prob record (None if not asked)."""
         B = logits.shape[0]
+        logits = apply_processors(logits, seqs)  # logit_bias, grammar masks: a copy when any ran
         want_lp = [s.params.logprobs is not None for s in seqs]
         raw_lp = logits.log_softmax(-1) if any(want_lp) else None  # (B, V)
         if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                or s.params.min_tokens for s in seqs):
+            before = logits
             logits = apply_penalties(logits.clone(), seqs, self.eos_token_ids)
+            if any(s.processors for s in seqs):  # min_tokens banning the only ends a grammar allows: keep them
+                dead = ~torch.isfinite(logits).any(-1)
+                if bool(dead.any()):
+                    logits[dead] = before[dead]
         greedy = [s.params.temperature == 0 for s in seqs]
         if all(greedy):
             chosen = logits.argmax(-1).tolist()
@@ -117,6 +126,6 @@ class Sampler:
                 top: dict[int, float] = {}
                 if s.params.logprobs:
                     v, ix = raw_lp[i].topk(s.params.logprobs)
-                    top = dict(zip(ix.tolist(), v.tolist()))
+                    top = {t: x for t, x in zip(ix.tolist(), v.tolist()) if x != float("-inf")}  # masked: no
                 lps[i] = TokenLogprob(chosen[i], float(raw_lp[i, chosen[i]]), top)
         return chosen, lps

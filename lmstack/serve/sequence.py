@@ -44,6 +44,10 @@ class Sequence:
     cumulative_logprob: float = 0.0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    # the per-request logits step (lmstack.serve.logits): this sequence's own processors, and the ids it may
+    # end on (a row the processors leave empty falls back to these)
+    processors: list = field(default_factory=list)
+    end_ids: tuple[int, ...] = ()
     # streaming cursors: what previous snapshots already carried
     sent_tokens: int = 0
     sent_text: int = 0
@@ -81,7 +85,14 @@ class Sequence:
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.finish_reason, stop_reason=self.stop_reason,
             delta_text=delta_text, delta_token_ids=list(delta_ids),
+            constraint_satisfied=self.constraint_satisfied,
         )
+
+    @property
+    def constraint_satisfied(self) -> bool | None:
+        """All constraining processors complete (None: none constrains this sequence)."""
+        flags = [p.satisfied for p in self.processors if getattr(p, "satisfied", None) is not None]
+        return all(flags) if flags else None
 
 
 @dataclass(eq=False)

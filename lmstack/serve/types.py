@@ -8,13 +8,48 @@ speak these types.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lmstack.errors import ConfigError
 from lmstack.serve.errors import InvalidSamplingParam
 
+if TYPE_CHECKING:
+    from lmstack.serve.logits import LogitsProcessorFactory
+
 FinishReason = Literal["stop", "length", "abort"]
+StructuredKind = Literal["json", "json_object", "json_schema", "regex", "grammar", "lark", "choice", "python"]
+STRUCTURED_KINDS = ("json", "json_object", "json_schema", "regex", "grammar", "lark", "choice", "python")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on a request's output, compiled by ``lmstack.serve.structured`` (llguidance).
+
+    ``kind``: ``json`` (any JSON value), ``json_object`` (any JSON object: OpenAI's ``json_object`` mode),
+    ``json_schema`` (``spec`` = the schema as JSON text), ``regex``, ``grammar`` (GBNF or Lark/EBNF text),
+    ``lark``, ``choice`` (``spec`` = a JSON list of strings), ``python`` (syntactically valid Python code).
+    Build with the class methods: ``StructuredOutput.schema({...})``, ``.regex(r"...")``, ``.choice([...])``."""
+
+    kind: StructuredKind
+    spec: str = ""
+
+    @classmethod
+    def schema(cls, schema: dict[str, Any] | str) -> "StructuredOutput":
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+
+    @classmethod
+    def regex(cls, pattern: str) -> "StructuredOutput":
+        return cls("regex", pattern)
+
+    @classmethod
+    def grammar(cls, text: str) -> "StructuredOutput":
+        return cls("grammar", text)
+
+    @classmethod
+    def choice(cls, options: list[str]) -> "StructuredOutput":
+        return cls("choice", json.dumps(list(options)))
 
 
 @dataclass
@@ -39,6 +74,10 @@ class SamplingParams:
     # prefix-cache namespace (vLLM's cache_salt): requests with different salts never share cached KV blocks, so
     # neither cached_tokens nor time-to-first-token tells one tenant what another sent. None: the shared namespace
     cache_salt: str | None = None
+    # the per-request logits step (lmstack.serve.logits): applied in this order before penalties and sampling
+    logit_bias: dict[int, float] | None = None  # token id -> added logit, [-100, 100] (OpenAI's)
+    structured: StructuredOutput | None = None  # JSON / JSON Schema / regex / grammar / choice / Python
+    logits_processors: list["LogitsProcessorFactory"] = field(default_factory=list)  # one fresh per sequence
 
     @classmethod
     def from_kwargs(cls, **kw) -> "SamplingParams":
@@ -76,6 +115,14 @@ class SamplingParams:
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            ("logit_bias", self.logit_bias is None or all(
+                isinstance(k, int) and k >= 0 and -100 <= float(v) <= 100 for k, v in self.logit_bias.items()),
+             "logit_bias maps token ids (>= 0) to values in [-100, 100]"),
+            ("structured", self.structured is None or (isinstance(self.structured, StructuredOutput)
+                                                       and self.structured.kind in STRUCTURED_KINDS),
+             f"structured must be a StructuredOutput of kind {', '.join(STRUCTURED_KINDS)}"),
+            ("logits_processors", all(callable(f) for f in self.logits_processors),
+             "logits_processors must be factories (callables returning a LogitsProcessor)"),
         ]
         for param, ok, msg in checks:
             if not ok:
@@ -100,6 +147,9 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     delta_text: str = ""  # text added since the previous snapshot (streaming)
     delta_token_ids: list[int] = field(default_factory=list)
+    # with a constraint (structured output): whether the text is a complete instance of it (a JSON object that
+    # a max_tokens cut left open: False). None: the request had no constraint
+    constraint_satisfied: bool | None = None
 
 
 @dataclass

@@ -81,6 +81,36 @@ def default_max_prompt_bytes(max_model_len: int) -> int:
     return max(64 * 1024, PROMPT_BYTES_PER_TOKEN * max_model_len)
 
 
+def check_structured(model: ServedModel, params: SamplingParams, param: str) -> None:
+    """Compile the request's constraint before admission (run in a worker thread): a bad schema, grammar or regex
+    is a 400 naming ``param`` with the compiler's reason, and the engine step later finds it compiled (cached)."""
+    if params.structured is None:
+        return
+    from lmstack.serve.structured import StructuredError
+
+    engine = getattr(model.engine, "engine", model.engine)
+    compile_ = getattr(engine, "structured_factory", None)
+    if compile_ is None:
+        raise APIError(400, "this server's engine does not support structured output.", param=param)
+    try:
+        compile_(params.structured)
+    except StructuredError as e:
+        raise APIError(400, f"{e}.", param=param) from None
+
+
+def constraint_fields(o: Any) -> dict[str, Any]:
+    """lmstack's extra choice fields for a constrained request: whether the output completed its constraint, and
+    a warning when max_tokens cut it short (the text then does not parse)."""
+    sat = getattr(o, "constraint_satisfied", None)
+    if sat is None or o.finish_reason is None:
+        return {}
+    out: dict[str, Any] = {"constraint_satisfied": sat}
+    if not sat:
+        out["warning"] = ("the output ended (finish_reason: " + str(o.finish_reason) + ") before it completed the "
+                          "requested format; it will not parse. Raise max_tokens.")
+    return out
+
+
 def check_prompt_bytes(model: ServedModel, size: int, param: str) -> None:
     """400 naming the limit when the prompt text is over ``model.max_prompt_bytes`` (checked before tokenizing:
     tokenizing megabytes only to refuse them costs seconds of CPU)."""

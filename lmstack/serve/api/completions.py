@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from lmstack.serve.api import protocol as P
 from lmstack.serve.api.common import (
-    SSE_DONE, ServedModel, cache_salt, check_context, check_prompt_bytes, completion_logprobs, finish_reason,
+    SSE_DONE, ServedModel, cache_salt, check_context, check_prompt_bytes, check_structured, completion_logprobs,
+    constraint_fields, finish_reason,
     first_then_rest, merge, sse,
     tracked_generate, usage,
 )
@@ -57,8 +58,10 @@ async def create_completion(model: ServedModel, req: P.CompletionRequest):
     if want < 1:
         raise APIError(400, "max_tokens must be >= 1.", param="max_tokens")
     max_tokens = min(check_context(model, len(x), want, "prompt") for x in ids)
+    structured, sparam = P.structured_output(req)
     params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, vocab_size=model.vocab_size,
-                               cache_salt=cache_salt(req.cache_salt))
+                               cache_salt=cache_salt(req.cache_salt), structured=structured)
+    await asyncio.to_thread(check_structured, model, params, sparam)
     cid = f"cmpl-{uuid.uuid4().hex}"
     # Admit every prompt concurrently before answering 200, so a 429 / 400 / 503 keeps its status.
     gens = [tracked_generate(model, x, params, cid if len(ids) == 1 else f"{cid}-{p}") for p, x in enumerate(ids)]
@@ -89,7 +92,7 @@ async def create_completion(model: ServedModel, req: P.CompletionRequest):
             choices.append({
                 "index": p * req.n + o.index, "text": echo[p] + o.text,
                 "logprobs": completion_logprobs(model, o.logprobs, k or 0, len(echo[p])) if k is not None else None,
-                "finish_reason": finish_reason(o.finish_reason),
+                "finish_reason": finish_reason(o.finish_reason), **constraint_fields(o),
             })
     choices.sort(key=lambda c: c["index"])
     return JSONResponse({**head, "object": "text_completion", "choices": choices,

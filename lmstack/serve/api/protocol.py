@@ -4,15 +4,21 @@ Field names and defaults follow the OpenAI API reference (``/v1/chat/completions
 lmstack extras (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``, ...) arrive at the top
 level of the JSON body, which is where the ``openai`` client's ``extra_body=`` puts them (vLLM does the same).
 
+Structured output (``lmstack.serve.structured``): ``response_format`` (``json_object``, ``json_schema``) and the
+extras ``regex`` / ``grammar`` / ``choice`` / ``json`` (also under vLLM's names ``guided_regex``,
+``guided_grammar``, ``guided_choice``, ``guided_json``, or one ``structured_outputs`` object) — at most one
+per request. ``logit_bias`` maps token ids (as strings, OpenAI's shape) to [-100, 100].
+
 Policy for parameters we do not implement:
 
-* would change the result (``logit_bias``, ``tools``, ``response_format`` other than text, ``suffix``,
-  ``best_of`` > n, non-text modalities, ...) -> 400 naming the parameter;
+* would change the result (legacy ``functions``, ``suffix``, ``best_of`` > n, non-text modalities, ...) -> 400
+  naming the parameter;
 * harmless (``user``, ``store``, ``metadata``, ``service_tier``, unknown keys, ...) -> ignored and logged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any, Literal, Union
@@ -21,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmstack.serve.api.errors import bad_request
 from lmstack.serve.errors import InvalidSamplingParam
-from lmstack.serve.types import SamplingParams
+from lmstack.serve.types import SamplingParams, StructuredOutput
 
 log = logging.getLogger("lmstack.serve.api")
 
@@ -43,6 +49,8 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 def _doc(default: Any = None, **schema: Any) -> Any:
@@ -68,7 +76,8 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = _doc(None, minimum=1, maximum=2 ** 63 - 1)
-    logit_bias: dict[str, float] | None = _doc(None, description="not supported: 400 unless empty")
+    logit_bias: dict[str, float] | None = _doc(None, description="token id (as a string) -> bias in [-100, 100]",
+                                               maxProperties=1024)
     # extras (extra_body=...)
     top_k: int = _doc(0, minimum=-1, maximum=2 ** 31 - 1)
     min_p: float = _doc(0.0, minimum=0, maximum=1)
@@ -80,10 +89,20 @@ class _Sampling(_Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     cache_salt: str | None = None  # vLLM's: a private prefix-cache namespace inside the API key's own
+    # structured output extras (lmstack's names, then vLLM's); at most one per request
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = None
+    json_schema: dict[str, Any] | None = _doc(None, description="extra: constrain the output to this JSON schema")
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 # Accepted and ignored: they do not change what the model generates.
-HARMLESS = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+HARMLESS = {"user", "store", "metadata", "service_tier", "prompt_cache_key",
             "safety_identifier", "reasoning_effort", "verbosity"}
 
 
@@ -95,6 +114,7 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
     functions: list[Any] | None = None
     function_call: Any = None
     modalities: list[str] | None = None
@@ -113,19 +133,12 @@ class CompletionRequest(_Sampling):
 
 def check_unsupported(req: _Sampling) -> None:
     """400 for parameters that would change behaviour; log and ignore the harmless rest."""
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported by this server; remove it.", param="logit_bias")
     if isinstance(req, ChatCompletionRequest):
-        if req.tools or req.functions:
-            param = "tools" if req.tools else "functions"
-            raise bad_request(f"{param} (function calling) is not supported by this server.", param=param)
-        if req.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported by this server.", param="tool_choice")
+        if req.functions:
+            raise bad_request("functions (the legacy function-calling API) is not supported; send tools.",
+                              param="functions")
         if req.function_call not in (None, "none", "auto"):
-            raise bad_request("function_call is not supported by this server.", param="function_call")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request(f"response_format type {req.response_format.get('type')!r} is not supported; "
-                              "only 'text'.", param="response_format")
+            raise bad_request("function_call is not supported; send tool_choice.", param="function_call")
         if req.modalities and set(req.modalities) != {"text"}:
             raise bad_request("only the 'text' modality is supported.", param="modalities")
         if req.audio is not None:
@@ -169,7 +182,7 @@ def message_text(msg: ChatMessage, index: int) -> str:
     return "".join(out)
 
 
-def chat_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, str]], int]:
+def chat_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], int]:
     """The conversation as template messages, and its UTF-8 size in bytes (every string checked)."""
     if not req.messages:
         raise bad_request("messages must contain at least one message.", param="messages")
@@ -178,9 +191,20 @@ def chat_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, str]], int
         role = "system" if m.role == "developer" else m.role
         text = message_text(m, i)
         size += utf8_size(text, f"messages[{i}].content")
-        msg = {"role": role, "content": text}
+        msg: dict[str, Any] = {"role": role, "content": text}
         if m.name is not None:
             size += utf8_size(m.name, f"messages[{i}].name")
+            if role == "tool":
+                msg["name"] = m.name
+        if m.tool_calls:
+            if role != "assistant":
+                raise bad_request(f"messages[{i}]: only assistant messages carry tool_calls.",
+                                  param=f"messages[{i}].tool_calls")
+            size += utf8_size(json.dumps(m.tool_calls, ensure_ascii=False), f"messages[{i}].tool_calls")
+            msg["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            size += utf8_size(m.tool_call_id, f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = m.tool_call_id
         msgs.append(msg)
     return msgs, size
 
@@ -237,7 +261,7 @@ def _short(v: int) -> str:
 
 def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
                     logprobs_param: str = "logprobs", vocab_size: int | None = None,
-                    cache_salt: str | None = None) -> SamplingParams:
+                    cache_salt: str | None = None, structured: StructuredOutput | None = None) -> SamplingParams:
     """Translate the request to engine params, validated by :meth:`SamplingParams.validate`; a value out of
     range is a 400 naming the request field (``logprobs_param``: the field that carried ``logprobs``)."""
     for param, ok, msg in OPENAI_LIMITS:
@@ -264,12 +288,112 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         cache_salt=cache_salt,
+        logit_bias=logit_bias(req, vocab_size),
+        structured=structured,
     )
     try:
         params.validate()
     except InvalidSamplingParam as e:
         raise bad_request(f"{e}.", param=logprobs_param if e.param == "logprobs" else e.param) from None
     return params
+
+
+MAX_LOGIT_BIAS = 1024
+
+
+def logit_bias(req: _Sampling, vocab_size: int | None) -> dict[int, float] | None:
+    """OpenAI's ``{"token id": bias}`` as ``{int: float}``; 400 for a key that is not a token id in the vocabulary or
+    a value outside [-100, 100]."""
+    if not req.logit_bias:
+        return None
+    if len(req.logit_bias) > MAX_LOGIT_BIAS:
+        raise bad_request(f"logit_bias has {len(req.logit_bias)} entries; at most {MAX_LOGIT_BIAS}.",
+                          param="logit_bias")
+    out: dict[int, float] = {}
+    for k, v in req.logit_bias.items():
+        try:
+            t = int(k)
+        except ValueError:
+            raise bad_request(f"logit_bias key {k[:40]!r} is not a token id.", param="logit_bias") from None
+        if t < 0 or (vocab_size is not None and t >= vocab_size):
+            raise bad_request(f"logit_bias token id {t} is outside the vocabulary [0, {vocab_size}).",
+                              param="logit_bias")
+        if not (math.isfinite(v) and -100 <= v <= 100):
+            raise bad_request(f"logit_bias[{k}] = {v} is outside [-100, 100].", param="logit_bias")
+        out[t] = float(v)
+    return out
+
+
+def _schema_of(obj: Any, param: str) -> StructuredOutput:
+    if isinstance(obj, str):
+        try:
+            obj = json.loads(obj)
+        except json.JSONDecodeError as e:
+            raise bad_request(f"{param} is not valid JSON: {e.msg}.", param=param) from None
+    if isinstance(obj, bool):
+        obj = {}
+    if not isinstance(obj, dict):
+        raise bad_request(f"{param} must be a JSON schema object.", param=param)
+    return StructuredOutput.schema(obj)
+
+
+def _one(found: list[tuple[str, StructuredOutput]]) -> StructuredOutput | None:
+    if len(found) > 1:
+        raise bad_request(f"at most one output constraint per request; got {', '.join(p for p, _ in found)}.",
+                          param=found[1][0])
+    return found[0][1] if found else None
+
+
+def structured_output(req: _Sampling) -> tuple[StructuredOutput | None, str]:
+    """The request's output constraint (None: free text) and the parameter that carried it (for 400s)."""
+    found: list[tuple[str, StructuredOutput]] = []
+    rf = getattr(req, "response_format", None)
+    if rf is not None:
+        kind = rf.get("type", "text")
+        if kind == "json_object":
+            found.append(("response_format", StructuredOutput("json_object")))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or "schema" not in js and "name" not in js:
+                raise bad_request("response_format json_schema needs {\"json_schema\": {\"name\": ..., "
+                                  "\"schema\": {...}}}.", param="response_format")
+            found.append(("response_format", _schema_of(js.get("schema", {}), "response_format.json_schema.schema")))
+        elif kind != "text":
+            raise bad_request(f"response_format type {str(kind)[:40]!r} is not supported; 'text', 'json_object' or "
+                              "'json_schema'.", param="response_format")
+    for name in ("regex", "guided_regex"):
+        if getattr(req, name) is not None:
+            found.append((name, StructuredOutput.regex(getattr(req, name))))
+    for name in ("grammar", "guided_grammar"):
+        if getattr(req, name) is not None:
+            found.append((name, StructuredOutput.grammar(getattr(req, name))))
+    for name in ("choice", "guided_choice"):
+        if getattr(req, name) is not None:
+            found.append((name, StructuredOutput.choice(getattr(req, name))))
+    for name in ("json_schema", "guided_json"):
+        if getattr(req, name) is not None:
+            found.append((name, _schema_of(getattr(req, name), name)))
+    so = req.structured_outputs
+    if so is not None:
+        keys = {"json": None, "regex": StructuredOutput.regex, "grammar": StructuredOutput.grammar,
+                "choice": StructuredOutput.choice}
+        for k, v in so.items():
+            if v is None or k in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                                  "whitespace_pattern"):
+                continue
+            param = f"structured_outputs.{k}"
+            if k == "json":
+                found.append((param, _schema_of(v, param)))
+            elif k == "json_object":
+                if v:
+                    found.append((param, StructuredOutput("json_object")))
+            elif k in keys:
+                found.append((param, keys[k](v)))  # type: ignore[misc]
+            else:
+                raise bad_request(f"structured_outputs.{k[:40]} is not supported; json, regex, grammar, choice or "
+                                  "json_object.", param="structured_outputs")
+    one = _one(found)
+    return one, (found[0][0] if found else "")
 
 
 def chat_logprobs_k(req: ChatCompletionRequest) -> int | None:

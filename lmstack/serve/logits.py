@@ -1,0 +1,85 @@
+"""The per-request logits step: processors applied to one sequence's logits row before sampling.
+
+One small interface for everything that edits a request's next-token distribution — ``logit_bias``, grammar
+constraints (``lmstack.serve.structured``), Python-syntax guarding, and later watermarks, guardrails and
+speculative decoding's draft checks. A :class:`LogitsProcessor` belongs to ONE sequence (each of a request's
+``n`` completions gets its own, built by the factories in ``SamplingParams.logits_processors``):
+
+* ``__call__(logits, seq)`` edits the row ``(V,)`` of fp32 logits (in place or returning a new tensor) before
+  the penalties, temperature and top-k/p; the engine calls the processors in order;
+* ``accept(token_id)`` is told each token the sequence takes (after sampling, before the next forward pass),
+  which is where a stateful processor advances — and may start computing its next mask on a worker thread so
+  the work overlaps the next forward pass instead of stalling the batch;
+* ``satisfied`` is None for a processor that does not constrain the output, else whether the output so far is
+  a complete instance of its constraint (a grammar in an accepting state); it is reported on each completion
+  (``CompletionOutput.constraint_satisfied``) so a client knows a ``length`` finish cut a JSON object short.
+
+Log-probs returned to the client are those of the distribution AFTER the processors (the constrained one),
+before penalties and temperature (``lmstack.serve.sampler``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+@runtime_checkable
+class LogitsProcessor(Protocol):
+    satisfied: bool | None
+
+    def __call__(self, logits: Tensor, seq: Any) -> Tensor: ...  # (V,) fp32 -> (V,)
+
+    def accept(self, token_id: int) -> None: ...
+
+
+# What SamplingParams carries: one factory per processor, called once per sequence (n > 1 gets fresh state).
+LogitsProcessorFactory = Callable[[], LogitsProcessor]
+
+
+class LogitBias:
+    """OpenAI's ``logit_bias``: add a fixed value to chosen token ids (-100 bans a token, +100 all but forces it)."""
+
+    satisfied = None
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, logits: Tensor, seq: Any) -> Tensor:
+        ids = self.ids.to(logits.device)
+        logits.index_add_(0, ids, self.values.to(logits.device, logits.dtype))
+        return logits
+
+    def accept(self, token_id: int) -> None:
+        pass
+
+
+def apply_processors(logits: Tensor, seqs: list[Any]) -> Tensor:
+    """Run each sequence's processors on its row of ``logits`` (B, V); returns logits (a copy when any ran).
+    A row the processors leave with no finite logit would make sampling fail for the whole batch: it keeps
+    only the end-of-sequence tokens the sequence may end on (``seq.end_ids``), or is left as it came."""
+    if not any(s.processors for s in seqs):
+        return logits
+    logits = logits.clone()
+    for i, seq in enumerate(seqs):
+        if not seq.processors:
+            continue
+        orig = logits[i].clone()
+        row = logits[i]
+        for p in seq.processors:
+            row = p(row, seq)
+        if not bool(torch.isfinite(row).any()):
+            fallback = torch.full_like(row, NEG_INF)
+            ends = [t for t in getattr(seq, "end_ids", ()) if 0 <= t < row.shape[0]]
+            if ends:
+                fallback[ends] = 0.0
+                row = fallback
+            else:
+                row = orig
+        logits[i] = row
+    return logits
