@@ -248,7 +248,7 @@ def test_export_refuses_bad_requests(tmp_path, exported):
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial*"))
 
 
-def test_cli_export_writes_gguf_and_modelfile_and_refuses_onnx(exported, tmp_path, capsys):
+def test_cli_export_writes_gguf_and_modelfile_and_refuses_unknown_format(exported, tmp_path, capsys):
     from lmstack.cli import main
 
     arch, d, ref, f32 = exported
@@ -256,6 +256,6 @@ def test_cli_export_writes_gguf_and_modelfile_and_refuses_onnx(exported, tmp_pat
                  "--out", str(tmp_path / "cli.gguf")]) == 0
     assert (tmp_path / "cli.gguf").stat().st_size > 0 and (tmp_path / "cli.Modelfile").is_file()
     capsys.readouterr()
-    assert main(["export", "--model", str(d / "model"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert main(["export", "--model", str(d / "model"), "--format", "tflite", "--out", str(tmp_path / "m.tflite")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "onnx" in err[0] and not (tmp_path / "m.onnx").exists()
+    assert len(err) == 1 and "tflite" in err[0] and "gguf, onnx" in err[0] and not (tmp_path / "m.tflite").exists()

@@ -1,4 +1,5 @@
-"""``lmstack import`` (GGUF -> model directory), ``lmstack export`` (model directory -> GGUF + Ollama Modelfile),
+"""``lmstack import`` (GGUF -> model directory), ``lmstack export`` (model directory [+ LoRA adapter] -> GGUF + Ollama
+Modelfile, or an ONNX directory),
 ``lmstack quantize`` (model directory -> int8 / int4 model directory)."""
 
 from __future__ import annotations
@@ -23,20 +24,29 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
         model: str = typer.Option(..., "--model", "-m", help="Model directory (Hugging Face layout, with tokenizer)."),
-        out: str = typer.Option(..., "--out", help="Output file (e.g. model.q8_0.gguf)."),
-        fmt: str = typer.Option("gguf", "--format", help="gguf (ONNX is not implemented yet)."),
-        dtype: str = typer.Option("f16", "--dtype", help="f32, f16, q8_0 or q4_0."),
-        name: Optional[str] = typer.Option(None, "--name", help="general.name in the file (default: directory name)."),
+        out: str = typer.Option(..., "--out", help="gguf: output file (model.q8_0.gguf); onnx: output directory."),
+        fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp / Ollama) or onnx (onnxruntime)."),
+        dtype: Optional[str] = typer.Option(None, "--dtype",
+                                            help="gguf: f32, f16 (default), q8_0, q4_0; onnx: f32 (default), f16."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter directory to merge in first."),
+        name: Optional[str] = typer.Option(None, "--name", help="gguf: general.name (default: directory name)."),
     ) -> None:
-        """Write MODEL as one GGUF file for llama.cpp / Ollama / LM Studio, and an Ollama Modelfile beside it."""
-        from lmstack.export.gguf_export import export_gguf
+        """Write MODEL as one GGUF file (+ an Ollama Modelfile) or as an ONNX directory with a KV-cache interface."""
+        from lmstack.errors import ConfigError
 
-        if fmt != "gguf":
-            from lmstack.errors import ConfigError
+        if fmt == "gguf":
+            from lmstack.export.gguf_export import export_gguf
 
-            raise ConfigError(f"--format {fmt!r} is not supported; supported: gguf")
-        path = export_gguf(model, out, dtype=dtype, name=name)
-        typer.echo(f"wrote {path} and {path.with_suffix('.Modelfile')}")
+            path = export_gguf(model, out, dtype=dtype or "f16", name=name, adapter=adapter)
+            typer.echo(f"wrote {path} and {path.with_suffix('.Modelfile')}")
+        elif fmt == "onnx":
+            from lmstack.export.onnx_export import export_onnx
+
+            if name is not None:
+                raise ConfigError("--name applies to --format gguf only")
+            typer.echo(f"wrote {export_onnx(model, out, dtype=dtype or 'f32', adapter=adapter)}")
+        else:
+            raise ConfigError(f"--format {fmt!r} is not supported; supported: gguf, onnx")
 
     @app.command("quantize")
     def quantize(

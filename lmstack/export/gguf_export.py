@@ -32,7 +32,7 @@ from lmstack.export.gguf_layout import (
 from lmstack.export.gguf_tokenizer import tokenizer_to_gguf
 from lmstack.model.config import ModelConfig
 from lmstack.model.hf_io import read_state_dict
-from lmstack.utils.io import atomic_write_text
+from lmstack.utils.io import atomic_write_text, read_json
 
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
 _BLOCK = 32  # values per Q8_0 / Q4_0 block
@@ -95,26 +95,39 @@ def gguf_metadata(model_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
 
 
 def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, *, dtype: str = "f16",
-                name: str | None = None, modelfile: bool = True) -> Path:
-    """Write ``out_path`` (a ``.gguf`` file) and, with ``modelfile``, an Ollama ``Modelfile`` beside it."""
-    import gguf
+                name: str | None = None, modelfile: bool = True, adapter: str | os.PathLike | None = None) -> Path:
+    """Write ``out_path`` (a ``.gguf`` file) and, with ``modelfile``, an Ollama ``Modelfile`` beside it.
+    ``adapter``: a LoRA adapter directory merged into the weights first (:mod:`lmstack.export.adapter`)."""
+    from lmstack.export.adapter import merged_source
 
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(GGUF_DTYPES)}")
     src, out = Path(model_dir), Path(out_path)
     if not src.is_dir():
         raise CheckpointError(f"{src}: model directory not found")
+    refuse_quantized(src)
+    with merged_source(src, adapter, out) as merged:
+        return _export_gguf(merged, out, dtype, name or src.resolve().name, modelfile)
+
+
+def refuse_quantized(src: Path, hint: str = " (GGUF quantizes on its own: --dtype q8_0 / q4_0)") -> None:
+    """Exporters read float weights: a directory ``lmstack quantize`` wrote is refused in one line."""
+    cfg = read_json(src / "config.json", error=CheckpointError) if (src / "config.json").is_file() else {}
+    if isinstance(cfg, dict) and "quantization_config" in cfg:
+        raise CheckpointError(f"{src} holds lmstack-quantized weights; export the float model it came from{hint}")
+
+
+def _export_gguf(src: Path, out: Path, dtype: str, name: str, modelfile: bool) -> Path:
+    import gguf
+
     cfg, kv = gguf_metadata(src)
     arch = GGUF_ARCH[cfg.model_type]
     sd = read_state_dict(src)
-    if (src / "config.json").is_file() and "quantization_config" in json.loads((src / "config.json").read_text()):
-        raise CheckpointError(f"{src} holds lmstack-quantized weights; export the float model it came from "
-                              "(GGUF quantizes on its own: --dtype q8_0 / q4_0)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
-        writer.add_name(name or src.resolve().name)
+        writer.add_name(name)
         writer.add_file_type(int(_file_type(dtype)))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value in kv.items():

@@ -27,6 +27,10 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
     model = load_model(model_dir, device="cpu", dtype=dtype)
     load_adapter(model, adapter_dir, allow_base_mismatch=allow_base_mismatch)
     merge_lora(model)
+    if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        # a LoRA on lm_head of a tied model: the merged head is no longer the embedding table, so the merged
+        # model is untied (saving it tied would silently drop the head's update)
+        model.config.tie_word_embeddings = False
     adapter_has_tok = any((Path(adapter_dir) / f).is_file() for f in TOKENIZER_FILES)
     tok_src = adapter_dir if adapter_has_tok else model_dir
     out = Path(out_dir)
