@@ -43,11 +43,12 @@ test-schemathesis: $(STAMP)
 	LMSTACK_SCHEMATHESIS_EXAMPLES=$${LMSTACK_SCHEMATHESIS_EXAMPLES:-300} OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE \
 	  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests/test_serve_openapi.py
 
-# llama.cpp itself runs lmstack's GGUF exports (tests/interop_llamacpp.py); builds llama-cpp-python once (~10-15 min)
+# llama.cpp runs lmstack's GGUF exports (tests/interop_llamacpp.py; builds llama-cpp-python once, 15-60 min on 2 cores)
+# and onnxruntime its ONNX exports of every architecture, f16 and SmolLM2 (tests/interop_onnx.py, a few minutes)
 test-interop: $(STAMP)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" $(BIN)/pip install -q llama-cpp-python==0.3.36
-	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q tests/interop_llamacpp.py
+	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q -s tests/interop_onnx.py tests/interop_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

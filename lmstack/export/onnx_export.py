@@ -141,8 +141,18 @@ def _rename_dims(program: Any, n_layers: int, vocab: int) -> None:
             reshape(v, ["batch", v.shape[1], "total_sequence_length", v.shape[3]])
 
 
+def require(*modules: str) -> None:
+    """One line naming the extra to install when onnx / onnxscript / onnxruntime is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"ONNX export needs {', '.join(missing)}: pip install 'lmstack[onnx]'")
+
+
 def trace_onnx(model: Transformer, path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write ``model`` (lmstack Transformer, float32 or float16, on CPU) to the ONNX file ``path``."""
+    require("onnx", "onnxscript")
     check_exportable(model)
     cfg = model.config
     L = cfg.num_hidden_layers
@@ -176,6 +186,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     from lmstack.export.gguf_export import refuse_quantized
     from lmstack.model.hf_io import copy_tokenizer, generation_config, load_model
 
+    require("onnx", "onnxscript")
     if dtype not in ONNX_DTYPES:
         raise ConfigError(f"ONNX dtype {dtype!r} is not supported; choose one of {', '.join(ONNX_DTYPES)}")
     src, out = Path(model_dir), Path(out_dir)

@@ -29,8 +29,10 @@ class OnnxCausalLM:
     """An onnxruntime session over ``model.onnx`` with the KV-cache interface of :mod:`.onnx_export`."""
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError("running an ONNX export needs onnxruntime: pip install 'lmstack[onnx]'") from None
         p = Path(path)
         if p.is_dir():
             p = p / "model.onnx"
