@@ -83,3 +83,30 @@ def test_accuracy_and_macro_f1_equal_sklearn():
     assert M.macro_f1(pred, gold, labels) == pytest.approx(
         f1_score(gold, pred, labels=labels, average="macro", zero_division=0))
     assert M.macro_f1(pred, gold) == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0))
+
+
+def test_contains_finds_the_answer_as_a_run_of_whole_tokens():
+    from lmstack.eval.metrics import contains
+
+    assert contains("The capital of France is Paris.", ["Paris"]) == 1.0
+    assert contains("A week has 7 days.", ["7", "seven"]) == 1.0
+    assert contains("It lasts 17 days.", ["7", "seven"]) == 0.0  # a token, not a substring
+    assert contains("法国的首都是巴黎。", ["巴黎", "Paris"]) == 1.0  # CJK: one token per character
+    assert contains("法国的首都是黎巴嫩", ["巴黎"]) == 0.0  # the characters, in order, next to each other
+    assert contains("Carbon dioxide, mostly.", ["carbon dioxide"]) == 1.0
+    assert contains("", ["Paris"]) == 0.0
+
+
+def test_generation_filters_remove_citations_before_scoring():
+    import pytest
+
+    from lmstack.eval.generation import apply_filters, score_generation
+    from lmstack.eval.task import GenerationTask
+
+    cite = r"\s*(?:\[\d{1,2}\])+\s*$"
+    preds = [apply_filters(p, [cite]) for p in ["Standard shipping is free. [2]", "It costs $5. [1][3] ", "No [cite]"]]
+    assert preds == ["Standard shipping is free.", "It costs $5.", "No [cite]"]
+    m = score_generation(preds, [["Standard shipping is free."], ["It costs $5."], ["No"]], ["exact_match"])
+    assert m["exact_match"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="not a regular expression"):
+        GenerationTask(type="generation", data="x.jsonl", remove=["[unclosed"])

@@ -81,6 +81,40 @@ def test_lora_matches_peft_and_saved_adapter_loads_in_peft(arch, tmp_path):
         torch.testing.assert_close(merged_hf(input_ids=IDS).logits, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_lora_on_top_layers_only_matches_peft_and_stops_backprop_below(tmp_path):
+    import peft
+
+    from lmstack.errors import ConfigError
+
+    hf = make_hf_model("llama", tmp_path / "base")
+    model = load_model(tmp_path / "base")
+    spec = LoraSpec(r=4, alpha=8, target_modules="all-linear", layers_to_transform=[-1])  # the top layer of 2
+    wrapped = apply_lora(model, spec)
+    assert wrapped and all(".layers.1." in n for n in wrapped)
+    _randomize_lora(model)
+    save_lora_adapter(model, tmp_path / "adapter", spec)
+    import json
+
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1] and cfg["layers_pattern"] == "layers"
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ref = peft_model(input_ids=IDS).logits
+        torch.testing.assert_close(model(IDS), ref, rtol=1e-4, atol=1e-4)
+    # backward never reaches the layer below the adapted one: its activations need no gradient
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda m, i, o: seen.append(o.requires_grad if torch.is_tensor(o)
+                                                                              else o[0].requires_grad))
+    model(IDS).sum().backward()
+    assert seen == [False]
+    reloaded = load_model(tmp_path / "base")
+    load_adapter(reloaded, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="layer 5 does not exist; the model has 2 layers"):
+        apply_lora(load_model(tmp_path / "base"), LoraSpec(layers_to_transform=[5]))
+
+
 def test_load_adapter_round_trip_lora(qwen2_dir, tmp_path):
     model = load_model(qwen2_dir)
     spec = LoraSpec(r=2, alpha=4, target_modules="all-linear", use_rslora=True)

@@ -48,11 +48,25 @@ def evaluate_generation(lm, task, progress=None) -> dict:
         cb = lambda k: progress.advance(bar, k)  # noqa: E731
     outs = lm.generate(prompts, max_tokens=task.max_tokens, stop=task.stop, temperature=0.0, seed=task.seed,
                        progress_cb=cb)
-    preds = [o[0].strip() if task.strip else o[0] for o in outs]
+    raw = [o[0] for o in outs]
+    preds = [apply_filters(y, task.remove, task.strip) for y in raw]
+    samples = [{"line": r.line, "prompt": p[-500:], "prediction": y, "references": rf}
+               for r, p, y, rf in zip(items, prompts, preds, refs)]
+    if task.remove:  # what the model wrote, before the filters
+        for s, y in zip(samples, raw):
+            s["raw"] = y
     return {"metrics": score_generation(preds, refs, task.metrics, task.bleu_tokenize), "n": len(preds),
-            "skipped": recs.skipped, "skipped_examples": recs.skipped_examples,
-            "samples": [{"line": r.line, "prompt": p[-500:], "prediction": y, "references": rf}
-                        for r, p, y, rf in zip(items, prompts, preds, refs)]}
+            "skipped": recs.skipped, "skipped_examples": recs.skipped_examples, "samples": samples}
+
+
+def apply_filters(text: str, remove: list[str], strip: bool = True) -> str:
+    """The prediction scored: every match of the ``remove`` regexes deleted (citation markers such as ``[2]``,
+    like lm-evaluation-harness's regex filters), then stripped."""
+    import re
+
+    for pat in remove:
+        text = re.sub(pat, "", text)
+    return text.strip() if strip else text
 
 
 def score_generation(preds: list[str], refs: list[list[str]], metrics: list[str],
@@ -63,6 +77,8 @@ def score_generation(preds: list[str], refs: list[list[str]], metrics: list[str]
         out["exact_match"] = sum(M.exact_match(p, r) for p, r in zip(preds, refs)) / n
     if "f1" in metrics:
         out["f1"] = sum(M.token_f1(p, r) for p, r in zip(preds, refs)) / n
+    if "contains" in metrics:
+        out["contains"] = sum(M.contains(p, r) for p, r in zip(preds, refs)) / n
     if "bleu" in metrics:
         out["bleu"] = M.bleu(preds, refs, tokenize=bleu_tokenize)
     if "chrf" in metrics:

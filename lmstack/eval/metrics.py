@@ -111,6 +111,20 @@ def exact_match(prediction: str, references: str | Sequence[str]) -> float:
     return float(any(p == normalize_answer(r) for r in refs))
 
 
+def contains(prediction: str, references: str | Sequence[str]) -> float:
+    """1.0 when some reference's answer tokens (:func:`answer_tokens`) appear as a contiguous run of the
+    prediction's: "Paris" in "The capital of France is Paris.", "7" in "A week has 7 days" but not in
+    "17 days", "巴黎" in "法国的首都是巴黎。" (the "answer in output" check of open-ended QA, for a reply in
+    a sentence rather than the bare answer)."""
+    refs = [references] if isinstance(references, str) else references
+    pt = answer_tokens(prediction)
+    for r in refs:
+        rt = answer_tokens(r)
+        if rt and any(pt[i:i + len(rt)] == rt for i in range(len(pt) - len(rt) + 1)):
+            return 1.0
+    return 0.0
+
+
 def token_f1(prediction: str, references: str | Sequence[str]) -> float:
     """SQuAD token F1, the maximum over references."""
     refs = [references] if isinstance(references, str) else references

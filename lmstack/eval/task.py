@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError, field_validator
 
 from lmstack.config import StrictModel, read_yaml
 from lmstack.errors import ConfigError
@@ -68,9 +68,22 @@ class GenerationTask(_Base):
     max_tokens: int = 64
     stop: list[str] = ["\n"]
     strip: bool = True
-    metrics: list[Literal["exact_match", "f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL"]] = [
+    remove: list[str] = []  # regexes deleted from the prediction before scoring (e.g. citations: "\\s*\\[\\d+\\]")
+    metrics: list[Literal["exact_match", "f1", "contains", "bleu", "chrf", "rouge1", "rouge2", "rougeL"]] = [
         "exact_match", "f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL"]
     bleu_tokenize: str = "auto"  # sacrebleu tokenizer; auto = zh if references contain Chinese, else 13a
+
+    @field_validator("remove")
+    @classmethod
+    def _regexes_compile(cls, v: list[str]) -> list[str]:
+        import re
+
+        for pat in v:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"remove: {pat!r} is not a regular expression ({e})") from None
+        return v
 
 
 class CodeTask(_Base):

@@ -92,6 +92,10 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec,
         "target_modules": leaves, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False,
     }
+    if spec.layers_to_transform is not None:  # PEFT applies the adapter to these decoder layers only
+        from lmstack.tune.lora import layer_ids
+
+        cfg.update(layers_to_transform=layer_ids(model, spec.layers_to_transform), layers_pattern="layers")
     _write_weights({_PREFIX + k: v for k, v in sd.items()}, out / ADAPTER_WEIGHTS, base=model)
     atomic_write_json(out / ADAPTER_CONFIG, cfg)
     return out

@@ -34,6 +34,10 @@ class LoraSection(StrictModel):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description='linear layer names (last name component) or "all-linear"')
     use_rslora: bool = False
+    layers_to_transform: list[int] | None = Field(
+        None, description="decoder layers that get adapters (PEFT's layers_to_transform); negative numbers count "
+        "from the top (-6 ... -1: the last six). Backpropagation stops below the lowest adapted layer, so "
+        "adapting the top layers only trains faster (null: every layer)")
 
     @field_validator("target_modules")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -30,6 +31,7 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     use_rslora: bool = False
+    layers_to_transform: list[int] | None = None  # decoder layer ids; negative: counted from the top
 
     @property
     def scaling(self) -> float:
@@ -111,11 +113,30 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | str) -> list[s
     return chosen
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_ids(model: nn.Module, layers: list[int]) -> list[int]:
+    """``layers`` (negative ids counted from the top) as sorted ids of ``model``'s decoder layers."""
+    n = len({int(m.group(1)) for name, _ in model.named_modules() if (m := _LAYER.search(name))})
+    bad = [i for i in layers if not -n <= i < n]
+    if bad:
+        raise ConfigError(f"lora.layers_to_transform: layer {bad[0]} does not exist; the model has {n} layers "
+                          f"(0 ... {n - 1}, or -{n} ... -1 from the top)")
+    return sorted({i % n for i in layers})
+
+
 def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """Freeze every parameter, wrap the target linears in :class:`LoRALinear` (only A, B train).
+    """Freeze every parameter, wrap the target linears in :class:`LoRALinear` (only A, B train); with
+    ``spec.layers_to_transform``, only those of the listed decoder layers.
 
     Returns the wrapped module names."""
     targets = resolve_targets(model, spec.target_modules)
+    if spec.layers_to_transform is not None:
+        keep = set(layer_ids(model, spec.layers_to_transform))
+        targets = [t for t in targets if (m := _LAYER.search(t)) and int(m.group(1)) in keep]
+        if not targets:
+            raise ConfigError("lora.layers_to_transform: no target module lies in the listed layers")
     return apply_lora_plan(model, {n: (spec.r, spec.alpha) for n in targets}, spec.dropout, spec.use_rslora)
 
 

@@ -41,7 +41,7 @@ def pad_id_of(tok: Any) -> int:
 
 def lora_spec(s: LoraSection) -> LoraSpec:
     return LoraSpec(r=s.r, alpha=s.alpha, dropout=s.dropout, target_modules=s.target_modules,
-                    use_rslora=s.use_rslora)
+                    use_rslora=s.use_rslora, layers_to_transform=s.layers_to_transform)
 
 
 def prompt_spec(s: PromptSection) -> PromptSpec:
