@@ -85,7 +85,7 @@ class Sequence:
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.finish_reason, stop_reason=self.stop_reason,
             delta_text=delta_text, delta_token_ids=list(delta_ids),
-            constraint_satisfied=self.constraint_satisfied,
+            constraint_satisfied=self.constraint_satisfied if self.is_finished else None,
         )
 
     @property

@@ -321,11 +321,14 @@ class GrammarProcessor:
         self.mask_seconds = 0.0
         self.masks = 0
         self.finished = False
+        self._accepting = bool(matcher.is_accepting())
         self._pending: Future | None = _POOL.submit(self._fill)
 
     @property
     def satisfied(self) -> bool:
-        return self.finished or bool(self.m.is_accepting())
+        """Whether the text so far is complete under the grammar. Read from a flag that ``accept`` sets, never from
+        the matcher: a worker thread may be computing the next mask on it right now."""
+        return self.finished or self._accepting
 
     def _fill(self) -> None:
         t0 = time.perf_counter()
@@ -353,9 +356,10 @@ class GrammarProcessor:
     def accept(self, token_id: int) -> None:
         self._wait()
         if token_id in self.eos_ids:
-            self.finished = self.finished or bool(self.m.is_accepting())
+            self.finished = self.finished or self._accepting
             return
         self.m.consume_token(int(token_id))
+        self._accepting = bool(self.m.is_accepting()) and not self.m.is_error()
         self._pending = _POOL.submit(self._fill)
 
     def allowed_ids(self) -> list[int]:
