@@ -223,7 +223,7 @@ def test_stream_redacts_split_card_and_stops_on_block(guard):
 
 
 # ---------------------------------------------------------------------------------------------- audit / rate
-def test_audit_chain_detects_edit_delete_and_reorder(tmp_path):
+def test_audit_chain_detects_edit_delete_and_reorder(tmp_path, capsys):
     p = tmp_path / "audit.jsonl"
     log = AuditLog(p)
     for i in range(5):
@@ -244,12 +244,11 @@ def test_audit_chain_detects_edit_delete_and_reorder(tmp_path):
     assert verify_log(tmp_path / "r.jsonl").line == 1
     (tmp_path / "t.jsonl").write_text("\n".join(lines[:4]) + "\n")  # cut from the end: needs the head
     assert verify_log(tmp_path / "t.jsonl").ok and not verify_log(tmp_path / "t.jsonl", good.head).ok
-    r = subprocess.run([sys.executable, "-m", "lmstack.cli", "guard", "verify-log", str(tmp_path / "e.jsonl")],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "e.jsonl:3" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "lmstack.cli", "guard", "verify-log", str(p)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and json.loads(r.stdout)["records"] == 6
+    from lmstack.cli import main
+
+    capsys.readouterr()
+    assert main(["guard", "verify-log", str(tmp_path / "e.jsonl")]) == 1 and "e.jsonl:3" in capsys.readouterr().err
+    assert main(["guard", "verify-log", str(p)]) == 0 and json.loads(capsys.readouterr().out)["records"] == 6
 
 
 def test_rate_limit_per_key_with_refill():
