@@ -53,9 +53,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", "-m", help="Float model directory."),
         out: str = typer.Option(..., "--out", help="Quantized model directory to write."),
         method: str = typer.Option("int8", "--method",
-                                   help="int8 (per channel), int4 (group-wise, round to nearest) or gptq (int4, calibrated)."),
-        group_size: int = typer.Option(64, "--group-size", help="int4 / gptq group size: 32, 64, 128 or 256."),
-        calib: Optional[str] = typer.Option(None, "--calib", help="gptq: calibration text file."),
+                                   help="int8 (per channel), int4 (group-wise, round to nearest), gptq or awq (int4, calibrated)."),
+        group_size: int = typer.Option(64, "--group-size", help="int4 / gptq / awq group size: 32, 64, 128 or 256."),
+        calib: Optional[str] = typer.Option(None, "--calib", help="gptq / awq: calibration text file."),
     ) -> None:
         """Weight-only quantization of every linear layer (lm_head and embeddings stay float)."""
         from lmstack.quant.checkpoint import quantize_checkpoint

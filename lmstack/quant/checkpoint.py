@@ -53,7 +53,7 @@ def quantization_config(path: str | os.PathLike) -> dict[str, Any] | None:
     return qc
 
 
-CHECKPOINT_METHODS = ("int8", "int4", "gptq")
+CHECKPOINT_METHODS = ("int8", "int4", "gptq", "awq")
 
 
 def calibration_ids(model_dir: Path, calib: str | os.PathLike, seq_len: int = 512, max_seqs: int = 16) -> torch.Tensor:
@@ -77,13 +77,13 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                         group_size: int = 64, calib: str | os.PathLike | None = None) -> Path:
     """Quantize every linear layer of ``model_dir`` (but ``lm_head``) and write the result to ``out_dir``.
 
-    ``method``: ``int8`` (per channel), ``int4`` (group-wise, round to nearest) or ``gptq`` (the same int4
-    format, calibrated on the text file ``calib``, :mod:`lmstack.quant.gptq`)."""
+    ``method``: ``int8`` (per channel), ``int4`` (group-wise, round to nearest), ``gptq`` or ``awq`` (the same int4
+    format, calibrated on the text file ``calib``: :mod:`lmstack.quant.gptq`, :mod:`lmstack.quant.awq`)."""
     src, out = Path(model_dir), Path(out_dir)
     if method not in CHECKPOINT_METHODS:
         raise ConfigError(f"--method {method!r} is not supported; supported: {', '.join(CHECKPOINT_METHODS)}")
-    if method == "gptq" and calib is None:
-        raise ConfigError("--method gptq needs --calib FILE (a text file of the kind of text the model will see)")
+    if method in ("gptq", "awq") and calib is None:
+        raise ConfigError(f"--method {method} needs --calib FILE (a text file of the kind of text the model will see)")
     if quantization_config(src) is not None:
         raise CheckpointError(f"{src} is already quantized; quantize the float model it came from")
     model = load_model(src, device="cpu", dtype="float32")
@@ -91,6 +91,10 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         from lmstack.quant.gptq import gptq_quantize_model
 
         modules = gptq_quantize_model(model, calibration_ids(src, calib), group_size)
+    elif method == "awq":
+        from lmstack.quant.awq import awq_quantize_model
+
+        modules = awq_quantize_model(model, calibration_ids(src, calib), group_size)
     else:
         modules = quantize_linears(model, method, group_size)
     with atomic_dir(out) as tmp:
@@ -99,10 +103,10 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
         hf = model.config.to_hf()
         hf["torch_dtype"] = "float32"
-        stored = "int8" if method == "int8" else "int4"  # gptq writes the int4 format
+        stored = "int8" if method == "int8" else "int4"  # gptq and awq write the int4 format
         hf["quantization_config"] = {"quant_method": QUANT_METHOD, "method": stored,
                                      "group_size": group_size if stored == "int4" else None, "modules": modules,
-                                     "calibration": "gptq" if method == "gptq" else "rtn"}
+                                     "calibration": method if method in ("gptq", "awq") else "rtn"}
         atomic_write_json(tmp / "config.json", hf)
     return out
 

@@ -1,0 +1,148 @@
+"""AWQ int4 calibration (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration", §3.2 and the reference implementation's ``auto_scale``).
+
+A few input channels of a linear layer carry much larger activations than the rest; their weights matter most,
+and plain round-to-nearest gives them the same step as every other weight of the group. AWQ scales those input
+channels up before quantizing and divides the activations by the same factor, which the previous operation
+absorbs exactly (the RMSNorm weight, or the rows of the projection that produced the input)::
+
+    y = W x = (W diag(s)) (diag(s)^-1 x)           quantize W diag(s); fold 1/s into what computes x
+
+Per group of linears that read the same input, ``s = mean|x|^alpha`` (normalised to ``sqrt(max s * min s) = 1``)
+with ``alpha`` picked from a grid on [0, 1) to minimise the squared output error on calibration activations,
+``|| X W^T - X (Q(W diag(s)) diag(s)^-1)^T ||^2``. ``alpha = 0`` is plain round-to-nearest, so on the calibration
+set AWQ is never worse. The groups of a decoder block (as in the reference for Llama):
+
+    input_layernorm           -> q_proj, k_proj, v_proj
+    v_proj (rows)             -> o_proj            (only without grouped-query attention: one v row per o column)
+    post_attention_layernorm  -> gate_proj, up_proj
+    up_proj (rows)            -> down_proj         (silu(gate) * up is linear in up)
+
+Blocks are calibrated in order; the activations entering block ``i`` are those of the blocks before it after
+their quantization (as GPTQ in :mod:`lmstack.quant.gptq`). Weights are then quantized with the same group-wise
+int4 round-to-nearest as ``--method int4`` (:func:`lmstack.quant.packed.quantize_int4`), so the checkpoint format,
+loading and serving do not change; only the norm weights and the scaled projections differ from the float model.
+The reference's weight-clipping search (``auto_clip``) is not implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmstack.errors import ConfigError
+from lmstack.quant.packed import INT4_GROUP_SIZES, Int4PackedLinear, dequantize_int4, quantize_int4
+
+N_GRID = 20  # alpha in {0, 0.05, ..., 0.95}, the reference's grid
+MAX_SEARCH_TOKENS = 4096  # activations the search's error is measured on (a seeded subsample of the calibration)
+
+
+def rtn_int4(w: Tensor, group_size: int) -> Tensor:
+    """Round-to-nearest int4 of w (out, in), dequantized: what ``--method int4`` stores, as float32."""
+    return dequantize_int4(*quantize_int4(w, group_size))
+
+
+def awq_scales(x: Tensor, weights: list[Tensor], group_size: int, n_grid: int = N_GRID) -> tuple[Tensor, float, float]:
+    """x (tokens, in) activations into every weight (out_i, in) of ``weights``.
+
+    Returns (s (in,), best alpha, best error / round-to-nearest error) for the scales that minimise the summed
+    squared output error after int4 quantization of ``W diag(s)``."""
+    x = x.float()
+    w = torch.cat([t.detach().float() for t in weights], 0)  # (sum out_i, in)
+    mean_abs = x.abs().mean(0)  # (in,)
+    y = x @ w.t()
+    best_err, best_s, best_alpha, rtn_err = float("inf"), torch.ones_like(mean_abs), 0.0, None
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = mean_abs.pow(alpha).clamp_min(1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = float((x @ (rtn_int4(w * s, group_size) / s).t() - y).pow(2).mean())
+        if i == 0:
+            rtn_err = err
+        if err < best_err:
+            best_err, best_s, best_alpha = err, s, alpha
+    return best_s, best_alpha, best_err / max(rtn_err, 1e-30)
+
+
+def _block_groups(layer: nn.Module, mha: bool) -> list[tuple[nn.Module, list[str]]]:
+    """(the op whose output feeds the group, the group's linear names) for one decoder block."""
+    a, m = layer.self_attn, layer.mlp
+    groups = [(layer.input_layernorm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])]
+    if mha:
+        groups.append((a.v_proj, ["self_attn.o_proj"]))
+    groups += [(layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"]), (m.up_proj, ["mlp.down_proj"])]
+    return groups
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor) -> None:
+    """``prev``'s output channels / s, each linear's input columns * s: the float model computes the same."""
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s[:, None].to(prev.weight.dtype))
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    else:  # RMSNorm
+        prev.weight.div_(s.to(prev.weight.dtype))
+    for lin in linears:
+        lin.weight.mul_(s[None, :].to(lin.weight.dtype))
+
+
+@torch.no_grad()
+def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, seed: int = 0,
+                       quantize: bool = True) -> list[str]:
+    """Scale and quantize every decoder linear of an lmstack Transformer to int4 with AWQ, in place.
+
+    calib: (n_seq, seq_len) token ids. ``quantize=False`` only folds the scales (the float model is unchanged up to
+    rounding; tests use it). Returns the swapped module names (as ``quantize_linears`` does)."""
+    from lmstack.model.attention import CausalContext
+    from lmstack.model.transformer import MLP, signed_sin
+
+    cfg = model.config
+    if group_size not in INT4_GROUP_SIZES:
+        raise ConfigError(f"--group-size {group_size} is not supported for int4; choose one of "
+                          f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+    if any(not isinstance(layer.ffn, MLP) for layer in model.model.layers):
+        raise ConfigError("--method awq supports dense decoders; for mixture-of-experts models use int4 or gptq")
+    g = torch.Generator().manual_seed(seed)
+    x = model.model.embed_tokens(calib).float()  # (N, T, hidden)
+    pos = torch.arange(calib.shape[1])[None].expand(calib.shape[0], -1)
+    cos, sin = model.rope(pos, x.dtype)
+    sin = signed_sin(sin)
+    ctx = CausalContext(None, cfg.sliding_window)
+    mha = cfg.num_attention_heads == cfg.num_key_value_heads
+    names = []
+    for li, layer in enumerate(model.model.layers):
+        groups = _block_groups(layer, mha)
+        bad = [(n, layer.get_submodule(n).in_features) for _, ns in groups for n in ns
+               if layer.get_submodule(n).in_features % group_size]
+        if bad:
+            raise ConfigError(f"--group-size {group_size} does not divide in_features {bad[0][1]} of "
+                              f"model.layers.{li}.{bad[0][0]}")
+        inputs: dict[str, Tensor] = {}
+
+        def hook(name):
+            def fn(mod, inp, out):
+                inputs[name] = inp[0].reshape(-1, inp[0].shape[-1]).float()  # (tokens, in)
+            return fn
+
+        firsts = [ns[0] for _, ns in groups]
+        handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in firsts]
+        layer(x, cos, sin, ctx)
+        for h in handles:
+            h.remove()
+        for prev, ns in groups:
+            a = inputs[ns[0]]
+            if a.shape[0] > MAX_SEARCH_TOKENS:
+                a = a[torch.randperm(a.shape[0], generator=g)[:MAX_SEARCH_TOKENS]]
+            lins = [layer.get_submodule(n) for n in ns]
+            s, _, _ = awq_scales(a, [m.weight for m in lins], group_size)
+            fold_scales(prev, lins, s)
+        if quantize:
+            for _, ns in groups if mha else groups + [(None, ["self_attn.o_proj"])]:
+                for n in ns:
+                    parent, _, child = n.rpartition(".")
+                    setattr(layer.get_submodule(parent), child,
+                            Int4PackedLinear.from_linear(layer.get_submodule(n), group_size))
+                    names.append(f"model.layers.{li}.{n}")
+        x = layer(x, cos, sin, ctx)  # the next block sees this block's quantized outputs
+    return names
