@@ -123,3 +123,19 @@ def test_cli_watermark_detect(capsys):
     assert out["z"] == pytest.approx(detect(ids, V, key=5).z) and out["false_positive_rate"] == pytest.approx(3.1671e-5, rel=1e-3)
     assert main(["guard", "watermark-detect", "--ids", "1,200", "--vocab-size", str(V)]) == 2
     assert "token ids must be in" in capsys.readouterr().err
+
+
+def test_watermark_through_lmstack_engine(model):
+    """The adapter as a SamplingParams logits-processor factory: text sampled by lmstack's engine carries the
+    watermark; the same request without it does not."""
+    from lmstack.serve.llm import LLM
+
+    llm = LLM(model, None, max_num_seqs=2)
+    prompt = [5, 6, 7]
+    fac = watermark_factory(V, gamma=0.25, delta=4.0, key=11, prompt_last=prompt[-1])
+    kw = dict(temperature=1.0, seed=3, max_tokens=80, ignore_eos=True)
+    marked = llm.generate([prompt], logits_processors=[fac], **kw)[0].outputs[0].token_ids
+    plain = llm.generate([prompt], **kw)[0].outputs[0].token_ids
+    assert len(marked) == 80 and marked != plain
+    assert detect(marked, V, gamma=0.25, key=11, prompt_last=prompt[-1]).z > 6
+    assert not detect(plain, V, gamma=0.25, key=11, prompt_last=prompt[-1]).watermarked
