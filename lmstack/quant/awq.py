@@ -10,7 +10,8 @@ absorbs exactly (the RMSNorm weight, or the rows of the projection that produced
 
 Per group of linears that read the same input, ``s = mean|x|^alpha`` (normalised to ``sqrt(max s * min s) = 1``)
 with ``alpha`` picked from a grid on [0, 1) to minimise the squared output error on calibration activations,
-``|| X W^T - X (Q(W diag(s)) diag(s)^-1)^T ||^2``. ``alpha = 0`` is plain round-to-nearest, so on the calibration
+``|| X W^T - X (Q(W diag(s)) diag(s)^-1)^T ||^2``, computed from ``X^T X`` (so every calibration token counts and the
+search's cost does not grow with their number). ``alpha = 0`` is plain round-to-nearest, so on the calibration
 set AWQ is never worse. The groups of a decoder block (as in the reference for Llama):
 
     input_layernorm           -> q_proj, k_proj, v_proj
@@ -34,7 +35,6 @@ from lmstack.errors import ConfigError
 from lmstack.quant.packed import INT4_GROUP_SIZES, Int4PackedLinear, dequantize_int4, quantize_int4
 
 N_GRID = 20  # alpha in {0, 0.05, ..., 0.95}, the reference's grid
-MAX_SEARCH_TOKENS = 4096  # activations the search's error is measured on (a seeded subsample of the calibration)
 
 
 def rtn_int4(w: Tensor, group_size: int) -> Tensor:
@@ -45,18 +45,26 @@ def rtn_int4(w: Tensor, group_size: int) -> Tensor:
 def awq_scales(x: Tensor, weights: list[Tensor], group_size: int, n_grid: int = N_GRID) -> tuple[Tensor, float, float]:
     """x (tokens, in) activations into every weight (out_i, in) of ``weights``.
 
-    Returns (s (in,), best alpha, best error / round-to-nearest error) for the scales that minimise the summed
-    squared output error after int4 quantization of ``W diag(s)``."""
+    Returns (s (in,), best alpha, best error / round-to-nearest error) for the scales that minimise the mean squared
+    output error after int4 quantization of ``W diag(s)``."""
     x = x.float()
+    return awq_scales_from_stats(x.abs().mean(0), x.t() @ x / x.shape[0], weights, group_size, n_grid)
+
+
+def awq_scales_from_stats(mean_abs: Tensor, gram: Tensor, weights: list[Tensor], group_size: int,
+                          n_grid: int = N_GRID) -> tuple[Tensor, float, float]:
+    """:func:`awq_scales` from the activations' statistics: ``mean_abs`` (in,) = mean |x| and ``gram`` (in, in) =
+    X^T X / tokens. The output error of a weight error D (out, in) is ``mean_tokens |X D^T|^2 = sum(D G * D)``, so the
+    search costs out * in^2 per grid point whatever the number of calibration tokens."""
     w = torch.cat([t.detach().float() for t in weights], 0)  # (sum out_i, in)
-    mean_abs = x.abs().mean(0)  # (in,)
-    y = x @ w.t()
-    best_err, best_s, best_alpha, rtn_err = float("inf"), torch.ones_like(mean_abs), 0.0, None
+    gram = gram.float()
+    best_err, best_s, best_alpha, rtn_err = float("inf"), torch.ones_like(mean_abs), 0.0, 0.0
     for i in range(n_grid):
         alpha = i / n_grid
-        s = mean_abs.pow(alpha).clamp_min(1e-4)
+        s = mean_abs.float().pow(alpha).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = float((x @ (rtn_int4(w * s, group_size) / s).t() - y).pow(2).mean())
+        d = rtn_int4(w * s, group_size) / s - w
+        err = float(((d @ gram) * d).sum()) / w.shape[0]
         if i == 0:
             rtn_err = err
         if err < best_err:
@@ -88,8 +96,7 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor) -> None:
 
 
 @torch.no_grad()
-def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, seed: int = 0,
-                       quantize: bool = True) -> list[str]:
+def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, quantize: bool = True) -> list[str]:
     """Scale and quantize every decoder linear of an lmstack Transformer to int4 with AWQ, in place.
 
     calib: (n_seq, seq_len) token ids. ``quantize=False`` only folds the scales (the float model is unchanged up to
@@ -103,7 +110,6 @@ def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, se
                           f"{', '.join(map(str, INT4_GROUP_SIZES))}")
     if any(not isinstance(layer.ffn, MLP) for layer in model.model.layers):
         raise ConfigError("--method awq supports dense decoders; for mixture-of-experts models use int4 or gptq")
-    g = torch.Generator().manual_seed(seed)
     x = model.model.embed_tokens(calib).float()  # (N, T, hidden)
     pos = torch.arange(calib.shape[1])[None].expand(calib.shape[0], -1)
     cos, sin = model.rope(pos, x.dtype)
@@ -118,11 +124,13 @@ def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, se
         if bad:
             raise ConfigError(f"--group-size {group_size} does not divide in_features {bad[0][1]} of "
                               f"model.layers.{li}.{bad[0][0]}")
-        inputs: dict[str, Tensor] = {}
+        stats: dict[str, list] = {}  # name -> [sum |x| (in,), X^T X (in, in), tokens]
 
         def hook(name):
             def fn(mod, inp, out):
-                inputs[name] = inp[0].reshape(-1, inp[0].shape[-1]).float()  # (tokens, in)
+                a = inp[0].reshape(-1, inp[0].shape[-1]).float()  # (tokens, in)
+                st = stats.setdefault(name, [0, 0, 0])
+                st[0], st[1], st[2] = st[0] + a.abs().sum(0), st[1] + a.t() @ a, st[2] + a.shape[0]
             return fn
 
         firsts = [ns[0] for _, ns in groups]
@@ -131,11 +139,9 @@ def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, se
         for h in handles:
             h.remove()
         for prev, ns in groups:
-            a = inputs[ns[0]]
-            if a.shape[0] > MAX_SEARCH_TOKENS:
-                a = a[torch.randperm(a.shape[0], generator=g)[:MAX_SEARCH_TOKENS]]
+            abs_sum, xtx, n = stats[ns[0]]
             lins = [layer.get_submodule(n) for n in ns]
-            s, _, _ = awq_scales(a, [m.weight for m in lins], group_size)
+            s, _, _ = awq_scales_from_stats(abs_sum / n, xtx / n, [m.weight for m in lins], group_size)
             fold_scales(prev, lins, s)
         if quantize:
             for _, ns in groups if mha else groups + [(None, ["self_attn.o_proj"])]:
