@@ -82,6 +82,7 @@ def test_f16_and_external_data(tmp_path):
     assert err < 5e-3 * np.abs(want).max() + 1e-2, err
 
 
+@pytest.mark.timeout(3600)  # a 30-layer export takes minutes of CPU, many more on a loaded machine
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_smollm2_onnx_matches_lmstack(dtype, tmp_path, tmp_path_factory):
     """SmolLM2-135M-Instruct (imported from llama.cpp's Q4_1 file): ONNX logits vs lmstack fp32, greedy tokens."""
