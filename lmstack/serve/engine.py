@@ -75,6 +75,7 @@ class LLMEngine:
         model.fuse_projections(column_major=not use)
         self.tokenizer = tokenizer
         num_prefix = prefix_kv[0][0].shape[1] if prefix_kv else 0
+        self.num_prefix = num_prefix
         self.max_model_len = int(max_model_len or cfg.max_position_embeddings - num_prefix)
         if self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
@@ -136,6 +137,26 @@ class LLMEngine:
             out.append(self.structured_factory(params.structured))
         out.extend(params.logits_processors)
         return out
+
+    # ------------------------------------------------------------------ scoring beside the engine
+    def _check_scoring(self, what: str) -> None:
+        if self.num_prefix:
+            raise ConfigError(f"{what} is not available for a model served with a prompt/prefix-tuning adapter")
+
+    def score_prompt(self, ids: list[int], k: int = 0) -> list:
+        """Log-probs of each prompt token given the ones before it (``lmstack.serve.scoring``; thread-safe beside
+        ``step``: it only reads the weights)."""
+        from lmstack.serve.scoring import prompt_logprobs
+
+        self._check_scoring("prompt log-probs")
+        return prompt_logprobs(self.model, ids, k)
+
+    def embed(self, ids: list[int]) -> list[float]:
+        """Mean-pooled final hidden state of ``ids`` (``lmstack.serve.scoring``)."""
+        from lmstack.serve.scoring import mean_embedding
+
+        self._check_scoring("embeddings")
+        return mean_embedding(self.model, ids)
 
     # ------------------------------------------------------------------ requests
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -318,6 +318,7 @@ class GrammarProcessor:
         self.n_vocab = n_vocab
         self.eos_ids = eos_ids
         self.words = torch.zeros((n_vocab + 31) // 32, dtype=torch.int32)
+        self.banned = torch.zeros(n_vocab, dtype=torch.bool)
         self.mask_seconds = 0.0
         self.masks = 0
         self.finished = False
@@ -331,8 +332,16 @@ class GrammarProcessor:
         return self.finished or self._accepting
 
     def _fill(self) -> None:
+        """The next mask: llguidance's bitmask (GIL released), unpacked to a (V,) bool "banned" row here on the
+        worker, so the sampler's part is one masked_fill."""
         t0 = time.perf_counter()
         self.m.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
+        if self.m.is_error():  # cannot happen with the mask applied; end the sequence rather than emit garbage
+            banned = torch.ones(self.n_vocab, dtype=torch.bool)
+            banned[self.eos_ids] = False
+        else:
+            banned = ~unpack_bitmask(self.words, self.n_vocab)
+        self.banned = banned
         self.mask_seconds += time.perf_counter() - t0
         self.masks += 1
 
@@ -344,14 +353,10 @@ class GrammarProcessor:
     def __call__(self, logits: Tensor, seq: Any = None) -> Tensor:
         self._wait()
         V = logits.shape[0]
-        if self.m.is_error():  # cannot happen with the mask applied; end the sequence rather than emit garbage
-            allowed = torch.zeros(V, dtype=torch.bool)
-            allowed[[e for e in self.eos_ids if e < V]] = True
-        else:
-            allowed = unpack_bitmask(self.words, min(V, self.n_vocab))
-            if V > allowed.shape[0]:
-                allowed = torch.cat([allowed, torch.zeros(V - allowed.shape[0], dtype=torch.bool)])
-        return logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
+        banned = self.banned
+        if V != banned.shape[0]:  # the model's rows past the tokenizer's: never allowed
+            banned = torch.cat([banned, torch.ones(max(0, V - banned.shape[0]), dtype=torch.bool)])[:V]
+        return logits.masked_fill_(banned.to(logits.device, non_blocking=True), float("-inf"))
 
     def accept(self, token_id: int) -> None:
         self._wait()
@@ -365,4 +370,4 @@ class GrammarProcessor:
     def allowed_ids(self) -> list[int]:
         """The token ids allowed next (tests compare this with a brute-force check)."""
         self._wait()
-        return unpack_bitmask(self.words, self.n_vocab).nonzero().flatten().tolist()
+        return (~self.banned).nonzero().flatten().tolist()

@@ -32,6 +32,7 @@ from lmstack.serve.api import errors as E
 from lmstack.serve.api.chat import create_chat_completion
 from lmstack.serve.api.common import REQUEST_ARRIVAL, TENANT, ServedModel
 from lmstack.serve.api.completions import create_completion
+from lmstack.serve.api.extras import EmbeddingRequest, ResponsesRequest, create_embeddings, create_response
 from lmstack.serve.api.metrics import ServerMetrics
 from lmstack.serve.api.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -40,7 +41,8 @@ log = logging.getLogger("lmstack.serve.api")
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 UI_FILES = {"app.js": "text/javascript; charset=utf-8", "markdown.js": "text/javascript; charset=utf-8",
             "style.css": "text/css; charset=utf-8"}
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models", "/health",
+          "/metrics", "/")
 
 
 class Lifecycle:
@@ -357,6 +359,16 @@ def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None,
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         return await _cancel_on_disconnect(request, create_completion(model, req))
+
+    @app.post("/v1/embeddings", responses=api_errors)
+    async def embeddings(req: EmbeddingRequest, request: Request):
+        check_model(req.model)
+        return await _cancel_on_disconnect(request, create_embeddings(model, req))
+
+    @app.post("/v1/responses", responses=api_errors)
+    async def responses(req: ResponsesRequest, request: Request):
+        check_model(req.model)
+        return await _cancel_on_disconnect(request, create_response(model, req))
 
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": model.created, "owned_by": "lmstack",

@@ -2,7 +2,8 @@
 
 Choice ``index`` is ``prompt_index * n + completion_index`` (as OpenAI orders batched prompts).
 ``echo`` prepends the prompt text; ``logprobs: k`` returns the legacy parallel-list shape
-(``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``).
+(``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``); both together also give the prompt's own
+log-probs (the first token's is null), scored beside the engine (``lmstack.serve.scoring``).
 """
 
 from __future__ import annotations
@@ -52,8 +53,6 @@ async def create_completion(model: ServedModel, req: P.CompletionRequest):
         check_prompt_bytes(model, size, "prompt" if len(sizes) == 1 else f"prompt[{i}]")
     ids = await asyncio.to_thread(_encode, model, prompts)  # off the event loop
     k = P.completion_logprobs_k(req)
-    if req.echo and k is not None:
-        raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported.", param="echo")
     want = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
     if want < 1:
         raise APIError(400, "max_tokens must be >= 1.", param="max_tokens")
@@ -73,10 +72,21 @@ async def create_completion(model: ServedModel, req: P.CompletionRequest):
         raise failed
     streams = [_prepend(first, rest) for first, rest in firsts]  # type: ignore[misc]
     echo = [_echo_text(model, p, x) if req.echo else "" for p, x in zip(prompts, ids)]
+    echo_lp: list[dict[str, Any] | None] = [None] * len(ids)
+    if req.echo and k is not None:  # prompt log-probs: one scoring pass per prompt, beside the engine's steps
+        engine = getattr(model.engine, "engine", model.engine)
+        try:
+            for p, x in enumerate(ids):
+                lps = await asyncio.to_thread(engine.score_prompt, x, k)
+                echo_lp[p] = prompt_logprobs(model, x, lps, k)
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
     head = dict(id=cid, created=int(time.time()), model=model.name, system_fingerprint=None)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(model, head, streams, req.n, k, echo, include_usage),
+        return StreamingResponse(_stream(model, head, streams, req.n, k, echo, include_usage, echo_lp),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     finals: list[RequestOutput | None] = [None] * len(streams)
@@ -91,12 +101,28 @@ async def create_completion(model: ServedModel, req: P.CompletionRequest):
             n_gen += len(o.token_ids)
             choices.append({
                 "index": p * req.n + o.index, "text": echo[p] + o.text,
-                "logprobs": completion_logprobs(model, o.logprobs, k or 0, len(echo[p])) if k is not None else None,
+                "logprobs": join_logprobs(echo_lp[p], completion_logprobs(model, o.logprobs, k or 0, len(echo[p])))
+                if k is not None else None,
                 "finish_reason": finish_reason(o.finish_reason), **constraint_fields(o),
             })
     choices.sort(key=lambda c: c["index"])
     return JSONResponse({**head, "object": "text_completion", "choices": choices,
                          "usage": usage(n_prompt, n_gen, n_cached)})
+
+
+def prompt_logprobs(model: ServedModel, ids: list[int], lps: list, k: int) -> dict[str, Any]:
+    """The legacy shape for the prompt's tokens: the first has no log-prob (null), as OpenAI's echo gives."""
+    rest = completion_logprobs(model, [lp for lp in lps if lp is not None], k, len(model.token_text(ids[0])))
+    assert rest is not None
+    first = model.token_text(ids[0])
+    return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
+
+def join_logprobs(head: dict[str, Any] | None, tail: dict[str, Any] | None) -> dict[str, Any] | None:
+    if head is None or tail is None:
+        return tail
+    return {key: head[key] + tail[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def _echo_text(model: ServedModel, prompt: str | list[int], ids: list[int]) -> str:
@@ -114,7 +140,8 @@ async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> 
 
 
 async def _stream(model: ServedModel, head: dict[str, Any], streams: list, n: int, k: int | None,
-                  echo: list[str], include_usage: bool) -> AsyncIterator[str]:
+                  echo: list[str], include_usage: bool,
+                  echo_lp: list[dict[str, Any] | None] | None = None) -> AsyncIterator[str]:
     base = {**head, "object": "text_completion"}
     extra = {"usage": None} if include_usage else {}
     sent: dict[int, int] = {}
@@ -136,7 +163,7 @@ async def _stream(model: ServedModel, head: dict[str, Any], streams: list, n: in
                 if i not in sent:
                     sent[i], offset[i] = 0, len(echo[p])
                     if echo[p]:
-                        yield chunk(i, echo[p])
+                        yield chunk(i, echo[p], echo_lp[p] if echo_lp else None)
                 new = len(o.token_ids) - sent[i]
                 lp = None
                 if k is not None and o.logprobs is not None and new > 0:

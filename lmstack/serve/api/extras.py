@@ -1,0 +1,202 @@
+"""``POST /v1/embeddings`` (mean-pooled hidden states) and a basic ``POST /v1/responses`` (the ``openai`` client's
+default API), both on the served model.
+
+Embeddings: each input (a string, a token list, or a list of either; at most :data:`MAX_INPUTS`) is one causal
+forward pass; the vector is the mean over positions of the final normed hidden state (``hidden_size`` floats;
+``encoding_format: "base64"`` gives little-endian float32 bytes, what the ``openai`` client asks for by default).
+A decoder's mean-pooled states are a serviceable embedding, not a trained retrieval model's.
+
+Responses: ``input`` (a string or a list of messages), ``instructions``, ``max_output_tokens``, ``temperature``,
+``top_p``, ``text.format`` (``json_object`` / ``json_schema``), function ``tools`` and ``tool_choice``; it runs
+through the chat route and answers a ``response`` object with ``message`` / ``function_call`` output items.
+Not implemented (400): ``stream``, ``previous_response_id`` (nothing is stored), built-in tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+import uuid
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict
+
+from lmstack.serve.api import protocol as P
+from lmstack.serve.api.common import ServedModel, check_prompt_bytes
+from lmstack.serve.api.errors import APIError, bad_request
+
+MAX_INPUTS = 256
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class EmbeddingRequest(_Body):
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: str = "float"
+    dimensions: int | None = None
+
+
+class ResponsesRequest(_Body):
+    model: str
+    input: Union[str, list[dict[str, Any]]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    stream: bool = False
+    previous_response_id: str | None = None
+    seed: int | None = None  # lmstack extra
+    metadata: dict[str, Any] | None = None
+
+
+async def create_embeddings(model: ServedModel, req: EmbeddingRequest) -> dict[str, Any]:
+    if req.encoding_format not in ("float", "base64"):
+        raise bad_request("encoding_format must be 'float' or 'base64'.", param="encoding_format")
+    if req.dimensions is not None:
+        raise bad_request("dimensions is not supported: the vector is the model's hidden size.", param="dimensions")
+    x = req.input
+    items: list[str | list[int]]
+    if isinstance(x, str):
+        items = [x]
+    elif x and all(isinstance(t, int) for t in x):
+        items = [list(x)]  # type: ignore[arg-type]
+    else:
+        items = list(x)  # type: ignore[arg-type]
+    if not items:
+        raise bad_request("input must not be empty.", param="input")
+    if len(items) > MAX_INPUTS:
+        raise bad_request(f"input has {len(items)} entries; at most {MAX_INPUTS}.", param="input")
+    engine = getattr(model.engine, "engine", model.engine)
+    data, total = [], 0
+    for i, it in enumerate(items):
+        if isinstance(it, str):
+            check_prompt_bytes(model, P.utf8_size(it, f"input[{i}]"), "input")
+            ids = await asyncio.to_thread(model.tokenizer.encode, it)
+        else:
+            ids = list(it)
+            if any(t < 0 or (model.vocab_size is not None and t >= model.vocab_size) for t in ids):
+                raise bad_request(f"input[{i}] has a token id outside the vocabulary.", param="input")
+        if not ids:
+            raise bad_request(f"input[{i}] encodes to zero tokens.", param="input")
+        if len(ids) > model.max_model_len:
+            raise APIError(400, f"input[{i}] has {len(ids)} tokens; this model's context is {model.max_model_len}.",
+                           param="input", code="context_length_exceeded")
+        try:
+            vec = await asyncio.to_thread(engine.embed, ids)
+        except Exception as e:  # noqa: BLE001 - an adapter-served model cannot embed: say so
+            raise bad_request(str(e), param="model") from None
+        total += len(ids)
+        emb: Any = vec if req.encoding_format == "float" else \
+            base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": model.name,
+            "usage": {"prompt_tokens": total, "total_tokens": total}}
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for p in content:
+            if isinstance(p, dict) and p.get("type") in ("input_text", "output_text", "text"):
+                parts.append(str(p.get("text", "")))
+            else:
+                raise bad_request("only text content parts are supported in input.", param="input")
+        return "".join(parts)
+    return ""
+
+
+def _chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    msgs: list[dict[str, Any]] = []
+    if req.instructions:
+        msgs.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        msgs.append({"role": "user", "content": req.input})
+        return msgs
+    for i, item in enumerate(req.input):
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role", "user")
+            if role not in ("system", "developer", "user", "assistant"):
+                raise bad_request(f"input[{i}].role {str(role)[:20]!r} is not supported.", param="input")
+            msgs.append({"role": role, "content": _message_text(item.get("content"))})
+        elif kind == "function_call":
+            msgs.append({"role": "assistant", "content": None, "tool_calls": [{
+                "id": item.get("call_id"), "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}]})
+        elif kind == "function_call_output":
+            msgs.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": str(item.get("output", ""))})
+        else:
+            raise bad_request(f"input[{i}] of type {str(kind)[:40]!r} is not supported.", param="input")
+    return msgs
+
+
+async def create_response(model: ServedModel, req: ResponsesRequest) -> dict[str, Any]:
+    from lmstack.serve.api.chat import create_chat_completion
+
+    if req.stream:
+        raise bad_request("stream is not supported on /v1/responses here; use /v1/chat/completions to stream.",
+                          param="stream")
+    if req.previous_response_id:
+        raise bad_request("previous_response_id is not supported: this server stores no responses.",
+                          param="previous_response_id")
+    tools = []
+    for i, t in enumerate(req.tools or []):
+        if t.get("type") != "function":
+            raise bad_request(f"tools[{i}]: only function tools are supported.", param="tools")
+        tools.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters",
+                                                                          "strict") if k in t}})
+    choice = req.tool_choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    body: dict[str, Any] = {"model": req.model, "messages": _chat_messages(req), "temperature": req.temperature,
+                            "top_p": req.top_p, "max_tokens": req.max_output_tokens, "seed": req.seed,
+                            "parallel_tool_calls": req.parallel_tool_calls}
+    fmt = (req.text or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.get("name", "output"), "schema": fmt.get("schema", {}), "strict": fmt.get("strict")}}
+    elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    if tools:
+        body["tools"], body["tool_choice"] = tools, choice
+    chat = P.ChatCompletionRequest(**{k: v for k, v in body.items() if v is not None})
+    resp = await create_chat_completion(model, chat)
+    import json
+
+    out = json.loads(resp.body)
+    c = out["choices"][0]
+    items: list[dict[str, Any]] = []
+    msg = c["message"]
+    if msg.get("content"):
+        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed", "role": "assistant",
+                      "content": [{"type": "output_text", "text": msg["content"], "annotations": []}]})
+    for call in msg.get("tool_calls") or []:
+        items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+                      "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                      "status": "completed"})
+    incomplete = c["finish_reason"] == "length"
+    u = out["usage"]
+    return {
+        "id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()), "model": model.name,
+        "status": "incomplete" if incomplete else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "error": None,
+        "instructions": req.instructions, "metadata": req.metadata or {}, "output": items,
+        "parallel_tool_calls": req.parallel_tool_calls, "tool_choice": req.tool_choice or "auto",
+        "tools": req.tools or [], "temperature": req.temperature, "top_p": req.top_p,
+        "max_output_tokens": req.max_output_tokens, "text": req.text or {"format": {"type": "text"}},
+        "usage": {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
+                  "total_tokens": u["total_tokens"],
+                  "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+                  "output_tokens_details": {"reasoning_tokens": 0}},
+    }
