@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "README.zh-CN.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REF = re.compile(r"^\s*\[[^\]]+\]:\s*(\S+)", re.M)
 
@@ -73,3 +73,35 @@ def test_the_checker_sees_broken_links(tmp_path):
                               "b.md: pic.png (no such file)"]
     finally:
         ROOT = old
+
+
+COMMAND = re.compile(r"(?:^|`|\$ |\n)\s*((?:make|lmstack) [a-z][\w.-]*(?: [a-z][\w.-]*)?)")
+
+
+def commands(md: Path) -> set[str]:
+    """The ``make X`` / ``lmstack X [Y]`` commands a page tells its reader to run (code spans and blocks)."""
+    text = md.read_text(encoding="utf-8")
+    code = "\n".join(re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M) + re.findall(r"`([^`\n]+)`", text))
+    out = set()
+    for line in code.splitlines():
+        for m in COMMAND.finditer(line):
+            words = m.group(1).split()
+            # "lmstack support chat", "lmstack run", "make demo": the command, not its arguments
+            out.add(" ".join(words[:3] if words[0] == "lmstack" and len(words) > 2 and words[1] in SUBGROUPS
+                             else words[:2]))
+    return out
+
+
+SUBGROUPS = {"support", "guard", "eval", "tokenizer", "data", "classify", "align"}
+
+
+def test_chinese_docs_name_the_same_commands_as_the_english_ones():
+    """README.zh-CN.md and docs/quickstart.zh-CN.md are kept in step with their English pages: the same commands."""
+    pairs = [(ROOT / "README.md", ROOT / "README.zh-CN.md"),
+             (ROOT / "docs" / "quickstart.md", ROOT / "docs" / "quickstart.zh-CN.md")]
+    for en, zh in pairs:
+        assert zh.is_file(), f"{zh.name} is missing"
+        assert re.search(r"[\u4e00-\u9fff]{200,}", re.sub(r"[\s，。、：；（）“”《》！？—0-9a-zA-Z`*#|.\-\[\]()/]", "",
+                                                       zh.read_text(encoding="utf-8"))), f"{zh.name} is not in Chinese"
+        a, b = commands(en), commands(zh)
+        assert len(a) >= 3 and a == b, f"{en.name} vs {zh.name}: only English {sorted(a - b)}, only Chinese {sorted(b - a)}"

@@ -84,7 +84,7 @@ def test_one_config_rule_for_run_pretrain_and_finetune(tmp_path):
     from lmstack.train.config import PretrainConfig, load_pretrain_config
     from lmstack.tune.config import FinetuneConfig
 
-    doc = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text(encoding="utf-8"))
+    doc = yaml.safe_load((REPO / "recipes" / "scratch.yaml").read_text(encoding="utf-8"))
     doc.update(seed=7, device="cpu", run_dir=str(tmp_path / "run"))
     doc["finetune"]["train"]["seed"] = 3
     path = tmp_path / "q.yaml"
@@ -292,9 +292,22 @@ def test_knowledge_base_and_heldout_split_never_leak():
         assert row["question"] not in train_user and row["question"] not in pages and row["question"] not in held_q
         assert row["messages"][-1] == {"role": "user", "content": row["question"]}
     assert any(re.search(r"[\u4e00-\u9fff]", q) for q in train_user)
+    # held-out greetings and out-of-scope questions (task support_reply): in neither training, dev nor the pages
+    reply = data["reply"]
+    assert len(reply) >= 16 and {r["lang"] for r in reply} == {"en", "zh"}
+    assert {r["topic"] for r in reply} == {"greeting", "out-of-scope"}
+    dev_q = {r["question"] for r in dev}
+    for row in reply:
+        assert row["question"] not in train_user | dev_q | held_q and row["question"] not in pages, row["question"]
+    # general knowledge is the general check's (asked without the shop's prompt), never a trained refusal
+    from lmstack.apps.support.stages import general_qa_path
+    from lmstack.config import read_yaml
+
+    general = {x["q"] for lang in ("en", "zh") for x in read_yaml(general_qa_path())[lang]}
+    assert len(general) == 40 and not general & (train_user | dev_q | {r["question"] for r in reply})
     # every held-out fact is taught in training under other wordings
     answers = {m["content"] for r in data["train"] for m in r["messages"] if m["role"] == "assistant"}
-    assert all(r["answer"] in answers for r in held + dev)
+    assert all(r["answer"] in answers for r in held + dev + reply)
     # deterministic per seed, different across seeds
     assert build_support_data(kb, seed=3) == data
     assert build_support_data(kb, seed=4)["train"] != data["train"]
@@ -366,7 +379,7 @@ def test_plan_matches_what_run_does(tmp_path):
 
 
 def test_micro_preset_matches_transformers_parameter_count():
-    """The quickstart's model: transformers' Llama of the same shape has the same parameters (3,934,656)."""
+    """The scratch recipe's model: transformers' Llama of the same shape has the same parameters (3,934,656)."""
     import transformers
 
     from lmstack.model import build_model

@@ -1,4 +1,4 @@
-"""The quickstart recipe end to end at a reduced size, through the real libraries:
+"""The from-scratch recipe (recipes/scratch.yaml) end to end at a reduced size, through the real libraries:
 each stage's outputs, a hard kill during pretraining and the resume, then skip-when-unchanged."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+QUICKSTART = REPO / "recipes" / "scratch.yaml"  # the from-scratch track (the quickstart one: test_quickstart.py)
 
 # The quickstart shrunk to seconds: a 2-layer 64-wide model, a 60 KB general corpus, a 400-token vocabulary.
 SMALL = [
@@ -126,7 +126,7 @@ def test_quickstart_reduced_end_to_end_with_kill_and_resume(tmp_path, monkeypatc
     ev = res.summary("eval")
     for who in ("base", "finetuned"):
         results = json.loads((run_dir / "eval" / who / "results.json").read_text())
-        assert set(results["tasks"]) == {"support_heldout", "heldout_text_ppl"}
+        assert set(results["tasks"]) == {"support_heldout", "support_reply", "heldout_text_ppl"}
         assert results["tasks"]["support_heldout"]["n"] == 4
         assert 0.0 <= ev[who]["support_heldout"]["rougeL"] <= 1.0
         assert ev[who]["heldout_text_ppl"]["perplexity"] > 1.0

@@ -78,13 +78,18 @@ def register(app: typer.Typer) -> None:
                 continue
             if not line:
                 continue
-            answer = bot.ask(line)
+            pieces = []
+            for piece in bot.stream(line):  # printed as it is generated
+                pieces.append(piece)
+                typer.echo(piece, nl=False)
+            typer.echo("")
             dense = getattr(bot.retriever, "dense", None)  # fused scores for the languages it embeds
             score = "rrf" if dense is not None and dense.covers(query_lang(line)) else "bm25"
-            if show_context:
-                for h in bot.last_context:
-                    typer.echo(f"  [{h.rank}] {h.chunk.id}  ({score} {h.score:.2f})")
-            typer.echo(answer)
+            cited = {id(h) for h in bot.cited("".join(pieces))}
+            for h in bot.last_context if show_context else bot.cited("".join(pieces)):
+                mark = " (cited)" if show_context and id(h) in cited else ""
+                typer.echo(f"  [{h.rank}] {h.chunk.id}  ({score} {h.score:.2f}){mark}: "
+                           f"{' '.join(h.chunk.text.split())[:100]}")
 
     @support.command("serve")
     def serve(bundle: Optional[str] = BUNDLE, model: Optional[str] = MODEL, index: Optional[str] = INDEX,
@@ -92,6 +97,9 @@ def register(app: typer.Typer) -> None:
               system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: Optional[str] = MODE,
               host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port", min=1, max=65535),
               api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY"),
+              guard: Optional[str] = typer.Option(None, "--guard", help="Guardrails policy YAML (docs/guardrails.md; "
+                                                  "`default`: the shipped support policy): input, passage and "
+                                                  "output rails around every chat request."),
               ) -> None:
         """OpenAI API (/v1/chat/completions) + web chat at /, each chat request grounded in the index."""
         from lmstack.apps.support.server import serve_support
@@ -100,4 +108,8 @@ def register(app: typer.Typer) -> None:
         kw = assistant_kwargs(bundle, model=model, index=index, adapter=adapter, k=k, ranker=ranker,
                               system_prompt=system, mode=mode, device=device)
         kw.pop("max_tokens", None), kw.pop("context_max_chars", None)
-        serve_support(kw.pop("model"), kw.pop("index"), host=host, port=port, api_key=api_key, **kw)
+        if guard == "default":
+            from lmstack.guard import DEFAULT_POLICY
+
+            guard = str(DEFAULT_POLICY)
+        serve_support(kw.pop("model"), kw.pop("index"), host=host, port=port, api_key=api_key, guard=guard, **kw)

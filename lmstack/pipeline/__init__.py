@@ -2,7 +2,7 @@
 inputs and config are unchanged, resumable after an interruption, summarised in ``runs/NAME/report.html``.
 
     from lmstack.pipeline import load_recipe, run_recipe
-    result = run_recipe(load_recipe("recipes/quickstart.yaml", ["pretrain.train.steps=50"]))
+    result = run_recipe(load_recipe("recipes/scratch.yaml", ["pretrain.train.steps=50"]))
 
 The runner imports no app: the recipe's ``app:`` is looked up by name (:func:`get_app`). How to add a stage
 or an app: docs/design.md.

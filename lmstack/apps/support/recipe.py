@@ -51,6 +51,8 @@ class RagStage(StrictModel):
                                "(never the held-out one)")
     policy_max_chars: int = Field(400, ge=50, description="policy pages are cut at sections, then to this size")
     context_max_chars: int | None = Field(None, ge=50, description="cap on the passages shown (characters)")
+    cite: bool = Field(False, description="training answers end with the number of the passage they come from "
+                       "(` [2]`): the assistant cites its source; scores are computed without the marker")
     shuffle_train: bool = Field(True, description="shuffle the passages of training chats (the model learns to "
                                 "pick the one that answers, not the first)")
     dense: bool = Field(False, description="add sentence embeddings to the index and fuse them with BM25 "
@@ -91,6 +93,10 @@ class EvalStage(StrictModel):
     compare_base: bool = Field(True, description="score the model before fine-tuning on the same questions")
     select: bool = Field(True, description="with a rag stage, also score the assistant's default answers: the "
                          "model picks the passage sentence that answers (lmstack.apps.support.reader)")
+    replies: bool = Field(True, description="the held-out greetings and out-of-scope questions (task support_reply)")
+    general_qa: str | None = Field(None, description="a general-knowledge check asked without the shop's prompt, "
+                                   "before and after fine-tuning (task general_qa): a YAML file {lang: [{q, a}]}, "
+                                   "or `shipped` (recipes/data/general/general_qa.yaml)")
     perplexity: bool = Field(True, description="perplexity on held-out general text")
     ppl_max_length: int = Field(256, ge=8)
     ppl_limit: int | None = Field(40, ge=1, description="held-out documents for perplexity; null: all")

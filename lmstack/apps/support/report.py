@@ -72,6 +72,14 @@ def eval_rows(res: PipelineResult) -> list[tuple[str, str, str, str, str]]:
                 vals = [lang_by[w].get(lang, {}).get(prefix + k) for w in WHOS]
                 if any(v is not None for v in vals):
                     rows.append((f"{task} ({lang})", k, *map(fmt, vals)))
+    task_by = {w: m.get(f"{w}_by_task_lang") or {} for w in WHOS}
+    for task in ("support_reply", "general_qa"):
+        langs = sorted(set().union(*(task_by[w].get(task, {}) for w in WHOS)))
+        for lang in langs:
+            keys = sorted(set().union(*(task_by[w].get(task, {}).get(lang, {}) for w in WHOS)))
+            for k in keys:
+                rows.append((f"{task} ({lang})", k, *map(fmt, (task_by[w].get(task, {}).get(lang, {}).get(k)
+                                                                for w in WHOS))))
     ret = m.get("retrieval") or {}
     label = "retrieval (BM25 + dense)" if res.summary("rag").get("dense") else "retrieval (BM25)"
     for k, v in ret.items():  # the same passages for every column: one number
@@ -111,8 +119,12 @@ def next_commands(res: PipelineResult) -> list[str]:
 
 
 def _samples(run: Path, n: int = 10) -> list[tuple[str, ...]]:
-    """Side by side: question, reference, base answer, fine-tuned answer, and the assistant's selected answer
-    when the run has one (n held-out questions spread over the set)."""
+    """Side by side: question, reference, base answer, fine-tuned answer (as written, citation included), whether
+    the fine-tuned one is right, and the assistant's selected answer when the run has one. Half right and half
+    wrong answers when there are both (good and bad, not a showcase), spread over the set (EN and ZH, FAQ and
+    product questions)."""
+    from lmstack.eval.metrics import exact_match
+
     def load(who: str, task: str = "support_heldout") -> list[dict[str, Any]]:
         p = run / "eval" / who / "samples" / f"{task}.jsonl"
         if not p.is_file():
@@ -122,16 +134,19 @@ def _samples(run: Path, n: int = 10) -> list[tuple[str, ...]]:
     qa = run / "eval" / "support_heldout.jsonl"
     qs = [json.loads(x) for x in qa.read_text(encoding="utf-8").splitlines() if x.strip()] if qa.is_file() else []
     base, ft, sel = load("base"), load("finetuned"), load("finetuned", "support_select")
+    ok = [bool(i < len(ft) and exact_match(ft[i]["prediction"], q["answer"])) for i, q in enumerate(qs)]
+
+    def spread(idx: list[int], k: int) -> list[int]:
+        return [idx[int(j * len(idx) / k)] for j in range(k)] if len(idx) > k else idx
+
+    right, wrong = [i for i in range(len(qs)) if ok[i]], [i for i in range(len(qs)) if not ok[i]]
+    half = min(len(right), n // 2) if wrong else min(len(right), n)
+    picks = sorted(spread(right, half) + spread(wrong, n - half)) if ft else spread(list(range(len(qs))), n)
     rows = []
-    if len(qs) > n:  # spread over the set (it is sorted by id: FAQ first, then products; EN and ZH)
-        step = len(qs) / n
-        picks = [int(i * step) for i in range(n)]
-    else:
-        picks = list(range(len(qs)))
     for i in picks:
         q = qs[i]
-        row = (q["question"], q["answer"], base[i]["prediction"] if i < len(base) else "-",
-               ft[i]["prediction"] if i < len(ft) else "-")
+        row = (q["question"], q["answer"], base[i].get("raw", base[i]["prediction"]) if i < len(base) else "-",
+               ft[i].get("raw", ft[i]["prediction"]) if i < len(ft) else "-", "yes" if ok[i] else "no")
         rows.append(row + ((sel[i]["prediction"] if i < len(sel) else "-",) if sel else ()))
     return rows
 
@@ -160,7 +175,14 @@ def html_sections(res: PipelineResult) -> list[str]:
                      "answer ranker scores highest; the ranker weighs the model's likelihood with retrieval and "
                      "overlap features, fit on dev questions; 'no model' is the same ranker without the model). "
                      "Retrieval recall@k is the share of questions whose answering passage is among the top k."
-                     if "rag" in recipe.stages else "") + "</p>", table(list(EVAL_COLUMNS), ev)]
+                     if "rag" in recipe.stages else "")
+                  + (" support_reply: held-out greetings and out-of-scope questions (the reference is the shop's "
+                     "greeting or refusal). general_qa: general-knowledge questions asked with no system prompt "
+                     "(contains: the answer appears in the reply), what fine-tuning must not destroy. citations: "
+                     "the share of answers that cite a passage, and of those the share citing one that states the "
+                     "reference answer; answers are scored without the citation marker." if any(
+                         r[0].startswith(("support_reply", "general_qa", "citations")) for r in ev) else "")
+                  + "</p>", table(list(EVAL_COLUMNS), ev)]
         rd = res.summary("reader")
         if rd:
             wrows = [(who, fmt((rd.get(who) or {}).get("dev_accuracy")),
@@ -172,8 +194,8 @@ def html_sections(res: PipelineResult) -> list[str]:
                       table(["ranker", "dev accuracy", "weights"], wrows)]
         samples = _samples(run)
         if samples:
-            heads = ["question", "reference", "base (generated)", "fine-tuned (generated)"]
-            if len(samples[0]) > 4:
+            heads = ["question", "reference", "base (generated)", "fine-tuned (generated)", "right"]
+            if len(samples[0]) > 5:
                 heads.append("assistant (fine-tuned, selected)")
             parts += ["<h3>Sample answers</h3>", table(heads, samples)]
     bundle = res.summary("bundle")

@@ -13,6 +13,7 @@ Chunks (one retrieval unit each, in the question's language):
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,13 +105,41 @@ def _with_gold(hits: list[Hit], gold: list[str], retriever: Retriever, k: int) -
     return hits
 
 
+CITATION = re.compile(r"\s*(?:\[\d{1,2}\])+\s*$")  # " [2]" / " [1][3]" at the end of an answer
+
+
+def _squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+def cite_passage(answer: str, hits: Sequence[Hit], gold: str | None = None) -> int | None:
+    """The 1-based number of the passage an answer is taken from: the first shown passage that contains the
+    answer's text (whitespace aside), else the one holding the answer's fact (``gold`` chunk id); None when
+    neither is shown (a greeting, a refusal)."""
+    a = _squeeze(answer)
+    for i, h in enumerate(hits, 1):
+        if a and a in _squeeze(h.chunk.text):
+            return i
+    for i, h in enumerate(hits, 1):
+        if gold is not None and h.chunk.id == gold:
+            return i
+    return None
+
+
+def strip_citations(text: str) -> str:
+    """An answer without its trailing citation markers (``... 3-5 business days. [1]`` -> ``... days.``)."""
+    return CITATION.sub("", text)
+
+
 def ground_chat(rec: dict[str, Any], retriever: Retriever, k: int = DEFAULT_K, rng: Any = None,
-                max_chars: int | None = None) -> dict[str, Any]:
+                max_chars: int | None = None, cite: bool = False) -> dict[str, Any]:
     """A training chat with the retrieved passages in its system message.
 
     The passages are those :func:`context_hits` finds for its (last) question, with the chunks of the facts
     the answers state (``rec["facts"]``) put in when retrieval missed them, in a shuffled order (given
-    ``rng``) so the model learns to pick the passage that answers, not the first one."""
+    ``rng``) so the model learns to pick the passage that answers, not the first one. With ``cite``, each
+    answer that states a fact ends with the number of the passage it comes from (`` [2]``,
+    :func:`cite_passage`): the model learns to say where its answer is from."""
     from lmstack.rag import with_context
 
     msgs = [dict(m) for m in rec["messages"]]
@@ -123,6 +152,15 @@ def ground_chat(rec: dict[str, Any], retriever: Retriever, k: int = DEFAULT_K, r
         rng.shuffle(hits)
     if msgs[0]["role"] == "system":
         msgs[0]["content"] = with_context(msgs[0]["content"], hits, max_chars)
+    if cite:
+        facts = iter(rec.get("facts") or [])
+        for m in msgs:
+            if m["role"] != "assistant":
+                continue
+            fact = next(facts, None)
+            n = cite_passage(m["content"], hits, gold_chunk_id(fact)) if fact else None
+            if n is not None:
+                m["content"] = f"{m['content']} [{n}]"
     return {**rec, "messages": msgs, "context": [h.chunk.id for h in hits]}
 
 

@@ -48,9 +48,12 @@ def _text(content: Any) -> str:
 
 def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEFAULT_K,
                     system_prompt: str = SYSTEM_PROMPT, context_max_chars: int | None = None,
-                    hits_out: list | None = None) -> list[dict[str, Any]]:
+                    hits_out: list | None = None, guard: Any = None, key: str | None = None) -> list[dict[str, Any]]:
     """OpenAI-style ``messages`` with the retrieved passages in the (first) system message (the passages are
-    appended to ``hits_out`` when given)."""
+    appended to ``hits_out`` when given). With a ``guard`` (lmstack.guard), the passages are sanitized first:
+    instruction-like sentences inside them (indirect prompt injection) are cut out."""
+    import dataclasses
+
     from lmstack.rag import with_context
 
     users = [_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
@@ -58,6 +61,11 @@ def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEF
     if not users:
         return messages
     hits = context_hits(retriever, users[-1], users[-2:-1], k=k)
+    if guard is not None and hits:
+        from lmstack.guard.serving import guard_passages
+
+        clean = guard_passages(guard, [h.chunk.text for h in hits], key=key).passages
+        hits = [dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=t)) for h, t in zip(hits, clean)]
     if hits_out is not None:
         hits_out.extend(hits)
     out = [dict(m) for m in messages]
@@ -105,22 +113,136 @@ def _selectable(req: dict[str, Any], names: list[str]) -> bool:
             and not req.get("logprobs") and not req.get("response_format"))
 
 
-def _completion(req: dict[str, Any], answer: str, prompt_tokens: int, completion_tokens: int) -> tuple[bytes, bytes]:
+def _completion(req: dict[str, Any], answer: str, prompt_tokens: int, completion_tokens: int,
+                finish: str = "stop") -> tuple[bytes, bytes]:
     """(content type, body) of an OpenAI ``chat.completion`` -- or its event stream -- carrying ``answer``, built
     by the server's own response functions (:mod:`lmstack.serve.api.chat`)."""
     head = chat_head(req.get("model"))
     use = usage(prompt_tokens, completion_tokens)
     if not req.get("stream"):
-        body = chat_completion(head, [chat_choice(0, answer, "stop")], use)
+        body = chat_completion(head, [chat_choice(0, answer, finish)], use)
         return b"application/json", json.dumps(body, ensure_ascii=False).encode()
     include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
     events = [chat_chunk(head, 0, {"role": "assistant", "content": ""}, include_usage=include_usage),
               chat_chunk(head, 0, {"content": answer}, include_usage=include_usage),
-              chat_chunk(head, 0, {}, finish_reason="stop", include_usage=include_usage)]
+              chat_chunk(head, 0, {}, finish_reason=finish, include_usage=include_usage)]
     if include_usage:
         events.append(chat_usage_chunk(head, use))
     events.append(SSE_DONE)
     return b"text/event-stream", "".join(events).encode()
+
+
+def _bearer(scope: dict) -> str | None:
+    """The request's API key (rate limits and the audit log use a hash of it), or its client address."""
+    for k, v in scope.get("headers") or []:
+        if k == b"authorization" and v[:7].lower() == b"bearer ":
+            return v[7:].decode("latin-1")
+    client = scope.get("client")
+    return f"{client[0]}" if client else None
+
+
+class OutputGuard:
+    """An ASGI ``send`` that passes the server's chat answer through the guard's output rails: a JSON
+    ``chat.completion`` is checked whole (redacted, or replaced by the block message with ``finish_reason``
+    "content_filter"); an event stream is checked window by window (:class:`lmstack.guard.guard.StreamChecker`):
+    text is released as it clears, and a blocked answer ends there with "content_filter" (the rest of the
+    model's stream is dropped). Anything that is not a 200 chat answer passes untouched."""
+
+    def __init__(self, guard: Any, passages: list[str], key: str | None, stream: bool, send: Callable):
+        from lmstack.guard.guard import GuardContext
+
+        self.guard, self.passages, self.key, self.stream, self._send = guard, passages, key, stream, send
+        self.checker = guard.stream(GuardContext(key=key, passages=passages)) if stream else None
+        self.status, self.buf, self.head, self.done, self.last = 0, b"", None, False, None
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message.get("status", 200)
+            if self.status != 200:
+                return await self._send(message)
+            headers = [(k, v) for k, v in message.get("headers") or [] if k != b"content-length"]
+            self.head = {**message, "headers": headers}
+            if self.stream:
+                await self._send(self.head)
+            return
+        if message["type"] != "http.response.body" or self.status != 200:
+            return await self._send(message)
+        self.buf += message.get("body", b"")
+        if self.stream:
+            await self._events(final=not message.get("more_body", False))
+        elif not message.get("more_body", False):
+            await self._whole()
+
+    async def _whole(self) -> None:
+        from lmstack.guard.serving import guard_chat_response
+
+        body = self.buf
+        try:
+            doc = json.loads(body)
+            msg = doc["choices"][0]["message"]
+            if isinstance(msg.get("content"), str):
+                v = await asyncio.to_thread(guard_chat_response, self.guard, msg["content"], self.passages, self.key)
+                msg["content"] = v.message or v.text if v.blocked else v.text
+                if v.blocked:
+                    doc["choices"][0]["finish_reason"] = "content_filter"
+                body = json.dumps(doc, ensure_ascii=False).encode()
+        except (ValueError, KeyError, IndexError, TypeError):
+            pass
+        self.head["headers"] = self.head["headers"] + [(b"content-length", str(len(body)).encode())]
+        await self._send(self.head)
+        await self._send({"type": "http.response.body", "body": body})
+        self.done = True
+
+    async def _events(self, final: bool) -> None:
+        *events, self.buf = self.buf.split(b"\n\n")
+        out = []
+        for ev in events:
+            if self.done or not ev.startswith(b"data: "):
+                continue
+            if ev == b"data: [DONE]":
+                continue
+            try:
+                chunk = json.loads(ev[6:])
+                choice = chunk["choices"][0] if chunk.get("choices") else None
+            except (ValueError, KeyError, IndexError, TypeError):
+                out.append(ev)
+                continue
+            self.last = chunk
+            if choice is None:  # the usage chunk
+                out.append(ev)
+                continue
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                delta["content"] = self.checker.feed(delta["content"])
+                if self.checker.stopped:
+                    out.append(self._finish_event(chunk, self.checker.verdict.message or "", "content_filter"))
+                    self.done = True
+                    continue
+            if choice.get("finish_reason"):
+                rest = self.checker.close()
+                blocked = self.checker.verdict is not None and self.checker.verdict.blocked
+                delta["content"] = (delta.get("content") or "") + (
+                    (self.checker.verdict.message or "") if blocked else rest)
+                if blocked:
+                    choice["finish_reason"] = "content_filter"
+            out.append(b"data: " + json.dumps(chunk, ensure_ascii=False).encode())
+        body = b"".join(e + b"\n\n" for e in out)
+        if final:
+            body += b"data: [DONE]\n\n"
+        if body or final:
+            await self._send({"type": "http.response.body", "body": body, "more_body": not final})
+
+    @staticmethod
+    def _finish_event(chunk: dict, text: str, finish: str) -> bytes:
+        c = json.loads(json.dumps(chunk))
+        c["choices"][0]["delta"] = {"content": text} if text else {}
+        c["choices"][0]["finish_reason"] = finish
+        return b"data: " + json.dumps(c, ensure_ascii=False).encode()
+
+    async def finish(self) -> None:
+        """After the app returned: a stream that never ended its body is ended here."""
+        if self.stream and self.status == 200 and not self.done and self.buf:
+            await self._events(final=True)
 
 
 class GroundingMiddleware:
@@ -129,8 +251,9 @@ class GroundingMiddleware:
     def __init__(self, app: Callable, retriever: Any, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
                  context_max_chars: int | None = None, *, reader: Any = None, tokenizer: Any = None,
                  model_names: list[str] | None = None, api_key: str | None = None,
-                 max_body: int = DEFAULT_MAX_REQUEST_BYTES):
+                 max_body: int = DEFAULT_MAX_REQUEST_BYTES, guard: Any = None):
         self.app, self.retriever, self.k = app, retriever, k
+        self.guard = guard  # lmstack.guard.Guard (--guard policy.yaml): input, passage and output rails
         self.system_prompt, self.context_max_chars = system_prompt, context_max_chars
         # with a reader, plain chat requests are answered by selection (lmstack.apps.support.reader), as
         # `lmstack support chat` answers; everything else goes to the server's generation
@@ -158,33 +281,55 @@ class GroundingMiddleware:
             return await self.app(scope, receive, send)
         if body.disconnected:
             return
-        grounded = await asyncio.to_thread(self._ground, body.data)  # JSON + retrieval: off the event loop
+        key = _bearer(scope)
+        grounded = await asyncio.to_thread(self._ground, body.data, key)  # JSON + rails + retrieval: off the loop
         data = body.data
         if grounded is not None:
             req, hits, data = grounded
+            if isinstance(hits, str):  # an input rail blocked the request: its message, no retrieval, no model
+                return await self._reply(req, hits, "content_filter", scope, send)
             if self.reader is not None and _selectable(req, self.model_names):
-                return await self._select(req, hits, scope, receive, send)
+                return await self._select(req, hits, scope, receive, send, key)
+            if self.guard is not None:  # the model's answer passes the output rails on its way out
+                send = OutputGuard(self.guard, [h.chunk.text for h in hits], key, bool(req.get("stream")), send)
         scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
                  + [(b"content-length", str(len(data)).encode())]}
-        return await self.app(scope, replay_body(data, receive), send)
+        await self.app(scope, replay_body(data, receive), send)
+        if isinstance(send, OutputGuard):
+            await send.finish()
 
-    def _ground(self, body: bytes) -> tuple[dict, list, bytes] | None:
+    def _ground(self, body: bytes, key: str | None = None) -> tuple[dict, list | str, bytes] | None:
         """(request, passages, grounded body) of a JSON chat request; None for anything else (the server's own
-        validation answers it)."""
+        validation answers it). With a guard, the input rails run first (PII redacted in the user turns; a
+        blocked request comes back as (request, the block message, b"")) and the retrieved passages are
+        sanitized (instructions inside them cut out) before they reach the prompt."""
         try:
             req = json.loads(body)
             if not (isinstance(req, dict) and isinstance(req.get("messages"), list)):
                 return None
+            if self.guard is not None:
+                from lmstack.guard.serving import guard_chat_request
+
+                req, verdict = guard_chat_request(self.guard, req, key=key)
+                if verdict.blocked:
+                    return req, verdict.message or verdict.text, b""
             hits: list = []
             with self._lock:  # one retriever (one SQLite connection) shared by the worker threads
                 req["messages"] = ground_messages(req["messages"], self.retriever, self.k, self.system_prompt,
-                                                  self.context_max_chars, hits_out=hits)
+                                                  self.context_max_chars, hits_out=hits, guard=self.guard, key=key)
             return req, hits, json.dumps(req, ensure_ascii=False).encode()
         except (ValueError, TypeError, AttributeError, RecursionError):
             return None
 
+    async def _reply(self, req: dict[str, Any], answer: str, finish: str, scope: dict, send: Callable) -> None:
+        ctype, body = _completion(req, answer, 0, 0, finish)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
+                                (b"cache-control", b"no-cache")]})
+        await send({"type": "http.response.body", "body": body})
+
     async def _select(self, req: dict[str, Any], hits: list, scope: dict, receive: Callable,
-                      send: Callable) -> None:
+                      send: Callable, key: str | None = None) -> None:
         msgs = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in req["messages"]]
         try:  # the checks the server runs before tokenizing (lone surrogates, prompt size)
             size = sum(utf8_size(m["content"], f"messages[{i}].content") for i, m in enumerate(msgs))
@@ -195,7 +340,13 @@ class GroundingMiddleware:
             return await e.response()(scope, receive, send)
         # template, tokenizer and the reader's scoring are CPU-bound: off the event loop
         answer, n_prompt, n_answer = await asyncio.to_thread(self._answer, msgs, hits)
-        ctype, body = _completion(req, answer, n_prompt, n_answer)
+        finish = "stop"
+        if self.guard is not None:
+            from lmstack.guard.serving import guard_chat_response
+
+            v = await asyncio.to_thread(guard_chat_response, self.guard, answer, [h.chunk.text for h in hits], key)
+            answer, finish = (v.message or v.text, "content_filter") if v.blocked else (v.text, "stop")
+        ctype, body = _completion(req, answer, n_prompt, n_answer, finish)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()),
                                 (b"cache-control", b"no-cache")]})
@@ -217,7 +368,8 @@ class GroundingMiddleware:
 
 
 def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
-                       context_max_chars: int | None = None, reader: Any = None, **app_kw: Any) -> GroundingMiddleware:
+                       context_max_chars: int | None = None, reader: Any = None, guard: Any = None,
+                       **app_kw: Any) -> GroundingMiddleware:
     """:func:`lmstack.serve.api.create_app` for ``llm``, wrapped in :class:`GroundingMiddleware` (with a
     ``reader``, plain chat requests get the selected answer, as in ``lmstack support chat``)."""
     from lmstack.serve.api.app import create_app
@@ -225,7 +377,7 @@ def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_p
     app = create_app(llm, **app_kw)
     wrapped = GroundingMiddleware(app, retriever, k, system_prompt, context_max_chars, reader=reader,
                                   tokenizer=app.state.model.tokenizer, model_names=list(app.state.model.names),
-                                  api_key=app_kw.get("api_key"), max_body=app.state.max_request_bytes)
+                                  api_key=app_kw.get("api_key"), max_body=app.state.max_request_bytes, guard=guard)
     wrapped.state = app.state  # type: ignore[attr-defined]  (the served model, for callers and tests)
     return wrapped
 
@@ -234,7 +386,7 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
                   k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT, api_key: str | None = None,
                   device: str | None = None, dtype: str | None = None, max_num_seqs: int = 16,
                   log_level: str = "info", drain_timeout: float = 30.0, mode: str = "select",
-                  ranker: str | None = None) -> None:
+                  ranker: str | None = None, guard: str | None = None) -> None:
     """Serve the grounded support assistant on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
     import logging
 
@@ -243,6 +395,11 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
     from lmstack.serve.llm import load
 
     retriever = Retriever(index)  # fails at once on a bad index path, before the model loads
+    rails = None
+    if guard is not None:
+        from lmstack.guard import Guard
+
+        rails = Guard.from_policy(guard)  # a bad policy fails here, in one line, before the model loads
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=max_num_seqs)
@@ -251,7 +408,8 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
         from lmstack.apps.support.reader import Reader
 
         reader = Reader.load(model, adapter=adapter, device=device, ranker=ranker, llm=llm)  # one load
-    app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key, reader=reader)
+    app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key, reader=reader,
+                             guard=rails)
     logging.getLogger("lmstack.support").info(
         "support assistant %s grounded in %s (%d passages) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
         model, index, len(retriever), host, port)

@@ -24,6 +24,7 @@ No stage re-implements a library: they fill in paths, pick the inputs and collec
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,12 @@ def _device(recipe: Recipe) -> str:
 
 
 def base_model_dir(recipe: Recipe) -> Path:
-    """The model the app starts from: the recipe's ``model:``, else its pretrain stage's final model."""
+    """The model the app starts from: the recipe's ``model:``, else the model its ``base`` stage imported (a
+    GGUF file: the practical track), else its pretrain stage's final model (the from-scratch track)."""
     if recipe.model is not None:
         return Path(recipe.model)
+    if "base" in recipe.stages:
+        return recipe.run_path / "base" / "model"
     return Path(section(recipe, "pretrain").run_dir) / "final" if "pretrain" in recipe.stages else \
         recipe.run_path / "pretrain" / "final"
 
@@ -159,6 +163,7 @@ def run_data(ctx: StageContext) -> dict[str, Any]:
     write_jsonl(out / "sft_train.jsonl", sup["train"])
     write_jsonl(out / "heldout_qa.jsonl", sup["heldout"])
     write_jsonl(out / "dev_qa.jsonl", sup["dev"])
+    write_jsonl(out / "heldout_reply.jsonl", sup["reply"])
     ctx.log(f"shop: {len(pages)} pages, {len(sup['train'])} training chats, {len(sup['heldout'])} held-out "
             f"questions, {len(sup['dev'])} dev questions")
     return {
@@ -166,7 +171,7 @@ def run_data(ctx: StageContext) -> dict[str, Any]:
         "general_documents_kept": len(kept), "general_chars_kept": sum(len(d.get("text", "")) for d in kept),
         "general_train_documents": len(train), "heldout_text_chunks": len(held),
         "shop_pages": len(pages), "sft_examples": len(sup["train"]), "heldout_questions": len(sup["heldout"]),
-        "dev_questions": len(sup["dev"]),
+        "dev_questions": len(sup["dev"]), "heldout_replies": len(sup["reply"]),
         "data_report": _report_path(out / "clean"),
         "steps": _step_table(report),
     }
@@ -224,12 +229,15 @@ def run_rag(ctx: StageContext) -> dict[str, Any]:
         ctx.log(f"{n_vec} passage embeddings ({r.embedder}, {', '.join(r.dense_langs)})")
     retriever = Retriever(index, embedder=embedder)
     rng = random.Random(ctx.recipe.seed) if r.shuffle_train else None
-    n = write_jsonl(out / "sft_train.jsonl", (ground_chat(rec, retriever, r.k, rng, r.context_max_chars)
+    n = write_jsonl(out / "sft_train.jsonl", (ground_chat(rec, retriever, r.k, rng, r.context_max_chars, r.cite)
                                               for rec in read_jsonl(data / "sft_train.jsonl")))
     held = [ground_question(row, retriever, r.k, r.context_max_chars) for row in read_jsonl(data / "heldout_qa.jsonl")]
     write_jsonl(out / "heldout_qa.jsonl", held)
     write_jsonl(out / "dev_qa.jsonl", (ground_question(row, retriever, r.k, r.context_max_chars)
                                        for row in read_jsonl(data / "dev_qa.jsonl")))
+    if (data / "heldout_reply.jsonl").is_file():
+        write_jsonl(out / "heldout_reply.jsonl", (ground_question(row, retriever, r.k, r.context_max_chars)
+                                                  for row in read_jsonl(data / "heldout_reply.jsonl")))
     retriever.close()
     scores = retrieval_scores(held)
     ctx.log(f"{stats['chunks']} chunks indexed; held-out questions: recall@1 {scores['recall@1']:.3f}, "
@@ -270,28 +278,61 @@ def run_tokenizer(ctx: StageContext) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- eval
-def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str, Any]]:
-    """Task dicts for lmstack.eval: held-out support QA and held-out text perplexity.
+def general_qa_path() -> Path:
+    """The shipped general-knowledge check (recipes/data/general/general_qa.yaml), else the packaged copy."""
+    from lmstack.apps.support.kb import default_kb_dir
 
-    The QA prompt is the conversation (system prompt + held-out question) rendered by the model's own chat
-    template through :meth:`lmstack.tokenizer.Tokenizer.apply_chat_template` -- exactly what ``lmstack chat``
-    sends -- and stored in the task data, so every model is asked in the format it was tuned on."""
+    return default_kb_dir().parent / "general" / "general_qa.yaml"
+
+
+def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str, Any]]:
+    """Task dicts for lmstack.eval: held-out support QA, held-out greetings / out-of-scope questions, the
+    general-knowledge check and held-out text perplexity.
+
+    The support prompts are the conversation (system prompt + passages + held-out question) rendered by the
+    model's own chat template through :meth:`lmstack.tokenizer.Tokenizer.apply_chat_template` -- exactly what
+    ``lmstack chat`` sends -- and stored in the task data, so every model is asked in the format it was tuned
+    on. The general questions are asked with no system prompt at all: what the model knows on its own."""
     from lmstack.apps.support import sample_heldout
+    from lmstack.apps.support.retrieval import CITATION
+    from lmstack.config import read_yaml
     from lmstack.tokenizer import Tokenizer
 
     r = section(recipe, "eval")
     data = recipe.run_path / "data"
     tok = Tokenizer.from_dir(tokenizer_dir)
+    remove = [CITATION.pattern] if "rag" in recipe.stages and section(recipe, "rag").cite else []
+
+    def asked(rows: list[dict[str, Any]], path: Path) -> Path:
+        write_jsonl(path, ({"question": x["question"], "answer": x["answer"], "lang": x["lang"], "id": x["id"],
+                            "prompt": tok.apply_chat_template(x["messages"], add_generation_prompt=True)}
+                           for x in rows))
+        return path
+
     rows = list(read_jsonl(qa_dir(recipe) / "heldout_qa.jsonl"))
-    subset = sample_heldout(rows, r.heldout_limit, seed=recipe.seed)
-    qa_path = out / "support_heldout.jsonl"
-    write_jsonl(qa_path, ({"question": x["question"], "answer": x["answer"], "lang": x["lang"], "id": x["id"],
-                           "prompt": tok.apply_chat_template(x["messages"], add_generation_prompt=True)}
-                          for x in subset))
+    qa_path = asked(sample_heldout(rows, r.heldout_limit, seed=recipe.seed), out / "support_heldout.jsonl")
     tasks: list[dict[str, Any]] = [{
         "type": "generation", "name": "support_heldout", "data": str(qa_path.resolve()), "prompt": "{{ prompt }}",
-        "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": r.metrics,
+        "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": r.metrics, "remove": remove,
         "description": "held-out paraphrases of Larkspur Home support questions (never seen in training)"}]
+    reply = qa_dir(recipe) / "heldout_reply.jsonl"
+    if r.replies and reply.is_file():
+        path = asked(list(read_jsonl(reply)), out / "support_reply.jsonl")
+        tasks.append({"type": "generation", "name": "support_reply", "data": str(path.resolve()),
+                      "prompt": "{{ prompt }}", "max_tokens": r.max_tokens, "stop": ["\n"], "remove": remove,
+                      "metrics": ["exact_match", "f1"],
+                      "description": "held-out greetings and out-of-scope questions: greet or decline as the shop "
+                                     "says"})
+    if r.general_qa:
+        src = Path(r.general_qa) if r.general_qa != "shipped" else general_qa_path()
+        doc = read_yaml(src)
+        gq = [{"question": x["q"], "answer": list(x["a"]), "lang": lang, "id": f"general/{lang}#{i}",
+               "messages": [{"role": "user", "content": x["q"]}]}
+              for lang in sorted(doc) for i, x in enumerate(doc[lang])]
+        path = asked(gq, out / "general_qa.jsonl")
+        tasks.append({"type": "generation", "name": "general_qa", "data": str(path.resolve()), "prompt": "{{ prompt }}",
+                      "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": ["contains", "f1"],
+                      "description": f"general knowledge, asked without the shop's prompt ({src.name})"})
     text = data / "heldout_text.jsonl"
     if r.perplexity and text.is_file() and text.stat().st_size > 0:
         tasks.append({"type": "perplexity", "name": "heldout_text_ppl", "data": str(text.resolve()),
@@ -304,21 +345,53 @@ def _task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {name: t.get("metrics", {}) for name, t in results.get("tasks", {}).items()}
 
 
-def per_language(out: Path, metrics: list[str]) -> dict[str, dict[str, float]]:
-    """The support task's metrics per language, rescored from the saved predictions (``out/samples``)."""
+def per_language(out: Path, metrics: list[str], task: str = "support_heldout") -> dict[str, dict[str, float]]:
+    """A generation task's metrics per language, rescored from the saved predictions (``out/samples``); for the
+    support questions answered with citations, ``citation``: the share whose cited passage holds the answer."""
     from lmstack.eval.generation import score_generation
 
-    qa = out.parent / "support_heldout.jsonl"
-    samples = out / "samples" / "support_heldout.jsonl"
+    qa = out.parent / f"{task}.jsonl"
+    samples = out / "samples" / f"{task}.jsonl"
     if not (qa.is_file() and samples.is_file()):
         return {}
-    langs = [r["lang"] for r in read_jsonl(qa)]
+    asked = list(read_jsonl(qa))
     preds = list(read_jsonl(samples))
     res: dict[str, dict[str, float]] = {}
-    for lang in sorted(set(langs)):
-        idx = [i for i, x in enumerate(langs) if x == lang and i < len(preds)]
+    for lang in sorted({r["lang"] for r in asked}):
+        idx = [i for i, x in enumerate(asked) if x["lang"] == lang and i < len(preds)]
         res[lang] = score_generation([preds[i]["prediction"] for i in idx], [preds[i]["references"] for i in idx],
                                      metrics)
+    return res
+
+
+def citation_accuracy(recipe: Recipe, out: Path) -> dict[str, float]:
+    """Of the support answers that end with a citation (``[n]``), the share citing a passage that states the
+    reference answer (whitespace aside), overall and per language; and the share of answers citing at all."""
+    from lmstack.apps.support.retrieval import CITATION
+    from lmstack.rag import Retriever
+
+    samples = out / "samples" / "support_heldout.jsonl"
+    if not samples.is_file():
+        return {}
+    grounded = {r["id"]: r for r in read_jsonl(qa_dir(recipe) / "heldout_qa.jsonl")}
+    asked = list(read_jsonl(out.parent / "support_heldout.jsonl"))
+    retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+    rows: list[tuple[str, bool, bool]] = []
+    for q, p in zip(asked, read_jsonl(samples)):
+        m = CITATION.search(p.get("raw", p["prediction"]))
+        nums = [int(x) for x in re.findall(r"\d+", m.group(0))] if m else []
+        ctx = grounded[q["id"]]["context"]
+        shown = [retriever.get(c) for c in ctx]
+        ok = bool(nums) and all(0 < n <= len(shown) and shown[n - 1] is not None
+                                and " ".join(q["answer"].split()) in " ".join(shown[n - 1].text.split()) for n in nums)
+        rows.append((q["lang"], bool(nums), ok))
+    retriever.close()
+    res: dict[str, float] = {}
+    for lang in ["", *sorted({r[0] for r in rows})]:
+        sub = [r for r in rows if not lang or r[0] == lang]
+        cited = [r for r in sub if r[1]]
+        res[f"{lang + '_' if lang else ''}cited"] = round(len(cited) / max(1, len(sub)), 4)
+        res[f"{lang + '_' if lang else ''}citation_correct"] = round(sum(r[2] for r in cited) / max(1, len(cited)), 4)
     return res
 
 
@@ -457,6 +530,16 @@ def select_eval(recipe: Recipe, out: Path, model: Path | None, adapter: Path | N
     return res
 
 
+def _by_language(recipe: Recipe, summary: dict[str, Any], who: str, out: Path, ev: Any) -> None:
+    summary[f"{who}_by_lang"] = per_language(out, ev.metrics)
+    for task, metrics in (("support_reply", ["exact_match", "f1"]), ("general_qa", ["contains", "f1"])):
+        by = per_language(out, metrics, task)
+        if by:
+            summary.setdefault(f"{who}_by_task_lang", {})[task] = by
+    if "rag" in recipe.stages and section(recipe, "rag").cite:
+        summary.setdefault(who, {})["citations"] = citation_accuracy(recipe, out)
+
+
 def run_eval(ctx: StageContext) -> dict[str, Any]:
     from lmstack.eval.run import run_eval as eval_run
     from lmstack.serve.evaluation import generate
@@ -474,16 +557,18 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
         else:
             res = eval_run(final, tasks, out / "finetuned", engine=generate)
         summary["finetuned"] = _task_metrics(res)
-        summary["finetuned_by_lang"] = per_language(out / "finetuned", ev.metrics)
+        _by_language(recipe, summary, "finetuned", out / "finetuned", ev)
     if ev.compare_base or "finetune" not in recipe.stages:
         res = eval_run(base, tasks, out / "base", engine=generate)
         summary["base"] = _task_metrics(res)
-        summary["base_by_lang"] = per_language(out / "base", ev.metrics)
+        _by_language(recipe, summary, "base", out / "base", ev)
     if "rag" in recipe.stages and ev.select:  # the assistant's default, grounded answers
         runs: list[tuple[str, Path | None, Path | None]] = []
-        if "finetune" in recipe.stages:
+        # the model's own ranker only when the reader scores with it ("lm" feature); else the no-model one alone
+        with_lm = "reader" not in recipe.stages or "lm" in section(recipe, "reader").features
+        if "finetune" in recipe.stages and with_lm:
             runs.append(("finetuned", *_finetuned_model(recipe, ctx.summaries)))
-        if ev.compare_base or "finetune" not in recipe.stages:
+        if (ev.compare_base or "finetune" not in recipe.stages) and with_lm:
             runs.append(("base", base, None))
         if "reader" in recipe.stages and (recipe.run_path / "reader" / RANKERS["no_model"]).is_file():
             runs.append(("no_model", None, None))
