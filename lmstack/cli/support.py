@@ -17,6 +17,8 @@ SYSTEM = typer.Option(None, "--system", help="System prompt (default: the bundle
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available).")
 RANKER = typer.Option(None, "--ranker", help="Answer-ranker weights (runs/NAME/reader/ranker.json, written by the "
                       "recipe's reader stage); default: the model's likelihood alone.")
+GUARD = typer.Option(None, "--guard", help="Guardrails policy YAML (docs/guardrails.md): `default` (the shipped "
+                     "support policy), a path, or `off`; default: the bundle's policy, else none.")
 MODE = typer.Option(None, "--mode", help="select: the model picks the passage sentence that answers; "
                     "generate: free generation from the grounded prompt (default: the bundle's, else select).")
 
@@ -30,11 +32,28 @@ def assistant_kwargs(bundle: Optional[str], **flags) -> dict:
 
     given = {k: v for k, v in flags.items() if v is not None}
     if bundle is not None:
-        return {**bundle_kwargs(bundle), **given}
+        out = {**bundle_kwargs(bundle), **given}
+        if out.get("guard") == _OFF:
+            out["guard"] = None
+        return out
+    if given.get("guard") == _OFF:
+        given.pop("guard")
     for flag, key in (("--model", "model"), ("--index", "index")):
         if key not in given:
             raise typer.BadParameter(f"give a bundle (runs/NAME/bundle) or {flag}", param_hint=flag)
     return {"k": DEFAULT_K, "mode": "select", "system_prompt": SYSTEM_PROMPT, **given}
+
+
+_OFF = "__off__"
+
+
+def _guard(flag: Optional[str]) -> Optional[str]:
+    """--guard: None (the bundle decides), `default` (the shipped support policy), `off`, or a path."""
+    if flag == "default":
+        from lmstack.guard import DEFAULT_POLICY
+
+        return str(DEFAULT_POLICY)
+    return _OFF if flag == "off" else flag
 
 
 def _mode(mode: Optional[str]) -> None:
@@ -51,7 +70,7 @@ def register(app: typer.Typer) -> None:
     def chat(bundle: Optional[str] = BUNDLE, model: Optional[str] = MODEL, index: Optional[str] = INDEX,
              adapter: Optional[str] = ADAPTER, k: Optional[int] = K, ranker: Optional[str] = RANKER,
              system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: Optional[str] = MODE,
-             max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n"),
+             max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n"), guard: Optional[str] = GUARD,
              show_context: bool = typer.Option(False, "--show-context", help="Print the passages each answer used."),
              ) -> None:
         """Chat in the terminal; every question retrieves passages first (/reset, /exit)."""
@@ -60,7 +79,12 @@ def register(app: typer.Typer) -> None:
 
         _mode(mode)
         kw = assistant_kwargs(bundle, model=model, index=index, adapter=adapter, k=k, ranker=ranker,
-                              system_prompt=system, mode=mode, max_tokens=max_new_tokens, device=device)
+                              system_prompt=system, mode=mode, max_tokens=max_new_tokens, device=device,
+                              guard=_guard(guard))
+        if kw.get("guard") is not None:
+            from lmstack.guard import Guard
+
+            kw["guard"] = Guard.from_policy(kw["guard"])  # a bad policy: one line, before the model loads
         kw["index"] = Retriever(kw["index"])  # a bad path fails here, in one line, before the model loads
         bot = SupportAssistant(**kw, max_num_seqs=1)
         typer.echo(f"Larkspur Home support ({len(bot.retriever)} passages indexed). /reset clears, /exit quits.")
@@ -97,19 +121,15 @@ def register(app: typer.Typer) -> None:
               system: Optional[str] = SYSTEM, device: Optional[str] = DEVICE, mode: Optional[str] = MODE,
               host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8000, "--port", min=1, max=65535),
               api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LMSTACK_API_KEY"),
-              guard: Optional[str] = typer.Option(None, "--guard", help="Guardrails policy YAML (docs/guardrails.md; "
-                                                  "`default`: the shipped support policy): input, passage and "
-                                                  "output rails around every chat request."),
+              guard: Optional[str] = GUARD,
               ) -> None:
         """OpenAI API (/v1/chat/completions) + web chat at /, each chat request grounded in the index."""
         from lmstack.apps.support.server import serve_support
 
         _mode(mode)
         kw = assistant_kwargs(bundle, model=model, index=index, adapter=adapter, k=k, ranker=ranker,
-                              system_prompt=system, mode=mode, device=device)
+                              system_prompt=system, mode=mode, device=device, guard=_guard(guard))
         kw.pop("max_tokens", None), kw.pop("context_max_chars", None)
-        if guard == "default":
-            from lmstack.guard import DEFAULT_POLICY
-
-            guard = str(DEFAULT_POLICY)
-        serve_support(kw.pop("model"), kw.pop("index"), host=host, port=port, api_key=api_key, guard=guard, **kw)
+        g = kw.pop("guard", None)
+        serve_support(kw.pop("model"), kw.pop("index"), host=host, port=port, api_key=api_key,
+                      guard=str(g) if g is not None else None, **kw)

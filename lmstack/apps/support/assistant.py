@@ -37,9 +37,14 @@ class SupportAssistant:
                  index: str | Path | Any = None, k: int = DEFAULT_K, context_max_chars: int | None = None,
                  mode: str = "select", reader: Any = None, ranker: str | Path | Any = None,
                  system_prompt: str = SYSTEM_PROMPT, max_history_turns: int = 4, max_tokens: int = 96,
-                 temperature: float = 0.0, **load_kw: Any):
+                 temperature: float = 0.0, guard: str | Path | Any = None, **load_kw: Any):
         if mode not in ("select", "generate"):
             raise ValueError(f"mode must be 'select' or 'generate', got {mode!r}")
+        if isinstance(guard, (str, Path)):
+            from lmstack.guard import Guard
+
+            guard = Guard.from_policy(guard)  # a bad policy fails before the model loads
+        self.guard = guard  # lmstack.guard.Guard: input rails, sanitized passages, output rails (None: off)
         if isinstance(index, (str, Path)):
             from lmstack.rag import Retriever
 
@@ -74,11 +79,18 @@ class SupportAssistant:
         return cls(**{**bundle_kwargs(bundle), **overrides})
 
     def retrieve(self, question: str) -> list[Any]:
-        """The passages a turn is answered from (empty without an index)."""
+        """The passages a turn is answered from (empty without an index); with a guard, instructions found
+        inside them are cut out first (indirect prompt injection)."""
         if self.retriever is None:
             return []
         previous = [m["content"] for m in self.history if m["role"] == "user"]
-        return context_hits(self.retriever, question, previous[-1:], k=self.k)
+        hits = context_hits(self.retriever, question, previous[-1:], k=self.k)
+        if self.guard is not None and hits:
+            import dataclasses
+
+            clean = self.guard.check_context([h.chunk.text for h in hits]).passages
+            hits = [dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=t)) for h, t in zip(hits, clean)]
+        return hits
 
     def messages(self, question: str) -> list[dict[str, str]]:
         """System prompt (+ retrieved passages) + the last ``max_history_turns`` exchanges + the new question."""
@@ -100,14 +112,26 @@ class SupportAssistant:
         question = question.strip()
         if not question:
             return
+        checker = None
+        if self.guard is not None:  # input rails: a blocked question gets the policy's message, never the model
+            verdict = self.guard.check_input(question)
+            if verdict.blocked:
+                self.last_context = []
+                yield verdict.message or verdict.text
+                return
+            question = verdict.text  # PII redacted
         msgs = self.messages(question)
+        if self.guard is not None:
+            from lmstack.guard import GuardContext
+
+            checker = self.guard.stream(GuardContext(passages=[h.chunk.text for h in self.last_context]))
         if self.mode == "select":
             prompt = self.llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
             pieces: Iterator[str] = iter([self.reader.answer(prompt, question, self.last_context)])
         else:
             pieces = self.llm.stream(self.llm.chat_prompt(msgs), **{**self.sampling, **sampling})
         answer = []
-        for piece in pieces:
+        for piece in _guarded(pieces, checker):
             if not answer:
                 piece = piece.lstrip()
             if piece:
@@ -131,6 +155,26 @@ class SupportAssistant:
         self.last_context = []
 
 
+def _guarded(pieces: Iterator[str], checker: Any) -> Iterator[str]:
+    """``pieces`` through the output rails window by window (lmstack.guard.StreamChecker): text is released as it
+    clears; a blocked answer ends with the policy's message."""
+    if checker is None:
+        yield from pieces
+        return
+    for piece in pieces:
+        out = checker.feed(piece)
+        if checker.stopped:
+            yield checker.verdict.message or ""
+            if hasattr(pieces, "close"):
+                pieces.close()  # stops the generation (the engine frees the sequence)
+            return
+        if out:
+            yield out
+    rest = checker.close()
+    v = checker.verdict
+    yield (v.message or "") if v is not None and v.blocked else rest
+
+
 def bundle_kwargs(bundle: str | Path) -> dict[str, Any]:
     """:class:`SupportAssistant` arguments from a support bundle (what ``lmstack support chat|serve BUNDLE`` use)."""
     from lmstack.apps.bundle import read_bundle
@@ -138,7 +182,7 @@ def bundle_kwargs(bundle: str | Path) -> dict[str, Any]:
     b = read_bundle(bundle, app="support")
     s = b.settings
     out: dict[str, Any] = {"model": str(b.part("model")), "adapter": b.part("adapter"), "index": str(b.part("index")),
-                           "ranker": b.part("ranker")}
+                           "ranker": b.part("ranker"), "guard": b.part("guard")}
     for key in ("k", "context_max_chars", "mode", "system_prompt", "max_tokens"):
         if s.get(key) is not None:
             out[key] = s[key]

@@ -54,9 +54,18 @@ def _check(r: Recipe) -> None:
 def bundle_parts(r: Recipe, summaries: dict[str, Any]) -> dict[str, Any]:
     """What the served assistant is made of: model (+ adapter), index, ranker."""
     model, adapter = (st._finetuned_model(r, summaries) if "finetune" in r.stages else (st.base_model_dir(r), None))
-    ranker = r.run_path / "reader" / st.RANKERS["finetuned" if "finetune" in r.stages else "base"]
-    return {"model": model, "adapter": adapter, "index": r.run_path / "rag" / "index.sqlite",
-            "ranker": ranker if "reader" in r.stages and ranker.is_file() else None}
+    # the model's own ranker (select mode), else the no-model one (a reader fit without the "lm" feature): the
+    # bundle answers `--mode select` either way
+    rankers = [r.run_path / "reader" / st.RANKERS[who]
+               for who in ("finetuned" if "finetune" in r.stages else "base", "no_model")]
+    ranker = next((p for p in rankers if "reader" in r.stages and p.is_file()), None)
+    guard = st.section(r, "bundle").guard
+    if guard == "default":
+        from lmstack.guard import DEFAULT_POLICY
+
+        guard = DEFAULT_POLICY
+    return {"model": model, "adapter": adapter, "index": r.run_path / "rag" / "index.sqlite", "ranker": ranker,
+            "guard": Path(guard) if guard else None}
 
 
 def bundle_settings(r: Recipe, b: cfg.BundleStage) -> dict[str, Any]:

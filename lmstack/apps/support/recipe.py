@@ -108,3 +108,6 @@ class BundleStage(StrictModel):
                                           "(no second copy of the weights), else a copy; copy: always copy")
     mode: Literal["select", "generate"] = Field("select", description="how the bundled assistant answers")
     max_tokens: int = Field(96, ge=1, description="longest generated answer (mode generate)")
+    guard: str | None = Field(None, description="guardrails policy packed with the assistant (lmstack.guard; "
+                              "`default`: the shipped support policy, or a YAML path): `lmstack support chat|serve` "
+                              "run its rails unless told otherwise (--guard off)")
