@@ -72,9 +72,9 @@ def test_lm_eval_local_completions_equals_lmstack_eval(server, model_dir, tmp_pa
     names = {}
     for spec in ("mc_en", "mc_en_text"):
         t = load_task(spec)
-        t.limit = 10
+        t.limit = 6  # 6 questions x 4 choices x 2 tasks: 48 scoring requests, one at a time
         names[spec] = export_lm_eval_task(t, tmp_path / "tasks")
-    ours = run_eval(model_dir, list(names), limit=10, show_progress=False)["tasks"]
+    ours = run_eval(model_dir, list(names), limit=6, show_progress=False)["tasks"]
     res = lm_eval.simple_evaluate(
         model="local-completions",
         model_args=f"model=tiny,base_url={server.url}/v1/completions,tokenizer={model_dir},"

@@ -85,9 +85,10 @@ SCHEMAS = [
      "required": ["tags", "score"], "additionalProperties": False},
     {"type": "object", "properties": {"level": {"type": "integer", "enum": [1, 2, 3]}, "ok": {"type": "boolean"}},
      "required": ["level", "ok"], "additionalProperties": False},
-    {"type": "object", "properties": {"meta": {"type": "object", "properties": {"inner": {"type": "object", "properties": {
-        "deep": {"type": "boolean"}}, "required": ["deep"], "additionalProperties": False}},
-        "required": ["inner"], "additionalProperties": False}}, "required": ["meta"], "additionalProperties": False},
+    {"type": "object", "properties": {"meta": {"type": "object", "properties": {"inner": {
+        "type": "object", "properties": {"deep": {"type": "boolean"}}, "required": ["deep"],
+        "additionalProperties": False}}, "required": ["inner"], "additionalProperties": False}},
+     "required": ["meta"], "additionalProperties": False},
     {"type": "string", "enum": ["yes", "no"]},
     {"type": "object", "properties": {"price": {"type": "number", "minimum": 1.5, "maximum": 2.5}},
      "required": ["price"], "additionalProperties": False},
