@@ -214,8 +214,27 @@ def test_json_modes_prefix_cache_streaming_and_kernel(llm):
             else:
                 assert o.finish_reason == "length" and o.constraint_satisfied is False
         assert any(o.finish_reason == "stop" for o in outs)
-    # decode steps went through the compiled CPU kernel when it runs here (constraints apply after the logits)
-    assert eng.kernel_reason is None or isinstance(eng.kernel_reason, str)
+    # decode steps go through the compiled CPU kernel when it runs here: the constraint applies to its logits
+    if eng.runner.kernel is not None:
+        kernel, calls = eng.runner.kernel, []
+
+        class Spy:
+            def __call__(self, batch):
+                calls.append(len(batch))
+                return kernel(batch)
+
+            def __getattr__(self, name):
+                return getattr(kernel, name)
+
+        eng.runner.kernel = Spy()
+        try:
+            out = llm.generate("Hi", temperature=1.0, seed=9, max_tokens=120, structured=so)[0].outputs[0]
+        finally:
+            eng.runner.kernel = kernel
+        assert calls and out.finish_reason == "stop"
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+    else:
+        assert isinstance(eng.kernel_reason, str)  # the eager path, and the reason why
 
 
 def test_length_finish_says_the_constraint_is_incomplete(llm):
