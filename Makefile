@@ -33,7 +33,7 @@ sandbox:
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; fi; }
 
 demo: $(STAMP)
-	$(BIN)/lmstack run recipes/quickstart.yaml
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/lmstack run recipes/quickstart.yaml
 
 test: $(STAMP) browser sandbox
 	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests

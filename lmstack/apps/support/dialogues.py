@@ -165,7 +165,7 @@ def _chat(*turns: str, system: str = SYSTEM_PROMPT, facts: list[str] | None = No
 
 
 def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
-                       system_prompt: str = SYSTEM_PROMPT) -> dict[str, list[dict[str, Any]]]:
+                       system_prompt: str = SYSTEM_PROMPT, reply_repeat: int = 1) -> dict[str, list[dict[str, Any]]]:
     """``{"train": [chat records], "heldout": [QA rows], "dev": [QA rows], "reply": [QA rows]}`` -- see the
     module docstring (``reply``: held-out greetings and out-of-scope questions, :data:`HELDOUT_REPLIES`)."""
     rng = random.Random(seed)
@@ -178,7 +178,7 @@ def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
     for name, table in (("greeting", GREETINGS), ("out-of-scope", OUT_OF_SCOPE)):
         for lang, (qs, a) in table.items():
             for q in qs[:-1]:
-                train.append(_chat(q, a, system=system_prompt, facts=[]))
+                train.extend(_chat(q, a, system=system_prompt, facts=[]) for _ in range(reply_repeat))
             dev.append({"id": f"reply/{name}.{lang}", "lang": lang, "topic": name, "question": qs[-1], "answer": a,
                         "messages": _chat(qs[-1], system=system_prompt)["messages"]})
     by_lang: dict[str, list[QAItem]] = {}

@@ -23,6 +23,9 @@ class GeneralCorpus(StrictModel):
 class ShopData(StrictModel):
     dir: str | None = Field(None, description="shop knowledge base (default: the shipped recipes/data/shop)")
     dialogues: int = Field(200, ge=0, description="two-turn dialogues added to the single-turn QA pairs")
+    reply_repeat: int = Field(1, ge=1, le=50, description="copies of the greeting and out-of-scope training chats "
+                              "(16 of ~1,500: a short fine-tuning run that samples a few hundred chats meets them "
+                              "only this many times more often)")
     system_prompt: str | None = Field(None, description="default: lmstack.apps.support.SYSTEM_PROMPT")
 
 

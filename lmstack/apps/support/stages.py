@@ -159,7 +159,8 @@ def run_data(ctx: StageContext) -> dict[str, Any]:
 
     pages = kb_documents(kb)
     write_jsonl(out / "shop_kb.jsonl", pages)
-    sup = build_support_data(kb, seed=seed, n_dialogues=r.shop.dialogues, system_prompt=system_prompt(ctx.recipe))
+    sup = build_support_data(kb, seed=seed, n_dialogues=r.shop.dialogues, system_prompt=system_prompt(ctx.recipe),
+                             reply_repeat=r.shop.reply_repeat)
     write_jsonl(out / "sft_train.jsonl", sup["train"])
     write_jsonl(out / "heldout_qa.jsonl", sup["heldout"])
     write_jsonl(out / "dev_qa.jsonl", sup["dev"])
