@@ -38,13 +38,24 @@ def register(app: typer.Typer) -> None:
         sanitize: bool = typer.Option(True, "--sanitize/--no-sanitize",
                                       help="Special-token text in chat messages stays text (never control tokens)."),
         log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
+        guard: Optional[str] = typer.Option(None, "--guard", help="Guardrails policy YAML (docs/guardrails.md; "
+                                            "`default`: the shipped support policy): input rails before the model, "
+                                            "output rails on every chat answer, streamed or not."),
     ) -> None:
         """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
         from lmstack.serve.api import run_server
 
+        wrap = None
+        if guard is not None:
+            from lmstack.guard import DEFAULT_POLICY, Guard
+            from lmstack.guard.asgi import GuardMiddleware
+
+            rails = Guard.from_policy(DEFAULT_POLICY if guard == "default" else guard)  # before the model loads
+            wrap = lambda app: GuardMiddleware(app, rails, api_key=api_key or None,  # noqa: E731
+                                               max_body=app.state.max_request_bytes)
         run_server(model, adapter=adapter, host=host, port=port, api_key=api_key or None,
                    served_model_name=served_model_name, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                    max_waiting=max_waiting, device=device, dtype=dtype, max_request_bytes=max_request_bytes,
                    drain_timeout=drain_timeout, enable_prefix_caching=prefix_caching,
                    allowed_origins=allowed_origin or None, log_level=log_level, max_prompt_bytes=max_prompt_bytes,
-                   sanitize=sanitize)
+                   sanitize=sanitize, wrap=wrap)

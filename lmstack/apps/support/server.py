@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
 from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
+from lmstack.guard.asgi import OutputGuard, bearer_key
 from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, authorized, read_body, replay_body
 from lmstack.serve.api.chat import chat_choice, chat_chunk, chat_completion, chat_head, chat_usage_chunk
 from lmstack.serve.api.common import SSE_DONE, check_prompt_bytes, usage
@@ -132,119 +133,6 @@ def _completion(req: dict[str, Any], answer: str, prompt_tokens: int, completion
     return b"text/event-stream", "".join(events).encode()
 
 
-def _bearer(scope: dict) -> str | None:
-    """The request's API key (rate limits and the audit log use a hash of it), or its client address."""
-    for k, v in scope.get("headers") or []:
-        if k == b"authorization" and v[:7].lower() == b"bearer ":
-            return v[7:].decode("latin-1")
-    client = scope.get("client")
-    return f"{client[0]}" if client else None
-
-
-class OutputGuard:
-    """An ASGI ``send`` that passes the server's chat answer through the guard's output rails: a JSON
-    ``chat.completion`` is checked whole (redacted, or replaced by the block message with ``finish_reason``
-    "content_filter"); an event stream is checked window by window (:class:`lmstack.guard.guard.StreamChecker`):
-    text is released as it clears, and a blocked answer ends there with "content_filter" (the rest of the
-    model's stream is dropped). Anything that is not a 200 chat answer passes untouched."""
-
-    def __init__(self, guard: Any, passages: list[str], key: str | None, stream: bool, send: Callable):
-        from lmstack.guard.guard import GuardContext
-
-        self.guard, self.passages, self.key, self.stream, self._send = guard, passages, key, stream, send
-        self.checker = guard.stream(GuardContext(key=key, passages=passages)) if stream else None
-        self.status, self.buf, self.head, self.done, self.last = 0, b"", None, False, None
-
-    async def __call__(self, message: dict) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message.get("status", 200)
-            if self.status != 200:
-                return await self._send(message)
-            headers = [(k, v) for k, v in message.get("headers") or [] if k != b"content-length"]
-            self.head = {**message, "headers": headers}
-            if self.stream:
-                await self._send(self.head)
-            return
-        if message["type"] != "http.response.body" or self.status != 200:
-            return await self._send(message)
-        self.buf += message.get("body", b"")
-        if self.stream:
-            await self._events(final=not message.get("more_body", False))
-        elif not message.get("more_body", False):
-            await self._whole()
-
-    async def _whole(self) -> None:
-        from lmstack.guard.serving import guard_chat_response
-
-        body = self.buf
-        try:
-            doc = json.loads(body)
-            msg = doc["choices"][0]["message"]
-            if isinstance(msg.get("content"), str):
-                v = await asyncio.to_thread(guard_chat_response, self.guard, msg["content"], self.passages, self.key)
-                msg["content"] = v.message or v.text if v.blocked else v.text
-                if v.blocked:
-                    doc["choices"][0]["finish_reason"] = "content_filter"
-                body = json.dumps(doc, ensure_ascii=False).encode()
-        except (ValueError, KeyError, IndexError, TypeError):
-            pass
-        self.head["headers"] = self.head["headers"] + [(b"content-length", str(len(body)).encode())]
-        await self._send(self.head)
-        await self._send({"type": "http.response.body", "body": body})
-        self.done = True
-
-    async def _events(self, final: bool) -> None:
-        *events, self.buf = self.buf.split(b"\n\n")
-        out = []
-        for ev in events:
-            if self.done or not ev.startswith(b"data: "):
-                continue
-            if ev == b"data: [DONE]":
-                continue
-            try:
-                chunk = json.loads(ev[6:])
-                choice = chunk["choices"][0] if chunk.get("choices") else None
-            except (ValueError, KeyError, IndexError, TypeError):
-                out.append(ev)
-                continue
-            self.last = chunk
-            if choice is None:  # the usage chunk
-                out.append(ev)
-                continue
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                delta["content"] = self.checker.feed(delta["content"])
-                if self.checker.stopped:
-                    out.append(self._finish_event(chunk, self.checker.verdict.message or "", "content_filter"))
-                    self.done = True
-                    continue
-            if choice.get("finish_reason"):
-                rest = self.checker.close()
-                blocked = self.checker.verdict is not None and self.checker.verdict.blocked
-                delta["content"] = (delta.get("content") or "") + (
-                    (self.checker.verdict.message or "") if blocked else rest)
-                if blocked:
-                    choice["finish_reason"] = "content_filter"
-            out.append(b"data: " + json.dumps(chunk, ensure_ascii=False).encode())
-        body = b"".join(e + b"\n\n" for e in out)
-        if final:
-            body += b"data: [DONE]\n\n"
-        if body or final:
-            await self._send({"type": "http.response.body", "body": body, "more_body": not final})
-
-    @staticmethod
-    def _finish_event(chunk: dict, text: str, finish: str) -> bytes:
-        c = json.loads(json.dumps(chunk))
-        c["choices"][0]["delta"] = {"content": text} if text else {}
-        c["choices"][0]["finish_reason"] = finish
-        return b"data: " + json.dumps(c, ensure_ascii=False).encode()
-
-    async def finish(self) -> None:
-        """After the app returned: a stream that never ended its body is ended here."""
-        if self.stream and self.status == 200 and not self.done and self.buf:
-            await self._events(final=True)
-
-
 class GroundingMiddleware:
     """ASGI middleware: ground ``/v1/chat/completions`` requests in retrieved passages (module docstring)."""
 
@@ -281,7 +169,7 @@ class GroundingMiddleware:
             return await self.app(scope, receive, send)
         if body.disconnected:
             return
-        key = _bearer(scope)
+        key = bearer_key(scope)
         grounded = await asyncio.to_thread(self._ground, body.data, key)  # JSON + rails + retrieval: off the loop
         data = body.data
         if grounded is not None:

@@ -84,8 +84,11 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
                max_model_len: int | None = None, max_waiting: int = 256, device: str | None = None,
                dtype: str | None = None, max_request_bytes: int | None = None, drain_timeout: float = 300.0,
                enable_prefix_caching: bool = True, allowed_origins: list[str] | None = None,
-               log_level: str = "info", max_prompt_bytes: int | None = None, sanitize: bool = True) -> None:
-    """Serve ``model`` (a model directory) on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
+               log_level: str = "info", max_prompt_bytes: int | None = None, sanitize: bool = True,
+               wrap: Any = None) -> None:
+    """Serve ``model`` (a model directory) on ``host:port`` until SIGTERM / Ctrl-C. Blocks. ``wrap``: a function
+    from the app to an ASGI app around it (``lmstack serve --guard``: lmstack.guard.asgi.GuardMiddleware) that
+    keeps its ``state``."""
     import lmstack.serve.llm as L
     from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 
@@ -97,6 +100,8 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
     app = create_app(llm, api_key=api_key, served_model_name=served_model_name, max_waiting=max_waiting,
                      max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
                      allowed_origins=allowed_origins, max_prompt_bytes=max_prompt_bytes, sanitize=sanitize)
+    if wrap is not None:
+        app = wrap(app)
     model_state = app.state.model
     log.info("serving %s (max_model_len %d) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
              model_state.name, model_state.max_model_len, host, port)
