@@ -101,7 +101,7 @@ def test_chinese_docs_name_the_same_commands_as_the_english_ones():
              (ROOT / "docs" / "quickstart.md", ROOT / "docs" / "quickstart.zh-CN.md")]
     for en, zh in pairs:
         assert zh.is_file(), f"{zh.name} is missing"
-        assert re.search(r"[\u4e00-\u9fff]{200,}", re.sub(r"[\s，。、：；（）“”《》！？—0-9a-zA-Z`*#|.\-\[\]()/]", "",
-                                                       zh.read_text(encoding="utf-8"))), f"{zh.name} is not in Chinese"
+        text = zh.read_text(encoding="utf-8")
+        assert len(re.findall(r"[\u4e00-\u9fff]", text)) >= 500, f"{zh.name} is not in Chinese"
         a, b = commands(en), commands(zh)
         assert len(a) >= 3 and a == b, f"{en.name} vs {zh.name}: only English {sorted(a - b)}, only Chinese {sorted(b - a)}"
