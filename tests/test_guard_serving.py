@@ -54,3 +54,31 @@ def test_lmstack_serve_guard_flag_checks_the_policy_before_loading(tmp_path):
     bad.write_text("version: 1\ninput:\n  injection: {action: blok}\n", encoding="utf-8")
     # a bad policy: one line and exit 2, before any model is read (the model path does not even exist)
     assert main(["serve", "--model", str(tmp_path / "no-model"), "--guard", str(bad)]) == 2
+
+
+def test_perplexity_rail_scores_with_the_served_model(tmp_path):
+    """A policy that enables NeMo's perplexity heuristics gets the served model as its scorer (guard_for): the
+    rail's perplexity is the model's own (exp of the mean next-token cross-entropy, recomputed here)."""
+    import math
+
+    import torch
+
+    from lmstack.guard import load_policy
+    from lmstack.guard.asgi import guard_for
+    from lmstack.serve.llm import load
+    from tests.serve_fixtures import shared_model_dir
+
+    llm = load(shared_model_dir(), max_num_seqs=2)
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ninput:\n  perplexity: {enabled: true, action: block, length_per_perplexity: 0.001}\n",
+                      encoding="utf-8")
+    with_model = guard_for(policy, llm)
+    text = "Where is my order? It has been a week."
+    ids = llm.tokenizer.encode(text)
+    with torch.no_grad():
+        logits = llm.model(torch.tensor([ids])).float()[0, :-1]
+    want = math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))))
+    assert abs(with_model.scorer(text) - want) < 1e-3 * want
+    v = with_model.check_input(text)  # any text is over a length/perplexity of 0.001: the rail ran and blocked
+    assert v.blocked and any(r.rail == "input.perplexity" for r in v.results)
+    assert guard_for(load_policy(), llm).scorer is None  # the shipped policy leaves the rail off

@@ -47,12 +47,12 @@ def register(app: typer.Typer) -> None:
 
         wrap = None
         if guard is not None:
-            from lmstack.guard import DEFAULT_POLICY, Guard
-            from lmstack.guard.asgi import GuardMiddleware
+            from lmstack.guard import DEFAULT_POLICY, load_policy
+            from lmstack.guard.asgi import GuardMiddleware, guard_for
 
-            rails = Guard.from_policy(DEFAULT_POLICY if guard == "default" else guard)  # before the model loads
-            wrap = lambda app: GuardMiddleware(app, rails, api_key=api_key or None,  # noqa: E731
-                                               max_body=app.state.max_request_bytes)
+            policy = load_policy(DEFAULT_POLICY if guard == "default" else guard)  # a bad file fails before the model
+            wrap = lambda app, llm: GuardMiddleware(app, guard_for(policy, llm), api_key=api_key or None,  # noqa: E731
+                                                    max_body=app.state.max_request_bytes)
         run_server(model, adapter=adapter, host=host, port=port, api_key=api_key or None,
                    served_model_name=served_model_name, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                    max_waiting=max_waiting, device=device, dtype=dtype, max_request_bytes=max_request_bytes,

@@ -22,6 +22,21 @@ from lmstack.serve.api.common import SSE_DONE, usage
 from lmstack.serve.api.errors import APIError
 
 
+def guard_for(policy: Any, llm: Any = None) -> Any:
+    """A :class:`lmstack.guard.Guard` for a served ``llm`` (lmstack.serve.llm.LLM): a policy that enables the
+    perplexity rail (NeMo Guardrails' length-per-perplexity and prefix/suffix perplexity heuristics) gets the
+    served model as its scorer. ``policy``: a path, or an already validated GuardPolicy."""
+    from lmstack.guard import Guard, load_policy
+
+    pol = load_policy(policy) if not hasattr(policy, "input") else policy
+    scorer = None
+    if pol.input.perplexity and pol.input.perplexity.enabled and llm is not None:
+        from lmstack.guard.perplexity import model_perplexity
+
+        scorer = model_perplexity(llm.model, llm.tokenizer)
+    return Guard(pol, scorer=scorer)
+
+
 def bearer_key(scope: dict) -> str | None:
     """The request's API key (rate limits and the audit log use a hash of it), or its client address."""
     for k, v in scope.get("headers") or []:
@@ -199,4 +214,4 @@ class GuardMiddleware:
         return req, json.dumps(req, ensure_ascii=False).encode(), None
 
 
-__all__ = ["GuardMiddleware", "OutputGuard", "bearer_key", "refusal"]
+__all__ = ["GuardMiddleware", "OutputGuard", "bearer_key", "guard_for", "refusal"]

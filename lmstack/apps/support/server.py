@@ -283,11 +283,11 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
     from lmstack.serve.llm import load
 
     retriever = Retriever(index)  # fails at once on a bad index path, before the model loads
-    rails = None
+    policy = None
     if guard is not None:
-        from lmstack.guard import Guard
+        from lmstack.guard import load_policy
 
-        rails = Guard.from_policy(guard)  # a bad policy fails here, in one line, before the model loads
+        policy = load_policy(guard)  # a bad policy fails here, in one line, before the model loads
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=max_num_seqs)
@@ -296,6 +296,11 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
         from lmstack.apps.support.reader import Reader
 
         reader = Reader.load(model, adapter=adapter, device=device, ranker=ranker, llm=llm)  # one load
+    rails = None
+    if policy is not None:
+        from lmstack.guard.asgi import guard_for
+
+        rails = guard_for(policy, llm)  # the perplexity rail, when enabled, scores with the served model
     app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key, reader=reader,
                              guard=rails)
     logging.getLogger("lmstack.support").info(

@@ -87,8 +87,8 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
                log_level: str = "info", max_prompt_bytes: int | None = None, sanitize: bool = True,
                wrap: Any = None) -> None:
     """Serve ``model`` (a model directory) on ``host:port`` until SIGTERM / Ctrl-C. Blocks. ``wrap``: a function
-    from the app to an ASGI app around it (``lmstack serve --guard``: lmstack.guard.asgi.GuardMiddleware) that
-    keeps its ``state``."""
+    ``(app, llm) -> app`` putting an ASGI app around the server's that keeps its ``state`` (``lmstack serve
+    --guard``: lmstack.guard.asgi.GuardMiddleware)."""
     import lmstack.serve.llm as L
     from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 
@@ -101,7 +101,7 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
                      max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
                      allowed_origins=allowed_origins, max_prompt_bytes=max_prompt_bytes, sanitize=sanitize)
     if wrap is not None:
-        app = wrap(app)
+        app = wrap(app, llm)
     model_state = app.state.model
     log.info("serving %s (max_model_len %d) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
              model_state.name, model_state.max_model_len, host, port)
