@@ -110,10 +110,21 @@ def test_unauthenticated_chunked_body_is_refused_unread_and_never_retrieved(supp
 
 def test_authenticated_chunked_body_over_the_limit_is_413_while_streaming(support):
     support.retriever.calls.clear()
+    import re
+    import urllib.request
+
+    def refused() -> float:  # the server's own metric of 413 answers on the chat route
+        text = urllib.request.urlopen(support.url + "/metrics", timeout=30).read().decode()
+        m = re.search(r'lmstack_http_requests_total\{[^}]*route="/v1/chat/completions"[^}]*status="413"[^}]*\} (\S+)', text) \
+            or re.search(r'lmstack_http_requests_total\{[^}]*status="413"[^}]*route="/v1/chat/completions"[^}]*\} (\S+)', text)
+        return float(m.group(1)) if m else 0.0
+
+    before = refused()
     status, body = raw_chunked(support.port, {"Authorization": f"Bearer {KEY}"}, big_chat_chunks(LIMIT + 20_000))
     assert status == 413 and body["error"]["code"] == "request_too_large"
     assert str(LIMIT) in body["error"]["message"]
     assert support.retriever.calls == []
+    assert refused() == before + 1  # answered by the grounding middleware, counted like the server's own
     # a declared length over the limit: 413 before reading, from the server's own gate
     client = openai.OpenAI(base_url=support.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     with pytest.raises(openai.APIStatusError) as e:

@@ -37,6 +37,14 @@ def guard_for(policy: Any, llm: Any = None) -> Any:
     return Guard(pol, scorer=scorer)
 
 
+def count_status(app: Any, scope: dict, code: int) -> None:
+    """Count a response a wrapper answered itself in the server's ``lmstack_http_requests`` metric (the server's
+    gate counts everything it answers; a 413 for a chunked body read by a wrapper never reaches it)."""
+    metrics = getattr(getattr(getattr(app, "state", None), "model", None), "metrics", None)
+    if metrics is not None and getattr(metrics, "requests", None) is not None:
+        metrics.requests.labels(scope.get("path", "other"), str(code)).inc()
+
+
 def bearer_key(scope: dict) -> str | None:
     """The request's API key (rate limits and the audit log use a hash of it), or its client address."""
     for k, v in scope.get("headers") or []:
@@ -181,6 +189,7 @@ class GuardMiddleware:
         body = await read_body(scope, receive, self.max_body)
         if isinstance(body, APIError) or body.disconnected:  # over the limit: the server answers 413 itself
             if isinstance(body, APIError) and body.status == 413 and b"content-length" not in dict(scope.get("headers") or []):
+                count_status(self.app, scope, 413)
                 return await body.response()(scope, receive, send)
             return None if not isinstance(body, APIError) else await self.app(scope, receive, send)
         key = bearer_key(scope)
@@ -214,4 +223,4 @@ class GuardMiddleware:
         return req, json.dumps(req, ensure_ascii=False).encode(), None
 
 
-__all__ = ["GuardMiddleware", "OutputGuard", "bearer_key", "guard_for", "refusal"]
+__all__ = ["GuardMiddleware", "OutputGuard", "bearer_key", "count_status", "guard_for", "refusal"]

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
 from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
-from lmstack.guard.asgi import OutputGuard, bearer_key
+from lmstack.guard.asgi import OutputGuard, bearer_key, count_status
 from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, authorized, read_body, replay_body
 from lmstack.serve.api.chat import chat_choice, chat_chunk, chat_completion, chat_head, chat_usage_chunk
 from lmstack.serve.api.common import SSE_DONE, check_prompt_bytes, usage
@@ -165,6 +165,7 @@ class GroundingMiddleware:
         body = await read_body(scope, receive, self.max_body)
         if isinstance(body, APIError):  # over the server's limit: it answers 413 (and counts it)
             if body.status == 413 and b"content-length" not in dict(scope.get("headers") or []):
+                count_status(self.app, scope, 413)  # answered here (the stream was read): counted here
                 return await body.response()(scope, receive, send)
             return await self.app(scope, receive, send)
         if body.disconnected:
