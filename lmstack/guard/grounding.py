@@ -2,9 +2,9 @@
 
 A sentence's support score is its best match over the passages' sentences::
 
-    lexical(s, p) = |terms(s) & terms(p)| / |terms(s)|          terms: English content words (lower-cased, stop
-                                                                 words dropped, a light suffix strip) and
-                                                                 Chinese character bigrams
+    lexical(s, p) = |terms(s) & terms(p)| / |terms(s)|          terms: the retrieval index's analyzer
+                                                                 (lmstack.rag.analyze.terms: English content
+                                                                 words stemmed, numbers, Chinese bigrams)
     score(s)      = max_p lexical                                (no embedder)
                   = max_p (lexical + cos(e(s), e(p))) / 2        (with the MiniLM embedder; English)
 
@@ -22,15 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 _SENT = re.compile(r"[^.!?。！？；;\n]+(?:[.!?。！？；;]+|\n|$)")
-_WORD = re.compile(r"[a-z][a-z'-]*|\d+(?:[.,]\d+)?")
-_HAN = re.compile(r"[\u4e00-\u9fff]+")
 _NUM = re.compile(r"\d+(?:[.,]\d+)?")
-STOP = frozenset(
-    "a an the and or but if then so of to in on at by for with from as is are was were be been being it its this that "
-    "these those there here we you your our us i me my he she they them his her their do does did can could will "
-    "would should may might must have has had not no yes please thanks thank hi hello also just any all some more "
-    "most very about into over than up out what which who whom when where why how only own same such too again "
-    "further once both each few other s t don't can't won't i'm you're we're it's".split())
 MAX_ANSWER_CHARS = 32_000
 MAX_PASSAGE_CHARS = 200_000
 
@@ -40,21 +32,13 @@ def sentences(text: str) -> list[tuple[int, int]]:
     return [(m.start(), m.end()) for m in _SENT.finditer(text) if m.group().strip()]
 
 
-def _stem(w: str) -> str:
-    for suf in ("ing", "ies", "ed", "es", "s"):
-        if len(w) > len(suf) + 2 and w.endswith(suf):
-            return w[: -len(suf)] + ("y" if suf == "ies" else "")
-    return w
-
-
 def terms(text: str) -> set[str]:
-    t = unicodedata.normalize("NFKC", text).lower()
-    out = {_stem(w) for w in _WORD.findall(t) if w not in STOP}
-    for run in _HAN.findall(t):
-        out.update(run[i:i + 2] for i in range(len(run) - 1))
-        if len(run) == 1:
-            out.add(run)
-    return out
+    """The set of a sentence's content terms: the retrieval index's analyzer (lmstack.rag.analyze: stemmed English
+    words without function words, numbers, Chinese character bigrams), so support is measured in the terms
+    retrieval matched on."""
+    from lmstack.rag.analyze import terms as index_terms
+
+    return set(index_terms(text))
 
 
 def numbers(text: str) -> set[str]:
