@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from lmstack.errors import CheckpointError, DataError
-from lmstack.utils.io import atomic_write_json, iter_jsonl_lines
+from lmstack.utils.io import atomic_write_json
 
 DATA_DIR = Path(__file__).with_name("data")
 MAX_TEXT_CHARS = 4000  # a classifier reads the head of a text; longer inputs are capped before featurising
@@ -52,26 +52,11 @@ class TextClassifierConfig:
 
 # ---------------------------------------------------------------------------------------------- data
 def read_labelled(path: str | Path) -> list[dict[str, Any]]:
-    """Records ``{"text", "label"[, "lang", "split"]}`` of a JSON Lines file; a bad line names file:line."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: labelled set not found")
-    if p.stat().st_size > MAX_DATA_BYTES:
-        raise DataError(f"{p}: {p.stat().st_size:,} bytes is over the {MAX_DATA_BYTES:,}-byte limit for a guard set")
+    """Records ``{"text", "label"[, "lang", "split"]}`` of a JSON Lines file (lmstack.model.classify's reader with
+    the guard's limits: string labels only); a bad line names file:line."""
+    from lmstack.model.classify import read_labelled as read
 
-    def bad(lineno: int, reason: str) -> None:
-        raise DataError(f"{p}:{lineno}: {reason}")
-
-    rows = []
-    for lineno, r in iter_jsonl_lines(p, bad):
-        if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"].strip():
-            bad(lineno, 'expected an object with a non-empty string "text"')
-        if not isinstance(r.get("label"), str):
-            bad(lineno, 'expected a string "label"')
-        rows.append({**r, "text": r["text"][:MAX_TEXT_CHARS]})
-    if not rows:
-        raise DataError(f"{p}: no records")
-    return rows
+    return read(path, max_bytes=MAX_DATA_BYTES, max_text_chars=MAX_TEXT_CHARS, int_labels=False, what="a guard set")
 
 
 def split(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

@@ -63,13 +63,16 @@ class ClassifyConfig:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def read_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[dict[str, Any]]:
-    """Records of a labelled JSON Lines file; a malformed record stops with ``file:line`` and what to fix."""
+def read_labelled(path: str | Path, text_field: str = "text", label_field: str = "label", *,
+                  max_bytes: int = MAX_DATA_BYTES, max_text_chars: int = MAX_TEXT_CHARS, int_labels: bool = True,
+                  what: str = "classify data") -> list[dict[str, Any]]:
+    """Records of a labelled JSON Lines file; a malformed record stops with ``file:line`` and what to fix. Texts
+    are cut at ``max_text_chars``; labels are strings (``int_labels``: integers too, read as their string)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: labelled data file not found")
-    if p.stat().st_size > MAX_DATA_BYTES:
-        raise DataError(f"{p}: {p.stat().st_size:,} bytes is over the {MAX_DATA_BYTES:,}-byte limit for classify data")
+    if p.stat().st_size > max_bytes:
+        raise DataError(f"{p}: {p.stat().st_size:,} bytes is over the {max_bytes:,}-byte limit for {what}")
 
     def bad(lineno: int, reason: str) -> None:
         raise DataError(f"{p}:{lineno}: {reason}")
@@ -78,9 +81,10 @@ def read_labelled(path: str | Path, text_field: str = "text", label_field: str =
     for lineno, r in iter_jsonl_lines(p, bad):
         if not isinstance(r, dict) or not isinstance(r.get(text_field), str) or not r[text_field].strip():
             bad(lineno, f'expected an object with a non-empty string "{text_field}"')
-        if not isinstance(r.get(label_field), (str, int)) or isinstance(r.get(label_field), bool):
+        label = r.get(label_field)
+        if not isinstance(label, (str, int) if int_labels else str) or isinstance(label, bool):
             bad(lineno, f'expected a string "{label_field}"')
-        rows.append({**r, text_field: r[text_field][:MAX_TEXT_CHARS], label_field: str(r[label_field])})
+        rows.append({**r, text_field: r[text_field][:max_text_chars], label_field: str(label)})
     if not rows:
         raise DataError(f"{p}: no records")
     return rows
