@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmstack.config import StrictModel
-from lmstack.text.pii import KINDS
+from lmstack.text.pii import check_kinds
 from lmstack.text.quality import QualityConfig
 
 
@@ -55,12 +55,7 @@ class PIIConfig(StrictModel):
     @field_validator("kinds")
     @classmethod
     def _known(cls, v):
-        if v is not None:
-            bad = [k for k in v if k.upper() not in KINDS]
-            if bad:
-                raise ValueError(f"unknown PII kinds {bad}; allowed: {list(KINDS)}")
-            v = [k.upper() for k in v]
-        return v
+        return check_kinds(v)
 
 
 class DedupConfig(StrictModel):

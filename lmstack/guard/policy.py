@@ -33,7 +33,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from lmstack.config import StrictModel, read_yaml, validate
-from lmstack.text.pii import KINDS as PII_KINDS
+from lmstack.text.pii import check_kinds
 
 SpanAction = Literal["block", "redact", "warn", "log"]
 FlagAction = Literal["block", "warn", "log"]  # rails that score the whole text: nothing to redact
@@ -53,12 +53,7 @@ class PIIRail(Rail):
     @field_validator("kinds")
     @classmethod
     def _known(cls, v: Optional[list[str]]) -> Optional[list[str]]:
-        if v is not None:
-            bad = [k for k in v if k.upper() not in PII_KINDS]
-            if bad:
-                raise ValueError(f"unknown PII kind(s) {bad}; known: {', '.join(PII_KINDS)}")
-            v = [k.upper() for k in v]
-        return v
+        return check_kinds(v)
 
 
 class InjectionRail(Rail):

@@ -184,12 +184,21 @@ def _candidates(text: str, kinds: set[str]):
             yield "IP", m.start(), m.start() + len(cand)
 
 
+def check_kinds(kinds: list[str] | tuple[str, ...] | set[str] | None) -> list[str] | None:
+    """``kinds`` upper-cased (None stays None: every kind); ValueError naming any that is not in :data:`KINDS`
+    (the one check behind find_pii and the configs that name kinds)."""
+    if kinds is None:
+        return None
+    out = [k.upper() for k in kinds]
+    bad = sorted(set(out) - set(KINDS))
+    if bad:
+        raise ValueError(f"unknown PII kinds {bad}; known: {', '.join(KINDS)}")
+    return out
+
+
 def find_pii(text: str, kinds: list[str] | tuple[str, ...] | set[str] | None = None) -> list[PIISpan]:
     """All non-overlapping PII spans in ``text``, sorted by start. ``kinds``: subset of :data:`KINDS`."""
-    want = set(KINDS) if kinds is None else {k.upper() for k in kinds}
-    bad = want - set(KINDS)
-    if bad:
-        raise ValueError(f"unknown PII kind(s) {sorted(bad)}; known: {', '.join(KINDS)}")
+    want = set(KINDS) if kinds is None else set(check_kinds(kinds))
     cands = sorted(_candidates(text, want), key=lambda c: (_PRIORITY[c[0]], -(c[2] - c[1]), c[1]))
     taken: list[tuple[int, int]] = []
     out: list[PIISpan] = []
