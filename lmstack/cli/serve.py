@@ -47,10 +47,10 @@ def register(app: typer.Typer) -> None:
 
         wrap = None
         if guard is not None:
-            from lmstack.guard import DEFAULT_POLICY, load_policy
+            from lmstack.guard import load_policy
             from lmstack.guard.asgi import GuardMiddleware, guard_for
 
-            policy = load_policy(DEFAULT_POLICY if guard == "default" else guard)  # a bad file fails before the model
+            policy = load_policy(guard)  # "default": the shipped policy; a bad file fails before the model loads
             wrap = lambda app, llm: GuardMiddleware(app, guard_for(policy, llm), api_key=api_key or None,  # noqa: E731
                                                     max_body=app.state.max_request_bytes)
         run_server(model, adapter=adapter, host=host, port=port, api_key=api_key or None,

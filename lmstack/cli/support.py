@@ -49,11 +49,11 @@ _OFF = "__off__"
 
 def _guard(flag: Optional[str]) -> Optional[str]:
     """--guard: None (the bundle decides), `default` (the shipped support policy), `off`, or a path."""
-    if flag == "default":
-        from lmstack.guard import DEFAULT_POLICY
+    if flag is None or flag == "off":
+        return None if flag is None else _OFF
+    from lmstack.guard.policy import policy_path
 
-        return str(DEFAULT_POLICY)
-    return _OFF if flag == "off" else flag
+    return str(policy_path(flag))
 
 
 def _mode(mode: Optional[str]) -> None:

@@ -154,10 +154,15 @@ class GuardPolicy(StrictModel):
     blocked_message: str = Field(BLOCKED, max_length=2000)
 
 
+def policy_path(spec: str | Path | None) -> Path:
+    """A policy file: ``None`` or ``"default"`` (the name the CLIs and recipes use) -> the shipped support policy."""
+    return DEFAULT_POLICY if spec is None or str(spec) == "default" else Path(spec)
+
+
 def load_policy(path: str | Path | None = None) -> GuardPolicy:
-    """The policy in ``path`` (default: the shipped support policy). Errors are one line naming the file and
-    the field (:class:`lmstack.errors.ConfigError`, exit status 2 on the command line)."""
-    p = Path(path) if path is not None else DEFAULT_POLICY
+    """The policy in ``path`` (None or ``"default"``: the shipped support policy). Errors are one line naming the
+    file and the field (:class:`lmstack.errors.ConfigError`, exit status 2 on the command line)."""
+    p = policy_path(path)
     if p.is_file() and p.stat().st_size > 1 << 20:
         from lmstack.errors import ConfigError
 

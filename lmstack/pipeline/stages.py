@@ -49,6 +49,13 @@ def fit_summary(res: Any, run_dir: Path) -> dict[str, Any]:
             "metrics": str(run_dir / "metrics.jsonl")}
 
 
+def model_summary(mc: Any) -> dict[str, Any]:
+    """A model's parameter count and shape, as a stage summary reports them (lmstack.model.ModelConfig)."""
+    return {"parameters": mc.num_parameters(),
+            "model": {k: getattr(mc, k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                  "num_attention_heads", "num_key_value_heads", "vocab_size")}}
+
+
 def _resumed(ctx: StageContext) -> Any:
     cfg = ctx.config
     if ctx.resume:
@@ -66,10 +73,8 @@ def run_pretrain(ctx: StageContext) -> dict[str, Any]:
         raise StageInterrupted(f"pretraining stopped at step {res.steps} ({res.stopped}); its checkpoint is kept: "
                                f"run the same command again to resume")
     mc = ModelConfig.from_hf(res.final_dir)
-    return {**fit_summary(res, Path(ctx.config.run_dir)), "parameters": mc.num_parameters(),
-            "non_embedding_parameters": mc.num_parameters(include_embeddings=False),
-            "model": {k: getattr(mc, k) for k in ("model_type", "hidden_size", "num_hidden_layers",
-                                                  "num_attention_heads", "num_key_value_heads", "vocab_size")}}
+    return {**fit_summary(res, Path(ctx.config.run_dir)), **model_summary(mc),
+            "non_embedding_parameters": mc.num_parameters(include_embeddings=False)}
 
 
 def run_finetune(ctx: StageContext) -> dict[str, Any]:
@@ -126,9 +131,7 @@ def run_base(ctx: StageContext) -> dict[str, Any]:
     out = import_gguf(src, ctx.out_dir / "model", dtype=ctx.config.dtype)
     mc = ModelConfig.from_hf(out)
     ctx.log(f"{src.name} -> {out}: {mc.model_type}, {mc.num_parameters() / 1e6:.1f}M parameters")
-    return {"gguf": str(src), "model_dir": str(out), "parameters": mc.num_parameters(),
-            "model": {k: getattr(mc, k) for k in ("model_type", "hidden_size", "num_hidden_layers",
-                                                  "num_attention_heads", "num_key_value_heads", "vocab_size")}}
+    return {"gguf": str(src), "model_dir": str(out), **model_summary(mc)}
 
 
 def base_stage(description: str = "the pretrained base model, imported from GGUF") -> Stage:

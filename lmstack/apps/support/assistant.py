@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
-from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
+from lmstack.apps.support.retrieval import DEFAULT_K, citation_numbers, context_hits, guard_hits
 
 
 class SupportAssistant:
@@ -84,13 +84,7 @@ class SupportAssistant:
         if self.retriever is None:
             return []
         previous = [m["content"] for m in self.history if m["role"] == "user"]
-        hits = context_hits(self.retriever, question, previous[-1:], k=self.k)
-        if self.guard is not None and hits:
-            import dataclasses
-
-            clean = self.guard.check_context([h.chunk.text for h in hits]).passages
-            hits = [dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=t)) for h, t in zip(hits, clean)]
-        return hits
+        return guard_hits(context_hits(self.retriever, question, previous[-1:], k=self.k), self.guard)
 
     def messages(self, question: str) -> list[dict[str, str]]:
         """System prompt (+ retrieved passages) + the last ``max_history_turns`` exchanges + the new question."""
@@ -112,7 +106,6 @@ class SupportAssistant:
         question = question.strip()
         if not question:
             return
-        checker = None
         if self.guard is not None:  # input rails: a blocked question gets the policy's message, never the model
             verdict = self.guard.check_input(question)
             if verdict.blocked:
@@ -121,17 +114,13 @@ class SupportAssistant:
                 return
             question = verdict.text  # PII redacted
         msgs = self.messages(question)
-        if self.guard is not None:
-            from lmstack.guard import GuardContext
-
-            checker = self.guard.stream(GuardContext(passages=[h.chunk.text for h in self.last_context]))
         if self.mode == "select":
             prompt = self.llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
             pieces: Iterator[str] = iter([self.reader.answer(prompt, question, self.last_context)])
         else:
             pieces = self.llm.stream(self.llm.chat_prompt(msgs), **{**self.sampling, **sampling})
         answer = []
-        for piece in _guarded(pieces, checker):
+        for piece in self._guarded(pieces):
             if not answer:
                 piece = piece.lstrip()
             if piece:
@@ -140,39 +129,30 @@ class SupportAssistant:
         text = "".join(answer).strip()
         self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
 
+    def _guarded(self, pieces: Iterator[str]) -> Iterator[str]:
+        """``pieces`` through the output rails window by window (lmstack.guard.serving.guard_stream): text is
+        released as it clears; a blocked answer ends with the policy's message and stops the generation."""
+        if self.guard is None:
+            yield from pieces
+            return
+        from lmstack.guard.serving import guard_stream
+
+        for text, verdict in guard_stream(self.guard, pieces, [h.chunk.text for h in self.last_context]):
+            if verdict is not None and verdict.blocked:
+                yield verdict.message or ""
+                if hasattr(pieces, "close"):
+                    pieces.close()  # the engine frees the sequence
+                return
+            if text:
+                yield text
+
     def cited(self, answer: str) -> list[Any]:
         """The passages (:class:`lmstack.rag.Hit` of the last question) an answer cites with ``[n]`` markers."""
-        import re
-
-        from lmstack.apps.support.retrieval import CITATION
-
-        m = CITATION.search(answer)
-        nums = [int(x) for x in re.findall(r"\d+", m.group(0))] if m else []
-        return [self.last_context[n - 1] for n in nums if 0 < n <= len(self.last_context)]
+        return [self.last_context[n - 1] for n in citation_numbers(answer) if 0 < n <= len(self.last_context)]
 
     def reset(self) -> None:
         self.history.clear()
         self.last_context = []
-
-
-def _guarded(pieces: Iterator[str], checker: Any) -> Iterator[str]:
-    """``pieces`` through the output rails window by window (lmstack.guard.StreamChecker): text is released as it
-    clears; a blocked answer ends with the policy's message."""
-    if checker is None:
-        yield from pieces
-        return
-    for piece in pieces:
-        out = checker.feed(piece)
-        if checker.stopped:
-            yield checker.verdict.message or ""
-            if hasattr(pieces, "close"):
-                pieces.close()  # stops the generation (the engine frees the sequence)
-            return
-        if out:
-            yield out
-    rest = checker.close()
-    v = checker.verdict
-    yield (v.message or "") if v is not None and v.blocked else rest
 
 
 def bundle_kwargs(bundle: str | Path) -> dict[str, Any]:

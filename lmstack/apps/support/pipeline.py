@@ -60,12 +60,12 @@ def bundle_parts(r: Recipe, summaries: dict[str, Any]) -> dict[str, Any]:
                for who in ("finetuned" if "finetune" in r.stages else "base", "no_model")]
     ranker = next((p for p in rankers if "reader" in r.stages and p.is_file()), None)
     guard = st.section(r, "bundle").guard
-    if guard == "default":
-        from lmstack.guard import DEFAULT_POLICY
+    if guard:
+        from lmstack.guard.policy import policy_path
 
-        guard = DEFAULT_POLICY
+        guard = policy_path(guard)
     return {"model": model, "adapter": adapter, "index": r.run_path / "rag" / "index.sqlite", "ranker": ranker,
-            "guard": Path(guard) if guard else None}
+            "guard": guard}
 
 
 def bundle_settings(r: Recipe, b: cfg.BundleStage) -> dict[str, Any]:

@@ -112,18 +112,42 @@ def _squeeze(text: str) -> str:
     return " ".join(text.split())
 
 
+def states(passage: str, answer: str) -> bool:
+    """Whether ``passage`` contains ``answer`` word for word (whitespace aside)."""
+    a = _squeeze(answer)
+    return bool(a) and a in _squeeze(passage)
+
+
 def cite_passage(answer: str, hits: Sequence[Hit], gold: str | None = None) -> int | None:
     """The 1-based number of the passage an answer is taken from: the first shown passage that contains the
     answer's text (whitespace aside), else the one holding the answer's fact (``gold`` chunk id); None when
     neither is shown (a greeting, a refusal)."""
-    a = _squeeze(answer)
     for i, h in enumerate(hits, 1):
-        if a and a in _squeeze(h.chunk.text):
+        if states(h.chunk.text, answer):
             return i
     for i, h in enumerate(hits, 1):
         if gold is not None and h.chunk.id == gold:
             return i
     return None
+
+
+def citation_numbers(text: str) -> list[int]:
+    """The passage numbers an answer cites at its end (``... days. [1][3]`` -> [1, 3]; none -> [])."""
+    m = CITATION.search(text)
+    return [int(x) for x in re.findall(r"\d+", m.group(0))] if m else []
+
+
+def guard_hits(hits: list[Hit], guard: Any, key: str | None = None) -> list[Hit]:
+    """``hits`` with their passages sanitized by the guard's context rail (instruction-like sentences inside
+    them cut out: indirect prompt injection); as they are without a guard."""
+    if guard is None or not hits:
+        return hits
+    import dataclasses
+
+    from lmstack.guard.serving import guard_passages
+
+    clean = guard_passages(guard, [h.chunk.text for h in hits], key=key).passages
+    return [dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=t)) for h, t in zip(hits, clean)]
 
 
 def strip_citations(text: str) -> str:

@@ -29,7 +29,7 @@ import threading
 from typing import Any, Callable
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
-from lmstack.apps.support.retrieval import DEFAULT_K, context_hits
+from lmstack.apps.support.retrieval import DEFAULT_K, context_hits, guard_hits
 from lmstack.guard.asgi import OutputGuard, bearer_key, count_status
 from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, authorized, read_body, replay_body
 from lmstack.serve.api.chat import chat_choice, chat_chunk, chat_completion, chat_head, chat_usage_chunk
@@ -53,20 +53,13 @@ def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEF
     """OpenAI-style ``messages`` with the retrieved passages in the (first) system message (the passages are
     appended to ``hits_out`` when given). With a ``guard`` (lmstack.guard), the passages are sanitized first:
     instruction-like sentences inside them (indirect prompt injection) are cut out."""
-    import dataclasses
-
     from lmstack.rag import with_context
 
     users = [_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     users = [u for u in users if u.strip()]
     if not users:
         return messages
-    hits = context_hits(retriever, users[-1], users[-2:-1], k=k)
-    if guard is not None and hits:
-        from lmstack.guard.serving import guard_passages
-
-        clean = guard_passages(guard, [h.chunk.text for h in hits], key=key).passages
-        hits = [dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=t)) for h, t in zip(hits, clean)]
+    hits = guard_hits(context_hits(retriever, users[-1], users[-2:-1], k=k), guard, key)
     if hits_out is not None:
         hits_out.extend(hits)
     out = [dict(m) for m in messages]

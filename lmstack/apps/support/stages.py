@@ -24,7 +24,6 @@ No stage re-implements a library: they fill in paths, pick the inputs and collec
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +278,10 @@ def run_tokenizer(ctx: StageContext) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- eval
+REPLY_METRICS = ["exact_match", "f1"]  # support_reply: the shop's greeting / refusal, word for word
+GENERAL_METRICS = ["contains", "f1"]  # general_qa: the answer somewhere in the reply
+
+
 def general_qa_path() -> Path:
     """The shipped general-knowledge check (recipes/data/general/general_qa.yaml), else the packaged copy."""
     from lmstack.apps.support.kb import default_kb_dir
@@ -321,7 +324,7 @@ def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str,
         path = asked(list(read_jsonl(reply)), out / "support_reply.jsonl")
         tasks.append({"type": "generation", "name": "support_reply", "data": str(path.resolve()),
                       "prompt": "{{ prompt }}", "max_tokens": r.max_tokens, "stop": ["\n"], "remove": remove,
-                      "metrics": ["exact_match", "f1"],
+                      "metrics": REPLY_METRICS,
                       "description": "held-out greetings and out-of-scope questions: greet or decline as the shop "
                                      "says"})
     if r.general_qa:
@@ -332,7 +335,7 @@ def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str,
               for lang in sorted(doc) for i, x in enumerate(doc[lang])]
         path = asked(gq, out / "general_qa.jsonl")
         tasks.append({"type": "generation", "name": "general_qa", "data": str(path.resolve()), "prompt": "{{ prompt }}",
-                      "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": ["contains", "f1"],
+                      "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": GENERAL_METRICS,
                       "description": f"general knowledge, asked without the shop's prompt ({src.name})"})
     text = data / "heldout_text.jsonl"
     if r.perplexity and text.is_file() and text.stat().st_size > 0:
@@ -347,8 +350,7 @@ def _task_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def per_language(out: Path, metrics: list[str], task: str = "support_heldout") -> dict[str, dict[str, float]]:
-    """A generation task's metrics per language, rescored from the saved predictions (``out/samples``); for the
-    support questions answered with citations, ``citation``: the share whose cited passage holds the answer."""
+    """A generation task's metrics per language, rescored from the saved predictions (``out/samples``)."""
     from lmstack.eval.generation import score_generation
 
     qa = out.parent / f"{task}.jsonl"
@@ -368,7 +370,7 @@ def per_language(out: Path, metrics: list[str], task: str = "support_heldout") -
 def citation_accuracy(recipe: Recipe, out: Path) -> dict[str, float]:
     """Of the support answers that end with a citation (``[n]``), the share citing a passage that states the
     reference answer (whitespace aside), overall and per language; and the share of answers citing at all."""
-    from lmstack.apps.support.retrieval import CITATION
+    from lmstack.apps.support.retrieval import citation_numbers, states
     from lmstack.rag import Retriever
 
     samples = out / "samples" / "support_heldout.jsonl"
@@ -379,12 +381,10 @@ def citation_accuracy(recipe: Recipe, out: Path) -> dict[str, float]:
     retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
     rows: list[tuple[str, bool, bool]] = []
     for q, p in zip(asked, read_jsonl(samples)):
-        m = CITATION.search(p.get("raw", p["prediction"]))
-        nums = [int(x) for x in re.findall(r"\d+", m.group(0))] if m else []
-        ctx = grounded[q["id"]]["context"]
-        shown = [retriever.get(c) for c in ctx]
+        nums = citation_numbers(p.get("raw", p["prediction"]))
+        shown = [retriever.get(c) for c in grounded[q["id"]]["context"]]
         ok = bool(nums) and all(0 < n <= len(shown) and shown[n - 1] is not None
-                                and " ".join(q["answer"].split()) in " ".join(shown[n - 1].text.split()) for n in nums)
+                                and states(shown[n - 1].text, q["answer"]) for n in nums)
         rows.append((q["lang"], bool(nums), ok))
     retriever.close()
     res: dict[str, float] = {}
@@ -533,7 +533,7 @@ def select_eval(recipe: Recipe, out: Path, model: Path | None, adapter: Path | N
 
 def _by_language(recipe: Recipe, summary: dict[str, Any], who: str, out: Path, ev: Any) -> None:
     summary[f"{who}_by_lang"] = per_language(out, ev.metrics)
-    for task, metrics in (("support_reply", ["exact_match", "f1"]), ("general_qa", ["contains", "f1"])):
+    for task, metrics in (("support_reply", REPLY_METRICS), ("general_qa", GENERAL_METRICS)):
         by = per_language(out, metrics, task)
         if by:
             summary.setdefault(f"{who}_by_task_lang", {})[task] = by
