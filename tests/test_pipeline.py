@@ -406,3 +406,24 @@ def test_apps_are_found_by_entry_point_or_by_name_in_a_source_tree(monkeypatch):
     assert A.get_app("support").order == app.order
     with pytest.raises(ConfigError, match="app 'risk' is not installed; installed apps: support"):
         A.get_app("risk")
+
+
+def test_general_qa_file_is_read_strictly(tmp_path):
+    """The general check's YAML: a bare answer string is one answer (not its characters); a malformed entry is
+    one clear error naming the file and the entry."""
+    from lmstack.apps.support.stages import general_qa_path, read_general_qa
+    from lmstack.errors import DataError
+
+    rows = read_general_qa(general_qa_path())
+    assert len(rows) == 40 and {r["lang"] for r in rows} == {"en", "zh"}
+    assert rows[0]["messages"] == [{"role": "user", "content": rows[0]["question"]}]  # no system prompt
+    f = tmp_path / "g.yaml"
+    f.write_text("en:\n  - {q: 'Capital of France?', a: Paris}\n  - {q: 'Days in a week?', a: [7, seven]}\n",
+                 encoding="utf-8")
+    assert [r["answer"] for r in read_general_qa(f)] == [["Paris"], ["7", "seven"]]
+    f.write_text("en:\n  - {q: 'Capital of France?'}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"g.yaml: en\[0\]: expected \{q: question, a: answer or \[answers\]\}"):
+        read_general_qa(f)
+    f.write_text("- just a list\n", encoding="utf-8")
+    with pytest.raises(Exception, match="g.yaml"):
+        read_general_qa(f)

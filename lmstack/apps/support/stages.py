@@ -289,6 +289,30 @@ def general_qa_path() -> Path:
     return default_kb_dir().parent / "general" / "general_qa.yaml"
 
 
+def read_general_qa(src: Path) -> list[dict[str, Any]]:
+    """Question rows of a general-knowledge check: ``{lang: [{q: question, a: answer or [answers]}]}``; a
+    malformed file is one line naming it and the entry."""
+    from lmstack.config import read_yaml
+
+    doc = read_yaml(src, what="general QA set")
+    if not isinstance(doc, dict) or not doc:
+        raise DataError(f"{src}: expected a mapping of language -> list of {{q, a}} entries")
+    rows = []
+    for lang in sorted(doc):
+        items = doc[lang]
+        if not isinstance(items, list):
+            raise DataError(f"{src}: {lang}: expected a list of {{q, a}} entries")
+        for i, x in enumerate(items):
+            a = x.get("a") if isinstance(x, dict) else None
+            answers = [a] if isinstance(a, (str, int, float)) else a
+            if not (isinstance(x, dict) and isinstance(x.get("q"), str) and x["q"].strip() and isinstance(answers, list)
+                    and answers and all(isinstance(y, (str, int, float)) for y in answers)):
+                raise DataError(f"{src}: {lang}[{i}]: expected {{q: question, a: answer or [answers]}}")
+            rows.append({"question": x["q"], "answer": [str(y) for y in answers], "lang": str(lang),
+                         "id": f"general/{lang}#{i}", "messages": [{"role": "user", "content": x["q"]}]})
+    return rows
+
+
 def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str, Any]]:
     """Task dicts for lmstack.eval: held-out support QA, held-out greetings / out-of-scope questions, the
     general-knowledge check and held-out text perplexity.
@@ -299,7 +323,6 @@ def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str,
     on. The general questions are asked with no system prompt at all: what the model knows on its own."""
     from lmstack.apps.support import sample_heldout
     from lmstack.apps.support.retrieval import CITATION
-    from lmstack.config import read_yaml
     from lmstack.tokenizer import Tokenizer
 
     r = section(recipe, "eval")
@@ -329,11 +352,7 @@ def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str,
                                      "says"})
     if r.general_qa:
         src = Path(r.general_qa) if r.general_qa != "shipped" else general_qa_path()
-        doc = read_yaml(src)
-        gq = [{"question": x["q"], "answer": list(x["a"]), "lang": lang, "id": f"general/{lang}#{i}",
-               "messages": [{"role": "user", "content": x["q"]}]}
-              for lang in sorted(doc) for i, x in enumerate(doc[lang])]
-        path = asked(gq, out / "general_qa.jsonl")
+        path = asked(read_general_qa(src), out / "general_qa.jsonl")
         tasks.append({"type": "generation", "name": "general_qa", "data": str(path.resolve()), "prompt": "{{ prompt }}",
                       "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": GENERAL_METRICS,
                       "description": f"general knowledge, asked without the shop's prompt ({src.name})"})
