@@ -37,9 +37,12 @@ class SupportAssistant:
                  index: str | Path | Any = None, k: int = DEFAULT_K, context_max_chars: int | None = None,
                  mode: str = "select", reader: Any = None, ranker: str | Path | Any = None,
                  system_prompt: str = SYSTEM_PROMPT, max_history_turns: int = 4, max_tokens: int = 96,
-                 temperature: float = 0.0, guard: str | Path | Any = None, **load_kw: Any):
+                 temperature: float = 0.0, guard: str | Path | Any = None, context: str = "passages",
+                 units: int = 4, **load_kw: Any):
         if mode not in ("select", "generate"):
             raise ValueError(f"mode must be 'select' or 'generate', got {mode!r}")
+        if context not in ("passages", "units"):
+            raise ValueError(f"context must be 'passages' or 'units', got {context!r}")
         if isinstance(guard, (str, Path)):
             from lmstack.guard import Guard
 
@@ -51,6 +54,8 @@ class SupportAssistant:
             index = Retriever(index)
         self.retriever = index
         self.k, self.context_max_chars = k, context_max_chars
+        # context "units": the prompt shows the top `units` answer units of the passages, ranked without the model
+        self.unit_reader, self.units = (unit_reader(ranker) if context == "units" and index is not None else None), units
         self.mode = mode if index is not None else "generate"
         if isinstance(model, (str, Path)):
             from lmstack.serve.llm import load
@@ -84,7 +89,12 @@ class SupportAssistant:
         if self.retriever is None:
             return []
         previous = [m["content"] for m in self.history if m["role"] == "user"]
-        return guard_hits(context_hits(self.retriever, question, previous[-1:], k=self.k), self.guard)
+        hits = guard_hits(context_hits(self.retriever, question, previous[-1:], k=self.k), self.guard)
+        if self.unit_reader is not None:
+            from lmstack.apps.support.reader import unit_hits
+
+            hits = unit_hits(self.unit_reader, question, hits, self.units)
+        return hits
 
     def messages(self, question: str) -> list[dict[str, str]]:
         """System prompt (+ retrieved passages) + the last ``max_history_turns`` exchanges + the new question."""
@@ -163,7 +173,24 @@ def bundle_kwargs(bundle: str | Path) -> dict[str, Any]:
     s = b.settings
     out: dict[str, Any] = {"model": str(b.part("model")), "adapter": b.part("adapter"), "index": str(b.part("index")),
                            "ranker": b.part("ranker"), "guard": b.part("guard")}
-    for key in ("k", "context_max_chars", "mode", "system_prompt", "max_tokens"):
+    for key in ("k", "context_max_chars", "mode", "system_prompt", "max_tokens", "context", "units"):
         if s.get(key) is not None:
             out[key] = s[key]
     return out
+
+
+def unit_reader(ranker: str | Path | Any) -> Any:
+    """The no-model reader that orders answer units for ``context: "units"`` (the reader stage's
+    ``no_model.json``: retrieval rank, overlap and embeddings, no likelihood -- the units are ranked before the
+    model reads them)."""
+    from lmstack.apps.support.reader import Reader
+    from lmstack.rag.rerank import LinearRanker
+
+    if ranker is None:
+        raise ValueError("context 'units' needs the ranker that orders them (the reader stage's no_model.json)")
+    if isinstance(ranker, (str, Path)):
+        ranker = LinearRanker.load(ranker)
+    if ranker.uses("lm"):
+        raise ValueError("context 'units' ranks answer units without the model; this ranker weighs the model's "
+                         "likelihood: use the reader stage's no_model.json")
+    return Reader.load(None, ranker=ranker)

@@ -165,15 +165,19 @@ def _chat(*turns: str, system: str = SYSTEM_PROMPT, facts: list[str] | None = No
 
 
 def build_support_data(kb: ShopKB, seed: int = 0, n_dialogues: int = 200,
-                       system_prompt: str = SYSTEM_PROMPT, reply_repeat: int = 1) -> dict[str, list[dict[str, Any]]]:
+                       system_prompt: str = SYSTEM_PROMPT, reply_repeat: int = 1,
+                       faq_repeat: int = 1) -> dict[str, list[dict[str, Any]]]:
     """``{"train": [chat records], "heldout": [QA rows], "dev": [QA rows], "reply": [QA rows]}`` -- see the
-    module docstring (``reply``: held-out greetings and out-of-scope questions, :data:`HELDOUT_REPLIES`)."""
+    module docstring (``reply``: held-out greetings and out-of-scope questions, :data:`HELDOUT_REPLIES`).
+    ``reply_repeat`` / ``faq_repeat``: copies of each greeting / out-of-scope chat and of each single-turn FAQ
+    chat (the mix: product facts are ~3 in 4 of the chats, while most questions customers ask are FAQ ones)."""
     rng = random.Random(seed)
     items = qa_items(kb)
     train: list[dict[str, Any]] = []
     for it in items:
+        copies = faq_repeat if it.id.startswith("faq/") else 1
         for q in it.train_questions:
-            train.append(_chat(q, it.answer, system=system_prompt, facts=[it.id]))
+            train.extend(_chat(q, it.answer, system=system_prompt, facts=[it.id]) for _ in range(copies))
     dev: list[dict[str, Any]] = []
     for name, table in (("greeting", GREETINGS), ("out-of-scope", OUT_OF_SCOPE)):
         for lang, (qs, a) in table.items():

@@ -39,6 +39,17 @@ def _check(r: Recipe) -> None:
                          "or set `model: PATH`")
     if "reader" in s and "rag" not in s:
         raise ValueError("the reader stage ranks passage sentences: add the rag stage before it")
+    if "rag" in s and st.section(r, "rag").context == "units":
+        if "reader" not in s:
+            raise ValueError("rag.context: units shows the answer units the reader stage ranks: add the reader "
+                             "stage (or use rag.context: passages)")
+        if "lm" in st.section(r, "reader").features:
+            raise ValueError("rag.context: units ranks the units before any model is tuned: drop `lm` from "
+                             "reader.features")
+        later = [n for n in ("finetune", "eval", "tokenizer") if n in s and r.stages.index(n) < r.stages.index("reader")]
+        if later:
+            raise ValueError(f"rag.context: units: the reader stage writes the prompts {later[0]} reads; list it "
+                             f"before {later[0]} in stages")
     if "pretrain" in s and "tokenizer" not in s:
         raise ValueError("the pretrain stage needs the tokenizer stage (it trains on its token shards)")
     if {"tokenizer", "finetune", "rag"} & s and "data" not in s:
@@ -72,6 +83,7 @@ def bundle_settings(r: Recipe, b: cfg.BundleStage) -> dict[str, Any]:
     """The runtime settings the assistant was built and measured with (never flags for the user to copy)."""
     rag = st.section(r, "rag")
     return {"k": rag.k, "context_max_chars": rag.context_max_chars, "mode": b.mode, "max_tokens": b.max_tokens,
+            "context": rag.context if st.units_context(r) else "passages", "units": rag.units,
             "system_prompt": st.system_prompt(r), "embedder": rag.embedder if rag.dense else None,
             "dense_langs": list(rag.dense_langs), "recipe": r.name}
 
@@ -116,9 +128,11 @@ APP = register_app(App(
                        deps=_deps("tokenizer"), description="from scratch on the token shards"),
         finetune_stage(wire=lambda r: {"model": str(st.base_model_dir(r)),
                                        "data": {"path": str(st.qa_dir(r) / "sft_train.jsonl")}},
-                       deps=_deps("data", "rag", "base", "pretrain"), description="SFT on the support chats"),
+                       deps=lambda r: _deps("data", "rag", "base", "pretrain", "reader")(r) if st.units_context(r)
+                       else _deps("data", "rag", "base", "pretrain")(r), description="SFT on the support chats"),
         Stage("reader", st.run_reader, config=cfg.ReaderStage,
-              deps=_deps("data", "rag", "tokenizer", "base", "pretrain", "finetune"),
+              deps=lambda r: _deps("data", "rag", "tokenizer", "base", "pretrain")(r) if st.units_context(r)
+              else _deps("data", "rag", "tokenizer", "base", "pretrain", "finetune")(r),
               description="fit the answer ranker on dev questions (never the reported ones)",
               depends=lambda r: {"eval_subset": [st.section(r, "eval").heldout_limit],
                                  "embedder": st.section(r, "rag").embedder,

@@ -216,3 +216,74 @@ class Reader:
         """The best candidate's text for the turn ``question`` asked with ``prompt`` over ``hits``."""
         best = self.ranked(prompt, question, hits)
         return best[0][0].text if best else ""
+
+
+# ---------------------------------------------------------------------------------------- answer-unit context
+def unit_hits(reader: Reader, question: str, hits: Sequence[Any], n: int) -> list[Any]:
+    """The prompt context of ``rag.context: units``: the ``n`` answer units of ``hits`` that ``reader`` (the
+    no-model ranker) scores highest, best first, each as a :class:`lmstack.rag.Hit` whose chunk shows just that
+    unit -- an FAQ entry whole (``Q: ... A: ...``, its question helps match a paraphrase), one fact sentence of a
+    product, one sentence of a policy page. The fixed greeting and refusal are answers, not context.
+
+    Shorter than whole passages (a product passage has six sentences), so the model reads ~30% fewer tokens per
+    prompt, and ordered by the ranker, so the model starts from the ranker's choice and may overrule it."""
+    import dataclasses
+
+    from lmstack.rag import Hit
+
+    by_id = {h.chunk.id: h.chunk for h in hits}
+    out: list[Any] = []
+    for c, score in reader.ranked("", question, hits):
+        if c.rank == 0 or c.chunk_id not in by_id:
+            continue
+        src = by_id[c.chunk_id]
+        text = src.text.strip() if c.chunk_id.startswith("faq/") else c.text
+        out.append(Hit(dataclasses.replace(src, text=text), float(score), len(out) + 1))
+        if len(out) == n:
+            break
+    return out
+
+
+def ground_units(rec: dict[str, Any], reader: Reader, retriever: Any, n: int, system_prompt: str,
+                 cite: bool = False) -> dict[str, Any]:
+    """A chat or question row grounded by the rag stage (its ``context``: the passages' chunk ids), with the
+    system message showing the top ``n`` answer units of those passages for its last question instead
+    (:func:`unit_hits`). For a training chat (``facts``), the unit each answer states is shown even when the
+    ranker put it below ``n`` (it replaces the last one), where the ranker put it otherwise: the model learns
+    from the same ranked lists it will read. With ``cite``, answers end with the number of their unit."""
+    import dataclasses
+
+    from lmstack.apps.support.retrieval import CITATION, states
+    from lmstack.rag import Hit, with_context
+
+    msgs = [dict(m) for m in rec["messages"]]
+    users = [m["content"] for m in msgs if m["role"] == "user"]
+    passages = [Hit(c, 0.0, i + 1) for i, c in enumerate(filter(None, map(retriever.get, rec.get("context") or [])))]
+    if not users or not passages:
+        return {**rec, "messages": msgs, "units": []}
+    ranked = unit_hits(reader, users[-1], passages, len(passages) * 16)
+    shown = ranked[:n]
+    answers = [CITATION.sub("", m["content"]) for m in msgs if m["role"] == "assistant"]
+    for a in answers if rec.get("facts") else []:
+        if any(states(h.chunk.text, a) for h in shown):
+            continue
+        unit = next((h for h in ranked if states(h.chunk.text, a)), None)
+        if unit is None:  # the fact's passage shows it in a form the units split differently: show the passage
+            src = next((p for p in passages if states(p.chunk.text, a)), None)
+            if src is None:
+                continue
+            unit = Hit(src.chunk, 0.0, 0)
+        shown = shown[:n - 1] + [unit] if len(shown) >= n else shown + [unit]
+    shown = [dataclasses.replace(h, rank=i) for i, h in enumerate(shown, 1)]
+    if msgs and msgs[0]["role"] == "system":
+        msgs[0]["content"] = with_context(system_prompt, shown)
+    k = 0
+    for m in msgs:
+        if m["role"] != "assistant":
+            continue
+        a = answers[k]
+        k += 1
+        num = next((i for i, h in enumerate(shown, 1) if states(h.chunk.text, a)), None)
+        m["content"] = f"{a} [{num}]" if cite and num is not None and rec.get("facts") else a
+    return {**rec, "messages": msgs, "units": [h.chunk.text for h in shown],
+            "context": [h.chunk.id for h in shown]}

@@ -26,6 +26,8 @@ class ShopData(StrictModel):
     reply_repeat: int = Field(1, ge=1, le=50, description="copies of the greeting and out-of-scope training chats "
                               "(16 of ~1,500: a short fine-tuning run that samples a few hundred chats meets them "
                               "only this many times more often)")
+    faq_repeat: int = Field(1, ge=1, le=50, description="copies of each single-turn FAQ chat (product facts are "
+                            "~3 in 4 of the chats; most questions customers ask are FAQ ones)")
     system_prompt: str | None = Field(None, description="default: lmstack.apps.support.SYSTEM_PROMPT")
 
 
@@ -56,6 +58,12 @@ class RagStage(StrictModel):
     context_max_chars: int | None = Field(None, ge=50, description="cap on the passages shown (characters)")
     cite: bool = Field(False, description="training answers end with the number of the passage they come from "
                        "(` [2]`): the assistant cites its source; scores are computed without the marker")
+    context: Literal["passages", "units"] = Field("passages", description="what a prompt shows: the top `k` "
+                                                 "passages, or (units; needs the reader stage, which ranks them) the "
+                                                 "`units` answer units of those passages the no-model ranker scores "
+                                                 "highest, best first: an FAQ entry, one product fact, one policy "
+                                                 "sentence")
+    units: int = Field(4, ge=1, le=20, description="answer units shown with context: units")
     shuffle_train: bool = Field(True, description="shuffle the passages of training chats (the model learns to "
                                 "pick the one that answers, not the first)")
     dense: bool = Field(False, description="add sentence embeddings to the index and fuse them with BM25 "

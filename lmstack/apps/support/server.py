@@ -49,7 +49,8 @@ def _text(content: Any) -> str:
 
 def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEFAULT_K,
                     system_prompt: str = SYSTEM_PROMPT, context_max_chars: int | None = None,
-                    hits_out: list | None = None, guard: Any = None, key: str | None = None) -> list[dict[str, Any]]:
+                    hits_out: list | None = None, guard: Any = None, key: str | None = None,
+                    units: tuple[Any, int] | None = None) -> list[dict[str, Any]]:
     """OpenAI-style ``messages`` with the retrieved passages in the (first) system message (the passages are
     appended to ``hits_out`` when given). With a ``guard`` (lmstack.guard), the passages are sanitized first:
     instruction-like sentences inside them (indirect prompt injection) are cut out."""
@@ -60,6 +61,10 @@ def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEF
     if not users:
         return messages
     hits = guard_hits(context_hits(retriever, users[-1], users[-2:-1], k=k), guard, key)
+    if units is not None:  # context "units": the (reader, n) top answer units of the passages, best first
+        from lmstack.apps.support.reader import unit_hits
+
+        hits = unit_hits(units[0], users[-1], hits, units[1])
     if hits_out is not None:
         hits_out.extend(hits)
     out = [dict(m) for m in messages]
@@ -132,7 +137,7 @@ class GroundingMiddleware:
     def __init__(self, app: Callable, retriever: Any, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
                  context_max_chars: int | None = None, *, reader: Any = None, tokenizer: Any = None,
                  model_names: list[str] | None = None, api_key: str | None = None,
-                 max_body: int = DEFAULT_MAX_REQUEST_BYTES, guard: Any = None):
+                 max_body: int = DEFAULT_MAX_REQUEST_BYTES, guard: Any = None, units: tuple[Any, int] | None = None):
         self.app, self.retriever, self.k = app, retriever, k
         self.guard = guard  # lmstack.guard.Guard (--guard policy.yaml): input, passage and output rails
         self.system_prompt, self.context_max_chars = system_prompt, context_max_chars
@@ -140,6 +145,7 @@ class GroundingMiddleware:
         # `lmstack support chat` answers; everything else goes to the server's generation
         self.reader, self.tokenizer, self.model_names, self.api_key = reader, tokenizer, model_names or [], api_key
         self.max_body = max_body
+        self.units = units  # (no-model reader, n): prompts show the top n answer units (context "units")
         self._lock = threading.Lock()
 
     def _authorized(self, scope: dict) -> bool:
@@ -198,7 +204,8 @@ class GroundingMiddleware:
             hits: list = []
             with self._lock:  # one retriever (one SQLite connection) shared by the worker threads
                 req["messages"] = ground_messages(req["messages"], self.retriever, self.k, self.system_prompt,
-                                                  self.context_max_chars, hits_out=hits, guard=self.guard, key=key)
+                                                  self.context_max_chars, hits_out=hits, guard=self.guard, key=key,
+                                                  units=self.units)
             return req, hits, json.dumps(req, ensure_ascii=False).encode()
         except (ValueError, TypeError, AttributeError, RecursionError):
             return None
@@ -251,7 +258,7 @@ class GroundingMiddleware:
 
 def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
                        context_max_chars: int | None = None, reader: Any = None, guard: Any = None,
-                       **app_kw: Any) -> GroundingMiddleware:
+                       units: tuple[Any, int] | None = None, **app_kw: Any) -> GroundingMiddleware:
     """:func:`lmstack.serve.api.create_app` for ``llm``, wrapped in :class:`GroundingMiddleware` (with a
     ``reader``, plain chat requests get the selected answer, as in ``lmstack support chat``)."""
     from lmstack.serve.api.app import create_app
@@ -259,7 +266,8 @@ def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_p
     app = create_app(llm, **app_kw)
     wrapped = GroundingMiddleware(app, retriever, k, system_prompt, context_max_chars, reader=reader,
                                   tokenizer=app.state.model.tokenizer, model_names=list(app.state.model.names),
-                                  api_key=app_kw.get("api_key"), max_body=app.state.max_request_bytes, guard=guard)
+                                  api_key=app_kw.get("api_key"), max_body=app.state.max_request_bytes, guard=guard,
+                                  units=units)
     wrapped.state = app.state  # type: ignore[attr-defined]  (the served model, for callers and tests)
     return wrapped
 
@@ -268,7 +276,8 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
                   k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT, api_key: str | None = None,
                   device: str | None = None, dtype: str | None = None, max_num_seqs: int = 16,
                   log_level: str = "info", drain_timeout: float = 30.0, mode: str = "select",
-                  ranker: str | None = None, guard: str | None = None) -> None:
+                  ranker: str | None = None, guard: str | None = None, context: str = "passages",
+                  units: int = 4) -> None:
     """Serve the grounded support assistant on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
     import logging
 
@@ -277,6 +286,11 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
     from lmstack.serve.llm import load
 
     retriever = Retriever(index)  # fails at once on a bad index path, before the model loads
+    unit_ctx = None
+    if context == "units":
+        from lmstack.apps.support.assistant import unit_reader
+
+        unit_ctx = (unit_reader(ranker), units)
     policy = None
     if guard is not None:
         from lmstack.guard import load_policy
@@ -296,7 +310,7 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
 
         rails = guard_for(policy, llm)  # the perplexity rail, when enabled, scores with the served model
     app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key, reader=reader,
-                             guard=rails)
+                             guard=rails, units=unit_ctx)
     logging.getLogger("lmstack.support").info(
         "support assistant %s grounded in %s (%d passages) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
         model, index, len(retriever), host, port)

@@ -82,9 +82,20 @@ def base_model_dir(recipe: Recipe) -> Path:
         recipe.run_path / "pretrain" / "final"
 
 
-def qa_dir(recipe: Recipe) -> Path:
-    """Where the support chats and held-out questions are read from: grounded ones when the recipe has rag."""
+def grounded_dir(recipe: Recipe) -> Path:
+    """The support chats and held-out questions with their retrieved passages (the rag stage's), or bare."""
     return recipe.run_path / ("rag" if "rag" in recipe.stages else "data")
+
+
+def units_context(recipe: Recipe) -> bool:
+    """Whether prompts show the top answer units the reader ranks (``rag.context: units``) instead of passages."""
+    return "rag" in recipe.stages and "reader" in recipe.stages and section(recipe, "rag").context == "units"
+
+
+def qa_dir(recipe: Recipe) -> Path:
+    """Where the prompts the model is tuned and evaluated on are read from: the reader stage's (answer units)
+    with ``rag.context: units``, else :func:`grounded_dir`."""
+    return recipe.run_path / "reader" if units_context(recipe) else grounded_dir(recipe)
 
 
 def _heldout(key: str, seed: int, fraction: float) -> bool:
@@ -159,7 +170,7 @@ def run_data(ctx: StageContext) -> dict[str, Any]:
     pages = kb_documents(kb)
     write_jsonl(out / "shop_kb.jsonl", pages)
     sup = build_support_data(kb, seed=seed, n_dialogues=r.shop.dialogues, system_prompt=system_prompt(ctx.recipe),
-                             reply_repeat=r.shop.reply_repeat)
+                             reply_repeat=r.shop.reply_repeat, faq_repeat=r.shop.faq_repeat)
     write_jsonl(out / "sft_train.jsonl", sup["train"])
     write_jsonl(out / "heldout_qa.jsonl", sup["heldout"])
     write_jsonl(out / "dev_qa.jsonl", sup["dev"])
@@ -262,7 +273,7 @@ def run_tokenizer(ctx: StageContext) -> dict[str, Any]:
     sources = [{"path": str(data / "general_train.jsonl"), "documents": len(general)},
                {"path": str(data / "shop_kb.jsonl"), "documents": len(shop) * r.domain_repeat}]
     if r.chat_repeat:
-        chat_file = qa_dir(ctx.recipe) / "sft_train.jsonl"
+        chat_file = grounded_dir(ctx.recipe) / "sft_train.jsonl"
         rendered = [tok.apply_chat_template(rec["messages"]) for rec in read_jsonl(chat_file)]
         texts += rendered * r.chat_repeat
         sources.append({"path": str(chat_file), "documents": len(rendered) * r.chat_repeat})
@@ -401,9 +412,10 @@ def citation_accuracy(recipe: Recipe, out: Path) -> dict[str, float]:
     rows: list[tuple[str, bool, bool]] = []
     for q, p in zip(asked, read_jsonl(samples)):
         nums = citation_numbers(p.get("raw", p["prediction"]))
-        shown = [retriever.get(c) for c in grounded[q["id"]]["context"]]
+        g = grounded[q["id"]]
+        shown = g["units"] if "units" in g else [getattr(retriever.get(c), "text", None) for c in g["context"]]
         ok = bool(nums) and all(0 < n <= len(shown) and shown[n - 1] is not None
-                                and states(shown[n - 1].text, q["answer"]) for n in nums)
+                                and states(shown[n - 1], q["answer"]) for n in nums)
         rows.append((q["lang"], bool(nums), ok))
     retriever.close()
     res: dict[str, float] = {}
@@ -429,7 +441,7 @@ def _eval_subset_ids(recipe: Recipe) -> set[str]:
     """The held-out questions the eval stage reports (the reader stage fits on the others)."""
     from lmstack.apps.support import sample_heldout
 
-    rows = list(read_jsonl(qa_dir(recipe) / "heldout_qa.jsonl"))
+    rows = list(read_jsonl(grounded_dir(recipe) / "heldout_qa.jsonl"))
     return {r["id"] for r in sample_heldout(rows, section(recipe, "eval").heldout_limit, seed=recipe.seed)}
 
 
@@ -460,8 +472,8 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
     reported = _eval_subset_ids(recipe)
     # dev: the FAQ dev paraphrases, held-out greetings / out-of-scope questions, and the held-out questions the
     # eval stage does not report (mostly product questions)
-    dev = list(read_jsonl(qa_dir(recipe) / "dev_qa.jsonl"))
-    dev += [q for q in read_jsonl(qa_dir(recipe) / "heldout_qa.jsonl") if q["id"] not in reported]
+    dev = list(read_jsonl(grounded_dir(recipe) / "dev_qa.jsonl"))
+    dev += [q for q in read_jsonl(grounded_dir(recipe) / "heldout_qa.jsonl") if q["id"] not in reported]
     if r.dev_limit is not None and len(dev) > r.dev_limit:
         dev = sorted(random.Random(recipe.seed).sample(dev, r.dev_limit), key=lambda q: q["id"])
     if not dev:
@@ -511,6 +523,10 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
         fitted[who] = LinearRanker.fit(list(zip(with_lm, golds)), feats, r.l2,
                                        {**info, "model": str(adapter or model)}, gw)
         del reader
+    if units_context(recipe):  # the prompts of every later stage: the no-model ranker's top answer units
+        summary["units"] = write_unit_prompts(recipe, out, Reader(None, fitted["no_model"], embedder,
+                                                                  section(recipe, "rag").dense_langs))
+        ctx.log(f"answer-unit prompts: {summary['units']}")
     for who, ranker in fitted.items():
         ranker.save(out / RANKERS[who])
         summary[who] = {"dev_accuracy": round(ranker.info["accuracy"], 4),
@@ -518,6 +534,35 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
         ctx.log(f"{who}: dev accuracy {ranker.info['accuracy']:.3f}; weights "
                 + ", ".join(f"{k} {v:+.2f}" for k, v in ranker.weights.items()))
     return summary
+
+
+def write_unit_prompts(recipe: Recipe, out: Path, reader: Any) -> dict[str, Any]:
+    """``rag.context: units``: the rag stage's grounded chats and questions re-grounded in the top
+    ``rag.units`` answer units (lmstack.apps.support.reader.ground_units), written to ``out`` under the same
+    names; returns how often the unit that answers is shown, and first."""
+    from lmstack.apps.support.reader import ground_units
+    from lmstack.rag import Retriever
+
+    rag, src = section(recipe, "rag"), grounded_dir(recipe)
+    retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+    stats: dict[str, Any] = {"units": rag.units}
+    try:
+        for name in ("sft_train.jsonl", "heldout_qa.jsonl", "dev_qa.jsonl", "heldout_reply.jsonl"):
+            if not (src / name).is_file():
+                continue
+            rows = [ground_units(r, reader, retriever, rag.units, system_prompt(recipe), cite=rag.cite)
+                    for r in read_jsonl(src / name)]
+            write_jsonl(out / name, rows)
+            if name == "heldout_qa.jsonl":
+                asked = _eval_subset_ids(recipe)
+                sub = [r for r in rows if r["id"] in asked]
+                stats["heldout_answer_shown"] = round(sum(r["answer"] in r["units"] or any(
+                    r["answer"] in u for u in r["units"]) for r in sub) / max(1, len(sub)), 4)
+                stats["heldout_answer_first"] = round(sum(bool(r["units"]) and r["answer"] in r["units"][0]
+                                                          for r in sub) / max(1, len(sub)), 4)
+    finally:
+        retriever.close()
+    return stats
 
 
 def select_eval(recipe: Recipe, out: Path, model: Path | None, adapter: Path | None, who: str,
