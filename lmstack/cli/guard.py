@@ -38,20 +38,30 @@ def check_cmd(text: str = typer.Argument(..., help="The text to check."), policy
 
 
 @guard_app.command("eval")
-def eval_cmd(set_: str = typer.Option(..., "--set", help="Labelled JSON Lines {text, label[, lang, split]}."),
-             rail: str = typer.Option("injection", "--rail", help="injection (label attack), topic (off_topic) or "
-                                                                  "toxicity (toxic)."),
+def eval_cmd(set_: Optional[str] = typer.Option(None, "--set", help="Labelled JSON Lines {text, label[, lang, split]} "
+                                                "(pii: {text, lang, spans: [[KIND, substring]]}); default: the "
+                                                "shipped set of the rail."),
+             rail: str = typer.Option("injection", "--rail", help="injection (label attack), topic (off_topic), "
+                                                                  "toxicity (toxic) or pii (per kind)."),
+             presidio: bool = typer.Option(True, "--presidio/--no-presidio", help="pii: also run Presidio's analyzer "
+                                           "on the English rows when presidio-analyzer is installed."),
              split_name: str = typer.Option("test", "--split", help="Rows of this split when the set has splits "
                                                                     "('all': every row)."),
              threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0),
              model: Optional[str] = typer.Option(None, "--model", help="A classifier written by `lmstack guard train` "
                                                  "(default: trained on the shipped set, cached).")) -> None:
-    """Precision / recall / F1 of the patterns, the classifier and both combined, overall and per language."""
+    """Precision / recall / F1 of the patterns, the classifier and both combined, overall and per language; for
+    ``--rail pii``, per PII kind, language and split, with Presidio on the English rows (docs/guard.md)."""
     from lmstack.guard.evaluate import evaluate_set
-    from lmstack.guard.textcls import TextClassifier
+    from lmstack.guard.textcls import DATA_DIR, TextClassifier
 
+    if rail == "pii":
+        from lmstack.guard.pii_eval import DATA, evaluate_pii
+
+        _echo(evaluate_pii(set_ or DATA, presidio=None if presidio else False))
+        return
     clf = TextClassifier.load(model) if model else None
-    _echo(evaluate_set(set_, rail, split_name=None if split_name == "all" else split_name, threshold=threshold,
+    _echo(evaluate_set(set_ or DATA_DIR / f"{rail}.jsonl", rail, split_name=None if split_name == "all" else split_name, threshold=threshold,
                        classifier=clf))
 
 
