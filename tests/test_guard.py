@@ -108,7 +108,7 @@ def test_binary_metrics_match_sklearn():
 
 def test_injection_test_split_precision_recall(guard):
     """The shipped set's held-out split, EN and ZH: the combined rail (patterns or classifier) as measured in
-    docs/guardrails.md. Floors well under the measured values, so a broken classifier or pattern set fails."""
+    docs/guard.md. Floors well under the measured values, so a broken classifier or pattern set fails."""
     from lmstack.guard.evaluate import evaluate_set
 
     res = evaluate_set(DATA_DIR / "injection.jsonl", "injection", classifier=guard.classifier("injection"))

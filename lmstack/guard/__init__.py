@@ -1,5 +1,5 @@
 """Guardrails and governance: input / context / output rails under a YAML policy, a hash-chained audit log,
-per-key rate limits, and a green-list generation watermark. Text in, verdict out (docs/guardrails.md).
+per-key rate limits, and a green-list generation watermark. Text in, verdict out (docs/guard.md).
 
     from lmstack.guard import Guard, GuardContext
     guard = Guard.from_policy("policy.yaml")      # Guard(): the shipped support policy

@@ -16,7 +16,7 @@ bad value fails with the file and the field), e.g.::
       toxicity: {action: block}
       grounding: {action: warn, threshold: 0.45}
     stream: {window: 48, hold: 64}
-    audit: {path: runs/support/audit.jsonl}
+    audit: {path: runs/support/audit.db, text: redacted, text_retention_days: 30}
     rate_limit: {requests_per_minute: 30, burst: 10}
 
 Actions: ``block`` (the request or answer is replaced by the rail's ``message``), ``redact`` (the offending spans
@@ -133,8 +133,12 @@ class StreamSettings(StrictModel):
 
 
 class AuditSettings(StrictModel):
-    path: Optional[str] = None  # JSON Lines, hash-chained (lmstack.guard.audit); None: no audit log
-    max_text_chars: int = Field(200, ge=0, le=100_000)  # redacted text kept per record
+    # .db / .sqlite / .sqlite3: SQLite (WAL), one row per request; other suffixes: JSON Lines; None: no audit log
+    path: Optional[str] = None
+    text: Literal["none", "redacted", "raw"] = "redacted"  # what text a record keeps beside its SHA-256 hashes
+    max_text_chars: int = Field(200, ge=0, le=100_000)  # text kept per record (first characters)
+    text_retention_days: Optional[float] = Field(30.0, gt=0)  # SQLite: text columns cleared after this; None: kept
+    busy_timeout_ms: int = Field(1000, ge=0, le=60_000)  # SQLite: wait this long for a lock, then drop the record
 
 
 class RateLimit(StrictModel):

@@ -29,7 +29,7 @@ def _text(content: Any) -> str | None:
 
 
 def guard_chat_request(guard: Guard, req: dict[str, Any], key: str | None = None,
-                       request_id: str | None = None) -> tuple[dict[str, Any], Verdict]:
+                       request_id: str | None = None, record: Any = None) -> tuple[dict[str, Any], Verdict]:
     """(request with redacted user turns, verdict of the last user turn). A request without a user turn passes."""
     msgs = req.get("messages")
     if not isinstance(msgs, list):
@@ -38,7 +38,12 @@ def guard_chat_request(guard: Guard, req: dict[str, Any], key: str | None = None
     if not users:
         return req, Verdict("allow", "")
     out = [dict(m) if isinstance(m, dict) else m for m in msgs]
-    ctx = GuardContext(key=key, request_id=request_id)
+    ctx = GuardContext(key=key, request_id=request_id, record=record)
+    from lmstack.guard.guard import CURRENT_RECORD
+
+    rec = record or CURRENT_RECORD.get()
+    if rec is not None and rec.model is None and isinstance(req.get("model"), str):
+        rec.model = req["model"][:200]
     last = users[-1]
     v = guard.check_input(_text(out[last].get("content")) or "", ctx)
     if not v.blocked:
@@ -54,13 +59,13 @@ def guard_chat_request(guard: Guard, req: dict[str, Any], key: str | None = None
     return {**req, "messages": out}, v
 
 
-def guard_passages(guard: Guard, passages: Sequence[str], key: str | None = None) -> ContextResult:
-    return guard.check_context(passages, GuardContext(key=key))
+def guard_passages(guard: Guard, passages: Sequence[str], key: str | None = None, record: Any = None) -> ContextResult:
+    return guard.check_context(passages, GuardContext(key=key, record=record))
 
 
 def guard_chat_response(guard: Guard, answer: str, passages: Sequence[str] = (), key: str | None = None,
-                        request_id: str | None = None) -> Verdict:
-    return guard.check_output(answer, GuardContext(key=key, passages=passages, request_id=request_id))
+                        request_id: str | None = None, record: Any = None) -> Verdict:
+    return guard.check_output(answer, GuardContext(key=key, passages=passages, request_id=request_id, record=record))
 
 
 def guard_stream(guard: Guard, deltas: Iterable[str], passages: Sequence[str] = (), key: str | None = None,

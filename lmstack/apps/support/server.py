@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
 from lmstack.apps.support.retrieval import DEFAULT_K, context_hits, guard_hits
-from lmstack.guard.asgi import OutputGuard, bearer_key, count_status
+from lmstack.guard.asgi import OutputGuard, attach_metrics, audited, bearer_key, count_status
 from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, authorized, read_body, replay_body
 from lmstack.serve.api.chat import chat_choice, chat_chunk, chat_completion, chat_head, chat_usage_chunk
 from lmstack.serve.api.common import SSE_DONE, check_prompt_bytes, usage
@@ -141,6 +141,8 @@ class GroundingMiddleware:
         self.reader, self.tokenizer, self.model_names, self.api_key = reader, tokenizer, model_names or [], api_key
         self.max_body = max_body
         self._lock = threading.Lock()
+        if guard is not None:
+            attach_metrics(guard, app)  # /metrics: lmstack_guard_decisions_total{stage, rail, action}
 
     def _authorized(self, scope: dict) -> bool:
         return self.api_key is None or authorized(scope, self.api_key)
@@ -164,6 +166,10 @@ class GroundingMiddleware:
         if body.disconnected:
             return
         key = bearer_key(scope)
+        async with audited(self.guard, scope, key):  # with a guard that keeps an audit log: one row per request
+            await self._serve(scope, receive, send, body, key)
+
+    async def _serve(self, scope: dict, receive: Callable, send: Callable, body: Any, key: str | None) -> None:
         grounded = await asyncio.to_thread(self._ground, body.data, key)  # JSON + rails + retrieval: off the loop
         data = body.data
         if grounded is not None:
