@@ -281,7 +281,10 @@ class GuardMiddleware:
                 return await send({"type": "http.response.body", "body": out})
             scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
                      + [(b"content-length", str(len(data)).encode())]}
-            out_send = OutputGuard(self.guard, [], key, bool(req.get("stream")), send)
+            from lmstack.guard.serving import tool_passages
+
+            # the answer is grounded in the request's tool outputs (sanitized above); none: grounding does not run
+            out_send = OutputGuard(self.guard, tool_passages(req), key, bool(req.get("stream")), send)
             await self.app(scope, replay_body(data, receive), out_send)
             await out_send.finish()
 

@@ -401,6 +401,8 @@ class Guard:
 
         r = self.policy.output.grounding
         passages = list(ctx.passages) if ctx is not None else []
+        if not passages:  # nothing retrieved and no tool output: nothing to ground against, the rail does not run
+            return text
         emb = self._embedder() if r.embedder == "auto" else None
         g = check_grounding(text, passages, threshold=r.threshold, min_words=r.min_words,
                             check_numbers=r.check_numbers, embed=emb)

@@ -47,6 +47,12 @@ def guard_chat_request(guard: Guard, req: dict[str, Any], key: str | None = None
     last = users[-1]
     v = guard.check_input(_text(out[last].get("content")) or "", ctx)
     if not v.blocked:
+        tools = [i for i, m in enumerate(out) if isinstance(m, dict) and m.get("role") == "tool"
+                 and isinstance(m.get("content"), str) and m["content"]]
+        if tools:  # tool outputs are passages: instructions inside them are cut (indirect injection)
+            clean = guard.check_context([out[i]["content"] for i in tools], ctx).passages
+            for i, t in zip(tools, clean):
+                out[i]["content"] = t
         out[last]["content"] = v.text
         pii = guard.policy.input.pii
         if pii and pii.enabled and pii.action == "redact":
@@ -83,3 +89,11 @@ def guard_stream(guard: Guard, deltas: Iterable[str], passages: Sequence[str] = 
             yield out, None
     rest = s.close()
     yield rest, s.verdict
+
+
+def tool_passages(req: dict[str, Any]) -> list[str]:
+    """The request's tool-turn contents: the passages a plain server (``lmstack serve --guard``) grounds the
+    answer in (a client doing its own retrieval sends them as tool results)."""
+    msgs = req.get("messages") if isinstance(req, dict) else None
+    return [t for m in msgs or [] if isinstance(m, dict) and m.get("role") == "tool"
+            for t in [_text(m.get("content"))] if t]

@@ -40,15 +40,6 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class WatermarkRequest(_Body):
-    """The ``watermark`` extra: a green-list watermark on this request's tokens (lmstack.guard.watermark)."""
-    key: int | None = _doc(None, minimum=0, maximum=2 ** 63 - 1, description="default: the server's --watermark-key")
-    gamma: float = _doc(0.25, exclusiveMinimum=0, exclusiveMaximum=1)
-    delta: float = _doc(2.0, minimum=0, maximum=100)
-    context_width: int = _doc(1, minimum=1, maximum=16)
-    scheme: Literal["lmstack", "hf"] = "lmstack"
-
-
 class ContentPart(_Body):
     type: str
     text: str | None = None
@@ -69,6 +60,15 @@ def _doc(default: Any = None, **schema: Any) -> Any:
 
 
 I64 = {"minimum": -(2 ** 63), "maximum": 2 ** 63 - 1}
+
+
+class WatermarkRequest(_Body):
+    """The ``watermark`` extra: a green-list watermark on this request's tokens (lmstack.guard.watermark)."""
+    key: int | None = _doc(None, minimum=0, maximum=2 ** 63 - 1, description="default: the server's --watermark-key")
+    gamma: float = _doc(0.25, exclusiveMinimum=0, exclusiveMaximum=1)
+    delta: float = _doc(2.0, minimum=0, maximum=100)
+    context_width: int = _doc(1, minimum=1, maximum=16)
+    scheme: Literal["lmstack", "hf"] = "lmstack"
 
 
 class _Sampling(_Body):
