@@ -65,6 +65,20 @@ def refusal(req: dict[str, Any], text: str, finish: str = "content_filter") -> t
     return b"text/event-stream", "".join(events).encode()
 
 
+def blocked_reply(guard: Any, req: dict[str, Any], verdict: Any) -> tuple[int, bytes, bytes]:
+    """(status, content type, body) for a request an input rail blocked, per the policy's ``on_block``: a polite
+    refusal (200, the rail's message, ``finish_reason`` "content_filter") or an OpenAI-shaped error (400 code
+    "content_filter"; 429 "rate_limit_exceeded" for the rate limit)."""
+    message = verdict.message or verdict.text
+    if getattr(guard.policy, "on_block", "refuse") == "error":
+        rail = next((r.rail for r in verdict.results if r.action == "block"), "")
+        err = (APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded") if rail == "input.rate_limit"
+               else APIError(400, message, param="messages", code="content_filter"))
+        return err.status, b"application/json", json.dumps(err.body(), ensure_ascii=False).encode()
+    ctype, body = refusal(req, message)
+    return 200, ctype, body
+
+
 class OutputGuard:
     """An ASGI ``send`` that passes the server's chat answer through the guard's output rails: a JSON
     ``chat.completion`` has each choice checked whole (redacted, or replaced by the block message with
@@ -78,6 +92,9 @@ class OutputGuard:
                  record: Any = None):
         self.guard, self.passages, self.key, self.stream, self._send = guard, passages, key, stream, send
         self.record = record
+        from lmstack.guard.guard import CURRENT_PLACEHOLDERS
+
+        self.placeholders = CURRENT_PLACEHOLDERS.get()  # reversible PII of this request, put back in the answer
         self.checkers: dict[int, Any] = {}
         self.stopped: set[int] = set()  # choices a rail ended
         self.status, self.buf, self.head, self.done, self.last = 0, b"", None, False, None
@@ -85,7 +102,7 @@ class OutputGuard:
     def _ctx(self) -> Any:
         from lmstack.guard.guard import GuardContext
 
-        return GuardContext(key=self.key, passages=self.passages, record=self.record)
+        return GuardContext(key=self.key, passages=self.passages, record=self.record, placeholders=self.placeholders)
 
     def checker(self, index: int) -> Any:
         c = self.checkers.get(index)
@@ -120,7 +137,12 @@ class OutputGuard:
                 msg = choice["message"]
                 if isinstance(msg.get("content"), str):
                     v = await asyncio.to_thread(self.guard.check_output, msg["content"], self._ctx())
-                    msg["content"] = (v.message or v.text) if v.blocked else v.text
+                    if v.blocked:
+                        msg["content"] = v.message or v.text
+                    else:
+                        from lmstack.text.pii import restore
+
+                        msg["content"] = restore(v.text, self.placeholders or {})
                     if v.blocked:
                         choice["finish_reason"] = "content_filter"
                     changed = True
@@ -193,7 +215,8 @@ class OutputGuard:
 
 
 class audited:
-    """``async with audited(guard, scope, key) as record:`` -- one audit row for one HTTP request: every check
+    """``async with audited(guard, scope, key) as record:`` -- one request's guard state: its reversible PII
+    placeholders (:data:`lmstack.guard.guard.CURRENT_PLACEHOLDERS`) and one audit row: every check
     made while serving it (in this task or in its ``asyncio.to_thread`` workers) adds to ``record`` through
     :data:`lmstack.guard.guard.CURRENT_RECORD`, and the row is written at the end, whatever happened (a failed
     write is a logged warning). No audit log in the policy: nothing is recorded."""
@@ -202,16 +225,18 @@ class audited:
         self.guard, self.scope, self.key, self.record, self.token = guard, scope, key, None, None
 
     async def __aenter__(self) -> Any:
-        from lmstack.guard.guard import CURRENT_RECORD
+        from lmstack.guard.guard import CURRENT_PLACEHOLDERS, CURRENT_RECORD
 
+        self.ph_token = CURRENT_PLACEHOLDERS.set({})  # this request's reversible PII placeholders
         if self.guard is not None and self.guard.audit is not None:
             self.record = self.guard.begin(key=self.key, route=self.scope.get("path"))
             self.token = CURRENT_RECORD.set(self.record)
         return self.record
 
     async def __aexit__(self, *exc: Any) -> None:
-        from lmstack.guard.guard import CURRENT_RECORD
+        from lmstack.guard.guard import CURRENT_PLACEHOLDERS, CURRENT_RECORD
 
+        CURRENT_PLACEHOLDERS.reset(self.ph_token)
         if self.token is not None:
             CURRENT_RECORD.reset(self.token)
         if self.record is not None:
@@ -275,8 +300,10 @@ class GuardMiddleware:
                 return await self.app(scope, replay_body(body.data, receive), send)
             req, data, blocked = checked
             if blocked is not None:
-                ctype, out = refusal(req, blocked)
-                await send({"type": "http.response.start", "status": 200,
+                status, ctype, out = blocked_reply(self.guard, req, blocked)
+                if status != 200:
+                    count_status(self.app, scope, status)
+                await send({"type": "http.response.start", "status": status,
                             "headers": [(b"content-type", ctype), (b"content-length", str(len(out)).encode())]})
                 return await send({"type": "http.response.body", "body": out})
             scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
@@ -288,7 +315,7 @@ class GuardMiddleware:
             await self.app(scope, replay_body(data, receive), out_send)
             await out_send.finish()
 
-    def _check(self, body: bytes, key: str | None) -> tuple[dict, bytes, str | None] | None:
+    def _check(self, body: bytes, key: str | None) -> tuple[dict, bytes, Any] | None:
         from lmstack.guard.serving import guard_chat_request
 
         try:
@@ -299,8 +326,8 @@ class GuardMiddleware:
             return None
         req, v = guard_chat_request(self.guard, req, key=key)
         if v.blocked:
-            return req, b"", v.message or v.text
+            return req, b"", v
         return req, json.dumps(req, ensure_ascii=False).encode(), None
 
 
-__all__ = ["GuardMiddleware", "OutputGuard", "attach_metrics", "audited", "bearer_key", "count_status", "guard_for", "refusal"]
+__all__ = ["GuardMiddleware", "OutputGuard", "attach_metrics", "audited", "bearer_key", "blocked_reply", "count_status", "guard_for", "refusal"]

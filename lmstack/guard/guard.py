@@ -48,6 +48,7 @@ class Verdict:
     text: str  # the text to pass on (redacted; the block message when blocked)
     message: str | None = None  # the user-facing message when blocked
     results: list[RailResult] = field(default_factory=list)
+    placeholders: dict[str, str] = field(default_factory=dict)  # reversible PII: <EMAIL_1> -> value (input rail)
 
     @property
     def blocked(self) -> bool:
@@ -93,11 +94,15 @@ class GuardContext:
     passages: Sequence[str] = ()  # the retrieved passages / tool outputs the answer must be grounded in
     request_id: str | None = None
     record: AuditRecord | None = None  # one row per request (Guard.begin); None: one record per check
+    placeholders: dict[str, str] | None = None  # reversible PII of this conversation (filled by check_input)
 
 
 # The request being served (set by the servers' middleware, lmstack.guard.asgi.audited): checks that get no
 # ``ctx.record`` add to it. asyncio.to_thread copies it into the worker thread with the rest of the context.
 CURRENT_RECORD: ContextVar[AuditRecord | None] = ContextVar("lmstack_guard_record", default=None)
+# The reversible-PII placeholders of the request being served (a dict the middleware creates per request: the
+# input rail fills it in a worker thread, the output side restores from the same object).
+CURRENT_PLACEHOLDERS: ContextVar[dict | None] = ContextVar("lmstack_guard_placeholders", default=None)
 
 
 def key_id(key: str | None) -> str | None:
@@ -296,8 +301,10 @@ class Guard:
             results.append(RailResult("input.size", "block", float(len(text)), f"{len(text)} chars > {p.max_chars}"))
             messages["input.size"] = f"Your message is too long (at most {p.max_chars} characters)."
             return self._verdict("input", text[:p.max_chars], results, messages, ctx, raw[:p.max_chars])
+        # reversible PII only where a caller will restore it (the servers pass a dict per request)
+        placeholders = ctx.placeholders if ctx is not None else None
         if p.pii and p.pii.enabled:
-            text = self._pii(text, "input.pii", p.pii, results, messages)
+            text = self._pii(text, "input.pii", p.pii, results, messages, placeholders)
         if p.injection and p.injection.enabled:
             r = p.injection
             hits = rules.find_injection(text) if r.patterns else []
@@ -325,9 +332,12 @@ class Guard:
                        f"prefix/suffix perplexity {c.prefix_perplexity:.0f}/{c.suffix_perplexity:.0f}")
                 results.append(RailResult("input.perplexity", r.action, c.length_per_perplexity, why))
                 messages["input.perplexity"] = r.message
-        return self._verdict("input", text, results, messages, ctx, raw)
+        v = self._verdict("input", text, results, messages, ctx, raw)
+        v.placeholders = placeholders if placeholders is not None else {}
+        return v
 
-    def _pii(self, text: str, name: str, r: Any, results: list[RailResult], messages: dict) -> str:
+    def _pii(self, text: str, name: str, r: Any, results: list[RailResult], messages: dict,
+             placeholders: dict[str, str] | None = None) -> str:
         spans = find_pii(text, r.kinds)
         if not spans:
             return text
@@ -335,6 +345,12 @@ class Guard:
         results.append(RailResult(name, r.action, float(len(spans)), f"PII: {', '.join(kinds)}"))
         messages[name] = r.message
         if r.action == "redact":
+            back = set(getattr(r, "reversible", None) or ()) if placeholders is not None else set()
+            if back:
+                from lmstack.text.pii import pseudonymize
+
+                text, _ = pseudonymize(text, sorted(back & set(kinds)), placeholders)
+                spans = [s for s in find_pii(text, r.kinds) if s.kind not in back]
             return _redact_spans(text, [(s.start, s.end, PLACEHOLDERS[s.kind]) for s in spans])
         return text
 
@@ -480,6 +496,15 @@ class StreamChecker:
                 self.buf = self.buf[:self.released] + v.text[len(head):]
             self.checked = len(self.buf)
         cut = len(self.buf) if final else max(self.released, len(self.buf) - self.hold)
+        back = self.ctx.placeholders if self.ctx is not None else None
+        if back and not final:
+            from lmstack.text.pii import placeholder_cut
+
+            cut = max(self.released, placeholder_cut(self.buf[:cut]))
         out = self.buf[self.released:cut]
         self.released = cut
+        if back:
+            from lmstack.text.pii import restore
+
+            out = restore(out, back)
         return out

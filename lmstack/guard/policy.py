@@ -49,8 +49,12 @@ class Rail(StrictModel):
 class PIIRail(Rail):
     action: SpanAction = "redact"
     kinds: Optional[list[str]] = None  # default: every kind lmstack.text.pii finds
+    # input rail, action redact: kinds redacted with numbered placeholders (<EMAIL_1>) that the servers put back
+    # in the answer sent to the same client (the model never sees the value; "we will write to <EMAIL_1>" reaches
+    # the customer with their address). Empty: plain placeholders, nothing given back.
+    reversible: list[str] = Field(default_factory=list)
 
-    @field_validator("kinds")
+    @field_validator("kinds", "reversible")
     @classmethod
     def _known(cls, v: Optional[list[str]]) -> Optional[list[str]]:
         return check_kinds(v)
@@ -156,6 +160,10 @@ class GuardPolicy(StrictModel):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     rate_limit: Optional[RateLimit] = None
     blocked_message: str = Field(BLOCKED, max_length=2000)
+    # how the servers answer a blocked request: "refuse" -- a normal chat answer carrying the rail's polite message
+    # (finish_reason "content_filter"); "error" -- an OpenAI-shaped error (400, code "content_filter"; 429 with
+    # code "rate_limit_exceeded" for the rate limit)
+    on_block: Literal["refuse", "error"] = "refuse"
 
 
 def policy_path(spec: str | Path | None) -> Path:

@@ -38,8 +38,9 @@ def guard_chat_request(guard: Guard, req: dict[str, Any], key: str | None = None
     if not users:
         return req, Verdict("allow", "")
     out = [dict(m) if isinstance(m, dict) else m for m in msgs]
-    ctx = GuardContext(key=key, request_id=request_id, record=record)
-    from lmstack.guard.guard import CURRENT_RECORD
+    from lmstack.guard.guard import CURRENT_PLACEHOLDERS, CURRENT_RECORD
+
+    ctx = GuardContext(key=key, request_id=request_id, record=record, placeholders=CURRENT_PLACEHOLDERS.get())
 
     rec = record or CURRENT_RECORD.get()
     if rec is not None and rec.model is None and isinstance(req.get("model"), str):
@@ -56,11 +57,14 @@ def guard_chat_request(guard: Guard, req: dict[str, Any], key: str | None = None
         out[last]["content"] = v.text
         pii = guard.policy.input.pii
         if pii and pii.enabled and pii.action == "redact":
-            from lmstack.text.pii import redact
+            from lmstack.text.pii import pseudonymize, redact
 
+            back = set(pii.reversible) if ctx.placeholders is not None else set()
             for i in users[:-1]:
                 t = _text(out[i].get("content"))
                 if t:
+                    if back:  # the same value gets the same placeholder in every turn
+                        t, _ = pseudonymize(t, sorted(back), ctx.placeholders)
                     out[i]["content"] = redact(t, pii.kinds).text
     return {**req, "messages": out}, v
 

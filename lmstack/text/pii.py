@@ -272,3 +272,51 @@ def redact(text: str, kinds: list[str] | tuple[str, ...] | set[str] | None = Non
         counts[sp.kind] = counts.get(sp.kind, 0) + 1
     parts.append(text[pos:])
     return RedactResult("".join(parts), counts, spans)
+
+
+# ---- reversible placeholders -------------------------------------------------------------------------
+_NUMBERED = re.compile(r"<(" + "|".join(sorted({v[1:-1] for v in PLACEHOLDERS.values()}, key=len, reverse=True))
+                       + r")_(\d{1,6})>")
+
+
+def pseudonymize(text: str, kinds: list[str] | tuple[str, ...] | set[str] | None = None,
+                 mapping: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """Replace each PII span by a numbered placeholder (``<EMAIL_1>``, ``<PHONE_2>`` ...) and return the text with
+    the mapping placeholder -> original value, so :func:`restore` can put the values back (in a model's answer
+    that needs them). The same value gets the same placeholder; pass ``mapping`` to continue numbering across
+    texts (the turns of one conversation)."""
+    mapping = {} if mapping is None else mapping
+    by_value = {v: k for k, v in mapping.items()}
+    counts: dict[str, int] = {}
+    for ph in mapping:
+        m = _NUMBERED.fullmatch(ph)
+        if m:
+            counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)))
+    parts, pos = [], 0
+    for sp in find_pii(text, kinds):
+        ph = by_value.get(sp.text)
+        if ph is None:
+            base = PLACEHOLDERS[sp.kind][1:-1]
+            counts[base] = counts.get(base, 0) + 1
+            ph = f"<{base}_{counts[base]}>"
+            mapping[ph], by_value[sp.text] = sp.text, ph
+        parts += [text[pos:sp.start], ph]
+        pos = sp.end
+    parts.append(text[pos:])
+    return "".join(parts), mapping
+
+
+def restore(text: str, mapping: dict[str, str]) -> str:
+    """``text`` with the numbered placeholders of ``mapping`` replaced by their values (others left as they are)."""
+    if not mapping or "<" not in text:
+        return text
+    return _NUMBERED.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+
+
+def placeholder_cut(text: str) -> int:
+    """Where ``text`` may be cut without splitting a numbered placeholder at its end (``len(text)`` when none is
+    open): a stream releases up to here, so the client never gets half of ``<EMAIL_1>``."""
+    k = text.rfind("<", max(0, len(text) - 24))
+    if k >= 0 and ">" not in text[k:] and re.fullmatch(r"<[A-Z_]*\d*", text[k:]):
+        return k
+    return len(text)
