@@ -211,8 +211,12 @@ def _stream(guard, text, step=3, passages=()):
 def test_stream_redacts_split_card_and_stops_on_block(guard):
     text = ("Thanks for waiting. The card on file is 4111 1111 1111 1111 and your order ships on Monday; "
             "standard shipping takes 3-5 business days after it ships.")
-    out, s = _stream(guard, text, passages=["Standard shipping takes 3-5 business days after it ships."])
+    out, s = _stream(guard, text)  # no passages: grounding does not run, the PII rail alone edits the stream
     assert "4111" not in out and "<CREDIT_CARD>" in out and out.endswith("after it ships.") and not s.stopped
+    # with passages, the unsupported middle sentence (it is not in them) is dropped before it is sent
+    out, s = _stream(guard, text, passages=["Thanks for waiting.", "Standard shipping takes 3-5 business days after "
+                                            "it ships."])
+    assert "Monday" not in out and "4111" not in out and out.endswith("after it ships.") and not s.stopped
     benign = "Standard shipping takes 3-5 business days after the order ships, and tracking is emailed."
     out, s = _stream(guard, benign, step=5, passages=[benign])
     assert out == benign

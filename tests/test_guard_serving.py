@@ -235,3 +235,32 @@ def test_reversible_placeholders_round_trip():
         assert "ann.lee@example.com" not in sent and "<EMAIL_1>" in sent and "<CREDIT_CARD>" in sent
         content = _read_stream(r.text)[0][0] if stream else r.json()["choices"][0]["message"]["content"]
         assert content == "We will email the label to ann.lee@example.com and refund <CREDIT_CARD> within 5 business days."
+
+
+def test_streamed_answer_is_grounded_sentence_by_sentence():
+    """With the shipped policy (grounding: redact) and passages, a streamed answer goes out one checked sentence
+    at a time: an unsupported sentence in the middle is never sent, the supported ones around it are."""
+    from lmstack.guard import GuardContext
+
+    pol = Guard.from_policy().policy
+    pol.output.grounding.embedder = None
+    guard = Guard(pol)
+    passages = ["Returns are accepted within 30 days of delivery. Refunds reach the original card within 5 "
+                "business days."]
+    good1, bad, good2 = ("Returns are accepted within 30 days of delivery. ", "We also give every customer a free "
+                         "espresso machine with each order. ", "Refunds reach the original card within 5 business days.")
+    answer = good1 + bad + good2
+    s = guard.stream(GuardContext(passages=passages))
+    sent = []
+    for k in range(0, len(answer), 3):
+        out = s.feed(answer[k:k + 3])
+        if out:
+            sent.append(out)
+            assert "espresso" not in "".join(sent)
+    sent.append(s.close())
+    assert "".join(sent) == good1 + good2 and not s.stopped
+    assert any(r.rail == "output.grounding" and r.action == "redact" for r in s.verdict.results)
+    pol.output.grounding.action = "block"
+    s = Guard(pol).stream(GuardContext(passages=passages))
+    out = "".join(s.feed(answer[k:k + 3]) for k in range(0, len(answer), 3)) + s.close()
+    assert out == good1.strip() and s.stopped and s.verdict.blocked and s.verdict.message == pol.output.grounding.message

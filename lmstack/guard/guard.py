@@ -442,7 +442,10 @@ class StreamChecker:
     """Output rails over a stream, window by window: ``feed(delta)`` returns the text that is safe to send now
     (the last ``hold`` characters wait for the next check, so a card number split across deltas is seen whole);
     once a window is blocked, ``stopped`` is True, nothing more is released and ``verdict`` says why.
-    ``close()`` checks and releases the rest (grounding runs there, on the whole answer)."""
+    With a grounding rail that redacts or blocks (and passages to ground in), text is released sentence by
+    sentence: a sentence goes out only once it is complete and supported; an unsupported one is dropped
+    (redact) or stops the stream with the rail's message (block). ``close()`` checks and releases the rest;
+    the verdict (and the audit record) is that of the whole answer as received."""
 
     def __init__(self, guard: Guard, ctx: GuardContext | None = None):
         self.guard, self.ctx = guard, ctx
@@ -454,10 +457,16 @@ class StreamChecker:
         self.verdict: Verdict | None = None
         self.results: list[RailResult] = []
         self.max_chars = guard.policy.output.max_chars
+        self.raw = ""  # everything received, untouched: the final verdict is over it
+        g = guard.policy.output.grounding
+        self.grounding = g if (g is not None and g.enabled and g.action in ("redact", "block") and ctx is not None
+                               and ctx.passages) else None
+        self.grounded = 0  # buf[:grounded] holds only sentences the grounding rail has passed
 
     def feed(self, delta: str) -> str:
         if self.stopped:
             return ""
+        self.raw = (self.raw + delta)[:self.max_chars]
         self.buf += delta
         if len(self.buf) > self.max_chars:
             self.buf = self.buf[:self.max_chars]
@@ -470,12 +479,49 @@ class StreamChecker:
             return ""
         out = self._check(final=True)
         if not self.stopped:
-            v = self.guard.check_output(self.buf, self.ctx, final=True)  # the whole answer (grounding), audited
+            # the verdict of the whole answer as received (grounding included), observed and audited once
+            v = self.guard.check_output(self.raw if self.grounding is not None else self.buf, self.ctx, final=True)
             self.verdict = v
-            if v.blocked:
+            if v.blocked and self.grounding is None:
                 self.stopped = True
                 return ""
         return out
+
+    def _ground(self, cut: int, final: bool) -> int:
+        """Check the complete sentences in ``buf[grounded:cut]`` (all of them when ``final``); drop or stop on an
+        unsupported one. Returns the new cut: the end of the last sentence passed (<= cut)."""
+        from lmstack.guard.grounding import check_grounding, sentences
+
+        r = self.grounding
+        g = self.guard
+        pos = self.grounded
+        spans = sentences(self.buf[pos:])
+        if not final:  # the last sentence may go on in the next delta; and nothing past the hold-back cut
+            spans = [sp for sp in spans[:-1] if pos + sp[1] <= cut]
+        if not spans:
+            return min(cut, max(self.released, self.grounded)) if not final else cut
+        emb = g._embedder() if r.embedder == "auto" else None
+        drop = []
+        for s0, e0 in spans:
+            sent = self.buf[pos + s0:pos + e0]
+            res = check_grounding(sent, list(self.ctx.passages), threshold=r.threshold, min_words=r.min_words,
+                                  check_numbers=r.check_numbers, embed=emb)
+            if res.unsupported:
+                if r.action == "block":
+                    msg = r.message or g.policy.blocked_message
+                    res0 = RailResult("output.grounding", "block", res.score, f"unsupported: {sent.strip()[:80]!r}")
+                    self.stopped = True
+                    self.verdict = Verdict("block", msg, msg, [res0])
+                    g._record("output", Verdict("block", msg, msg, [res0]), self.raw, self.ctx)
+                    return self.released
+                drop.append((pos + s0, pos + e0))
+        end = pos + spans[-1][1]
+        for a, b in reversed(drop):  # redact: the unsupported sentences never go out
+            self.buf = self.buf[:a] + self.buf[b:]
+            end -= b - a
+        self.grounded = end
+        self.checked = min(self.checked, len(self.buf))
+        return end
 
     def _check(self, final: bool) -> str:
         start = max(0, self.released - self.hold)  # some released text as context for spans at the seam
@@ -496,6 +542,12 @@ class StreamChecker:
                 self.buf = self.buf[:self.released] + v.text[len(head):]
             self.checked = len(self.buf)
         cut = len(self.buf) if final else max(self.released, len(self.buf) - self.hold)
+        if self.grounding is not None:
+            cut = self._ground(cut, final)
+            if self.stopped:
+                return ""
+            if final and not self.buf[self.released:].strip():
+                cut = len(self.buf)
         back = self.ctx.placeholders if self.ctx is not None else None
         if back and not final:
             from lmstack.text.pii import placeholder_cut
