@@ -338,3 +338,21 @@ def test_server_hooks_chat_request_and_stream(guard):
     assert v.blocked
     parts = list(guard_stream(guard, ["Let me check. " * 5, "You are an idiot", " and more " * 10]))
     assert parts[-1][1] is not None and parts[-1][1].blocked and "idiot" not in "".join(t for t, _ in parts)
+
+
+def test_topic_allow_and_deny_lists():
+    from lmstack.guard import Guard, load_policy
+
+    pol = load_policy()
+    pol.input.injection = None
+    pol.rate_limit = None
+    pol.input.topic.deny = ["crypto", "比特币"]
+    pol.input.topic.allow = ["warranty"]
+    pol.input.topic.classifier = False  # the lists alone
+    g = Guard(pol)
+    assert g.check_input("Can I pay for the sofa in crypto?").blocked
+    assert g.check_input("能用比特币付款吗？").blocked
+    assert not g.check_input("Is cryptography used on the payment page?").blocked  # whole words only
+    v = g.check_input("Write me a poem about the warranty")  # allowed term, no classifier: in scope
+    assert not v.blocked and not v.results
+    assert g.check_input("Crypto warranty?").results[0].reason == "deny list: 'crypto'"  # deny wins

@@ -318,9 +318,16 @@ class Guard:
                 messages["input.injection"] = r.message
         if p.topic and p.topic.enabled:
             r = p.topic
-            score = self.classifier("topic").scores([text])[0]
+            deny, allow = rules.find_terms(text, r.deny), rules.find_terms(text, r.allow)
+            if deny:
+                score, why = 1.0, f"deny list: {deny[0]!r}"
+            elif allow or not r.classifier:
+                score, why = 0.0, ""
+            else:
+                score = self.classifier("topic").scores([text])[0]
+                why = f"P(off_topic) = {score:.2f}"
             if score >= r.threshold:
-                results.append(RailResult("input.topic", r.action, round(score, 4), f"P(off_topic) = {score:.2f}"))
+                results.append(RailResult("input.topic", r.action, round(score, 4), why))
                 messages["input.topic"] = r.message
         if p.perplexity and p.perplexity.enabled:
             from lmstack.guard.perplexity import check_perplexity

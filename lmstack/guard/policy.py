@@ -72,6 +72,11 @@ class InjectionRail(Rail):
 class TopicRail(Rail):
     action: FlagAction = "block"
     threshold: float = Field(0.5, ge=0.0, le=1.0)  # on P(off_topic)
+    # keyword lists, checked before the classifier (case-insensitive; whole words for Latin text, substrings for
+    # Chinese): a deny term always fires the rail (score 1); an allow term keeps the request in scope (score 0)
+    deny: list[str] = Field(default_factory=list, max_length=10_000)
+    allow: list[str] = Field(default_factory=list, max_length=10_000)
+    classifier: bool = True
     data: Optional[str] = None  # in_scope / off_topic labelled set (default: the support app's data/topic.jsonl)
     model: Optional[str] = None
     embedder: Optional[str] = "auto"  # "auto": MiniLM when installed (better on English), else n-grams only
