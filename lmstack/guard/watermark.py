@@ -156,10 +156,9 @@ def detect(token_ids: Sequence[int], vocab_size: int, *, gamma: float = 0.25, ke
         if ctx not in cache:
             cache[ctx] = set(green_list(ctx, vocab_size, gamma, key, scheme).tolist())
         green += tok in cache[ctx]
-    pairs = grams
-    z = z_score(green, len(pairs), gamma)
+    z = z_score(green, len(grams), gamma)
     p = 0.5 * math.erfc(z / math.sqrt(2))
-    return Detection(round(z, 4), green, len(pairs), gamma, p, z >= z_threshold)
+    return Detection(round(z, 4), green, len(grams), gamma, p, z >= z_threshold)
 
 
 def false_positive_rate(z_threshold: float) -> float:
