@@ -108,7 +108,7 @@ def test_binary_metrics_match_sklearn():
 
 def test_injection_test_split_precision_recall(guard):
     """The shipped set's held-out split, EN and ZH: the combined rail (patterns or classifier) as measured in
-    docs/guardrails.md. Floors well under the measured values, so a broken classifier or pattern set fails."""
+    docs/guard.md. Floors well under the measured values, so a broken classifier or pattern set fails."""
     from lmstack.guard.evaluate import evaluate_set
 
     res = evaluate_set(DATA_DIR / "injection.jsonl", "injection", classifier=guard.classifier("injection"))
@@ -211,8 +211,12 @@ def _stream(guard, text, step=3, passages=()):
 def test_stream_redacts_split_card_and_stops_on_block(guard):
     text = ("Thanks for waiting. The card on file is 4111 1111 1111 1111 and your order ships on Monday; "
             "standard shipping takes 3-5 business days after it ships.")
-    out, s = _stream(guard, text, passages=["Standard shipping takes 3-5 business days after it ships."])
+    out, s = _stream(guard, text)  # no passages: grounding does not run, the PII rail alone edits the stream
     assert "4111" not in out and "<CREDIT_CARD>" in out and out.endswith("after it ships.") and not s.stopped
+    # with passages, the unsupported middle sentence (it is not in them) is dropped before it is sent
+    out, s = _stream(guard, text, passages=["Thanks for waiting.", "Standard shipping takes 3-5 business days after "
+                                            "it ships."])
+    assert "Monday" not in out and "4111" not in out and out.endswith("after it ships.") and not s.stopped
     benign = "Standard shipping takes 3-5 business days after the order ships, and tracking is emailed."
     out, s = _stream(guard, benign, step=5, passages=[benign])
     assert out == benign
@@ -334,3 +338,21 @@ def test_server_hooks_chat_request_and_stream(guard):
     assert v.blocked
     parts = list(guard_stream(guard, ["Let me check. " * 5, "You are an idiot", " and more " * 10]))
     assert parts[-1][1] is not None and parts[-1][1].blocked and "idiot" not in "".join(t for t, _ in parts)
+
+
+def test_topic_allow_and_deny_lists():
+    from lmstack.guard import Guard, load_policy
+
+    pol = load_policy()
+    pol.input.injection = None
+    pol.rate_limit = None
+    pol.input.topic.deny = ["crypto", "比特币"]
+    pol.input.topic.allow = ["warranty"]
+    pol.input.topic.classifier = False  # the lists alone
+    g = Guard(pol)
+    assert g.check_input("Can I pay for the sofa in crypto?").blocked
+    assert g.check_input("能用比特币付款吗？").blocked
+    assert not g.check_input("Is cryptography used on the payment page?").blocked  # whole words only
+    v = g.check_input("Write me a poem about the warranty")  # allowed term, no classifier: in scope
+    assert not v.blocked and not v.results
+    assert g.check_input("Crypto warranty?").results[0].reason == "deny list: 'crypto'"  # deny wins

@@ -350,4 +350,5 @@ def test_http_middleware_with_guard_rails(retriever):
         events = [x for x in s.iter_lines() if x.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1])
-    assert "4111" not in text and text.endswith("3-5 business days.") and "card" in text
+    # (the shipped policy's grounding rail also drops "Your card ... is on file.": no passage supports it)
+    assert "4111" not in text and text.strip() == "Standard shipping takes 3-5 business days."

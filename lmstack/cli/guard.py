@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from lmstack.cli import watermark as W
+
 guard_app = typer.Typer(help="Guardrails: check text against a policy, evaluate detectors, verify the audit log, "
                              "detect the watermark.", no_args_is_help=True)
 POLICY = typer.Option(None, "--policy", "--guard", "-p", help="Guard policy YAML (default: the shipped support policy).")
@@ -38,20 +40,30 @@ def check_cmd(text: str = typer.Argument(..., help="The text to check."), policy
 
 
 @guard_app.command("eval")
-def eval_cmd(set_: str = typer.Option(..., "--set", help="Labelled JSON Lines {text, label[, lang, split]}."),
-             rail: str = typer.Option("injection", "--rail", help="injection (label attack), topic (off_topic) or "
-                                                                  "toxicity (toxic)."),
+def eval_cmd(set_: Optional[str] = typer.Option(None, "--set", help="Labelled JSON Lines {text, label[, lang, split]} "
+                                                "(pii: {text, lang, spans: [[KIND, substring]]}); default: the "
+                                                "shipped set of the rail."),
+             rail: str = typer.Option("injection", "--rail", help="injection (label attack), topic (off_topic), "
+                                                                  "toxicity (toxic) or pii (per kind)."),
+             presidio: bool = typer.Option(True, "--presidio/--no-presidio", help="pii: also run Presidio's analyzer "
+                                           "on the English rows when presidio-analyzer is installed."),
              split_name: str = typer.Option("test", "--split", help="Rows of this split when the set has splits "
                                                                     "('all': every row)."),
              threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0),
              model: Optional[str] = typer.Option(None, "--model", help="A classifier written by `lmstack guard train` "
                                                  "(default: trained on the shipped set, cached).")) -> None:
-    """Precision / recall / F1 of the patterns, the classifier and both combined, overall and per language."""
+    """Precision / recall / F1 of the patterns, the classifier and both combined, overall and per language; for
+    ``--rail pii``, per PII kind, language and split, with Presidio on the English rows (docs/guard.md)."""
     from lmstack.guard.evaluate import evaluate_set
-    from lmstack.guard.textcls import TextClassifier
+    from lmstack.guard.textcls import DATA_DIR, TextClassifier
 
+    if rail == "pii":
+        from lmstack.guard.pii_eval import DATA, evaluate_pii
+
+        _echo(evaluate_pii(set_ or DATA, presidio=None if presidio else False))
+        return
     clf = TextClassifier.load(model) if model else None
-    _echo(evaluate_set(set_, rail, split_name=None if split_name == "all" else split_name, threshold=threshold,
+    _echo(evaluate_set(set_ or DATA_DIR / f"{rail}.jsonl", rail, split_name=None if split_name == "all" else split_name, threshold=threshold,
                        classifier=clf))
 
 
@@ -94,18 +106,19 @@ def train_cmd(rail: str = typer.Option("injection", "--rail", help="injection, t
 
 
 @guard_app.command("verify-log")
-def verify_log_cmd(path: str = typer.Argument(..., help="An audit log (JSON Lines) the guard wrote."),
+def verify_log_cmd(path: str = typer.Argument(..., help="An audit log the guard wrote (JSON Lines, or SQLite: "
+                                                      ".db / .sqlite / .sqlite3)."),
                    head: Optional[str] = typer.Option(None, "--head", help="The last hash recorded elsewhere "
                                                       "(detects lines cut from the end).")) -> None:
     """Check the hash chain; exit 1 and name the first bad line when the log was edited, reordered or cut."""
     from pathlib import Path
 
     from lmstack.errors import DataError
-    from lmstack.guard.audit import verify_log
+    from lmstack.guard.audit import is_sqlite, verify_db, verify_log
 
     if not Path(path).is_file():
         raise DataError(f"{path}: audit log not found")
-    r = verify_log(path, head)
+    r = verify_db(path, head) if is_sqlite(path) else verify_log(path, head)
     _echo(r.__dict__)
     if not r.ok:
         typer.echo(f"lmstack: {path}:{r.line}: {r.error}", err=True)
@@ -113,37 +126,9 @@ def verify_log_cmd(path: str = typer.Argument(..., help="An audit log (JSON Line
 
 
 @guard_app.command("watermark-detect")
-def watermark_detect_cmd(
-        text: Optional[str] = typer.Argument(None, help="Text to test (with --tokenizer)."),
-        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Model or tokenizer directory that "
-                                                "generated the text."),
-        ids: Optional[str] = typer.Option(None, "--ids", help="Token ids instead of text, comma-separated."),
-        vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Vocabulary size (default: the "
-                                                 "tokenizer's; required with --ids)."),
-        gamma: float = typer.Option(0.25, "--gamma", min=0.001, max=0.999, help="Green-list fraction used at generation."),
-        key: int = typer.Option(15485863, "--key", help="The watermark key used at generation."),
-        z_threshold: float = typer.Option(4.0, "--z", help="Flag at z >= this (one-sided FPR 1 - Phi(z))."),
-) -> None:
-    """z-score of the green-list watermark (Kirchenbauer et al. 2023): z = (|s|_G - gamma T) / sqrt(T gamma (1-gamma))."""
-    from lmstack.errors import ConfigError
-    from lmstack.guard.watermark import detect, false_positive_rate
-
-    if ids is not None:
-        try:
-            toks = [int(x) for x in ids.replace(" ", "").split(",") if x][:100_000]
-        except ValueError:
-            raise typer.BadParameter("comma-separated integers", param_hint="--ids") from None
-        if vocab_size is None:
-            raise ConfigError("--ids needs --vocab-size")
-    elif text is not None and tokenizer is not None:
-        from lmstack.tokenizer import Tokenizer
-
-        tok = Tokenizer.from_dir(tokenizer)
-        toks = tok.encode(text[:1_000_000])
-        vocab_size = vocab_size or tok.vocab_size
-    else:
-        raise ConfigError("give TEXT with --tokenizer DIR, or --ids with --vocab-size")
-    if any(t < 0 or t >= vocab_size for t in toks):
-        raise ConfigError(f"token ids must be in [0, {vocab_size})")
-    d = detect(toks, vocab_size, gamma=gamma, key=key, z_threshold=z_threshold)
-    _echo({**d.__dict__, "z_threshold": z_threshold, "false_positive_rate": false_positive_rate(z_threshold)})
+def watermark_detect_cmd(text: Optional[str] = W.TEXT, tokenizer: Optional[str] = W.MODEL, ids: Optional[str] = W.IDS,
+                         vocab_size: Optional[int] = W.VOCAB, gamma: float = W.GAMMA, key: int = W.KEY,
+                         z_threshold: float = W.Z, context_width: int = W.WIDTH, scheme: str = W.SCHEME,
+                         ignore_repeated: bool = W.REPEATED) -> None:
+    """The same as `lmstack watermark detect`: z-score and p-value of the green-list watermark."""
+    W.detect_cmd(text, tokenizer, ids, vocab_size, gamma, key, z_threshold, context_width, scheme, ignore_repeated)

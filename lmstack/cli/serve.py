@@ -38,21 +38,51 @@ def register(app: typer.Typer) -> None:
         sanitize: bool = typer.Option(True, "--sanitize/--no-sanitize",
                                       help="Special-token text in chat messages stays text (never control tokens)."),
         log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
-        guard: Optional[str] = typer.Option(None, "--guard", help="Guardrails policy YAML (docs/guardrails.md; "
+        guard: Optional[str] = typer.Option(None, "--guard", help="Guardrails policy YAML (docs/guard.md; "
                                             "`default`: the shipped support policy): input rails before the model, "
                                             "output rails on every chat answer, streamed or not."),
+        watermark_key: Optional[int] = typer.Option(None, "--watermark-key", min=0, max=2 ** 63 - 1,
+                                                    help="Watermark every answer (green list, docs/guard.md) with "
+                                                         "this secret key; requests may also send extra_body "
+                                                         "{'watermark': {...}} without it."),
+        watermark_gamma: float = typer.Option(0.25, "--watermark-gamma", min=0.001, max=0.999,
+                                              help="Green-list fraction."),
+        watermark_delta: float = typer.Option(2.0, "--watermark-delta", min=0.0, max=100.0,
+                                              help="Logit bias added to the green tokens."),
+        watermark_context_width: int = typer.Option(1, "--watermark-context-width", min=1, max=16,
+                                                    help="Previous tokens seeding each green list."),
+        watermark_scheme: str = typer.Option("lmstack", "--watermark-scheme", help="lmstack (SHA-256 of the "
+                                             "context) or hf (transformers' lefthash, for its WatermarkDetector)."),
     ) -> None:
         """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
         from lmstack.serve.api import run_server
 
         wrap = None
+        marks = None
+        if watermark_key is not None:
+            from lmstack.errors import ConfigError
+            from lmstack.guard.watermark import check_params
+
+            marks = {"key": watermark_key, "gamma": watermark_gamma, "delta": watermark_delta,
+                     "context_width": watermark_context_width, "scheme": watermark_scheme}
+            try:  # a bad setting fails here, in one line, before the model loads
+                check_params(watermark_gamma, watermark_delta, watermark_context_width, watermark_scheme)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        policy = None
         if guard is not None:
             from lmstack.guard import load_policy
-            from lmstack.guard.asgi import GuardMiddleware, guard_for
 
             policy = load_policy(guard)  # "default": the shipped policy; a bad file fails before the model loads
-            wrap = lambda app, llm: GuardMiddleware(app, guard_for(policy, llm), api_key=api_key or None,  # noqa: E731
-                                                    max_body=app.state.max_request_bytes)
+        if policy is not None or marks is not None:
+            def wrap(app, llm):
+                app.state.model.watermark = marks  # every request's sampling gets it (serve.api.protocol)
+                if policy is None:
+                    return app
+                from lmstack.guard.asgi import GuardMiddleware, guard_for
+
+                return GuardMiddleware(app, guard_for(policy, llm), api_key=api_key or None,
+                                       max_body=app.state.max_request_bytes)
         run_server(model, adapter=adapter, host=host, port=port, api_key=api_key or None,
                    served_model_name=served_model_name, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                    max_waiting=max_waiting, device=device, dtype=dtype, max_request_bytes=max_request_bytes,

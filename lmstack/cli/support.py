@@ -17,7 +17,7 @@ SYSTEM = typer.Option(None, "--system", help="System prompt (default: the bundle
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available).")
 RANKER = typer.Option(None, "--ranker", help="Answer-ranker weights (runs/NAME/reader/ranker.json, written by the "
                       "recipe's reader stage); default: the model's likelihood alone.")
-GUARD = typer.Option(None, "--guard", help="Guardrails policy YAML (docs/guardrails.md): `default` (the shipped "
+GUARD = typer.Option(None, "--guard", help="Guardrails policy YAML (docs/guard.md): `default` (the shipped "
                      "support policy), a path, or `off`; default: the bundle's policy, else none.")
 MODE = typer.Option(None, "--mode", help="select: the model picks the passage sentence that answers; "
                     "generate: free generation from the grounded prompt (default: the bundle's, else select).")

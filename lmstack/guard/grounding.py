@@ -11,7 +11,7 @@ A sentence's support score is its best match over the passages' sentences::
 and a sentence that states a number no passage contains scores 0 ("Refunds within 90 days" against a passage
 saying 30). Sentences with fewer than ``min_words`` terms ("Thanks!", "您好") make no claim and are skipped.
 This is the "embedding + overlap" form of the fact check the issue asks for; it is not NLI: a sentence that
-reuses the passage's words to say the opposite ("returns are NOT accepted") still scores high (docs/guardrails.md).
+reuses the passage's words to say the opposite ("returns are NOT accepted") still scores high (docs/guard.md).
 """
 
 from __future__ import annotations

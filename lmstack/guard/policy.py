@@ -16,7 +16,7 @@ bad value fails with the file and the field), e.g.::
       toxicity: {action: block}
       grounding: {action: warn, threshold: 0.45}
     stream: {window: 48, hold: 64}
-    audit: {path: runs/support/audit.jsonl}
+    audit: {path: runs/support/audit.db, text: redacted, text_retention_days: 30}
     rate_limit: {requests_per_minute: 30, burst: 10}
 
 Actions: ``block`` (the request or answer is replaced by the rail's ``message``), ``redact`` (the offending spans
@@ -49,8 +49,12 @@ class Rail(StrictModel):
 class PIIRail(Rail):
     action: SpanAction = "redact"
     kinds: Optional[list[str]] = None  # default: every kind lmstack.text.pii finds
+    # input rail, action redact: kinds redacted with numbered placeholders (<EMAIL_1>) that the servers put back
+    # in the answer sent to the same client (the model never sees the value; "we will write to <EMAIL_1>" reaches
+    # the customer with their address). Empty: plain placeholders, nothing given back.
+    reversible: list[str] = Field(default_factory=list)
 
-    @field_validator("kinds")
+    @field_validator("kinds", "reversible")
     @classmethod
     def _known(cls, v: Optional[list[str]]) -> Optional[list[str]]:
         return check_kinds(v)
@@ -68,6 +72,11 @@ class InjectionRail(Rail):
 class TopicRail(Rail):
     action: FlagAction = "block"
     threshold: float = Field(0.5, ge=0.0, le=1.0)  # on P(off_topic)
+    # keyword lists, checked before the classifier (case-insensitive; whole words for Latin text, substrings for
+    # Chinese): a deny term always fires the rail (score 1); an allow term keeps the request in scope (score 0)
+    deny: list[str] = Field(default_factory=list, max_length=10_000)
+    allow: list[str] = Field(default_factory=list, max_length=10_000)
+    classifier: bool = True
     data: Optional[str] = None  # in_scope / off_topic labelled set (default: the support app's data/topic.jsonl)
     model: Optional[str] = None
     embedder: Optional[str] = "auto"  # "auto": MiniLM when installed (better on English), else n-grams only
@@ -133,8 +142,12 @@ class StreamSettings(StrictModel):
 
 
 class AuditSettings(StrictModel):
-    path: Optional[str] = None  # JSON Lines, hash-chained (lmstack.guard.audit); None: no audit log
-    max_text_chars: int = Field(200, ge=0, le=100_000)  # redacted text kept per record
+    # .db / .sqlite / .sqlite3: SQLite (WAL), one row per request; other suffixes: JSON Lines; None: no audit log
+    path: Optional[str] = None
+    text: Literal["none", "redacted", "raw"] = "redacted"  # what text a record keeps beside its SHA-256 hashes
+    max_text_chars: int = Field(200, ge=0, le=100_000)  # text kept per record (first characters)
+    text_retention_days: Optional[float] = Field(30.0, gt=0)  # SQLite: text columns cleared after this; None: kept
+    busy_timeout_ms: int = Field(1000, ge=0, le=60_000)  # SQLite: wait this long for a lock, then drop the record
 
 
 class RateLimit(StrictModel):
@@ -152,6 +165,10 @@ class GuardPolicy(StrictModel):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     rate_limit: Optional[RateLimit] = None
     blocked_message: str = Field(BLOCKED, max_length=2000)
+    # how the servers answer a blocked request: "refuse" -- a normal chat answer carrying the rail's polite message
+    # (finish_reason "content_filter"); "error" -- an OpenAI-shaped error (400, code "content_filter"; 429 with
+    # code "rate_limit_exceeded" for the rate limit)
+    on_block: Literal["refuse", "error"] = "refuse"
 
 
 def policy_path(spec: str | Path | None) -> Path:

@@ -217,3 +217,22 @@ def spotlight(passages: list[str], nonce: str | None = None) -> tuple[str, str]:
         clean, _ = sanitize_passage(p)
         blocks.append(f"{DELIM_OPEN}passage {i} {nonce}{DELIM_CLOSE}\n{clean}\n{DELIM_OPEN}/passage {i} {nonce}{DELIM_CLOSE}")
     return "\n".join(blocks), nonce
+
+
+def find_terms(text: str, terms) -> list[str]:
+    """The ``terms`` found in ``text`` (case-insensitive): a term with Latin letters or digits must stand as a whole
+    word or phrase; a term in Chinese (or other scripts without spaces) matches as a substring."""
+    if not terms:
+        return []
+    low = text.lower()
+    out = []
+    for t in terms:
+        t2 = t.strip().lower()
+        if not t2:
+            continue
+        if re.search(r"[a-z0-9]", t2):
+            if re.search(r"(?<![a-z0-9])" + re.escape(t2) + r"(?![a-z0-9])", low):
+                out.append(t)
+        elif t2 in low:
+            out.append(t)
+    return out

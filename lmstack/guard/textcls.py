@@ -3,7 +3,7 @@ character n-grams, optionally concatenated with MiniLM sentence embeddings.
 
 Why not a neural classifier by default: on the shipped labelled sets (a few hundred EN + ZH lines) this linear
 model was measured against ``lmstack classify`` (the BERT-style encoder trained from scratch) on the same test
-split, and it wins (docs/guardrails.md has the table and the command, ``lmstack guard train --compare``). It
+split, and it wins (docs/guard.md has the table and the command, ``lmstack guard train --compare``). It
 trains in about a second on a CPU (plus the embedding pass when MiniLM is used), so a guard trains it at first use
 and caches it; nothing is downloaded.
 

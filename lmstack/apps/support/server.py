@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from lmstack.apps.support.dialogues import SYSTEM_PROMPT
 from lmstack.apps.support.retrieval import DEFAULT_K, context_hits, guard_hits
-from lmstack.guard.asgi import OutputGuard, bearer_key, count_status
+from lmstack.guard.asgi import OutputGuard, attach_metrics, audited, bearer_key, blocked_reply, count_status
 from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, authorized, read_body, replay_body
 from lmstack.serve.api.chat import chat_choice, chat_chunk, chat_completion, chat_head, chat_usage_chunk
 from lmstack.serve.api.common import SSE_DONE, check_prompt_bytes, usage
@@ -147,6 +147,8 @@ class GroundingMiddleware:
         self.max_body = max_body
         self.units = units  # (no-model reader, n): prompts show the top n answer units (context "units")
         self._lock = threading.Lock()
+        if guard is not None:
+            attach_metrics(guard, app)  # /metrics: lmstack_guard_decisions_total{stage, rail, action}
 
     def _authorized(self, scope: dict) -> bool:
         return self.api_key is None or authorized(scope, self.api_key)
@@ -170,12 +172,22 @@ class GroundingMiddleware:
         if body.disconnected:
             return
         key = bearer_key(scope)
+        async with audited(self.guard, scope, key):  # with a guard that keeps an audit log: one row per request
+            await self._serve(scope, receive, send, body, key)
+
+    async def _serve(self, scope: dict, receive: Callable, send: Callable, body: Any, key: str | None) -> None:
         grounded = await asyncio.to_thread(self._ground, body.data, key)  # JSON + rails + retrieval: off the loop
         data = body.data
         if grounded is not None:
             req, hits, data = grounded
-            if isinstance(hits, str):  # an input rail blocked the request: its message, no retrieval, no model
-                return await self._reply(req, hits, "content_filter", scope, send)
+            if not isinstance(hits, list):  # an input rail blocked it: refusal or error per policy, no retrieval
+                status, ctype, out = blocked_reply(self.guard, req, hits)
+                if status == 200:  # the polite refusal, in the app's own answer shape
+                    return await self._reply(req, hits.message or hits.text, "content_filter", scope, send)
+                count_status(self.app, scope, status)
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(b"content-type", ctype), (b"content-length", str(len(out)).encode())]})
+                return await send({"type": "http.response.body", "body": out})
             if self.reader is not None and _selectable(req, self.model_names):
                 return await self._select(req, hits, scope, receive, send, key)
             if self.guard is not None:  # the model's answer passes the output rails on its way out
@@ -186,10 +198,10 @@ class GroundingMiddleware:
         if isinstance(send, OutputGuard):
             await send.finish()
 
-    def _ground(self, body: bytes, key: str | None = None) -> tuple[dict, list | str, bytes] | None:
+    def _ground(self, body: bytes, key: str | None = None) -> tuple[dict, Any, bytes] | None:
         """(request, passages, grounded body) of a JSON chat request; None for anything else (the server's own
         validation answers it). With a guard, the input rails run first (PII redacted in the user turns; a
-        blocked request comes back as (request, the block message, b"")) and the retrieved passages are
+        blocked request comes back as (request, its verdict, b"")) and the retrieved passages are
         sanitized (instructions inside them cut out) before they reach the prompt."""
         try:
             req = json.loads(body)
@@ -200,7 +212,7 @@ class GroundingMiddleware:
 
                 req, verdict = guard_chat_request(self.guard, req, key=key)
                 if verdict.blocked:
-                    return req, verdict.message or verdict.text, b""
+                    return req, verdict, b""
             hits: list = []
             with self._lock:  # one retriever (one SQLite connection) shared by the worker threads
                 req["messages"] = ground_messages(req["messages"], self.retriever, self.k, self.system_prompt,

@@ -88,7 +88,8 @@ async def create_chat_completion(model: ServedModel, req: P.ChatCompletionReques
     max_tokens = check_context(model, len(prompt_ids), want, "messages")
     params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, logprobs_param="top_logprobs",
                                vocab_size=model.vocab_size,
-                               cache_salt=cache_salt(req.cache_salt), structured=structured)
+                               cache_salt=cache_salt(req.cache_salt), structured=structured,
+                               watermark=model.watermark)
     await asyncio.to_thread(check_structured, model, params, sparam)
     head = chat_head(model.name)
     first, rest = await first_then_rest(tracked_generate(model, prompt_ids, params, head["id"]), "messages")

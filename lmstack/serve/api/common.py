@@ -50,6 +50,9 @@ class ServedModel:
     # keyword that makes the tokenizer's apply_chat_template encode control tokens typed inside messages as
     # plain text ({"sanitize": True} for lmstack's, {"sanitize_control_tokens": True} for transformers'); {}: off
     sanitize_kw: dict[str, bool] = field(default_factory=dict)
+    # server-wide generation watermark (lmstack serve --watermark-key): {key, gamma, delta, context_width, scheme}
+    # applied to every request; None: only requests that send their own `watermark` object are marked
+    watermark: dict[str, Any] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
 

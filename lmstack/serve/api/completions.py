@@ -59,7 +59,8 @@ async def create_completion(model: ServedModel, req: P.CompletionRequest):
     max_tokens = min(check_context(model, len(x), want, "prompt") for x in ids)
     structured, sparam = P.structured_output(req)
     params = P.sampling_params(req, max_tokens=max_tokens, logprobs=k, vocab_size=model.vocab_size,
-                               cache_salt=cache_salt(req.cache_salt), structured=structured)
+                               cache_salt=cache_salt(req.cache_salt), structured=structured,
+                               watermark=model.watermark)
     await asyncio.to_thread(check_structured, model, params, sparam)
     cid = f"cmpl-{uuid.uuid4().hex}"
     # Admit every prompt concurrently before answering 200, so a 429 / 400 / 503 keeps its status.

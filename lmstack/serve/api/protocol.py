@@ -62,6 +62,15 @@ def _doc(default: Any = None, **schema: Any) -> Any:
 I64 = {"minimum": -(2 ** 63), "maximum": 2 ** 63 - 1}
 
 
+class WatermarkRequest(_Body):
+    """The ``watermark`` extra: a green-list watermark on this request's tokens (lmstack.guard.watermark)."""
+    key: int | None = _doc(None, minimum=0, maximum=2 ** 63 - 1, description="default: the server's --watermark-key")
+    gamma: float = _doc(0.25, exclusiveMinimum=0, exclusiveMaximum=1)
+    delta: float = _doc(2.0, minimum=0, maximum=100)
+    context_width: int = _doc(1, minimum=1, maximum=16)
+    scheme: Literal["lmstack", "hf"] = "lmstack"
+
+
 class _Sampling(_Body):
     """Fields shared by chat and completions (OpenAI's, then lmstack's extras)."""
 
@@ -99,6 +108,8 @@ class _Sampling(_Body):
     guided_choice: list[str] | None = None
     guided_json: Union[dict[str, Any], str, None] = None
     structured_outputs: dict[str, Any] | None = None
+    # generation watermark extra: true (the server's key and settings) or an object (WatermarkRequest)
+    watermark: Union[bool, WatermarkRequest, None] = None
 
 
 # Accepted and ignored: they do not change what the model generates.
@@ -259,11 +270,43 @@ def _short(v: int) -> str:
     return t if len(t) <= 24 else f"{t[:10]}...{t[-6:]} ({len(t)} digits)"
 
 
+def watermark_processors(req: _Sampling, server: dict[str, Any] | None, vocab_size: int | None) -> list:
+    """The request's watermark as ``SamplingParams.logits_processors`` (empty: none). ``server``: the server-wide
+    settings (``lmstack serve --watermark-key``), which every request gets and none can turn off; a request's
+    ``watermark: true`` uses them, an object overrides them field by field (its ``key`` or the server's)."""
+    w = req.watermark
+    if w is None or w is False:
+        if w is False and server is not None:
+            raise bad_request("this server watermarks every answer; watermark: false is refused.", param="watermark")
+        w = True if server is not None else None
+    if w is None:
+        return []
+    base = dict(server or {})
+    if isinstance(w, WatermarkRequest):
+        base.update({k: v for k, v in w.model_dump(exclude_unset=True).items() if v is not None})
+    if base.get("key") is None:
+        raise bad_request("watermark needs a key: send watermark.key, or start the server with --watermark-key.",
+                          param="watermark")
+    if not vocab_size:
+        raise bad_request("watermark needs the model's vocabulary size, which this server does not know.",
+                          param="watermark")
+    from lmstack.guard.watermark import watermark_factory
+
+    try:
+        return [watermark_factory(vocab_size, key=int(base["key"]), gamma=float(base.get("gamma", 0.25)),
+                                  delta=float(base.get("delta", 2.0)), context_width=int(base.get("context_width", 1)),
+                                  scheme=str(base.get("scheme", "lmstack")))]
+    except ValueError as e:
+        raise bad_request(f"{e}.", param="watermark") from None
+
+
 def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
                     logprobs_param: str = "logprobs", vocab_size: int | None = None,
-                    cache_salt: str | None = None, structured: StructuredOutput | None = None) -> SamplingParams:
+                    cache_salt: str | None = None, structured: StructuredOutput | None = None,
+                    watermark: dict[str, Any] | None = None) -> SamplingParams:
     """Translate the request to engine params, validated by :meth:`SamplingParams.validate`; a value out of
-    range is a 400 naming the request field (``logprobs_param``: the field that carried ``logprobs``)."""
+    range is a 400 naming the request field (``logprobs_param``: the field that carried ``logprobs``).
+    ``watermark``: the server-wide watermark settings (:func:`watermark_processors`)."""
     for param, ok, msg in OPENAI_LIMITS:
         if not ok(req):
             raise bad_request(msg + ".", param=param)
@@ -290,6 +333,7 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
         cache_salt=cache_salt,
         logit_bias=logit_bias(req, vocab_size),
         structured=structured,
+        logits_processors=watermark_processors(req, watermark, vocab_size),
     )
     try:
         params.validate()
