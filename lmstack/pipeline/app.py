@@ -29,6 +29,9 @@ class App:
     summary: Callable[[PipelineResult, Any], None] = lambda res, console: None  # extra terminal tables
     report: Callable[[PipelineResult], list[str]] = lambda res: []  # HTML sections after the stage table
     next_commands: Callable[[PipelineResult], list[str]] = lambda res: []  # what to run on the result
+    # other orders a recipe may list the stages in (each names every stage), e.g. a stage that may run before or
+    # after another depending on its config; ``check`` says which one a config needs
+    alt_orders: tuple[tuple[str, ...], ...] = ()
     registry: dict[str, Stage] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -42,8 +45,9 @@ class App:
         """The app's stage order and its cross-stage rules, as one-line ConfigErrors (after
         :func:`~lmstack.pipeline.runner.configure` has checked the stage names and sections)."""
         where = recipe.source or "recipe"  # unknown stages: lmstack.pipeline.runner.configure, which runs first
-        if [s for s in self.order if s in recipe.stages] != list(recipe.stages):
-            raise ConfigError(f"{where}: stages must follow the order {list(self.order)}; got {recipe.stages}")
+        if all([s for s in order if s in recipe.stages] != list(recipe.stages) for order in (self.order, *self.alt_orders)):
+            alts = "".join(f" or {list(o)}" for o in self.alt_orders)
+            raise ConfigError(f"{where}: stages must follow the order {list(self.order)}{alts}; got {recipe.stages}")
         try:
             self.check(recipe)
         except ValueError as e:

@@ -46,10 +46,13 @@ def _check(r: Recipe) -> None:
         if "lm" in st.section(r, "reader").features:
             raise ValueError("rag.context: units ranks the units before any model is tuned: drop `lm` from "
                              "reader.features")
-        later = [n for n in ("finetune", "eval", "tokenizer") if n in s and r.stages.index(n) < r.stages.index("reader")]
-        if later:
-            raise ValueError(f"rag.context: units: the reader stage writes the prompts {later[0]} reads; list it "
-                             f"before {later[0]} in stages")
+        if "finetune" in s and r.stages.index("finetune") < r.stages.index("reader"):
+            raise ValueError("rag.context: units: the reader stage writes the prompts finetune reads; list it "
+                             "before finetune in stages")
+    elif {"reader", "finetune"} <= s and r.stages.index("reader") < r.stages.index("finetune") and \
+            "lm" in st.section(r, "reader").features:
+        raise ValueError("the reader's `lm` feature scores with the fine-tuned model: list reader after finetune "
+                         "(or drop `lm` from reader.features)")
     if "pretrain" in s and "tokenizer" not in s:
         raise ValueError("the pretrain stage needs the tokenizer stage (it trains on its token shards)")
     if {"tokenizer", "finetune", "rag"} & s and "data" not in s:
@@ -103,6 +106,8 @@ APP = register_app(App(
     "support",
     description="Larkspur Home customer-support assistant: grounded in its knowledge base, EN + ZH",
     check=_check, summary=report.print_tables, report=report.html_sections, next_commands=report.next_commands,
+    # rag.context: units -- the reader ranks the answer units the model is tuned on, so it runs before finetune
+    alt_orders=(("data", "rag", "tokenizer", "base", "pretrain", "reader", "finetune", "eval", "bundle"),),
     stages=[
         Stage("data", st.run_data, config=cfg.DataStage, description="general corpus + shop knowledge base + support QA",
               depends=lambda r: {"python_stdlib": sys.version},
