@@ -131,6 +131,27 @@ def worker(variant: str, preset_name: str, steps: int, threads: int, device: str
             "peak_mem_mib": mem, "rss_before_steps_mib": rss0}
 
 
+def summary_lines(med: dict[tuple[str, str], dict], presets: list[str], variants: list[str],
+                  mem: str = "peak RSS") -> list[str]:
+    """One line per (preset, variant) with its median tokens/s; every variant but the baseline also gets its ratio
+    to ``transformers`` (whatever order ``--variants`` gave)."""
+    lines = []
+    for p in presets:
+        base = med.get((p, "transformers"))
+        for v in variants:
+            r = med.get((p, v))
+            if r is None:
+                continue
+            line = (f"{p:>6} ({r['params_M']:.1f}M) {v:<16} {r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
+                    f"{mem} {r['peak_mem_mib']:7.0f} MiB  rounds {' / '.join(f'{x:.0f}' for x in r['rounds'])}")
+            if base and v != "transformers":
+                per = [x / y for x, y in zip(r["rounds"], base["rounds"])]
+                line += (f"  -> {v} / transformers = {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+                         f"(per round {' / '.join(f'{x:.2f}' for x in per)})")
+            lines.append(line)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,small")
@@ -192,19 +213,8 @@ def main() -> None:
                     rs[0]["tokens_per_s"], "rounds": [r["tokens_per_s"] for r in rs],
                     "peak_mem_mib": max(r["peak_mem_mib"] for r in rs)}
     print(f"median over {a.rounds} round(s):")
-    for p in presets:
-        base = med.get((p, "transformers"))
-        for v in variants:
-            r = med.get((p, v))
-            if r is None:
-                continue
-            line = (f"{p:>6} ({r['params_M']:.1f}M) {v:<16} {r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
-                    f"{mem} {r['peak_mem_mib']:7.0f} MiB  rounds {' / '.join(f'{x:.0f}' for x in r['rounds'])}")
-            if base and v != "transformers":  # every variant against the baseline, whatever --variants' order
-                per = [x / y for x, y in zip(r["rounds"], base["rounds"])]
-                line += (f"  -> {v} / transformers = {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
-                         f"(per round {' / '.join(f'{x:.2f}' for x in per)})")
-            print(line)
+    for line in summary_lines(med, presets, variants, mem):
+        print(line)
     print(f"load average at end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if a.json:
         rows = []
