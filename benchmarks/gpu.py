@@ -503,11 +503,11 @@ def main() -> None:
         print("\n== decode speed: benchmarks/generate.py", flush=True)
         if a.quick:
             argv = ["benchmarks/generate.py", "--device", a.device, "--dtype", "bfloat16", "--presets", "tiny",
-                    "--batches", "1", "2", "--new-tokens", "8", "--repeats", "1"]
+                    "--batches", "1", "2", "--new-tokens", "8", "--repeats", "1", "--rounds", "1"]
         else:
             argv = ["benchmarks/generate.py", "--device", a.device, "--dtype", "bfloat16", "--presets", "tiny",
                     "qwen2.5-0.5b", "--batches", *map(str, a.gen_batches), "--new-tokens", str(a.gen_tokens),
-                    "--repeats", "2"]
+                    "--repeats", "2", "--rounds", "1"]
         rc, log = run_script(argv + ["--json", str(out / "generate.json"), "--profile", str(out / "profile.txt")],
                              timeout=240)
         result["generate_cmd"] = " ".join(argv)
@@ -519,11 +519,11 @@ def main() -> None:
         print("\n== training speed: benchmarks/train.py", flush=True)
         if a.quick:
             argv = ["benchmarks/train.py", "--device", a.device, "--presets", "tiny", "--steps", "3",
-                    "--batch", "2", "--seq", "64", "--variants", "transformers,lmstack"]
+                    "--batch", "2", "--seq", "64", "--variants", "transformers,lmstack", "--rounds", "1"]
         else:
             argv = ["benchmarks/train.py", "--device", a.device, "--presets", a.train_preset, "--steps",
                     str(a.train_steps), "--batch", str(a.train_batch), "--seq", str(a.train_seq)] + \
-                ([] if a.no_compile else ["--compile"])
+                (["--rounds", "1"] if a.no_compile else ["--compile", "--rounds", "1"])
         rc, log = run_script(argv + ["--json", str(out / "train.json")], timeout=240)
         result["train_cmd"] = " ".join(argv)
         if (out / "train.json").is_file():

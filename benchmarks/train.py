@@ -2,14 +2,15 @@
 
 Same model config and initial weights (the lmstack model is saved and loaded by transformers), same data
 (random tokens, batch 8 x 256), same AdamW hyperparameters, gradient clipping 1.0, fp32, 2 threads.
-Each variant runs in its own subprocess (so peak RSS is per variant) one after another in this run:
+Each variant runs in its own subprocess (so peak RSS is per variant), one after another, for --rounds rounds whose
+variant order alternates (so each sees the same load on a shared machine); medians over rounds are reported:
 
     lmstack        fit() as shipped (fused AdamW, token-weighted loss, metrics every step)
     lmstack+ac     the same with activation checkpointing per block
     lmstack+compile  (--compile) torch.compile per block
     transformers   LlamaForCausalLM(input_ids, labels=...).loss, torch.optim.AdamW defaults (foreach)
 
-Reported: median tokens/s over the timed steps, MFU against a matmul peak measured here (fp32, same
+Reported: median tokens/s over the timed steps (then the median over rounds), MFU against a matmul peak measured here (fp32, same
 threads; bf16 on CUDA), and peak memory (RSS on CPU, max allocated on CUDA). Usage::
 
     .venv/bin/python benchmarks/train.py [--presets tiny,small] [--steps 8] [--threads 2] [--compile]
@@ -130,6 +131,27 @@ def worker(variant: str, preset_name: str, steps: int, threads: int, device: str
             "peak_mem_mib": mem, "rss_before_steps_mib": rss0}
 
 
+def summary_lines(med: dict[tuple[str, str], dict], presets: list[str], variants: list[str],
+                  mem: str = "peak RSS") -> list[str]:
+    """One line per (preset, variant) with its median tokens/s; every variant but the baseline also gets its ratio
+    to ``transformers`` (whatever order ``--variants`` gave)."""
+    lines = []
+    for p in presets:
+        base = med.get((p, "transformers"))
+        for v in variants:
+            r = med.get((p, v))
+            if r is None:
+                continue
+            line = (f"{p:>6} ({r['params_M']:.1f}M) {v:<16} {r['tokens_per_s']:8.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  "
+                    f"{mem} {r['peak_mem_mib']:7.0f} MiB  rounds {' / '.join(f'{x:.0f}' for x in r['rounds'])}")
+            if base and v != "transformers":
+                per = [x / y for x, y in zip(r["rounds"], base["rounds"])]
+                line += (f"  -> {v} / transformers = {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+                         f"(per round {' / '.join(f'{x:.2f}' for x in per)})")
+            lines.append(line)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="tiny,small")
@@ -139,6 +161,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast on both sides)")
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--seq", type=int, default=SEQ, help="tokens per row")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, variant order alternating; medians reported")
     ap.add_argument("--variants", help="comma-separated subset of transformers,lmstack,lmstack+ac,lmstack+compile")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "PRESET"), help=argparse.SUPPRESS)
@@ -163,30 +186,41 @@ def main() -> None:
                                                         os.environ.get("PYTHONPATH")]))}
     mem = "peak CUDA memory" if a.device == "cuda" else "peak RSS"
     print(f"torch {torch.__version__}, device {a.device}, batch {a.batch} x {a.seq} tokens, {'bf16 autocast' if a.device == 'cuda' else 'fp32'}, {a.threads} threads, {a.steps} timed steps; "
-          f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; measured matmul peak {peak / 1e9:.0f} GFLOP/s")
-    results: dict[tuple[str, str], dict] = {}
-    for p in a.presets.split(","):
-        for v in variants:
-            out = subprocess.run([sys.executable, __file__, "--worker", v, p, "--steps", str(a.steps),
-                                  "--threads", str(a.threads), "--device", a.device, "--batch", str(a.batch),
-                                  "--seq", str(a.seq), "--peak", str(peak)], env=env, capture_output=True, text=True)
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode or not line:
-                print(f"{p} {v}: failed\n{out.stderr[-2000:]}")
-                continue
-            r = results[(p, v)] = json.loads(line[0][7:])
-            print(f"{p:>6} ({r['params_M']:.1f}M) {v:<16} {r['tokens_per_s']:8.0f} tok/s  "
-                  f"MFU {100 * r['mfu']:5.1f}%  {mem} {r['peak_mem_mib']:7.0f} MiB")
-        base = results.get((p, "transformers"))
-        for v in variants[1:]:
-            r = results.get((p, v))
-            if base and r:
-                print(f"{p:>6} {v} / transformers = {r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
-    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+          f"load average at start: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores; measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+    results: dict[tuple[str, str], list[dict]] = {}
+    presets = a.presets.split(",")
+    for p in presets:
+        for rnd in range(a.rounds):  # the order alternates, so every variant sees the same load on a shared machine
+            for v in (variants if rnd % 2 == 0 else variants[::-1]):
+                out = subprocess.run([sys.executable, __file__, "--worker", v, p, "--steps", str(a.steps),
+                                      "--threads", str(a.threads), "--device", a.device, "--batch", str(a.batch),
+                                      "--seq", str(a.seq), "--peak", str(peak)], env=env, capture_output=True,
+                                     text=True)
+                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                if out.returncode or not line:
+                    print(f"{p} {v}: failed\n{out.stderr[-2000:]}")
+                    continue
+                r = json.loads(line[0][7:])
+                r.update(round=rnd + 1, load_after=os.getloadavg()[0])
+                results.setdefault((p, v), []).append(r)
+                print(f"round {rnd + 1} {p:>6} ({r['params_M']:.1f}M) {v:<16} {r['tokens_per_s']:8.0f} tok/s  "
+                      f"MFU {100 * r['mfu']:5.1f}%  {mem} {r['peak_mem_mib']:7.0f} MiB  load {r['load_after']:.1f}",
+                      flush=True)
+    med: dict[tuple[str, str], dict] = {}
+    for key, rs in results.items():
+        tps = statistics.median(r["tokens_per_s"] for r in rs)
+        med[key] = {**rs[0], "tokens_per_s": tps, "step_s": a.batch * a.seq / tps, "mfu": rs[0]["mfu"] * tps /
+                    rs[0]["tokens_per_s"], "rounds": [r["tokens_per_s"] for r in rs],
+                    "peak_mem_mib": max(r["peak_mem_mib"] for r in rs)}
+    print(f"median over {a.rounds} round(s):")
+    for line in summary_lines(med, presets, variants, mem):
+        print(line)
+    print(f"load average at end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if a.json:
-        base = {p: results.get((p, "transformers")) for p in a.presets.split(",")}
-        rows = [{**r, "ratio_vs_transformers": (r["tokens_per_s"] / base[p]["tokens_per_s"]) if base[p] else None}
-                for (p, _), r in results.items()]
+        rows = []
+        for (p, _), r in med.items():
+            base = med.get((p, "transformers"))
+            rows.append({**r, "ratio_vs_transformers": r["tokens_per_s"] / base["tokens_per_s"] if base else None})
         Path(a.json).write_text(json.dumps({"torch": torch.__version__, "peak_flops": peak, "rows": rows}, indent=1))
 
 

@@ -194,9 +194,16 @@ def require_isolation() -> str:
         return iso.kind
     if os.environ.get(ALLOW_ENV) == "1":
         return "none"
-    raise SandboxUnavailable(
-        f"cannot run generated code safely: {iso.reason}; install it (`make sandbox`, or `apt-get install "
-        f"bubblewrap`), or set {ALLOW_ENV}=1 to run it with only rlimits (not isolated from this machine)")
+    if iso.reason.startswith("bubblewrap cannot start"):  # installed, but the kernel or the paths refuse it
+        fix = ("as a user other than root bubblewrap needs unprivileged user namespaces (sysctl "
+               "user.max_user_namespaces > 0; kernel.unprivileged_userns_clone=1 where it exists; a container's "
+               "seccomp profile that allows them) and read access to the Python install")
+    elif "setpriv" in iso.reason:
+        fix = "install it (`apt-get install util-linux`)"
+    else:
+        fix = "install it (`make sandbox`, or `apt-get install bubblewrap`)"
+    raise SandboxUnavailable(f"cannot run generated code safely: {iso.reason}; {fix}, or set {ALLOW_ENV}=1 to run "
+                             f"it with only rlimits (not isolated from this machine)")
 
 
 def run_code(code: str, *, timeout: float = 10.0, memory_mb: int = 1024, max_output: int = 4000,

@@ -12,7 +12,9 @@ loop never blocks on a forward pass.
     await eng.shutdown()
 
 A consumer that stops iterating (a client that disconnects: the generator is closed or cancelled)
-aborts its request, which frees its KV blocks before the next step. Reference: vLLM ``AsyncLLM``.
+aborts its request, which frees its KV blocks before the next step. A request whose logits came out NaN / inf
+(``finish_reason`` "error" from the engine) gets :class:`~lmstack.serve.errors.NonFiniteLogits` raised in its
+stream (its other ``n`` completions aborted); the other requests go on. Reference: vLLM ``AsyncLLM``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmstack.errors import ConfigError
-from lmstack.serve.errors import EngineShuttingDown, QueueFull
+from lmstack.serve.errors import EngineShuttingDown, NonFiniteLogits, QueueFull
 from lmstack.serve.types import RequestOutput, SamplingParams
 
 
@@ -208,9 +210,12 @@ class AsyncEngine:
                 for s in streams:
                     s.put(e)
                 continue
-            with self._lock:
-                for out in outputs:
+            for out in outputs:
+                bad = [o for o in out.outputs if o.finish_reason == "error"]
+                if bad:  # this request only: an error in its stream, its other completions stopped
+                    eng.abort_request(out.request_id)
+                with self._lock:
                     s = self._streams.get(out.request_id)
-                    if s is not None:
-                        s.put(out)
+                if s is not None:
+                    s.put(NonFiniteLogits(out.request_id, len(bad[0].token_ids)) if bad else out)
         self._idle.set()

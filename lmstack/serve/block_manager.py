@@ -123,6 +123,15 @@ class BlockManager:
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
 
+    def uncache(self, blocks: list[int]) -> None:
+        """Take these blocks out of the prefix cache (their K/V must not be matched again: non-finite values)."""
+        for block in blocks:
+            h = self.block_hash[block]
+            if h is not None and self.hash_to_block.get(h) == block:
+                del self.hash_to_block[h]
+            self.block_hash[block] = None
+            self.block_key[block] = None
+
     def register_computed(self, seq: Sequence) -> None:
         """Register the sequence's newly completed full blocks in the prefix cache."""
         if not self.enable_prefix_caching:

@@ -4,13 +4,15 @@
 ``runner.run(batch)`` does one forward pass over the paged KV cache -> ``sampler`` picks a token per
 sequence (its own params and seed) -> ``scheduler.update()`` appends tokens, finishes on
 stop / length / abort and frees blocks. Returns a :class:`RequestOutput` snapshot (with deltas) for each
-request that advanced. Not thread-safe: :class:`~lmstack.serve.async_engine.AsyncEngine` serialises access.
+request that advanced. A sequence whose logits come out NaN / inf is finished alone with ``finish_reason``
+"error" (its K/V blocks scrubbed when they hold non-finite values); the rest of the batch goes on. Not thread-safe: :class:`~lmstack.serve.async_engine.AsyncEngine` serialises access.
 Reference: vLLM ``LLMEngine`` / ``EngineCore.step``, nano-vllm ``llm_engine.py``.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Any
 
@@ -23,11 +25,13 @@ from lmstack.serve.detokenizer import IncrementalDetokenizer
 from lmstack.serve.errors import PromptTooLong
 from lmstack.kernels import load_cpu_decode, mode as kernel_mode
 from lmstack.serve.runner import ModelRunner, kernel_supported
-from lmstack.serve.sampler import Sampler
+from lmstack.serve.sampler import NON_FINITE, Sampler
 from lmstack.serve.scheduler import Scheduler
 from lmstack.serve.sequence import Request, Sequence
 from lmstack.serve.logits import LogitBias, LogitsProcessorFactory
 from lmstack.serve.types import RequestOutput, SamplingParams, StructuredOutput
+
+log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30  # 1 GiB
 GPU_KV_FRACTION = 0.5  # of the memory free after loading the weights
@@ -224,9 +228,33 @@ class LLMEngine:
         return bool(self.requests)
 
     # ------------------------------------------------------------------ step
+    def _fail(self, seq: Sequence) -> None:
+        """Finish a sequence whose logits were not finite (reason "error"). Its K/V may hold NaN / inf: a block
+        that does leaves the prefix cache and, when no other sequence holds it, is zeroed before it is freed
+        (a stale NaN in a slot that attention masks still poisons it: 0 * NaN)."""
+        r = self.runner
+        blocks = list(seq.block_table)
+        if blocks:
+            idx = torch.tensor(blocks, dtype=torch.long, device=r.device)
+            dirty = torch.zeros(len(blocks), dtype=torch.bool, device=r.device)
+            for k, v in zip(r.k_pool, r.v_pool):
+                dirty |= ~torch.isfinite(k[idx]).flatten(1).all(-1) | ~torch.isfinite(v[idx]).flatten(1).all(-1)
+            bad = [b for b, d in zip(blocks, dirty.tolist()) if d]
+            if bad:
+                self.block_manager.uncache(bad)
+                own = torch.tensor([b for b in bad if self.block_manager.ref_count[b] == 1], dtype=torch.long,
+                                   device=r.device)
+                for k, v in zip(r.k_pool, r.v_pool):
+                    k.index_fill_(0, own, 0)
+                    v.index_fill_(0, own, 0)
+        self.scheduler.finish(seq, "error")
+        log.warning("request %s: the model gave non-finite logits after %d generated tokens; finished with "
+                    "finish_reason 'error'", seq.request.request_id, seq.num_output_tokens)
+
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         sampled: dict[int, int] = {}
+        failed: list[Sequence] = []
         if out.scheduled:
             logits, rows = self.runner.run([s for s in out.scheduled])
             seqs = [s.seq for s, r in zip(out.scheduled, rows) if r >= 0]
@@ -234,14 +262,20 @@ class LLMEngine:
                 chosen, lps = self.sampler(logits, seqs)
                 now = time.time()
                 for seq, tok, lp in zip(seqs, chosen, lps):
+                    if tok == NON_FINITE:
+                        if not seq.request.aborted:
+                            failed.append(seq)
+                        continue
                     sampled[seq.seq_id] = tok
                     if lp is not None:
                         seq.logprobs.append(lp)
                         seq.cumulative_logprob += lp.logprob
                     if seq.request.metrics.first_token_time is None:
                         seq.request.metrics.first_token_time = now
-                self.generation_tokens_total += len(seqs)
-        finished = self.scheduler.update(out, sampled)
+                self.generation_tokens_total += len(seqs) - len(failed)
+        for seq in failed:  # before update(), which then leaves them alone
+            self._fail(seq)
+        finished = self.scheduler.update(out, sampled) + failed
         for s in out.scheduled:  # processors advance (and start their next mask while the next step runs)
             seq = s.seq
             if seq.processors and seq.seq_id in sampled and not seq.request.aborted:

@@ -40,3 +40,15 @@ class PromptTooLong(LmstackError):
         knob = "kv_cache_memory" if "KV" in what else "max_model_len"
         super().__init__(f"prompt has {got} tokens but at most {limit} fit in {what}; "
                          f"shorten the prompt or raise {knob}")
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model (or a logits processor) gave one request non-finite logits (NaN, +inf, or no finite value):
+    the engine finished that sequence alone (``finish_reason`` "error"); the other requests of the step go on.
+    Not an :class:`LmstackError`: it is the server's fault, not the caller's (HTTP 500 / an SSE error event)."""
+
+    def __init__(self, request_id: str, num_tokens: int):
+        self.request_id = request_id
+        self.num_tokens = num_tokens
+        super().__init__(f"the model produced non-finite logits (NaN or inf) for request {request_id} after "
+                         f"{num_tokens} generated tokens; this request was stopped, other requests are unaffected")

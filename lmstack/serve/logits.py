@@ -61,8 +61,9 @@ class LogitBias:
 
 def apply_processors(logits: Tensor, seqs: list[Any]) -> Tensor:
     """Run each sequence's processors on its row of ``logits`` (B, V); returns logits (a copy when any ran).
-    A row the processors leave with no finite logit would make sampling fail for the whole batch: it keeps
-    only the end-of-sequence tokens the sequence may end on (``seq.end_ids``), or is left as it came."""
+    A row the processors mask entirely (every logit -inf) keeps only the end-of-sequence tokens the sequence may
+    end on (``seq.end_ids``), or is left as it came; a NaN / +inf row is left to the sampler, which finishes
+    that sequence alone with ``finish_reason`` "error"."""
     if not any(s.processors for s in seqs):
         return logits
     logits = logits.clone()
@@ -73,7 +74,7 @@ def apply_processors(logits: Tensor, seqs: list[Any]) -> Tensor:
         row = logits[i]
         for p in seq.processors:
             row = p(row, seq)
-        if not bool(torch.isfinite(row).any()):
+        if bool((row == NEG_INF).all()):  # all masked (NaN / +inf rows go on: the sampler finishes them "error")
             fallback = torch.full_like(row, NEG_INF)
             ends = [t for t in getattr(seq, "end_ids", ()) if 0 <= t < row.shape[0]]
             if ends:

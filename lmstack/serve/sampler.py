@@ -9,6 +9,11 @@ Before all of that each sequence's logits processors run (``lmstack.serve.logits
 masks). Each seeded sequence draws from its own ``torch.Generator``, so its text does not depend on what else is
 in the batch. Log-probs are those of the distribution after the processors (log_softmax of the processed logits:
 the model's raw distribution when a request has none, the constrained one under a grammar), before penalties.
+
+A row that cannot be sampled (NaN or +inf logits, or no finite logit at all after the processors, or a
+distribution that temperature made non-finite) gets :data:`NON_FINITE` instead of a token, and only that row:
+the engine finishes that sequence with ``finish_reason`` "error" while the rest of the batch goes on (one broken
+request used to fail ``torch.multinomial`` and with it every request of the step).
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from torch import Tensor
 from lmstack.serve.logits import apply_processors
 from lmstack.serve.sequence import Sequence
 from lmstack.serve.types import SamplingParams, TokenLogprob
+
+NON_FINITE = -1  # the "token" of a row whose logits cannot be sampled (see the module docstring)
+
+
+def unusable_rows(logits: Tensor) -> Tensor:
+    """(B,) bool: rows with a NaN or +inf logit, or with no finite one (the max of the row is then NaN, +inf or
+    -inf: one reduction). -inf entries alone are fine: they are masked tokens."""
+    return ~torch.isfinite(logits.amax(-1))
 
 
 def apply_penalties(logits: Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> Tensor:
@@ -81,9 +94,14 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits (B, V) fp32 -> the chosen token per row and its log-prob record (None if not asked)."""
+        """logits (B, V) fp32 -> the chosen token per row and its log-prob record (None if not asked);
+        :data:`NON_FINITE` (and no log-prob) for a row that cannot be sampled."""
         B = logits.shape[0]
         logits = apply_processors(logits, seqs)  # logit_bias, grammar masks: a copy when any ran
+        bad = unusable_rows(logits)
+        any_bad = bool(bad.any())
+        if any_bad:  # sample the others as usual; these rows are placeholders, their choice is thrown away
+            logits = logits.masked_fill(bad[:, None], 0.0)
         want_lp = [s.params.logprobs is not None for s in seqs]
         raw_lp = logits.log_softmax(-1) if any(want_lp) else None  # (B, V)
         if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
@@ -94,6 +112,11 @@ class Sampler:
                 dead = ~torch.isfinite(logits).any(-1)
                 if bool(dead.any()):
                     logits[dead] = before[dead]
+            after = unusable_rows(logits)  # a penalty that left no finite logit
+            if bool(after.any()):
+                bad |= after
+                any_bad = True
+                logits = logits.masked_fill(after[:, None], 0.0)
         greedy = [s.params.temperature == 0 for s in seqs]
         if all(greedy):
             chosen = logits.argmax(-1).tolist()
@@ -114,14 +137,25 @@ class Sampler:
                 torch.tensor([p.top_p for p in sub], device=dev, dtype=logits.dtype),
                 torch.tensor([p.min_p for p in sub], device=dev, dtype=logits.dtype),
             )
+            broken = unusable_rows(filtered)  # temperature can overflow float32 (a logit / 1e-5 past 3.4e38)
+            if bool(broken.any()):
+                bad[torch.tensor(rows, device=bad.device)[broken]] = True
+                any_bad = True
+                filtered = filtered.masked_fill(broken[:, None], 0.0)
             probs = filtered.softmax(-1)  # (R, V)
+            skip = set(bad.nonzero().flatten().tolist()) if any_bad else ()
             for j, i in enumerate(rows):
+                if i in skip:
+                    continue
                 g = seqs[i].generator or self.default_generator
                 chosen[i] = int(torch.multinomial(probs[j], 1, generator=g))
+        if any_bad:
+            for i in bad.nonzero().flatten().tolist():
+                chosen[i] = NON_FINITE
         lps: list[TokenLogprob | None] = [None] * B
         if raw_lp is not None:
             for i, s in enumerate(seqs):
-                if not want_lp[i]:
+                if not want_lp[i] or chosen[i] == NON_FINITE:
                     continue
                 top: dict[int, float] = {}
                 if s.params.logprobs:

@@ -18,7 +18,7 @@ from lmstack.serve.errors import InvalidSamplingParam
 if TYPE_CHECKING:
     from lmstack.serve.logits import LogitsProcessorFactory
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]  # error: non-finite logits (engine.step)
 StructuredKind = Literal["json", "json_object", "json_schema", "regex", "grammar", "lark", "choice", "python"]
 STRUCTURED_KINDS = ("json", "json_object", "json_schema", "regex", "grammar", "lark", "choice", "python")
 
