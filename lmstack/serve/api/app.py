@@ -365,7 +365,7 @@ def create_app(llm_or_engine: Any, api_key: str | Sequence[str] | None = None,
         check_model(req.model)
         return await _cancel_on_disconnect(request, create_embeddings(model, req))
 
-    @app.post("/v1/responses", responses=api_errors)
+    @app.post("/v1/responses", responses={**stream_or_json, **api_errors})
     async def responses(req: ResponsesRequest, request: Request):
         check_model(req.model)
         return await _cancel_on_disconnect(request, create_response(model, req))

@@ -9,17 +9,27 @@ A decoder's mean-pooled states are a serviceable embedding, not a trained retrie
 Responses: ``input`` (a string or a list of messages), ``instructions``, ``max_output_tokens``, ``temperature``,
 ``top_p``, ``text.format`` (``json_object`` / ``json_schema``), function ``tools`` and ``tool_choice``; it runs
 through the chat route and answers a ``response`` object with ``message`` / ``function_call`` output items.
-Not implemented (400): ``stream``, ``previous_response_id`` (nothing is stored), built-in tools.
+With ``stream: true`` the chat route's chunks become the Responses API's server-sent events, each
+``event: <type>`` + ``data: <json>`` with a ``sequence_number``: ``response.created``, ``response.in_progress``,
+for a message ``response.output_item.added``, ``response.content_part.added``, ``response.output_text.delta`` ...,
+``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done``; for each function call
+``response.output_item.added``, ``response.function_call_arguments.delta`` / ``.done``, ``response.output_item.done``;
+and last ``response.completed`` (``response.incomplete`` when ``max_output_tokens`` ran out) with the whole
+response; a failure mid-stream is an ``error`` event. No ``[DONE]`` line (the Responses API has none).
+Not implemented (400): ``previous_response_id`` (nothing is stored), built-in tools.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import struct
 import time
 import uuid
-from typing import Any, Union
+from typing import Any, AsyncIterator, Union
+
+from fastapi.responses import StreamingResponse
 
 from pydantic import BaseModel, ConfigDict
 
@@ -141,15 +151,8 @@ def _chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     return msgs
 
 
-async def create_response(model: ServedModel, req: ResponsesRequest) -> dict[str, Any]:
-    from lmstack.serve.api.chat import create_chat_completion
-
-    if req.stream:
-        raise bad_request("stream is not supported on /v1/responses here; use /v1/chat/completions to stream.",
-                          param="stream")
-    if req.previous_response_id:
-        raise bad_request("previous_response_id is not supported: this server stores no responses.",
-                          param="previous_response_id")
+def _chat_body(req: ResponsesRequest) -> dict[str, Any]:
+    """The ``/v1/chat/completions`` body that answers this Responses request."""
     tools = []
     for i, t in enumerate(req.tools or []):
         if t.get("type") != "function":
@@ -170,33 +173,159 @@ async def create_response(model: ServedModel, req: ResponsesRequest) -> dict[str
         body["response_format"] = {"type": "json_object"}
     if tools:
         body["tools"], body["tool_choice"] = tools, choice
-    chat = P.ChatCompletionRequest(**{k: v for k, v in body.items() if v is not None})
-    resp = await create_chat_completion(model, chat)
-    import json
+    if req.stream:
+        body["stream"], body["stream_options"] = True, {"include_usage": True}
+    return {k: v for k, v in body.items() if v is not None}
 
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text or
+            status == "completed" else []}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+def _response_obj(req: ResponsesRequest, rid: str, created: int, model_name: str | None, status: str,
+                  items: list[dict[str, Any]], use: dict[str, Any] | None) -> dict[str, Any]:
+    """A ``response`` object (``status``: in_progress / completed / incomplete; ``use``: the chat usage)."""
+    u = use or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                "prompt_tokens_details": {"cached_tokens": 0}}
+    return {
+        "id": rid, "object": "response", "created_at": created, "model": model_name, "status": status,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None, "error": None,
+        "instructions": req.instructions, "metadata": req.metadata or {}, "output": items,
+        "parallel_tool_calls": req.parallel_tool_calls, "tool_choice": req.tool_choice or "auto",
+        "tools": req.tools or [], "temperature": req.temperature, "top_p": req.top_p,
+        "max_output_tokens": req.max_output_tokens, "text": req.text or {"format": {"type": "text"}},
+        "usage": None if use is None else {
+            "input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
+            "total_tokens": u["total_tokens"],
+            "input_tokens_details": {"cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)},
+            "output_tokens_details": {"reasoning_tokens": 0}},
+    }
+
+
+async def create_response(model: ServedModel, req: ResponsesRequest):
+    from lmstack.serve.api.chat import create_chat_completion
+
+    if req.previous_response_id:
+        raise bad_request("previous_response_id is not supported: this server stores no responses.",
+                          param="previous_response_id")
+    chat = P.ChatCompletionRequest(**_chat_body(req))
+    resp = await create_chat_completion(model, chat)
+    rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
+    if req.stream:
+        return StreamingResponse(_events(req, rid, created, model.name, resp.body_iterator),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     out = json.loads(resp.body)
     c = out["choices"][0]
     items: list[dict[str, Any]] = []
     msg = c["message"]
     if msg.get("content"):
-        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed", "role": "assistant",
-                      "content": [{"type": "output_text", "text": msg["content"], "annotations": []}]})
+        items.append(_message_item(f"msg_{uuid.uuid4().hex}", msg["content"]))
     for call in msg.get("tool_calls") or []:
-        items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
-                      "name": call["function"]["name"], "arguments": call["function"]["arguments"],
-                      "status": "completed"})
-    incomplete = c["finish_reason"] == "length"
-    u = out["usage"]
-    return {
-        "id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()), "model": model.name,
-        "status": "incomplete" if incomplete else "completed",
-        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "error": None,
-        "instructions": req.instructions, "metadata": req.metadata or {}, "output": items,
-        "parallel_tool_calls": req.parallel_tool_calls, "tool_choice": req.tool_choice or "auto",
-        "tools": req.tools or [], "temperature": req.temperature, "top_p": req.top_p,
-        "max_output_tokens": req.max_output_tokens, "text": req.text or {"format": {"type": "text"}},
-        "usage": {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
-                  "total_tokens": u["total_tokens"],
-                  "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
-                  "output_tokens_details": {"reasoning_tokens": 0}},
-    }
+        items.append(_call_item(f"fc_{uuid.uuid4().hex}", call["id"], call["function"]["name"],
+                                call["function"]["arguments"]))
+    status = "incomplete" if c["finish_reason"] == "length" else "completed"
+    return _response_obj(req, rid, created, model.name, status, items, out["usage"])
+
+
+def _event(kind: str, seq: int, **fields: Any) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq, **fields}, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _events(req: ResponsesRequest, rid: str, created: int, model_name: str | None,
+                  chunks: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """The chat route's ``chat.completion.chunk`` events as the Responses API's stream."""
+    seq = 0
+    items: list[dict[str, Any]] = []  # finished output items, in order
+    msg: dict[str, Any] | None = None  # the message being streamed: {"id", "index", "text"}
+    calls: dict[int, dict[str, Any]] = {}  # tool-call index -> {"item", "index"}
+    reason, use = None, None
+
+    def ev(kind: str, **fields: Any) -> str:
+        nonlocal seq
+        seq += 1
+        return _event(kind, seq - 1, **fields)
+
+    def close_message() -> list[str]:
+        nonlocal msg
+        if msg is None:
+            return []
+        item = _message_item(msg["id"], msg["text"])
+        part = item["content"][0]
+        out = [ev("response.output_text.done", item_id=msg["id"], output_index=msg["index"], content_index=0,
+                  text=msg["text"], logprobs=[]),
+               ev("response.content_part.done", item_id=msg["id"], output_index=msg["index"], content_index=0,
+                  part=part),
+               ev("response.output_item.done", output_index=msg["index"], item=item)]
+        items.append(item)
+        msg = None
+        return out
+
+    yield ev("response.created", response=_response_obj(req, rid, created, model_name, "in_progress", [], None))
+    yield ev("response.in_progress", response=_response_obj(req, rid, created, model_name, "in_progress", [], None))
+    try:
+        async for raw in chunks:
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            for line in text.split("\n"):
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                obj = json.loads(line[6:])
+                if "error" in obj:  # the chat route's mid-stream failure
+                    err = obj["error"] or {}
+                    yield ev("error", code=err.get("code"), message=str(err.get("message", "")),
+                             param=err.get("param"))
+                    return
+                if obj.get("usage"):
+                    use = obj["usage"]
+                for ch in obj.get("choices") or []:
+                    delta = ch.get("delta") or {}
+                    if delta.get("content"):
+                        if msg is None:
+                            msg = {"id": f"msg_{uuid.uuid4().hex}", "index": len(items), "text": ""}
+                            yield ev("response.output_item.added", output_index=msg["index"],
+                                     item=_message_item(msg["id"], "", "in_progress"))
+                            yield ev("response.content_part.added", item_id=msg["id"], output_index=msg["index"],
+                                     content_index=0,
+                                     part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+                        msg["text"] += delta["content"]
+                        yield ev("response.output_text.delta", item_id=msg["id"], output_index=msg["index"],
+                                 content_index=0, delta=delta["content"], logprobs=[])
+                    for tc in delta.get("tool_calls") or []:
+                        for e in close_message():
+                            yield e
+                        i = tc.get("index", 0)
+                        fn = tc.get("function") or {}
+                        if i not in calls:
+                            item = _call_item(f"fc_{uuid.uuid4().hex}", tc.get("id") or f"call_{uuid.uuid4().hex}",
+                                              fn.get("name") or "", "", "in_progress")
+                            calls[i] = {"item": item, "index": len(items) + len(calls)}
+                            yield ev("response.output_item.added", output_index=calls[i]["index"], item=dict(item))
+                        if fn.get("arguments"):
+                            c = calls[i]
+                            c["item"]["arguments"] += fn["arguments"]
+                            yield ev("response.function_call_arguments.delta", item_id=c["item"]["id"],
+                                     output_index=c["index"], delta=fn["arguments"])
+                    if ch.get("finish_reason"):
+                        reason = ch["finish_reason"]
+    except Exception as e:  # noqa: BLE001 - a failure mid-stream: one error event
+        yield ev("error", code=None, message=str(e) or type(e).__name__, param=None)
+        return
+    for e in close_message():
+        yield e
+    for i in sorted(calls):
+        c = calls[i]
+        item = {**c["item"], "status": "completed"}
+        yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=c["index"],
+                 arguments=item["arguments"])
+        yield ev("response.output_item.done", output_index=c["index"], item=item)
+        items.append(item)
+    status = "incomplete" if reason == "length" else "completed"
+    final = _response_obj(req, rid, created, model_name, status, items, use)
+    yield ev("response.incomplete" if status == "incomplete" else "response.completed", response=final)
