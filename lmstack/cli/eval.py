@@ -23,6 +23,10 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: auto)."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16, fp16 (default: auto)."),
         batch_tokens: int = typer.Option(8192, "--batch-tokens", help="Tokens per scoring batch."),
+        syntax_constrained: Optional[bool] = typer.Option(
+            None, "--syntax-constrained/--no-syntax-constrained",
+            help="Code tasks: keep every completion valid Python as a continuation of its prompt (default: the "
+                 "task's syntax_constrained option, off)."),
     ) -> None:
         """Evaluate MODEL on TASKS and write results.json, report.md and report.html to OUT."""
         if ctx.invoked_subcommand is not None:
@@ -40,7 +44,7 @@ def register(app: typer.Typer) -> None:
 
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         results = run_eval(model, names, out, adapter=adapter, limit=limit, device=device, dtype=dtype,
-                           batch_tokens=batch_tokens, engine=generate)
+                           batch_tokens=batch_tokens, engine=generate, syntax_constrained=syntax_constrained)
         Console().print(Markdown(to_markdown(results)))
         if out:
             Console().print(f"wrote {out}/results.json, report.md, report.html")

@@ -4,9 +4,16 @@ Each record has ``task_id``, ``prompt`` (signature + docstring), ``test`` (defin
 ``entry_point``. The model completes the prompt ``n_samples`` times; each program
 ``prompt + completion + test + check(entry_point)`` runs in :mod:`lmstack.eval.sandbox`. A sample passes when
 the program exits 0 within the time and memory limits; crashes, hangs and blow-ups count as failures.
+
+With the task option ``syntax_constrained: true`` (``lmstack eval --syntax-constrained``) each completion is
+decoded under the Python-syntax guard with its own prompt as the code it continues
+(``lmstack.serve.python_syntax``), so a completion that ends (end of turn or a stop string) parses together with
+its prompt. Either way the result has ``syntax``: how many of the programs' ``prompt + completion`` parse.
 """
 
 from __future__ import annotations
+
+import ast
 
 from lmstack.eval.metrics import mean_pass_at_k
 from lmstack.eval.records import read_records
@@ -27,9 +34,10 @@ def evaluate_code(lm, task, progress=None) -> dict:
     if progress is not None:
         bar = progress.add_task(f"{task.name} (generate)", total=len(probs) * task.n_samples)
         cb = lambda k: progress.advance(bar, k)  # noqa: E731
+    syntax = getattr(task, "syntax_constrained", False)
     completions = lm.generate([p["prompt"] for p in probs], max_tokens=task.max_tokens, stop=task.stop,
                               temperature=task.temperature, top_p=task.top_p, n=task.n_samples, seed=task.seed,
-                              progress_cb=cb)
+                              progress_cb=cb, **({"python_syntax": True} if syntax else {}))
     return score_code(probs, completions, task, progress)
 
 
@@ -50,4 +58,17 @@ def score_code(probs: list[dict], completions: list[list[str]], task, progress=N
                         "status": [r.status for r in rs], "completion": cs[0],
                         "error": next((r.stderr[-300:] for r in rs if not r.passed), "")})
     metrics = {f"pass@{k}": mean_pass_at_k(counts, k) for k in task.k}
-    return {"metrics": metrics, "n": len(probs), "n_samples": task.n_samples, "samples": samples}
+    parsed = sum(parses(p["prompt"], c) for p, cs in zip(probs, completions) for c in cs)
+    return {"metrics": metrics, "n": len(probs), "n_samples": task.n_samples,
+            "syntax": {"constrained": bool(getattr(task, "syntax_constrained", False)), "parsed": parsed,
+                       "total": len(progs)},
+            "samples": samples}
+
+
+def parses(prompt: str, completion: str) -> bool:
+    """Whether prompt + completion is a syntactically valid Python module (what the syntax guard ensures)."""
+    try:
+        compile(prompt + completion, "<completion>", "exec", ast.PyCF_ONLY_AST)
+        return True
+    except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError):
+        return False

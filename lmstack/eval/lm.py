@@ -216,11 +216,13 @@ class EvalLM:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], *, max_tokens: int = 64, stop: Sequence[str] = (),
                  temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int = 0,
-                 progress_cb=None) -> list[list[str]]:
+                 progress_cb=None, python_syntax: bool = False) -> list[list[str]]:
         """``n`` completions per prompt (greedy when temperature is 0), cut at the first stop string, decoded by
-        the serving engine that the caller attached (``engine=lmstack.serve.evaluation.generate``)."""
+        the serving engine that the caller attached (``engine=lmstack.serve.evaluation.generate``).
+        ``python_syntax``: each completion is kept valid Python as a continuation of its prompt (code tasks)."""
         if self.engine is None:
             raise ConfigError("generation tasks run on the serving engine: pass engine=lmstack.serve.evaluation."
                               "generate to EvalLM / run_eval (lmstack eval and lmstack run do)")
+        kw = {"python_syntax": True} if python_syntax else {}  # engines without the option still work off
         return self.engine(self, list(prompts), max_tokens=max_tokens, stop=list(stop), temperature=temperature,
-                           top_p=top_p, n=n, seed=seed, progress_cb=progress_cb)
+                           top_p=top_p, n=n, seed=seed, progress_cb=progress_cb, **kw)

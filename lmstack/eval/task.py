@@ -99,6 +99,9 @@ class CodeTask(_Base):
     timeout: float = 5.0  # seconds per sample
     memory_mb: int = 1024
     workers: int = 2  # concurrent sandboxes
+    # keep every completion valid Python as a continuation of its prompt (lmstack.serve.python_syntax; costs
+    # one compile() per tried candidate token); `lmstack eval --syntax-constrained` turns it on for every code task
+    syntax_constrained: bool = False
 
 
 class ClassificationTask(_Base):

@@ -9,6 +9,7 @@ object the EvalLM already holds: no second copy of the weights.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 
@@ -17,8 +18,10 @@ def generate(lm: Any, prompts: Sequence[str], *, max_tokens: int = 64, stop: Seq
              progress_cb: Callable[[int], None] | None = None, python_syntax: bool = False) -> list[list[str]]:
     """``n`` completions per prompt for an :class:`~lmstack.eval.lm.EvalLM` (greedy at temperature 0), cut at
     the first stop string or end-of-turn token. Prompts are cut on the left to fit the model's length.
-    ``python_syntax``: keep each completion valid Python (``lmstack.serve.python_syntax``; for pass@k, where the
-    completion is a whole program or function body)."""
+    ``python_syntax``: keep each completion valid Python as a continuation of its own prompt
+    (``StructuredOutput("python", prompt)``, ``lmstack.serve.python_syntax``): for pass@k, where the prompt is a
+    function's signature and docstring, every completion that ends (end of turn or a stop string) parses together
+    with its prompt; only a ``max_tokens`` cut can leave it unfinished."""
     from lmstack.serve.llm import LLM
     from lmstack.serve.types import SamplingParams, StructuredOutput
 
@@ -32,9 +35,11 @@ def generate(lm: Any, prompts: Sequence[str], *, max_tokens: int = 64, stop: Seq
               max_model_len=model_len)
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                             max_tokens=max_tokens, stop=[s for s in stop if s], seed=seed,
-                            stop_token_ids=list(lm.eos_ids),
-                            structured=StructuredOutput("python") if python_syntax else None)
-    outs = llm.generate(enc, params, use_tqdm=False)
+                            stop_token_ids=list(lm.eos_ids))
+    plist: SamplingParams | list[SamplingParams] = params
+    if python_syntax:  # each prompt's own code is the prefix its completion continues
+        plist = [dataclasses.replace(params, structured=StructuredOutput("python", p)) for p in prompts]
+    outs = llm.generate(enc, plist, use_tqdm=False)
     if progress_cb is not None:
         progress_cb(len(enc) * n)
     return [[c.text for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]

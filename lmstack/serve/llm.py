@@ -67,17 +67,25 @@ class LLM:
         return self.engine.max_model_len
 
     # ------------------------------------------------------------------ generate
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling: SamplingParams | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, use_tqdm: bool | None = None, **sampling_kw: Any) -> list[RequestOutput]:
         """Complete every prompt; returns one finished RequestOutput per prompt, in order.
 
-        ``sampling_kw`` are SamplingParams fields (``max_new_tokens`` is accepted for ``max_tokens``)."""
-        params = _params(sampling, sampling_kw)
+        ``sampling`` is one SamplingParams for all prompts or a list with one per prompt (e.g. a Python-syntax
+        constraint that continues each prompt's own code); ``sampling_kw`` are SamplingParams fields applied to
+        each (``max_new_tokens`` is accepted for ``max_tokens``)."""
         plist, _ = _as_prompt_list(prompts)
+        if isinstance(sampling, (list, tuple)):
+            if len(sampling) != len(plist):
+                raise ConfigError(f"{len(sampling)} SamplingParams for {len(plist)} prompts; give one, or one each")
+            plist_params = [_params(s, sampling_kw) for s in sampling]
+        else:
+            plist_params = [_params(sampling, sampling_kw)] * len(plist)  # type: ignore[arg-type]
         eng = self.engine
         ids = []
         try:
-            for p in plist:
+            for p, params in zip(plist, plist_params):
                 ids.append(eng.add_request(p, params).request_id)
             results: dict[str, RequestOutput] = {}
             show = use_tqdm if use_tqdm is not None else len(plist) > 1

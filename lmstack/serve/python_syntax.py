@@ -13,6 +13,12 @@ when the whole code compiles. Checking before a token is taken is the backtracki
 the code is never sampled, so nothing has to be undone. When no tried candidate is viable the row is left as
 it is (the guard cannot help there) and ``satisfied`` reports whether the final text parses.
 
+Stop strings and stop token ids count as ends too: a token whose text completes one of the request's ``stop`` strings
+(the engine then cuts the output before it) is viable only when the code up to the stop string compiles, and a
+``stop_token_ids`` token only when the whole code compiles — so with pass@k's stop strings (``"\ndef "`` ...) a
+completion that ends on one parses together with its prompt. Only a ``max_tokens`` cut can leave it unfinished
+(``satisfied`` is then False).
+
 Costs one ``compile`` per tried candidate (tens of microseconds for a short function): opt-in, for code
 generation (``StructuredOutput("python", prefix_code)``: ``spec`` is code the output continues, e.g. a function's
 signature and docstring; ``lmstack.serve.evaluation.generate(..., python_syntax=True)``).
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import codeop
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -33,7 +40,9 @@ _FLAGS = ast.PyCF_ONLY_AST | getattr(codeop, "PyCF_ALLOW_INCOMPLETE_INPUT", 0x40
 def viable(src: str) -> bool:
     """True when ``src`` can still grow into valid Python (or already is)."""
     try:
-        compile(src, "<generated>", "exec", _FLAGS)
+        with warnings.catch_warnings():  # e.g. "invalid decimal literal" for 1if: generated text, not ours
+            warnings.simplefilter("ignore", SyntaxWarning)
+            compile(src, "<generated>", "exec", _FLAGS)
         return True
     except SyntaxError as e:
         if e.msg.startswith("incomplete input"):
@@ -46,7 +55,9 @@ def viable(src: str) -> bool:
             return last.strip() == ""
         if e.msg.startswith("unterminated string literal"):
             return True  # a string still being written on the last line
-        return (e.offset or 0) > len(last.rstrip())  # the error is where the text ends: more may fix it
+        # the error is where the text ends: more may fix it. Only Python's own whitespace counts as the end's
+        # padding (str.rstrip() would also strip \x1c-\x1f, which Python rejects as characters)
+        return (e.offset or 0) > len(last.rstrip(" \t\f\r"))
     except (ValueError, OverflowError, MemoryError, RecursionError):
         return False
 
@@ -54,7 +65,9 @@ def viable(src: str) -> bool:
 def complete(src: str) -> bool:
     """True when ``src`` is a whole valid Python module."""
     try:
-        compile(src, "<generated>", "exec", ast.PyCF_ONLY_AST)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            compile(src, "<generated>", "exec", ast.PyCF_ONLY_AST)
         return True
     except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError):
         return False
@@ -74,16 +87,37 @@ class PythonSyntax:
         self.ids: list[int] = []
         self.text = ""
         self._piece: dict[int, str] = {}
+        self._ends: set[int] = self.eos
+        self._stops: list[str] = []
+
+    def _ok(self, t: int, stops: list[str]) -> bool:
+        """Whether token ``t`` may come next: an end only on complete code; a token that completes a stop string
+        only when the code before the stop string is complete; anything else while the code stays viable."""
+        if t in self._ends:
+            return complete(self.prefix + self.text)
+        if not stops:
+            return viable(self._candidate(t))
+        cand = self.tok.decode(self.ids + [t])
+        start = max(0, len(self.text) - max(len(s) for s in stops) + 1)  # only where the new text could match
+        hits = [i for i in (cand.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            return complete(self.prefix + cand[:min(hits)])
+        return viable(self.prefix + cand)
 
     @property
     def satisfied(self) -> bool:
-        return complete(self.prefix + self.text)
+        text = self.text
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        return complete(self.prefix + (text[:min(hits)] if hits else text))  # the output the engine keeps
 
     def _candidate(self, t: int) -> str:
         # decoding the whole output again keeps multi-byte characters and leading-space rules right
         return self.prefix + self.tok.decode(self.ids + [t])
 
     def __call__(self, logits: Tensor, seq: Any = None) -> Tensor:
+        params = getattr(seq, "params", None)
+        stops = self._stops = [s for s in (getattr(params, "stop", None) or []) if s]
+        self._ends = self.eos | set(getattr(params, "stop_token_ids", None) or [])
         probs = logits.float().softmax(-1)
         order = probs.argsort(descending=True)
         keep: list[int] = []
@@ -92,8 +126,7 @@ class PythonSyntax:
             if n >= self.max_checks and keep:
                 break  # the likely candidates were tried and some were viable
             if n < self.max_checks or not keep:
-                ok = complete(self.prefix + self.text) if t in self.eos else viable(self._candidate(t))
-                if ok:
+                if self._ok(t, stops):
                     keep.append(t)
                     if n >= self.max_checks:
                         break  # past the likely ones: the first viable token is enough
@@ -107,7 +140,7 @@ class PythonSyntax:
         return logits.masked_fill_(~allowed, float("-inf"))
 
     def accept(self, token_id: int) -> None:
-        if token_id in self.eos:
+        if token_id in self._ends:
             return
         self.ids.append(int(token_id))
         self.text = self.tok.decode(self.ids)
