@@ -317,6 +317,10 @@ async def _events(req: ResponsesRequest, rid: str, created: int, model_name: str
     except Exception as e:  # noqa: BLE001 - a failure mid-stream: one error event
         yield ev("error", code=None, message=str(e) or type(e).__name__, param=None)
         return
+    finally:  # a client that went away: close the chat stream now, which aborts the engine request
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
     for e in close_message():
         yield e
     for i in sorted(calls):
