@@ -236,7 +236,9 @@ async def create_response(model: ServedModel, req: ResponsesRequest):
 
 
 def _event(kind: str, seq: int, **fields: Any) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq, **fields}, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One Responses API server-sent event: ``event: <type>`` and the event as JSON."""
+    body = json.dumps({"type": kind, "sequence_number": seq, **fields}, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {kind}\ndata: {body}\n\n"
 
 
 async def _events(req: ResponsesRequest, rid: str, created: int, model_name: str | None,
