@@ -76,6 +76,19 @@ def test_end_of_turn_only_where_prompt_plus_completion_parses(llm, tok):
             assert c.constraint_satisfied == parses(p + c.text)
 
 
+def test_a_prompt_that_already_parses_still_gets_code(llm, tok):
+    """A signature with only a docstring compiles: ending at once would be an empty completion, which the guard
+    does not allow when there is a prefix (it must add a line of code)."""
+    eos = tok.token_to_id("<|im_end|>")
+    prompt = ['def g(x):\n    """Double x."""\n']
+    assert parses(prompt[0])
+    free = _run(llm, prompt, guard=False, logit_bias={eos: 12.0})[0].outputs
+    assert all(c.text == "" for c in free)  # unguarded the model ends at once
+    guarded = _run(llm, prompt, guard=True, logit_bias={eos: 12.0})[0].outputs
+    for c in guarded:
+        assert c.text.strip() and (c.finish_reason == "length" or parses(prompt[0] + c.text)), c.text
+
+
 def test_stop_string_only_where_code_before_it_parses(llm, tok):
     nl = tok.encode("\n")
     assert len(nl) == 1

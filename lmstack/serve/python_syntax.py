@@ -9,7 +9,8 @@ and keeps those after which the code is still *viable* — it compiles, or CPyth
 the text or an unterminated string on the line being written — until the kept candidates cover ``mass`` of the
 probability or ``max_checks`` candidates were tried (when none of those is viable it goes on down the ranking, up
 to ``max_fallback`` candidates, to the first viable one); every other token is masked. End-of-sequence is viable only
-when the whole code compiles. Checking before a token is taken is the backtracking: a candidate that would break
+when the whole code compiles and, when the output continues a prefix, the output has added a line of code (a
+signature with its docstring already compiles: ending there would be an empty completion). Checking before a token is taken is the backtracking: a candidate that would break
 the code is never sampled, so nothing has to be undone. When no tried candidate is viable the row is left as
 it is (the guard cannot help there) and ``satisfied`` reports whether the final text parses.
 
@@ -73,6 +74,11 @@ def complete(src: str) -> bool:
         return False
 
 
+def has_code(text: str) -> bool:
+    """True when ``text`` has a line that is neither blank nor a comment."""
+    return any(ln.strip() and not ln.strip().startswith("#") for ln in text.splitlines())
+
+
 class PythonSyntax:
     """The :class:`~lmstack.serve.logits.LogitsProcessor` for ``StructuredOutput("python")``."""
 
@@ -90,25 +96,30 @@ class PythonSyntax:
         self._ends: set[int] = self.eos
         self._stops: list[str] = []
 
+    def _done(self, out: str) -> bool:
+        """Whether the output may end as ``out``: prefix + out compiles and, when there is a prefix, ``out`` adds
+        code (a prefix that already compiles, e.g. a signature with only a docstring, is not a completion)."""
+        return complete(self.prefix + out) and (not self.prefix or has_code(out))
+
     def _ok(self, t: int, stops: list[str]) -> bool:
         """Whether token ``t`` may come next: an end only on complete code; a token that completes a stop string
         only when the code before the stop string is complete; anything else while the code stays viable."""
         if t in self._ends:
-            return complete(self.prefix + self.text)
+            return self._done(self.text)
         if not stops:
             return viable(self._candidate(t))
         cand = self.tok.decode(self.ids + [t])
         start = max(0, len(self.text) - max(len(s) for s in stops) + 1)  # only where the new text could match
         hits = [i for i in (cand.find(s, start) for s in stops) if i >= 0]
         if hits:
-            return complete(self.prefix + cand[:min(hits)])
+            return self._done(cand[:min(hits)])
         return viable(self.prefix + cand)
 
     @property
     def satisfied(self) -> bool:
         text = self.text
         hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
-        return complete(self.prefix + (text[:min(hits)] if hits else text))  # the output the engine keeps
+        return self._done(text[:min(hits)] if hits else text)  # the output the engine keeps
 
     def _candidate(self, t: int) -> str:
         # decoding the whole output again keeps multi-byte characters and leading-space rules right
