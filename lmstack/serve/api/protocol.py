@@ -63,7 +63,7 @@ I64 = {"minimum": -(2 ** 63), "maximum": 2 ** 63 - 1}
 
 
 class WatermarkRequest(_Body):
-    """The ``watermark`` extra: a green-list watermark on this request's tokens (lmstack.guard.watermark)."""
+    """The ``watermark`` extra: a green-list watermark on this request's tokens (lmstack.serve.watermark)."""
     key: int | None = _doc(None, minimum=0, maximum=2 ** 63 - 1, description="default: the server's --watermark-key")
     gamma: float = _doc(0.25, exclusiveMinimum=0, exclusiveMaximum=1)
     delta: float = _doc(2.0, minimum=0, maximum=100)
@@ -290,7 +290,7 @@ def watermark_processors(req: _Sampling, server: dict[str, Any] | None, vocab_si
     if not vocab_size:
         raise bad_request("watermark needs the model's vocabulary size, which this server does not know.",
                           param="watermark")
-    from lmstack.guard.watermark import watermark_factory
+    from lmstack.serve.watermark import watermark_factory
 
     try:
         return [watermark_factory(vocab_size, key=int(base["key"]), gamma=float(base.get("gamma", 0.25)),
