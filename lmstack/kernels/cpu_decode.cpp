@@ -16,6 +16,14 @@
 //   RoPE(q, k) at pos ; k, v -> pool slot of pos ; o = softmax(q k^T / sqrt(D)) v over positions
 //   [lo, pos] (GQA) ; h += o @ Wo^T ; a = rmsnorm(h) ; h += (silu(a Wg^T) * (a Wu^T)) @ Wd^T
 //   logits = rmsnorm(h) @ Wlm^T
+//
+// Weight-only quantized matrices (lmstack.quant.packed) are read as stored, never dequantized as a whole:
+//   int8 (N, K) + scale (N,):       y[n] = s[n] * sum_k q[n,k] x[k]
+//   int4 uint8 (N, K/2) + scale, zero (N, G), two values per byte (low nibble = even column),
+//        W[n,k] = (q - 8) s[n,g] + z[n,g]:  y[n] = sum_g s[n,g] sum_{k in g} q x + (z - 8 s)[n,g] sum_{k in g} x
+// Each int8 / int4 weight is widened to fp32 in registers and multiplied in fp32 (activations stay fp32,
+// so the result is the eager module's up to summation order). For int4 each thread first splits x into its
+// even / odd columns and per-group sums (K floats, nothing next to the N x K weight reads).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -81,6 +89,142 @@ inline void dot4(const float* x, const float* W, int64_t K, float* out) {
   out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
 }
 
+enum Kind { kF32 = 0, kI8 = 1, kI4 = 2 };
+
+// One weight matrix (N, K) of the step: fp32 row-major, int8 per-channel or int4 group-wise.
+struct Mat {
+  const void* w = nullptr;
+  const float* s = nullptr;  // int8: (N,); int4: (N, G)
+  const float* z = nullptr;  // int4: (N, G)
+  int kind = kF32;
+  int64_t N = 0, K = 0, G = 1;
+};
+
+// x prepared for one matrix: x itself; for int4 also even / odd columns (K/2 each) and per-group sums (G).
+struct Act {
+  const float* x;
+  const float* xe;
+  const float* xo;
+  const float* xs;
+};
+
+// out[r] = s[r] * dot(x, q[r]) for R consecutive int8 rows (row stride K)
+template <int R>
+inline void dot_i8(const float* x, const int8_t* W, int64_t K, const float* s, float* out) {
+  int64_t k = 0;
+  float t[R];
+  for (int r = 0; r < R; ++r) t[r] = 0.f;
+#ifdef LMSTACK_AVX2
+  __m256 c[R];
+  for (int r = 0; r < R; ++r) c[r] = _mm256_setzero_ps();
+  for (; k + 16 <= K; k += 16) {
+    __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int r = 0; r < R; ++r) {
+      __m128i b = _mm_loadu_si128((const __m128i*)(W + r * K + k));
+      c[r] = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), c[r]);
+      c[r] = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), c[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) t[r] = hsum(c[r]);
+#endif
+  for (; k < K; ++k)
+    for (int r = 0; r < R; ++r) t[r] += x[k] * (float)W[r * K + k];
+  for (int r = 0; r < R; ++r) out[r] = t[r] * s[r];
+}
+
+// R consecutive int4 rows: W rows of K/2 bytes, S / Z rows of G groups of gs = K / G columns (gs % 32 == 0)
+template <int R>
+inline void dot_i4(const Act& a, const uint8_t* W, int64_t K, int64_t G, const float* S, const float* Z,
+                   float* out) {
+  const int64_t K2 = K / 2, gh = K2 / G;
+  float t[R];
+  for (int r = 0; r < R; ++r) t[r] = 0.f;
+#ifdef LMSTACK_AVX2
+  const __m256i m4 = _mm256_set1_epi32(0x0F);
+  __m256 tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 ce[R], co[R];
+    for (int r = 0; r < R; ++r) ce[r] = co[r] = _mm256_setzero_ps();
+    for (int64_t j = g * gh, je = j + gh; j < je; j += 8) {
+      __m256 e = _mm256_loadu_ps(a.xe + j), o = _mm256_loadu_ps(a.xo + j);
+      for (int r = 0; r < R; ++r) {
+        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(W + r * K2 + j)));
+        ce[r] = _mm256_fmadd_ps(e, _mm256_cvtepi32_ps(_mm256_and_si256(b, m4)), ce[r]);
+        co[r] = _mm256_fmadd_ps(o, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), co[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) tot[r] = _mm256_fmadd_ps(_mm256_add_ps(ce[r], co[r]), _mm256_set1_ps(S[r * G + g]), tot[r]);
+  }
+  for (int r = 0; r < R; ++r) t[r] = hsum(tot[r]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t j = g * gh; j < (g + 1) * gh; ++j) {
+        uint8_t b = W[r * K2 + j];
+        acc += a.xe[j] * (float)(b & 0x0F) + a.xo[j] * (float)(b >> 4);
+      }
+      t[r] += acc * S[r * G + g];
+    }
+#endif
+  for (int r = 0; r < R; ++r) {
+    float c = 0.f;
+    for (int64_t g = 0; g < G; ++g) c += (Z[r * G + g] - 8.f * S[r * G + g]) * a.xs[g];
+    out[r] = t[r] + c;
+  }
+}
+
+// out[0..R) = x . W[n + r] for R rows of any kind
+template <int R>
+inline void rows(const Act& a, const Mat& m, int64_t n, float* out) {
+  const int64_t K = m.K;
+  if (m.kind == kF32) {
+    const float* W = (const float*)m.w + n * K;
+    if constexpr (R == 4) {
+      dot4(a.x, W, K, out);
+    } else {
+      for (int r = 0; r < R; ++r) out[r] = dot(a.x, W + r * K, K);
+    }
+  } else if (m.kind == kI8) {
+    dot_i8<R>(a.x, (const int8_t*)m.w + n * K, K, m.s + n, out);
+  } else {
+    dot_i4<R>(a, (const uint8_t*)m.w + n * (K / 2), K, m.G, m.s + n * m.G, m.z + n * m.G, out);
+  }
+}
+
+// Per-thread scratch for int4 activations: even / odd columns and group sums of M rows of K.
+struct ActBuf {
+  std::vector<float> buf;
+  std::vector<Act> acts;
+  // prepare M rows of x (M, K) for matrix m; returns the Act of each row
+  const Act* prepare(const float* x, int64_t M, const Mat& m) {
+    acts.resize(M);
+    const int64_t K = m.K;
+    if (m.kind != kI4) {
+      for (int64_t i = 0; i < M; ++i) acts[i] = Act{x + i * K, nullptr, nullptr, nullptr};
+      return acts.data();
+    }
+    const int64_t G = m.G, gs = K / G, per = K + G;
+    if ((int64_t)buf.size() < M * per) buf.resize(M * per);
+    for (int64_t i = 0; i < M; ++i) {
+      const float* xi = x + i * K;
+      float *xe = buf.data() + i * per, *xo = xe + K / 2, *xs = xe + K;
+      for (int64_t j = 0; j < K / 2; ++j) {
+        xe[j] = xi[2 * j];
+        xo[j] = xi[2 * j + 1];
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float sum = 0.f;
+        for (int64_t k = g * gs; k < (g + 1) * gs; ++k) sum += xi[k];
+        xs[g] = sum;
+      }
+      acts[i] = Act{xi, xe, xo, xs};
+    }
+    return acts.data();
+  }
+};
+
 struct SpinBarrier {
   // Spin briefly (a phase is a few microseconds when every thread is on a core), then sleep on a futex
   // (std::atomic::wait) so that a thread whose partner was descheduled by a busy machine gives its core up
@@ -117,20 +261,21 @@ inline void share(int64_t n, int64_t unit, int tid, int nt, int64_t& lo, int64_t
   hi = std::min(n, u * (tid + 1) / nt * unit);
 }
 
-// y[m, n] (+)= x[m, :] . W[n, :] (+ b[n]) for m < M and this thread's rows n. x (M, K), W (N, K) row-major.
-void linear(const float* x, int64_t M, int64_t K, const float* W, const float* b, int64_t N, float* y,
-            int64_t ldy, bool accumulate, int tid, int nt) {
+// y[m, n] (+)= x[m, :] . W[n, :] (+ b[n]) for m < M and this thread's rows n. x (M, K) row-major.
+void linear(const float* x, int64_t M, const Mat& W, const float* b, float* y, int64_t ldy, bool accumulate,
+            ActBuf& ab, int tid, int nt) {
   int64_t n0, n1;
-  share(N, 4, tid, nt, n0, n1);
+  share(W.N, 4, tid, nt, n0, n1);
+  if (n0 >= n1) return;
+  const Act* acts = ab.prepare(x, M, W);
   float r[4];
   for (int64_t n = n0; n < n1; n += 4) {
     for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
       float* ym = y + m * ldy;
       if (n + 4 <= n1) {
-        dot4(xm, W + n * K, K, r);
+        rows<4>(acts[m], W, n, r);
       } else {
-        for (int64_t j = 0; n + j < n1; ++j) r[j] = dot(xm, W + (n + j) * K, K);
+        for (int64_t j = 0; n + j < n1; ++j) rows<1>(acts[m], W, n + j, r + j);
       }
       for (int64_t j = 0; j < 4 && n + j < n1; ++j) {
         float v = r[j] + (b ? b[n + j] : 0.f);
@@ -140,21 +285,22 @@ void linear(const float* x, int64_t M, int64_t K, const float* W, const float* b
   }
 }
 
-// act[m, i] = silu(x . Wg[i]) * (x . Wu[i]) with W = [Wg; Wu] (2I, K) row-major, this thread's i.
-void swiglu(const float* x, int64_t M, int64_t K, const float* W, int64_t I, float* act, int tid, int nt) {
+// act[m, i] = silu(x . Wg[i]) * (x . Wu[i]) with W = [Wg; Wu] (2I, K), this thread's i.
+void swiglu(const float* x, int64_t M, const Mat& W, int64_t I, float* act, ActBuf& ab, int tid, int nt) {
   int64_t i0, i1;
   share(I, 4, tid, nt, i0, i1);
+  if (i0 >= i1) return;
+  const Act* acts = ab.prepare(x, M, W);
   float g[4], u[4];
   for (int64_t i = i0; i < i1; i += 4) {
     for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
       if (i + 4 <= i1) {
-        dot4(xm, W + i * K, K, g);
-        dot4(xm, W + (I + i) * K, K, u);
+        rows<4>(acts[m], W, i, g);
+        rows<4>(acts[m], W, I + i, u);
       } else {
         for (int64_t j = 0; i + j < i1; ++j) {
-          g[j] = dot(xm, W + (i + j) * K, K);
-          u[j] = dot(xm, W + (I + i + j) * K, K);
+          rows<1>(acts[m], W, i + j, g + j);
+          rows<1>(acts[m], W, I + i + j, u + j);
         }
       }
       for (int64_t j = 0; j < 4 && i + j < i1; ++j) act[m * I + i + j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
@@ -180,24 +326,80 @@ void rope(float* x, const float* cs, const float* sn, int64_t D) {
 
 const float* fptr(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
 
+// A weight of the step: fp32 (N, K); int8 (N, K) with scale (N,); uint8 (N, K/2) with scale and zero (N, G).
+Mat make_mat(const at::Tensor& w, const at::Tensor* s, const at::Tensor* z, const char* what) {
+  Mat m;
+  TORCH_CHECK(w.defined() && w.dim() == 2 && w.is_contiguous(), "decode_step: ", what, " must be a contiguous matrix");
+  m.w = w.data_ptr();
+  m.N = w.size(0);
+  m.K = w.size(1);
+  auto st = w.scalar_type();
+  if (st == at::kFloat) {
+    m.kind = kF32;
+    return m;
+  }
+  TORCH_CHECK(s && s->defined() && s->numel() && s->scalar_type() == at::kFloat && s->is_contiguous(),
+              "decode_step: ", what, " is quantized but has no fp32 scale");
+  m.s = s->data_ptr<float>();
+  if (st == at::kChar) {
+    m.kind = kI8;
+    TORCH_CHECK(s->numel() == m.N, "decode_step: ", what, ": int8 scale must have one value per row");
+    return m;
+  }
+  TORCH_CHECK(st == at::kByte, "decode_step: ", what, ": weights must be fp32, int8 or packed int4 (uint8)");
+  TORCH_CHECK(z && z->defined() && z->sizes() == s->sizes() && z->scalar_type() == at::kFloat && z->is_contiguous(),
+              "decode_step: ", what, ": int4 needs a zero point per group");
+  TORCH_CHECK(s->dim() == 2 && s->size(0) == m.N, "decode_step: ", what, ": int4 scale must be (N, groups)");
+  m.kind = kI4;
+  m.K = 2 * w.size(1);
+  m.G = s->size(1);
+  TORCH_CHECK(m.G > 0 && m.K % m.G == 0 && (m.K / m.G) % 32 == 0, "decode_step: ", what,
+              ": int4 group size must be a multiple of 32");
+  m.z = z->data_ptr<float>();
+  return m;
+}
+
 }  // namespace
 
 // weights: 9 per layer: input_norm, qkv_w (H+2KV)D x hidden, qkv_b or empty, q_norm or empty, k_norm or empty,
 // o_w hidden x HD, post_norm, gate_up_w 2I x hidden, down_w hidden x I.
+// qscale / qzero: empty (every matrix fp32), or 4 per layer (qkv, o, gate_up, down) + 1 (lm_head), each empty
+// for an fp32 matrix, the int8 / int4 scale and the int4 zero point otherwise (see make_mat).
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& lo,
                        const at::Tensor& block_tables, at::TensorList k_pool, at::TensorList v_pool,
                        at::TensorList weights, const at::Tensor& embed, const at::Tensor& final_norm,
                        const at::Tensor& lm_head, const at::Tensor& inv_freq, int64_t n_heads, int64_t n_kv,
-                       int64_t head_dim, int64_t block_size, double eps, int64_t num_threads) {
+                       int64_t head_dim, int64_t block_size, double eps, int64_t num_threads,
+                       at::TensorList qscale, at::TensorList qzero) {
   const int64_t B = ids.size(0), L = k_pool.size();
   const int64_t hidden = embed.size(1), V = lm_head.size(0), H = n_heads, KV = n_kv, D = head_dim;
   const int64_t QKV = (H + 2 * KV) * D, I = weights[7].size(0) / 2, nb = block_tables.size(1);
   TORCH_CHECK((int64_t)weights.size() == 9 * L && (int64_t)v_pool.size() == L, "decode_step: weight list");
-  TORCH_CHECK(embed.scalar_type() == at::kFloat && embed.is_contiguous() && lm_head.is_contiguous(),
-              "decode_step: fp32 contiguous weights expected");
-  for (const auto& w : weights)
-    TORCH_CHECK(!w.defined() || w.numel() == 0 || (w.scalar_type() == at::kFloat && w.is_contiguous()),
-                "decode_step: every weight must be a contiguous fp32 tensor");
+  const bool quant = qscale.size() > 0;
+  TORCH_CHECK(!quant || ((int64_t)qscale.size() == 4 * L + 1 && qzero.size() == qscale.size()),
+              "decode_step: qscale / qzero need 4 per layer + 1 entries");
+  TORCH_CHECK(embed.scalar_type() == at::kFloat && embed.is_contiguous(), "decode_step: fp32 contiguous embedding expected");
+  const int mat_idx[4] = {1, 5, 7, 8};
+  const char* mat_name[4] = {"qkv", "o_proj", "gate_up", "down_proj"};
+  for (int64_t i = 0; i < 9 * L; ++i) {
+    const auto& w = weights[i];
+    bool is_mat = false;
+    for (int j : mat_idx) is_mat |= (i % 9) == j;
+    if (!is_mat)
+      TORCH_CHECK(!w.defined() || w.numel() == 0 || (w.scalar_type() == at::kFloat && w.is_contiguous()),
+                  "decode_step: norms and biases must be contiguous fp32 tensors");
+  }
+  std::vector<Mat> mats(4 * L + 1);
+  for (int64_t l = 0; l < L; ++l)
+    for (int j = 0; j < 4; ++j)
+      mats[4 * l + j] = make_mat(weights[9 * l + mat_idx[j]], quant ? &qscale[4 * l + j] : nullptr,
+                                 quant ? &qzero[4 * l + j] : nullptr, mat_name[j]);
+  mats[4 * L] = make_mat(lm_head, quant ? &qscale[4 * L] : nullptr, quant ? &qzero[4 * L] : nullptr, "lm_head");
+  for (int64_t l = 0; l < L; ++l)
+    TORCH_CHECK(mats[4 * l].N == QKV && mats[4 * l].K == hidden && mats[4 * l + 1].N == hidden &&
+                mats[4 * l + 1].K == H * D && mats[4 * l + 2].N == 2 * I && mats[4 * l + 2].K == hidden &&
+                mats[4 * l + 3].N == hidden && mats[4 * l + 3].K == I, "decode_step: weight shapes of layer ", l);
+  TORCH_CHECK(mats[4 * L].K == hidden, "decode_step: lm_head shape");
   auto opt = embed.options();
   at::Tensor hbuf = at::empty({B, hidden}, opt), abuf = at::empty({B, hidden}, opt);
   at::Tensor qkvbuf = at::empty({B, QKV}, opt), obuf = at::empty({B, H * D}, opt);
@@ -223,16 +425,19 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
   int64_t max_ctx = 1;
   for (int64_t b = 0; b < B; ++b) max_ctx = std::max(max_ctx, pp[b] - lop[b] + 1);
   // threads: the caller's torch.set_num_threads, fewer when there is too little work to share
-  int64_t wbytes = (QKV + H * D + 3 * I) * hidden * 4;
+  int64_t wbytes = 0;
+  for (int j = 0; j < 4; ++j) wbytes += weights[mat_idx[j]].nbytes();  // one layer's matrices
   int nt = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : at::get_num_threads(),
                                                       1 + wbytes * B / (64 << 10)));
   std::vector<float> scratch((size_t)nt * max_ctx);
+  std::vector<ActBuf> actbufs(nt);
   SpinBarrier bar(nt);
   float* lg = logits.data_ptr<float>();
 #pragma omp parallel num_threads(nt)
   {
     const int tid = omp_get_thread_num(), T = omp_get_num_threads();
     float* sc = scratch.data() + (size_t)tid * max_ctx;
+    ActBuf& ab = actbufs[tid];
 #pragma omp single
     bar.n = T;  // the runtime may grant fewer threads than asked (nested regions); implicit barrier after
     for (int64_t l = 0; l < L; ++l) {
@@ -242,7 +447,8 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
       if (tid == 0)
         for (int64_t b = 0; b < B; ++b) rmsnorm(h + b * hidden, fptr(w[0]), hidden, eps, a + b * hidden);
       bar.wait();
-      linear(a, B, hidden, fptr(w[1]), fptr(w[2]), QKV, qkv, QKV, false, tid, T);
+      const Mat* lm = mats.data() + 4 * l;
+      linear(a, B, lm[0], fptr(w[2]), qkv, QKV, false, ab, tid, T);
       bar.wait();
       if (tid == 0) {
         const float *qn = fptr(w[3]), *kn = fptr(w[4]);
@@ -285,20 +491,20 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
         }
       }
       bar.wait();
-      linear(o, B, H * D, fptr(w[5]), nullptr, hidden, h, hidden, true, tid, T);
+      linear(o, B, lm[1], nullptr, h, hidden, true, ab, tid, T);
       bar.wait();
       if (tid == 0)
         for (int64_t b = 0; b < B; ++b) rmsnorm(h + b * hidden, fptr(w[6]), hidden, eps, a + b * hidden);
       bar.wait();
-      swiglu(a, B, hidden, fptr(w[7]), I, mlp, tid, T);
+      swiglu(a, B, lm[2], I, mlp, ab, tid, T);
       bar.wait();
-      linear(mlp, B, I, fptr(w[8]), nullptr, hidden, h, hidden, true, tid, T);
+      linear(mlp, B, lm[3], nullptr, h, hidden, true, ab, tid, T);
       bar.wait();
     }
     if (tid == 0)
       for (int64_t b = 0; b < B; ++b) rmsnorm(h + b * hidden, final_norm.data_ptr<float>(), hidden, eps, a + b * hidden);
     bar.wait();
-    linear(a, B, hidden, lm_head.data_ptr<float>(), nullptr, V, lg, V, false, tid, T);
+    linear(a, B, mats[4 * L], nullptr, lg, V, false, ab, tid, T);
   }
   return logits;
 }
@@ -306,6 +512,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
 TORCH_LIBRARY(lmstack_cpu, m) {
   m.def("decode_step(Tensor ids, Tensor pos, Tensor lo, Tensor block_tables, Tensor[] k_pool, Tensor[] v_pool, "
         "Tensor[] weights, Tensor embed, Tensor final_norm, Tensor lm_head, Tensor inv_freq, int n_heads, "
-        "int n_kv, int head_dim, int block_size, float eps, int num_threads=0) -> Tensor");
+        "int n_kv, int head_dim, int block_size, float eps, int num_threads, Tensor[] qscale, "
+        "Tensor[] qzero) -> Tensor");
   m.impl("decode_step", c10::DispatchKey::CPU, TORCH_FN(decode_step));
 }

@@ -151,14 +151,19 @@ def kernel_supported(model: Transformer, prefix_kv: object = None) -> str | None
         return "mixture-of-experts layers run on the eager path"
     if rope_attention_factor(cfg) != 1.0:
         return "YaRN's RoPE attention factor is not in the kernel"
+    from lmstack.quant.packed import KERNEL_LINEARS
+
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         mods = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-        if any(type(x) is not torch.nn.Linear for x in mods):
+        if any(type(x) not in KERNEL_LINEARS for x in mods):
             return "adapter-wrapped projections (merge the adapter for the kernel path)"
+        if len({type(x) for x in mods[:3]}) != 1 or len({type(x) for x in mods[4:6]}) != 1 \
+                or len({getattr(x, "group_size", 0) for x in mods}) != 1:
+            return "q/k/v or gate/up quantized differently"
         if a.o_proj.bias is not None or any(x.bias is not None for x in mods[4:]):
             return "biases on o_proj or the MLP"
-    if type(model.lm_head) is not torch.nn.Linear or model.lm_head.bias is not None:
+    if type(model.lm_head) not in KERNEL_LINEARS or model.lm_head.bias is not None:
         return "a wrapped lm_head"
     return None
 
@@ -169,25 +174,43 @@ class KernelDecode:
     ``Transformer.fuse_projections(column_major=False)``."""
 
     def __init__(self, runner: "ModelRunner"):
+        from lmstack.quant.packed import kernel_weights
+
         m, cfg = runner.model, runner.model.config
         empty = torch.empty(0)
         ws: list[Tensor] = []
+        qs: list[Tensor] = []  # weight-only int8 / int4 layers (lmstack.quant.packed): scale, zero per matrix
+        qz: list[Tensor] = []
         for layer in m.model.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv, gate_up = a.fused_qkv, mlp.fused_gate_up
-            if qkv is None or gate_up is None:
-                raise RuntimeError("fuse_projections(column_major=False) must run before KernelDecode")
-            qkv_w, qkv_b = qkv
+            if qkv is not None and gate_up is not None:  # fp32, fused by fuse_projections(column_major=False)
+                mats = [(qkv[0], qkv[1], empty, empty), (a.o_proj.weight, None, empty, empty),
+                        (gate_up, None, empty, empty), (mlp.down_proj.weight, None, empty, empty)]
+            else:  # quantized: fused here (the layers' buffers become views of the fused ones)
+                mats = [kernel_weights([a.q_proj, a.k_proj, a.v_proj]), kernel_weights([a.o_proj]),
+                        kernel_weights([mlp.gate_proj, mlp.up_proj]), kernel_weights([mlp.down_proj])]
+                if any(x is None for x in mats) or type(a.q_proj) is torch.nn.Linear:
+                    raise RuntimeError("fuse_projections(column_major=False) must run before KernelDecode")
+            (qkv_w, qkv_b, *_), (o_w, *_), (gu_w, *_), (d_w, *_) = mats
             ws += [layer.input_layernorm.weight, qkv_w, qkv_b if qkv_b is not None else empty,
                    a.q_norm.weight if a.q_norm is not None else empty,
                    a.k_norm.weight if a.k_norm is not None else empty,
-                   a.o_proj.weight, layer.post_attention_layernorm.weight, gate_up, mlp.down_proj.weight]
+                   o_w, layer.post_attention_layernorm.weight, gu_w, d_w]
+            qs += [x[2] for x in mats]
+            qz += [x[3] for x in mats]
+        head = kernel_weights([m.lm_head]) if type(m.lm_head) is not torch.nn.Linear else None
+        qs.append(head[2] if head else empty)
+        qz.append(head[3] if head else empty)
+        # an all-fp32 model passes no scales (the kernel's fp32 contract, unchanged)
+        self.qscale = qs if any(x.numel() for x in qs) else []
+        self.qzero = qz if self.qscale else []
         self.weights = [w.detach() for w in ws]
         if not all(w.is_contiguous() for w in self.weights):
             raise RuntimeError("the kernel path needs contiguous row-major weights")
         self.embed = m.model.embed_tokens.weight.detach()
         self.norm = m.model.norm.weight.detach()
-        self.lm_head = m.lm_head.weight.detach()
+        self.lm_head = head[0] if head else m.lm_head.weight.detach()
         self.inv_freq = rope_inv_freq(cfg).float().contiguous()
         self.k_pool, self.v_pool = runner.k_pool, runner.v_pool
         self.args = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, runner.block_size,
@@ -208,7 +231,8 @@ class KernelDecode:
         nt = self.tuner.pick()
         t = time.perf_counter()
         out = self.op(torch.tensor(ids), torch.tensor(pos), torch.tensor(lo), bt, self.k_pool, self.v_pool,
-                      self.weights, self.embed, self.norm, self.lm_head, self.inv_freq, *self.args, nt)
+                      self.weights, self.embed, self.norm, self.lm_head, self.inv_freq, *self.args, nt,
+                      self.qscale, self.qzero)
         self.tuner.record(nt, time.perf_counter() - t)
         return out
 
