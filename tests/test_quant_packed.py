@@ -23,9 +23,9 @@ from lmstack.quant import (
 from tests.export_fixtures import VOCAB, smollm2_dir, tiny_model_dir
 
 
-def _int8_reference(w):  # absmax per output row, round to nearest, [-127, 127]
+def _int8_reference(w):  # absmax per output row, round to nearest, [-127, 127]; an all-zero row stays zero
     s = w.abs().amax(1) / 127
-    return torch.round(w / s[:, None]).clamp(-127, 127) * s[:, None]
+    return torch.nan_to_num(torch.round(w / s[:, None]).clamp(-127, 127) * s[:, None])
 
 
 def _int4_reference(w, g):  # per group of g inputs: 16 levels spanning [min, max], round to nearest
@@ -83,21 +83,26 @@ def tiny(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("method,gs", [("int8", 64), ("int4", 32)])
-def test_quantized_checkpoint_equals_transformers_with_dequantized_weights(tiny, method, gs):
+@pytest.mark.parametrize("method,gs,head", [("int8", 64, "int8"), ("int4", 32, "int8"), ("int4", 32, "fp32")])
+def test_quantized_checkpoint_equals_transformers_with_dequantized_weights(tiny, method, gs, head):
     import transformers
 
-    out = quantize_checkpoint(tiny / "m", tiny / f"{method}", method=method, group_size=gs)
+    out = quantize_checkpoint(tiny / "m", tiny / f"{method}-{head}", method=method, group_size=gs, lm_head=head)
     qc = quantization_config(out)
     assert qc["method"] == method and "model.layers.0.self_attn.q_proj" in qc["modules"]
-    assert "lm_head" not in qc["modules"] and len(qc["modules"]) == 2 * 7
-    # the reference: the float model with each linear replaced by the formula's dequantized weight
+    assert ("lm_head" in qc["modules"]) == (head == "int8") and len(qc["modules"]) == 2 * 7 + (head == "int8")
+    assert qc.get("int8_modules", []) == (["lm_head"] if head == "int8" and method == "int4" else [])
+    # the reference: the float model with each linear replaced by the formula's dequantized weight (lm_head:
+    # its own int8 copy of the tied embedding, which stays float)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tiny / "m", dtype=torch.float32).eval()
     with torch.no_grad():
         for name, mod in ref.named_modules():
             if isinstance(mod, torch.nn.Linear) and name != "lm_head":
                 w = mod.weight.detach()
                 mod.weight.copy_(_int8_reference(w) if method == "int8" else _int4_reference(w, gs))
+        if head == "int8":
+            ref.lm_head.weight = torch.nn.Parameter(_int8_reference(ref.lm_head.weight.detach().clone()))
+            assert ref.lm_head.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr()
     model = load_quantized(out)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8PackedLinear if method == "int8" else Int4PackedLinear)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
