@@ -13,6 +13,7 @@ the HTTP server wraps the same object in :class:`~lmstack.serve.async_engine.Asy
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,15 @@ class LLM:
         self.model_name = model_name
         self.adapter = adapter  # lmstack.tune.adapters.AdapterRuntime or None
         prefix_kv = getattr(adapter, "prefix_kv", None)
-        self.engine = LLMEngine(model, tokenizer, prefix_kv=prefix_kv, **engine_kw)
+        draft = engine_kw.pop("speculative_model", None)
+        if draft is not None:  # speculative decoding (lmstack.serve.speculative): a draft Transformer
+            from lmstack.serve.speculative import SpeculativeEngine
+
+            engine_kw["num_speculative_tokens"] = engine_kw.get("num_speculative_tokens") or 4
+            self.engine = SpeculativeEngine(model, tokenizer, draft_model=draft, prefix_kv=prefix_kv, **engine_kw)
+        else:
+            engine_kw.pop("num_speculative_tokens", None)
+            self.engine = LLMEngine(model, tokenizer, prefix_kv=prefix_kv, **engine_kw)
 
     @property
     def max_model_len(self) -> int:
@@ -144,7 +153,9 @@ def load(path: str | Path, adapter: str | Path | None = None, device: str | torc
     (LoRA / prompt / prefix tuning, PEFT layout) into a ready-to-generate :class:`LLM`.
 
     A LoRA adapter is merged into the base weights (``W + B A * scaling``; the engine serves one adapter, and
-    plain linears take the fused and compiled decode paths); ``merge_lora=False`` keeps the adapter modules."""
+    plain linears take the fused and compiled decode paths); ``merge_lora=False`` keeps the adapter modules.
+    ``speculative_model=DIR`` (with ``num_speculative_tokens``, default 4): a draft model sharing the tokenizer
+    for speculative decoding (:mod:`lmstack.serve.speculative`)."""
     from lmstack.export.gguf_import import resolve_model_path
     from lmstack.quant.checkpoint import load_any
 
@@ -164,5 +175,10 @@ def load(path: str | Path, adapter: str | Path | None = None, device: str | torc
             from lmstack.tune.lora import merge_lora as merge
 
             merge(model)
+    if isinstance(engine_kw.get("speculative_model"), (str, os.PathLike)):
+        from lmstack.serve.speculative import load_draft
+
+        engine_kw["speculative_model"] = load_draft(engine_kw["speculative_model"], device=model.device,
+                                                    dtype=dtype)
     return LLM(model, tokenizer, model_name=path.resolve().name, adapter=runtime, max_num_seqs=max_num_seqs,
                max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, block_size=block_size, **engine_kw)

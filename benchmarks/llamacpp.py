@@ -1,0 +1,217 @@
+"""Batch-1 decode: lmstack (compiled CPU kernel) vs llama.cpp (llama-cpp-python) on the same weights, at matched
+precision: lmstack fp32 / int8 / int4 (group 32, ``lmstack quantize``) vs llama.cpp f32 / q8_0 / q4_0
+(``lmstack export --format gguf``; both keep the output matrix at 8 bits in the quantized files).
+
+    .venv/bin/python benchmarks/llamacpp.py                                     # tiny, qwen2.5-0.5b shape, smollm2
+    .venv/bin/python benchmarks/llamacpp.py --models qwen2.5-0.5b --rounds 3 --threads 2 --rss
+
+Both run greedy in this process with ``torch.set_num_threads(--threads)`` / ``n_threads=--threads``, after a
+64-token prompt (--prompt-len), on --new-tokens decode steps; prefill is excluded on both sides (the N steps
+timed follow the step that read the prompt). Each round times every
+precision of lmstack then of llama.cpp, rounds alternate, the median of --rounds is printed with the ratio.
+Beside each figure: the bytes of weights read per token (lmstack: every matrix as stored + norms; llama.cpp:
+every tensor of the file but the embedding, which is read once when tied as the output) and the bound
+``bandwidth / bytes`` (bandwidth measured here by summing a 1 GiB tensor). ``--rss``: each side also loads and
+decodes in a child process of its own and its peak resident memory (ru_maxrss) is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import measure_bandwidth  # noqa: E402
+from quant import model_dir  # noqa: E402
+
+PAIRS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+
+
+def lmstack_bytes_per_token(model) -> int:
+    """Bytes of every parameter and buffer but the embedding table (one row per token) unless lm_head is it."""
+    emb = model.model.embed_tokens.weight
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or (t is emb and model.lm_head.weight is not emb):
+            continue
+        seen.add(t.data_ptr())
+        n += t.numel() * t.element_size()
+    return n
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    names = {t.name: int(t.n_bytes) for t in r.tensors}
+    tied = "output.weight" not in names
+    return sum(v for k, v in names.items() if k != "token_embd.weight" or tied)
+
+
+class Lmstack:
+    def __init__(self, path: Path, max_len: int):
+        import lmstack
+
+        self.llm = lmstack.load(path, max_num_seqs=1, max_model_len=max_len)
+        self.bytes = lmstack_bytes_per_token(self.llm.model)
+        assert self.llm.engine.kernel_reason is None, self.llm.engine.kernel_reason
+
+    def run(self, prompt: list[int], n: int) -> list[int]:
+        out = self.llm.generate([prompt], temperature=0, max_tokens=n, ignore_eos=True, use_tqdm=False)
+        return list(out[0].outputs[0].token_ids)
+
+    def tps(self, prompt: list[int], n: int) -> float:
+        """Decode steps after the prefill step (the step that samples the first token), as llama.cpp's."""
+        from lmstack.serve.types import SamplingParams
+
+        eng = self.llm.engine
+        req = eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
+        while not req.seqs[0].output_token_ids:
+            eng.step()
+        t = time.perf_counter()
+        while eng.has_unfinished_requests():
+            eng.step()
+        return n / (time.perf_counter() - t)
+
+
+class LlamaCpp:
+    def __init__(self, path: Path, threads: int, max_len: int):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=max_len, n_threads=threads, n_threads_batch=threads,
+                                   n_batch=512, verbose=False, seed=0)
+        self.bytes = gguf_bytes_per_token(path)
+
+    def run(self, prompt: list[int], n: int, timed: bool = False):
+        llm = self.llm
+        llm.reset()
+        llm.eval(prompt)
+        t = time.perf_counter()
+        out = []
+        for _ in range(n):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(tok)
+            llm.eval([tok])
+        return (n / (time.perf_counter() - t)) if timed else out
+
+    def tps(self, prompt: list[int], n: int) -> float:
+        return self.run(prompt, n, timed=True)
+
+
+def _child(args) -> None:
+    """--child SIDE PATH: load, decode, print peak RSS (MiB) as JSON."""
+    side, path = args.child
+    torch.set_num_threads(args.threads)
+    prompt = list(range(3, 3 + args.prompt_len))
+    eng = Lmstack(Path(path), args.prompt_len + args.new_tokens + 16) if side == "lmstack" else \
+        LlamaCpp(Path(path), args.threads, args.prompt_len + args.new_tokens + 16)
+    eng.run(prompt, 16)
+    print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(side: str, path: Path, args) -> float:
+    cmd = [sys.executable, __file__, "--child", side, str(path), "--threads", str(args.threads),
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "LMSTACK_NO_PROGRESS": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_mib"]
+
+
+def bench(name: str, args, root: Path, bandwidth: float) -> list[dict]:
+    from lmstack.export import export_gguf
+    from lmstack.quant import quantize_checkpoint
+
+    src = model_dir(name, root)
+    dirs = {"fp32": src}
+    for p in args.precisions:
+        if p == "int8":
+            dirs[p] = quantize_checkpoint(src, root / f"{name}-int8", method="int8")
+        elif p == "int4":
+            dirs[p] = quantize_checkpoint(src, root / f"{name}-int4", method="int4", group_size=32)
+    files = {p: export_gguf(src, root / f"{name}-{PAIRS[p]}.gguf", dtype=PAIRS[p], modelfile=False)
+             for p in args.precisions}
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, min(vocab, 300), (args.prompt_len,), generator=g).tolist()
+    max_len = args.prompt_len + args.new_tokens + 16
+    ours = {p: Lmstack(dirs[p], max_len) for p in args.precisions}
+    theirs = {p: LlamaCpp(files[p], args.threads, max_len) for p in args.precisions}
+    agree = {}
+    for p in args.precisions:  # warm-up, and how many of the first 16 greedy tokens the two agree on
+        a, b = ours[p].run(prompt, 16), theirs[p].run(prompt, 16)
+        agree[p] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16)
+    t_ours = {p: [] for p in args.precisions}
+    t_theirs = {p: [] for p in args.precisions}
+    for _ in range(args.rounds):
+        for p in args.precisions:
+            t_ours[p].append(ours[p].tps(prompt, args.new_tokens))
+            t_theirs[p].append(theirs[p].tps(prompt, args.new_tokens))
+    rows = []
+    for p in args.precisions:
+        a, b = statistics.median(t_ours[p]), statistics.median(t_theirs[p])
+        row = dict(model=name, lmstack=p, llamacpp=PAIRS[p], lmstack_tps=a, llamacpp_tps=b, ratio=a / b,
+                   lmstack_mb=ours[p].bytes / 1e6, llamacpp_mb=theirs[p].bytes / 1e6,
+                   lmstack_bound=bandwidth / ours[p].bytes, llamacpp_bound=bandwidth / theirs[p].bytes,
+                   same_greedy=agree[p], rounds_lmstack=[round(x, 1) for x in t_ours[p]],
+                   rounds_llamacpp=[round(x, 1) for x in t_theirs[p]])
+        rows.append(row)
+    del ours, theirs
+    if args.rss:
+        for row in rows:
+            row["lmstack_rss_mib"] = peak_rss("lmstack", dirs[row["lmstack"]], args)
+            row["llamacpp_rss_mib"] = peak_rss("llamacpp", files[row["lmstack"]], args)
+    for row in rows:
+        print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(r: dict) -> str:
+    s = (f"{r['model']:>13} {r['lmstack']:>4} vs {r['llamacpp']:<5} lmstack {r['lmstack_tps']:7.1f} tok/s "
+         f"(bound {r['lmstack_bound']:6.1f}, {r['lmstack_mb']:6.0f} MB/token)  llama.cpp {r['llamacpp_tps']:7.1f} "
+         f"(bound {r['llamacpp_bound']:6.1f}, {r['llamacpp_mb']:6.0f} MB/token)  ratio {r['ratio']:.2f}x  "
+         f"same first greedy tokens {r['same_greedy']}/16")
+    if "lmstack_rss_mib" in r:
+        s += f"  peak RSS {r['lmstack_rss_mib']:.0f} vs {r['llamacpp_rss_mib']:.0f} MiB"
+    return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["tiny", "qwen2.5-0.5b", "smollm2"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"], choices=list(PAIRS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rss", action="store_true", help="also peak RSS of each side in a child process")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return _child(args)
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, load average {os.getloadavg()}, torch {torch.__version__}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}", flush=True)
+    bw = measure_bandwidth()
+    print(f"measured read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lmstack_llamacpp_") as d:
+        for name in args.models:
+            rows += bench(name, args, Path(d), bw)
+    print(f"load average after: {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
