@@ -26,7 +26,7 @@ def test_first_token_has_the_target_distribution_and_kept_with_min_1_p_over_q():
     """Draft token d ~ q; emitted first token must be ~ p (Leviathan et al. 2023, theorem 1); d is kept with
     probability min(1, p(d) / q(d)): 1 for tokens 0 and 1, 0 for token 3 (p = 0), 1 for 2 (p == q)."""
     g = torch.Generator().manual_seed(0)
-    n = 20000
+    n = 6000
     first = torch.zeros(4)
     kept = torch.zeros(4)
     drawn = torch.zeros(4)
@@ -37,9 +37,9 @@ def test_first_token_has_the_target_distribution_and_kept_with_min_1_p_over_q():
         drawn[d] += 1
         kept[d] += len(out) == 2
     emp = first / n
-    assert (emp - P[0]).abs().max() < 0.015, emp  # 20k draws: sd <= 0.0035
+    assert (emp - P[0]).abs().max() < 0.03, emp  # 6k draws: sd <= 0.0065
     want_keep = torch.minimum(torch.ones(4), P[0] / Q[0])
-    torch.testing.assert_close(kept / drawn, want_keep, atol=0.03, rtol=0)
+    torch.testing.assert_close(kept / drawn, want_keep, atol=0.05, rtol=0)  # ~1.2k draws of token 0-2: sd < 0.015
     assert kept[3] == 0 and kept[0] == drawn[0]
 
 
@@ -47,22 +47,22 @@ def test_rejection_resamples_from_the_normalized_residual():
     """Rejected d = 3 (p(3) = 0): the token comes from max(0, p - q) / sum = [0.3, 0.1, 0, 0] / 0.4."""
     g = torch.Generator().manual_seed(1)
     counts = torch.zeros(4)
-    for _ in range(8000):
+    for _ in range(3000):
         out = accept(P, Q, [3], g)
         assert len(out) == 1
         counts[out[0]] += 1
-    torch.testing.assert_close(counts / counts.sum(), torch.tensor([0.75, 0.25, 0.0, 0.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(counts / counts.sum(), torch.tensor([0.75, 0.25, 0.0, 0.0]), atol=0.035, rtol=0)
 
 
 def test_all_kept_draws_the_bonus_token_from_the_last_target_row():
     g = torch.Generator().manual_seed(2)
     p = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
     counts = torch.zeros(4)
-    for _ in range(4000):
+    for _ in range(2000):
         out = accept(p, p[:2], [1, 2], g)  # p == q: always kept
         assert out[:2] == [1, 2] and len(out) == 3
         counts[out[2]] += 1
-    assert (counts / counts.sum() - 0.25).abs().max() < 0.03
+    assert (counts / counts.sum() - 0.25).abs().max() < 0.04  # sd 0.01
 
 
 def test_greedy_rule():
@@ -196,3 +196,31 @@ def test_load_api_with_a_speculative_model_directory(models):
     a = llm.generate([PROMPTS[0]], temperature=0, max_tokens=10, ignore_eos=True)[0].outputs[0].token_ids
     b = ref.generate([PROMPTS[0]], temperature=0, max_tokens=10, ignore_eos=True)[0].outputs[0].token_ids
     assert list(a) == list(b) and llm.engine.spec_stats["accepted"] > 0
+
+
+def test_served_with_a_draft_over_http_and_the_generate_cli(tmp_path, capsys):
+    """lmstack serve --speculative-model: the OpenAI client's greedy completion equals the target alone's;
+    lmstack generate --speculative-model prints the same text as without; a missing draft is one line, exit 2."""
+    from openai import OpenAI
+
+    from lmstack.cli import main
+    from lmstack.serve.api.app import create_app
+    from tests.serve_fixtures import LiveServer, tiny_model_dir
+
+    d = tiny_model_dir(tmp_path / "m")
+    llm = lmstack.load(d, speculative_model=d, num_speculative_tokens=3, max_num_seqs=4)
+    ref = lmstack.load(d, max_num_seqs=4)
+    want = ref.generate(["The quick brown fox"], temperature=0, max_tokens=12, ignore_eos=True)[0].outputs[0].text
+    with LiveServer(create_app(llm)) as srv:
+        client = OpenAI(base_url=srv.url + "/v1", api_key="x")
+        got = client.completions.create(model=llm.model_name, prompt="The quick brown fox", max_tokens=12,
+                                        temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    assert got == want and llm.engine.spec_stats["accepted"] > 0
+    args = ["generate", "--model", str(d), "-p", "The quick brown fox", "-t", "0", "-n", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--speculative-model", str(d), "--num-speculative-tokens", "2"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main(args + ["--speculative-model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]

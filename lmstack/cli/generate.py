@@ -25,6 +25,14 @@ MIN_P = typer.Option(0.0, "--min-p")
 REP = typer.Option(1.0, "--repetition-penalty")
 SEED = typer.Option(None, "--seed", help="Same seed, same text.")
 STOP = typer.Option(None, "--stop", help="Stop string (repeatable); never printed.")
+SPEC_MODEL = typer.Option(None, "--speculative-model",
+                          help="Draft model directory sharing the tokenizer (speculative decoding; docs/export.md).")
+SPEC_K = typer.Option(4, "--num-speculative-tokens", help="Tokens the draft proposes per step (1-16).")
+
+
+def speculative_kw(model: Optional[str], k: int) -> dict:
+    """lmstack.load keywords for --speculative-model / --num-speculative-tokens."""
+    return {} if model is None else {"speculative_model": model, "num_speculative_tokens": k}
 
 
 def register(app: typer.Typer) -> None:
@@ -35,7 +43,8 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = ADAPTER, device: Optional[str] = DEVICE, dtype: Optional[str] = DTYPE,
         max_new_tokens: int = MAX_NEW, temperature: float = TEMP, top_p: float = TOP_P, top_k: int = TOP_K,
         min_p: float = MIN_P, repetition_penalty: float = REP, seed: Optional[int] = SEED,
-        stop: Optional[list[str]] = STOP,
+        stop: Optional[list[str]] = STOP, speculative_model: Optional[str] = SPEC_MODEL,
+        num_speculative_tokens: int = SPEC_K,
     ) -> None:
         """Complete PROMPT with the model, streaming text to stdout."""
         import sys
@@ -44,7 +53,8 @@ def register(app: typer.Typer) -> None:
         from lmstack.serve.terminal import stream_completion
 
         text = sys.stdin.read() if prompt == "-" else prompt
-        llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=1)
+        llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=1,
+                   **speculative_kw(speculative_model, num_speculative_tokens))
         stream_completion(llm, text, lambda s: (sys.stdout.write(s), sys.stdout.flush()),
                           **_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop))
         sys.stdout.write("\n")

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from lmstack.cli.generate import SPEC_K, SPEC_MODEL, speculative_kw
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -53,6 +55,7 @@ def register(app: typer.Typer) -> None:
                                                     help="Previous tokens seeding each green list."),
         watermark_scheme: str = typer.Option("lmstack", "--watermark-scheme", help="lmstack (SHA-256 of the "
                                              "context) or hf (transformers' lefthash, for its WatermarkDetector)."),
+        speculative_model: Optional[str] = SPEC_MODEL, num_speculative_tokens: int = SPEC_K,
     ) -> None:
         """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
         from lmstack.serve.api import run_server
@@ -88,4 +91,4 @@ def register(app: typer.Typer) -> None:
                    max_waiting=max_waiting, device=device, dtype=dtype, max_request_bytes=max_request_bytes,
                    drain_timeout=drain_timeout, enable_prefix_caching=prefix_caching,
                    allowed_origins=allowed_origin or None, log_level=log_level, max_prompt_bytes=max_prompt_bytes,
-                   sanitize=sanitize, wrap=wrap)
+                   sanitize=sanitize, wrap=wrap, **speculative_kw(speculative_model, num_speculative_tokens))

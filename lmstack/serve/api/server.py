@@ -85,10 +85,11 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
                dtype: str | None = None, max_request_bytes: int | None = None, drain_timeout: float = 300.0,
                enable_prefix_caching: bool = True, allowed_origins: list[str] | None = None,
                log_level: str = "info", max_prompt_bytes: int | None = None, sanitize: bool = True,
-               wrap: Any = None) -> None:
+               wrap: Any = None, **load_kw: Any) -> None:
     """Serve ``model`` (a model directory) on ``host:port`` until SIGTERM / Ctrl-C. Blocks. ``wrap``: a function
     ``(app, llm) -> app`` putting an ASGI app around the server's that keeps its ``state`` (``lmstack serve
-    --guard``: lmstack.guard.asgi.GuardMiddleware)."""
+    --guard``: lmstack.guard.asgi.GuardMiddleware). ``load_kw`` go to :func:`lmstack.serve.llm.load` (e.g.
+    ``speculative_model``, ``num_speculative_tokens``)."""
     import lmstack.serve.llm as L
     from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, create_app
 
@@ -96,7 +97,7 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = L.load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=max_num_seqs,
-                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching)
+                 max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, **load_kw)
     app = create_app(llm, api_key=api_key, served_model_name=served_model_name, max_waiting=max_waiting,
                      max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
                      allowed_origins=allowed_origins, max_prompt_bytes=max_prompt_bytes, sanitize=sanitize)
