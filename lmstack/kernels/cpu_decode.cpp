@@ -100,6 +100,23 @@ struct Mat {
   int64_t N = 0, K = 0, G = 1;
 };
 
+// A matrix given as up to 3 row blocks read one after the other (q | k | v, gate | up) so that separately stored
+// layers need no concatenated copy; all blocks of the same kind, K and group count.
+struct MatList {
+  Mat m[3];
+  int64_t off[4] = {0, 0, 0, 0};
+  int n = 0;
+  int64_t N = 0;
+  void add(const Mat& x) {
+    if (x.N == 0) return;
+    m[n] = x;
+    off[n + 1] = off[n] + x.N;
+    N = off[n + 1];
+    ++n;
+  }
+  const Mat& first() const { return m[0]; }
+};
+
 // x prepared for one matrix: x itself; for int4 also even / odd columns (K/2 each) and per-group sums (G).
 struct Act {
   const float* x;
@@ -193,6 +210,18 @@ inline void rows(const Act& a, const Mat& m, int64_t n, float* out) {
   }
 }
 
+// out[0..R) = x . W[n + r] across the row blocks of a MatList
+template <int R>
+inline void rows(const Act& a, const MatList& ml, int64_t n, float* out) {
+  int i = 0;
+  while (n >= ml.off[i + 1]) ++i;
+  if (n + R <= ml.off[i + 1]) {
+    rows<R>(a, ml.m[i], n - ml.off[i], out);
+  } else {
+    for (int r = 0; r < R; ++r) rows<1>(a, ml, n + r, out + r);
+  }
+}
+
 // Per-thread scratch for int4 activations: even / odd columns and group sums of M rows of K.
 struct ActBuf {
   std::vector<float> buf;
@@ -262,12 +291,12 @@ inline void share(int64_t n, int64_t unit, int tid, int nt, int64_t& lo, int64_t
 }
 
 // y[m, n] (+)= x[m, :] . W[n, :] (+ b[n]) for m < M and this thread's rows n. x (M, K) row-major.
-void linear(const float* x, int64_t M, const Mat& W, const float* b, float* y, int64_t ldy, bool accumulate,
+void linear(const float* x, int64_t M, const MatList& W, const float* b, float* y, int64_t ldy, bool accumulate,
             ActBuf& ab, int tid, int nt) {
   int64_t n0, n1;
   share(W.N, 4, tid, nt, n0, n1);
   if (n0 >= n1) return;
-  const Act* acts = ab.prepare(x, M, W);
+  const Act* acts = ab.prepare(x, M, W.first());
   float r[4];
   for (int64_t n = n0; n < n1; n += 4) {
     for (int64_t m = 0; m < M; ++m) {
@@ -286,11 +315,11 @@ void linear(const float* x, int64_t M, const Mat& W, const float* b, float* y, i
 }
 
 // act[m, i] = silu(x . Wg[i]) * (x . Wu[i]) with W = [Wg; Wu] (2I, K), this thread's i.
-void swiglu(const float* x, int64_t M, const Mat& W, int64_t I, float* act, ActBuf& ab, int tid, int nt) {
+void swiglu(const float* x, int64_t M, const MatList& W, int64_t I, float* act, ActBuf& ab, int tid, int nt) {
   int64_t i0, i1;
   share(I, 4, tid, nt, i0, i1);
   if (i0 >= i1) return;
-  const Act* acts = ab.prepare(x, M, W);
+  const Act* acts = ab.prepare(x, M, W.first());
   float g[4], u[4];
   for (int64_t i = i0; i < i1; i += 4) {
     for (int64_t m = 0; m < M; ++m) {
@@ -363,24 +392,27 @@ Mat make_mat(const at::Tensor& w, const at::Tensor* s, const at::Tensor* z, cons
 
 // weights: 9 per layer: input_norm, qkv_w (H+2KV)D x hidden, qkv_b or empty, q_norm or empty, k_norm or empty,
 // o_w hidden x HD, post_norm, gate_up_w 2I x hidden, down_w hidden x I.
-// qscale / qzero: empty (every matrix fp32), or 4 per layer (qkv, o, gate_up, down) + 1 (lm_head), each empty
-// for an fp32 matrix, the int8 / int4 scale and the int4 zero point otherwise (see make_mat).
+// parts: 3 per layer, k_w, v_w, up_w when q/k/v and gate/up are stored apart (then weights hold q_w and gate_w in
+// the qkv_w / gate_up_w slots), else empty.
+// qscale / qzero: empty (every matrix fp32), or 7 per layer (qkv or q, o, gate_up or gate, down, k, v, up) + 1
+// (lm_head), each empty for an fp32 matrix, the int8 / int4 scale and the int4 zero point otherwise (make_mat).
 at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::Tensor& lo,
                        const at::Tensor& block_tables, at::TensorList k_pool, at::TensorList v_pool,
                        at::TensorList weights, const at::Tensor& embed, const at::Tensor& final_norm,
                        const at::Tensor& lm_head, const at::Tensor& inv_freq, int64_t n_heads, int64_t n_kv,
                        int64_t head_dim, int64_t block_size, double eps, int64_t num_threads,
-                       at::TensorList qscale, at::TensorList qzero) {
+                       at::TensorList parts, at::TensorList qscale, at::TensorList qzero) {
   const int64_t B = ids.size(0), L = k_pool.size();
-  const int64_t hidden = embed.size(1), V = lm_head.size(0), H = n_heads, KV = n_kv, D = head_dim;
-  const int64_t QKV = (H + 2 * KV) * D, I = weights[7].size(0) / 2, nb = block_tables.size(1);
-  TORCH_CHECK((int64_t)weights.size() == 9 * L && (int64_t)v_pool.size() == L, "decode_step: weight list");
+  const int64_t hidden = embed.size(1), H = n_heads, KV = n_kv, D = head_dim;
+  const int64_t QKV = (H + 2 * KV) * D, nb = block_tables.size(1);
+  TORCH_CHECK((int64_t)weights.size() == 9 * L && (int64_t)v_pool.size() == L && (int64_t)parts.size() == 3 * L,
+              "decode_step: weight list");
   const bool quant = qscale.size() > 0;
-  TORCH_CHECK(!quant || ((int64_t)qscale.size() == 4 * L + 1 && qzero.size() == qscale.size()),
-              "decode_step: qscale / qzero need 4 per layer + 1 entries");
+  TORCH_CHECK(!quant || ((int64_t)qscale.size() == 7 * L + 1 && qzero.size() == qscale.size()),
+              "decode_step: qscale / qzero need 7 per layer + 1 entries");
   TORCH_CHECK(embed.scalar_type() == at::kFloat && embed.is_contiguous(), "decode_step: fp32 contiguous embedding expected");
   const int mat_idx[4] = {1, 5, 7, 8};
-  const char* mat_name[4] = {"qkv", "o_proj", "gate_up", "down_proj"};
+  const char* mat_name[7] = {"qkv", "o_proj", "gate_up", "down_proj", "k_proj", "v_proj", "up_proj"};
   for (int64_t i = 0; i < 9 * L; ++i) {
     const auto& w = weights[i];
     bool is_mat = false;
@@ -389,17 +421,35 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
       TORCH_CHECK(!w.defined() || w.numel() == 0 || (w.scalar_type() == at::kFloat && w.is_contiguous()),
                   "decode_step: norms and biases must be contiguous fp32 tensors");
   }
-  std::vector<Mat> mats(4 * L + 1);
-  for (int64_t l = 0; l < L; ++l)
-    for (int j = 0; j < 4; ++j)
-      mats[4 * l + j] = make_mat(weights[9 * l + mat_idx[j]], quant ? &qscale[4 * l + j] : nullptr,
-                                 quant ? &qzero[4 * l + j] : nullptr, mat_name[j]);
-  mats[4 * L] = make_mat(lm_head, quant ? &qscale[4 * L] : nullptr, quant ? &qzero[4 * L] : nullptr, "lm_head");
-  for (int64_t l = 0; l < L; ++l)
-    TORCH_CHECK(mats[4 * l].N == QKV && mats[4 * l].K == hidden && mats[4 * l + 1].N == hidden &&
-                mats[4 * l + 1].K == H * D && mats[4 * l + 2].N == 2 * I && mats[4 * l + 2].K == hidden &&
-                mats[4 * l + 3].N == hidden && mats[4 * l + 3].K == I, "decode_step: weight shapes of layer ", l);
-  TORCH_CHECK(mats[4 * L].K == hidden, "decode_step: lm_head shape");
+  auto mat = [&](const at::Tensor& w, int64_t qi, int name) -> Mat {
+    if (!w.defined() || w.numel() == 0) return Mat{};
+    return make_mat(w, quant ? &qscale[qi] : nullptr, quant ? &qzero[qi] : nullptr, mat_name[name]);
+  };
+  std::vector<MatList> mats(4 * L + 1);
+  for (int64_t l = 0; l < L; ++l) {
+    mats[4 * l].add(mat(weights[9 * l + 1], 7 * l, 0));
+    mats[4 * l].add(mat(parts[3 * l], 7 * l + 4, 4));
+    mats[4 * l].add(mat(parts[3 * l + 1], 7 * l + 5, 5));
+    mats[4 * l + 1].add(mat(weights[9 * l + 5], 7 * l + 1, 1));
+    mats[4 * l + 2].add(mat(weights[9 * l + 7], 7 * l + 2, 2));
+    mats[4 * l + 2].add(mat(parts[3 * l + 2], 7 * l + 6, 6));
+    mats[4 * l + 3].add(mat(weights[9 * l + 8], 7 * l + 3, 3));
+  }
+  mats[4 * L].add(make_mat(lm_head, quant ? &qscale[7 * L] : nullptr, quant ? &qzero[7 * L] : nullptr, "lm_head"));
+  const int64_t I = mats[2].N / 2;
+  for (int64_t l = 0; l < L; ++l) {
+    bool ok = mats[4 * l].N == QKV && mats[4 * l + 1].N == hidden && mats[4 * l + 2].N == 2 * I && mats[4 * l + 3].N == hidden
+              && mats[4 * l + 1].first().K == H * D && mats[4 * l + 3].first().K == I;
+    for (int j = 0; j < 4; ++j) {
+      const MatList& ml = mats[4 * l + j];
+      for (int i = 0; i < ml.n; ++i)
+        ok = ok && ml.m[i].kind == ml.m[0].kind && ml.m[i].K == ml.m[0].K && ml.m[i].G == ml.m[0].G;
+    }
+    ok = ok && mats[4 * l].first().K == hidden && mats[4 * l + 2].first().K == hidden;
+    TORCH_CHECK(ok, "decode_step: weight shapes of layer ", l);
+  }
+  TORCH_CHECK(mats[4 * L].first().K == hidden, "decode_step: lm_head shape");
+  const int64_t V = mats[4 * L].N;
   auto opt = embed.options();
   at::Tensor hbuf = at::empty({B, hidden}, opt), abuf = at::empty({B, hidden}, opt);
   at::Tensor qkvbuf = at::empty({B, QKV}, opt), obuf = at::empty({B, H * D}, opt);
@@ -427,6 +477,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
   // threads: the caller's torch.set_num_threads, fewer when there is too little work to share
   int64_t wbytes = 0;
   for (int j = 0; j < 4; ++j) wbytes += weights[mat_idx[j]].nbytes();  // one layer's matrices
+  for (int j = 0; j < 3; ++j) wbytes += parts[j].nbytes();
   int nt = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads > 0 ? num_threads : at::get_num_threads(),
                                                       1 + wbytes * B / (64 << 10)));
   std::vector<float> scratch((size_t)nt * max_ctx);
@@ -447,7 +498,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
       if (tid == 0)
         for (int64_t b = 0; b < B; ++b) rmsnorm(h + b * hidden, fptr(w[0]), hidden, eps, a + b * hidden);
       bar.wait();
-      const Mat* lm = mats.data() + 4 * l;
+      const MatList* lm = mats.data() + 4 * l;
       linear(a, B, lm[0], fptr(w[2]), qkv, QKV, false, ab, tid, T);
       bar.wait();
       if (tid == 0) {
@@ -512,7 +563,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
 TORCH_LIBRARY(lmstack_cpu, m) {
   m.def("decode_step(Tensor ids, Tensor pos, Tensor lo, Tensor block_tables, Tensor[] k_pool, Tensor[] v_pool, "
         "Tensor[] weights, Tensor embed, Tensor final_norm, Tensor lm_head, Tensor inv_freq, int n_heads, "
-        "int n_kv, int head_dim, int block_size, float eps, int num_threads, Tensor[] qscale, "
+        "int n_kv, int head_dim, int block_size, float eps, int num_threads, Tensor[] parts, Tensor[] qscale, "
         "Tensor[] qzero) -> Tensor");
   m.impl("decode_step", c10::DispatchKey::CPU, TORCH_FN(decode_step));
 }

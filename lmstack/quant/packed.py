@@ -235,37 +235,15 @@ def empty_packed(lin_shape: tuple[int, int, bool], method: str, group_size: int,
 KERNEL_LINEARS = (nn.Linear, Int8PackedLinear, Int4PackedLinear)
 
 
-def kernel_weights(mods: list[nn.Module]) -> tuple[Tensor, Tensor | None, Tensor, Tensor] | None:
-    """Layers that read the same input (q/k/v, gate/up, or one layer) as one matrix for the compiled CPU decode
-    kernel (``lmstack.kernels``): ``(weight, bias or None, scale, zero)``, the rows of each layer one after the
-    other. For packed int8 / int4 layers the concatenated tensors replace each layer's own (its buffers become
-    row views of them), so no second copy of the weights stays resident; an fp32 ``nn.Linear`` gets empty
-    scale / zero. None when the layers differ in kind, group size or bias."""
-    kinds = {type(m) for m in mods}
-    if len(kinds) != 1 or not kinds <= set(KERNEL_LINEARS) or len({m.bias is not None for m in mods}) != 1:
-        return None
-    if kinds == {Int4PackedLinear} and len({m.group_size for m in mods}) != 1:
-        return None
+def kernel_tensors(m: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer as the compiled CPU decode kernel (``lmstack.kernels``) reads it, with no copy:
+    ``(weight, scale, zero)``: an fp32 ``nn.Linear``'s row-major weight and empty scale / zero, an int8 layer's
+    int8 weight, scale and empty zero, an int4 layer's packed weight, scale and zero."""
     empty = torch.empty(0)
-    if kinds == {nn.Linear}:  # fp32: Transformer.fuse_projections(column_major=False) fuses those without a copy
-        ws = [m.weight.detach() for m in mods]
-        w = ws[0].contiguous() if len(ws) == 1 else torch.cat(ws, 0)
-        b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
-        return w, b, empty, empty
-    names = ["weight", "weight_scale"] + (["weight_zero"] if kinds == {Int4PackedLinear} else [])
-    with torch.no_grad():
-        fused = {}
-        for n in names:
-            parts = [getattr(m, n) for m in mods]
-            fused[n] = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, 0)
-        b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
-        o = 0
-        for m in mods:  # each layer's tensors become views of the fused ones
-            k = m.out_features
-            for n in names:
-                setattr(m, n, fused[n][o:o + k])
-            if b is not None:
-                m.bias.data = b[o:o + k]
-            m._scale_cache = m._kernel = None  # drop the layer's cached kernel layouts
-            o += k
-    return fused["weight"], b, fused["weight_scale"], fused.get("weight_zero", empty)
+    if type(m) is nn.Linear:
+        return m.weight.detach().contiguous(), empty, empty
+    if type(m) is Int8PackedLinear:
+        return m.weight, m.weight_scale, empty
+    if type(m) is Int4PackedLinear:
+        return m.weight, m.weight_scale, m.weight_zero
+    raise TypeError(f"the decode kernel cannot read a {type(m).__name__}")

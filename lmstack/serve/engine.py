@@ -74,9 +74,11 @@ class LLMEngine:
         if self.kernel_reason is None and not load_cpu_decode():
             self.kernel_reason = "the kernel could not be built (see the warning above)"
         use = self.kernel_reason is None
-        # q/k/v and gate/up as one matmul each (parameters become views of the fused weights; no copy),
-        # column-major for the eager CPU matmuls, row-major for the kernel
-        model.fuse_projections(column_major=not use)
+        # eager path: q/k/v and gate/up as one matmul each, column-major for the CPU matmuls (the parameters become
+        # views of the fused weights). The kernel reads the weights as loaded (no fused copy beside memory-mapped
+        # ones; lmstack.serve.runner.KernelDecode)
+        if not use:
+            model.fuse_projections(column_major=True)
         self.tokenizer = tokenizer
         num_prefix = prefix_kv[0][0].shape[1] if prefix_kv else 0
         self.num_prefix = num_prefix

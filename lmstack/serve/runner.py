@@ -170,47 +170,54 @@ def kernel_supported(model: Transformer, prefix_kv: object = None) -> str | None
 
 class KernelDecode:
     """Decode-only steps through ``torch.ops.lmstack_cpu.decode_step`` (lmstack/kernels/cpu_decode.cpp):
-    one call for all layers and lm_head. Needs the row-major fused weights of
-    ``Transformer.fuse_projections(column_major=False)``."""
+    one call for all layers and lm_head. The kernel reads every layer's weight as it is stored -- fp32
+    row-major, or int8 / int4 (:mod:`lmstack.quant.packed`) -- q/k/v and gate/up either fused
+    (``Transformer.fuse_projections(column_major=False)``) or as separate row blocks: no weight is copied."""
 
     def __init__(self, runner: "ModelRunner"):
-        from lmstack.quant.packed import kernel_weights
+        from lmstack.quant.packed import kernel_tensors
 
         m, cfg = runner.model, runner.model.config
         empty = torch.empty(0)
         ws: list[Tensor] = []
-        qs: list[Tensor] = []  # weight-only int8 / int4 layers (lmstack.quant.packed): scale, zero per matrix
+        parts: list[Tensor] = []  # k, v, up when stored apart
+        qs: list[Tensor] = []  # per matrix: scale, zero (empty for fp32)
         qz: list[Tensor] = []
         for layer in m.model.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv, gate_up = a.fused_qkv, mlp.fused_gate_up
-            if qkv is not None and gate_up is not None:  # fp32, fused by fuse_projections(column_major=False)
-                mats = [(qkv[0], qkv[1], empty, empty), (a.o_proj.weight, None, empty, empty),
-                        (gate_up, None, empty, empty), (mlp.down_proj.weight, None, empty, empty)]
-            else:  # quantized: fused here (the layers' buffers become views of the fused ones)
-                mats = [kernel_weights([a.q_proj, a.k_proj, a.v_proj]), kernel_weights([a.o_proj]),
-                        kernel_weights([mlp.gate_proj, mlp.up_proj]), kernel_weights([mlp.down_proj])]
-                if any(x is None for x in mats) or type(a.q_proj) is torch.nn.Linear:
-                    raise RuntimeError("fuse_projections(column_major=False) must run before KernelDecode")
-            (qkv_w, qkv_b, *_), (o_w, *_), (gu_w, *_), (d_w, *_) = mats
-            ws += [layer.input_layernorm.weight, qkv_w, qkv_b if qkv_b is not None else empty,
+            if qkv is not None:  # fp32 fused by fuse_projections(column_major=False)
+                q, k, v, qkv_b = (qkv[0], empty, empty), (empty,) * 3, (empty,) * 3, qkv[1]
+            else:
+                q, k, v = kernel_tensors(a.q_proj), kernel_tensors(a.k_proj), kernel_tensors(a.v_proj)
+                qkv_b = None if a.q_proj.bias is None else \
+                    torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach().float()
+            if gate_up is not None:
+                g, u = (gate_up, empty, empty), (empty,) * 3
+            else:
+                g, u = kernel_tensors(mlp.gate_proj), kernel_tensors(mlp.up_proj)
+            o, d = kernel_tensors(a.o_proj), kernel_tensors(mlp.down_proj)
+            ws += [layer.input_layernorm.weight, q[0], qkv_b if qkv_b is not None else empty,
                    a.q_norm.weight if a.q_norm is not None else empty,
                    a.k_norm.weight if a.k_norm is not None else empty,
-                   o_w, layer.post_attention_layernorm.weight, gu_w, d_w]
-            qs += [x[2] for x in mats]
-            qz += [x[3] for x in mats]
-        head = kernel_weights([m.lm_head]) if type(m.lm_head) is not torch.nn.Linear else None
-        qs.append(head[2] if head else empty)
-        qz.append(head[3] if head else empty)
-        # an all-fp32 model passes no scales (the kernel's fp32 contract, unchanged)
+                   o[0], layer.post_attention_layernorm.weight, g[0], d[0]]
+            parts += [k[0], v[0], u[0]]
+            for x in (q, o, g, d, k, v, u):
+                qs.append(x[1])
+                qz.append(x[2])
+        head = kernel_tensors(m.lm_head)
+        qs.append(head[1])
+        qz.append(head[2])
+        # an all-fp32 model passes no scales
         self.qscale = qs if any(x.numel() for x in qs) else []
         self.qzero = qz if self.qscale else []
+        self.parts = [x.detach() for x in parts]
         self.weights = [w.detach() for w in ws]
-        if not all(w.is_contiguous() for w in self.weights):
+        if not all(w.is_contiguous() for w in self.weights + self.parts):
             raise RuntimeError("the kernel path needs contiguous row-major weights")
         self.embed = m.model.embed_tokens.weight.detach()
         self.norm = m.model.norm.weight.detach()
-        self.lm_head = head[0] if head else m.lm_head.weight.detach()
+        self.lm_head = head[0]
         self.inv_freq = rope_inv_freq(cfg).float().contiguous()
         self.k_pool, self.v_pool = runner.k_pool, runner.v_pool
         self.args = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, runner.block_size,
@@ -232,7 +239,7 @@ class KernelDecode:
         t = time.perf_counter()
         out = self.op(torch.tensor(ids), torch.tensor(pos), torch.tensor(lo), bt, self.k_pool, self.v_pool,
                       self.weights, self.embed, self.norm, self.lm_head, self.inv_freq, *self.args, nt,
-                      self.qscale, self.qzero)
+                      self.parts, self.qscale, self.qzero)
         self.tuner.record(nt, time.perf_counter() - t)
         return out
 
@@ -275,6 +282,24 @@ class ThreadTuner:
             self.samples.clear()
 
 
+def kv_pool_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero-filled KV pool tensor. On the CPU it lives in an anonymous memory map, whose pages the kernel
+    gives zero-filled on first write: the pool is sized for the context limit, but only the blocks requests
+    actually use become resident (the block manager hands out the lowest free blocks first), instead of the whole
+    pool being written with zeros up front."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import math
+    import mmap
+    import warnings
+
+    n = math.prod(shape)
+    buf = mmap.mmap(-1, max(1, n * torch.empty((), dtype=dtype).element_size()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.frombuffer(buf, dtype=dtype, count=n).view(shape)
+
+
 class ModelRunner:
     """Owns the KV pool and turns a scheduled batch into next-token logits."""
 
@@ -290,8 +315,8 @@ class ModelRunner:
         self.sliding_window = cfg.sliding_window
         shape = (num_blocks, block_size, self.n_kv, self.head_dim)
         # zeros, not empty: padded slots are masked, but 0 * NaN garbage would still poison SDPA
-        self.k_pool = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
-        self.v_pool = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_hidden_layers)]
+        self.k_pool = [kv_pool_tensor(shape, self.dtype, self.device) for _ in range(cfg.num_hidden_layers)]
+        self.v_pool = [kv_pool_tensor(shape, self.dtype, self.device) for _ in range(cfg.num_hidden_layers)]
         self.k_flat = [t.view(-1, self.n_kv, self.head_dim) for t in self.k_pool]  # (slots, n_kv, D)
         self.v_flat = [t.view(-1, self.n_kv, self.head_dim) for t in self.v_pool]
         self.prefix_kv = None

@@ -138,7 +138,8 @@ class SpeculativeEngine(LLMEngine):
 
         use = kernel_mode() != "off" and engine_kw.get("use_kernel") is not False \
             and kernel_supported(draft_model) is None and load_cpu_decode()
-        draft_model.fuse_projections(column_major=not use)
+        if not use:
+            draft_model.fuse_projections(column_major=True)
         per_block = ModelRunner.kv_bytes_per_block(draft_model, self.block_size)
         tokens = self.block_manager.num_blocks * self.block_size + self.scheduler.max_num_seqs * (self.k + 1)
         nb = draft_kv_cache_memory // per_block if draft_kv_cache_memory else -(-tokens // self.block_size) + 1
