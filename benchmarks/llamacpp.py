@@ -144,34 +144,27 @@ def bench(name: str, args, root: Path, bandwidth: float) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, min(vocab, 300), (args.prompt_len,), generator=g).tolist()
     max_len = args.prompt_len + args.new_tokens + 16
-    ours = {p: Lmstack(dirs[p], max_len) for p in args.precisions}
-    theirs = {p: LlamaCpp(files[p], args.threads, max_len) for p in args.precisions}
-    agree = {}
-    for p in args.precisions:  # warm-up, and how many of the first 16 greedy tokens the two agree on
-        a, b = ours[p].run(prompt, 16), theirs[p].run(prompt, 16)
-        agree[p] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16)
-    t_ours = {p: [] for p in args.precisions}
-    t_theirs = {p: [] for p in args.precisions}
-    for _ in range(args.rounds):
-        for p in args.precisions:
-            t_ours[p].append(ours[p].tps(prompt, args.new_tokens))
-            t_theirs[p].append(theirs[p].tps(prompt, args.new_tokens))
     rows = []
-    for p in args.precisions:
-        a, b = statistics.median(t_ours[p]), statistics.median(t_theirs[p])
-        row = dict(model=name, lmstack=p, llamacpp=PAIRS[p], lmstack_tps=a, llamacpp_tps=b, ratio=a / b,
-                   lmstack_mb=ours[p].bytes / 1e6, llamacpp_mb=theirs[p].bytes / 1e6,
-                   lmstack_bound=bandwidth / ours[p].bytes, llamacpp_bound=bandwidth / theirs[p].bytes,
-                   same_greedy=agree[p], rounds_lmstack=[round(x, 1) for x in t_ours[p]],
-                   rounds_llamacpp=[round(x, 1) for x in t_theirs[p]])
-        rows.append(row)
-    del ours, theirs
-    if args.rss:
-        for row in rows:
-            row["lmstack_rss_mib"] = peak_rss("lmstack", dirs[row["lmstack"]], args)
-            row["llamacpp_rss_mib"] = peak_rss("llamacpp", files[row["lmstack"]], args)
-    for row in rows:
+    for p in args.precisions:  # one pair loaded at a time; its rounds alternate lmstack / llama.cpp
+        ours, theirs = Lmstack(dirs[p], max_len), LlamaCpp(files[p], args.threads, max_len)
+        a, b = ours.run(prompt, 16), theirs.run(prompt, 16)  # warm-up; the first 16 greedy tokens compared
+        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16)
+        t_ours, t_theirs = [], []
+        for _ in range(args.rounds):
+            t_ours.append(ours.tps(prompt, args.new_tokens))
+            t_theirs.append(theirs.tps(prompt, args.new_tokens))
+        x, y = statistics.median(t_ours), statistics.median(t_theirs)
+        row = dict(model=name, lmstack=p, llamacpp=PAIRS[p], lmstack_tps=x, llamacpp_tps=y, ratio=x / y,
+                   lmstack_mb=ours.bytes / 1e6, llamacpp_mb=theirs.bytes / 1e6,
+                   lmstack_bound=bandwidth / ours.bytes, llamacpp_bound=bandwidth / theirs.bytes,
+                   same_greedy=agree, rounds_lmstack=[round(v, 1) for v in t_ours],
+                   rounds_llamacpp=[round(v, 1) for v in t_theirs], load=os.getloadavg()[0])
+        del ours, theirs
+        if args.rss:
+            row["lmstack_rss_mib"] = peak_rss("lmstack", dirs[p], args)
+            row["llamacpp_rss_mib"] = peak_rss("llamacpp", files[p], args)
         print(_fmt(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -179,7 +172,8 @@ def _fmt(r: dict) -> str:
     s = (f"{r['model']:>13} {r['lmstack']:>4} vs {r['llamacpp']:<5} lmstack {r['lmstack_tps']:7.1f} tok/s "
          f"(bound {r['lmstack_bound']:6.1f}, {r['lmstack_mb']:6.0f} MB/token)  llama.cpp {r['llamacpp_tps']:7.1f} "
          f"(bound {r['llamacpp_bound']:6.1f}, {r['llamacpp_mb']:6.0f} MB/token)  ratio {r['ratio']:.2f}x  "
-         f"same first greedy tokens {r['same_greedy']}/16")
+         f"same first greedy tokens {r['same_greedy']}/16  rounds {r['rounds_lmstack']} / {r['rounds_llamacpp']}  "
+         f"load {r['load']:.1f}")
     if "lmstack_rss_mib" in r:
         s += f"  peak RSS {r['lmstack_rss_mib']:.0f} vs {r['llamacpp_rss_mib']:.0f} MiB"
     return s

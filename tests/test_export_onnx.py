@@ -67,7 +67,8 @@ def _inputs(T=9, pad=3, seed=0):
 def test_export_dir_holds_graph_config_and_tokenizer(setup):
     d, _ = setup
     names = sorted(p.name for p in (d / "onnx").iterdir())
-    assert names == ["config.json", "generation_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    assert names == ["config.json", "genai_config.json", "generation_config.json", "model.onnx", "tokenizer.json",
+                     "tokenizer_config.json"]
     import onnx
 
     g = onnx.load(str(d / "onnx" / "model.onnx"), load_external_data=False).graph
@@ -78,7 +79,20 @@ def test_export_dir_holds_graph_config_and_tokenizer(setup):
     assert dims["logits"] == ["batch", "sequence_length", 384]
     assert dims["present.0.key"] == ["batch", 2, "total_sequence_length", 16]
     assert [v.name for v in g.input][3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
-    assert json.loads((d / "onnx" / "config.json").read_text())["model_type"] == ARCH
+    cfg = json.loads((d / "onnx" / "config.json").read_text())
+    assert cfg["model_type"] == ARCH
+    # onnxruntime-genai's config names exactly the graph's inputs / outputs and the model's sizes
+    gc = json.loads((d / "onnx" / "genai_config.json").read_text())["model"]
+    dec = gc["decoder"]
+    L = cfg["num_hidden_layers"]
+    ins = {dec["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")}
+    ins |= {dec["inputs"][k] % i for k in ("past_key_names", "past_value_names") for i in range(L)}
+    outs = {dec["outputs"]["logits"]} | {dec["outputs"][k] % i for k in ("present_key_names", "present_value_names")
+                                         for i in range(L)}
+    assert ins == {v.name for v in g.input} and outs == {v.name for v in g.output}
+    assert (d / "onnx" / dec["filename"]).is_file() and gc["type"] == "qwen2" and gc["vocab_size"] == 384
+    assert (dec["num_hidden_layers"], dec["num_attention_heads"], dec["num_key_value_heads"], dec["head_size"],
+            dec["hidden_size"]) == (L, cfg["num_attention_heads"], cfg["num_key_value_heads"], 16, cfg["hidden_size"])
 
 
 def test_prefill_and_cached_decode_equal_peft_logits(setup):

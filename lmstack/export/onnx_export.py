@@ -178,10 +178,50 @@ def trace_onnx(model: Transformer, path: str | os.PathLike, external_data: bool 
     return Path(path)
 
 
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def genai_config(cfg, gen: dict) -> dict:
+    """onnxruntime-genai's ``genai_config.json`` for the exported graph (its configuration reference:
+    the decoder's file, sizes, the input / output names with ``%d`` for the layer, and the search defaults).
+    The graph's ``present`` outputs hold past + new keys (not a shared buffer)."""
+    eos = gen.get("eos_token_id", cfg.eos_token_id)
+    eos_first = eos[0] if isinstance(eos, list) and eos else eos
+    pad = gen.get("pad_token_id", cfg.pad_token_id)
+    return {
+        "model": {
+            "bos_token_id": gen.get("bos_token_id", cfg.bos_token_id),
+            "context_length": cfg.max_position_embeddings,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_key_value_heads": cfg.num_key_value_heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else eos_first,
+            "type": GENAI_TYPES.get(cfg.model_type, cfg.model_type),
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": cfg.max_position_embeddings, "min_length": 0, "no_repeat_ngram_size": 0,
+                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "f32",
                 adapter: str | os.PathLike | None = None, external_data: bool | None = None) -> Path:
     """Write ``out_dir``: ``model.onnx`` (+ ``model.onnx.data`` for large models), ``config.json``,
-    ``generation_config.json`` and the tokenizer files of ``model_dir`` (with ``adapter`` merged in first)."""
+    ``generation_config.json``, onnxruntime-genai's ``genai_config.json`` and the tokenizer files of ``model_dir`` (with ``adapter`` merged in first)."""
     from lmstack.export.adapter import merged_source
     from lmstack.export.gguf_export import refuse_quantized
     from lmstack.model.hf_io import copy_tokenizer, generation_config, load_model
@@ -204,6 +244,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             hf = model.config.to_hf()
             hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
             atomic_write_json(tmp / "config.json", hf)
-            atomic_write_json(tmp / "generation_config.json", generation_config(model.config, base))
+            gen = generation_config(model.config, base)
+            atomic_write_json(tmp / "generation_config.json", gen)
+            atomic_write_json(tmp / "genai_config.json", genai_config(model.config, gen))
             copy_tokenizer(base, tmp)
     return out
