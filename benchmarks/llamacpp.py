@@ -11,8 +11,10 @@ timed follow the step that read the prompt). Each round times every
 precision of lmstack then of llama.cpp, rounds alternate, the median of --rounds is printed with the ratio.
 Beside each figure: the bytes of weights read per token (lmstack: every matrix as stored + norms; llama.cpp:
 every tensor of the file but the embedding, which is read once when tied as the output) and the bound
-``bandwidth / bytes`` (bandwidth measured here by summing a 1 GiB tensor). ``--rss``: each side also loads and
-decodes in a child process of its own and its peak resident memory (ru_maxrss) is printed.
+``bandwidth / bytes`` (bandwidth measured here by summing a 1 GiB tensor), and tokens per CPU-second of the
+process (with ``--threads 1`` the compute each side spends per token, which a loaded machine changes little;
+with more threads it also counts spin-waiting). ``--rss``: each side also loads and
+decodes in a child process of its own and its peak resident memory (VmHWM) is printed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,9 +80,10 @@ class Lmstack:
         req = eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True))
         while not req.seqs[0].output_token_ids:
             eng.step()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         while eng.has_unfinished_requests():
             eng.step()
+        self.cpu_tps = n / (time.process_time() - c)
         return n / (time.perf_counter() - t)
 
 
@@ -97,12 +99,13 @@ class LlamaCpp:
         llm = self.llm
         llm.reset()
         llm.eval(prompt)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = []
         for _ in range(n):
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             out.append(tok)
             llm.eval([tok])
+        self.cpu_tps = n / (time.process_time() - c)
         return (n / (time.perf_counter() - t)) if timed else out
 
     def tps(self, prompt: list[int], n: int) -> float:
@@ -117,7 +120,10 @@ def _child(args) -> None:
     eng = Lmstack(Path(path), args.prompt_len + args.new_tokens + 16) if side == "lmstack" else \
         LlamaCpp(Path(path), args.threads, args.prompt_len + args.new_tokens + 16)
     eng.run(prompt, 16)
-    print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a big parent would report the parent's
+    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    print(json.dumps({"rss_mib": hwm / 1024}))
 
 
 def peak_rss(side: str, path: Path, args) -> float:
@@ -149,16 +155,20 @@ def bench(name: str, args, root: Path, bandwidth: float) -> list[dict]:
         ours, theirs = Lmstack(dirs[p], max_len), LlamaCpp(files[p], args.threads, max_len)
         a, b = ours.run(prompt, 16), theirs.run(prompt, 16)  # warm-up; the first 16 greedy tokens compared
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16)
-        t_ours, t_theirs = [], []
+        t_ours, t_theirs, c_ours, c_theirs = [], [], [], []
         for _ in range(args.rounds):
             t_ours.append(ours.tps(prompt, args.new_tokens))
+            c_ours.append(ours.cpu_tps)
             t_theirs.append(theirs.tps(prompt, args.new_tokens))
+            c_theirs.append(theirs.cpu_tps)
         x, y = statistics.median(t_ours), statistics.median(t_theirs)
         row = dict(model=name, lmstack=p, llamacpp=PAIRS[p], lmstack_tps=x, llamacpp_tps=y, ratio=x / y,
                    lmstack_mb=ours.bytes / 1e6, llamacpp_mb=theirs.bytes / 1e6,
                    lmstack_bound=bandwidth / ours.bytes, llamacpp_bound=bandwidth / theirs.bytes,
                    same_greedy=agree, rounds_lmstack=[round(v, 1) for v in t_ours],
-                   rounds_llamacpp=[round(v, 1) for v in t_theirs], load=os.getloadavg()[0])
+                   rounds_llamacpp=[round(v, 1) for v in t_theirs], load=os.getloadavg()[0],
+                   lmstack_tokens_per_cpu_s=statistics.median(c_ours),
+                   llamacpp_tokens_per_cpu_s=statistics.median(c_theirs))
         del ours, theirs
         if args.rss:
             row["lmstack_rss_mib"] = peak_rss("lmstack", dirs[p], args)
@@ -173,7 +183,8 @@ def _fmt(r: dict) -> str:
          f"(bound {r['lmstack_bound']:6.1f}, {r['lmstack_mb']:6.0f} MB/token)  llama.cpp {r['llamacpp_tps']:7.1f} "
          f"(bound {r['llamacpp_bound']:6.1f}, {r['llamacpp_mb']:6.0f} MB/token)  ratio {r['ratio']:.2f}x  "
          f"same first greedy tokens {r['same_greedy']}/16  rounds {r['rounds_lmstack']} / {r['rounds_llamacpp']}  "
-         f"load {r['load']:.1f}")
+         f"load {r['load']:.1f}  tokens per CPU-second {r['lmstack_tokens_per_cpu_s']:.1f} vs "
+         f"{r['llamacpp_tokens_per_cpu_s']:.1f}")
     if "lmstack_rss_mib" in r:
         s += f"  peak RSS {r['lmstack_rss_mib']:.0f} vs {r['llamacpp_rss_mib']:.0f} MiB"
     return s
