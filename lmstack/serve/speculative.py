@@ -225,6 +225,21 @@ class SpeculativeEngine(LLMEngine):
         for d in drafts:
             if not self.draft_bm.ensure_slots(d, d.num_tokens + K):
                 return None
+        # a draft a few tokens behind (all K kept last step: 2) catches up one token per pass, so every pass is a
+        # decode step the compiled kernel runs (a multi-token chunk would take the eager path, which dequantizes
+        # an int8 / int4 draft layer by layer); a new sequence's prompt is one chunk in the first pass below
+        full = [d.token_ids for d in drafts]
+        while True:
+            lag = [j for j, d in enumerate(drafts) if 1 < len(full[j]) - d.num_computed_tokens <= K + 1]
+            if not lag:
+                break
+            for j in lag:
+                drafts[j].token_ids = full[j][:drafts[j].num_computed_tokens + 1]
+            self.draft_runner.run([ScheduledSeq(drafts[j], drafts[j].num_computed_tokens, 1) for j in lag])
+            for j in lag:
+                drafts[j].num_computed_tokens += 1
+        for d, f in zip(drafts, full):
+            d.token_ids = f
         greedy = [seq.params.temperature == 0 for seq in seqs]
         gens = [seq.generator for seq in seqs]
         proposed: list[list[int]] = [[] for _ in seqs]
