@@ -186,6 +186,10 @@ class KernelDecode:
         for layer in m.model.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv, gate_up = a.fused_qkv, mlp.fused_gate_up
+            if qkv is not None and not qkv[0].is_contiguous():  # fused column-major for an earlier eager engine
+                qkv = None
+            if gate_up is not None and not gate_up.is_contiguous():
+                gate_up = None
             if qkv is not None:  # fp32 fused by fuse_projections(column_major=False)
                 q, k, v, qkv_b = (qkv[0], empty, empty), (empty,) * 3, (empty,) * 3, qkv[1]
             else:
@@ -215,7 +219,7 @@ class KernelDecode:
         self.weights = [w.detach() for w in ws]
         if not all(w.is_contiguous() for w in self.weights + self.parts):
             raise RuntimeError("the kernel path needs contiguous row-major weights")
-        self.embed = m.model.embed_tokens.weight.detach()
+        self.embed = m.model.embed_tokens.weight.detach().contiguous()  # a copy only after a column-major fuse
         self.norm = m.model.norm.weight.detach()
         self.lm_head = head[0]
         self.inv_freq = rope_inv_freq(cfg).float().contiguous()
