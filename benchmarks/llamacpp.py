@@ -207,7 +207,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"threads {args.threads}, load average {os.getloadavg()}, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}", flush=True)
-    bw = measure_bandwidth()
+    bw = measure_bandwidth()["sum"]  # streaming read (generate.measure_bandwidth)
     print(f"measured read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmstack_llamacpp_") as d:
