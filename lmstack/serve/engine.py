@@ -289,6 +289,10 @@ class LLMEngine:
                 touched[s.seq.request.request_id] = s.seq.request
         for seq in finished:
             touched[seq.request.request_id] = seq.request
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict[str, Request]) -> list[RequestOutput]:
+        """The outputs of the requests a step touched; finished ones leave the engine (timestamped)."""
         outputs = []
         for rid, req in touched.items():
             if req.finished:

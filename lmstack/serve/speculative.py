@@ -306,13 +306,7 @@ class SpeculativeEngine(LLMEngine):
         touched: dict[str, Any] = {}
         for seq in seqs + finished:
             touched[seq.request.request_id] = seq.request
-        outputs = []
-        for rid, req in touched.items():
-            if req.finished:
-                req.metrics.finished_time = time.time()
-                self.requests.pop(rid, None)
-            outputs.append(req.output())
-        return outputs
+        return self._outputs(touched)
 
 
 def load_draft(path: str | os.PathLike, device: str | torch.device | None = None,
