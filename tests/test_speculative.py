@@ -115,6 +115,20 @@ def test_greedy_output_identical_to_the_target_alone(models, draft, k):
     assert eng.block_manager.num_used == 0 and eng.draft_bm.num_used == 0 and not eng.draft_seqs
 
 
+@pytest.mark.parametrize("draft,k", [("target", 4), ("other", 3)])
+def test_kernel_verification_pass_equals_the_target_alone(models, draft, k):
+    """One sequence's K+1 verification rows fit the compiled decode kernel: they run there as one-token rows at
+    consecutive positions sharing the block table (each row's K/V is written before any row attends)."""
+    params = SamplingParams(temperature=0, max_tokens=21, ignore_eos=True)
+    want = _run(_engine(models / "target"), PROMPTS[:1], params)
+    eng = _engine(models / "target", models / draft, k)
+    if eng.runner.kernel is None:
+        pytest.skip("the compiled CPU decode kernel is unavailable here")
+    assert _run(eng, PROMPTS[:1], params) == want
+    assert eng.spec_stats["kernel_verify"] == eng.spec_stats["steps"] > 0
+    assert eng.block_manager.num_used == 0 and eng.draft_bm.num_used == 0
+
+
 def test_continuous_batching_with_arrivals_and_stops(models):
     """Requests arriving while others decode, different max_tokens, a stop token: same outputs as without."""
     def drive(eng):

@@ -146,7 +146,7 @@ class SpeculativeEngine(LLMEngine):
         self.draft_runner = ModelRunner(draft_model, int(nb), self.block_size, use_kernel=use)
         self.draft_bm = BlockManager(int(nb), self.block_size, enable_prefix_caching=False)
         self.draft_seqs: dict[int, _Shadow] = {}
-        self.spec_stats = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}
+        self.spec_stats = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0, "kernel_verify": 0}
         self.fallbacks: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ eligibility
@@ -263,11 +263,20 @@ class SpeculativeEngine(LLMEngine):
         shadows = [_Shadow(seq.token_ids + prop, seq.block_table) for seq, prop in zip(seqs, proposed)]
         batch = [ScheduledSeq(sh, seq.num_computed_tokens, K + 1) for sh, seq in zip(shadows, seqs)]
         runner = self.runner
-        input_ids, position_ids, ctx, _ = runner.prepare(batch)
-        backends = sdpa_backends(runner.device, ctx.masked)
-        with contextlib.nullcontext() if backends is None else _sdpa_kernel(backends):
-            h = self.model.hidden_states(input_ids, position_ids=position_ids, ctx=ctx)[0]  # (B (K+1), hidden)
-        logits = self.model.lm_head(h).float().view(len(seqs), K + 1, -1)
+        if runner.kernel is not None and len(seqs) * (K + 1) <= runner.kernel_max_batch:
+            # the compiled decode kernel writes every row's K/V before any row attends, so the K+1 consecutive
+            # positions of a sequence run as K+1 one-token rows sharing its block table: the causal verification
+            # pass costs about one decode step (the eager path's small-M matmuls cost ~5 of them on a CPU)
+            rows = [ScheduledSeq(sh, seq.num_computed_tokens + i, 1) for sh, seq in zip(shadows, seqs)
+                    for i in range(K + 1)]
+            logits = runner.kernel(rows).view(len(seqs), K + 1, -1)
+            self.spec_stats["kernel_verify"] += 1
+        else:
+            input_ids, position_ids, ctx, _ = runner.prepare(batch)
+            backends = sdpa_backends(runner.device, ctx.masked)
+            with contextlib.nullcontext() if backends is None else _sdpa_kernel(backends):
+                h = self.model.hidden_states(input_ids, position_ids=position_ids, ctx=ctx)[0]  # (B (K+1), hidden)
+            logits = self.model.lm_head(h).float().view(len(seqs), K + 1, -1)
         # 3. acceptance, then the tokens through the scheduler's stop rules one at a time
         now = time.time()
         finished: list[Sequence] = []
