@@ -50,7 +50,9 @@ def test_gptq_checkpoint_loads_and_runs_its_dequantized_weights(tmp_path):
     calib.write_text("\n".join(corpus(40)), encoding="utf-8")
     out = quantize_checkpoint(tmp_path / "m", tmp_path / "gptq", method="gptq", group_size=32, calib=calib)
     qc = quantization_config(out)
-    assert qc["method"] == "int4" and qc["calibration"] == "gptq" and len(qc["modules"]) == 14
+    # the 7 linears of each of the 2 layers (GPTQ int4) and lm_head (int8 per channel, `--lm-head int8`, the default)
+    assert qc["method"] == "int4" and qc["calibration"] == "gptq" and len(qc["modules"]) == 15
+    assert "lm_head" in qc["modules"] and sum(m.startswith("model.layers.") for m in qc["modules"]) == 14
     model = load_quantized(out)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     with torch.no_grad():
