@@ -70,9 +70,10 @@ def test_lm_eval_local_completions_equals_lmstack_eval(server, model_dir, tmp_pa
     from lmstack.eval.task import load_task
 
     names = {}
-    for spec in ("mc_en", "mc_en_text"):
+    # the shipped 0-shot multiple-choice tasks (export_lm_eval_task writes 0-shot tasks; mc_en_3shot stays lmstack's)
+    for spec in ("mc_en", "mc_en_text", "mc_zh"):
         t = load_task(spec)
-        t.limit = 6  # 6 questions x 4 choices x 2 tasks: 48 scoring requests, one at a time
+        t.limit = 6  # 6 questions x 4 choices x 3 tasks: 72 scoring requests, one at a time
         names[spec] = export_lm_eval_task(t, tmp_path / "tasks")
     ours = run_eval(model_dir, list(names), limit=6, show_progress=False)["tasks"]
     res = lm_eval.simple_evaluate(
