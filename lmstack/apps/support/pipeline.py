@@ -133,11 +133,11 @@ APP = register_app(App(
                        deps=_deps("tokenizer"), description="from scratch on the token shards"),
         finetune_stage(wire=lambda r: {"model": str(st.base_model_dir(r)),
                                        "data": {"path": str(st.qa_dir(r) / "sft_train.jsonl")}},
-                       deps=lambda r: _deps("data", "rag", "base", "pretrain", "reader")(r) if st.units_context(r)
-                       else _deps("data", "rag", "base", "pretrain")(r), description="SFT on the support chats"),
+                       # reader: only when it runs first (rag.context: units) -- a fingerprint counts the deps
+                       # that come earlier in the recipe
+                       deps=_deps("data", "rag", "base", "pretrain", "reader"), description="SFT on the support chats"),
         Stage("reader", st.run_reader, config=cfg.ReaderStage,
-              deps=lambda r: _deps("data", "rag", "tokenizer", "base", "pretrain")(r) if st.units_context(r)
-              else _deps("data", "rag", "tokenizer", "base", "pretrain", "finetune")(r),
+              deps=_deps("data", "rag", "tokenizer", "base", "pretrain", "finetune"),
               description="fit the answer ranker on dev questions (never the reported ones)",
               depends=lambda r: {"eval_subset": [st.section(r, "eval").heldout_limit],
                                  "embedder": st.section(r, "rag").embedder,

@@ -253,7 +253,7 @@ def ground_units(rec: dict[str, Any], reader: Reader, retriever: Any, n: int, sy
     from the same ranked lists it will read. With ``cite``, answers end with the number of their unit."""
     import dataclasses
 
-    from lmstack.apps.support.retrieval import CITATION, states
+    from lmstack.apps.support.retrieval import CITATION, cite_passage, states
     from lmstack.rag import Hit, with_context
 
     msgs = [dict(m) for m in rec["messages"]]
@@ -265,7 +265,7 @@ def ground_units(rec: dict[str, Any], reader: Reader, retriever: Any, n: int, sy
     shown = ranked[:n]
     answers = [CITATION.sub("", m["content"]) for m in msgs if m["role"] == "assistant"]
     for a in answers if rec.get("facts") else []:
-        if any(states(h.chunk.text, a) for h in shown):
+        if cite_passage(a, shown) is not None:
             continue
         unit = next((h for h in ranked if states(h.chunk.text, a)), None)
         if unit is None:  # the fact's passage shows it in a form the units split differently: show the passage
@@ -283,7 +283,7 @@ def ground_units(rec: dict[str, Any], reader: Reader, retriever: Any, n: int, sy
             continue
         a = answers[k]
         k += 1
-        num = next((i for i, h in enumerate(shown, 1) if states(h.chunk.text, a)), None)
+        num = cite_passage(a, shown)
         m["content"] = f"{a} [{num}]" if cite and num is not None and rec.get("facts") else a
     return {**rec, "messages": msgs, "units": [h.chunk.text for h in shown],
             "context": [h.chunk.id for h in shown]}

@@ -541,6 +541,7 @@ def write_unit_prompts(recipe: Recipe, out: Path, reader: Any) -> dict[str, Any]
     ``rag.units`` answer units (lmstack.apps.support.reader.ground_units), written to ``out`` under the same
     names; returns how often the unit that answers is shown, and first."""
     from lmstack.apps.support.reader import ground_units
+    from lmstack.apps.support.retrieval import states
     from lmstack.rag import Retriever
 
     rag, src = section(recipe, "rag"), grounded_dir(recipe)
@@ -556,9 +557,9 @@ def write_unit_prompts(recipe: Recipe, out: Path, reader: Any) -> dict[str, Any]
             if name == "heldout_qa.jsonl":
                 asked = _eval_subset_ids(recipe)
                 sub = [r for r in rows if r["id"] in asked]
-                stats["heldout_answer_shown"] = round(sum(r["answer"] in r["units"] or any(
-                    r["answer"] in u for u in r["units"]) for r in sub) / max(1, len(sub)), 4)
-                stats["heldout_answer_first"] = round(sum(bool(r["units"]) and r["answer"] in r["units"][0]
+                stats["heldout_answer_shown"] = round(sum(any(states(u, r["answer"]) for u in r["units"])
+                                                          for r in sub) / max(1, len(sub)), 4)
+                stats["heldout_answer_first"] = round(sum(bool(r["units"]) and states(r["units"][0], r["answer"])
                                                           for r in sub) / max(1, len(sub)), 4)
     finally:
         retriever.close()
