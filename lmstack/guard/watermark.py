@@ -2,6 +2,8 @@
 processor lives with the engine that applies it; the server reads ``--watermark-key`` and the request's
 ``watermark`` extra without importing the guard layer). Everything here is that module's."""
 
-from lmstack.serve.watermark import (Detection, EngineWatermark, WatermarkProcessor, check_params, detect,  # noqa: F401
+from lmstack.serve.watermark import (Detection, EngineWatermark, WatermarkProcessor, check_params, detect,
                                      false_positive_rate, green_list, green_size, watermark_factory, z_score)
-from lmstack.serve.watermark import _seed  # noqa: F401  (the seeding rule, for tests that recompute it by hand)
+
+__all__ = ["Detection", "EngineWatermark", "WatermarkProcessor", "check_params", "detect", "false_positive_rate",
+           "green_list", "green_size", "watermark_factory", "z_score"]
