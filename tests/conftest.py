@@ -66,3 +66,22 @@ def hf_model_dir(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"hf_{request.param}")
     model = make_hf_model(request.param, path)
     return request.param, path, model
+
+
+@pytest.fixture(scope="module")
+def kb():
+    """The shipped Larkspur Home knowledge base (recipes/data/shop)."""
+    from lmstack.apps.support import load_kb
+
+    return load_kb()
+
+
+@pytest.fixture(scope="module")
+def retriever(kb, tmp_path_factory):
+    """A BM25 retrieval index over the shop's knowledge base, FAQ training questions searchable."""
+    from lmstack.apps.support.retrieval import build_kb_index
+    from lmstack.rag import Retriever
+
+    path = tmp_path_factory.mktemp("rag") / "index.sqlite"
+    build_kb_index(kb, path, faq_keywords=True)
+    return Retriever(path)

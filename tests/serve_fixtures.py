@@ -96,3 +96,20 @@ class LiveServer:
 
 def run_coro(coro):
     return asyncio.run(coro)
+
+
+class RecordingRetriever:
+    """A retriever for the support server's tests: records every search and returns ``hits`` (the server's real
+    code path runs on them)."""
+
+    def __init__(self, hits=()):
+        self.hits, self.calls = list(hits), []
+        self.lock = threading.Lock()
+
+    def search(self, question, k=5, lang=None):
+        with self.lock:
+            self.calls.append(question)
+        return list(self.hits)
+
+    def __len__(self):
+        return len(self.hits)

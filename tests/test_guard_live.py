@@ -7,7 +7,6 @@ passes, an ungrounded one is cut; /metrics counts the decisions."""
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 
 import httpx
@@ -15,31 +14,13 @@ import openai
 import pytest
 import torch
 
-from tests.serve_fixtures import LiveServer, tiny_model_dir
+from tests.serve_fixtures import LiveServer, RecordingRetriever, tiny_model_dir
 
 torch.set_num_threads(2)
 KEY = "sk-live-guard"
 CARD = "4111 1111 1111 1111"
 PASSAGE = ("Q: What is the return policy?\nA: Returns are accepted within 30 days of delivery. Refunds go back to "
            "the original card within 5 business days.")
-
-
-class Retriever:
-    def __init__(self):
-        from lmstack.rag.chunk import Chunk
-        from lmstack.rag.store import Hit
-
-        self.hits = [Hit(Chunk(id="faq/returns#0", doc_id="faq/returns", text=PASSAGE), 1.0, 1)]
-        self.calls: list[str] = []
-        self.lock = threading.Lock()
-
-    def search(self, question, k=5, lang=None):
-        with self.lock:
-            self.calls.append(question)
-        return list(self.hits)
-
-    def __len__(self):
-        return 1
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +34,10 @@ def live(tmp_path_factory):
     pol.audit.path = str(tmp_path_factory.mktemp("audit") / "audit.db")  # ... with its audit log turned on
     # a 2-layer test model with room for the grounded prompt (system + passage + question + answer)
     llm = L.load(tiny_model_dir(tmp_path_factory.mktemp("model"), max_position_embeddings=1024), max_num_seqs=4)
-    retriever = Retriever()
+    from lmstack.rag.chunk import Chunk
+    from lmstack.rag.store import Hit
+
+    retriever = RecordingRetriever([Hit(Chunk(id="faq/returns#0", doc_id="faq/returns", text=PASSAGE), 1.0, 1)])
     app = create_support_app(llm, retriever, api_key=KEY, served_model_name="tiny", guard=guard_for(pol, llm))
     with LiveServer(app) as s:
         s.retriever, s.db = retriever, pol.audit.path

@@ -10,33 +10,16 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 
 import openai
 import pytest
 import torch
 
-from tests.serve_fixtures import LiveServer, shared_model_dir
+from tests.serve_fixtures import LiveServer, RecordingRetriever, shared_model_dir
 
 torch.set_num_threads(2)
 KEY = "sk-support-key"
 LIMIT = 64 * 1024
-
-
-class RecordingRetriever:
-    """A retriever that records every search and returns ``hits`` (the server's real code path runs on them)."""
-
-    def __init__(self, hits=()):
-        self.hits, self.calls = list(hits), []
-        self.lock = threading.Lock()
-
-    def search(self, question, k=5, lang=None):
-        with self.lock:
-            self.calls.append(question)
-        return list(self.hits)
-
-    def __len__(self):
-        return len(self.hits)
 
 
 @pytest.fixture(scope="module")

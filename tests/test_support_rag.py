@@ -9,22 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lmstack.apps.support import SYSTEM_PROMPT, build_support_data, load_kb, qa_items
-from lmstack.apps.support.retrieval import (build_kb_index, context_hits, gold_chunk_id, ground_chat,
+from lmstack.apps.support import SYSTEM_PROMPT, build_support_data, qa_items
+from lmstack.apps.support.retrieval import (context_hits, gold_chunk_id, ground_chat,
                                             ground_question, kb_chunks)
-from lmstack.rag import HEADER, Retriever, recall_at_k
-
-
-@pytest.fixture(scope="module")
-def kb():
-    return load_kb()
-
-
-@pytest.fixture(scope="module")
-def retriever(kb, tmp_path_factory):
-    path = tmp_path_factory.mktemp("rag") / "index.sqlite"
-    build_kb_index(kb, path, faq_keywords=True)
-    return Retriever(path)
+from lmstack.rag import HEADER, recall_at_k
 
 
 def test_chunks_cover_every_fact_and_never_hold_a_heldout_question(kb):

@@ -9,26 +9,14 @@ import random
 
 import pytest
 
-from lmstack.apps.support import SYSTEM_PROMPT, build_support_data, load_kb
+from lmstack.apps.support import SYSTEM_PROMPT, build_support_data
 from lmstack.apps.support.reader import Reader, answer_units, ground_units, unit_hits
-from lmstack.apps.support.retrieval import (CITATION, build_kb_index, citation_numbers, context_hits, ground_chat,
+from lmstack.apps.support.retrieval import (CITATION, citation_numbers, context_hits, ground_chat,
                                             ground_question, states)
-from lmstack.rag import HEADER, Retriever
+from lmstack.rag import HEADER
 from lmstack.rag.rerank import LinearRanker
 
 OVERLAP = LinearRanker({"overlap": 1.0, "rank2": -0.01, "rank3": -0.02, "rank_more": -0.03})
-
-
-@pytest.fixture(scope="module")
-def kb():
-    return load_kb()
-
-
-@pytest.fixture(scope="module")
-def retriever(kb, tmp_path_factory):
-    path = tmp_path_factory.mktemp("rag") / "index.sqlite"
-    build_kb_index(kb, path, faq_keywords=True)
-    return Retriever(path)
 
 
 @pytest.fixture(scope="module")
