@@ -98,18 +98,10 @@ def test_real_entry_point_exit_status_and_debug(files):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_pretrain_interrupt_exits_128_plus_signal_naming_the_checkpoint(sig, code, tmp_path, monkeypatch, capsys):
     import lmstack.train.pretraining as P
-    from tests.train_fixtures import TINY_MODEL, write_shards
+    from tests.train_fixtures import TINY_MODEL, interrupt_loss_at, write_shards
 
     shards = write_shards(tmp_path / "shards")
-    real, calls = P.causal_lm_loss, {"n": 0}
-
-    def loss(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            signal.raise_signal(sig)  # as `kill -TERM` / Ctrl-C during step 2
-        return real(model, batch)
-
-    monkeypatch.setattr(P, "causal_lm_loss", loss)
+    real = interrupt_loss_at(monkeypatch, P, "causal_lm_loss", sig)  # as `kill -TERM` / Ctrl-C during step 2
     run = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"name": "x", "stages": [], "pretrain": {

@@ -22,16 +22,9 @@ def env(tmp_path_factory):
 def test_finetune_interrupt_exits_128_plus_signal_naming_the_checkpoint(env, sig, code, tmp_path, monkeypatch,
                                                                          capsys):
     import lmstack.tune.sft as S
+    from tests.train_fixtures import interrupt_loss_at
 
-    real, calls = S.sft_loss, {"n": 0}
-
-    def loss(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            signal.raise_signal(sig)  # as `kill -TERM` / Ctrl-C during step 2
-        return real(model, batch)
-
-    monkeypatch.setattr(S, "sft_loss", loss)
+    real = interrupt_loss_at(monkeypatch, S, "sft_loss", sig)  # as `kill -TERM` / Ctrl-C during step 2
     run = tmp_path / "run"
     args = ["finetune", "--model", str(env["model"]), "--data", str(env["sft"]), "--method", "lora",
             "--run-dir", str(run), "--lora.r", "2", "--train.steps", "4", "--train.ckpt_every", "0",

@@ -172,3 +172,21 @@ if __name__ == "__main__":  # pragma: no cover
         _kill_main(sys.argv[2], sys.argv[3])
     else:
         _dist_main(sys.argv[1], sys.argv[2])
+
+
+def interrupt_loss_at(monkeypatch, module, name: str, sig, call: int = 2):
+    """Replace the loss function ``module.name`` with one that raises ``sig`` at its ``call``-th call -- as
+    ``kill -TERM`` / Ctrl-C arriving during that training step -- and otherwise computes the real loss, which
+    it returns (to put back before resuming)."""
+    import signal
+
+    real, calls = getattr(module, name), {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            signal.raise_signal(sig)
+        return real(model, batch)
+
+    monkeypatch.setattr(module, name, loss)
+    return real
