@@ -5,7 +5,10 @@ middleware."""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -113,3 +116,48 @@ def test_assistant_and_middleware_with_unit_context(retriever):
                            units=(Reader(None, OVERLAP), 2))
     assert msgs[0]["role"] == "system" and "[1] The Cedar Cutting Board weighs 1.2 kg." in msgs[0]["content"]
     assert "[3]" not in msgs[0]["content"]
+
+
+def test_reader_stage_writes_the_unit_prompts_later_stages_read(kb, retriever, reader, tmp_path):
+    """The stage-level path: with rag.context: units the recipe's prompts come from the reader stage's directory,
+    its outputs include them, and write_unit_prompts re-grounds the rag stage's files (chats cite their unit)."""
+    from lmstack.apps.support import stages as st
+    from lmstack.apps.support.pipeline import APP
+    from lmstack.errors import ConfigError
+    from lmstack.pipeline.recipe import load_recipe
+    from lmstack.utils.io import write_jsonl
+
+    quick = "recipes/quickstart.yaml"
+    rec = load_recipe(quick, ["rag.context=units", "stages=[data,rag,base,reader,finetune,eval,bundle]",
+                              f"run_dir={tmp_path / 'run'}", "eval.heldout_limit=10"])
+    APP.validate(rec)
+    assert st.units_context(rec) and st.qa_dir(rec) == tmp_path / "run" / "reader"
+    assert st.grounded_dir(rec) == tmp_path / "run" / "rag"
+    for bad, why in ((["rag.context=units"], "list it before finetune"),
+                     (["rag.context=units", "stages=[data,rag,base,finetune,eval,bundle]"], "add the reader stage"),
+                     (["stages=[data,rag,base,reader,finetune,eval,bundle]", "reader.features=[lm,overlap]"],
+                      "list reader after finetune")):
+        with pytest.raises(ConfigError, match=why):
+            APP.validate(load_recipe(quick, bad))
+    data = build_support_data(kb, seed=0, n_dialogues=4)
+    rag = tmp_path / "run" / "rag"
+    rag.mkdir(parents=True)
+    shutil.copyfile(retriever.path, rag / "index.sqlite")  # the index the rag stage writes there
+    write_jsonl(rag / "sft_train.jsonl", (ground_chat(r, retriever, k=3, cite=True) for r in data["train"][:40]))
+    write_jsonl(rag / "heldout_qa.jsonl", (ground_question(r, retriever, k=3) for r in data["heldout"]))
+    write_jsonl(rag / "dev_qa.jsonl", (ground_question(r, retriever, k=3) for r in data["dev"][:10]))
+    out = tmp_path / "run" / "reader"
+    out.mkdir()
+    asked = st._eval_subset_ids(rec)
+    assert len(asked) == 10
+    stats = st.write_unit_prompts(rec, out, reader, asked)
+    assert sorted(p.name for p in out.iterdir()) == ["dev_qa.jsonl", "heldout_qa.jsonl", "sft_train.jsonl"]
+    held = [r for r in map(json.loads, (out / "heldout_qa.jsonl").read_text().splitlines()) if r["id"] in asked]
+    shown = sum(any(states(u, r["answer"]) for u in r["units"]) for r in held) / len(held)
+    assert stats["units"] == 4 and stats["heldout_answer_shown"] == round(shown, 4)
+    assert 0 <= stats["heldout_answer_first"] <= stats["heldout_answer_shown"] <= 1
+    chats = list(map(json.loads, (out / "sft_train.jsonl").read_text().splitlines()))
+    assert len(chats) == 40 and all(len(c["units"]) <= 4 for c in chats)
+    stage = APP.registry["reader"]
+    need = {p.name for p in stage.outputs(SimpleNamespace(out_dir=out, recipe=rec))}
+    assert need == {"no_model.json", "sft_train.jsonl", "heldout_qa.jsonl", "dev_qa.jsonl"}

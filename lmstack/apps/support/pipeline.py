@@ -143,7 +143,10 @@ APP = register_app(App(
                                  "embedder": st.section(r, "rag").embedder,
                                  "dense_langs": st.section(r, "rag").dense_langs,
                                  "compare_base": st.section(r, "eval").compare_base},
-              inputs=_model_input, outputs=lambda c: [c.out_dir / st.RANKERS["no_model"]], row=report.reader_row),
+              inputs=_model_input, row=report.reader_row,
+              outputs=lambda c: [c.out_dir / st.RANKERS["no_model"]]  # + the prompts it writes with context: units
+              + ([c.out_dir / n for n in st.UNIT_PROMPTS if n != "heldout_reply.jsonl"] if st.units_context(c.recipe)
+                 else [])),
         Stage("eval", st.run_eval, config=cfg.EvalStage, deps=_deps("data", "rag", "base", "pretrain", "finetune", "reader"),
               description="held-out support questions, base vs fine-tuned; held-out perplexity",
               inputs=_model_input, outputs=lambda c: [c.out_dir], row=report.eval_row),

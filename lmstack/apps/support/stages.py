@@ -525,7 +525,7 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
         del reader
     if units_context(recipe):  # the prompts of every later stage: the no-model ranker's top answer units
         summary["units"] = write_unit_prompts(recipe, out, Reader(None, fitted["no_model"], embedder,
-                                                                  section(recipe, "rag").dense_langs))
+                                                                  section(recipe, "rag").dense_langs), reported)
         ctx.log(f"answer-unit prompts: {summary['units']}")
     for who, ranker in fitted.items():
         ranker.save(out / RANKERS[who])
@@ -536,10 +536,14 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
-def write_unit_prompts(recipe: Recipe, out: Path, reader: Any) -> dict[str, Any]:
+UNIT_PROMPTS = ("sft_train.jsonl", "heldout_qa.jsonl", "dev_qa.jsonl", "heldout_reply.jsonl")
+
+
+def write_unit_prompts(recipe: Recipe, out: Path, reader: Any, asked: set[str]) -> dict[str, Any]:
     """``rag.context: units``: the rag stage's grounded chats and questions re-grounded in the top
     ``rag.units`` answer units (lmstack.apps.support.reader.ground_units), written to ``out`` under the same
-    names; returns how often the unit that answers is shown, and first."""
+    names; returns how often the unit that answers is shown, and first, for the held-out questions ``asked``
+    (the ones the eval stage reports)."""
     from lmstack.apps.support.reader import ground_units
     from lmstack.apps.support.retrieval import states
     from lmstack.rag import Retriever
@@ -548,14 +552,13 @@ def write_unit_prompts(recipe: Recipe, out: Path, reader: Any) -> dict[str, Any]
     retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
     stats: dict[str, Any] = {"units": rag.units}
     try:
-        for name in ("sft_train.jsonl", "heldout_qa.jsonl", "dev_qa.jsonl", "heldout_reply.jsonl"):
+        for name in UNIT_PROMPTS:
             if not (src / name).is_file():
                 continue
             rows = [ground_units(r, reader, retriever, rag.units, system_prompt(recipe), cite=rag.cite)
                     for r in read_jsonl(src / name)]
             write_jsonl(out / name, rows)
             if name == "heldout_qa.jsonl":
-                asked = _eval_subset_ids(recipe)
                 sub = [r for r in rows if r["id"] in asked]
                 stats["heldout_answer_shown"] = round(sum(any(states(u, r["answer"]) for u in r["units"])
                                                           for r in sub) / max(1, len(sub)), 4)
