@@ -1,4 +1,4 @@
-"""``lmstack data run|merge|clean|dedup|stats|tokenize``: parse arguments, call one library function."""
+"""``lmstack data run|merge|clean|dedup|stats|tool-chats|tokenize``: parse arguments, call one library function."""
 
 from __future__ import annotations
 
@@ -104,6 +104,26 @@ def register(app: typer.Typer) -> None:
 
         typer.echo(json.dumps(run_stats(inputs, text_field=text_field, max_docs=max_docs), indent=2,
                               ensure_ascii=False))
+
+    @data.command("tool-chats")
+    def tool_chats_cmd(out: str = typer.Option(..., "--out", "-o", help="Directory: train.jsonl and heldout.jsonl."),
+                       n: int = typer.Option(360, "--n", min=1, max=1_000_000, help="Training records."),
+                       heldout: int = typer.Option(80, "--heldout", min=0, max=1_000_000,
+                                                   help="Held-out records (tools never seen in training)."),
+                       zh_share: float = typer.Option(0.35, "--zh-share", min=0.0, max=1.0),
+                       seed: int = typer.Option(0, "--seed")) -> None:
+        """Synthetic tool-use chats (EN + ZH) to teach a chat model to call functions (docs/structured.md)."""
+        from pathlib import Path
+
+        from lmstack.data.toolchat import tool_chats
+        from lmstack.utils.io import atomic_write_text
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for name, k, held in (("train", n, False), ("heldout", heldout, True)):
+            recs = tool_chats(k, seed=seed, heldout=held, zh_share=zh_share)
+            atomic_write_text(Path(out) / f"{name}.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+        typer.echo(f"{out}: train.jsonl ({n:,} records), heldout.jsonl ({heldout:,} records, held-out tools)")
 
     @data.command("tokenize")
     def tokenize(inputs: List[str] = typer.Argument(...), tokenizer: str = typer.Option(..., "--tokenizer", "-t"),

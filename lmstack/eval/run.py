@@ -59,6 +59,8 @@ def _evaluator(task_type: str):
         from lmstack.eval.choice import evaluate_classification as f
     elif task_type == "generation":
         from lmstack.eval.generation import evaluate_generation as f
+    elif task_type == "tool_calls":
+        from lmstack.eval.toolcalls import evaluate_tool_calls as f
     else:
         from lmstack.eval.code import evaluate_code as f
     return f

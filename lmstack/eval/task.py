@@ -115,12 +115,20 @@ class ClassificationTask(_Base):
     num_fewshot: int = 0
 
 
+class ToolCallsTask(_Base):
+    """Function calling under ``tool_choice: "auto"``: chat records with ``tools``; the last assistant turn's
+    ``tool_calls`` (or prose) is the reference (``lmstack.eval.toolcalls``)."""
+
+    type: Literal["tool_calls"]
+    max_tokens: int = 512  # a call that writes a whole file in its arguments needs room
+
+
 TaskConfig = Annotated[
-    Union[PerplexityTask, MultipleChoiceTask, GenerationTask, CodeTask, ClassificationTask],
+    Union[PerplexityTask, MultipleChoiceTask, GenerationTask, CodeTask, ClassificationTask, ToolCallsTask],
     Field(discriminator="type"),
 ]
 _ADAPTER = TypeAdapter(TaskConfig)
-TASK_TYPES = ("perplexity", "multiple_choice", "generation", "code", "classification")
+TASK_TYPES = ("perplexity", "multiple_choice", "generation", "code", "classification", "tool_calls")
 
 
 def shipped_tasks() -> list[str]:

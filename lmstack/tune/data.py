@@ -3,7 +3,10 @@
 Accepted records (JSON Lines, or a JSON file holding a list), detected per record:
 
 * instruction (Alpaca): ``{"instruction", "input"?, "output", "system"?}``
-* chat (OpenAI): ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]}``
+* chat (OpenAI): ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]}``, with
+  optional ``"tools"`` (OpenAI function definitions) and assistant ``"tool_calls"``: rendered exactly as
+  ``lmstack serve`` renders them (:mod:`lmstack.tokenizer.tools`: the template's own tool format, else the generic
+  tool prompt and ``<tool_call>`` blocks), so a model tuned on them calls tools the way the server parses them
 * ShareGPT: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...], "system"?}``
 * preference: ``{"prompt", "chosen", "rejected"}``; each a string or a list of messages (TRL's
   conversational form), or ``chosen`` / ``rejected`` as whole conversations sharing a prompt prefix.
@@ -104,8 +107,63 @@ def _check_messages(msgs: Any, what: str = "messages") -> list[dict[str, str]]:
             raise BadRecord(f'{what}[{i}].role is {m["role"]!r}; use one of {", ".join(ROLES)}')
         if m.get("content") is None and not m.get("tool_calls"):  # only a tool-calling turn may omit it
             raise BadRecord(f'{what}[{i}] ({m["role"]}) has no "content"')
-        out.append({"role": m["role"], "content": _text(m.get("content") or "", f"{what}[{i}].content")})
+        msg: dict[str, Any] = {"role": m["role"], "content": _text(m.get("content") or "", f"{what}[{i}].content")}
+        if m.get("tool_calls"):
+            if m["role"] != "assistant":
+                raise BadRecord(f'{what}[{i}] has "tool_calls" but role {m["role"]!r}; only assistant turns call tools')
+            msg["tool_calls"] = _check_calls(m["tool_calls"], f"{what}[{i}].tool_calls")
+        out.append(msg)
     return out
+
+
+def _check_calls(calls: Any, what: str) -> list[dict[str, Any]]:
+    """OpenAI ``tool_calls`` -> ``[{"type": "function", "function": {"name", "arguments": <object>}}]``."""
+    if not isinstance(calls, list):
+        raise BadRecord(f"{what} must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function", c) if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRecord(f'{what}[{j}] must be {{"function": {{"name": ..., "arguments": ...}}}}')
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                raise BadRecord(f"{what}[{j}].arguments is not valid JSON ({e.msg})") from None
+        out.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def record_tools(rec: Any) -> list[dict[str, Any]]:
+    """A chat record's ``tools`` as OpenAI function tools (``{"type": "function", "function": {...}}``); a bare
+    ``{"name", "parameters"}`` is wrapped. ``[]`` when the record has none."""
+    tools = rec.get("tools") if isinstance(rec, dict) else None
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise BadRecord('"tools" must be a list of function definitions')
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRecord(f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}')
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def render_record(tok: Any, rec: Any):
+    """An SFT record -> the tokenizer's ``ChatEncoding`` (ids, assistant loss mask). Records with ``tools`` or
+    ``tool_calls`` go through the server's tool rendering first (the same prompt the served model will see)."""
+    msgs = to_messages(rec)
+    tools = record_tools(rec)
+    if tools or any(m.get("tool_calls") for m in msgs):
+        from lmstack.tokenizer.tools import render_messages, template_has_tools
+
+        native = template_has_tools(getattr(tok, "chat_template", None))
+        msgs, tpl_tools = render_messages(msgs, tools, native, "auto" if tools else "none")
+        return tok.render_chat(msgs, tools=tpl_tools)
+    return tok.render_chat(msgs)
 
 
 def to_messages(rec: Any) -> list[dict[str, str]]:
@@ -138,8 +196,8 @@ def to_messages(rec: Any) -> list[dict[str, str]]:
     else:
         raise BadRecord('unknown format: expected "messages", "conversations" or "instruction"/"output" '
                         f"(got keys {', '.join(sorted(rec)) or 'none'})")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-        raise BadRecord("no assistant message with content to train on")
+    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in msgs):
+        raise BadRecord("no assistant message with content or tool calls to train on")
     return msgs
 
 
@@ -200,8 +258,7 @@ def load_sft(path: str | Path, tok: Any, max_len: int) -> tuple[list[Example], D
     out: list[Example] = []
     for ln, rec in read_records(path, report):
         try:
-            msgs = to_messages(rec)
-            enc = tok.render_chat(msgs)
+            enc = render_record(tok, rec)
         except BadRecord as e:
             report.add_bad(ln, str(e))
             continue
