@@ -200,3 +200,40 @@ def test_shipped_tool_calls_task_and_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 7
     assert len((tmp_path / "heldout.jsonl").read_text().splitlines()) == 3
+
+
+def test_auto_tool_grammar_is_lazy(plain_tok):
+    """tool_choice "auto": any prose, but once the text opens <tool_call> only a valid call may follow."""
+    from lmstack.serve.api.tools import tool_grammar
+    from lmstack.serve.structured import backend_for
+
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    be = backend_for(plain_tok, plain_tok.vocab_size, plain_tok.eos_token_ids)
+    make = be.factory(tool_grammar(tools, "auto", parallel=True))
+
+    def walk(text):
+        """Feed text token by token; (blocked piece or None, the processor)."""
+        p = make()
+        for i in plain_tok.encode(text):
+            if i not in set(p.allowed_ids()):
+                return plain_tok.decode([i]), p
+            p.accept(i)
+        return None, p
+
+    def can_end(p):
+        return any(e in set(p.allowed_ids()) for e in plain_tok.eos_token_ids)
+
+    for ok in ["The time is what it is.", 'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}',
+               'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>',
+               '<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>\n<tool_call>\n'
+               '{"name": "get_time", "arguments": {"city": "Rome"}}\n</tool_call>']:
+        blocked, p = walk(ok)
+        assert blocked is None, (ok, blocked)
+    assert can_end(walk("Just prose.")[1])
+    _, p = walk("Checking.\n<tool_call>\n")
+    assert not can_end(p)  # an opened call must be finished
+    for bad in ['Checking.\n<tool_call>\nI think', '<tool_call>\n{"name": "get_date"',
+                '<tool_call>\n{"name": "get_time", "arguments": {"town"']:
+        assert walk(bad)[0] is not None, bad
+    assert can_end(walk('<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>')[1])

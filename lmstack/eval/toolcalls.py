@@ -17,6 +17,7 @@ Metrics (in the spirit of the Berkeley Function-Calling Leaderboard's AST checks
                          over all predicted calls naming an offered tool;
 * ``no_call_accuracy``   records without reference calls: no call was made.
 
+A metric with no record to score (no predicted call for ``args_valid``) is left out of the results.
 Per-kind and per-language exact match are in the result's ``breakdown`` (``kind`` / ``lang`` fields of a record).
 """
 
@@ -145,7 +146,7 @@ def evaluate_tool_calls(lm, task, progress=None) -> dict:
         samples.append({"line": ln, "kind": rec.get("kind"), "prediction": text,
                         "calls": [{"name": n, "arguments": a} for n, a in pred],
                         "reference": [{"name": n, "arguments": a} for n, a in ref], **s})
-    metrics = {k: (sum(v) / len(v) if v else None) for k, v in totals.items()}
+    metrics = {k: sum(v) / len(v) for k, v in totals.items() if v}  # a metric with nothing to score is left out
     return {"metrics": metrics, "n": len(items), "skipped": len(skipped_examples), "skipped_examples": skipped_examples[:5],
             "breakdown": {k: {"exact_match": sum(v) / len(v), "n": len(v)} for k, v in sorted(breakdown.items())},
             "samples": samples}

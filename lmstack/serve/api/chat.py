@@ -74,7 +74,7 @@ async def create_chat_completion(model: ServedModel, req: P.ChatCompletionReques
     if plan.parse and plan.choice not in ("auto",) and structured is not None:
         raise APIError(400, f"tool_choice {plan.choice!r} and {sparam} both constrain the output; send one.",
                        param="tool_choice")
-    if plan.parse and plan.choice != "auto":
+    if plan.parse and (plan.choice != "auto" or structured is None):  # auto: lazy, only once a call is opened
         structured, sparam = T.tool_grammar(tools, plan.choice or "required", plan.parallel), "tools"
     check_prompt_bytes(model, size + len(json.dumps(tools).encode()) if tools else size, "messages")
     native = T.template_has_tools(getattr(model.tokenizer, "chat_template", None))

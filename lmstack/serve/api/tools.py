@@ -7,7 +7,8 @@ The text format (``<tool_call>`` blocks, Hermes / Qwen2.5's) and the rendering o
 * ``tool_choice: "required"`` or a named function constrains the output with a grammar: one (or, with
   ``parallel_tool_calls``, up to :data:`MAX_PARALLEL_CALLS`) ``<tool_call>`` blocks whose JSON is
   ``{"name": <a tool>, "arguments": <that tool's parameters schema>}`` — the arguments always parse and validate.
-  ``"auto"`` leaves the model free and parses what it writes; ``"none"`` leaves the tools out of the prompt.
+  ``"auto"`` leaves the model free to answer or call, but a call it opens is held to the same grammar (a lazy
+  grammar); ``"none"`` leaves the tools out of the prompt.
 """
 
 from __future__ import annotations
@@ -100,8 +101,14 @@ def check_tool_choice(choice: Any, tools: list[dict[str, Any]]) -> str | None:
 
 
 def tool_grammar(tools: list[dict[str, Any]], choice: str, parallel: bool) -> StructuredOutput:
-    """The grammar for ``required`` / a named function: ``<tool_call>`` blocks whose arguments match the schema."""
-    fns = [t["function"] for t in tools if choice == "required" or t["function"]["name"] == choice]
+    """The grammar of the tool calls a response may make: ``<tool_call>`` blocks whose JSON is one of the tools
+    with arguments matching its schema.
+
+    ``required`` / a named function: the response is one (``parallel``: up to :data:`MAX_PARALLEL_CALLS`) call
+    block(s). ``auto`` is *lazy* (llama.cpp's lazy grammars, as one grammar): free text that never contains
+    ``<tool_call>`` (``PROSE``), or free text up to the first ``<tool_call>`` (``PRE``) and from there only valid
+    call blocks — the model still decides whether to call, and a call it opens always parses and validates."""
+    fns = [t["function"] for t in tools if choice in ("required", "auto") or t["function"]["name"] == choice]
     calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
               "required": ["name", "arguments"], "additionalProperties": False} for f in fns]
     schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
@@ -110,8 +117,13 @@ def tool_grammar(tools: list[dict[str, Any]], choice: str, parallel: bool) -> St
     if len(body.encode("utf-8", "replace")) > MAX_SPEC_BYTES * 4:
         raise bad_request("the tools' parameter schemas are too large to constrain.", param="tools")
     more = f' ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
-    lark = f'start: call{more}\ncall: "{OPEN}\\n" args "\\n{CLOSE}"\nargs: %json {body}\n'
-    return StructuredOutput("lark", lark)
+    rules = f'call: "{OPEN}\\n" args "\\n{CLOSE}"\nargs: %json {body}\n'
+    if choice == "auto":
+        return StructuredOutput("lark", (
+            f'start: PROSE | PRE "\\n" args "\\n{CLOSE}"{more}\n'
+            f"PROSE: /(?s:.*)/ & ~/(?s:.*{OPEN}.*)/\n"  # text with no call in it
+            f"PRE: /(?s:.*){OPEN}/ & ~/(?s:.*{OPEN}.+)/\n" + rules))  # text ending at the first <tool_call>
+    return StructuredOutput("lark", f"start: call{more}\n" + rules)
 
 
 class ToolStream:
