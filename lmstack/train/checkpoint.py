@@ -93,7 +93,7 @@ class ModelWriter:
         self.model, self.info, self.fn, self.tokenizer_dir = model, info, save_model_fn, tokenizer_dir
 
     def _full_state(self) -> dict[str, torch.Tensor] | None:
-        if self.info.kind != "fsdp":
+        if not self.info.sharded:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -153,7 +153,7 @@ def save(run_dir: Path, state: TrainerState, model: nn.Module, optimizer: torch.
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     D.barrier(info)
-    if info.kind == "fsdp":
+    if info.sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -165,10 +165,10 @@ def save(run_dir: Path, state: TrainerState, model: nn.Module, optimizer: torch.
         writer.write(tmp, full)
         ts: dict[str, Any] = {
             "format": FORMAT, **asdict(state), "world_size": info.world_size, "distributed": info.kind,
-            "optimizer": None if info.kind == "fsdp" else optimizer.state_dict(),
+            "optimizer": None if info.sharded else optimizer.state_dict(), "tp_size": info.tp_size,
             "data": train_data.state_dict() if hasattr(train_data, "state_dict") else None,
             "rng": rngs,
-            "params": None if (writer.fn is None or info.kind == "fsdp") else _trained_params(model, optimizer),
+            "params": None if (writer.fn is None or info.sharded) else _trained_params(model, optimizer),
         }
         torch.save(ts, tmp / "trainer_state.pt")
         write_config(run_config, tmp / "config.yaml")
@@ -185,7 +185,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_d
          default_writer: bool, trained: list[nn.Parameter]) -> TrainerState:
     """Restore weights, optimizer, data position and RNG from a checkpoint; return the counters."""
     ts = read_trainer_state(path)
-    was_fsdp, is_fsdp = ts.get("distributed") == "fsdp", info.kind == "fsdp"
+    was_fsdp, is_fsdp = ts.get("distributed") in ("fsdp", "tp"), info.sharded
     if was_fsdp != is_fsdp:
         raise CheckpointError(
             f"{path} was written with distributed={ts.get('distributed')} but this run uses {info.kind}; "

@@ -49,6 +49,8 @@ class TrainConfig(StrictModel):
     # ---- scale out (under torchrun)
     distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto", description="auto: ddp when launched by torchrun with >1 process, else none")
+    tp_size: int = Field(1, ge=1, description="tensor-parallel ranks per model replica (DTensor); the other "
+                         "processes form the data-parallel dimension (FSDP2 on a 2-D mesh)")
     # ---- outputs
     save_final: bool = True
     tensorboard: bool = True

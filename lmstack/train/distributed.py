@@ -25,11 +25,26 @@ from lmstack.utils.device import resolve_device
 
 @dataclass
 class DistInfo:
-    kind: str  # "none" | "ddp" | "fsdp"
+    kind: str  # "none" | "ddp" | "fsdp" | "tp" (tensor parallel only); fsdp with tp_size > 1 is the 2-D mesh
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    tp_size: int = 1
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are DTensors (FSDP2 and/or tensor parallel): checkpoints go through DCP."""
+        return self.kind in ("fsdp", "tp")
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the processes that see different batches."""
+        return self.world_size // self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size  # the mesh is (dp, tp) with tp the inner, contiguous dimension
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +61,17 @@ def setup(cfg: TrainConfig) -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
     kind = cfg.distributed
-    if kind == "auto":
+    tp = cfg.tp_size
+    if tp > 1:
+        if world % tp:
+            raise ConfigError(f"train.tp_size={tp} must divide the number of processes ({world}); launch with "
+                              f"torchrun --nproc_per_node {tp} (or a multiple for a 2-D FSDP2 x TP mesh)")
+        dp = world // tp
+        if kind == "ddp" or (kind == "none" and dp > 1):
+            raise ConfigError(f"train.tp_size={tp} with {dp} data-parallel replicas composes with FSDP2 only; "
+                              "set train.distributed=fsdp (or auto)")
+        kind = "fsdp" if dp > 1 else "tp"
+    elif kind == "auto":
         kind = "ddp" if world > 1 else "none"
     if kind != "none" and world == 1 and not (dist.is_available() and dist.is_initialized()):
         kind = "none"  # a single process needs no wrapper; same numerics
@@ -62,7 +87,7 @@ def setup(cfg: TrainConfig) -> DistInfo:
         return DistInfo("none", 0, 1, 0, device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(kind, dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistInfo(kind, dist.get_rank(), dist.get_world_size(), local_rank, device, tp)
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -115,6 +140,25 @@ def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
+    if info.tp_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from lmstack.train.tensor_parallel import parallelize
+
+        mesh2 = init_device_mesh(info.device.type, (info.dp_size, info.tp_size), mesh_dim_names=("dp", "tp"))
+        parallelize(model, mesh2["tp"])
+        if info.kind == "tp":
+            return model
+        if any(getattr(b.self_attn, "q_norm", None) is not None for b in blocks(model)):
+            raise ConfigError("FSDP2 x tensor parallel (2-D mesh) does not support per-head q/k norms (Qwen3) yet; "
+                              "use tensor parallelism alone (train.tp_size = processes) or FSDP2 alone")
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh2["dp"]
+        for b in blocks(model):
+            fully_shard(b, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+        return model
     if info.kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -136,7 +180,7 @@ def no_sync(module: nn.Module, info: DistInfo, sync: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
     import contextlib
 
-    if sync or info.kind == "none":
+    if sync or info.kind not in ("ddp", "fsdp"):
         return contextlib.nullcontext()
     if info.kind == "ddp":
         return module.no_sync()

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 from lmstack.errors import Interrupted, LmstackError
 from lmstack.train import checkpoint as ckpt
 from lmstack.train import distributed as D
+from lmstack.train import tensor_parallel as TP
 from lmstack.train.config import TrainConfig
 from lmstack.train.flops import flops_per_token, measure_matmul_peak
 from lmstack.train.metrics import MetricsLogger
@@ -140,11 +141,17 @@ def fit(
     if cfg.compile:
         D.apply_compile(model)
     params = list(params) if params is not None else None
-    if info.kind == "fsdp" and save_model_fn is not None:
-        raise LmstackError("train.distributed=fsdp with a custom save_model_fn (adapters) is not supported; "
-                           "use train.distributed=ddp for adapter training")
+    if info.sharded and save_model_fn is not None:
+        raise LmstackError("train.distributed=fsdp / train.tp_size>1 with a custom save_model_fn (adapters) is not "
+                           "supported; use train.distributed=ddp for adapter training")
+    if info.tp_size > 1:
+        from lmstack.train.losses import causal_lm_loss
+
+        if loss_fn is not causal_lm_loss:
+            raise LmstackError("train.tp_size>1 is supported for the causal-LM loss of `lmstack pretrain` only "
+                               "(the logits are vocab-sharded DTensors); use ddp / fsdp for this stage")
     wrapped = D.wrap(model, info)
-    if params is not None and info.kind == "fsdp":
+    if params is not None and info.sharded:
         params = None  # FSDP2 replaced the parameters with sharded ones; train those that require grad
     optimizer = build_optimizer(model, cfg, params, device)
     trained = [p for g in optimizer.param_groups for p in g["params"]]
@@ -194,13 +201,15 @@ def fit(
                         "source (PackedBatches cycles epochs) or lower train.steps") from None
                 if fpt is None:
                     fpt = flops_per_token(model, _seq_len(batch))
-                with D.no_sync(wrapped, info, micro == cfg.grad_accum - 1), _autocast(device, amp):
-                    out = loss_fn(wrapped, batch)
-                    n = int(out.num_tokens)
-                    if norm is None:
-                        norm = float(max(n, 1) * cfg.grad_accum)
-                    weighted = out.loss.float() * (n / norm)
-                weighted.backward()
+                # TP: loss_parallel around forward and backward (vocab-sharded logits); else a no-op
+                with TP.loss_context(model):
+                    with D.no_sync(wrapped, info, micro == cfg.grad_accum - 1), _autocast(device, amp):
+                        out = loss_fn(wrapped, batch)
+                        n = int(out.num_tokens)
+                        if norm is None:
+                            norm = float(max(n, 1) * cfg.grad_accum)
+                        weighted = out.loss.float() * (n / norm)
+                    weighted.backward()
                 loss_sum += out.loss.detach().double() * n
                 tokens += n
                 for k, v in out.metrics.items():
@@ -214,13 +223,20 @@ def fit(
             grad_norm = float("nan")
             ok = math.isfinite(step_loss)
             if ok:
-                scale = info.world_size * norm / global_tokens  # DDP / FSDP average over processes: undo
-                grads = [p.grad for p in trained if p.grad is not None]
-                if grads and scale != 1.0:
-                    torch._foreach_mul_(grads, scale)
+                # DDP / FSDP average over processes: undo. Under TP each rank of a replica counted the same
+                # tokens, and its gradients are not averaged: world / global tokens is right there too.
+                scale = info.world_size * norm / global_tokens
                 max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf")
-                gn = torch.nn.utils.clip_grad_norm_(trained, max_norm, foreach=True)
-                grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+                if info.tp_size > 1:  # DTensors on the tp / 2-D meshes and replicated plain tensors mixed
+                    if scale != 1.0:
+                        TP.scale_grads_(trained, scale)
+                    grad_norm = TP.clip_grad_norm_(trained, max_norm)
+                else:
+                    grads = [p.grad for p in trained if p.grad is not None]
+                    if grads and scale != 1.0:
+                        torch._foreach_mul_(grads, scale)
+                    gn = torch.nn.utils.clip_grad_norm_(trained, max_norm, foreach=True)
+                    grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
                 ok = math.isfinite(grad_norm)
             if ok:
                 optimizer.step()
@@ -297,7 +313,7 @@ def evaluate(model: nn.Module, val_data: Callable[[], Iterable[dict[str, Tensor]
         for i, batch in enumerate(val_data()):
             if i >= cfg.eval_batches:
                 break
-            with _autocast(device, amp):
+            with _autocast(device, amp), TP.loss_context(D.unwrap(model)):
                 out = loss_fn(model, _to_device(batch, device))
             total[0] += out.loss.double() * out.num_tokens
             total[1] += out.num_tokens

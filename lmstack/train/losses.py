@@ -30,8 +30,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
     n = int((targets != IGNORE_INDEX).sum())
     if n == 0:  # nothing to predict: a zero loss that still touches the graph (DDP needs a backward)
-        return LossOutput(logits.sum() * 0.0, 0, {})
+        z = logits.sum() * 0.0
+        return LossOutput(z.to_local() if hasattr(z, "to_local") else z, 0, {})
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    if hasattr(loss, "to_local"):  # tensor parallel: vocab-sharded logits under loss_parallel give a replicated DTensor
+        loss = loss.to_local()
     moe = router_losses(model, mask)  # MoE: weighted load-balancing + z-loss (lmstack.model.moe); {} if dense
     if moe:
         return LossOutput(loss + moe["aux"], n, {"lm_loss": loss.item(), "moe_z_loss": moe["z"].item(),

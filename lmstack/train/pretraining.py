@@ -73,7 +73,12 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_memory(mc, dc.batch_size, dc.seq_len, tc.activation_checkpointing, tc.device, world,
-                 fsdp=tc.distributed == "fsdp")
+                 fsdp=tc.distributed == "fsdp" or tc.tp_size > 1)
+    if tc.tp_size > 1:  # the tp ranks of one replica read the same batches: data parallel over the replicas
+        from lmstack.train.tensor_parallel import check_tp
+
+        check_tp(mc, tc.tp_size)
+        world, rank = max(world // tc.tp_size, 1), rank // tc.tp_size
     files, offs = window_starts(train_arrays, dc.seq_len)
     val_windows = None
     if not val_arrays:  # hold out the last windows of train
