@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-schemathesis test-conformance install browser sandbox bench clean
+.PHONY: demo test test-dist2d test-schemathesis test-conformance install browser sandbox bench clean
 
 # torch is installed first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml

@@ -63,6 +63,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from lmstack.errors import Interrupted, LmstackError
+from lmstack.model.moe import expert_utilization
 from lmstack.train import checkpoint as ckpt
 from lmstack.train import distributed as D
 from lmstack.train import tensor_parallel as TP
@@ -272,6 +273,9 @@ def fit(
                        "mfu": (fpt or 0.0) * tps / (peak * info.world_size) if peak else None,
                        "bad_steps": state.bad_steps,
                        "elapsed_s": elapsed0 + time.perf_counter() - t_start, **step_metrics}
+                util = expert_utilization(model) if info.is_main else None
+                if util is not None and util.numel():  # MoE: (layers, experts) share of routed slots
+                    rec["expert_utilization"] = [[round(float(x), 5) for x in row] for row in util]
                 logger.log(rec)
             if val_data is not None and cfg.eval_every and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
                 vl = evaluate(wrapped, val_data, loss_fn, cfg, info, device, amp)

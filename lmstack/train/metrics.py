@@ -5,10 +5,12 @@ Any stage can reuse it (pretrain, fine-tune, eval sweeps)::
     log = MetricsLogger("runs/x")
     log.log({"step": 10, "loss": 3.2, "lr": 3e-4})
     log.log({"step": 10, "val_loss": 3.4, "val_ppl": 30.0})
-    log.plot()      # runs/x/loss.png (train loss, val loss; lr below)
+    log.plot()      # runs/x/loss.png (train loss, val loss; lr below); experts.png for MoE runs
     log.close()
 
-Records carry a ``step``; train records have ``loss``, validation records ``val_loss``. On resume,
+Records carry a ``step``; train records have ``loss``, validation records ``val_loss``. MoE runs' train records
+carry ``expert_utilization``: per MoE layer, the share of the routed (top-k) slots each expert received in the
+step's last micro-batch (on rank 0), drawn per layer over steps in ``experts.png``. On resume,
 :meth:`truncate` drops records past the checkpoint's step so the file reads as one uninterrupted run.
 """
 
@@ -77,6 +79,9 @@ class MetricsLogger:
         train = [(r["step"], r["loss"]) for r in self.records if "loss" in r and _finite(r["loss"])]
         val = [(r["step"], r["val_loss"]) for r in self.records if "val_loss" in r and _finite(r["val_loss"])]
         lrs = [(r["step"], r["lr"]) for r in self.records if "lr" in r]
+        util = [(r["step"], r["expert_utilization"]) for r in self.records if r.get("expert_utilization")]
+        if util:
+            plot_expert_utilization(self.run_dir / "experts.png", util)
         if not train and not val:
             return None
         return plot_curves(self.run_dir / "loss.png", train, val, lrs)
@@ -125,6 +130,36 @@ def plot_curves(dest: Path, train: list[tuple], val: list[tuple], lrs: list[tupl
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(dest, "wb") as f:
+        fig.savefig(f, format="png")
+    return dest
+
+
+def plot_expert_utilization(dest: Path, util: list[tuple[int, list[list[float]]]]) -> Path:
+    """One panel per MoE layer: each expert's share of the routed slots over steps, stacked to 1; the dashed
+    lines are the band boundaries (k / E) of a perfectly balanced router."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    n_layers = max(len(u) for _, u in util)
+    util = [(s, u) for s, u in util if len(u) == n_layers]
+    steps = [s for s, _ in util]
+    n_exp = len(util[0][1][0])
+    fig = Figure(figsize=(7, 1.6 * n_layers + 1), dpi=100)
+    axes = fig.subplots(n_layers, 1, sharex=True, squeeze=False)[:, 0]
+    for li, ax in enumerate(axes):
+        shares = [[u[li][e] for _, u in util] for e in range(n_exp)]
+        ax.stackplot(steps, shares, labels=[f"expert {e}" for e in range(n_exp)], linewidth=0)
+        for k in range(1, n_exp):
+            ax.axhline(k / n_exp, color="white", lw=0.5, ls="--")  # the balanced boundaries
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"layer {li}")
+    axes[0].set_title("expert utilization: share of routed slots (dashed: balanced)")
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    axes[-1].set_xlabel("step")
     fig.tight_layout()
     with atomic_write(dest, "wb") as f:
         fig.savefig(f, format="png")
