@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.test_train_dist import free_port
+from tests.test_train_mlm_cli import run_cli
 from tests.tp_fixtures import padded_batch, pretrain_config, tp_model
 from tests.train_fixtures import write_shards
 
@@ -93,9 +94,6 @@ def test_tp_pretrain_matches_one_process(tp_runs):
 
 
 def test_tp_refusals(tmp_path):
-    from typer.testing import CliRunner
-
-    from lmstack.cli import app
     from lmstack.errors import ConfigError
     from lmstack.model import preset
     from lmstack.train.tensor_parallel import check_tp
@@ -106,7 +104,6 @@ def test_tp_refusals(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"run_dir: {tmp_path / 'r'}\ndata: {{shards: {shards}, seq_len: 32, batch_size: 2}}\n"
                    "train: {steps: 2, warmup_steps: 0, device: cpu}\n")
-    r = CliRunner().invoke(app, ["pretrain", "--config", str(cfg), "--tp", "2"])
-    assert r.exit_code == 2, r.output
-    assert "train.tp_size=2 must divide the number of processes (1)" in r.output
-    assert "Traceback" not in r.output
+    rc, out = run_cli("pretrain", "--config", str(cfg), "--tp", "2")
+    assert rc == 2 and out.startswith("lmstack: "), out
+    assert "train.tp_size=2 must divide the number of processes (1)" in out and "Traceback" not in out

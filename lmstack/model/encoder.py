@@ -132,6 +132,27 @@ class EncoderConfig:
         return d
 
 
+# Encoder presets for MLM pretraining from scratch (`lmstack pretrain` with model.arch: encoder). The shapes of
+# Google's small BERTs (Turc et al. 2019, "Well-Read Students Learn Better"): L layers, H hidden, H/64 heads, 4H FFN.
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "bert-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512),
+    "bert-mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "bert-small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048),
+}
+
+
+def encoder_preset(name: str, **overrides: Any) -> EncoderConfig:
+    """An :class:`EncoderConfig` from a named shape (``bert-tiny`` / ``bert-mini`` / ``bert-small``) plus field
+    overrides (``vocab_size``, ``head``, ...); unknown names and fields are refused with one line."""
+    if name not in ENCODER_PRESETS:
+        raise ConfigError(f"unknown encoder preset {name!r}; choose from {', '.join(ENCODER_PRESETS)}")
+    fields = set(EncoderConfig.__dataclass_fields__) - {"extra"}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ConfigError(f"unknown encoder field(s) {', '.join(bad)}; valid: {', '.join(sorted(fields))}")
+    return EncoderConfig(**{**ENCODER_PRESETS[name], **overrides})
+
+
 # ---------------------------------------------------------------------------------------------- modules
 class _Embeddings(nn.Module):
     def __init__(self, c: EncoderConfig):

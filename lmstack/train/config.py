@@ -67,15 +67,24 @@ class TrainConfig(StrictModel):
 
 
 class ModelSection(StrictModel):
+    arch: Literal["decoder", "encoder"] = Field(
+        "decoder", description="decoder: causal LM (the Transformer); encoder: BERT-style masked-LM pretraining "
+        "(presets bert-tiny / bert-mini / bert-small, or from_dir a BERT directory)")
     preset: str | None = Field("tiny", description="train from scratch from a named preset")
     from_dir: str | None = Field(None, description="continue pretraining a Hugging Face model directory")
     overrides: dict[str, int | float | str | bool | None] = Field(
         default_factory=dict, description="ModelConfig fields to change on the preset")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="encoder: share of tokens selected for MLM "
+                                   "(of those 80% -> mask token, 10% random, 10% kept)")
+    mask_token: str | None = Field(None, description="encoder: the mask token's text (default: [MASK] or <mask> "
+                                   "from the shards' tokenizer)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
         if self.from_dir is not None:
             self.preset = None
+        if self.arch == "encoder" and self.preset == "tiny" and "preset" not in self.model_fields_set:
+            self.preset = "bert-tiny"
         if self.preset is None and self.from_dir is None:
             raise ValueError("set model.preset (from scratch) or model.from_dir (continued pretraining)")
         return self

@@ -47,3 +47,14 @@ def save_encoder_fn(model: nn.Module, out_dir: str | Path) -> None:
     m = getattr(model, "module", model)
     assert isinstance(m, Encoder)
     save_encoder(m, out_dir)
+
+
+def encoder_saver(tokenizer_dir: str | Path | None) -> Callable[[nn.Module, Path], None]:
+    """A ``save_model_fn`` that also copies the tokenizer files into each saved directory."""
+
+    def save(model: nn.Module, out_dir: Path) -> None:
+        m = getattr(model, "module", model)
+        assert isinstance(m, Encoder)
+        save_encoder(m, out_dir, tokenizer_dir=tokenizer_dir)
+
+    return save

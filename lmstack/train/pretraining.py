@@ -1,5 +1,7 @@
 """``pretrain(cfg)``: a model (from a preset, or a Hugging Face directory to continue pretraining), token
-shards, packed windows, the causal-LM loss, then :func:`lmstack.train.fit`. Reads top to bottom like
+shards, packed windows, the causal-LM loss, then :func:`lmstack.train.fit`. With ``model.arch: encoder`` the
+model is a BERT-style encoder and the loss masked-LM with dynamic 80/10/10 masking (:mod:`lmstack.train.mlm`)
+on the same shards; ``final/`` is then a ``BertForMaskedLM`` directory. Reads top to bottom like
 nanoGPT's ``train.py``: setup -> checks -> loop -> save.
 
 Everything that can be wrong with the inputs is checked before the first step, each with the fix:
@@ -39,7 +41,10 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
     # ---- model: from scratch (preset) or continued pretraining (HF directory)
     shard_sha = index.get("tokenizer_sha256")
     tokenizer_dir = _tokenizer_dir(index, shards)
-    if cfg.model.from_dir:
+    encoder = cfg.model.arch == "encoder"
+    if encoder:
+        model, tokenizer_dir = _encoder(cfg, index, shards, tokenizer_dir, shard_sha)
+    elif cfg.model.from_dir:
         src = Path(cfg.model.from_dir)
         model = load_model(src, device="cpu", dtype="fp32").train()
         model_sha = _sha(src / "tokenizer.json")
@@ -72,8 +77,11 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
                         f"{mc.vocab_size}; token ids would index past the embedding")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    check_memory(mc, dc.batch_size, dc.seq_len, tc.activation_checkpointing, tc.device, world,
-                 fsdp=tc.distributed == "fsdp" or tc.tp_size > 1)
+    if not encoder:  # (the estimate is the decoder's; an encoder of the same size needs less: no big logits)
+        check_memory(mc, dc.batch_size, dc.seq_len, tc.activation_checkpointing, tc.device, world,
+                     fsdp=tc.distributed == "fsdp" or tc.tp_size > 1)
+    elif tc.tp_size > 1:
+        raise ConfigError("train.tp_size > 1 is for the decoder; the encoder trains with ddp")
     if tc.tp_size > 1:  # the tp ranks of one replica read the same batches: data parallel over the replicas
         from lmstack.train.tensor_parallel import check_tp
 
@@ -100,11 +108,74 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
 
     val = val_pass if val_arrays else None
 
+    if encoder:
+        from lmstack.train.mlm import encoder_saver, masked_lm_loss
+
+        mask_id, special = _mask_token(cfg, tokenizer_dir, index)
+        loss = masked_lm_loss(mask_id, mc.vocab_size, special, cfg.model.mlm_probability, seed=tc.seed + rank)
+        return fit(model, train, loss, tc, cfg.run_dir, val_data=val, run_config=cfg,
+                   save_model_fn=encoder_saver(tokenizer_dir))
     return fit(model, train, causal_lm_loss, tc, cfg.run_dir, val_data=val,
                tokenizer_dir=tokenizer_dir, run_config=cfg)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _encoder(cfg: PretrainConfig, index: dict[str, Any], shards: Path, tokenizer_dir: Path | None,
+             shard_sha: str | None):
+    """The BERT-style encoder with its masked-LM head: a named shape, or a BERT directory (continued MLM)."""
+    from lmstack.model.encoder import encoder_preset, load_encoder
+
+    if cfg.model.from_dir:
+        src = Path(cfg.model.from_dir)
+        model = load_encoder(src).train()
+        if model.config.head != "mlm":
+            raise ConfigError(f"{src}: a {model.config.head!r} encoder has no masked-LM head; continue MLM "
+                              "pretraining from a BertForMaskedLM directory (or start from a preset)")
+        model_sha = _sha(src / "tokenizer.json")
+        if model_sha and shard_sha and model_sha != shard_sha:
+            raise DataError(f"{shards}/index.json: tokenizer_sha256 differs from {src}/tokenizer.json; tokenize "
+                            f"the data with the model's tokenizer (lmstack data tokenize --tokenizer {src})")
+        return model, (src if model_sha else tokenizer_dir)
+    from lmstack.model.encoder import Encoder
+
+    over: dict[str, Any] = dict(cfg.model.overrides)
+    vocab = int(index["vocab_size"])
+    if tokenizer_dir is not None:
+        from tokenizers import Tokenizer
+
+        vocab = max(vocab, Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size())
+    over.setdefault("vocab_size", vocab)
+    over["head"] = "mlm"
+    return Encoder(encoder_preset(cfg.model.preset or "bert-tiny", **over)).init_weights(cfg.train.seed).train(), \
+        tokenizer_dir
+
+
+def _mask_token(cfg: PretrainConfig, tokenizer_dir: Path | None, index: dict[str, Any]) -> tuple[int, set[int]]:
+    """The mask token's id and the ids never selected for masking (the tokenizer's special tokens, EOS)."""
+    import json
+
+    if tokenizer_dir is None:
+        raise DataError("MLM pretraining needs the shards' tokenizer (to find the mask token); it is not found")
+    path = tokenizer_dir / "tokenizer.json"
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    added = {t["content"]: int(t["id"]) for t in tj.get("added_tokens", [])}
+    vocab = (tj.get("model") or {}).get("vocab") or {}
+    lookup = dict(vocab) if isinstance(vocab, dict) else {}
+    lookup.update(added)
+    names = [cfg.model.mask_token] if cfg.model.mask_token else ["[MASK]", "<mask>"]
+    for n in names:
+        if n in lookup:
+            mask_id = int(lookup[n])
+            break
+    else:
+        raise DataError(f"{path}: no mask token ({' / '.join(names)}); train the tokenizer with it as a special "
+                        "token, or name the tokenizer's mask token with model.mask_token")
+    special = {int(t["id"]) for t in tj.get("added_tokens", []) if t.get("special")} | {mask_id}
+    if index.get("eos_token_id") is not None:
+        special.add(int(index["eos_token_id"]))
+    return mask_id, special
+
+
 def _sha(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
