@@ -179,3 +179,36 @@ def evaluate_classification(lm, task, progress=None) -> dict:
         "n": len(golds), "labels": labels, "skipped": recs.skipped, "skipped_examples": recs.skipped_examples,
         "samples": samples,
     }
+
+
+def evaluate_with_classifier(clf, task, progress=None) -> dict:
+    """A classification task on an encoder classifier (:class:`lmstack.model.classify.Classifier`): each record's
+    ``text_field`` is classified directly (no prompt); accuracy and macro-F1 over the task's labels with the
+    metrics of :mod:`lmstack.model.classify`. The classifier must know every label of the task."""
+    from lmstack.model.classify import accuracy, macro_f1
+
+    recs = read_records(task.data, task.name)
+    items = recs.items[:task.limit] if task.limit else recs.items
+    labels = task.labels or sorted({str(r.get(task.name, task.label_field)) for r in recs.items})
+    known = set(clf.model.config.id2label.values())
+    missing = [lab for lab in labels if lab not in known]
+    if missing:
+        raise DataError(f"task {task.name}: the classifier has no label {missing[0]!r} (its labels: "
+                        f"{', '.join(sorted(known))})")
+    texts, golds = [], []
+    for rec in items:
+        gold, text = str(rec.get(task.name, task.label_field)), rec.get(task.name, task.text_field)
+        if gold not in labels:
+            raise DataError(f"task {task.name}: {rec.file}:{rec.line}: label {gold!r} is not one of the task's "
+                            f"labels ({', '.join(labels)})")
+        if not isinstance(text, str):
+            raise DataError(f"task {task.name}: {rec.file}:{rec.line}: field {task.text_field!r} is not a string")
+        texts.append(text)
+        golds.append(gold)
+    preds = clf.predict(texts)
+    samples = [{"line": rec.line, "gold": g, "pred": p["label"], "score": p["score"]}
+               for rec, g, p in zip(items, golds, preds)]
+    pl = [p["label"] for p in preds]
+    return {"metrics": {"accuracy": accuracy(golds, pl), "macro_f1": macro_f1(golds, pl, labels)},
+            "n": len(golds), "labels": labels, "skipped": recs.skipped, "skipped_examples": recs.skipped_examples,
+            "samples": samples}

@@ -96,6 +96,9 @@ def run_eval(model_dir: str | Path, tasks: Sequence[str | Path | dict], out_dir:
             if not Path(p).exists():
                 raise DataError(f"task {t.name} ({t.source}): data file {p} not found "
                                 "(paths in a task YAML are relative to the YAML file)")
+    clf = _encoder_classifier(model_dir, loaded, adapter) if lm is None else None
+    if clf is not None:
+        return _run_classifier(clf, model_dir, loaded, out_dir, limit, show_progress, write_report)
     if lm is None:
         lm = EvalLM.load(model_dir, adapter=adapter, device=device, dtype=dtype, batch_tokens=batch_tokens)
     if engine is not None:
@@ -125,6 +128,58 @@ def run_eval(model_dir: str | Path, tasks: Sequence[str | Path | dict], out_dir:
                 **r, "seconds": round(time.perf_counter() - t0, 3),
                 "config": t.model_dump(mode="json"),
             }
+    if out_dir is not None:
+        write_run(results, samples, out_dir, write_report=write_report)
+    return results
+
+
+def _encoder_classifier(model_dir: str | Path, tasks: list, adapter):
+    """A :class:`~lmstack.model.classify.Classifier` when ``model_dir`` is a BERT sequence classifier, else None.
+    Such a model runs classification tasks only: any other task is refused before work."""
+    cfg_path = Path(model_dir) / "config.json"
+    try:
+        conf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # EvalLM.load reports it
+    if not isinstance(conf, dict) or conf.get("model_type") != "bert":
+        return None
+    arch = (conf.get("architectures") or ["BertModel"])[0]
+    if arch != "BertForSequenceClassification":
+        raise DataError(f"{model_dir} is a {arch}; `lmstack eval` runs a BertForSequenceClassification (classification "
+                        "tasks) or a causal language model")
+    other = [t for t in tasks if t.type != "classification"]
+    if other:
+        raise DataError(f"task {other[0].name} ({other[0].type}) needs a causal language model; {model_dir} is an "
+                        "encoder classifier, which runs classification tasks only")
+    if adapter is not None:
+        raise DataError("--adapter applies to causal language models; an encoder classifier takes none")
+    from lmstack.model.classify import Classifier
+
+    return Classifier(model_dir)
+
+
+def _run_classifier(clf, model_dir, loaded, out_dir, limit, show_progress, write_report) -> dict[str, Any]:
+    from lmstack._version import __version__
+    from lmstack.eval.choice import evaluate_with_classifier
+
+    m = clf.model
+    results: dict[str, Any] = {
+        "format_version": RESULTS_VERSION, "lmstack_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"path": str(Path(model_dir).resolve()), "weights_sha256": weights_sha256(model_dir),
+                  "tokenizer_sha256": clf.tok.sha256, "model_type": "bert",
+                  "architecture": "BertForSequenceClassification",
+                  "parameters": sum(p.numel() for p in m.parameters()), "dtype": "float32", "device": "cpu"},
+        "adapter": None, "limit": limit, "tasks": {},
+    }
+    samples: dict[str, list] = {}
+    for t in loaded:
+        t0 = time.perf_counter()
+        r = evaluate_with_classifier(clf, t)
+        samples[t.name] = r.pop("samples", [])
+        results["tasks"][t.name] = {"type": t.type, "source": t.source, "data": t.data,
+                                    "data_sha256": data_sha256(t.data), **r,
+                                    "seconds": round(time.perf_counter() - t0, 3), "config": t.model_dump(mode="json")}
     if out_dir is not None:
         write_run(results, samples, out_dir, write_report=write_report)
     return results

@@ -113,6 +113,7 @@ class ClassificationTask(_Base):
     labels: list[str] | None = None  # default: the sorted set of labels in the data
     verbalizers: dict[str, str] = {}  # label -> text scored after the prompt; default " <label>"
     num_fewshot: int = 0
+    text_field: str = "text"  # what an encoder classifier (BertForSequenceClassification --model) reads
 
 
 class ToolCallsTask(_Base):
