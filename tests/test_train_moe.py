@@ -74,3 +74,56 @@ def test_dense_runs_have_no_expert_utilization(tmp_path):
     log.plot()
     assert (tmp_path / "experts.png").is_file()
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["expert_utilization"][1] == [0.25, 0.75]
+
+
+def test_finetune_lora_on_experts_then_merged_model_matches_in_transformers(tmp_path):
+    """`finetune` with LoRA on attention and on every expert's w1/w2/w3 of a tiny Mixtral: the expert adapters
+    train (their B matrices leave zero), and the merged model saved by lmstack loads in transformers (whose Mixtral
+    stores experts fused in 3-D tensors, so a per-expert peft adapter cannot load there) with lmstack's logits
+    of base + adapter."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from lmstack.config import validate
+    from lmstack.model import load_model, save_model
+    from lmstack.tune.adapters import load_adapter
+    from lmstack.tune.config import FinetuneConfig
+    from lmstack.tune.lora import merge_lora
+    from lmstack.tune.sft import finetune
+    from lmstack.tokenizer import train_tokenizer
+    from tests.model_fixtures import make_model
+    from tests.tune_fixtures import CORPUS, SFT_ROWS, VOCAB, write_jsonl
+
+    base_dir = tmp_path / "base"
+    tok = train_tokenizer(CORPUS, vocab_size=VOCAB, out_dir=base_dir, show_progress=False)
+    make_model("mixtral", base_dir, vocab_size=VOCAB, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    sft = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS * 2)
+    cfg = validate(FinetuneConfig, {
+        "model": str(base_dir), "method": "lora", "run_dir": str(tmp_path / "run"),
+        "data": {"path": str(sft), "val_fraction": 0.0, "max_len": 128},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "w1", "w2", "w3"], "dropout": 0.0},
+        "train": {"steps": 4, "lr": 2e-2, "warmup_steps": 1, "log_every": 2, "eval_every": 0, "ckpt_every": 0,
+                  "tensorboard": False, "plot": False, "peak_flops": 1e12}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = finetune(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    ad = load_file(str(res.final_dir / "adapter_model.safetensors"))
+    expert_b = [k for k in ad if ".experts." in k and "lora_B" in k]
+    assert len(expert_b) == 2 * 4 * 3  # 2 layers x 4 experts x (w1, w2, w3)
+    assert all(ad[k].abs().max() > 0 for k in expert_b)  # B starts at zero: each expert's adapter trained
+    model = load_model(base_dir)
+    load_adapter(model, res.final_dir)
+    ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids)
+    merge_lora(model)
+    save_model(model, tmp_path / "merged", tokenizer_dir=base_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, ours, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        assert (load_model(base_dir)(ids) - ours).abs().max() > 1e-3  # the adapter changed the model
