@@ -1,5 +1,5 @@
 """ModernBERT (lmstack/model/modernbert.py) against transformers on random tiny configs: hidden states, masked-LM
-and sequence-classification logits on a right-padded batch longer than the local window (global and local
+sequence- and token-classification logits on a right-padded batch longer than the local window (global and local
 layers, both poolings), load -> save -> transformers loads the same logits, and bad configs refused."""
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def hf_out(model, ids=IDS, mask=MASK):
                                "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": False}),
     ("ModernBertForSequenceClassification", {"num_labels": 3}),
     ("ModernBertForSequenceClassification", {"num_labels": 3, "classifier_pooling": "mean", "classifier_bias": True}),
+    ("ModernBertForTokenClassification", {"num_labels": 5}),
 ])
 def test_modernbert_matches_transformers_and_round_trips(cls_name, kw, tmp_path):
     import transformers

@@ -2,7 +2,7 @@
 GeGLU feed-forward blocks, bias-free LayerNorms and alternating global / local (sliding-window) attention.
 
 Loads and saves Hugging Face ``ModernBertModel`` / ``ModernBertForMaskedLM`` / ``ModernBertForSequenceClassification``
-directories (module names are the HF parameter names, so loading is a key copy); numerics follow ``transformers``'
+/ ``ModernBertForTokenClassification`` directories (module names are the HF parameter names, so loading is a key copy); numerics follow ``transformers``'
 ``modeling_modernbert.py`` on its SDPA path:
 
 - embeddings: token embedding -> LayerNorm (no positions: RoPE in attention);
@@ -12,7 +12,8 @@ directories (module names are the HF parameter names, so loading is a key copy);
   every ``global_attn_every_n_layers``-th layer (``layer_types``) attends to all real tokens, the others to keys
   within ``local_attention // 2`` positions on either side;
 - heads: ``head`` = dense -> act -> LayerNorm, then ``decoder`` (tied to the embedding, with bias) for MLM, or
-  pooling (the first token, or the mean over real tokens) -> ``head`` -> ``classifier`` for sequence classification.
+  pooling (the first token, or the mean over real tokens) -> ``head`` -> ``classifier`` for sequence classification,
+  ``head`` -> ``classifier`` at every token for token classification.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from torch import Tensor, nn
 from lmstack.errors import CheckpointError
 from lmstack.utils.io import atomic_write_json
 
-HEADS = {"ModernBertModel": "base", "ModernBertForMaskedLM": "mlm", "ModernBertForSequenceClassification": "seq_cls"}
+HEADS = {"ModernBertModel": "base", "ModernBertForMaskedLM": "mlm", "ModernBertForSequenceClassification": "seq_cls",
+         "ModernBertForTokenClassification": "tok_cls"}
 _ARCH = {v: k for k, v in HEADS.items()}
 ACTS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "relu": F.relu}
@@ -92,7 +94,8 @@ class ModernBertConfig:
         if d.get("problem_type") not in (None, "single_label_classification"):
             raise CheckpointError(f"{p}: problem_type {d['problem_type']!r} is not supported")
         head = HEADS[arch]
-        id2label = {int(k): str(v) for k, v in (d.get("id2label") or {}).items()} if head == "seq_cls" else {}
+        id2label = ({int(k): str(v) for k, v in (d.get("id2label") or {}).items()}
+                    if head in ("seq_cls", "tok_cls") else {})
         return cls(vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
                    intermediate_size=int(d["intermediate_size"]), num_hidden_layers=n,
                    num_attention_heads=int(d["num_attention_heads"]), layer_types=list(types),
@@ -187,19 +190,19 @@ class _Head(nn.Module):
 
 class ModernBert(nn.Module):
     """One class, the head as data: hidden states (B, T, H) for ``base``, vocab logits (B, T, V) for ``mlm``,
-    label logits (B, L) for ``seq_cls``. Inference only (no dropout)."""
+    label logits (B, L) for ``seq_cls``, (B, T, L) for ``tok_cls``. Inference only (no dropout)."""
 
     def __init__(self, c: ModernBertConfig):
         super().__init__()
         self.config = c
         self.model = _Body(c)
-        if c.head in ("mlm", "seq_cls"):
+        if c.head in ("mlm", "seq_cls", "tok_cls"):
             self.head = _Head(c)
         if c.head == "mlm":
             self.decoder = nn.Linear(c.hidden_size, c.vocab_size, bias=c.decoder_bias)
             if c.tie_word_embeddings:
                 self.decoder.weight = self.model.embeddings.tok_embeddings.weight
-        if c.head == "seq_cls":
+        if c.head in ("seq_cls", "tok_cls"):
             self.classifier = nn.Linear(c.hidden_size, len(c.id2label))
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -233,6 +236,8 @@ class ModernBert(nn.Module):
                 m = (attention_mask if attention_mask is not None else torch.ones(h.shape[:2])).to(h.dtype)
                 pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
             return self.classifier(self.head(pooled))
+        if self.config.head == "tok_cls":
+            return self.classifier(self.head(h))
         return h
 
 
