@@ -109,11 +109,12 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
     val = val_pass if val_arrays else None
 
     if encoder:
-        from lmstack.train.mlm import encoder_saver, masked_lm_loss
+        from lmstack.train.mlm import MaskingBatches, encoder_saver, masked_lm_loss
 
         mask_id, special = _mask_token(cfg, tokenizer_dir, index)
-        loss = masked_lm_loss(mask_id, mc.vocab_size, special, cfg.model.mlm_probability, seed=tc.seed + rank)
-        return fit(model, train, loss, tc, cfg.run_dir, val_data=val, run_config=cfg,
+        masked = MaskingBatches(train, seed=tc.seed + rank)  # the masking RNG is checkpointed with the data
+        loss = masked_lm_loss(mask_id, mc.vocab_size, special, cfg.model.mlm_probability, generator=masked.generator)
+        return fit(model, masked, loss, tc, cfg.run_dir, val_data=val, run_config=cfg,
                    save_model_fn=encoder_saver(tokenizer_dir))
     return fit(model, train, causal_lm_loss, tc, cfg.run_dir, val_data=val,
                tokenizer_dir=tokenizer_dir, run_config=cfg)
