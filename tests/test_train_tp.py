@@ -1,7 +1,7 @@
 """Tensor parallelism (lmstack/train/tensor_parallel.py) with 2 gloo processes on CPU under torchrun, against the
-same model and run in one process: the gathered logits on a padded batch, then `pretrain` with
-``train.tp_size=2`` (losses at every step, validation losses, the final weights gathered from the shards), and
-FSDP2 x TP on a 2-D (2 x 2) mesh with 4 processes.
+same model and run in one process: the gathered logits on a padded batch, an MoE model's loss and gradients, then
+`pretrain` with ``train.tp_size=2`` (losses at every step, validation losses, the final weights gathered from the
+shards). FSDP2 x TP on a 2-D (2 x 2) mesh with 4 processes is tests/dist_2d_mesh.py (`make test-dist2d`).
 
 Tolerance 1e-5 absolute on losses and weights: the row-parallel layers sum partial products across ranks, a
 different order of additions than one process; bit-equality is not expected.
@@ -21,7 +21,7 @@ import torch
 
 from tests.test_train_dist import free_port
 from tests.test_train_mlm_cli import run_cli
-from tests.tp_fixtures import padded_batch, pretrain_config, tp_model
+from tests.tp_fixtures import moe_model, moe_step, padded_batch, pretrain_config, tp_model
 from tests.train_fixtures import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,18 @@ def test_tp_logits_equal_one_process(tp_runs):
         want = tp_model()(ids, attention_mask=mask)
     got = torch.load(tp_runs / "logits_tp.pt")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_tp_moe_loss_and_gradients_equal_one_process(tp_runs):
+    """A Mixtral-layout MoE under TP (attention sharded, router and experts replicated): the LM + router loss and
+    every parameter's gradient equal one process."""
+    ids, _ = padded_batch()
+    loss, grads = moe_step(moe_model(), ids)
+    got = torch.load(tp_runs / "moe_tp.pt")
+    torch.testing.assert_close(got["loss"], loss, atol=1e-5, rtol=0)
+    assert got["grads"].keys() == grads.keys() and any(".experts." in k for k in grads)
+    for k, g in grads.items():
+        torch.testing.assert_close(got["grads"][k], g, atol=1e-6, rtol=1e-4, msg=k)
 
 
 def test_tp_pretrain_matches_one_process(tp_runs):

@@ -23,6 +23,28 @@ def tp_model(**over):
     return build_model(preset("tiny", **{**TP_MODEL, **over}), device="cpu", dtype="fp32", seed=0)
 
 
+MOE_MODEL = dict(TINY_MODEL, intermediate_size=32, num_experts=4)  # Mixtral layout: experts stay replicated
+
+
+def moe_model():
+    from lmstack.model import build_model, preset
+
+    return build_model(preset("moe", **MOE_MODEL), device="cpu", dtype="fp32", seed=0).train()
+
+
+def moe_step(model, ids):
+    """LM loss + router losses and their backward (under loss_parallel when the model is tensor parallel);
+    returns the loss and the full gradients by name."""
+    from lmstack.train import causal_lm_loss
+    from lmstack.train.tensor_parallel import loss_context
+
+    with loss_context(model):
+        out = causal_lm_loss(model, {"input_ids": ids[:, :-1], "targets": ids[:, 1:]})
+        out.loss.backward()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
+    return out.loss.detach(), grads
+
+
 def padded_batch():
     import torch
 
@@ -66,8 +88,11 @@ def _main(mode: str, out: str, shards: str) -> None:  # pragma: no cover - runs 
         ids, mask = padded_batch()
         with torch.no_grad():
             logits = model(ids, attention_mask=mask)
+        moe = parallelize(moe_model(), init_device_mesh("cpu", (2,)))
+        loss, grads = moe_step(moe, ids)
         if dist.get_rank() == 0:
             torch.save(logits, out_p / "logits_tp.pt")
+            torch.save({"loss": loss, "grads": grads}, out_p / "moe_tp.pt")
         pretrain(pretrain_config(out_p / "tp", sh, tp=2))
     else:
         pretrain(pretrain_config(out_p / "2d", sh, tp=2, qk_norm=False, distributed="fsdp"))
