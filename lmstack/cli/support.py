@@ -133,3 +133,33 @@ def register(app: typer.Typer) -> None:
         g = kw.pop("guard", None)
         serve_support(kw.pop("model"), kw.pop("index"), host=host, port=port, api_key=api_key,
                       guard=str(g) if g is not None else None, **kw)
+
+    @support.command("desk")
+    def desk(desk_dir: str = typer.Argument(..., help="The desk stage's directory (runs/support-desk/desk)."),
+             guard: Optional[str] = typer.Option("default", "--guard", help="Guardrails policy whose input rails "
+                                                 "escalate; 'off' to run without."),
+             as_json: bool = typer.Option(False, "--json", help="Print each reply as JSON (intent, slots, ticket)."),
+             ) -> None:
+        """The support desk in the terminal: one customer turn a line (/reset, /exit); order tools, confirmation
+        before a cancellation, escalation to a person with a ticket in the order database."""
+        import json
+        import sys
+
+        from lmstack.apps.support.desk import Desk
+
+        d = Desk.load(desk_dir, guard=None if guard == "off" else guard)
+        interactive = sys.stdin.isatty()
+        while True:
+            try:
+                line = input("you> " if interactive else "")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/reset":
+                d.reset()
+                continue
+            if not line.strip():
+                continue
+            r = d.turn(line)
+            typer.echo(json.dumps(r, ensure_ascii=False) if as_json else f"desk> {r['text']}")

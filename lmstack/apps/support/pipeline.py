@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.apps.support import recipe as cfg
-from lmstack.apps.support import report, stages as st
+from lmstack.apps.support import desk_stages as ds, report, stages as st
 from lmstack.pipeline import App, Recipe, Stage, StageContext, register_app
 from lmstack.pipeline.stages import base_stage, finetune_stage, pretrain_stage
 from lmstack.utils.io import dir_sha256, file_sha256, model_dir_hash
@@ -57,6 +57,8 @@ def _check(r: Recipe) -> None:
         raise ValueError("the pretrain stage needs the tokenizer stage (it trains on its token shards)")
     if {"tokenizer", "finetune", "rag"} & s and "data" not in s:
         raise ValueError("the rag, tokenizer and finetune stages need the data stage")
+    if "desk" in s and "intents" not in s:
+        raise ValueError("the desk stage serves the intent classifier: add the intents stage before it")
     if "bundle" in s and "rag" not in s:
         raise ValueError("the bundle stage packs the retrieval index: add the rag stage")
     if r.model is not None and not (Path(r.model) / "config.json").is_file():
@@ -107,7 +109,8 @@ APP = register_app(App(
     description="Larkspur Home customer-support assistant: grounded in its knowledge base, EN + ZH",
     check=_check, summary=report.print_tables, report=report.html_sections, next_commands=report.next_commands,
     # rag.context: units -- the reader ranks the answer units the model is tuned on, so it runs before finetune
-    alt_orders=(("data", "rag", "tokenizer", "base", "pretrain", "reader", "finetune", "eval", "bundle"),),
+    alt_orders=(("data", "rag", "tokenizer", "base", "pretrain", "reader", "finetune", "eval", "bundle", "intents",
+                 "desk"),),
     stages=[
         Stage("data", st.run_data, config=cfg.DataStage, description="general corpus + shop knowledge base + support QA",
               depends=lambda r: {"python_stdlib": sys.version},
@@ -155,4 +158,17 @@ APP = register_app(App(
               depends=lambda r: bundle_settings(r, st.section(r, "bundle")), inputs=_model_input,
               outputs=lambda c: [c.out_dir / "manifest.json"],
               row=lambda m: f"{m.get('bundle')}: {m.get('files')} files"),
+        # the support desk (recipes/support-desk.yaml; off unless a recipe lists them): intents, state, escalation
+        Stage("intents", ds.run_intents, config=cfg.IntentsStage, description="the desk's intent classifier (EN + ZH)",
+              depends=lambda r: {"orders": st.section(r, "desk").orders},
+              inputs=lambda r: {"orders": file_sha256(ds.orders_path(st.section(r, "desk")))},
+              outputs=lambda c: [c.out_dir / "model" / "config.json"],
+              row=lambda m: f"held-out accuracy {m.get('accuracy')}, macro-F1 {m.get('macro_f1')} ({m.get('eval_records')} utterances)"),
+        Stage("desk", ds.run_desk, config=cfg.DeskStage, deps=_deps("intents"),
+              description="order database + held-out multi-turn dialogues",
+              inputs=lambda r: {"orders": file_sha256(ds.orders_path(st.section(r, "desk")))},
+              outputs=lambda c: [c.out_dir / "metrics.json", c.out_dir / "orders.sqlite"],
+              row=lambda m: (f"task success {m.get('task_success')}; intent acc {m.get('intent_accuracy')}; slot acc "
+                             f"{m.get('slot_accuracy')}; escalation P/R {m.get('escalation_precision')}/"
+                             f"{m.get('escalation_recall')}")),
     ]))

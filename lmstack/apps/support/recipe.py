@@ -122,3 +122,24 @@ class BundleStage(StrictModel):
     guard: str | None = Field(None, description="guardrails policy packed with the assistant (lmstack.guard; "
                               "`default`: the shipped support policy, or a YAML path): `lmstack support chat|serve` "
                               "run its rails unless told otherwise (--guard off)")
+
+
+class IntentsStage(StrictModel):
+    """The desk's intent classifier (the encoder, ``lmstack.model.classify``) on the desk's EN + ZH utterances."""
+    per_template: int = Field(4, ge=1, le=50, description="fillings of each template (order numbers, products)")
+    epochs: int = Field(60, ge=1, le=500)
+    hidden_size: int = Field(64, ge=16)
+    intermediate_size: int = Field(128, ge=16)
+    vocab_size: int = Field(300, ge=100, description="byte-level BPE trained on the training utterances (small: "
+                            "~260 sentences; measured 0.57 held-out accuracy vs 0.46 with 600 merges x 128 wide)")
+    max_length: int = Field(64, ge=16, le=512)
+    threads: int = Field(1, ge=1, description="torch.set_num_threads while training")
+
+
+class DeskStage(StrictModel):
+    """The desk: the order database and the evaluation on held-out multi-turn dialogues."""
+    orders: str | None = Field(None, description="orders JSON Lines (default: the shipped recipes/data/shop/orders.jsonl)")
+    dialogues_per_scenario: int = Field(6, ge=1, le=100, description="held-out dialogues per scenario and language")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="below this intent confidence, with no task active, "
+                                  "the desk hands over to a person")
+    guard: str | None = Field("default", description="guardrails policy whose input rails escalate (none: off)")

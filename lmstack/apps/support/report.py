@@ -91,6 +91,13 @@ def eval_rows(res: PipelineResult) -> list[tuple[str, str, str, str, str]]:
 def print_tables(res: PipelineResult, console: Any) -> None:
     from rich.table import Table
 
+    if res.summary("desk"):
+        t = Table(title="support desk: held-out dialogues")
+        t.add_column("figure")
+        t.add_column("value")
+        for r in desk_rows(res.summary("desk")):
+            t.add_row(*r)
+        console.print(t)
     rows = eval_rows(res)
     if rows:
         e = Table(title="evaluation (held-out)")
@@ -104,6 +111,9 @@ def print_tables(res: PipelineResult, console: Any) -> None:
 def next_commands(res: PipelineResult) -> list[str]:
     """Talk to the bundle (it carries the model, index, ranker, k and system prompt: no other flag)."""
     b = res.summary("bundle").get("bundle") or (str(res.run_dir / "bundle") if "bundle" in res.recipe.stages else None)
+    desk = [f"lmstack support desk {res.run_dir / 'desk'}"] if "desk" in res.recipe.stages else []
+    if not b and desk and not {"finetune", "pretrain", "base"} & set(res.recipe.stages) and not res.recipe.model:
+        return desk  # a desk-only recipe (recipes/support-desk.yaml)
     if b:
         return [f"lmstack support chat {b} --show-context",
                 f"lmstack support serve {b} --port 8000   # OpenAI API; web chat at http://127.0.0.1:8000"]
@@ -151,9 +161,23 @@ def _samples(run: Path, n: int = 10) -> list[tuple[str, ...]]:
     return rows
 
 
+def desk_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    """The desk's measured figures (held-out dialogues; the intent classifier on held-out utterances)."""
+    clf = m.get("intent_classifier") or {}
+    rows = [(f"intent classifier {k.replace('_', ' ')}", fmt(clf.get(k))) for k in
+            ("accuracy", "macro_f1", "accuracy_en", "accuracy_zh") if clf.get(k) is not None]
+    rows += [(k.replace("_", " "), fmt(m.get(k))) for k in
+             ("dialogues", "intent_accuracy", "slot_accuracy", "task_success", "escalation_precision",
+              "escalation_recall", "answer_correctness")]
+    rows += [(f"task success: {k}", fmt(v)) for k, v in (m.get("task_success_by_scenario") or {}).items()]
+    return rows
+
+
 def html_sections(res: PipelineResult) -> list[str]:
     run, recipe = res.run_dir, res.recipe
     parts: list[str] = []
+    if res.summary("desk"):
+        parts += ["<h2>Support desk (held-out dialogues)</h2>", table(["figure", "value"], desk_rows(res.summary("desk")))]
     data = res.summary("data")
     if data:
         rows = [(k, fmt(v)) for k, v in data.items() if not isinstance(v, (dict, list)) and k != "data_report"]
