@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-dist2d test-schemathesis test-conformance install browser sandbox bench clean
+.PHONY: demo screen desk test test-dist2d test-schemathesis test-conformance install browser sandbox bench clean
 
 # torch is installed first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -34,6 +34,13 @@ sandbox:
 
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/lmstack run recipes/quickstart.yaml
+
+# the two-stage risk screen (docs/screen.md) and the support desk (docs/desk.md): a few minutes each on 2 cores
+screen: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/lmstack run recipes/screen.yaml
+
+desk: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/lmstack run recipes/support-desk.yaml
 
 test: $(STAMP) browser sandbox
 	OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests

@@ -92,8 +92,13 @@ def test_quality_and_percentile_against_hand_counts():
     pred = ["fraud", "legit", "fraud", "legit", "legit"]
     q = quality(gold, pred)
     assert (q["accuracy"], q["recall"], q["fpr"], q["precision"]) == (0.6, 0.5, round(1 / 3, 4), 0.5)
-    xs = list(range(1, 101))
-    assert percentile(xs, 50) == 50 and percentile(xs, 99) == 99 and percentile(xs, 100) == 100
+    import numpy as np
+
+    rng = random.Random(0)
+    for n in (1, 7, 12, 100, 333):
+        xs = [rng.random() for _ in range(n)]
+        for q in (50, 90, 99, 100):  # nearest rank = numpy's inverted_cdf
+            assert percentile(xs, q) == float(np.percentile(xs, q, method="inverted_cdf"))
 
 
 # ------------------------------------------------------------------------------------------------ stages

@@ -42,6 +42,11 @@ def system_rows(m: dict[str, Any]) -> list[tuple[str, ...]]:
         q, lat = s["quality"], s.get("latency_ms") or {}
         rows.append((name, fmt(q["n"]), fmt(q["accuracy"]), fmt(q["recall"]), fmt(q["fpr"]), fmt(q["precision"]),
                      fmt(lat.get("p50")), fmt(lat.get("p99")), fmt(s.get("items_per_s"))))
+    for const in ("legit", "fraud"):  # the control: the band decided by a constant instead of the LLM
+        q = m.get(f"band_all_{const}")
+        if q and "cascade" in (m.get("systems") or {}):
+            rows.append((f"control: band -> {const}", fmt(q["n"]), fmt(q["accuracy"]), fmt(q["recall"]), fmt(q["fpr"]),
+                         fmt(q["precision"]), "-", "-", "-"))
     return rows
 
 

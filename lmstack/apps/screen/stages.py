@@ -81,11 +81,18 @@ def quality(gold: Sequence[str], pred: Sequence[str]) -> dict[str, Any]:
 
 
 def percentile(xs: Sequence[float], q: float) -> float | None:
-    """The nearest-rank percentile (q in [0, 100])."""
+    """The nearest-rank percentile (q in [0, 100]): the smallest x with at least q% of xs <= x."""
+    import math
+
     if not xs:
         return None
     s = sorted(xs)
-    return s[max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))]
+    return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def _lat(ms: Sequence[float]) -> dict[str, Any]:
+    return {"p50": round(percentile(ms, 50), 1) if ms else None, "p99": round(percentile(ms, 99), 1) if ms else None,
+            "mean": round(statistics.fmean(ms), 1) if ms else None, "n": len(ms)}
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -127,7 +134,7 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
                                               "items_per_s": round(len(test) / clf_s, 1)}}
     lat_idx = list(range(min(c.latency_items, len(test))))
     clf_lat = [_timed(lambda: s1.scores([texts[i]]))[1] * 1000 for i in lat_idx]
-    systems["classifier"]["latency_ms"] = {"p50": percentile(clf_lat, 50), "p99": percentile(clf_lat, 99)}
+    systems["classifier"]["latency_ms"] = _lat(clf_lat)
 
     llm_path = llm_dir(ctx.recipe)
     if c.llm and llm_path is not None:
@@ -145,7 +152,12 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
             else:
                 casc[i] = v["label"]
         systems["cascade"] = {"quality": quality(gold, casc), "llm_items": len(band), "llm_cut": cut,
+                              "llm_fraud_verdicts": sum(bool(v) and v["label"] == "fraud" for v in verdicts),
                               "items_per_s": round(len(test) / (clf_s + llm_s), 1)}
+        # the control a weak judge needs: the same band decided by a constant ("legit" / "fraud"), no LLM at all
+        for const in ("legit", "fraud"):
+            ctl = [const if lo <= x < hi else c for x, c in zip(p, clf_pred)]
+            res[f"band_all_{const}"] = quality(gold, ctl)
         only = list(range(min(c.llm_only_limit, len(test))))
         ov, only_s = _timed(lambda: s2.judge([texts[i] for i in only]))
         only_pred = [v["label"] if v else "legit" for v in ov]
@@ -159,9 +171,8 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
         # latency, one item at a time: the cascade pays the LLM only for items in the band
         llm_lat = [_timed(lambda: s2.judge([texts[i]]))[1] * 1000 for i in lat_idx]
         casc_lat = [a + (b if lo <= p[i] < hi else 0.0) for i, a, b in zip(lat_idx, clf_lat, llm_lat)]
-        systems["llm_only"]["latency_ms"] = {"p50": percentile(llm_lat, 50), "p99": percentile(llm_lat, 99)}
-        systems["cascade"]["latency_ms"] = {"p50": percentile(casc_lat, 50), "p99": percentile(casc_lat, 99),
-                                            "mean": round(statistics.fmean(casc_lat), 2) if casc_lat else None}
+        systems["llm_only"]["latency_ms"] = _lat(llm_lat)
+        systems["cascade"]["latency_ms"] = _lat(casc_lat)
         samples = [{"id": test[i]["id"], "lang": test[i]["lang"], "gold": gold[i], "score": round(p[i], 4),
                     "classifier": clf_pred[i], "verdict": v} for i, v in zip(band, verdicts)]
         write_jsonl(ctx.out_dir / "band_verdicts.jsonl", samples)
