@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from lmstack.apps.screen import data as sd
-from lmstack.apps.screen.cascade import (VERDICT_SCHEMA, Screen, Stage2, band_around, parse_verdict, threshold_at_fpr)
+from lmstack.apps.screen.cascade import (VERDICT_SCHEMA, Screen, Stage2, band_around, parse_verdict, threshold_at_fpr,
+                                     verdict_messages)
 from lmstack.apps.screen.stages import percentile, quality
 from tests.serve_fixtures import tiny_model_dir
 
@@ -136,12 +137,11 @@ def tiny_llm_dir(tmp_path_factory):
 def test_llm_verdicts_follow_the_schema(tiny_llm_dir):
     import lmstack
 
-    s2 = Stage2(lmstack.load(tiny_llm_dir, max_num_seqs=8), max_tokens=64)
+    s2 = Stage2(lmstack.load(tiny_llm_dir, max_num_seqs=8), max_tokens=256)  # reason <= 80 chars: it must close
     items = [r["text"] for r in sd.generate(40, seed=9)[:6]]
-    outs = s2.llm.generate([s2.llm.chat_prompt(__import__("lmstack.apps.screen.cascade", fromlist=["x"])
-                                               .verdict_messages(t)) for t in items], s2.params, use_tqdm=False)
+    outs = s2.llm.generate([s2.llm.chat_prompt(verdict_messages(t)) for t in items], s2.params, use_tqdm=False)
     finished = [o.outputs[0] for o in outs if o.outputs[0].finish_reason == "stop"]
-    assert finished, "no verdict finished within 64 tokens"
+    assert len(finished) == len(items)
     for o in finished:
         v = json.loads(o.text)
         jsonschema.validate(v, VERDICT_SCHEMA)

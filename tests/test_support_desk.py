@@ -150,13 +150,13 @@ def test_escalation_writes_a_ticket_with_the_summary(db, products, turns, reason
 
 
 def test_real_guard_escalates_injections_but_not_orders(db, orders, products):
-    from lmstack.guard import Guard
-    from lmstack.guard.policy import policy_path
+    from lmstack.apps.support.desk import desk_guard
 
-    g = Guard.from_policy(policy_path("default"))
+    g = desk_guard("default")
     o = orders[0]
-    for text in dd.ATTACKS["en"] + dd.ATTACKS["zh"]:
-        assert Desk(STUB, db, products, guard=g).turn(text)["escalated"] == "guard"
+    for _ in range(3):  # more turns than the policy's rate-limit burst: the desk is not the server
+        for text in dd.ATTACKS["en"] + dd.ATTACKS["zh"]:
+            assert Desk(STUB, db, products, guard=g).turn(text)["escalated"] == "guard"
     r = Desk(STUB, db, products, guard=g).turn(f"where is {o['order_id']}? my email is {o['email']}")
     assert r["escalated"] is None and o["eta"] in r["text"]  # the PII rail redacts the ticket, not the tool's slots
 

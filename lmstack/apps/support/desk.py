@@ -68,6 +68,15 @@ def lang_of(text: str, default: str = "en") -> str:
     return "en" if re.search(r"[A-Za-z]{2,}", rest) else default
 
 
+def desk_guard(spec: str | Path) -> Any:
+    """The policy's guard for the desk: its input rails, without its rate limit (a per-client limit belongs to the
+    server in front of the desk; here it would count every customer's turns as one client's)."""
+    from lmstack.guard import Guard
+    from lmstack.guard.policy import load_policy, policy_path
+
+    return Guard(load_policy(policy_path(spec)).model_copy(update={"rate_limit": None}))
+
+
 @dataclass
 class DeskState:
     intent: str | None = None
@@ -98,12 +107,7 @@ class Desk:
 
         d = Path(desk_dir)
         settings = read_json(d / "settings.json") if (d / "settings.json").is_file() else {}
-        g = None
-        if guard:
-            from lmstack.guard import Guard
-            from lmstack.guard.policy import policy_path
-
-            g = Guard.from_policy(policy_path(guard))
+        g = desk_guard(guard) if guard else None
         return cls(Classifier(d / "intents"), OrderDB(d / "orders.sqlite"), load_kb().products, g,
                    min_confidence if min_confidence is not None else float(settings.get("min_confidence", 0.5)))
 

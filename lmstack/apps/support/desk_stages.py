@@ -134,12 +134,9 @@ def run_desk(ctx: StageContext) -> dict[str, Any]:
     shutil.copytree(ctx.stage_dir("intents") / "model", out / "intents")
     atomic_write_json(out / "settings.json", {"min_confidence": c.min_confidence, "guard": c.guard})
     clf = Classifier(out / "intents")
-    guard = None
-    if c.guard:
-        from lmstack.guard import Guard
-        from lmstack.guard.policy import policy_path
+    from lmstack.apps.support.desk import desk_guard
 
-        guard = Guard.from_policy(policy_path(c.guard))
+    guard = desk_guard(c.guard) if c.guard else None
     dl = dialogues(orders, products, n_per=c.dialogues_per_scenario, seed=ctx.recipe.seed + 1)
     with tempfile.TemporaryDirectory() as tmp:
         def make() -> Desk:
