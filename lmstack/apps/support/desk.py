@@ -157,9 +157,12 @@ class Desk:
         if HUMAN_RE.search(text):
             s.intents.append(("human", 1.0))
             return self._escalate("requested")
-        waiting = s.intent in NEEDS and any(k not in s.slots for k in NEEDS[s.intent])
+        missing = [k for k in NEEDS.get(s.intent or "", ()) if k not in s.slots]
         s.slots.update(new)
-        if not (waiting and new):  # a turn that only answers the slot question keeps the active intent
+        # a turn that gives a slot the active intent is waiting for keeps the intent; anything else is classified
+        # (an order number given while a product was asked for is a new request, not an answer)
+        waiting = bool(missing)
+        if not set(new) & set(missing):
             pred = self.clf.predict([text])[0]
             s.intents.append((pred["label"], pred["score"]))
             if pred["score"] < self.min_confidence and not waiting:
