@@ -219,3 +219,26 @@ desk: {{dialogues_per_scenario: 1, guard: null}}
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     del o
+
+
+def test_a_served_model_writes_the_tool_arguments(db, orders, products, tmp_path):
+    """The order tool's arguments come from a model behind lmstack's OpenAI server (tool_choice names the tool):
+    a random model writes them, the server's constraint makes them schema-valid, the database refuses them (they
+    name no real order), and the desk records that they differ from its slots."""
+    import jsonschema
+
+    import lmstack
+    from lmstack.apps.support.desk import ApiToolCaller
+    from lmstack.apps.support.orders import TOOLS
+    from lmstack.serve.api import create_app
+    from tests.serve_fixtures import LiveServer, tiny_model_dir
+
+    llm = lmstack.load(tiny_model_dir(tmp_path / "m", max_position_embeddings=4096), max_num_seqs=4)
+    o = orders[0]
+    with LiveServer(create_app(llm, served_model_name="tiny")) as srv:
+        desk = Desk(STUB, db, products, tool_caller=ApiToolCaller(srv.url + "/v1", "tiny", max_tokens=800))
+        r = desk.turn(f"where is {o['order_id']}? my email is {o['email']}")
+    (call,) = desk.state.tool_calls
+    assert call["function"]["name"] == "order_status", desk.state.tool_calls
+    jsonschema.validate(json.loads(call["function"]["arguments"]), TOOLS[0]["function"]["parameters"])
+    assert desk.state.model_args == [False] and "can't find" in r["text"]

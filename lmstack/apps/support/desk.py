@@ -77,6 +77,42 @@ def desk_guard(spec: str | Path) -> Any:
     return Guard(load_policy(policy_path(spec)).model_copy(update={"rate_limit": None}))
 
 
+class ApiToolCaller:
+    """The order tools' arguments written by a model behind an OpenAI-compatible endpoint (``lmstack serve``):
+    the desk decides *which* tool (``tool_choice`` names it), the model writes the arguments from the conversation,
+    constrained by the server to the tool's JSON schema (docs/structured.md). ``propose`` returns the OpenAI
+    ``tool_calls`` item, or None when the endpoint returns none or fails (then the desk's own call runs)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str = "none", max_tokens: int = 160, timeout: float = 300):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        self.model, self.max_tokens = model, max_tokens
+
+    def propose(self, name: str, user_turns: list[str]) -> dict[str, Any] | None:
+        from lmstack.apps.support.orders import TOOLS
+
+        msgs = [{"role": "system", "content": "You are the Larkspur Home support desk. Call the tool with the order "
+                                              "number and the email the customer gave."}]
+        msgs += [{"role": "user", "content": t} for t in user_turns[-6:]]
+        import openai
+
+        try:
+            r = self.client.chat.completions.create(model=self.model, messages=msgs, tools=TOOLS, temperature=0,
+                                                    tool_choice={"type": "function", "function": {"name": name}},
+                                                    max_tokens=self.max_tokens)
+        except openai.APIError as e:  # the endpoint refused or failed: the desk's own call runs (logged)
+            import logging
+
+            logging.getLogger(__name__).warning("tool model at %s: %s", self.client.base_url, str(e)[:200])
+            return None
+        calls = r.choices[0].message.tool_calls or []
+        if not calls:
+            return None
+        c = calls[0]
+        return {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+
+
 @dataclass
 class DeskState:
     intent: str | None = None
@@ -88,12 +124,15 @@ class DeskState:
     transcript: list[dict[str, Any]] = field(default_factory=list)  # redacted where the guard redacts
     intents: list[tuple[str, float]] = field(default_factory=list)  # (intent, confidence) per classified turn
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    user_turns: list[str] = field(default_factory=list)  # as typed (the model that writes tool arguments reads them)
+    model_args: list[bool] = field(default_factory=list)  # per model-written call: its arguments == the desk's slots
 
 
 class Desk:
     def __init__(self, intents: Any, db: OrderDB, products: list[dict[str, Any]], guard: Any = None,
-                 min_confidence: float = 0.5):
+                 min_confidence: float = 0.5, tool_caller: ApiToolCaller | None = None):
         self.clf, self.db, self.products, self.guard = intents, db, products, guard
+        self.tool_caller = tool_caller  # None: the desk writes the order tools' arguments from its slots
         self.min_confidence = min_confidence
         self.state = DeskState()
 
@@ -147,6 +186,7 @@ class Desk:
         s.lang = lang_of(text, s.lang)
         fired, kept = self._guard_fires(text)
         s.transcript.append({"role": "user", "content": kept})
+        s.user_turns.append(text)
         if s.escalated:
             return self._say(SAY[s.lang]["escalated"].format(ticket=s.ticket))
         if fired:
@@ -220,6 +260,17 @@ class Desk:
     # ---------------------------------------------------------------------------------------- tools
     def _call(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
         call = tool_call(name, args, len(self.state.tool_calls))
+        if self.tool_caller is not None and name != "create_ticket":
+            proposed = self.tool_caller.propose(name, self.state.user_turns)
+            if proposed is not None:  # the model's call runs as written; whether it matched the slots is recorded
+                import json
+
+                try:
+                    same = json.loads(proposed["function"]["arguments"]) == args
+                except ValueError:
+                    same = False
+                self.state.model_args.append(same)
+                call = proposed
         result = self.db.call(call, self.state.transcript)
         self.state.tool_calls.append({**call, "result": result})
         self.state.transcript.append({"role": "assistant", "tool_calls": [call]})

@@ -65,12 +65,14 @@ def evaluate_desk(make_desk: Any, dialogues: list[dict[str, Any]]) -> dict[str, 
 
     n_int = ok_int = n_slot = ok_slot = n_task = ok_task = n_ans = ok_ans = 0
     tp = fp = fn = 0
+    model_args: list[bool] = []
     runs = []
     by_scn: dict[str, list[bool]] = {}
     for d in dialogues:
         desk = make_desk()
         replies = [desk.turn(t) for t in d["turns"]]
         st = desk.state
+        model_args += st.model_args
         if d["intent"] is not None:
             n_int += 1
             ok_int += bool(st.intents) and st.intents[0][0] == d["intent"]
@@ -112,7 +114,9 @@ def evaluate_desk(make_desk: Any, dialogues: list[dict[str, Any]]) -> dict[str, 
     return {"dialogues": len(dialogues), "intent_accuracy": r(ok_int, n_int), "slot_accuracy": r(ok_slot, n_slot),
             "task_success": r(ok_task, n_task), "escalation_precision": r(tp, tp + fp),
             "escalation_recall": r(tp, tp + fn), "answer_correctness": r(ok_ans, n_ans),
-            "task_success_by_scenario": {k: r(sum(v), len(v)) for k, v in sorted(by_scn.items())}}, runs
+            "task_success_by_scenario": {k: r(sum(v), len(v)) for k, v in sorted(by_scn.items())},
+            # with a model writing the order tools' arguments (desk.tool_model_url): how often they equal the slots
+            "model_tool_calls": len(model_args), "model_tool_args_accuracy": r(sum(model_args), len(model_args))}, runs
 
 
 def run_desk(ctx: StageContext) -> dict[str, Any]:
@@ -139,10 +143,16 @@ def run_desk(ctx: StageContext) -> dict[str, Any]:
     guard = desk_guard(c.guard) if c.guard else None
     dl = dialogues(orders, products, n_per=c.dialogues_per_scenario, seed=ctx.recipe.seed + 1)
     with tempfile.TemporaryDirectory() as tmp:
+        caller = None
+        if c.tool_model_url:
+            from lmstack.apps.support.desk import ApiToolCaller
+
+            caller = ApiToolCaller(c.tool_model_url, c.tool_model)
+
         def make() -> Desk:
             p = Path(tmp) / "orders.sqlite"
             shutil.copyfile(out / "orders.sqlite", p)
-            return Desk(clf, OrderDB(p), products, guard, c.min_confidence)
+            return Desk(clf, OrderDB(p), products, guard, c.min_confidence, tool_caller=caller)
 
         m, runs = evaluate_desk(make, dl)
     write_jsonl(out / "transcripts.jsonl", runs)

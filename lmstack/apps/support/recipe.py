@@ -143,3 +143,8 @@ class DeskStage(StrictModel):
     min_confidence: float = Field(0.5, ge=0, le=1, description="below this intent confidence, with no task active, "
                                   "the desk hands over to a person")
     guard: str | None = Field("default", description="guardrails policy whose input rails escalate (none: off)")
+    tool_model_url: str | None = Field(None, description="an OpenAI-compatible endpoint (lmstack serve: "
+                                       "http://127.0.0.1:8000/v1) whose model writes the order tools' arguments "
+                                       "(tool_choice names the tool; the server constrains them to its schema); "
+                                       "none: the desk fills them from its slots")
+    tool_model: str = Field("model", description="the served model's name at tool_model_url")
