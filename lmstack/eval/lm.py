@@ -194,7 +194,7 @@ class EvalLM:
         B, T = ids.shape
         pos = torch.arange(P, P + T, device=ids.device).expand(B, T)
         return self.model.hidden_states(ids, position_ids=pos,
-                                        ctx=PrefixContext(self.prefix_kv, sliding_window=self.model.config.sliding_window))
+                                        ctx=PrefixContext(self.prefix_kv, sliding_window=self.model.config.attention_window))
 
     def rolling_windows(self, ids: list[int], max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
         """Split a token sequence into (context, targets) windows scoring every token after the first once.

@@ -77,6 +77,9 @@ def gguf_metadata(model_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
 
     src = Path(model_dir)
     cfg = ModelConfig.from_hf(src)
+    if cfg.model_type not in GGUF_ARCH:
+        raise CheckpointError(f"{src}: GGUF export of {cfg.model_type} is not supported (exportable: "
+                              f"{', '.join(GGUF_ARCH)}); {cfg.model_type} imports from GGUF only")
     kv = config_to_gguf_kv(cfg)
     if not (src / "tokenizer.json").is_file():
         raise CheckpointError(f"{src}: no tokenizer.json; a GGUF file carries its tokenizer, so export needs one")

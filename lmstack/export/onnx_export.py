@@ -98,6 +98,9 @@ class OnnxDecoder(nn.Module):
 def check_exportable(model: Transformer) -> None:
     """Refuse, in one line, what the traced graph cannot express."""
     cfg = model.config
+    if cfg.is_gemma:
+        raise ConfigError("ONNX export of Gemma 3 (sliding-window and global layers) is not supported; serve it "
+                          "with lmstack serve")
     if cfg.num_experts > 0:
         raise ConfigError(f"ONNX export of mixture-of-experts models ({cfg.model_type}) is not supported: "
                           "their routing is data-dependent; export a dense model, or use --format gguf")

@@ -7,16 +7,27 @@ tuning (``lmstack.tune``) without the model importing any of them.
 
 Shapes: q (B, n_heads, T, D); k, v (B, n_kv_heads, T, D); output (B, n_heads, T, D).
 Masks follow transformers: a query at index i sees key j iff j <= i, key j is not padding, and, with a
-sliding window W, i - j < W.
+sliding window W, i - j < W. ``sliding_window`` is one window for every layer (or None), or a tuple with each
+layer's window (Gemma 3's sliding / global layers: ``ModelConfig.attention_window``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+Window = Union[int, None, Sequence[Union[int, None]]]
+
+
+def window_of(sliding_window: Window, layer_idx: int) -> int | None:
+    """The window of layer ``layer_idx`` from one window for all layers or a per-layer tuple."""
+    if sliding_window is None or isinstance(sliding_window, int):
+        return sliding_window
+    return sliding_window[layer_idx]
 
 
 class AttentionContext(Protocol):
@@ -55,23 +66,23 @@ def build_mask(
 class CausalContext:
     """No cache: a full sequence, causal, with an optional padding mask (B, T) and sliding window."""
 
-    def __init__(self, attention_mask: Tensor | None = None, sliding_window: int | None = None):
+    def __init__(self, attention_mask: Tensor | None = None, sliding_window: Window = None):
         self.attention_mask = attention_mask
         self.sliding_window = sliding_window
-        self._mask: Tensor | None = None
-        self._mask_key: tuple | None = None
+        self._masks: dict[tuple, Tensor] = {}
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         T = q.shape[2]
-        needs_window = self.sliding_window is not None and T > self.sliding_window
+        W = window_of(self.sliding_window, layer_idx)
+        needs_window = W is not None and T > W
         if self.attention_mask is None and not needs_window:
             return sdpa(q, k, v, is_causal=True)
-        key = (T, q.device)
-        if self._mask is None or self._mask_key != key:  # built once, shared by all layers
+        key = (T, q.device, W if needs_window else None)
+        mask = self._masks.get(key)
+        if mask is None:  # built once per window, shared by the layers with that window
             idx = torch.arange(T, device=q.device)
-            self._mask = build_mask(idx, idx, self.attention_mask, self.sliding_window if needs_window else None)
-            self._mask_key = key
-        return sdpa(q, k, v, self._mask)
+            mask = self._masks[key] = build_mask(idx, idx, self.attention_mask, W if needs_window else None)
+        return sdpa(q, k, v, mask)
 
 
 class KVCache:
@@ -82,7 +93,7 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device, sliding_window: int | None = None):
+                 dtype: torch.dtype, device: torch.device, sliding_window: Window = None):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -90,7 +101,7 @@ class KVCache:
         self.pos = 0  # number of slots already filled
         self.sliding_window = sliding_window
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self._mask: Tensor | None = None
+        self._masks: dict[int | None, Tensor] = {}  # per window, for this step
 
     def set_padding(self, attention_mask: Tensor) -> None:
         """Mark the padding of the tokens about to be written (B, T) at the current position."""
@@ -104,12 +115,16 @@ class KVCache:
             raise RuntimeError(f"KV cache full: {end} > {self.max_len} slots")
         self.k[layer_idx][:, :, self.pos:end] = k
         self.v[layer_idx][:, :, self.pos:end] = v
-        if layer_idx == 0 or self._mask is None:
+        W = window_of(self.sliding_window, layer_idx)
+        if layer_idx == 0:
+            self._masks.clear()
+        mask = self._masks.get(W)
+        if mask is None:
             q_idx = torch.arange(self.pos, end, device=q.device)
             k_idx = torch.arange(end, device=q.device)
-            self._mask = build_mask(q_idx, k_idx, self.key_valid[:, :end], self.sliding_window)
-        return sdpa(q, self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end], self._mask)
+            mask = self._masks[W] = build_mask(q_idx, k_idx, self.key_valid[:, :end], W)
+        return sdpa(q, self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end], mask)
 
     def advance(self, n: int) -> None:
         self.pos += n
-        self._mask = None
+        self._masks.clear()

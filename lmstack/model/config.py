@@ -21,7 +21,7 @@ from typing import Any
 from lmstack.errors import CheckpointError, ConfigError
 from lmstack.utils.io import read_json
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3_text")
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -31,6 +31,7 @@ _ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 # Family defaults where config.json may omit a key (the defaults of the transformers config classes).
@@ -44,7 +45,13 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                       moe_intermediate_size=1408, shared_expert_intermediate_size=5632, norm_topk_prob=False),
     "qwen3_moe": dict(tie_word_embeddings=False, rms_norm_eps=1e-6, num_experts_per_tok=8, num_experts=128,
                       moe_intermediate_size=768, norm_topk_prob=False),
+    # Gemma3TextConfig's defaults (transformers 5)
+    "gemma3_text": dict(tie_word_embeddings=True, rms_norm_eps=1e-6, vocab_size=262_208, hidden_size=2304,
+                        intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=256, max_position_embeddings=131_072, query_pre_attn_scalar=256,
+                        sliding_window=4096, bos_token_id=2, eos_token_id=1, pad_token_id=0),
 }
+GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 @dataclass
 class ModelConfig:
     vocab_size: int = 8192
@@ -81,6 +88,13 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
     initializer_range: float = 0.02
+    # ---- Gemma 3 (model_type gemma3_text): (1 + w) RMSNorms before and after attention and MLP, q/k norms,
+    # embeddings scaled by sqrt(hidden), a GELU-tanh gated MLP, sliding-window and global layers
+    hidden_act: str = "silu"  # "gelu_pytorch_tanh" / "gelu" for Gemma (silu: SwiGLU for the other families)
+    layer_types: list[str] | None = None  # per layer "sliding_attention" / "full_attention"; None: all alike
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3 rope_local_base_freq)
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar ** -0.5 (else head_dim)
+    final_logit_softcapping: float | None = None  # logits = c * tanh(logits / c)
     extra: dict[str, Any] = field(default_factory=dict)  # HF keys we keep but do not use
 
     def __post_init__(self) -> None:
@@ -103,6 +117,37 @@ class ModelConfig:
         if self.decoder_sparse_step < 1:
             raise ConfigError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         check_rope(self.rope_scaling, self.head_dim)
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            bad = sorted(set(self.layer_types) - {"sliding_attention", "full_attention"})
+            if bad:
+                raise ConfigError(f"layer_types has {bad[0]!r}; supported: sliding_attention, full_attention")
+        if self.is_gemma and self.hidden_act not in GEMMA_ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported for Gemma; supported: "
+                              f"{', '.join(GEMMA_ACTIVATIONS)}")
+        if not self.is_gemma and self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (only silu / SwiGLU)")
+
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma 3's layer layout: (1 + w) norms before and after attention and MLP, scaled embeddings."""
+        return self.model_type == "gemma3_text"
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer ``i`` (None: full causal attention)."""
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+
+    @property
+    def attention_window(self) -> int | None | tuple[int | None, ...]:
+        """What attention contexts take as ``sliding_window``: one window for every layer (or None), or a tuple
+        with each layer's window where layers differ (Gemma 3's sliding / global pattern)."""
+        if self.layer_types is None:
+            return self.sliding_window
+        wins = tuple(self.layer_window(i) for i in range(self.num_hidden_layers))
+        return wins[0] if len(set(wins)) == 1 else wins
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -121,7 +166,7 @@ class ModelConfig:
         o = self.num_attention_heads * d * h
         bias = (self.num_attention_heads + 2 * self.num_key_value_heads) * d if self.attention_bias else 0
         bias += h if self.attention_out_bias else 0
-        norms = 2 * h + (2 * d if self.qk_norm else 0)
+        norms = (4 if self.is_gemma else 2) * h + (2 * d if self.qk_norm else 0)
         dense = 3 * h * i + ((2 * i + h) if self.mlp_bias else 0)
         ei = self.moe_intermediate_size
         n_routed = self.num_experts_per_tok if active_only else self.num_experts
@@ -159,10 +204,16 @@ class ModelConfig:
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             hint = " (an encoder: use lmstack.model.load_encoder or `lmstack classify`)" if mt == "bert" else ""
+            if mt == "gemma3":
+                hint = " (the multimodal Gemma 3; lmstack loads the text decoder, model_type gemma3_text)"
+            if mt in ("t5", "mt5"):
+                hint = " (an encoder-decoder: lmstack.model.seq2seq.load_seq2seq loads it)"
             raise CheckpointError(
                 f'{where} has model_type "{mt}"; supported: {", ".join(SUPPORTED_MODEL_TYPES)}{hint}'
             )
         try:
+            if mt == "gemma3_text":
+                return cls(**_gemma3_kwargs(d, where))
             return cls(**_hf_to_kwargs(d, mt, where))
         except ConfigError as e:
             raise CheckpointError(f"{where}: {e}") from None
@@ -170,6 +221,8 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """A ``config.json`` dict that ``transformers.AutoConfig`` reads for this model_type."""
         mt = self.model_type
+        if mt == "gemma3_text":
+            return _gemma3_to_hf(self)
         rope = {**(self.rope_scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
         d: dict[str, Any] = {
             "architectures": [_ARCHITECTURES[mt]],
@@ -283,7 +336,8 @@ def _hf_to_kwargs(d: dict[str, Any], mt: str, where: str) -> dict[str, Any]:
     known = {f.name for f in fields(ModelConfig)} - {
         "extra", "qk_norm", "attention_bias", "attention_out_bias", "mlp_bias", "sliding_window", "num_experts",
         "rope_scaling", "rope_theta", "tie_word_embeddings", "rms_norm_eps", "num_experts_per_tok",
-        "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob"}
+        "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob", "hidden_act", "layer_types",
+        "rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping"}
     kw: dict[str, Any] = {k: d[k] for k in known if k in d}
     if kw.get("num_key_value_heads") is None:
         kw["num_key_value_heads"] = d.get("num_attention_heads", ModelConfig.num_attention_heads)
@@ -377,6 +431,102 @@ def _hf_to_kwargs(d: dict[str, Any], mt: str, where: str) -> dict[str, Any]:
                       "sliding_window", "num_experts", "dtype", "torch_dtype"}
     kw["extra"] = {k: v for k, v in d.items() if k not in used}
     return kw
+
+
+def _gemma3_kwargs(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """A Gemma 3 text ``config.json`` (``Gemma3TextConfig``, transformers 4.50+ / 5) -> ModelConfig keywords."""
+    fam = _FAMILY_DEFAULTS["gemma3_text"]
+
+    def get(k: str) -> Any:
+        return d[k] if d.get(k) is not None else fam.get(k)
+
+    if d.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention (EmbeddingGemma) is not supported; lmstack runs the causal "
+                          "Gemma 3 decoder")
+    if d.get("attn_logit_softcapping") is not None:
+        raise ConfigError("attn_logit_softcapping (Gemma 2 style) is not supported; Gemma 3 checkpoints set it "
+                          "to null")
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    n_layers = int(get("num_hidden_layers"))
+    types = d.get("layer_types")
+    if not isinstance(types, list):
+        pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    # rope: transformers 5 nests it per layer type; older files have rope_theta / rope_local_base_freq /
+    # rope_scaling (the global layers' scaling)
+    rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    full = dict(rp.get("full_attention") or {})
+    local = dict(rp.get("sliding_attention") or {})
+    if not full and isinstance(d.get("rope_scaling"), dict):
+        full = dict(d["rope_scaling"])
+    theta = full.pop("rope_theta", d.get("rope_theta", 1_000_000.0))
+    local_theta = local.pop("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ConfigError(f"rope type {local.get('rope_type', local.get('type'))!r} on the sliding layers is not "
+                          "supported (Gemma 3 uses plain RoPE there)")
+    kind = full.get("rope_type", full.get("type", "default"))
+    scaling = None
+    if kind != "default":
+        scaling = {k: v for k, v in full.items() if k != "type"}
+        scaling["rope_type"] = kind
+        if kind in ("llama3", "yarn"):
+            scaling.setdefault("original_max_position_embeddings", int(get("max_position_embeddings")))
+    if float(d.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise ConfigError("partial_rotary_factor != 1 (RoPE on part of each head) is not supported")
+    window = get("sliding_window")
+    bias = bool(d.get("attention_bias", False))
+    dtype = d.get("dtype") or d.get("torch_dtype")
+    kw: dict[str, Any] = dict(
+        model_type="gemma3_text", vocab_size=int(get("vocab_size")), hidden_size=int(get("hidden_size")),
+        intermediate_size=int(get("intermediate_size")), num_hidden_layers=n_layers,
+        num_attention_heads=int(get("num_attention_heads")),
+        num_key_value_heads=int(get("num_key_value_heads") or get("num_attention_heads")),
+        head_dim=int(get("head_dim")), rms_norm_eps=float(get("rms_norm_eps")), rope_theta=float(theta),
+        rope_scaling=scaling, rope_local_theta=float(local_theta), attention_bias=bias, attention_out_bias=bias,
+        qk_norm=True, tie_word_embeddings=bool(get("tie_word_embeddings")),
+        max_position_embeddings=int(get("max_position_embeddings")),
+        sliding_window=int(window) if window is not None and "sliding_attention" in types else None,
+        layer_types=list(types), hidden_act=act, query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+        final_logit_softcapping=(float(d["final_logit_softcapping"]) if d.get("final_logit_softcapping") is not None
+                                 else None),
+        bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"), pad_token_id=get("pad_token_id"),
+        torch_dtype=dtype if isinstance(dtype, str) else "float32",
+        initializer_range=float(d.get("initializer_range", 0.02)),
+    )
+    used = set(kw) | {"rope_parameters", "rope_scaling", "rope_local_base_freq", "hidden_activation", "dtype",
+                      "sliding_window_pattern", "_sliding_window_pattern", "use_bidirectional_attention",
+                      "attn_logit_softcapping", "partial_rotary_factor", "architectures"}
+    kw["extra"] = {k: v for k, v in d.items() if k not in used}
+    return kw
+
+
+def _gemma3_to_hf(cfg: "ModelConfig") -> dict[str, Any]:
+    if cfg.attention_bias != cfg.attention_out_bias:
+        raise ConfigError("gemma3_text has one attention_bias for q/k/v and o_proj")
+    types = cfg.layer_types or ["sliding_attention" if cfg.sliding_window is not None else "full_attention"
+                                ] * cfg.num_hidden_layers
+    full = {**(cfg.rope_scaling or {"rope_type": "default"}), "rope_theta": cfg.rope_theta}
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or 10_000.0}
+    d: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES["gemma3_text"]], "model_type": "gemma3_text",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "hidden_activation": cfg.hidden_act, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": {"full_attention": full, "sliding_attention": local},
+        "rope_theta": cfg.rope_theta, "rope_local_base_freq": cfg.rope_local_theta or 10_000.0,
+        "rope_scaling": cfg.rope_scaling, "attention_bias": cfg.attention_bias, "attention_dropout": 0.0,
+        "query_pre_attn_scalar": int(cfg.query_pre_attn_scalar or cfg.head_dim),  # an int in Gemma3TextConfig
+        "sliding_window": cfg.sliding_window if cfg.sliding_window is not None else 4096,
+        "layer_types": list(types), "final_logit_softcapping": cfg.final_logit_softcapping,
+        "attn_logit_softcapping": None, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings, "initializer_range": cfg.initializer_range,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": cfg.torch_dtype, "use_bidirectional_attention": False,
+    }
+    for k, v in cfg.extra.items():
+        d.setdefault(k, v)
+    return d
 
 
 # Named presets: CPU-sized models to train from scratch, and real shapes (random weights) for benchmarks.

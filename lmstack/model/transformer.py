@@ -21,6 +21,47 @@ from lmstack.model.rope import rope_attention_factor, rope_inv_freq, rope_is_dyn
 __all__ = ["RMSNorm", "Attention", "MLP", "Block", "Transformer", "rope_inv_freq", "apply_rope", "signed_sin"]
 
 
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + w)`` in fp32, cast back (weights start at zero)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's token embedding: the table row times sqrt(hidden), the factor rounded to the table's dtype."""
+
+    def __init__(self, num: int, dim: int, scale: float):
+        super().__init__(num, dim)
+        self.scale = scale
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return super().forward(input_ids) * torch.tensor(self.scale, dtype=self.weight.dtype)
+
+
+class SoftcapLinear(nn.Linear):
+    """lm_head with final-logit soft-capping (``c * tanh(logits / c)``), under the plain ``lm_head.weight`` name, so
+    every caller of ``model.lm_head`` (engine, eval, scoring) gets capped logits."""
+
+    def __init__(self, in_features: int, out_features: int, cap: float):
+        super().__init__(in_features, out_features, bias=False)
+        self.cap = cap
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(super().forward(x) / self.cap) * self.cap
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return GemmaRMSNorm(dim, cfg.rms_norm_eps) if cfg.is_gemma else RMSNorm(dim, cfg.rms_norm_eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -112,10 +153,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=cfg.attention_out_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.q_norm = make_norm(cfg, d)
+            self.k_norm = make_norm(cfg, d)
         else:
             self.q_norm = self.k_norm = None
+        # SDPA scales by head_dim ** -0.5; Gemma's query_pre_attn_scalar ** -0.5 is folded into q
+        self.q_scale = (cfg.query_pre_attn_scalar ** -0.5 * d ** 0.5
+                        if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != d else None)
         self._qkv: tuple[Tensor, Tensor | None] | None = None  # fused (weight, bias), see fuse_projections
 
     def fuse(self, column_major: bool = True) -> None:
@@ -133,7 +177,7 @@ class Attention(nn.Module):
         H, KV = self.n_heads, self.n_kv
         if self._qkv is not None and _is_fused(self._qkv, [self.q_proj, self.k_proj, self.v_proj]):
             qkv = F.linear(x, *self._qkv).view(B, T, H + 2 * KV, self.head_dim)
-            if self.q_norm is None:  # rotate q and k heads together: one RoPE instead of two
+            if self.q_norm is None and self.q_scale is None:  # rotate q and k heads together: one RoPE instead of two
                 qk = apply_rope(qkv[:, :, :H + KV].transpose(1, 2), cos, sin)  # (B, H + KV, T, D)
                 q, k = qk.split([H, KV], 1)
                 o = ctx.attend(self.layer_idx, q, k, qkv[:, :, H + KV:].transpose(1, 2))  # (B, H, T, D)
@@ -148,6 +192,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if self.q_scale is not None:
+            q = q * self.q_scale
         o = ctx.attend(self.layer_idx, q, k, v)  # (B, n_heads, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -157,6 +203,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # silu: SwiGLU; gelu_pytorch_tanh / gelu: Gemma's GeGLU (tanh-approximated or exact GELU)
+        self.act = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                    "gelu": F.gelu}[cfg.hidden_act]
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
@@ -173,8 +222,8 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._gate_up is not None and _is_fused(self._gate_up, [self.gate_proj, self.up_proj]):
             gate, up = F.linear(x, *self._gate_up).chunk(2, -1)  # (..., 2 * intermediate) -> 2 x (..., intermediate)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -190,8 +239,12 @@ class Block(nn.Module):
         else:
             self.ffn_name = "mlp"
             self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.gemma = cfg.is_gemma
+        if self.gemma:  # Gemma: post_attention_layernorm norms the attention output; two more around the MLP
+            self.pre_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
+            self.post_feedforward_layernorm = make_norm(cfg, cfg.hidden_size)
 
     @property
     def ffn(self) -> nn.Module:
@@ -205,6 +258,9 @@ class Block(nn.Module):
             _fuse_linears([self.mlp.down_proj], column_major)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+        if self.gemma:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, ctx))
+            return x + self.post_feedforward_layernorm(self.ffn(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.ffn(self.post_attention_layernorm(x))
 
@@ -214,9 +270,10 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = (ScaledEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.hidden_size ** 0.5) if cfg.is_gemma
+                             else nn.Embedding(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg, cfg.hidden_size)
 
 
 class Transformer(nn.Module):
@@ -224,20 +281,25 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (SoftcapLinear(cfg.hidden_size, cfg.vocab_size, cfg.final_logit_softcapping)
+                        if cfg.final_logit_softcapping else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq: dict[torch.device, Tensor] = {}
+        self._inv_freq: dict[tuple[torch.device, bool], Tensor] = {}
+        # Gemma 3's sliding layers use their own plain RoPE (rope_local_theta); the others the config's rope
+        self._local_rope = (cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling=None)
+                            if cfg.layer_types is not None and cfg.rope_local_theta is not None else None)
 
     # ------------------------------------------------------------------ init
     def init_weights(self, seed: int | None = None) -> "Transformer":
-        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases (as transformers)."""
+        """Normal(0, initializer_range) for matrices, ones for norms (zeros for Gemma's 1 + w norms), zeros for
+        biases (as transformers)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if name.endswith("norm.weight") or "layernorm" in name:
-                    p.fill_(1.0)
+                    p.fill_(0.0 if self.config.is_gemma else 1.0)
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
@@ -264,18 +326,19 @@ class Transformer(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
-    def rope(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def rope(self, position_ids: Tensor, dtype: torch.dtype, local: bool = False) -> tuple[Tensor, Tensor]:
         """cos, sin (B, 1, T, D) for integer positions (B, T); computed in fp32 like transformers, scaled by
         YaRN's attention factor where configured. Dynamic NTK recomputes the frequencies for a forward pass
-        that reaches past max_position_embeddings (as transformers does for that pass)."""
+        that reaches past max_position_embeddings (as transformers does for that pass). ``local``: the RoPE of
+        Gemma 3's sliding-window layers."""
         dev = position_ids.device
-        cfg = self.config
+        cfg = self._local_rope if local and self._local_rope is not None else self.config
         if rope_is_dynamic(cfg) and position_ids.numel() and int(position_ids.max()) + 1 > cfg.max_position_embeddings:
             inv = rope_inv_freq(cfg, int(position_ids.max()) + 1).to(dev)
         else:
-            inv = self._inv_freq.get(dev)
+            inv = self._inv_freq.get((dev, local))
             if inv is None:
-                inv = self._inv_freq[dev] = rope_inv_freq(cfg).to(dev)
+                inv = self._inv_freq[(dev, local)] = rope_inv_freq(cfg).to(dev)
         freqs = position_ids[..., None].float() * inv  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
@@ -302,11 +365,18 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(T, device=x.device).expand(B, T)
         if ctx is None:
-            ctx = CausalContext(attention_mask, self.config.sliding_window)
+            ctx = CausalContext(attention_mask, self.config.attention_window)
         cos, sin = self.rope(position_ids, x.dtype)
         sin = signed_sin(sin)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
+        if self._local_rope is None:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, ctx)
+            return self.model.norm(x)
+        lcos, lsin = self.rope(position_ids, x.dtype, local=True)
+        lsin = signed_sin(lsin)
+        for i, layer in enumerate(self.model.layers):
+            local = self.config.layer_types[i] == "sliding_attention"
+            x = layer(x, lcos if local else cos, lsin if local else sin, ctx)
         return self.model.norm(x)
 
     def forward(

@@ -114,7 +114,7 @@ def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, qu
     pos = torch.arange(calib.shape[1])[None].expand(calib.shape[0], -1)
     cos, sin = model.rope(pos, x.dtype)
     sin = signed_sin(sin)
-    ctx = CausalContext(None, cfg.sliding_window)
+    ctx = CausalContext(None, cfg.attention_window)
     mha = cfg.num_attention_heads == cfg.num_key_value_heads
     names = []
     for li, layer in enumerate(model.model.layers):

@@ -90,7 +90,7 @@ def gptq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 32) -
     pos = torch.arange(calib.shape[1])[None].expand(calib.shape[0], -1)
     cos, sin = model.rope(pos, x.dtype)
     sin = signed_sin(sin)
-    ctx = CausalContext(None, model.config.sliding_window)
+    ctx = CausalContext(None, model.config.attention_window)
     names = []
     for li, layer in enumerate(model.model.layers):
         linears = _block_linears(layer)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lmstack.errors import ConfigError
-from lmstack.model.attention import build_mask, sdpa
+from lmstack.model.attention import Window, build_mask, sdpa, window_of
 from lmstack.model.transformer import Transformer
 
 PROMPT_METHODS = ("prompt", "prefix")
@@ -39,13 +39,12 @@ class PrefixContext:
     tokens (1) and padding (0) of the current sequence; prefix slots are always visible."""
 
     def __init__(self, prefix_kv: list[tuple[Tensor, Tensor]], attention_mask: Tensor | None = None,
-                 sliding_window: int | None = None):
+                 sliding_window: Window = None):
         self.prefix_kv = prefix_kv
         self.P = prefix_kv[0][0].shape[-2]
         self.attention_mask = attention_mask
         self.sliding_window = sliding_window
-        self._mask: Tensor | None = None
-        self._key: tuple | None = None
+        self._masks: dict[tuple, Tensor] = {}
 
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         B, _, T, _ = q.shape  # q (B, n_heads, T, D)
@@ -56,8 +55,10 @@ class PrefixContext:
         pv = pv.to(v.dtype).expand(B, -1, -1, -1)
         k = torch.cat([pk, k], dim=2)  # (B, n_kv, P + T, D)
         v = torch.cat([pv, v], dim=2)
-        key = (B, T, q.device)
-        if self._mask is None or self._key != key:
+        W = window_of(self.sliding_window, layer_idx)
+        key = (B, T, q.device, W)
+        mask = self._masks.get(key)
+        if mask is None:
             P = self.P
             q_idx = torch.arange(P, P + T, device=q.device)
             k_idx = torch.arange(P + T, device=q.device)
@@ -65,9 +66,8 @@ class PrefixContext:
             if self.attention_mask is not None:
                 valid = torch.cat([torch.ones(B, P, dtype=torch.bool, device=q.device),
                                    self.attention_mask.bool()], dim=1)  # (B, P + T)
-            self._mask = build_mask(q_idx, k_idx, valid, self.sliding_window)
-            self._key = key
-        return sdpa(q, k, v, self._mask)
+            mask = self._masks[key] = build_mask(q_idx, k_idx, valid, W)
+        return sdpa(q, k, v, mask)
 
 
 class _RecordingContext:
@@ -166,7 +166,7 @@ class PromptTunedModel(nn.Module):
             logits = self.base(inputs_embeds=torch.cat([prompt, emb], dim=1), attention_mask=mask)
             return logits[:, P:]
         positions = P + (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T): P, P+1, ...
-        ctx = PrefixContext(self.encoder.prefix_kv(self.base), attention_mask, self.base.config.sliding_window)
+        ctx = PrefixContext(self.encoder.prefix_kv(self.base), attention_mask, self.base.config.attention_window)
         return self.base(input_ids, position_ids=positions, ctx=ctx)
 
     @property
