@@ -23,7 +23,7 @@ import torch
 from lmstack.errors import CheckpointError
 from lmstack.export.gguf_file import read_gguf
 from lmstack.export.gguf_layout import (
-    ROPE_PERMUTED_ARCHS, config_from_gguf, expected_shape, hf_name_table, is_rope_permuted, rope_heads,
+    ROPE_PERMUTED_ARCHS, config_from_gguf, expected_shape, hf_name_table, is_norm_shifted, is_rope_permuted, rope_heads,
     unpermute_rope_rows,
 )
 from lmstack.export.gguf_tokenizer import tokenizer_from_gguf
@@ -69,7 +69,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
                                   "re-quantize the model to a common type (Q4_K_M, Q8_0, F16)")
     cfg = config_from_gguf(g.meta, set(g.tensors), where)
     tokenizer_json, tokenizer_config, stops = tokenizer_from_gguf(g.meta, where)
-    names = hf_name_table(cfg.num_hidden_layers)
+    arch = g.meta["general.architecture"]
+    names = hf_name_table(cfg.num_hidden_layers, arch)
     unknown = [n for n in g.tensors if n not in names]
     if unknown:
         raise CheckpointError(f"{where}: tensor {unknown[0]} (and {len(unknown) - 1} more) has no place in a "
@@ -84,6 +85,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         w = torch.from_numpy(np.array(_dequantize(t, where), dtype=np.float32, order="C"))  # a copy: the file stays read-only
         if permuted and is_rope_permuted(hf):
             w = unpermute_rope_rows(w, rope_heads(cfg, hf)).contiguous()
+        if is_norm_shifted(arch, hf):
+            w = w - 1.0
         state[hf] = w.to(_DTYPES[dtype])
     required = [k for k in names.values() if not k.endswith(".bias") and "q_norm" not in k and "k_norm" not in k
                 and k != "lm_head.weight"]

@@ -29,7 +29,7 @@ from lmstack.model.config import ModelConfig
 
 # lmstack model_type -> GGUF general.architecture (llama.cpp has no separate Mistral graph for these models)
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")  # gemma3: import only
 ROPE_PERMUTED_ARCHS = ("llama",)  # llama.cpp rotates adjacent pairs for these
 
 # HF per-layer suffix -> gguf.MODEL_TENSOR member name (the GGUF name comes from gguf.TENSOR_NAMES)
@@ -49,6 +49,14 @@ _LAYER_TENSORS = {
     "mlp.up_proj.weight": ("FFN_UP", "weight"),
     "mlp.down_proj.weight": ("FFN_DOWN", "weight"),
 }
+# Gemma 3 (import only): four norms per layer, under their own GGUF names; ``ffn_norm`` is the pre-MLP norm
+_GEMMA3_LAYER_TENSORS = {
+    **{k: v for k, v in _LAYER_TENSORS.items() if k != "post_attention_layernorm.weight"},
+    "post_attention_layernorm.weight": ("ATTN_POST_NORM", "weight"),
+    "pre_feedforward_layernorm.weight": ("FFN_PRE_NORM", "weight"),
+    "post_feedforward_layernorm.weight": ("FFN_POST_NORM", "weight"),
+}
+GEMMA_SWA_PATTERN = 6  # llama.cpp's default for gemma3 files without attention.sliding_window_pattern
 _GLOBAL_TENSORS = {
     "model.embed_tokens.weight": ("TOKEN_EMBD", "weight"),
     "model.norm.weight": ("OUTPUT_NORM", "weight"),
@@ -63,26 +71,33 @@ def _gguf_base(member: str) -> str:
     return gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, member)]
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str | None:
     """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``; None for a name GGUF has no slot for."""
+    layer_tensors = _GEMMA3_LAYER_TENSORS if arch == "gemma3" else _LAYER_TENSORS
     if hf_name in _GLOBAL_TENSORS:
         member, kind = _GLOBAL_TENSORS[hf_name]
         return f"{_gguf_base(member)}.{kind}"
     m = _HF_LAYER.match(hf_name)
-    if m and m.group(2) in _LAYER_TENSORS:
-        member, kind = _LAYER_TENSORS[m.group(2)]
+    if m and m.group(2) in layer_tensors:
+        member, kind = layer_tensors[m.group(2)]
         return f"{_gguf_base(member).format(bid=int(m.group(1)))}.{kind}"
     return None
 
 
-def hf_name_table(num_layers: int) -> dict[str, str]:
+def hf_name_table(num_layers: int, arch: str = "llama") -> dict[str, str]:
     """Every GGUF tensor name lmstack knows for a model of ``num_layers`` layers -> its HF name."""
-    table = {gguf_tensor_name(k): k for k in _GLOBAL_TENSORS}
+    layer_tensors = _GEMMA3_LAYER_TENSORS if arch == "gemma3" else _LAYER_TENSORS
+    table = {gguf_tensor_name(k, arch): k for k in _GLOBAL_TENSORS}
     for i in range(num_layers):
-        for suffix in _LAYER_TENSORS:
+        for suffix in layer_tensors:
             hf = f"model.layers.{i}.{suffix}"
-            table[gguf_tensor_name(hf)] = hf
+            table[gguf_tensor_name(hf, arch)] = hf
     return table
+
+
+def is_norm_shifted(arch: str, hf_name: str) -> bool:
+    """llama.cpp's converter stores Gemma's (1 + w) RMSNorm weights as 1 + w: import subtracts the 1 again."""
+    return arch == "gemma3" and hf_name.endswith(("norm.weight", "layernorm.weight"))
 
 
 def is_rope_permuted(hf_name: str) -> bool:
@@ -185,7 +200,27 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], where: str) -
     if arch == "llama" and sliding is not None:
         model_type = "mistral"
     eos = meta.get("tokenizer.ggml.eos_token_id")
+    gemma: dict[str, Any] = {}
+    if arch == "gemma3":
+        model_type = "gemma3_text"
+        n_layers = int(get("block_count", required=True))
+        pattern = meta.get("gemma3.attention.sliding_window_pattern", GEMMA_SWA_PATTERN)
+        if isinstance(pattern, list):  # one bool per layer: True slides
+            if len(pattern) != n_layers:
+                raise CheckpointError(f"{where}: gemma3.attention.sliding_window_pattern has {len(pattern)} entries "
+                                      f"for {n_layers} layers")
+            types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            types = ["sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(n_layers)]
+        cap = get("final_logit_softcapping")
+        if get("attn_logit_softcapping") is not None:
+            raise CheckpointError(f"{where}: gemma3.attn_logit_softcapping is set, which lmstack does not support")
+        # llama.cpp: the sliding layers' RoPE base is 10000; attention scale 1/sqrt(head_dim) (27B: hidden/heads)
+        gemma = dict(layer_types=types, rope_local_theta=10_000.0, hidden_act="gelu_pytorch_tanh",
+                     query_pre_attn_scalar=float(hidden // n_heads if n_layers == 62 else head_dim),
+                     final_logit_softcapping=float(cap) if cap is not None else None)
     return ModelConfig(
+        **gemma,
         model_type=model_type,
         vocab_size=int(n_vocab),
         hidden_size=hidden,
@@ -219,6 +254,7 @@ def expected_shape(cfg: ModelConfig, hf_name: str) -> tuple[int, ...]:
         "self_attn.q_proj.bias": (nq,), "self_attn.k_proj.bias": (nkv,), "self_attn.v_proj.bias": (nkv,),
         "self_attn.o_proj.weight": (h, nq), "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
         "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
+        "pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,),
     }
     if hf_name in table:
         return table[hf_name]
@@ -228,6 +264,6 @@ def expected_shape(cfg: ModelConfig, hf_name: str) -> tuple[int, ...]:
 
 __all__ = [
     "GGUF_ARCH", "SUPPORTED_GGUF_ARCHS", "ROPE_PERMUTED_ARCHS", "gguf_tensor_name", "hf_name_table",
-    "is_rope_permuted", "permute_rope_rows", "unpermute_rope_rows", "rope_heads", "config_to_gguf_kv",
+    "is_rope_permuted", "is_norm_shifted", "permute_rope_rows", "unpermute_rope_rows", "rope_heads", "config_to_gguf_kv",
     "config_from_gguf", "expected_shape",
 ]

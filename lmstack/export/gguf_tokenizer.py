@@ -55,6 +55,23 @@ PRE_TOKENIZERS: dict[str, tuple[str, str | None, bool]] = {
 _FALLBACK_PRE = "llama-bpe"
 
 
+# Gemma's chat format (the Gemma 3 model card): turns "<start_of_turn>user|model\n...<end_of_turn>\n", a system
+# message folded into the first user turn, the assistant's role called "model".
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = m['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ ns.system if m['role'] == 'user' else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
+    "{%- if m['role'] == 'user' -%}{%- set ns.system = '' -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<start_of_turn>model\n{%- endif -%}"
+)
+
+
 # ---------------------------------------------------------------------------------------------- import
 def _byte_alphabet() -> set[str]:
     from tokenizers.pre_tokenizers import ByteLevel
@@ -64,25 +81,103 @@ def _byte_alphabet() -> set[str]:
 
 def tokenizer_from_gguf(meta: dict[str, Any], where: str) -> tuple[str, dict[str, Any], list[int]]:
     """(tokenizer.json text, tokenizer_config.json dict, every end-of-generation id) from GGUF metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, processors
 
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         raise CheckpointError(f"{where}: the GGUF file has no tokenizer (no tokenizer.ggml.model key)")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise CheckpointError(f'{where}: tokenizer model "{kind}" is not supported; lmstack imports byte-level '
-                              'BPE tokenizers ("gpt2": Llama 3, Qwen2/3, SmolLM, ...), not SentencePiece ("llama")')
+                              'BPE ("gpt2": Llama 3, Qwen2/3, SmolLM, ...) and SentencePiece BPE ("llama": Gemma, '
+                              'Llama 2) tokenizers')
     tokens = meta.get("tokenizer.ggml.tokens")
-    merges = meta.get("tokenizer.ggml.merges")
     if not isinstance(tokens, list) or not tokens:
         raise CheckpointError(f"{where}: tokenizer.ggml.tokens is missing or empty")
     if len(tokens) > MAX_TOKENS:
         raise CheckpointError(f"{where}: {len(tokens)} tokens is more than lmstack accepts ({MAX_TOKENS})")
-    if not isinstance(merges, list):
-        raise CheckpointError(f"{where}: tokenizer.ggml.merges is missing (a BPE tokenizer needs its merges)")
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise CheckpointError(f"{where}: {len(types)} token types for {len(tokens)} tokens")
+    if kind == "llama":
+        tk, vocab = _sentencepiece_bpe(meta, tokens, types, where)
+    else:
+        tk, vocab = _byte_level_bpe(meta, tokens, where)
+
+    # control tokens stay whole and are skipped when decoding with skip_special_tokens; user-defined ones stay whole
+    added = []
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty in (CONTROL, USER_DEFINED) and vocab.get(t) == i:
+            added.append(AddedToken(t, special=ty == CONTROL, normalized=False, single_word=False,
+                                    lstrip=False, rstrip=False))
+    specials = [a for a in added if a.special]
+    if specials:
+        tk.add_special_tokens(specials)
+    if len(specials) != len(added):
+        tk.add_tokens([a for a in added if not a.special])
+
+    def tok(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if i is None:
+            return None
+        if not isinstance(i, int) or not 0 <= i < len(tokens):
+            raise CheckpointError(f"{where}: tokenizer.ggml.{key} = {i!r} is not a token id (0..{len(tokens) - 1})")
+        return tokens[i]
+
+    bos, eos = tok("bos_token_id"), tok("eos_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    if (add_bos and bos is not None) or (add_eos and eos is not None):
+        single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+        pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+        tk.post_processor = processors.TemplateProcessing(
+            single=" ".join(single), pair=" ".join(pair),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(
+                ([bos] if add_bos else []) + ([eos] if add_eos else []))])
+    elif kind == "gpt2":
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    template = meta.get("tokenizer.chat_template")
+    if template is None and meta.get("general.architecture") == "gemma3":
+        template = GEMMA_CHAT_TEMPLATE  # Gemma 3 GGUF files often carry no template; this is Gemma's turn format
+    if template is not None and (not isinstance(template, str) or len(template) > MAX_TEMPLATE):
+        raise CheckpointError(f"{where}: tokenizer.chat_template is not a string of at most {MAX_TEMPLATE} characters")
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos, "eos_token": eos, "unk_token": tok("unknown_token_id"), "pad_token": tok("padding_token_id"),
+        "add_bos_token": add_bos, "add_eos_token": add_eos, "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": ty == CONTROL}
+                                 for i, (t, ty) in enumerate(zip(tokens, types))
+                                 if ty in (CONTROL, USER_DEFINED) and vocab.get(t) == i},
+    }
+    ctx = next((v for k, v in meta.items() if k.endswith(".context_length") and isinstance(v, int)), None)
+    if ctx:
+        config["model_max_length"] = ctx
+    if template:
+        config["chat_template"] = template
+    config = {k: v for k, v in config.items() if v is not None}
+
+    stops: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if isinstance(i, int) and 0 <= i < len(tokens) and i not in stops:
+            stops.append(i)
+    from lmstack.tokenizer.pretokenize import KNOWN_END_MARKERS
+
+    for marker in (*KNOWN_END_MARKERS, "<|endoftext|>"):  # end-of-turn markers llama.cpp also stops on
+        i = vocab.get(marker)
+        if i is not None and types[i] == CONTROL and i not in stops:
+            stops.append(i)
+    return tk.to_str(), config, stops
+
+
+def _byte_level_bpe(meta: dict[str, Any], tokens: list, where: str):
+    """(tokenizers.Tokenizer, vocab) for ``tokenizer.ggml.model = "gpt2"``: byte-level BPE with the file's merges."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    merges = meta.get("tokenizer.ggml.merges")
+    if not isinstance(merges, list):
+        raise CheckpointError(f"{where}: tokenizer.ggml.merges is missing (a BPE tokenizer needs its merges)")
 
     pre = meta.get("tokenizer.ggml.pre", "default")
     own_regex = meta.get(PRE_REGEX_KEY)
@@ -123,71 +218,52 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str) -> tuple[str, dict[str
         tk.pre_tokenizer = pre_tokenizers.Sequence([
             split, pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
+    return tk, vocab
 
-    # control tokens stay whole and are skipped when decoding with skip_special_tokens; user-defined ones stay whole
-    added = []
-    for i, (t, ty) in enumerate(zip(tokens, types)):
-        if ty in (CONTROL, USER_DEFINED) and vocab.get(t) == i:
-            added.append(AddedToken(t, special=ty == CONTROL, normalized=False, single_word=False,
-                                    lstrip=False, rstrip=False))
-    specials = [a for a in added if a.special]
-    if specials:
-        tk.add_special_tokens(specials)
-    if len(specials) != len(added):
-        tk.add_tokens([a for a in added if not a.special])
 
-    def tok(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        if i is None:
-            return None
-        if not isinstance(i, int) or not 0 <= i < len(tokens):
-            raise CheckpointError(f"{where}: tokenizer.ggml.{key} = {i!r} is not a token id (0..{len(tokens) - 1})")
-        return tokens[i]
+def _sentencepiece_bpe(meta: dict[str, Any], tokens: list, types: list, where: str):
+    """(tokenizers.Tokenizer, vocab) for ``tokenizer.ggml.model = "llama"`` (SentencePiece BPE: Gemma, Llama 2).
 
-    bos, eos = tok("bos_token_id"), tok("eos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    if (add_bos and bos is not None) or (add_eos and eos is not None):
-        single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
-        pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
-        tk.post_processor = processors.TemplateProcessing(
-            single=" ".join(single), pair=" ".join(pair),
-            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(
-                ([bos] if add_bos else []) + ([eos] if add_eos else []))])
-    else:
-        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    llama.cpp's SPM tokenizer replaces spaces by U+2581, then, over the whole text, repeatedly merges the adjacent
+    pair whose concatenation is a vocabulary token with the highest score; characters no token covers fall back
+    to their UTF-8 bytes (``<0xNN>`` tokens). The same as a ``tokenizers`` BPE model whose merge ranks are those
+    scores: every split ``a + b = t`` of every normal token ``t`` (both parts tokens) is a merge, ranked by the
+    score of ``t`` (highest first), with byte fallback and no pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
-    template = meta.get("tokenizer.chat_template")
-    if template is not None and (not isinstance(template, str) or len(template) > MAX_TEMPLATE):
-        raise CheckpointError(f"{where}: tokenizer.chat_template is not a string of at most {MAX_TEMPLATE} characters")
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos, "eos_token": eos, "unk_token": tok("unknown_token_id"), "pad_token": tok("padding_token_id"),
-        "add_bos_token": add_bos, "add_eos_token": add_eos, "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": ty == CONTROL}
-                                 for i, (t, ty) in enumerate(zip(tokens, types))
-                                 if ty in (CONTROL, USER_DEFINED) and vocab.get(t) == i},
-    }
-    ctx = next((v for k, v in meta.items() if k.endswith(".context_length") and isinstance(v, int)), None)
-    if ctx:
-        config["model_max_length"] = ctx
-    if template:
-        config["chat_template"] = template
-    config = {k: v for k, v in config.items() if v is not None}
-
-    stops: list[int] = []
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        i = meta.get(f"tokenizer.ggml.{key}")
-        if isinstance(i, int) and 0 <= i < len(tokens) and i not in stops:
-            stops.append(i)
-    from lmstack.tokenizer.pretokenize import KNOWN_END_MARKERS
-
-    for marker in (*KNOWN_END_MARKERS, "<|endoftext|>"):  # end-of-turn markers llama.cpp also stops on
-        i = vocab.get(marker)
-        if i is not None and types[i] == CONTROL and i not in stops:
-            stops.append(i)
-    return tk.to_str(), config, stops
+    scores = meta.get("tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens):
+        raise CheckpointError(f"{where}: tokenizer.ggml.scores is missing or does not match the tokens "
+                              "(a SentencePiece tokenizer needs one score per token)")
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if not isinstance(t, str):
+            raise CheckpointError(f"{where}: token {i} is not a string")
+        vocab.setdefault(t, i)
+    ranked = []
+    for t, i in vocab.items():
+        if types[i] != NORMAL or len(t) < 2:
+            continue
+        sc = float(scores[i])
+        for k in range(1, len(t)):
+            a, b = t[:k], t[k:]
+            if a in vocab and b in vocab:
+                ranked.append((-sc, i, k, a, b))
+    ranked.sort()
+    merges = [(a, b) for _, _, _, a, b in ranked]
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tk.normalizer = normalizers.Sequence(steps)
+    tk.pre_tokenizer = None
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        dec.append(decoders.Strip(" ", 1, 0))
+    tk.decoder = decoders.Sequence(dec)
+    return tk, vocab
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -138,6 +138,22 @@ class PagedAttention:
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
+class LayerWindows:
+    """Gemma 3's mix of sliding-window and global layers: each layer attends through the paged context built for
+    its window (both write the same slots of that layer's pool; a layer only ever calls one of them)."""
+
+    def __init__(self, by_window: dict[int | None, PagedAttention], windows: tuple[int | None, ...]):
+        self.by_window = by_window
+        self.windows = windows
+
+    @property
+    def masked(self) -> bool:
+        return any(c.masked for c in self.by_window.values())
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.by_window[self.windows[layer_idx]].attend(layer_idx, q, k, v)
+
+
 def kernel_supported(model: Transformer, prefix_kv: object = None) -> str | None:
     """None when the compiled CPU decode kernel (``lmstack.kernels``) can run this model, else why not."""
     cfg = model.config
@@ -149,6 +165,8 @@ def kernel_supported(model: Transformer, prefix_kv: object = None) -> str | None
         return "odd head_dim or heads not a multiple of key/value heads"
     if cfg.num_experts:
         return "mixture-of-experts layers run on the eager path"
+    if cfg.is_gemma:
+        return "Gemma 3 (four norms per layer, GeGLU, sliding and global layers) runs on the eager path"
     if rope_attention_factor(cfg) != 1.0:
         return "YaRN's RoPE attention factor is not in the kernel"
     from lmstack.quant.packed import KERNEL_LINEARS
@@ -317,6 +335,11 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.n_kv, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
         self.sliding_window = cfg.sliding_window
+        # per-layer windows (Gemma 3) or None when every layer has the same one
+        aw = cfg.attention_window
+        self.layer_windows = aw if isinstance(aw, tuple) else None
+        if self.layer_windows is None:
+            self.sliding_window = aw
         shape = (num_blocks, block_size, self.n_kv, self.head_dim)
         # zeros, not empty: padded slots are masked, but 0 * NaN garbage would still poison SDPA
         self.k_pool = [kv_pool_tensor(shape, self.dtype, self.device) for _ in range(cfg.num_hidden_layers)]
@@ -345,7 +368,7 @@ class ModelRunner:
             self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
         return self._arange[:n]
 
-    def _visible(self, qpos: Tensor, nb: int) -> Tensor:
+    def _visible(self, qpos: Tensor, nb: int, W: int | None) -> Tensor:
         """(Q, P + nb * bs) bool: causal (which also hides slots past the context) + sliding window.
 
         The P prefix slots sit at absolute indices 0..P-1 and token position p at P + p, as when PEFT
@@ -353,7 +376,7 @@ class ModelRunner:
         causal-visible, and out of a sliding window once P + p - j >= window."""
         kpos = self._key_pos(nb)
         vis = kpos[None, :] <= qpos[:, None]
-        W, P = self.sliding_window, self.num_prefix
+        P = self.num_prefix
         if W is not None:
             vis &= qpos[:, None] - kpos[None, :] < W
         if P:
@@ -364,10 +387,18 @@ class ModelRunner:
         return vis
 
     # ------------------------------------------------------------------ prepare
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[Tensor, Tensor, PagedAttention, list[int]]:
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[Tensor, Tensor, PagedAttention | LayerWindows, list[int]]:
         """Pack a batch: input_ids, position_ids (1, N), the attention context, and the packed index of
         each sequence's last token where it needs a sample (in batch order, -1 where none)."""
-        bs, P, W = self.block_size, self.num_prefix, self.sliding_window
+        if self.layer_windows is None:
+            return self._prepare(batch, self.sliding_window)
+        by_window: dict[int | None, PagedAttention] = {}
+        for W in dict.fromkeys(self.layer_windows):
+            input_ids, position_ids, by_window[W], sample_idx = self._prepare(batch, W)
+        return input_ids, position_ids, LayerWindows(by_window, self.layer_windows), sample_idx
+
+    def _prepare(self, batch: list[ScheduledSeq], W: int | None) -> tuple[Tensor, Tensor, PagedAttention, list[int]]:
+        bs, P = self.block_size, self.num_prefix
         decode = [s for s in batch if s.num_tokens == 1]
         prefill = [s for s in batch if s.num_tokens > 1]
         ids: list[int] = []
@@ -380,15 +411,15 @@ class ModelRunner:
             slots.append(s.seq.block_table[p // bs] * bs + p % bs)
         dec_blocks = dec_mask = dec_span = dec_slots = None
         if len(decode) == 1 and P == 0:
-            dec_span = self._contiguous_span(decode[0])
+            dec_span = self._contiguous_span(decode[0], W)
             if dec_span is None:
-                dec_slots = self._visible_slots(decode[0])
+                dec_slots = self._visible_slots(decode[0], W)
         if decode and dec_span is None and dec_slots is None:
             nb = max(len(s.seq.block_table) for s in decode)
             dec_blocks = torch.tensor([s.seq.block_table + [0] * (nb - len(s.seq.block_table)) for s in decode],
                                       dtype=torch.long, device=self.device)
             qpos = torch.tensor(pos, dtype=torch.long, device=self.device)  # (B_dec,)
-            vis = self._visible(qpos, nb)[:, None, None, :]  # (B_dec, 1, 1, P + S)
+            vis = self._visible(qpos, nb, W)[:, None, None, :]  # (B_dec, 1, 1, P + S)
             # additive float mask, built once per step (a bool mask is converted by SDPA in every layer)
             dec_mask = torch.zeros(vis.shape, dtype=self.dtype, device=self.device).masked_fill_(~vis, float("-inf"))
         prefills: list[_Prefill] = []
@@ -404,7 +435,7 @@ class ModelRunner:
             if not direct:
                 nb = self.blocks_for(c + n)
                 blocks = torch.tensor(bt[:nb], dtype=torch.long, device=self.device)
-                mask = self._visible(torch.arange(c, c + n, device=self.device), nb)[None, None]  # (1, 1, T, P + S)
+                mask = self._visible(torch.arange(c, c + n, device=self.device), nb, W)[None, None]  # (1, 1, T, P + S)
             prefills.append(_Prefill(offset, n, direct, blocks, mask))
         # packed order: decodes then prefills; map each batch entry to its last packed index
         last: dict[int, int] = {}
@@ -419,12 +450,12 @@ class ModelRunner:
                              dec_blocks, dec_mask, prefills, dec_span, dec_slots)
         return input_ids, position_ids, ctx, sample_idx
 
-    def _contiguous_span(self, s: ScheduledSeq) -> tuple[int, int] | None:
+    def _contiguous_span(self, s: ScheduledSeq, W: int | None) -> tuple[int, int] | None:
         """Slot range of the keys a single decode token sees, when its blocks are consecutive in the pool
         (the usual case at batch 1): attention then reads a view instead of a gathered copy."""
         bs, bt = self.block_size, s.seq.block_table
         end = s.start + 1  # context length including the new token
-        lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
+        lo = 0 if W is None else max(0, end - W)
         b0, b1 = lo // bs, (end - 1) // bs
         first = bt[b0]
         if any(bt[i] != first + i - b0 for i in range(b0 + 1, b1 + 1)):
@@ -432,12 +463,12 @@ class ModelRunner:
         base = first * bs - b0 * bs
         return base + lo, base + end
 
-    def _visible_slots(self, s: ScheduledSeq) -> Tensor:
+    def _visible_slots(self, s: ScheduledSeq, W: int | None) -> Tensor:
         """(S,) pool slots of the keys a single decode token sees (its causal / sliding-window range), in
         position order: attention then needs no mask."""
         bs, bt = self.block_size, s.seq.block_table
         end = s.start + 1
-        lo = 0 if self.sliding_window is None else max(0, end - self.sliding_window)
+        lo = 0 if W is None else max(0, end - W)
         b0, b1 = lo // bs, (end - 1) // bs
         blocks = torch.tensor(bt[b0:b1 + 1], dtype=torch.long, device=self.device)  # (nb,)
         slots = (blocks[:, None] * bs + self._key_pos(1)[None, :]).view(-1)  # (nb * bs,)
