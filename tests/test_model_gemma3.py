@@ -106,3 +106,25 @@ def test_multimodal_gemma3_is_refused_with_a_hint(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gemma3"}')
     with pytest.raises(CheckpointError, match="gemma3_text"):
         ModelConfig.from_hf(tmp_path)
+
+
+def test_engine_paged_cache_matches_transformers(tmp_path):
+    """The serving engine over the paged KV pool (batched decodes, chunked prefill, 4-token blocks): every
+    generated token is transformers' argmax, with prompts and outputs longer than the sliding window (5)."""
+    from lmstack.serve.llm import LLM
+    from lmstack.serve.runner import kernel_supported
+    from tests.engine_fixtures import hf_greedy, hf_is_greedy
+
+    ref = make_gemma3(tmp_path / "hf")
+    model = load_model(tmp_path / "hf", device="cpu")
+    assert "eager" in kernel_supported(model)
+    prompts = [list(range(5, 25)), [30, 31, 32], [40, 41] * 9 + [7]]
+    greedy = dict(temperature=0, max_tokens=14, ignore_eos=True)
+    want = hf_greedy(ref, prompts[0], 14)
+    for kw in ({}, {"block_size": 4, "max_num_batched_tokens": 7}):
+        llm = LLM(model, **kw)
+        outs = llm.generate(prompts, **greedy)
+        assert outs[0].outputs[0].token_ids == want
+        for o, p in zip(outs, prompts):
+            assert o.outputs[0].token_ids == hf_is_greedy(ref, p, o.outputs[0].token_ids)
+        assert llm.generate(prompts[2], **greedy)[0].outputs[0].token_ids == outs[2].outputs[0].token_ids
