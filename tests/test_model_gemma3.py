@@ -128,3 +128,40 @@ def test_engine_paged_cache_matches_transformers(tmp_path):
         for o, p in zip(outs, prompts):
             assert o.outputs[0].token_ids == hf_is_greedy(ref, p, o.outputs[0].token_ids)
         assert llm.generate(prompts[2], **greedy)[0].outputs[0].token_ids == outs[2].outputs[0].token_ids
+
+
+def test_lora_finetune_cli_trains_and_merges(tmp_path, capsys):
+    """``lmstack finetune --method lora`` on a tiny Gemma 3 (with a trained BPE tokenizer): the SFT loss falls, and
+    the merged model equals base + adapter."""
+    from lmstack.cli import main
+    from lmstack.tokenizer import Tokenizer, train_tokenizer
+    from lmstack.tune.adapters import load_adapter
+    from lmstack.tune.batches import collate_sft
+    from lmstack.tune.data import load_sft
+    from lmstack.tune.losses import forward_logits, token_ce
+    from tests.tune_fixtures import CORPUS, SFT_ROWS, VOCAB, write_jsonl
+
+    mdir = tmp_path / "gemma"
+    tok = train_tokenizer(CORPUS, vocab_size=VOCAB, out_dir=mdir, show_progress=False)
+    make_gemma3(mdir, vocab_size=VOCAB, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    sft = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS * 2)
+    batch = collate_sft(load_sft(sft, Tokenizer.from_dir(mdir), 256)[0], tok.pad_token_id)
+
+    def loss(model):
+        with torch.no_grad():
+            return float(token_ce(forward_logits(model, batch), batch["labels"])[0])
+
+    run = tmp_path / "run"
+    rc = main(["finetune", "--model", str(mdir), "--data", str(sft), "--method", "lora", "--lora.r", "4",
+               "--lora.target_modules", "all-linear", "--train.steps", "8", "--train.lr", "0.02",
+               "--train.tensorboard=false", "--train.plot=false", "--run-dir", str(run)])
+    assert rc == 0 and "completed: 8 steps" in capsys.readouterr().out
+    base = load_model(mdir)
+    before = loss(base)
+    load_adapter(base, run / "final")
+    assert loss(base) < before - 0.3
+    assert main(["merge", "--model", str(mdir), "--adapter", str(run / "final"), "--out", str(tmp_path / "m")]) == 0
+    merged = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert_close(merged(batch["input_ids"]), base(batch["input_ids"]), rtol=1e-4, atol=1e-4)
