@@ -53,6 +53,18 @@ def register(app: typer.Typer) -> None:
         from lmstack.serve.terminal import stream_completion
 
         text = sys.stdin.read() if prompt == "-" else prompt
+        from lmstack.model.seq2seq import is_seq2seq_dir
+
+        if is_seq2seq_dir(model):  # T5-family encoder-decoder: its own cached decoder loop (lmstack.tune.seq2seq)
+            from lmstack.errors import ConfigError
+            from lmstack.tune.seq2seq import generate_text
+
+            if adapter or speculative_model or stop or top_k or min_p or repetition_penalty != 1.0:
+                raise ConfigError("a T5-family model generates with --max-new-tokens, --temperature, --top-p and "
+                                  "--seed only (no adapter, stop strings, top-k, min-p, repetition penalty)")
+            sys.stdout.write(generate_text(model, [text], max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_p=top_p, seed=seed, device=device, dtype=dtype)[0] + "\n")
+            return
         llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=1,
                    **speculative_kw(speculative_model, num_speculative_tokens))
         stream_completion(llm, text, lambda s: (sys.stdout.write(s), sys.stdout.flush()),

@@ -209,7 +209,7 @@ class _Dense(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(h.to(self.wo.weight.dtype) if h.dtype != self.wo.weight.dtype else h)
+        return self.wo(h)
 
 
 class _FFLayer(nn.Module):
