@@ -207,7 +207,8 @@ class ModelConfig:
             if mt == "gemma3":
                 hint = " (the multimodal Gemma 3; lmstack loads the text decoder, model_type gemma3_text)"
             if mt in ("t5", "mt5"):
-                hint = " (an encoder-decoder: lmstack.model.seq2seq.load_seq2seq loads it)"
+                hint = (" (an encoder-decoder: `lmstack generate` runs it, `lmstack seq2seq train` fine-tunes it, "
+                        "lmstack.model.seq2seq.load_seq2seq loads it)")
             raise CheckpointError(
                 f'{where} has model_type "{mt}"; supported: {", ".join(SUPPORTED_MODEL_TYPES)}{hint}'
             )
