@@ -156,3 +156,15 @@ def test_full_and_lora_finetune_then_generate_cli(t5_dir, tmp_path, capsys):
     base, tuned = load_file(str(t5_dir / "model.safetensors")), load_file(str(tmp_path / "lora" / "model.safetensors"))
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(k.endswith((".q.weight", ".v.weight")) for k in changed)
+
+
+def test_decoder_verbs_point_to_seq2seq(t5_dir, tmp_path, capsys):
+    """``lmstack finetune`` and ``lmstack serve`` on a T5 directory: exit 2, one line naming the seq2seq verbs."""
+    from lmstack.cli import main
+
+    rc = main(["finetune", "--model", str(t5_dir), "--data", str(t5_dir / "pairs.jsonl"), "--run-dir",
+               str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "lmstack seq2seq train" in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", "--model", str(t5_dir), "-p", "hi", "--top-k", "3"]) == 2
+    assert "T5-family" in capsys.readouterr().err

@@ -105,6 +105,13 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
     from lmstack.export.gguf_import import resolve_model_path
 
     cfg = cfg.model_copy(update={"model": str(resolve_model_path(cfg.model))})  # a .gguf: imported once, cached
+    from lmstack.model.seq2seq import is_seq2seq_dir
+
+    if is_seq2seq_dir(cfg.model):
+        from lmstack.errors import ConfigError
+
+        raise ConfigError(f"{cfg.model} is a T5-family encoder-decoder; fine-tune it on input/output pairs with "
+                          "`lmstack seq2seq train` (docs/model.md)")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model, cfg.tokenizer)
