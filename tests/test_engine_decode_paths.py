@@ -32,13 +32,13 @@ def test_lone_decode_over_scattered_blocks_matches_transformers(arch_dir):
     calls = {"scattered": 0, "batched": 0}
     orig_slots, orig_visible = runner._visible_slots, runner._visible
 
-    def spy_slots(s):
+    def spy_slots(*args):  # (seq, window)
         calls["scattered"] += 1
-        return orig_slots(s)
+        return orig_slots(*args)
 
-    def spy_visible(qpos, nb):
+    def spy_visible(*args):  # (qpos, nb, window)
         calls["batched"] += 1
-        return orig_visible(qpos, nb)
+        return orig_visible(*args)
 
     runner._visible_slots, runner._visible = spy_slots, spy_visible
     pa, pb = [5, 6, 7, 8, 9, 10], list(range(20, 31))
