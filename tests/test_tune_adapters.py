@@ -185,10 +185,9 @@ def test_prefix_changes_outputs_only_through_prefixes(qwen2_dir):
     T = IDS.shape[1]
     hidden_pos = P + torch.arange(T).expand(2, T)
     ctx_masked = PrefixContext(kv, torch.ones(2, T, dtype=torch.long))
-    ctx_masked._mask = build_mask(torch.arange(P, P + T), torch.arange(P + T),
-                                  torch.cat([torch.zeros(2, P, dtype=torch.bool),
-                                             torch.ones(2, T, dtype=torch.bool)], 1), None)  # prefix hidden
-    ctx_masked._key = (2, T, torch.device("cpu"))
+    ctx_masked._masks[(2, T, torch.device("cpu"), None)] = build_mask(  # (batch, T, device, window) -> mask
+        torch.arange(P, P + T), torch.arange(P + T),
+        torch.cat([torch.zeros(2, P, dtype=torch.bool), torch.ones(2, T, dtype=torch.bool)], 1), None)  # prefix hidden
     with torch.no_grad():
         plain = base(IDS)
         masked = base(IDS, position_ids=hidden_pos, ctx=ctx_masked)
