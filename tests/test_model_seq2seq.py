@@ -168,3 +168,23 @@ def test_decoder_verbs_point_to_seq2seq(t5_dir, tmp_path, capsys):
     assert rc == 2 and "lmstack seq2seq train" in err and len(err.strip().splitlines()) == 1
     assert main(["generate", "--model", str(t5_dir), "-p", "hi", "--top-k", "3"]) == 2
     assert "T5-family" in capsys.readouterr().err
+
+
+def test_untied_lm_head_file_loads_untied(tmp_path):
+    """A Flan-T5 / mT5-style file with its own ``lm_head.weight`` (what transformers 4 wrote for v1.1) keeps it:
+    the reference is transformers' model with its head untied by hand to the same weight."""
+    from safetensors.torch import load_file, save_file
+
+    ref = make_t5(tmp_path, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    head = torch.randn(128, 32, generator=torch.Generator().manual_seed(5))
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    save_file({**sd, "lm_head.weight": head}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ref.lm_head.weight = torch.nn.Parameter(head.clone())
+    model = load_seq2seq(tmp_path)
+    assert not model.config.tie_word_embeddings and model.lm_head.weight is not model.shared.weight
+    ids, mask, dec = _batch()
+    with torch.no_grad():
+        assert_close(model(ids, dec, mask), ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits,
+                     rtol=1e-4, atol=1e-4)
+    save_seq2seq(model, tmp_path / "out")
+    assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["lm_head.weight"], head)
