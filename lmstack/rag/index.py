@@ -154,18 +154,20 @@ def resolve_embedder(embedder: Any) -> tuple[Any, str | None]:
 def index_documents(paths: Sequence[str | Path], index: str | Path, *, embedder: Any = "auto",
                     chunk_tokens: int = 256, overlap: int = 32, han: str = "bigram",
                     dense_langs: Sequence[str] | None | str = "default",
-                    on_file: Callable[[str, str], None] | None = None) -> IndexReport:
+                    on_file: Callable[[str, str], None] | None = None, keep_others: bool = False,
+                    prefix: str = "") -> IndexReport:
     """Bring the index at ``index`` up to date with the files under ``paths`` (see the module docstring).
     ``dense_langs``: the chunk languages embedded ("default": English only for the packaged MiniLM, which reads
     no Chinese, all languages for another model; None: all). ``on_file(source, status)`` is told each file's
-    fate (added, updated, unchanged, failed: reason)."""
+    fate (added, updated, unchanged, failed: reason). ``prefix`` goes before each file's source name;
+    ``keep_others``: documents not among ``paths`` stay (adding files) instead of being removed (a mirror)."""
     from lmstack.rag.dense import DEFAULT_EMBEDDER, encode
 
     if han not in HAN_MODES:
         raise ConfigError(f"han must be one of {', '.join(HAN_MODES)}, got {han!r}")
     if chunk_tokens < 8 or not 0 <= overlap < chunk_tokens:
         raise ConfigError(f"need chunk_tokens >= 8 and 0 <= overlap < chunk_tokens, got {chunk_tokens}, {overlap}")
-    files = find_files(list(paths))
+    files = [(f, prefix + s) for f, s in find_files(list(paths))]
     con = open_index(index)
     try:
         meta = _meta(con)
@@ -239,7 +241,7 @@ def index_documents(paths: Sequence[str | Path], index: str | Path, *, embedder:
             if on_file:
                 on_file(source, "updated" if source in old else "added")
         with con:
-            for source in sorted(set(old) - seen):
+            for source in sorted(set(old) - seen) if not keep_others else []:
                 _delete_doc(con, source)
                 report.removed.append(source)
             report.chunks_total = con.execute("SELECT count(*) FROM chunks").fetchone()[0]
@@ -280,6 +282,7 @@ class DocRetriever:
             from lmstack.rag.dense import load_embedder
 
             self.embedder = load_embedder(self.meta["dense_model"]) if embedder == "auto" else embedder
+            self.embedder.lmstack_name = self.meta["dense_model"]  # re-indexing with it keeps the index's name
             self.reload_vectors()
 
     def reload_vectors(self) -> None:

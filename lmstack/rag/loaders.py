@@ -125,6 +125,9 @@ def _load_pdf(data: bytes, path: Path) -> tuple[str, list[Block]]:
         from pypdf.errors import PdfReadError
     except ImportError:
         raise DataError(f"{path}: .pdf needs pypdf: pip install 'lmstack[rag]'") from None
+    import logging
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings on damaged files: the reason is reported
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
