@@ -110,8 +110,11 @@ def _load_html(data: bytes, path: Path) -> tuple[str, list[Block]]:
     except ImportError:
         raise DataError(f"{path}: .html needs trafilatura: pip install 'lmstack[rag]'") from None
     html = _decode(data, path)
-    text = trafilatura.extract(html, output_format="markdown", include_comments=False, include_tables=True,
-                               favor_recall=True)
+    # precision first (short pages, Chinese ones especially, otherwise keep their menus), recall when it finds none
+    text = (trafilatura.extract(html, output_format="markdown", include_comments=False, include_tables=True,
+                                favor_precision=True)
+            or trafilatura.extract(html, output_format="markdown", include_comments=False, include_tables=True,
+                                   favor_recall=True))
     if not text:
         raise DataError(f"{path}: no main text found in the HTML")
     meta = trafilatura.extract_metadata(html)
