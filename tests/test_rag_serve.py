@@ -1,0 +1,100 @@
+"""``lmstack serve --rag``: a live server on 127.0.0.1 answers through the ``openai`` client with the retrieved
+sources in the response (JSON and streamed), reports its index at /v1/rag, and takes uploads into the index only
+with the API key."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.rag_fixtures import EN_FACT, write_corpus
+from tests.serve_fixtures import LiveServer, tiny_model_dir
+
+pytest.importorskip("pypdf")
+openai = pytest.importorskip("openai")
+
+KEY = "sk-rag-test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from lmstack.rag.index import index_documents
+    from lmstack.rag.server import rag_wrap
+    from lmstack.serve.api.app import create_app
+    from lmstack.serve.llm import load
+
+    root = tmp_path_factory.mktemp("rag")
+    write_corpus(root / "docs")
+    index_documents([root / "docs"], root / "docs.sqlite", embedder=None, chunk_tokens=48, overlap=8)
+    # the tiny byte-level tokenizer spends ~3 tokens a Chinese character: room for three sources
+    llm = load(tiny_model_dir(root / "tiny", max_position_embeddings=2048), max_num_seqs=4, max_model_len=2048)
+    wrap = rag_wrap(root / "docs.sqlite", k=3, upload=True, embedder=None, api_key=KEY)
+    app = wrap(create_app(llm, api_key=KEY, served_model_name="tiny"), llm)
+    with LiveServer(app) as s:
+        s.root = root
+        yield s
+
+
+def _client(s):
+    return openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_chat_answers_with_sources_through_the_openai_client(server):
+    resp = _client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "How many simultaneous clients does the X200 support?"}],
+        max_tokens=8, temperature=0)
+    srcs = resp.model_extra["sources"]
+    assert [s["n"] for s in srcs] == [1, 2, 3]
+    assert srcs[0]["source"] == "guide.en.md" and EN_FACT in srcs[0]["text"] and srcs[0]["headings"] == "Limits"
+    assert all(isinstance(s["cited"], bool) for s in srcs)
+    assert resp.choices[0].message.content is not None
+
+
+def test_streamed_answer_carries_sources_before_done(server):
+    stream = _client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "怎么恢复出厂设置？"}], max_tokens=6, stream=True)
+    chunks = list(stream)
+    with_sources = [c for c in chunks if (c.model_extra or {}).get("sources")]
+    assert len(with_sources) == 1 and with_sources[0] is chunks[-1] and not with_sources[0].choices
+    assert with_sources[0].model_extra["sources"][0]["source"] == "manual.zh.pdf"
+    assert with_sources[0].model_extra["sources"][0]["page"] == 2
+
+
+def test_the_grounded_prompt_numbers_the_sources(server):
+    """What the model read: /v1/chat/completions with echo of the prompt is not OpenAI's, so check the middleware's
+    grounding directly against the same retriever the server uses."""
+    from lmstack.rag.server import RagMiddleware
+
+    mw = RagMiddleware(None, server.app.retriever, k=2)
+    body, hits = mw._ground(json.dumps({"model": "tiny", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hotline number"}]}).encode())
+    system = json.loads(body)["messages"][0]["content"]
+    assert system.startswith("Be brief.\n\nSources:\n[1] (")
+    assert f"[1] ({hits[0].chunk.source}" in system and "555-0100" in hits[0].chunk.text
+    assert mw._ground(b'{"messages": [{"role": "user", "content": "x"}], "rag": false}')[1] is None
+
+
+def test_rag_info_and_upload_need_the_key(server, tmp_path):
+    r = httpx.get(server.url + "/v1/rag", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.json()["documents"] == 12 and r.json()["upload"] is True
+    assert httpx.get(server.url + "/v1/rag").status_code == 401
+    doc = "# Fan\n\nThe Z9 fan has three speeds and a quiet night mode.\n".encode()
+    r = httpx.post(server.url + "/v1/rag/documents?name=../../fan.md", content=doc)
+    assert r.status_code == 401  # no key: refused before the body is read
+    r = httpx.post(server.url + "/v1/rag/documents?name=evil.exe", content=doc,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "file name ending in" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/rag/documents?name=../../fan.md", content=doc,
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 201, r.text
+    assert r.json()["added"] == ["uploads/fan.md"] and r.json()["documents"] == 13
+    assert (server.root / "docs.uploads" / "fan.md").is_file()  # inside the upload folder, whatever the name said
+    resp = _client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "How many speeds does the Z9 fan have?"}], max_tokens=4)
+    assert resp.model_extra["sources"][0]["source"] == "uploads/fan.md"
+    r = httpx.post(server.url + "/v1/rag/documents?name=bad.pdf", content=b"%PDF-1.4 junk",
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 422 and "not a readable PDF" in r.json()["failed"][0]["reason"]
