@@ -98,3 +98,68 @@ def test_rag_info_and_upload_need_the_key(server, tmp_path):
     r = httpx.post(server.url + "/v1/rag/documents?name=bad.pdf", content=b"%PDF-1.4 junk",
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 422 and "not a readable PDF" in r.json()["failed"][0]["reason"]
+
+
+# ---- the web chat against the RAG server, in headless Chromium (Debian's chromium, as tests/test_webchat.py) ----
+
+@pytest.fixture(scope="module")
+def browser():
+    import os
+
+    from tests.test_webchat import ARGS, CHROMIUM
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("install the system package: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def _page(browser, server, width, height):
+    ctx = browser.new_context(viewport={"width": width, "height": height})
+    pg = ctx.new_page()
+    pg.set_default_timeout(60_000)
+    pg.goto(server.url + "/")
+    pg.fill("#api_key", KEY)
+    pg.dispatch_event("#api_key", "change")
+    pg.fill("#max_tokens", "8")
+    return ctx, pg
+
+
+@pytest.mark.parametrize("size", [(1200, 800), (390, 844)], ids=["desktop", "phone"])
+def test_web_chat_shows_source_cards_copy_regenerate_and_fits_a_phone(browser, server, size, tmp_path):
+    ctx, pg = _page(browser, server, *size)
+    try:
+        pg.wait_for_selector("#rag-bar:not([hidden])")
+        assert "12 documents" in pg.inner_text("#rag-info") or "13 documents" in pg.inner_text("#rag-info")
+        assert pg.locator("#upload-label").is_visible()
+        if size[0] < 500:  # settings open (the key asked for it): the chat keeps the screen's width behind it
+            assert pg.locator("#settings").is_visible()
+            assert pg.locator("#chat").bounding_box()["width"] >= 370
+            assert pg.locator("#input").bounding_box()["width"] >= 250
+            pg.click("#toggle-settings")
+            assert not pg.locator("#settings").is_visible()
+        pg.fill("#input", "How many simultaneous clients does the X200 support?")
+        pg.press("#input", "Enter")
+        pg.wait_for_selector(".msg.assistant .sources .source")
+        pg.wait_for_function("document.body.dataset.busy === '0'")
+        cards = pg.locator(".msg.assistant .source")
+        assert cards.count() == 3
+        first = cards.first
+        assert "guide.en.md" in first.inner_text()
+        first.locator("summary").click()
+        assert EN_FACT in first.locator(".text").inner_text()  # the card opens on the passage
+        assert pg.locator(".msg.assistant .tools .copy").is_visible()
+        pg.screenshot(path=str(tmp_path / f"rag-chat-{size[0]}.png"), full_page=False)
+        box = pg.locator(".msg.assistant").bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= size[0] + 1  # nothing runs off the screen
+        n_requests = pg.evaluate("window.lmstackChat.history().length")
+        pg.click(".msg.assistant .tools .regenerate")
+        pg.wait_for_function("document.body.dataset.busy === '0' && document.querySelectorAll('.msg').length === 2 "
+                             "&& document.querySelector('.msg.assistant .sources')")
+        assert pg.evaluate("window.lmstackChat.history().length") == n_requests == 2
+    finally:
+        ctx.close()
