@@ -163,3 +163,39 @@ def test_web_chat_shows_source_cards_copy_regenerate_and_fits_a_phone(browser, s
         assert pg.evaluate("window.lmstackChat.history().length") == n_requests == 2
     finally:
         ctx.close()
+
+
+def test_web_chat_keeps_conversations_renames_exports_and_deletes(browser, server, tmp_path):
+    ctx, pg = _page(browser, server, 1200, 800)
+    try:
+        pg.evaluate("localStorage.removeItem('lmstack.conversations')")
+        pg.fill("#input", "What is the hotline number?")
+        pg.press("#input", "Enter")
+        pg.wait_for_function("document.body.dataset.busy === '0' && document.querySelector('.msg.assistant .tools')")
+        pg.click("#toggle-convs")
+        items = pg.locator("#conv-list .conv")
+        assert items.count() == 1 and "hotline" in items.first.inner_text()
+        pg.once("dialog", lambda d: d.accept("Support line"))
+        items.first.locator("button.rename").click()
+        assert items.first.locator("button.title").inner_text() == "Support line"
+        with pg.expect_download() as dl:
+            items.first.locator("button.json").click()
+        saved = json.loads(open(dl.value.path(), encoding="utf-8").read())
+        assert saved["title"] == "Support line" and [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+        assert saved["messages"][1]["sources"][0]["source"] == "notes.en.txt"
+        with pg.expect_download() as dl:
+            items.first.locator("button.md").click()
+        md = open(dl.value.path(), encoding="utf-8").read()
+        assert md.startswith("# Support line") and "What is the hotline number?" in md
+        pg.click("#new-chat")
+        assert pg.locator(".msg").count() == 0
+        items.first.locator("button.title").click()  # reopened: both turns and the source cards come back
+        n_sources = len(saved["messages"][1]["sources"])
+        assert pg.locator(".msg").count() == 2 and pg.locator(".msg.assistant .source").count() == n_sources >= 1
+        assert pg.evaluate("window.lmstackChat.history().length") == 2
+        pg.once("dialog", lambda d: d.accept())
+        items.first.locator("button.delete").click()
+        assert items.count() == 0 and pg.locator(".msg").count() == 0
+        assert pg.evaluate("JSON.parse(localStorage.getItem('lmstack.conversations'))") == []
+    finally:
+        ctx.close()

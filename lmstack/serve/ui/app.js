@@ -7,6 +7,7 @@
   var $ = function (id) { return document.getElementById(id); };
   var history = [];          // [{role, content}] of completed turns (what the next request sends)
   var controller = null;     // AbortController of the request in flight
+  var convId = null;         // the conversation on screen (saved in localStorage under lmstack.conversations)
   var rag = null;            // GET /v1/rag when the server answers from a document index
   var SETTINGS = ["system", "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "api_key"];
 
@@ -164,7 +165,7 @@
     var messages = [];
     var sys = $("system").value.trim();
     if (sys) messages.push({ role: "system", content: sys });
-    messages = messages.concat(history);
+    messages = messages.concat(history.map(function (m) { return { role: m.role, content: m.content }; }));
     var body = {
       model: CFG.model, messages: messages, stream: true, stream_options: { include_usage: true },
       temperature: num("temperature", parseFloat), top_p: num("top_p", parseFloat),
@@ -268,7 +269,10 @@
       $("status").textContent = "";
       return;
     }
-    history.push({ role: "assistant", content: content });
+    var turn = { role: "assistant", content: content };
+    if (sources) turn.sources = sources;  // kept with the conversation (not sent back to the server)
+    history.push(turn);
+    saveConversation();
     document.querySelectorAll("#messages .regenerate").forEach(function (b) { b.remove(); });
     addSources(div, sources);
     addTools(div, content, true);
@@ -286,8 +290,115 @@
     $("input").focus();
   }
 
+  // ---- conversations, kept in this browser (localStorage): list, open, rename, delete, export JSON / Markdown
+  function loadConvs() {
+    try { var c = JSON.parse(localStorage.getItem("lmstack.conversations") || "[]"); return Array.isArray(c) ? c : []; }
+    catch (e) { return []; }
+  }
+
+  function storeConvs(convs) {
+    try { localStorage.setItem("lmstack.conversations", JSON.stringify(convs)); } catch (e) { /* full or private */ }
+    renderConvs();
+  }
+
+  function saveConversation() {
+    if (!history.length) return;
+    var convs = loadConvs(), c = convs.filter(function (x) { return x.id === convId; })[0];
+    if (!c) {
+      convId = "c" + Date.now().toString(36) + Math.random().toString(36).slice(2, 6);
+      c = { id: convId, title: history[0].content.slice(0, 60) };
+      convs.unshift(c);
+    }
+    c.messages = history.slice();
+    c.updated = new Date().toISOString();
+    c.model = CFG.model;
+    storeConvs(convs);
+  }
+
+  function openConversation(id) {
+    if (controller) return;
+    var c = loadConvs().filter(function (x) { return x.id === id; })[0];
+    if (!c) return;
+    convId = id;
+    history = (c.messages || []).slice();
+    $("messages").innerHTML = "";
+    $("empty").hidden = history.length > 0;
+    history.forEach(function (m, i) {
+      var div = addMessage(m.role, m.content);
+      if (m.role === "assistant") {
+        addSources(div, m.sources);
+        addTools(div, m.content, i === history.length - 1);
+      }
+    });
+    renderConvs();
+  }
+
+  function download(name, type, text) {
+    var a = document.createElement("a");
+    a.href = URL.createObjectURL(new Blob([text], { type: type }));
+    a.download = name;
+    document.body.appendChild(a);
+    a.click();
+    setTimeout(function () { URL.revokeObjectURL(a.href); a.remove(); }, 0);
+  }
+
+  function markdownOf(c) {
+    var out = ["# " + c.title, ""];
+    (c.messages || []).forEach(function (m) {
+      out.push("**" + (m.role === "user" ? "You" : "Assistant") + ":**", "", m.content, "");
+      (m.sources || []).filter(function (s) { return s.cited; }).forEach(function (s) {
+        out.push("> [" + s.n + "] " + s.source + (s.page ? " p. " + s.page : "") + ": " + s.text.replace(/\n/g, " "));
+      });
+      if ((m.sources || []).some(function (s) { return s.cited; })) out.push("");
+    });
+    return out.join("\n");
+  }
+
+  function convAction(id, action) {
+    var convs = loadConvs(), c = convs.filter(function (x) { return x.id === id; })[0];
+    if (!c) return;
+    var slug = (c.title || "chat").replace(/[^\w\u4e00-\u9fff-]+/g, "-").slice(0, 40) || "chat";
+    if (action === "rename") {
+      var t = window.prompt("Rename conversation", c.title);
+      if (t && t.trim()) { c.title = t.trim().slice(0, 200); storeConvs(convs); }
+    } else if (action === "delete") {
+      if (!window.confirm("Delete \u201c" + c.title + "\u201d?")) return;
+      storeConvs(convs.filter(function (x) { return x.id !== id; }));
+      if (id === convId) newChat();
+    } else if (action === "json") {
+      download(slug + ".json", "application/json", JSON.stringify(c, null, 1));
+    } else if (action === "md") {
+      download(slug + ".md", "text/markdown", markdownOf(c));
+    }
+  }
+
+  function renderConvs() {
+    var list = $("conv-list");
+    list.innerHTML = "";
+    loadConvs().forEach(function (c) {
+      var li = document.createElement("li");
+      li.className = "conv" + (c.id === convId ? " current" : "");
+      li.dataset.id = c.id;
+      var open = document.createElement("button");
+      open.className = "ghost title"; open.type = "button"; open.textContent = c.title || "(untitled)";
+      open.addEventListener("click", function () { openConversation(c.id); });
+      li.appendChild(open);
+      [["rename", "Rename"], ["delete", "Delete"], ["json", "JSON"], ["md", "MD"]].forEach(function (a) {
+        var b = document.createElement("button");
+        b.className = "ghost small " + a[0]; b.type = "button"; b.textContent = a[1];
+        b.title = { rename: "Rename", delete: "Delete", json: "Export as JSON", md: "Export as Markdown" }[a[0]];
+        b.addEventListener("click", function () { convAction(c.id, a[0]); });
+        li.appendChild(b);
+      });
+      list.appendChild(li);
+    });
+    $("conv-empty").hidden = list.children.length > 0;
+  }
+
   function newChat() {
     if (controller) controller.abort();
+    convId = null;
+    renderConvs();
     history = [];
     $("messages").innerHTML = "";
     $("empty").hidden = false;
@@ -340,6 +451,12 @@
     });
     if (CFG.needsKey && !$("api_key").value) $("settings").hidden = false;
     $("new-chat").addEventListener("click", newChat);
+    $("toggle-convs").addEventListener("click", function () {
+      var s = $("conversations");
+      s.hidden = !s.hidden;
+      this.setAttribute("aria-expanded", String(!s.hidden));
+    });
+    renderConvs();
     $("upload").addEventListener("change", function () { upload(this.files); });
     $("api_key").addEventListener("change", loadRag);
     loadRag();
@@ -366,7 +483,7 @@
     $("input").addEventListener("input", autosize);
   }
 
-  window.lmstackChat = { send: send, newChat: newChat, regenerate: regenerate,
+  window.lmstackChat = { send: send, newChat: newChat, regenerate: regenerate, open: openConversation,
                          history: function () { return history.slice(); } };
   init();
 })();
