@@ -28,8 +28,8 @@ class HashEmbedder:
     """A deterministic bag-of-terms embedder (feature hashing of lmstack's index terms), recording what it embeds:
     stands in for a sentence-transformers model where only the bookkeeping is tested."""
 
-    def __init__(self, dim: int = 64):
-        self.dim, self.calls = dim, []
+    def __init__(self, dim: int = 64, noise: float = 0.0):
+        self.dim, self.calls, self.noise = dim, [], noise  # noise: a per-text random part (no tied scores)
 
     def encode(self, texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False, convert_to_numpy=True):
         from lmstack.rag.analyze import terms
@@ -39,6 +39,8 @@ class HashEmbedder:
         for i, t in enumerate(texts):
             for w in terms(t):
                 out[i, zlib.crc32(w.encode()) % self.dim] += 1.0
+            if self.noise:
+                out[i] += self.noise * np.random.default_rng(zlib.crc32(t.encode())).standard_normal(self.dim)
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
         return out
 
@@ -361,3 +363,23 @@ def test_cli_index_search_and_one_line_errors(corpus, tmp_path, capsys):
     build_index([Chunk("a#0", "a", "text")], tmp_path / "support.sqlite")
     assert main(["rag", "index", "--docs", str(root), "--index", str(tmp_path / "support.sqlite")]) == 2
     assert "not an lmstack document index" in capsys.readouterr().err
+
+
+def test_every_vector_store_gives_the_same_results(corpus, tmp_path):
+    """Exact numpy, usearch (HNSW; exact at this size) and Qdrant's local mode: the same dense and hybrid rankings
+    through DocRetriever on the same index."""
+    pytest.importorskip("usearch")
+    pytest.importorskip("qdrant_client")
+    root, facts = corpus
+    emb = HashEmbedder(noise=0.05)
+    index_documents([root], tmp_path / "i.sqlite", embedder=emb, chunk_tokens=32, overlap=4)
+    stores = {kind: DocRetriever(tmp_path / "i.sqlite", embedder=emb, store=kind)
+              for kind in ("exact", "usearch", "qdrant")}
+    assert type(stores["qdrant"].vectors).__name__ == "QdrantStore"
+    for q in ["reset button", "two-year warranty", "退款 银行卡", "firmware 3 am"]:
+        for mode in ("dense", "hybrid"):
+            runs = {kind: [(h.chunk.id, round(h.score, 5)) for h in r.search(q, 5, mode=mode)]
+                    for kind, r in stores.items()}
+            assert runs["exact"] == runs["usearch"] == runs["qdrant"], (q, mode, runs)
+    with pytest.raises(Exception, match="vector store must be one of"):
+        DocRetriever(tmp_path / "i.sqlite", embedder=emb, store="faiss")

@@ -10,6 +10,10 @@ import typer
 
 INDEX = typer.Option(..., "--index", "-i", help="The index file (one SQLite file), e.g. docs.sqlite.")
 MODE = typer.Option("hybrid", "--mode", help="hybrid (BM25 + embeddings, reciprocal-rank fusion), bm25 or dense.")
+STORE = typer.Option("auto", "--store", help="Vector search: auto (exact up to 100k vectors, then usearch HNSW), "
+                     "exact, usearch, or qdrant (at --store-location).")
+STORE_AT = typer.Option(":memory:", "--store-location", help="For --store qdrant: :memory:, a folder (local mode) "
+                        "or a server URL (http://localhost:6333).")
 EMBEDDER = typer.Option("auto", "--embedder", help="auto (the packaged all-MiniLM-L6-v2 when installed), none, or a "
                         "local sentence-transformers directory.")
 
@@ -56,12 +60,14 @@ def register(app: typer.Typer) -> None:
     def search(question: str = typer.Argument(..., help="The query."), index: str = INDEX,
                k: int = typer.Option(5, "--k", min=1, max=100), mode: str = MODE,
                source: Optional[str] = typer.Option(None, "--source", help="Only sources matching this glob."),
-               lang: Optional[str] = typer.Option(None, "--lang", help="Only chunks in this language (en, zh).")) -> None:
+               lang: Optional[str] = typer.Option(None, "--lang", help="Only chunks in this language (en, zh)."),
+               store: str = STORE, store_location: str = STORE_AT) -> None:
         """The top chunks for a query, as JSON (no model)."""
         from lmstack.rag.answer import sources
         from lmstack.rag.index import DocRetriever
 
-        hits = DocRetriever(index, embedder="auto" if mode != "bm25" else None).search(
+        hits = DocRetriever(index, embedder="auto" if mode != "bm25" else None, store=store,
+                            store_location=store_location).search(
             question, k, mode=mode, source=source, lang=lang)
         _echo(sources(hits))
 
@@ -99,13 +105,15 @@ def register(app: typer.Typer) -> None:
                  answer_k: int = typer.Option(5, "--answer-k", min=1, max=50),
                  max_tokens: int = typer.Option(256, "--max-tokens", min=1),
                  device: Optional[str] = typer.Option(None, "--device"),
-                 output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write the report (JSON).")) -> None:
+                 output: Optional[str] = typer.Option(None, "--output", "-o", help="Also write the report (JSON)."),
+                 store: str = STORE, store_location: str = STORE_AT) -> None:
         """recall@k, MRR and nDCG on labelled questions (+ faithfulness and citation accuracy with --model)."""
         from lmstack.rag.evaluate import evaluate as run_eval, read_questions
         from lmstack.rag.index import DocRetriever
 
         qs = read_questions(questions)
-        retriever = DocRetriever(index, embedder="auto" if mode != "bm25" else None)
+        retriever = DocRetriever(index, embedder="auto" if mode != "bm25" else None, store=store,
+                                 store_location=store_location)
         llm = None
         if model is not None:
             from lmstack.serve.llm import load

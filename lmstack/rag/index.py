@@ -257,13 +257,15 @@ def index_documents(paths: Sequence[str | Path], index: str | Path, *, embedder:
 
 class DocRetriever:
     """Search a document index: BM25, dense (exact cosine; an ANN index above ``ann_above`` vectors when
-    ``usearch`` is installed) or hybrid by reciprocal-rank fusion, with filters on language and source.
+    ``usearch`` is installed; ``store``: exact, usearch or qdrant at ``store_location``, see
+    :mod:`lmstack.rag.vectors`) or hybrid by reciprocal-rank fusion, with filters on language and source.
 
     ``embedder``: "auto" loads the model the index was embedded with; None: BM25 only; or a loaded model."""
 
     CANDIDATES = 50  # per ranking, before fusion
 
-    def __init__(self, path: str | Path, embedder: Any = "auto", *, ann_above: int = 100_000):
+    def __init__(self, path: str | Path, embedder: Any = "auto", *, ann_above: int = 100_000, store: str = "auto",
+                 store_location: str = ":memory:"):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: index not found (build it with `lmstack rag index --docs DIR "
@@ -277,7 +279,7 @@ class DocRetriever:
             raise DataError(f"{self.path}: not an lmstack document index (build it with `lmstack rag index`)")
         self.han = self.meta.get("han", "bigram")
         self.embedder, self.vectors = None, None
-        self.ann_above = ann_above
+        self.ann_above, self.store, self.store_location = ann_above, store, store_location
         if self.meta.get("dense_model") and embedder is not None:
             from lmstack.rag.dense import load_embedder
 
@@ -294,7 +296,7 @@ class DocRetriever:
         ids = np.array([r for r, _ in rows], dtype=np.int64)
         vecs = (np.frombuffer(b"".join(v for _, v in rows), dtype=np.float32).reshape(len(rows), dim)
                 if rows else np.zeros((0, max(dim, 1)), np.float32))
-        self.vectors = make_store(ids, vecs, ann_above=self.ann_above)
+        self.vectors = make_store(ids, vecs, ann_above=self.ann_above, kind=self.store, location=self.store_location)
 
     def refresh(self) -> None:
         self.meta = _meta(self.con)
