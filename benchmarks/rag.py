@@ -131,7 +131,8 @@ def part2(sizes: list[int], n_queries: int) -> None:
         vecs = rng.standard_normal((n, 384)).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         ids = np.arange(n)
-        qs = vecs[rng.integers(0, n, n_queries)] + 0.3 * rng.standard_normal((n_queries, 384)).astype(np.float32)
+        # queries near stored vectors (noise of norm ~0.5 on unit vectors): a nearest-neighbour structure to find
+        qs = vecs[rng.integers(0, n, n_queries)] + 0.025 * rng.standard_normal((n_queries, 384)).astype(np.float32)
         qs /= np.linalg.norm(qs, axis=1, keepdims=True)
         results = {}
         for name, cls in (("exact", ExactStore), ("usearch", USearchStore)):

@@ -199,3 +199,24 @@ def test_web_chat_keeps_conversations_renames_exports_and_deletes(browser, serve
         assert pg.evaluate("JSON.parse(localStorage.getItem('lmstack.conversations'))") == []
     finally:
         ctx.close()
+
+
+def test_cli_ask_and_eval_with_a_model(server, tmp_path, capsys):
+    from lmstack.cli import main
+
+    index, model = str(server.root / "docs.sqlite"), str(server.root / "tiny")
+    assert main(["rag", "ask", "How many simultaneous clients does the X200 support?", "--index", index,
+                 "--model", model, "--k", "2", "--max-tokens", "4", "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out["answer"], str) and [s["n"] for s in out["sources"]] == [1, 2]
+    assert out["sources"][0]["source"] == "guide.en.md"
+    qs = tmp_path / "q.jsonl"
+    qs.write_text("\n".join(json.dumps(q, ensure_ascii=False) for q in [
+        {"question": "What is the hotline number?", "relevant": [{"source": "notes.en.txt", "contains": "555-0100"}]},
+        {"question": "怎么恢复出厂设置？", "relevant": ["manual.zh.pdf#1"]}]) + "\n")
+    assert main(["rag", "eval", "--index", index, "-q", str(qs), "--k", "1", "--k", "3", "--model", model,
+                 "--answer-k", "2", "--max-tokens", "4", "--device", "cpu", "-o", str(tmp_path / "r.json")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["questions"] == 2 and rep["recall@3"] == 1.0 and rep["en"]["questions"] == rep["zh"]["questions"] == 1
+    assert 0.0 <= rep["cited"] <= 1.0 and "faithfulness" in rep and "citation_accuracy" in rep
+    assert len(json.loads((tmp_path / "r.json").read_text())["answers"]) == 2

@@ -18,7 +18,9 @@ Schema (one file; the ``chunks``/``chunks_fts``/``dense`` tables are those of :m
 overlap, Chinese analyzer, embedder); a re-run skips files whose hash is unchanged, re-chunks and re-embeds only
 changed ones and deletes the chunks of files that are gone. Each file is written in its own transaction, so a
 run that is interrupted keeps the files it finished and the next run resumes after them; a reader (a server
-answering from the index) sees every file either before or after, never half. A file that fails to load is
+answering from the index) sees every file either before or after, never half. Chunks are embedded in batches of
+:data:`EMBED_BATCH` across files (many small files cost one model call, not one each), so an interrupted run
+loses at most the files of the batch in flight. A file that fails to load is
 reported with its reason and the rest are indexed (its old chunks, if any, stay until it loads again).
 """
 
@@ -41,6 +43,7 @@ from lmstack.rag.loaders import find_files, load_file
 from lmstack.rag.store import ANALYZER, FORMAT, Hit
 
 KIND = "docs"
+EMBED_BATCH = 256  # chunks embedded together (across files) before their files are written
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS documents(source TEXT PRIMARY KEY, sha256 TEXT, title TEXT, text TEXT, chunks INTEGER);
@@ -183,63 +186,87 @@ def index_documents(paths: Sequence[str | Path], index: str | Path, *, embedder:
         report = IndexReport()
         old = dict(con.execute("SELECT source, sha256 FROM documents").fetchall())
         seen = set()
-        for path, source in files:
-            seen.add(source)
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                report.failed.append((source, f"cannot read ({e.strerror or e})"))
-                continue
-            digest = hashlib.sha256(settings_key.encode() + b"\0" + data).hexdigest()
-            if old.get(source) == digest:
-                report.unchanged.append(source)
+        pending: list[tuple[str, str, Any, list[SourceChunk], list[SourceChunk]]] = []
+
+        flushing = False
+
+        def flush() -> None:
+            """Embed the pending files' chunks in one batch, then write each file in its own transaction."""
+            nonlocal flushing
+            flushing = True
+            texts = [f"{c.title}\n{c.text}" if c.title else c.text for p in pending for c in p[4]]
+            all_vecs = encode(model, texts) if texts else None
+            at = 0
+            for source, digest, doc, chunks, emb in pending:
+                vecs = all_vecs[at:at + len(emb)] if emb else None
+                at += len(emb)
+                with con:  # one transaction per file: an interrupted run keeps whole files only
+                    _delete_doc(con, source)
+                    for c in chunks:
+                        cur = con.execute(
+                            'INSERT INTO chunks(id, doc_id, lang, title, text, source, keywords, headings, page, '
+                            'start, "end") VALUES (?,?,?,?,?,?,?,?,?,?,?)',
+                            (c.id, c.doc_id, c.lang, c.title, c.text, c.source, "", c.headings, c.page, c.start,
+                             c.end))
+                        c.rowid = cur.lastrowid  # type: ignore[attr-defined]
+                        con.execute("INSERT INTO chunks_fts(rowid, terms) VALUES (?, ?)",
+                                    (c.rowid, " ".join(terms(f"{c.title}\n{c.text}", han))))  # type: ignore
+                    if vecs is not None:
+                        con.executemany("INSERT INTO dense VALUES (?, ?)",
+                                        [(c.rowid, v.tobytes()) for c, v in zip(emb, vecs)])  # type: ignore
+                        _set_meta(con, dense_dim=int(vecs.shape[1]))
+                    con.execute("INSERT INTO documents VALUES (?,?,?,?,?)",
+                                (source, digest, doc.title, doc.text, len(chunks)))
+                (report.updated if source in old else report.added).append(source)
+                report.chunks_written += len(chunks)
+                report.vectors_written += len(emb)
                 if on_file:
-                    on_file(source, "unchanged")
-                continue
-            try:
-                doc = load_file(path, source)
-                pieces = chunk_blocks(doc.blocks, chunk_tokens, overlap)
-            except DataError as e:
-                report.failed.append((source, str(e)))
-                if on_file:
-                    on_file(source, f"failed: {e}")
-                continue
-            except Exception as e:  # a parser's own bug on a hostile file: reported, the run goes on
-                report.failed.append((source, f"{path}: cannot parse ({type(e).__name__}: {e})"))
-                if on_file:
-                    on_file(source, f"failed: {type(e).__name__}: {e}")
-                continue
-            chunks = []
-            for n, p in enumerate(pieces):
-                title = " > ".join([doc.title, *p.headings]) if doc.title else " > ".join(p.headings)
-                chunks.append(SourceChunk(id=f"{source}#{n}", doc_id=source, text=p.text, title=title,
-                                          lang=chunk_lang(p.text), source=source, headings=" > ".join(p.headings),
-                                          page=p.page, start=p.start, end=p.end))
-            emb = [c for c in chunks if dense_langs is None or c.lang in dense_langs] if model is not None else []
-            vecs = encode(model, [f"{c.title}\n{c.text}" if c.title else c.text for c in emb]) if emb else None
-            with con:  # one transaction per file: an interrupted run keeps whole files only
-                _delete_doc(con, source)
-                for c in chunks:
-                    cur = con.execute(
-                        'INSERT INTO chunks(id, doc_id, lang, title, text, source, keywords, headings, page, start, '
-                        '"end") VALUES (?,?,?,?,?,?,?,?,?,?,?)',
-                        (c.id, c.doc_id, c.lang, c.title, c.text, c.source, "", c.headings, c.page, c.start, c.end))
-                    rowid = cur.lastrowid
-                    c.rowid = rowid  # type: ignore[attr-defined]
-                    con.execute("INSERT INTO chunks_fts(rowid, terms) VALUES (?, ?)",
-                                (rowid, " ".join(terms(f"{c.title}\n{c.text}", han))))
-                if vecs is not None:
-                    con.executemany("INSERT INTO dense VALUES (?, ?)",
-                                    [(c.rowid, v.tobytes()) for c, v in zip(emb, vecs)])  # type: ignore[attr-defined]
-                con.execute("INSERT INTO documents VALUES (?,?,?,?,?)", (source, digest, doc.title, doc.text,
-                                                                         len(chunks)))
-                if vecs is not None:
-                    _set_meta(con, dense_dim=int(vecs.shape[1]))
-            (report.updated if source in old else report.added).append(source)
-            report.chunks_written += len(chunks)
-            report.vectors_written += len(emb)
-            if on_file:
-                on_file(source, "updated" if source in old else "added")
+                    on_file(source, "updated" if source in old else "added")
+            pending.clear()
+            flushing = False
+
+        try:
+            for path, source in files:
+                seen.add(source)
+                try:
+                    data = path.read_bytes()
+                except OSError as e:
+                    report.failed.append((source, f"cannot read ({e.strerror or e})"))
+                    continue
+                digest = hashlib.sha256(settings_key.encode() + b"\0" + data).hexdigest()
+                if old.get(source) == digest:
+                    report.unchanged.append(source)
+                    if on_file:
+                        on_file(source, "unchanged")
+                    continue
+                try:
+                    doc = load_file(path, source)
+                    pieces = chunk_blocks(doc.blocks, chunk_tokens, overlap)
+                except DataError as e:
+                    report.failed.append((source, str(e)))
+                    if on_file:
+                        on_file(source, f"failed: {e}")
+                    continue
+                except Exception as e:  # a parser's own bug on a hostile file: reported, the run goes on
+                    report.failed.append((source, f"{path}: cannot parse ({type(e).__name__}: {e})"))
+                    if on_file:
+                        on_file(source, f"failed: {type(e).__name__}: {e}")
+                    continue
+                chunks = []
+                for n, p in enumerate(pieces):
+                    title = " > ".join([doc.title, *p.headings]) if doc.title else " > ".join(p.headings)
+                    chunks.append(SourceChunk(id=f"{source}#{n}", doc_id=source, text=p.text, title=title,
+                                              lang=chunk_lang(p.text), source=source, headings=" > ".join(p.headings),
+                                              page=p.page, start=p.start, end=p.end))
+                emb = [c for c in chunks if dense_langs is None or c.lang in dense_langs] if model is not None else []
+                pending.append((source, digest, doc, chunks, emb))
+                if sum(len(p[3]) for p in pending) >= EMBED_BATCH:
+                    flush()
+            flush()
+        except BaseException:  # Ctrl-C / SIGTERM / an error while loading: keep the files already done
+            if pending and not flushing:
+                flush()
+            raise
         with con:
             for source in sorted(set(old) - seen) if not keep_others else []:
                 _delete_doc(con, source)
