@@ -11,6 +11,7 @@ Part 2 (random unit vectors, 384-d): per-query latency p50 / p99 of exact search
 the ANN's recall@10 against exact, at each size; and BM25 (SQLite FTS5) query latency over an index of that many
 chunks written by ``index_documents``.
 
+    pip install 'lmstack[rag,rag-bench]'   # LlamaIndex, the baseline (no torch change)
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/rag.py [--sizes 10000 100000] [--threads 2] [--skip-llamaindex]
 """
 
