@@ -9,6 +9,11 @@ import typer
 from lmstack.cli.generate import SPEC_K, SPEC_MODEL, speculative_kw
 
 
+def _keep_state(wrapped, app):
+    wrapped.state = app.state  # the served model and limits, for the next wrapper
+    return wrapped
+
+
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
@@ -56,6 +61,11 @@ def register(app: typer.Typer) -> None:
         watermark_scheme: str = typer.Option("lmstack", "--watermark-scheme", help="lmstack (SHA-256 of the "
                                              "context) or hf (transformers' lefthash, for its WatermarkDetector)."),
         speculative_model: Optional[str] = SPEC_MODEL, num_speculative_tokens: int = SPEC_K,
+        rag: Optional[str] = typer.Option(None, "--rag", help="Answer every chat request from this document index "
+                                          "(`lmstack rag index`); responses carry a `sources` field (docs/rag.md)."),
+        rag_k: int = typer.Option(5, "--rag-k", min=1, max=50, help="Chunks retrieved per request with --rag."),
+        rag_upload: bool = typer.Option(False, "--rag-upload", help="With --rag: accept documents uploaded from the "
+                                        "web chat (POST /v1/rag/documents) into the index."),
     ) -> None:
         """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
         from lmstack.serve.api import run_server
@@ -77,8 +87,17 @@ def register(app: typer.Typer) -> None:
             from lmstack.guard import load_policy
 
             policy = load_policy(guard)  # "default": the shipped policy; a bad file fails before the model loads
-        if policy is not None or marks is not None:
+        grounding = None
+        if rag is not None:  # the index opens here: a bad path fails before the model loads
+            from lmstack.rag.server import rag_wrap
+
+            grounding = rag_wrap(rag, k=rag_k, upload=rag_upload, api_key=api_key or None)
+        if policy is not None or marks is not None or grounding is not None:
             def wrap(app, llm):
+                if grounding is not None:  # inside the guard: the guard's rails see the grounded request
+                    app = _keep_state(grounding(app, llm), app)
+                if policy is None and marks is None:
+                    return app
                 app.state.model.watermark = marks  # every request's sampling gets it (serve.api.protocol)
                 if policy is None:
                     return app

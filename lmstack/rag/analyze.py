@@ -47,14 +47,17 @@ def stem(word: str) -> str:
     return w
 
 
-def terms(text: str) -> list[str]:
-    """Index terms of ``text`` in order (repeats kept: they are the term frequencies)."""
+def terms(text: str, han: str = "bigram") -> list[str]:
+    """Index terms of ``text`` in order (repeats kept: they are the term frequencies). ``han``: "bigram"
+    (overlapping character bigrams) or "jieba" (jieba's words, searched mode: long words also give their parts)."""
     text = unicodedata.normalize("NFKC", text).lower()
     out: list[str] = []
     for m in _TOKEN.finditer(text):
         t = m.group()
         if _HAN.match(t):
-            if len(t) == 1:
+            if han == "jieba":
+                out.extend(w for w in _jieba().lcut_for_search(t) if w.strip())
+            elif len(t) == 1:
                 out.append(t)
             else:
                 out.extend(t[i:i + 2] for i in range(len(t) - 1))
@@ -63,6 +66,22 @@ def terms(text: str) -> list[str]:
         elif t not in STOP:
             out.append(stem(t))
     return out
+
+
+HAN_MODES = ("bigram", "jieba")
+
+
+def _jieba():
+    try:
+        import jieba
+    except ImportError:
+        from lmstack.errors import ConfigError
+
+        raise ConfigError("Chinese word segmentation needs jieba: pip install 'lmstack[rag]' (or use bigrams)") from None
+    import logging
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
 
 
 def has_han(text: str) -> bool:

@@ -1,11 +1,14 @@
-// lmstack web chat: multi-turn, streaming (SSE over fetch), markdown, stop button, sampling settings.
-// Talks to this server's OpenAI-compatible /v1/chat/completions; no external requests.
+// lmstack web chat: multi-turn, streaming (SSE over fetch), markdown, stop button, sampling settings, copy and
+// regenerate; with `lmstack serve --rag`: source cards under each answer and document upload into the index.
+// Talks to this server's OpenAI-compatible /v1/chat/completions (and /v1/rag); no external requests.
 (function () {
   "use strict";
   var CFG = window.LMSTACK || {};
   var $ = function (id) { return document.getElementById(id); };
   var history = [];          // [{role, content}] of completed turns (what the next request sends)
   var controller = null;     // AbortController of the request in flight
+  var convId = null;         // the conversation on screen (saved in localStorage under lmstack.conversations)
+  var rag = null;            // GET /v1/rag when the server answers from a document index
   var SETTINGS = ["system", "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "api_key"];
 
   function loadSettings() {
@@ -43,6 +46,108 @@
     return div;
   }
 
+  function authHeaders() {
+    var h = {};
+    var key = $("api_key").value.trim();
+    if (key) h["Authorization"] = "Bearer " + key;
+    return h;
+  }
+
+  // Source cards: one per retrieved passage ("[n] file p. 3 > heading"), cited ones first and marked; a click
+  // opens the passage's text. [n] in the answer scrolls to card n.
+  function addSources(div, sources) {
+    if (!sources || !sources.length) return;
+    var box = document.createElement("div");
+    box.className = "sources";
+    var ordered = sources.filter(function (s) { return s.cited; })
+      .concat(sources.filter(function (s) { return !s.cited; }));
+    ordered.forEach(function (s) {
+      var card = document.createElement("details");
+      card.className = "source" + (s.cited ? " cited" : "");
+      card.dataset.n = String(s.n);
+      var sum = document.createElement("summary");
+      var num = document.createElement("span");
+      num.className = "n";
+      num.textContent = "[" + s.n + "]";
+      var where = document.createElement("span");
+      where.className = "where";
+      where.textContent = s.source + (s.page ? " p. " + s.page : "") + (s.headings ? " › " + s.headings : "");
+      sum.appendChild(num);
+      sum.appendChild(where);
+      card.appendChild(sum);
+      var text = document.createElement("div");
+      text.className = "text";
+      text.textContent = s.text;
+      card.appendChild(text);
+      box.appendChild(card);
+    });
+    div.appendChild(box);
+    var body = div.querySelector(".body");
+    body.addEventListener("click", function (e) {
+      var t = e.target.closest("a.cite");
+      if (!t) return;
+      e.preventDefault();
+      var card = box.querySelector('.source[data-n="' + t.dataset.n + '"]');
+      if (card) { card.open = true; card.scrollIntoView({ block: "nearest" }); }
+    });
+    linkCitations(body, sources.length);
+  }
+
+  function linkCitations(body, n) {
+    var walker = document.createTreeWalker(body, NodeFilter.SHOW_TEXT), nodes = [];
+    while (walker.nextNode()) if (/\[\d{1,3}\]/.test(walker.currentNode.nodeValue) &&
+                                  !walker.currentNode.parentNode.closest("code, pre")) nodes.push(walker.currentNode);
+    nodes.forEach(function (node) {
+      var frag = document.createDocumentFragment(), last = 0, text = node.nodeValue, re = /\[(\d{1,3})\]/g, m;
+      while ((m = re.exec(text))) {
+        var k = parseInt(m[1], 10);
+        if (k < 1 || k > n) continue;
+        frag.appendChild(document.createTextNode(text.slice(last, m.index)));
+        var a = document.createElement("a");
+        a.className = "cite"; a.href = "#"; a.dataset.n = String(k); a.textContent = m[0];
+        frag.appendChild(a);
+        last = m.index + m[0].length;
+      }
+      frag.appendChild(document.createTextNode(text.slice(last)));
+      node.parentNode.replaceChild(frag, node);
+    });
+  }
+
+  // Copy (the answer's markdown) and Regenerate (the last answer only: the same history, a new reply).
+  function addTools(div, content, last) {
+    var tools = document.createElement("div");
+    tools.className = "tools";
+    var copy = document.createElement("button");
+    copy.className = "ghost small copy"; copy.type = "button"; copy.textContent = "Copy";
+    copy.addEventListener("click", function () {
+      var done = function () { copy.textContent = "Copied"; setTimeout(function () { copy.textContent = "Copy"; }, 1200); };
+      if (navigator.clipboard && window.isSecureContext) navigator.clipboard.writeText(content).then(done, done);
+      else {
+        var ta = document.createElement("textarea"); ta.value = content; document.body.appendChild(ta);
+        ta.select(); try { document.execCommand("copy"); } catch (e) { /* nothing to do */ }
+        ta.remove(); done();
+      }
+    });
+    tools.appendChild(copy);
+    if (last) {
+      var again = document.createElement("button");
+      again.className = "ghost small regenerate"; again.type = "button"; again.textContent = "Regenerate";
+      again.addEventListener("click", regenerate);
+      tools.appendChild(again);
+    }
+    div.appendChild(tools);
+  }
+
+  function regenerate() {
+    if (controller || history.length < 2 || history[history.length - 1].role !== "assistant") return;
+    history.pop();
+    var user = history.pop();
+    var msgs = $("messages").children;
+    $("messages").removeChild(msgs[msgs.length - 1]);  // the old answer
+    $("messages").removeChild(msgs[msgs.length - 1]);  // its question (send() adds it back)
+    send(user.content);
+  }
+
   function setMeta(div, text) {
     var m = div.querySelector(".meta");
     if (!m) { m = document.createElement("div"); m.className = "meta"; div.appendChild(m); }
@@ -60,7 +165,7 @@
     var messages = [];
     var sys = $("system").value.trim();
     if (sys) messages.push({ role: "system", content: sys });
-    messages = messages.concat(history);
+    messages = messages.concat(history.map(function (m) { return { role: m.role, content: m.content }; }));
     var body = {
       model: CFG.model, messages: messages, stream: true, stream_options: { include_usage: true },
       temperature: num("temperature", parseFloat), top_p: num("top_p", parseFloat),
@@ -83,6 +188,7 @@
     var div = addMessage("assistant", "");
     div.classList.add("streaming");
     var body = div.querySelector(".body");
+    var sources = null;
     var content = "", usage = null, finish = null, t0 = performance.now(), tFirst = null, pending = false;
     controller = new AbortController();
     setBusy(true);
@@ -92,9 +198,8 @@
       body.innerHTML = window.renderMarkdown(content);
       scrollDown();
     }
-    var headers = { "Content-Type": "application/json" };
-    var key = $("api_key").value.trim();
-    if (key) headers["Authorization"] = "Bearer " + key;
+    var headers = authHeaders();
+    headers["Content-Type"] = "application/json";
     var stopped = false, failed = null;
     try {
       var req = requestBody();
@@ -132,6 +237,7 @@
           var chunk = JSON.parse(data);
           if (chunk.error) throw new Error("Error: " + chunk.error.message);
           if (chunk.usage) usage = chunk.usage;
+          if (chunk.sources) sources = chunk.sources;
           var first = false;
           (chunk.choices || []).forEach(function (c) {
             if (c.delta && c.delta.content) {
@@ -163,7 +269,13 @@
       $("status").textContent = "";
       return;
     }
-    history.push({ role: "assistant", content: content });
+    var turn = { role: "assistant", content: content };
+    if (sources) turn.sources = sources;  // kept with the conversation (not sent back to the server)
+    history.push(turn);
+    saveConversation();
+    document.querySelectorAll("#messages .regenerate").forEach(function (b) { b.remove(); });
+    addSources(div, sources);
+    addTools(div, content, true);
     var secs = (performance.now() - t0) / 1000;
     var parts = [];
     if (stopped) parts.push("stopped");
@@ -178,12 +290,148 @@
     $("input").focus();
   }
 
+  // ---- conversations, kept in this browser (localStorage): list, open, rename, delete, export JSON / Markdown
+  function loadConvs() {
+    try { var c = JSON.parse(localStorage.getItem("lmstack.conversations") || "[]"); return Array.isArray(c) ? c : []; }
+    catch (e) { return []; }
+  }
+
+  function storeConvs(convs) {
+    try { localStorage.setItem("lmstack.conversations", JSON.stringify(convs)); } catch (e) { /* full or private */ }
+    renderConvs();
+  }
+
+  function saveConversation() {
+    if (!history.length) return;
+    var convs = loadConvs(), c = convs.filter(function (x) { return x.id === convId; })[0];
+    if (!c) {
+      convId = "c" + Date.now().toString(36) + Math.random().toString(36).slice(2, 6);
+      c = { id: convId, title: history[0].content.slice(0, 60) };
+      convs.unshift(c);
+    }
+    c.messages = history.slice();
+    c.updated = new Date().toISOString();
+    c.model = CFG.model;
+    storeConvs(convs);
+  }
+
+  function openConversation(id) {
+    if (controller) return;
+    var c = loadConvs().filter(function (x) { return x.id === id; })[0];
+    if (!c) return;
+    convId = id;
+    history = (c.messages || []).slice();
+    $("messages").innerHTML = "";
+    $("empty").hidden = history.length > 0;
+    history.forEach(function (m, i) {
+      var div = addMessage(m.role, m.content);
+      if (m.role === "assistant") {
+        addSources(div, m.sources);
+        addTools(div, m.content, i === history.length - 1);
+      }
+    });
+    renderConvs();
+  }
+
+  function download(name, type, text) {
+    var a = document.createElement("a");
+    a.href = URL.createObjectURL(new Blob([text], { type: type }));
+    a.download = name;
+    document.body.appendChild(a);
+    a.click();
+    setTimeout(function () { URL.revokeObjectURL(a.href); a.remove(); }, 0);
+  }
+
+  function markdownOf(c) {
+    var out = ["# " + c.title, ""];
+    (c.messages || []).forEach(function (m) {
+      out.push("**" + (m.role === "user" ? "You" : "Assistant") + ":**", "", m.content, "");
+      (m.sources || []).filter(function (s) { return s.cited; }).forEach(function (s) {
+        out.push("> [" + s.n + "] " + s.source + (s.page ? " p. " + s.page : "") + ": " + s.text.replace(/\n/g, " "));
+      });
+      if ((m.sources || []).some(function (s) { return s.cited; })) out.push("");
+    });
+    return out.join("\n");
+  }
+
+  function convAction(id, action) {
+    var convs = loadConvs(), c = convs.filter(function (x) { return x.id === id; })[0];
+    if (!c) return;
+    var slug = (c.title || "chat").replace(/[^\w\u4e00-\u9fff-]+/g, "-").slice(0, 40) || "chat";
+    if (action === "rename") {
+      var t = window.prompt("Rename conversation", c.title);
+      if (t && t.trim()) { c.title = t.trim().slice(0, 200); storeConvs(convs); }
+    } else if (action === "delete") {
+      if (!window.confirm("Delete \u201c" + c.title + "\u201d?")) return;
+      storeConvs(convs.filter(function (x) { return x.id !== id; }));
+      if (id === convId) newChat();
+    } else if (action === "json") {
+      download(slug + ".json", "application/json", JSON.stringify(c, null, 1));
+    } else if (action === "md") {
+      download(slug + ".md", "text/markdown", markdownOf(c));
+    }
+  }
+
+  function renderConvs() {
+    var list = $("conv-list");
+    list.innerHTML = "";
+    loadConvs().forEach(function (c) {
+      var li = document.createElement("li");
+      li.className = "conv" + (c.id === convId ? " current" : "");
+      li.dataset.id = c.id;
+      var open = document.createElement("button");
+      open.className = "ghost title"; open.type = "button"; open.textContent = c.title || "(untitled)";
+      open.addEventListener("click", function () { openConversation(c.id); });
+      li.appendChild(open);
+      [["rename", "Rename"], ["delete", "Delete"], ["json", "JSON"], ["md", "MD"]].forEach(function (a) {
+        var b = document.createElement("button");
+        b.className = "ghost small " + a[0]; b.type = "button"; b.textContent = a[1];
+        b.title = { rename: "Rename", delete: "Delete", json: "Export as JSON", md: "Export as Markdown" }[a[0]];
+        b.addEventListener("click", function () { convAction(c.id, a[0]); });
+        li.appendChild(b);
+      });
+      list.appendChild(li);
+    });
+    $("conv-empty").hidden = list.children.length > 0;
+  }
+
   function newChat() {
     if (controller) controller.abort();
+    convId = null;
+    renderConvs();
     history = [];
     $("messages").innerHTML = "";
     $("empty").hidden = false;
     $("input").focus();
+  }
+
+  async function loadRag() {
+    try {
+      var r = await fetch("/v1/rag", { headers: authHeaders() });
+      rag = r.ok ? await r.json() : null;
+    } catch (e) { rag = null; }
+    $("rag-bar").hidden = !rag;
+    if (!rag) return;
+    $("rag-info").textContent = "Answers from " + rag.index + " · " + rag.documents + " documents, " + rag.chunks +
+      " passages";
+    $("upload-label").hidden = !rag.upload;
+  }
+
+  async function upload(files) {
+    for (var i = 0; i < files.length; i++) {
+      var f = files[i];
+      $("status").textContent = "indexing " + f.name + "…";
+      try {
+        var r = await fetch("/v1/rag/documents?name=" + encodeURIComponent(f.name),
+                            { method: "POST", headers: authHeaders(), body: f });
+        var out = await r.json();
+        if (r.ok) $("status").textContent = "indexed " + f.name;
+        else $("status").textContent = f.name + ": " + ((out.failed && out.failed[0] && out.failed[0].reason) ||
+                                                         (out.error && out.error.message) || ("error " + r.status));
+      } catch (e) { $("status").textContent = f.name + ": " + (e.message || e); }
+    }
+    $("upload").value = "";
+    loadRag();
   }
 
   function init() {
@@ -203,6 +451,15 @@
     });
     if (CFG.needsKey && !$("api_key").value) $("settings").hidden = false;
     $("new-chat").addEventListener("click", newChat);
+    $("toggle-convs").addEventListener("click", function () {
+      var s = $("conversations");
+      s.hidden = !s.hidden;
+      this.setAttribute("aria-expanded", String(!s.hidden));
+    });
+    renderConvs();
+    $("upload").addEventListener("change", function () { upload(this.files); });
+    $("api_key").addEventListener("change", loadRag);
+    loadRag();
     $("stop").addEventListener("click", function () { if (controller) controller.abort(); });
     $("composer").addEventListener("submit", function (e) {
       e.preventDefault();
@@ -226,6 +483,7 @@
     $("input").addEventListener("input", autosize);
   }
 
-  window.lmstackChat = { send: send, newChat: newChat, history: function () { return history.slice(); } };
+  window.lmstackChat = { send: send, newChat: newChat, regenerate: regenerate, open: openConversation,
+                         history: function () { return history.slice(); } };
   init();
 })();
