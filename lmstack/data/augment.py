@@ -30,7 +30,7 @@ from lmstack.errors import ConfigError, DataError
 SYNONYM_DIR = Path(__file__).with_name("synonyms")
 OPS = ("synonym", "insert", "swap", "delete")
 _PLACEHOLDER = re.compile(r"<[A-Z][A-Z_]*(?:_\d+)?>")
-_EN_TOKEN = re.compile(r"<[A-Z][A-Z_]*(?:_\d+)?>|\w+(?:['’]\w+)*|[^\w\s]", re.UNICODE)
+_EN_TOKEN = re.compile(r"<[A-Z][A-Z_]*(?:_\d+)?>|[$€£¥]?\d+(?:[.,:/-]\d+)+|\w+(?:['’-]\w+)*|[^\w\s]", re.UNICODE)
 _HAN = re.compile(r"[\u3400-\u9fff]")
 _PUNCT = re.compile(r"^[^\w<>]+$", re.UNICODE)
 MAX_TEXT_CHARS = 10_000
@@ -123,14 +123,19 @@ def text_lang(text: str) -> str:
     return "zh" if len(_HAN.findall(text)) >= max(1, 0.3 * len(re.findall(r"\w", text))) else "en"
 
 
-def protected(tokens: Sequence[str], extra: Iterable[str] = ()) -> list[bool]:
+def protected(tokens: Sequence[str], extra: Iterable[str] = (), known: frozenset[str] = frozenset()) -> list[bool]:
+    """Per token: never touch it. A capitalised first word counts as a name unless it is an English function word
+    or in ``known`` (the synonym vocabulary): "Maria paid" keeps Maria, "Please cancel" may lose Please."""
+    from lmstack.text.lang import EN_STOP
+
     extra_l = {e.lower() for e in extra}
     flags = []
     for i, t in enumerate(tokens):
+        cap = t[:1].isupper() and t.isascii()
         flags.append(bool(
             any(c.isdigit() for c in t) or _PLACEHOLDER.fullmatch(t) or t.lower() in extra_l
             or (t.isascii() and t.isalpha() and len(t) > 1 and t.isupper())
-            or (i > 0 and t[:1].isupper() and t.isascii()) or _PUNCT.match(t)))
+            or (cap and (i > 0 or (t.lower() not in EN_STOP and t.lower() not in known))) or _PUNCT.match(t)))
     return flags
 
 
@@ -142,6 +147,7 @@ class Augmenter:
         self.syn = {"en": read_synonyms(self.cfg.synonyms_en or SYNONYM_DIR / "en.txt"),
                     "zh": read_synonyms(self.cfg.synonyms_zh or SYNONYM_DIR / "zh.txt")}
         self.max_len = {lang: max((len(k) for k in t), default=1) for lang, t in self.syn.items()}
+        self.known = frozenset(w for k in self.syn["en"] for w in k)
 
     def _spans(self, toks: list[str], prot: list[bool], lang: str) -> list[tuple[int, int, list[tuple[str, ...]]]]:
         """(start, length, synonyms) for every unprotected phrase with synonyms, longest match first."""
@@ -158,7 +164,7 @@ class Augmenter:
     def one(self, text: str, op: str, rng: random.Random) -> str:
         lang = text_lang(text)
         toks = tokenize(text, lang)
-        prot = protected(toks, self.cfg.protect)
+        prot = protected(toks, self.cfg.protect, self.known)
         words = [i for i, p in enumerate(prot) if not p]
         n = max(1, round(self.cfg.alpha * len(words)))
         if op == "synonym":
@@ -176,7 +182,7 @@ class Augmenter:
                 toks[i:i + ln] = rep
         elif op == "insert":
             for _ in range(n):
-                spans = self._spans(toks, protected(toks, self.cfg.protect), lang)
+                spans = self._spans(toks, protected(toks, self.cfg.protect, self.known), lang)
                 if not spans:
                     break
                 _, _, syns = rng.choice(spans)
@@ -190,7 +196,7 @@ class Augmenter:
                 toks[a], toks[b] = toks[b], toks[a]
         elif op == "delete":
             keep = [t for t, p in zip(toks, prot) if p or rng.random() >= self.cfg.alpha]
-            if sum(not p for p in protected(keep, self.cfg.protect)) == 0 and words:
+            if sum(not p for p in protected(keep, self.cfg.protect, self.known)) == 0 and words:
                 keep = toks  # never delete every word
             toks = keep
         if toks and toks[0][:1].islower() and lang == "en" and text[:1].isupper():
@@ -227,6 +233,7 @@ def augment_records(rows: Sequence[dict[str, Any]], cfg: AugmentConfig | None = 
 
     cfg = cfg or AugmentConfig()
     aug = Augmenter(cfg)
+    known = aug.known
     rng = random.Random(cfg.seed)
     seen = {dedup_key_text(r[text_field]) for r in rows}
     out: list[dict[str, Any]] = []
@@ -240,7 +247,7 @@ def augment_records(rows: Sequence[dict[str, Any]], cfg: AugmentConfig | None = 
         text = text[:MAX_TEXT_CHARS]
         lang = text_lang(text)
         toks = tokenize(text, lang)
-        prot = Counter(t for t, p in zip(toks, protected(toks, cfg.protect)) if p and not _PUNCT.match(t))
+        prot = Counter(t for t, p in zip(toks, protected(toks, cfg.protect, known)) if p and not _PUNCT.match(t))
         for op, cand in aug.augment(text, rng):
             made += 1
             key = dedup_key_text(cand)
@@ -257,3 +264,32 @@ def augment_records(rows: Sequence[dict[str, Any]], cfg: AugmentConfig | None = 
     report = {"records": len(rows), "candidates": made, "kept": len(out), "rejected": dict(sorted(rejected.items())),
               "kept_per_op": dict(sorted(per_op.items()))}
     return out, report
+
+
+def augment_file(path: str | Path, out: str | Path, cfg: AugmentConfig | None = None, *, text_field: str = "text",
+                 include_original: bool = True, max_bytes: int = 256 << 20) -> dict[str, Any]:
+    """Read JSON Lines records from ``path``, write the originals (unless ``include_original`` is off) followed by
+    their filtered augmented copies to ``out``; returns the report (also written to ``out``'s ``.report.json``)."""
+    from lmstack.utils.io import atomic_write_json, iter_jsonl_lines, write_jsonl
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: input file not found")
+    if p.stat().st_size > max_bytes:
+        raise DataError(f"{p}: {p.stat().st_size:,} bytes is over the {max_bytes:,}-byte limit")
+
+    def bad(lineno: int, reason: str) -> None:
+        raise DataError(f"{p}:{lineno}: {reason}")
+
+    rows = []
+    for lineno, r in iter_jsonl_lines(p, bad):
+        if not isinstance(r, dict) or not isinstance(r.get(text_field), str) or not r[text_field].strip():
+            bad(lineno, f'expected an object with a non-empty string "{text_field}"')
+        rows.append(r)
+    if not rows:
+        raise DataError(f"{p}: no records")
+    aug, report = augment_records(rows, cfg, text_field)
+    write_jsonl(out, (rows if include_original else []) + aug)
+    report["output"] = str(out)
+    atomic_write_json(Path(str(out) + ".report.json"), report)
+    return report
