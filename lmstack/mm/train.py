@@ -114,7 +114,7 @@ def train_clip(cfg: ClipTrainConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {"train_pairs": cfg.train_pairs, "steps": cfg.steps, "batch_size": cfg.batch_size,
                                "first_loss": round(losses[0], 4),
                                "final_train_loss": round(float(np.mean(losses[-10:])), 4),
-                               "temperature": round(float(1 / model.logit_scale.exp()), 4),
+                               "temperature": round(float(1 / model.logit_scale.detach().exp()), 4),
                                "train_seconds": round(time.perf_counter() - t0, 1)}
     metrics.update(evaluate_clip(out, seed=cfg.seed + 1, langs=cfg.langs))
     atomic_write_json(out / "metrics.json", metrics)
