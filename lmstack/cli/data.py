@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(data, name="data")
     _register_augment(data)
     _register_label(data)
+    _register_mix(data)
 
     @data.command("run", context_settings=_EXTRA)
     def run(ctx: typer.Context,
@@ -231,3 +232,36 @@ def _register_label(data: typer.Typer) -> None:
         from lmstack.data.label import agreement, read_records
 
         typer.echo(json.dumps(agreement(read_records(input)), ensure_ascii=False))
+
+
+def _register_mix(data: typer.Typer) -> None:
+    @data.command("mix")
+    def mix(domains: List[str] = typer.Argument(..., help="DOMAIN=PATH (repeat a domain for more paths)."),
+            weights: Optional[str] = typer.Option(None, "--weights", help="Explicit weights: web=1,code=2"),
+            temperature: Optional[float] = typer.Option(None, "--temperature", help="Temperature sampling T."),
+            budget_tokens: Optional[float] = typer.Option(None, "--budget-tokens"),
+            chars_per_token: float = typer.Option(4.0, "--chars-per-token"),
+            text_field: str = typer.Option("text", "--text-field"),
+            plot: Optional[str] = typer.Option(None, "--plot", help="Write a before/after share bar chart (PNG).")
+            ) -> None:
+        """Per-domain token shares before and after weighting (explicit weights or temperature sampling)."""
+        from lmstack.data.mix_report import domain_sizes, mix_report, plot_shares
+        from lmstack.errors import ConfigError
+
+        paths: dict = {}
+        for d in domains:
+            name, sep, p = d.partition("=")
+            if not sep or not name or not p:
+                raise ConfigError(f"domain {d!r}: expected DOMAIN=PATH")
+            paths.setdefault(name, []).append(p)
+        w = None
+        if weights:
+            try:
+                w = {k: float(v) for k, v in (x.split("=") for x in weights.split(","))}
+            except ValueError:
+                raise ConfigError(f"--weights {weights!r}: expected name=number,name=number") from None
+        rep = mix_report(domain_sizes(paths, text_field, chars_per_token), weights=w, temperature=temperature,
+                         budget_tokens=budget_tokens)
+        if plot:
+            plot_shares(rep, plot)
+        typer.echo(json.dumps(rep, ensure_ascii=False))
