@@ -165,8 +165,11 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path):
     out, _ = tiny_run
     (tmp_path / "bad.png").write_bytes(b"not an image")
     for args in (["embed", str(out), str(tmp_path / "bad.png"), "--out", str(tmp_path / "i")],
-                 ["search", str(out), str(tmp_path), "red"],
-                 ["train", "--batch-size", "1", "--out", str(tmp_path / "t")]):
+                 ["search", str(out), str(tmp_path), "red"]):
         r = _cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("lmstack: "), r.stderr
+    from lmstack.errors import ConfigError
+    from lmstack.mm.train import ClipTrainConfig
+    with pytest.raises(ConfigError, match="needs negatives"):
+        ClipTrainConfig(batch_size=1)
