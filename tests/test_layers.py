@@ -22,7 +22,7 @@ PKG = Path(__file__).resolve().parents[1] / "lmstack"
 FLOORS = [
     {"config", "utils", "text", "errors", "_version"},
     {"tokenizer", "data", "model"},
-    {"train", "tune", "quant", "export", "eval", "kernels"},
+    {"train", "tune", "quant", "export", "eval", "kernels", "mm"},
     {"serve"},
     {"rag", "guard"},
     {"apps", "pipeline", "cli", ""},  # "": the root package lmstack/__init__.py

@@ -44,6 +44,9 @@ def register(app: typer.Typer) -> None:
     data = typer.Typer(help="Data pipeline: clean, filter, dedup, PII, mix, report, token shards.",
                        no_args_is_help=True)
     app.add_typer(data, name="data")
+    _register_augment(data)
+    _register_label(data)
+    _register_mix(data)
 
     @data.command("run", context_settings=_EXTRA)
     def run(ctx: typer.Context,
@@ -140,3 +143,125 @@ def register(app: typer.Typer) -> None:
         sp = idx["splits"]
         typer.echo(f"{out}: train {sp['train']['tokens']:,} tokens / {sp['train']['documents']:,} docs, "
                    f"val {sp['val']['tokens']:,} tokens / {sp['val']['documents']:,} docs ({idx['dtype']})")
+
+
+def _register_augment(data: typer.Typer) -> None:
+    @data.command("augment")
+    def augment(input: str = typer.Argument(..., help="JSON Lines records with a text field (labels are kept)."),
+                out: str = typer.Option(..., "--out", "-o", help="Output JSON Lines: originals + augmented copies."),
+                text_field: str = typer.Option("text", "--text-field"),
+                n_aug: int = typer.Option(4, "--n-aug", help="Candidates per record, before the filters."),
+                ops: str = typer.Option("synonym,insert,swap,delete", "--ops",
+                                        help="EDA operations, comma list: synonym, insert, swap, delete."),
+                alpha: float = typer.Option(0.1, "--alpha", help="Share of words each operation changes."),
+                protect: str = typer.Option("", "--protect", help="Comma list of extra words never touched."),
+                synonyms_en: Optional[str] = typer.Option(None, "--synonyms-en", help="'a | b | c' lines."),
+                synonyms_zh: Optional[str] = typer.Option(None, "--synonyms-zh"),
+                only_new: bool = typer.Option(False, "--only-new", help="Write only the augmented copies."),
+                seed: int = typer.Option(0, "--seed")) -> None:
+        """EDA augmentation (EN + ZH via jieba) with protected numbers/entities/PII placeholders, dedup and quality
+        filters; prints the report (kept, rejected per filter)."""
+        from lmstack.data.augment import AugmentConfig, augment_file
+
+        cfg = AugmentConfig(n_aug=n_aug, ops=tuple(x.strip() for x in ops.split(",") if x.strip()), alpha=alpha,
+                            seed=seed, protect=tuple(x.strip() for x in protect.split(",") if x.strip()),
+                            synonyms_en=synonyms_en, synonyms_zh=synonyms_zh)
+        typer.echo(json.dumps(augment_file(input, out, cfg, text_field=text_field, include_original=not only_new),
+                              ensure_ascii=False))
+
+
+def _register_label(data: typer.Typer) -> None:
+    label = typer.Typer(help="Annotation: Label Studio JSON <-> JSONL, pre-label, route the least confident to "
+                             "people, merge their labels, agreement (kappa).", no_args_is_help=True)
+    data.add_typer(label, name="label")
+
+    @label.command("convert")
+    def convert(input: str = typer.Argument(..., help="Label Studio export (.json) or JSONL."),
+                out: str = typer.Option(..., "--out", "-o", help=".json writes Label Studio tasks, else JSONL.")) -> None:
+        """Convert between Label Studio JSON and the JSONL record schema (lossless both ways)."""
+        from lmstack.data.label import read_records, write_records
+
+        recs = read_records(input)
+        write_records(recs, out)
+        typer.echo(json.dumps({"records": len(recs), "out": out}))
+
+    @label.command("predict")
+    def predict(input: str = typer.Argument(...), model: str = typer.Option(..., "--model", "-m",
+                                                                            help="A `lmstack classify train` dir."),
+                out: str = typer.Option(..., "--out", "-o"), text_field: str = typer.Option("text", "--text-field")
+                ) -> None:
+        """Pre-label every task with a trained classifier (predictions with scores, uncertainty)."""
+        from lmstack.data.label import prelabel, read_records, write_records
+
+        recs = prelabel(read_records(input, text_field), model, text_field)
+        write_records(recs, out)
+        typer.echo(json.dumps({"records": len(recs), "out": out}))
+
+    @label.command("route")
+    def route_cmd(input: str = typer.Argument(..., help="Pre-labelled records (`label predict`)."),
+                  k: int = typer.Option(..., "--k", help="How many tasks to send to people."),
+                  out: str = typer.Option(..., "--out", "-o", help="Tasks for people (.json: Label Studio import)."),
+                  strategy: str = typer.Option("least_confidence", "--strategy", help="least_confidence | margin")
+                  ) -> None:
+        """Active learning by uncertainty: write the k least confident unannotated tasks."""
+        from lmstack.data.label import read_records, route, write_records
+
+        picked = route(read_records(input), k, strategy)
+        write_records(picked, out)
+        typer.echo(json.dumps({"routed": len(picked), "ids": [r["id"] for r in picked], "out": out}))
+
+    @label.command("merge")
+    def merge_cmd(input: str = typer.Argument(...), human: List[str] = typer.Option(..., "--human",
+                                                                                    help="Annotated exports."),
+                  out: str = typer.Option(..., "--out", "-o")) -> None:
+        """Merge human annotations back (by task id); label = majority vote; prints counts and agreement."""
+        from lmstack.data.label import agreement, merge, read_records, write_records
+
+        recs = read_records(input)
+        counts: dict = {}
+        for h in human:
+            c = merge(recs, read_records(h))
+            counts = {**c, "annotations_added": counts.get("annotations_added", 0) + c["annotations_added"],
+                      "unknown_ids": counts.get("unknown_ids", 0) + c["unknown_ids"]}
+        write_records(recs, out)
+        typer.echo(json.dumps({**counts, "agreement": agreement(recs)}, ensure_ascii=False))
+
+    @label.command("agree")
+    def agree(input: str = typer.Argument(...)) -> None:
+        """Inter-annotator agreement: Cohen's kappa per annotator pair, Fleiss' kappa over items."""
+        from lmstack.data.label import agreement, read_records
+
+        typer.echo(json.dumps(agreement(read_records(input)), ensure_ascii=False))
+
+
+def _register_mix(data: typer.Typer) -> None:
+    @data.command("mix")
+    def mix(domains: List[str] = typer.Argument(..., help="DOMAIN=PATH (repeat a domain for more paths)."),
+            weights: Optional[str] = typer.Option(None, "--weights", help="Explicit weights: web=1,code=2"),
+            temperature: Optional[float] = typer.Option(None, "--temperature", help="Temperature sampling T."),
+            budget_tokens: Optional[float] = typer.Option(None, "--budget-tokens"),
+            chars_per_token: float = typer.Option(4.0, "--chars-per-token"),
+            text_field: str = typer.Option("text", "--text-field"),
+            plot: Optional[str] = typer.Option(None, "--plot", help="Write a before/after share bar chart (PNG).")
+            ) -> None:
+        """Per-domain token shares before and after weighting (explicit weights or temperature sampling)."""
+        from lmstack.data.mix_report import domain_sizes, mix_report, plot_shares
+        from lmstack.errors import ConfigError
+
+        paths: dict = {}
+        for d in domains:
+            name, sep, p = d.partition("=")
+            if not sep or not name or not p:
+                raise ConfigError(f"domain {d!r}: expected DOMAIN=PATH")
+            paths.setdefault(name, []).append(p)
+        w = None
+        if weights:
+            try:
+                w = {k: float(v) for k, v in (x.split("=") for x in weights.split(","))}
+            except ValueError:
+                raise ConfigError(f"--weights {weights!r}: expected name=number,name=number") from None
+        rep = mix_report(domain_sizes(paths, text_field, chars_per_token), weights=w, temperature=temperature,
+                         budget_tokens=budget_tokens)
+        if plot:
+            plot_shares(rep, plot)
+        typer.echo(json.dumps(rep, ensure_ascii=False))

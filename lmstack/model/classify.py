@@ -53,6 +53,7 @@ class ClassifyConfig:
     weight_decay: float = 0.01
     dropout: float = 0.1
     seed: int = 0
+    max_steps: int | None = None  # stop after this many optimizer steps (equal-step comparisons across data sizes)
 
     def __post_init__(self) -> None:
         for k in ("epochs", "batch_size", "max_length", "hidden_size", "num_hidden_layers"):
@@ -194,6 +195,8 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
         ids, mask = encode_batch(tok, texts, min(cfg.max_length, model.config.max_position_embeddings), pad)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.epochs * math.ceil(len(texts) / cfg.batch_size)
+        if cfg.max_steps is not None:
+            steps = min(steps, max(1, cfg.max_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
                                                   * max(0.0, 1 - s / steps))
         g = torch.Generator().manual_seed(cfg.seed)
@@ -201,6 +204,8 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
         losses = []
         for _ in range(cfg.epochs):
             for b in torch.randperm(len(texts), generator=g).split(cfg.batch_size):
+                if len(losses) >= steps:
+                    break
                 T = int(mask[b].sum(1).max())
                 loss = F.cross_entropy(model(ids[b, :T], mask[b, :T]), y[b])
                 opt.zero_grad(set_to_none=True)
@@ -212,6 +217,7 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
         model.eval()
         save_encoder(model, out, tokenizer_dir=tok_dir)
     metrics: dict[str, Any] = {"labels": labels, "train_records": len(train_rows), "eval_records": len(eval_rows),
+                               "steps": len(losses),
                                "final_train_loss": sum(losses[-5:]) / len(losses[-5:]),
                                "train_seconds": round(time.perf_counter() - t0, 2)}
     if eval_rows:
