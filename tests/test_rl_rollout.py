@@ -12,7 +12,7 @@ from lmstack.rl.rollout import collate, generate, make_engine, response_logps
 from lmstack.tune.lora import LoraSpec, apply_lora, lora_disabled, lora_modules
 from tests.engine_fixtures import hf_model
 
-PROMPTS = [[1, 17, 33, 5], [1, 90, 4, 4, 4, 61, 7], [1, 200]]
+PROMPTS = [[1, 17, 33, 5], [1, 90, 4, 4, 4, 61, 7], [1] + list(range(100, 140))]  # 41 tokens: two full KV blocks
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_lora_policy_engine_logps_equal_training_forward_before_and_after_an_upd
     apply_lora(model, LoraSpec(r=4, alpha=8, target_modules="all-linear"))
     for _, m in lora_modules(model):
         torch.nn.init.normal_(m.lora_B.weight, std=0.2)  # B = 0 would make the adapter a no-op
-    engine = make_engine(model, None, max_num_seqs=16, max_model_len=64, kv_cache_memory=1 << 22)
+    engine = make_engine(model, None, max_num_seqs=16, max_model_len=80, kv_cache_memory=1 << 22)
     before = assert_engine_matches_forward(model, engine, seed=1)
     perturb([p for p in model.parameters() if p.requires_grad])
     after = assert_engine_matches_forward(model, engine, seed=1)  # same prompts, same seed: new weights used
@@ -60,7 +60,7 @@ def test_lora_policy_engine_logps_equal_training_forward_before_and_after_an_upd
 
 def test_full_policy_engine_sees_in_place_updates_of_fused_weights(model_dir):
     model = load_model(model_dir, dtype=torch.float32)
-    engine = make_engine(model, None, max_num_seqs=16, max_model_len=64, kv_cache_memory=1 << 22)
+    engine = make_engine(model, None, max_num_seqs=16, max_model_len=80, kv_cache_memory=1 << 22)
     before = assert_engine_matches_forward(model, engine, seed=2)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -75,7 +75,7 @@ def test_reference_with_the_adapter_off_is_the_base_model(model_dir):
     apply_lora(policy, LoraSpec(r=4, alpha=8, target_modules="all-linear"))
     for _, m in lora_modules(policy):
         torch.nn.init.normal_(m.lora_B.weight, std=0.2)
-    engine = make_engine(base, None, max_num_seqs=16, max_model_len=64, kv_cache_memory=1 << 22)
+    engine = make_engine(base, None, max_num_seqs=16, max_model_len=80, kv_cache_memory=1 << 22)
     b = collate(rollouts(engine, 3), pad_id=0)
     with torch.no_grad():
         want = response_logps(base, b)
