@@ -18,7 +18,7 @@ import typer
 from lmstack.errors import LmstackError, Terminated
 
 # Order is the order of `lmstack --help`.
-AREAS = ("model", "generate", "tokenizer", "data", "train", "tune", "eval", "classify", "serve", "export", "pipeline", "support", "guard", "audit", "watermark", "screen", "seq2seq")
+AREAS = ("model", "generate", "tokenizer", "data", "train", "tune", "eval", "classify", "serve", "export", "pipeline", "support", "guard", "audit", "watermark", "screen", "seq2seq", "rl")
 
 app = typer.Typer(
     name="lmstack",

@@ -21,6 +21,7 @@ class RLTrainSection(StrictModel):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     device: str = "auto"
+    dtype: Literal["auto", "fp32"] = Field("auto", description="the policy trains in fp32 (auto = fp32)")
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(10, ge=0, description="held-out reward every N steps (0: only before and after)")
 
@@ -63,9 +64,17 @@ class _Policy(StrictModel):
                                             "adapter off (one copy of the weights); full: a frozen copy")
     lora: LoraSection = Field(default_factory=lambda: LoraSection(dropout=0.0))
     data: PromptDataSection
-    reward: RewardSpec
+    reward: RewardSpec | None = Field(None, description="what scores a response: reward.function or reward.model")
     rollout: RolloutSection = Field(default_factory=RolloutSection)
     train: RLTrainSection = Field(default_factory=RLTrainSection)
+
+
+    @model_validator(mode="after")
+    def _needs_reward(self) -> "_Policy":
+        if self.reward is None:
+            raise ValueError("reward: missing; set reward.function (exact_answer, json_schema, unit_tests, "
+                             "module:function; --reward-fn) or reward.model (a reward model dir; --reward-model)")
+        return self
 
 
 class GRPOSection(StrictModel):

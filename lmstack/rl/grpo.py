@@ -37,7 +37,7 @@ def align_grpo(cfg: GRPOConfig) -> dict[str, Any]:
         idx = run.next_prompts(g.prompts_per_step)
         rolls = generate(policy.engine, [run.train.ids[i] for i in idx], [run.train.records[i] for i in idx], n=G,
                          max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                         seed=cfg.train.seed * 1_000_003 + step * 1000)
+                         seed=cfg.train.seed * 1_000_003 + step * len(idx) * G)
         t_gen = time.perf_counter() - t0
         texts = [run.train.texts[idx[x.group]] for x in rolls]
         rewards = torch.tensor(run.scorer(rolls, texts), dtype=torch.float32)

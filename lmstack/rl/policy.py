@@ -254,6 +254,8 @@ def start_run(cfg: Any, section: str) -> Run:
     from lmstack.train.metrics import MetricsLogger
     from lmstack.utils.device import seed_everything
 
+    if cfg.reward.function is not None:
+        load_reward_function(cfg.reward.function, cfg.reward.schema_)  # a bad name fails before any model loads
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)

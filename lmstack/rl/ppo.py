@@ -45,7 +45,7 @@ def align_ppo(cfg: PPOConfig) -> dict[str, Any]:
         idx = run.next_prompts(p.prompts_per_step)
         rolls = generate(policy.engine, [run.train.ids[i] for i in idx], [run.train.records[i] for i in idx], n=1,
                          max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                         seed=cfg.train.seed * 1_000_003 + step * 1000)
+                         seed=cfg.train.seed * 1_000_003 + step * len(idx))
         t_gen = time.perf_counter() - t0
         scores = torch.tensor(run.scorer(rolls, [run.train.texts[i] for i in idx]), dtype=torch.float32)
         batch = collate(rolls, policy.pad).to(policy.device)

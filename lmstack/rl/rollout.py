@@ -61,11 +61,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def generate(engine: LLMEngine, prompts: list[list[int]], records: list[dict[str, Any]], *, n: int,
              max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int | None = None
              ) -> list[Rollout]:
-    """``n`` responses per prompt, in prompt order (a prompt's group is consecutive)."""
+    """``n`` responses per prompt, in prompt order (a prompt's group is consecutive).
+
+    The engine seeds response j of a request with ``seed + j``; prompt i gets ``seed + i·n``, so no two
+    responses of one call share a random stream (``seed + i`` would make prompt i+1's samples a shifted copy
+    of prompt i's). Callers advance ``seed`` by ``len(prompts)·n`` per call."""
     ids = []
     for i, p in enumerate(prompts):
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                logprobs=0, seed=None if seed is None else seed + i, skip_special_tokens=True)
+                                logprobs=0, seed=None if seed is None else seed + i * n, skip_special_tokens=True)
         ids.append(engine.add_request(list(p), params).request_id)
     done: dict[str, Any] = {}
     model = engine.model
