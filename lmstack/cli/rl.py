@@ -86,3 +86,16 @@ def register(app: typer.Typer) -> None:
         ov = _set(_overrides(list(ctx.args)), model=model, **{"data.path": data, "reward.model": reward_model,
                                                               "reward.function": reward_fn, "run_dir": run_dir})
         typer.echo(_rl_summary(align_grpo(stage_config(GRPOConfig, config, "grpo", ov))))
+
+    @align.command("arithmetic-data")
+    def arithmetic_data_cmd(
+        out: str = typer.Option(..., "--out", help="Directory for sft.jsonl, train.jsonl, heldout.jsonl."),
+        digits: int = typer.Option(2, "--digits", min=1, max=9, help="Digits of each operand."),
+        n_sft: int = typer.Option(400, "--sft", min=0), n_train: int = typer.Option(400, "--train", min=1),
+        n_heldout: int = typer.Option(64, "--heldout", min=1), seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Write the synthetic arithmetic task (English and Chinese prompts, verifiable answers)."""
+        from lmstack.rl.tasks import write_arithmetic
+
+        files = write_arithmetic(out, n_sft=n_sft, n_train=n_train, n_heldout=n_heldout, digits=digits, seed=seed)
+        typer.echo("wrote " + ", ".join(files.values()))

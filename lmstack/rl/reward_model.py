@@ -155,7 +155,8 @@ def train_reward(cfg: RewardConfig) -> Any:
     tok_dir = cfg.tokenizer or cfg.model
     tc = TrainConfig(steps=t.steps, lr=t.lr, weight_decay=t.weight_decay, clip_grad_norm=t.max_grad_norm, seed=t.seed,
                      device=t.device, log_every=t.log_every, eval_every=t.eval_every,
-                     warmup_steps=min(10, t.steps // 10), ckpt_every=0)
+                     warmup_steps=min(10, t.steps // 10), ckpt_every=0,
+                     tensorboard=False, peak_flops=1e12)  # peak_flops given: no matmul benchmark at start
     val = pair_eval_batches(val_p, d.batch_size, pad) if val_p else None
     before = evaluate_pairs(rm, val, loss_fn) if val else {}
     res = fit(rm, PairBatches(train_p, d.batch_size, pad, seed=t.seed), loss_fn, tc, run_dir, val_data=val,
