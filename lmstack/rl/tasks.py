@@ -34,6 +34,14 @@ def question(rng: random.Random, digits: int) -> tuple[str, int]:
 
 def write_arithmetic(out_dir: str | Path, *, n_sft: int = 400, n_train: int = 400, n_heldout: int = 64,
                      digits: int = 2, zh_fraction: float = 0.5, seed: int = 0) -> dict[str, str]:
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
+    span = hi - lo + 1
+    possible = span * span + span * (span + 1) // 2 + span * 8  # distinct a+b, a-b (a >= b), a*b (b in 2..9)
+    if n_sft + n_train + n_heldout > possible * 3 // 4:  # rejection sampling needs slack
+        from lmstack.errors import ConfigError
+
+        raise ConfigError(f"{n_sft + n_train + n_heldout} distinct questions asked of {digits}-digit operands; "
+                          f"only about {possible} exist: ask for fewer (at most {possible * 3 // 4}) or more digits")
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
