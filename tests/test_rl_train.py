@@ -157,3 +157,23 @@ def test_bad_config_is_one_clear_line(bandit, args, msg, capsys):
     assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err
+
+
+def test_the_recipe_and_the_pipeline_stages_validate():
+    """recipes/rl-arithmetic.yaml's sections are valid configs; an app's grpo stage takes its wiring."""
+    from pathlib import Path
+
+    from lmstack.pipeline import stage_config
+    from lmstack.pipeline.recipe import Recipe
+    from lmstack.pipeline.stages import rl_stage
+    from lmstack.rl.config import GRPOConfig, PPOConfig
+    from lmstack.tune.config import FinetuneConfig
+
+    path = str(Path(__file__).resolve().parents[1] / "recipes" / "rl-arithmetic.yaml")
+    g = stage_config(GRPOConfig, path, "grpo")
+    assert g.grpo.loss_type == "dapo" and g.reward.function == "exact_answer" and g.run_dir == "runs/rl-arith/grpo"
+    assert stage_config(PPOConfig, path, "ppo").ppo.ppo_epochs == 2
+    assert stage_config(FinetuneConfig, path, "finetune").method == "lora"
+    stage = rl_stage("grpo", wire=lambda r: {"model": "runs/x/sft", "data": {"path": "p.jsonl"}})
+    cfg = stage.configure(Recipe(name="x", grpo={"reward": {"function": "exact_answer"}, "grpo": {"group_size": 3}}))
+    assert cfg.model == "runs/x/sft" and cfg.grpo.group_size == 3 and cfg.run_dir == "runs/x/grpo"

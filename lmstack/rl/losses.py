@@ -63,8 +63,10 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | fl
     (``accuracy``: the fraction with r_chosen > r_rejected; ``margin``: mean r_chosen - r_rejected)."""
     diff = r_chosen.float() - r_rejected.float()
     loss = -F.logsigmoid(diff - margin).mean()
-    return loss, {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()),
-                  "reward_chosen": float(r_chosen.float().mean()), "reward_rejected": float(r_rejected.float().mean())}
+    d = diff.detach()
+    return loss, {"accuracy": float((d > 0).float().mean()), "margin": float(d.mean()),
+                  "reward_chosen": float(r_chosen.detach().float().mean()),
+                  "reward_rejected": float(r_rejected.detach().float().mean())}
 
 
 # --------------------------------------------------------------------------------------------- PPO
