@@ -1,7 +1,7 @@
 """The house stays right: shared/DESIGN.md's import order, checked on every module's imports.
 
     config, utils, text  <-  tokenizer, data, model  <-  train, tune, quant, export, eval  <-  serve
-                         <-  rag, guard  <-  apps, pipeline, cli
+                         <-  rag, guard, rl  <-  apps, pipeline, cli
 
 A module may import its own floor and the floors below it, never above -- function-level imports and
 ``importlib.import_module("lmstack....")`` included. Two more rules from the design: ``model`` never imports
@@ -24,7 +24,7 @@ FLOORS = [
     {"tokenizer", "data", "model"},
     {"train", "tune", "quant", "export", "eval", "kernels", "mm"},
     {"serve"},
-    {"rag", "guard"},
+    {"rag", "guard", "rl"},  # rl: PPO/GRPO roll out through the serving engine
     {"apps", "pipeline", "cli", ""},  # "": the root package lmstack/__init__.py
 ]
 FLOOR = {area: i for i, areas in enumerate(FLOORS) for area in areas}

@@ -174,4 +174,48 @@ def finetune_stage(wire: Callable[[Recipe], dict[str, Any]], deps: Callable[[Rec
                        f"val loss {_fmt(m.get('val_loss'))}"))
 
 
-__all__ = ["base_stage", "BaseModelConfig", "find_gguf", "run_base", "pretrain_stage", "finetune_stage", "fit_summary", "run_pretrain", "run_finetune"]
+# ---------------------------------------------------------------------------------------- RL (lmstack.rl)
+def run_rl(ctx: StageContext) -> dict[str, Any]:
+    """The ``grpo`` / ``ppo`` stage: the section is :class:`lmstack.rl.config.GRPOConfig` / ``PPOConfig``."""
+    from lmstack.rl.grpo import align_grpo
+    from lmstack.rl.ppo import align_ppo
+
+    res = (align_grpo if ctx.name == "grpo" else align_ppo)(ctx.config)
+    b, a = res.get("before") or {}, res.get("after") or {}
+    return {"steps": res["steps"], "seconds": res["seconds"], "final_dir": res["final_dir"],
+            "val_reward_before": b.get("val_reward"), "val_reward_after": a.get("val_reward"),
+            "rewards_png": str(Path(ctx.config.run_dir) / "rewards.png")}
+
+
+def rl_stage(name: Literal["grpo", "ppo"], wire: Callable[[Recipe], dict[str, Any]],
+             deps: Callable[[Recipe], list[str]] = lambda r: [], description: str = "") -> Stage:
+    """A GRPO or PPO stage for an app's pipeline: ``wire`` gives the policy model and the prompt files."""
+    from lmstack.rl.config import GRPOConfig, PPOConfig
+
+    return Stage(
+        name, run_rl, config=GRPOConfig if name == "grpo" else PPOConfig, wire=wire, deps=deps,
+        description=description or f"reinforcement learning ({name.upper()})",
+        outputs=lambda c: [Path(c.config.run_dir) / "final"],
+        row=lambda m: (f"{_fmt(m.get('steps'))} steps; held-out reward {_fmt(m.get('val_reward_before'))} -> "
+                       f"{_fmt(m.get('val_reward_after'))}"))
+
+
+def run_reward(ctx: StageContext) -> dict[str, Any]:
+    from lmstack.rl.reward_model import train_reward
+
+    res = train_reward(ctx.config)
+    if res.stopped != "completed" or res.final_dir is None:
+        raise StageInterrupted(f"reward model training stopped at step {res.steps} ({res.stopped})")
+    return fit_summary(res, Path(ctx.config.run_dir))
+
+
+def reward_stage(wire: Callable[[Recipe], dict[str, Any]], deps: Callable[[Recipe], list[str]] = lambda r: [],
+                 description: str = "reward model (Bradley-Terry)") -> Stage:
+    from lmstack.rl.config import RewardConfig
+
+    return Stage("reward", run_reward, config=RewardConfig, wire=wire, deps=deps, description=description,
+                 outputs=lambda c: [Path(c.config.run_dir) / "final" / "config.json"],
+                 row=lambda m: f"{_fmt(m.get('steps'))} steps; loss {_fmt(m.get('last_loss'))}")
+
+
+__all__ = ["rl_stage", "reward_stage", "run_rl", "run_reward", "base_stage", "BaseModelConfig", "find_gguf", "run_base", "pretrain_stage", "finetune_stage", "fit_summary", "run_pretrain", "run_finetune"]
