@@ -19,7 +19,7 @@ from lmstack.errors import LmstackError, Terminated
 
 # Order is the order of `lmstack --help`.
 AREAS = ("model", "generate", "tokenizer", "data", "train", "tune", "eval", "classify", "serve", "export", "pipeline", "support",
-         "guard", "audit", "watermark", "screen", "seq2seq", "rag", "clip", "rl")
+         "guard", "audit", "watermark", "screen", "seq2seq", "rag", "clip", "rl", "code", "products")
 
 app = typer.Typer(
     name="lmstack",

@@ -27,6 +27,10 @@ def register(app: typer.Typer) -> None:
             None, "--syntax-constrained/--no-syntax-constrained",
             help="Code tasks: keep every completion valid Python as a continuation of its prompt (default: the "
                  "task's syntax_constrained option, off)."),
+        repair: Optional[int] = typer.Option(
+            None, "--repair", min=0, max=5,
+            help="Code tasks: rounds of the repair loop (run the docstring's examples and the model's own tests in "
+                 "the sandbox, feed failures back; default: the task's repair_rounds, 0)."),
     ) -> None:
         """Evaluate MODEL on TASKS and write results.json, report.md and report.html to OUT."""
         if ctx.invoked_subcommand is not None:
@@ -44,7 +48,8 @@ def register(app: typer.Typer) -> None:
 
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         results = run_eval(model, names, out, adapter=adapter, limit=limit, device=device, dtype=dtype,
-                           batch_tokens=batch_tokens, engine=generate, syntax_constrained=syntax_constrained)
+                           batch_tokens=batch_tokens, engine=generate, syntax_constrained=syntax_constrained,
+                           repair_rounds=repair)
         Console().print(Markdown(to_markdown(results)))
         if out:
             Console().print(f"wrote {out}/results.json, report.md, report.html")

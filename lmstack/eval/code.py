@@ -8,7 +8,9 @@ the program exits 0 within the time and memory limits; crashes, hangs and blow-u
 With the task option ``syntax_constrained: true`` (``lmstack eval --syntax-constrained``) each completion is
 decoded under the Python-syntax guard with its own prompt as the code it continues
 (``lmstack.serve.python_syntax``), so a completion that ends (end of turn or a stop string) parses together with
-its prompt. Either way the result has ``syntax``: how many of the programs' ``prompt + completion`` parse.
+its prompt. With ``repair_rounds: N`` (``lmstack eval --repair N``) the completions then go through the repair
+loop (:mod:`lmstack.eval.repair`: the docstring's examples and the model's own tests run in the sandbox, failures
+fed back) before they are scored on the hidden tests. Either way the result has ``syntax``: how many of the programs' ``prompt + completion`` parse.
 """
 
 from __future__ import annotations
@@ -38,7 +40,24 @@ def evaluate_code(lm, task, progress=None) -> dict:
     completions = lm.generate([p["prompt"] for p in probs], max_tokens=task.max_tokens, stop=task.stop,
                               temperature=task.temperature, top_p=task.top_p, n=task.n_samples, seed=task.seed,
                               progress_cb=cb, **({"python_syntax": True} if syntax else {}))
-    return score_code(probs, completions, task, progress)
+    log = None
+    if getattr(task, "repair_rounds", 0):
+        from lmstack.eval.repair import repair
+
+        completions, log = repair(lm.generate, [p["prompt"] for p in probs], [p["entry_point"] for p in probs],
+                                  completions, rounds=task.repair_rounds, own_tests=task.own_tests,
+                                  max_tokens=task.max_tokens, stop=task.stop, temperature=task.temperature,
+                                  top_p=task.top_p, seed=task.seed, python_syntax=syntax, workers=task.workers,
+                                  timeout=task.timeout, memory_mb=task.memory_mb)
+    out = score_code(probs, completions, task, progress)
+    if log is not None:
+        out["repair"] = {"rounds": task.repair_rounds,
+                         "repaired": sum(r > 0 for rec in log for r in rec["rounds"]),
+                         "own_tests": sum(len(rec["own_tests"]) for rec in log),
+                         "given_tests": sum(rec["given_tests"] for rec in log)}
+        for s, rec in zip(out["samples"], log):
+            s["repair"] = rec
+    return out
 
 
 def score_code(probs: list[dict], completions: list[list[str]], task, progress=None) -> dict:

@@ -70,11 +70,11 @@ def run_eval(model_dir: str | Path, tasks: Sequence[str | Path | dict], out_dir:
              adapter: str | Path | None = None, limit: int | None = None, device: str | None = None,
              dtype: str | None = None, batch_tokens: int = 8192, lm=None, engine=None,
              show_progress: bool | None = None, write_report: bool = True,
-             syntax_constrained: bool | None = None) -> dict[str, Any]:
+             syntax_constrained: bool | None = None, repair_rounds: int | None = None) -> dict[str, Any]:
     """Evaluate ``model_dir`` on ``tasks`` (shipped names, YAML paths or dicts); return the results dict.
 
     ``limit`` caps the examples per task. ``syntax_constrained`` (when not None) sets the code tasks' option of
-    that name (decode under the Python-syntax guard). ``lm`` reuses an already loaded :class:`~lmstack.eval.lm.EvalLM`.
+    that name (decode under the Python-syntax guard); ``repair_rounds`` their repair loop's rounds. ``lm`` reuses an already loaded :class:`~lmstack.eval.lm.EvalLM`.
     ``engine`` decodes the generation tasks (``lmstack.serve.evaluation.generate``; the callers above the
     serving layer pass it in).
     When ``out_dir`` is given, results.json, samples/ and the reports are written there (atomically).
@@ -92,6 +92,8 @@ def run_eval(model_dir: str | Path, tasks: Sequence[str | Path | dict], out_dir:
             t.limit = min(t.limit, limit) if t.limit else limit
         if syntax_constrained is not None and t.type == "code":
             t.syntax_constrained = syntax_constrained
+        if repair_rounds is not None and t.type == "code":
+            t.repair_rounds = repair_rounds
         for p in [t.data] + ([t.fewshot_data] if getattr(t, "fewshot_data", None) else []):
             if not Path(p).exists():
                 raise DataError(f"task {t.name} ({t.source}): data file {p} not found "

@@ -102,6 +102,10 @@ class CodeTask(_Base):
     # keep every completion valid Python as a continuation of its prompt (lmstack.serve.python_syntax; costs
     # one compile() per tried candidate token); `lmstack eval --syntax-constrained` turns it on for every code task
     syntax_constrained: bool = False
+    # the repair loop (lmstack.eval.repair): rounds of run-the-visible-checks-and-regenerate after the first
+    # completion; the checks are the docstring's examples and (own_tests) the model's own asserts, never `test`
+    repair_rounds: int = Field(0, ge=0, le=5)
+    own_tests: bool = True
 
 
 class ClassificationTask(_Base):
