@@ -5,8 +5,9 @@
    (:mod:`lmstack.eval.sandbox`: no network, no host files, rlimits) and the test command runs there. The
    change the model proposes is untrusted code, and so is the repository's test suite: neither ever runs on
    the host.
-2. A failing run's traceback names the deepest frame in a repository file that is not a test file: that
-   function is rewritten (its header and docstring kept, the failure and the previous body fed back as comments,
+2. A failing run's traceback names the deepest frame in a repository file that is not a test file (or, for an
+   assertion inside a test, the failing test line names a repository function it calls): that function is
+   rewritten (its header and docstring kept, the failure and the previous body fed back as comments,
    the body generated under the Python-syntax guard) and the tests run again, for at most ``rounds`` rounds.
 3. The best proposal is committed on a new branch ``lmstack/fix-...`` made with ``git worktree add`` in a
    temporary directory that is removed afterwards: the user's branch, index and working tree are never touched,
@@ -134,16 +135,55 @@ def _is_test(rel: str) -> bool:
     return name.startswith("test_") or name.endswith("_test.py") or "tests" in Path(rel).parts or name == "conftest.py"
 
 
+def _functions(files: dict[str, str]) -> dict[str, tuple[str, ast.FunctionDef]]:
+    """name -> (file, def) of the functions defined in the repository's non-test .py files (first one wins)."""
+    out: dict[str, tuple[str, ast.FunctionDef]] = {}
+    for rel in sorted(files):
+        if not rel.endswith(".py") or _is_test(rel):
+            continue
+        try:
+            tree = ast.parse(files[rel])
+        except SyntaxError:
+            continue
+        for n in ast.walk(tree):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                out.setdefault(n.name, (rel, n))
+    return out
+
+
 def failing_function(files: dict[str, str], output: str) -> tuple[str, ast.FunctionDef] | None:
-    """(file, function) of the deepest traceback frame that is in a repository .py file other than a test."""
+    """(file, function) to rewrite: the deepest traceback frame in a repository .py file that is not a test;
+    when the failure is an assertion inside a test (no such frame), a repository function that the failing
+    test line calls."""
     best = None
-    for m in _FRAME.finditer(output):
+    test_lines: list[str] = []
+    lines = output.splitlines()
+    for i, ln in enumerate(lines):
+        m = _FRAME.search(ln)
+        if not m:
+            continue
         path = m.group("path")
         rel = path[len(SANDBOX_ROOT) + 1:] if path.startswith(SANDBOX_ROOT + "/") else path
-        if rel not in files or not rel.endswith(".py") or _is_test(rel):
+        if rel not in files or not rel.endswith(".py"):
+            continue
+        if _is_test(rel):
+            if i + 1 < len(lines):
+                test_lines.append(lines[i + 1].strip())
             continue
         best = (rel, int(m.group("line")))
     if best is None:
+        defs = _functions(files)
+        for src in reversed(test_lines):
+            try:
+                tree = ast.parse(src)
+            except SyntaxError:
+                continue
+            for n in ast.walk(tree):
+                if isinstance(n, ast.Call):
+                    name = n.func.id if isinstance(n.func, ast.Name) else \
+                        n.func.attr if isinstance(n.func, ast.Attribute) else None
+                    if name in defs and not name.startswith("assert"):
+                        return defs[name]
         return None
     rel, line = best
     try:
