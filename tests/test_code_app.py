@@ -231,7 +231,7 @@ def test_served_with_tools_through_the_openai_client(buggy_repo, tmp_path):
     with LiveServer(app) as srv:
         tools = httpx.get(f"{srv.url}/v1/code/tools", headers={"Authorization": "Bearer k"}).json()["tools"]
         assert [t["function"]["name"] for t in tools] == ["read_file", "run_tests"]
-        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="k")
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="k", max_retries=0, timeout=120)
         r = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=64,
                                            messages=[{"role": "user", "content": "run the tests"}], tools=TOOLS,
                                            tool_choice={"type": "function", "function": {"name": "run_tests"}})
