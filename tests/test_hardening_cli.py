@@ -127,6 +127,7 @@ _DATA_RUN = r"""
 import os, signal, sys
 import lmstack.data.pipeline as P
 from lmstack.cli import main
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell background job starts with SIGINT ignored
 real = P._batched
 def batched(it, size):
     for k, b in enumerate(real(it, size)):
