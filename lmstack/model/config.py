@@ -52,6 +52,24 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                         sliding_window=4096, bos_token_id=2, eos_token_id=1, pad_token_id=0),
 }
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
+
+
+def read_hf_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(the HF ``config.json`` as a dict, where it came from for messages) of a path, a model directory or an
+    already-parsed dict; a missing file or a non-object is a :class:`CheckpointError` with one line."""
+    if not isinstance(source, (str, Path)):
+        return dict(source), "config"
+    p = Path(source)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise CheckpointError(f"{p}: config.json not found (is this a Hugging Face model directory?)")
+    d = read_json(p, error=CheckpointError)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{p}: expected a JSON object")
+    return d, str(p)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 8192
@@ -188,19 +206,7 @@ class ModelConfig:
 
         Refuses, with one line naming the field, any value lmstack would otherwise compute differently from
         ``transformers`` (see :func:`check_hf_config`)."""
-        where = "config"
-        if isinstance(source, (str, Path)):
-            p = Path(source)
-            if p.is_dir():
-                p = p / "config.json"
-            where = str(p)
-            if not p.is_file():
-                raise CheckpointError(f"{p}: config.json not found (is this a Hugging Face model directory?)")
-            d = read_json(p, error=CheckpointError)
-            if not isinstance(d, dict):
-                raise CheckpointError(f"{p}: expected a JSON object")
-        else:
-            d = dict(source)
+        d, where = read_hf_config(source)
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             hint = " (an encoder: use lmstack.model.load_encoder or `lmstack classify`)" if mt == "bert" else ""

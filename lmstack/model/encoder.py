@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.errors import CheckpointError, ConfigError
-from lmstack.utils.io import atomic_write_json, read_json
+from lmstack.model.config import read_hf_config
+from lmstack.utils.io import atomic_write_json
 
 HEADS = {  # architecture -> head
     "BertModel": "base", "BertForMaskedLM": "mlm", "BertForSequenceClassification": "seq_cls",
@@ -77,16 +78,7 @@ class EncoderConfig:
 
     @classmethod
     def from_hf(cls, source: str | Path | dict[str, Any]) -> "EncoderConfig":
-        where = "config"
-        if isinstance(source, (str, Path)):
-            p = Path(source)
-            p = p / "config.json" if p.is_dir() else p
-            where = str(p)
-            if not p.is_file():
-                raise CheckpointError(f"{p}: config.json not found (is this a Hugging Face model directory?)")
-            d = read_json(p, error=CheckpointError)
-        else:
-            d = dict(source)
+        d, where = read_hf_config(source)
         if d.get("model_type") != "bert":
             raise CheckpointError(f'{where} has model_type "{d.get("model_type")}"; the encoder supports: bert')
         arch = (d.get("architectures") or ["BertModel"])[0]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.errors import CheckpointError, ConfigError
+from lmstack.model.config import read_hf_config
 from lmstack.utils.io import read_json
 
 SEQ2SEQ_MODEL_TYPES = ("t5", "mt5")
@@ -83,19 +84,9 @@ class Seq2SeqConfig:
 
     @classmethod
     def from_hf(cls, source: str | Path | dict[str, Any]) -> "Seq2SeqConfig":
-        where = "config"
-        if isinstance(source, (str, Path)):
-            p = Path(source)
-            p = p / "config.json" if p.is_dir() else p
-            where = str(p)
-            if not p.is_file():
-                raise CheckpointError(f"{p}: config.json not found (is this a Hugging Face model directory?)")
-            d = read_json(p, error=CheckpointError)
-        else:
-            d = dict(source)
-        if not isinstance(d, dict) or d.get("model_type") not in SEQ2SEQ_MODEL_TYPES:
-            mt = d.get("model_type") if isinstance(d, dict) else None
-            raise CheckpointError(f'{where} has model_type "{mt}"; encoder-decoders supported: '
+        d, where = read_hf_config(source)
+        if d.get("model_type") not in SEQ2SEQ_MODEL_TYPES:
+            raise CheckpointError(f'{where} has model_type "{d.get("model_type")}"; encoder-decoders supported: '
                                   f'{", ".join(SEQ2SEQ_MODEL_TYPES)}')
         known = {f.name for f in fields(cls)} - {"extra", "scale_decoder_outputs", "torch_dtype"}
         kw: dict[str, Any] = {k: d[k] for k in known if d.get(k) is not None}
