@@ -130,7 +130,7 @@ def evaluate_tool_calls(lm, task, progress=None) -> dict:
         text = out[0]
         names = {t.get("function", t)["name"] for t in tools}
         _, calls, _ = parse_tool_calls(text, names, final=True)
-        pred = [(c["function"]["name"], _canon(c["function"]["arguments"])) for c in calls]
+        pred = _calls_of({"tool_calls": calls})
         s = score_calls(pred, ref)
         for k, v in s.items():
             if v is not None:
