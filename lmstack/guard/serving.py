@@ -16,16 +16,9 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator, Sequence
 
 from lmstack.guard.guard import ContextResult, Guard, GuardContext, Verdict
+from lmstack.text import content_text
 
 CONTENT_FILTER = "content_filter"  # the OpenAI finish_reason for an answer a filter stopped
-
-
-def _text(content: Any) -> str | None:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return None
 
 
 def guard_chat_request(guard: Guard, req: dict[str, Any], key: str | None = None,
@@ -46,7 +39,7 @@ def guard_chat_request(guard: Guard, req: dict[str, Any], key: str | None = None
     if rec is not None and rec.model is None and isinstance(req.get("model"), str):
         rec.model = req["model"][:200]
     last = users[-1]
-    v = guard.check_input(_text(out[last].get("content")) or "", ctx)
+    v = guard.check_input(content_text(out[last].get("content")), ctx)
     if not v.blocked:
         tools = [i for i, m in enumerate(out) if isinstance(m, dict) and m.get("role") == "tool"
                  and isinstance(m.get("content"), str) and m["content"]]
@@ -61,7 +54,7 @@ def guard_chat_request(guard: Guard, req: dict[str, Any], key: str | None = None
 
             back = set(pii.reversible) if ctx.placeholders is not None else set()
             for i in users[:-1]:
-                t = _text(out[i].get("content"))
+                t = content_text(out[i].get("content"))
                 if t:
                     if back:  # the same value gets the same placeholder in every turn
                         t, _ = pseudonymize(t, sorted(back), ctx.placeholders)
@@ -100,4 +93,4 @@ def tool_passages(req: dict[str, Any]) -> list[str]:
     answer in (a client doing its own retrieval sends them as tool results)."""
     msgs = req.get("messages") if isinstance(req, dict) else None
     return [t for m in msgs or [] if isinstance(m, dict) and m.get("role") == "tool"
-            for t in [_text(m.get("content"))] if t]
+            for t in [content_text(m.get("content"))] if t]

@@ -34,16 +34,9 @@ from urllib.parse import parse_qs
 from lmstack.rag.answer import citations, rag_system, sources
 from lmstack.serve.api.app import DEFAULT_MAX_REQUEST_BYTES, authorized, read_body, replay_body
 from lmstack.serve.api.errors import APIError
+from lmstack.text import content_text
 
 DEFAULT_K = 5
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
 
 
 def _json_response(status: int, obj: Any) -> tuple[dict, dict]:
@@ -119,7 +112,7 @@ class RagMiddleware:
                 return json.dumps(req, ensure_ascii=False).encode(), None  # type: ignore[return-value]
             opts = opts if isinstance(opts, dict) else {}
             msgs = req["messages"]
-            users = [_text(m.get("content")) for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
+            users = [content_text(m.get("content")) for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
             users = [u for u in users if u.strip()]
             if not users:
                 return None
@@ -130,7 +123,7 @@ class RagMiddleware:
                 hits = self.retriever.search(users[-1][:4000], k, source=source)
             system = None
             if msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
-                system = _text(msgs[0].get("content")).strip() or None
+                system = content_text(msgs[0].get("content")).strip() or None
                 msgs = msgs[1:]
             grounded = rag_system(hits, system or self.system, max_chars=self.max_chars)
             req["messages"] = [{"role": "system", "content": grounded}, *msgs]
@@ -202,7 +195,7 @@ class _WithSources:
                 return
             try:
                 obj = json.loads(self.buf)
-                answer = "".join(_text((c.get("message") or {}).get("content")) for c in obj.get("choices", []))
+                answer = "".join(content_text((c.get("message") or {}).get("content")) for c in obj.get("choices", []))
                 obj["sources"] = sources(self.hits, citations(answer, len(self.hits)))
                 out = json.dumps(obj, ensure_ascii=False).encode()
             except (ValueError, AttributeError, TypeError):

@@ -36,15 +36,7 @@ from lmstack.serve.api.chat import chat_choice, chat_chunk, chat_completion, cha
 from lmstack.serve.api.common import SSE_DONE, check_prompt_bytes, usage
 from lmstack.serve.api.errors import APIError
 from lmstack.serve.api.protocol import utf8_size
-
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
+from lmstack.text import content_text
 
 
 def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEFAULT_K,
@@ -56,7 +48,7 @@ def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEF
     instruction-like sentences inside them (indirect prompt injection) are cut out."""
     from lmstack.rag import with_context
 
-    users = [_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    users = [content_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     users = [u for u in users if u.strip()]
     if not users:
         return messages
@@ -69,7 +61,7 @@ def ground_messages(messages: list[dict[str, Any]], retriever: Any, k: int = DEF
         hits_out.extend(hits)
     out = [dict(m) for m in messages]
     if out and out[0].get("role") == "system":
-        out[0]["content"] = with_context(_text(out[0].get("content")), hits, context_max_chars)
+        out[0]["content"] = with_context(content_text(out[0].get("content")), hits, context_max_chars)
     else:
         out.insert(0, {"role": "system", "content": with_context(system_prompt, hits, context_max_chars)})
     return out
@@ -231,7 +223,7 @@ class GroundingMiddleware:
 
     async def _select(self, req: dict[str, Any], hits: list, scope: dict, receive: Callable,
                       send: Callable, key: str | None = None) -> None:
-        msgs = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in req["messages"]]
+        msgs = [{"role": m.get("role"), "content": content_text(m.get("content"))} for m in req["messages"]]
         try:  # the checks the server runs before tokenizing (lone surrogates, prompt size)
             size = sum(utf8_size(m["content"], f"messages[{i}].content") for i, m in enumerate(msgs))
             served = getattr(getattr(self.app, "state", None), "model", None)  # None: a bare ASGI app behind us
