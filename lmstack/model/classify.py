@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,10 +147,60 @@ def encode_batch(tok, texts: Sequence[str], max_length: int, pad_id: int) -> tup
 
 
 # ---------------------------------------------------------------------------------------------- train / predict
-def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
-    """Train (setup -> loop -> save) and return the metrics written to ``OUT/metrics.json``."""
+def encoder_for(cfg: Any, head: str, labels: Sequence[str], texts: Sequence[str], tmp: str | Path):
+    """(model, tokenizer, tokenizer directory) of a classifier run: the body of ``cfg.init`` (an encoder directory)
+    under a fresh ``head``, or a fresh encoder of ``cfg``'s size with a tokenizer trained on ``texts`` in ``tmp``."""
     from lmstack.tokenizer import Tokenizer
 
+    id2label = dict(enumerate(labels))
+    if cfg.init:
+        tok_dir = Path(cfg.init)
+        tok = Tokenizer.from_dir(tok_dir)
+        base = load_encoder(cfg.init)
+        ecfg = EncoderConfig(**{**{k: v for k, v in asdict(base.config).items() if k not in ("head", "id2label")},
+                                "head": head, "id2label": id2label})
+        model = Encoder(ecfg).init_weights(cfg.seed)
+        model.load_state_dict({k: v for k, v in base.state_dict().items() if k.startswith("bert.")}, strict=False)
+        return model, tok, tok_dir
+    tok_dir = Path(tmp)
+    tok = _train_tokenizer(list(texts), cfg.vocab_size, tok_dir, max(cfg.max_length, 8))
+    ecfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
+                         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                         intermediate_size=cfg.intermediate_size, max_position_embeddings=max(cfg.max_length, 8),
+                         hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+                         pad_token_id=tok.token_to_id("[PAD]"), head=head, id2label=id2label)
+    return Encoder(ecfg).init_weights(cfg.seed), tok, tok_dir
+
+
+def fit_encoder(model: Encoder, ids: torch.Tensor, mask: torch.Tensor, cfg: Any, steps: int,
+                loss_of: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> list[float]:
+    """AdamW with linear warm-up (10%) and decay over ``steps``, shuffled batches of ``cfg.batch_size`` for
+    ``cfg.epochs`` (at most ``steps``), clipped gradients; ``loss_of(logits, batch_index, T)``. Returns the losses;
+    the model is left in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
+                                              * max(0.0, 1 - s / steps))
+    g = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    losses: list[float] = []
+    for _ in range(cfg.epochs):
+        for b in torch.randperm(len(ids), generator=g).split(cfg.batch_size):
+            if len(losses) >= steps:
+                break
+            T = int(mask[b].sum(1).max())
+            loss = loss_of(model(ids[b, :T], mask[b, :T]), b, T)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Train (setup -> loop -> save) and return the metrics written to ``OUT/metrics.json``."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rows = read_labelled(cfg.data, cfg.text_field, cfg.label_field)
@@ -172,49 +222,13 @@ def train_classifier(cfg: ClassifyConfig) -> dict[str, Any]:
     y = torch.tensor([lab2id[r[cfg.label_field]] for r in train_rows])
     out = Path(cfg.out)
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.init:
-            tok_dir = Path(cfg.init)
-            tok = Tokenizer.from_dir(tok_dir)
-            base = load_encoder(cfg.init)
-            ecfg = EncoderConfig(**{**{k: v for k, v in asdict(base.config).items() if k not in ("head", "id2label")},
-                                    "head": "seq_cls", "id2label": dict(enumerate(labels))})
-            model = Encoder(ecfg).init_weights(cfg.seed)
-            body = {k: v for k, v in base.state_dict().items() if k.startswith("bert.")}
-            model.load_state_dict(body, strict=False)
-        else:
-            tok_dir = Path(tmp)
-            tok = _train_tokenizer(texts, cfg.vocab_size, tok_dir, max(cfg.max_length, 8))
-            ecfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
-                                 num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                                 intermediate_size=cfg.intermediate_size, max_position_embeddings=max(cfg.max_length, 8),
-                                 hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                                 pad_token_id=tok.token_to_id("[PAD]"), head="seq_cls",
-                                 id2label=dict(enumerate(labels)))
-            model = Encoder(ecfg).init_weights(cfg.seed)
+        model, tok, tok_dir = encoder_for(cfg, "seq_cls", labels, texts, tmp)
         pad = model.config.pad_token_id
         ids, mask = encode_batch(tok, texts, min(cfg.max_length, model.config.max_position_embeddings), pad)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.epochs * math.ceil(len(texts) / cfg.batch_size)
         if cfg.max_steps is not None:
             steps = min(steps, max(1, cfg.max_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
-                                                  * max(0.0, 1 - s / steps))
-        g = torch.Generator().manual_seed(cfg.seed)
-        model.train()
-        losses = []
-        for _ in range(cfg.epochs):
-            for b in torch.randperm(len(texts), generator=g).split(cfg.batch_size):
-                if len(losses) >= steps:
-                    break
-                T = int(mask[b].sum(1).max())
-                loss = F.cross_entropy(model(ids[b, :T], mask[b, :T]), y[b])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-        model.eval()
+        losses = fit_encoder(model, ids, mask, cfg, steps, lambda logits, b, T: F.cross_entropy(logits, y[b]))
         save_encoder(model, out, tokenizer_dir=tok_dir)
     metrics: dict[str, Any] = {"labels": labels, "train_records": len(train_rows), "eval_records": len(eval_rows),
                                "steps": len(losses),

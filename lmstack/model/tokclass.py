@@ -20,7 +20,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lmstack.errors import ConfigError, DataError
-from lmstack.model.encoder import IGNORE_INDEX, Encoder, EncoderConfig, load_encoder, save_encoder
+from lmstack.model.encoder import IGNORE_INDEX, load_encoder, save_encoder
 from lmstack.utils.io import atomic_write_json, iter_jsonl_lines
 
 SHIPPED_NER = Path(__file__).with_name("data") / "pii_ner.jsonl"
@@ -244,8 +244,7 @@ def tag_texts(model_dir: str | Path, texts: Sequence[str]) -> list[dict[str, Any
 # ---------------------------------------------------------------------------------------------- training
 def train_tagger(cfg: TokenClassifyConfig) -> dict[str, Any]:
     """Train (setup -> loop -> save) and return the metrics written to ``OUT/metrics.json``."""
-    from lmstack.model.classify import _train_tokenizer
-    from lmstack.tokenizer import Tokenizer
+    from lmstack.model.classify import encoder_for, fit_encoder
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -269,46 +268,13 @@ def train_tagger(cfg: TokenClassifyConfig) -> dict[str, Any]:
     y = [[lab2id[t] for t in r["tags"]] for r in train_rows]
     out = Path(cfg.out)
     with tempfile.TemporaryDirectory() as tmp:
-        if cfg.init:
-            tok_dir = Path(cfg.init)
-            tok = Tokenizer.from_dir(tok_dir)
-            base = load_encoder(cfg.init)
-            ecfg = EncoderConfig(**{**{k: v for k, v in asdict(base.config).items() if k not in ("head", "id2label")},
-                                    "head": "tok_cls", "id2label": dict(enumerate(labels))})
-            model = Encoder(ecfg).init_weights(cfg.seed)
-            model.load_state_dict({k: v for k, v in base.state_dict().items() if k.startswith("bert.")}, strict=False)
-        else:
-            tok_dir = Path(tmp)
-            tok = _train_tokenizer([" ".join(w) for w in words], cfg.vocab_size, tok_dir, max(cfg.max_length, 8))
-            ecfg = EncoderConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size,
-                                 num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                                 intermediate_size=cfg.intermediate_size, max_position_embeddings=max(cfg.max_length, 8),
-                                 hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                                 pad_token_id=tok.token_to_id("[PAD]"), head="tok_cls",
-                                 id2label=dict(enumerate(labels)))
-            model = Encoder(ecfg).init_weights(cfg.seed)
+        model, tok, tok_dir = encoder_for(cfg, "tok_cls", labels, [" ".join(w) for w in words], tmp)
         max_len = min(cfg.max_length, model.config.max_position_embeddings)
         ids, mask, lab, _ = encode_words(tok, words, max_len, model.config.pad_token_id, _special(tok, "[CLS]"),
                                          _special(tok, "[SEP]"), y)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.epochs * math.ceil(len(words) / cfg.batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
-                                                  * max(0.0, 1 - s / steps))
-        g = torch.Generator().manual_seed(cfg.seed)
-        model.train()
-        losses = []
-        for _ in range(cfg.epochs):
-            for b in torch.randperm(len(words), generator=g).split(cfg.batch_size):
-                T = int(mask[b].sum(1).max())
-                logits = model(ids[b, :T], mask[b, :T])  # (B, T, L)
-                loss = F.cross_entropy(logits.flatten(0, 1), lab[b, :T].flatten(), ignore_index=IGNORE_INDEX)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-        model.eval()
+        losses = fit_encoder(model, ids, mask, cfg, steps, lambda logits, b, T: F.cross_entropy(
+            logits.flatten(0, 1), lab[b, :T].flatten(), ignore_index=IGNORE_INDEX))
         save_encoder(model, out, tokenizer_dir=tok_dir)
     metrics: dict[str, Any] = {"labels": labels, "train_records": len(train_rows), "eval_records": len(eval_rows),
                                "final_train_loss": sum(losses[-5:]) / len(losses[-5:]),
