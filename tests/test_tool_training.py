@@ -69,6 +69,40 @@ def test_tool_chats_are_deterministic_valid_and_cover_every_kind():
     assert all(not (set(_schemas(r)) & train_names) for r in held)  # held-out records offer unseen tools only
 
 
+def test_code_records_run_and_every_method_returns(tmp_path):
+    """The code the chats teach is code a user would keep: every class of every variant (thread-safe or not) is
+    built by its usage example's constructor and every public method is called, in one fresh interpreter (a method
+    that takes the lock and calls another locked method would deadlock here)."""
+    import random
+    import subprocess
+    import sys
+
+    from lmstack.data import toolchat
+
+    rng, seen, progs = random.Random(0), set(), []
+    for _ in range(800):
+        _, args = toolchat._code(rng, False)
+        key = (args["filename"], "threading.Lock()" in args["code"])
+        if key in seen:
+            continue
+        seen.add(key)
+        cls = next(n for n in ast.parse(args["code"]).body if isinstance(n, ast.ClassDef))
+        calls = []
+        for f in cls.body:
+            if isinstance(f, ast.FunctionDef) and not f.name.startswith("_"):
+                pos = f.args.args[1:len(f.args.args) - len(f.args.defaults)]
+                calls.append(f"obj.{f.name}(" + ", ".join(
+                    "lambda: 7" if a.arg == "func" else toolchat._DEMO_ARGS.get(a.arg, "1") for a in pos) + ")")
+        ctor = args["usage_example"].splitlines()[0]
+        progs.append(args["code"] + "\n" + ctor + "\n" + "\n".join(calls) + "\n")
+    assert len(seen) == 2 * len(toolchat._CLASSES)  # every class, with and without the lock
+    script = tmp_path / "run_all.py"
+    script.write_text("import sys\nfor src in sys.argv[1:]:\n    exec(compile(src, 'record', 'exec'), {})\n"
+                      "print('ran', len(sys.argv) - 1)\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, str(script), *progs], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"ran {len(progs)}", r.stderr[-2000:]
+
+
 def _trained_text(enc, tok):
     ids = [i for i, m in zip(enc.input_ids, enc.loss_mask) if m]
     return tok.decode(ids)
@@ -200,6 +234,14 @@ def test_shipped_tool_calls_task_and_cli(tmp_path):
     assert res.exit_code == 0, res.output
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 7
     assert len((tmp_path / "heldout.jsonl").read_text().splitlines()) == 3
+    res = CliRunner().invoke(app, ["data", "tool-chats", "--out", str(tmp_path), "--n", "9", "--heldout", "80",
+                                   "--mix", "parallel=1, single=0,none=0,result=0,code=0"])
+    assert res.exit_code == 0, res.output
+    assert {json.loads(x)["kind"] for x in (tmp_path / "train.jsonl").read_text().splitlines()} == {"parallel"}
+    assert (tmp_path / "heldout.jsonl").read_text().splitlines() == lines  # the held-out set keeps the default mix
+    for bad in ("bogus=1", "parallel=x", "code=-1"):
+        res = CliRunner().invoke(app, ["data", "tool-chats", "--out", str(tmp_path), "--mix", bad])
+        assert res.exit_code == 2 and "--mix" in res.output, res.output
 
 
 def test_auto_tool_grammar_is_lazy(plain_tok):

@@ -114,16 +114,29 @@ def register(app: typer.Typer) -> None:
                        heldout: int = typer.Option(80, "--heldout", min=0, max=1_000_000,
                                                    help="Held-out records (tools never seen in training)."),
                        zh_share: float = typer.Option(0.35, "--zh-share", min=0.0, max=1.0),
+                       mix: str = typer.Option("", "--mix", help="Training kinds' weights over the default, e.g. "
+                                               "parallel=0.25,code=0.15 (kinds: single, parallel, none, result, "
+                                               "code); the held-out set keeps the default mix."),
                        seed: int = typer.Option(0, "--seed")) -> None:
         """Synthetic tool-use chats (EN + ZH) to teach a chat model to call functions (docs/structured.md)."""
         from pathlib import Path
 
-        from lmstack.data.toolchat import tool_chats
+        from lmstack.data.toolchat import DEFAULT_MIX, KINDS, tool_chats
         from lmstack.utils.io import atomic_write_text
 
+        weights = dict(DEFAULT_MIX)
+        for part in filter(None, (p.strip() for p in mix.split(","))):
+            kind, _, w = part.partition("=")
+            try:
+                weights[kind.strip()] = float(w)
+            except ValueError:
+                raise typer.BadParameter(f"{part!r} is not KIND=WEIGHT (kinds: {', '.join(KINDS)})", param_hint="--mix")
+            if kind.strip() not in KINDS or weights[kind.strip()] < 0:
+                raise typer.BadParameter(f"{part!r}: the kind must be one of {', '.join(KINDS)} and the weight >= 0",
+                                         param_hint="--mix")
         Path(out).mkdir(parents=True, exist_ok=True)
         for name, k, held in (("train", n, False), ("heldout", heldout, True)):
-            recs = tool_chats(k, seed=seed, heldout=held, zh_share=zh_share)
+            recs = tool_chats(k, seed=seed, heldout=held, zh_share=zh_share, mix=None if held else weights)
             atomic_write_text(Path(out) / f"{name}.jsonl",
                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
         typer.echo(f"{out}: train.jsonl ({n:,} records), heldout.jsonl ({heldout:,} records, held-out tools)")

@@ -376,7 +376,91 @@ _CLASSES = [  # (name, purpose, methods: (signature, docstring, body lines))
          ["if self._start is None:", "    raise RuntimeError(\"not started\")",
           "self.elapsed = time.perf_counter() - self._start", "self._start = None", "return self.elapsed"])],
      [], "import time", "self._start = None\nself.elapsed = 0.0"),
+    ("ResourcePool", "a pool of interchangeable resources that callers borrow and return", [
+        ("acquire(self, count=1)", "Take count resources if that many are free; return True on success, else False.",
+         ["if self._free < count:", "    return False", "self._free -= count", "return True"]),
+        ("release(self, count=1)", "Return count resources to the pool.",
+         ["self._free = min(self.size, self._free + count)"]),
+        ("wait_for_resource(self, count=1)", "Block until count resources can be taken, then take them.",
+         ["while not self.acquire(count):", "    time.sleep(0.01)"])],
+     ["size"], "import time", "self._free = size"),
+    ("BoundedBuffer", "a buffer that holds at most a fixed number of items", [
+        ("put(self, item)", "Add item; return False when the buffer is full.",
+         ["if len(self._items) >= self.capacity:", "    return False", "self._items.append(item)", "return True"]),
+        ("get(self)", "Remove and return the oldest item, or None when empty.",
+         ["if not self._items:", "    return None", "return self._items.popleft()"]),
+        ("wait_for_item(self, timeout=5.0)", "Block until an item arrives or timeout seconds pass; return it or None.",
+         ["deadline = time.monotonic() + timeout", "while time.monotonic() < deadline:", "    item = self.get()",
+          "    if item is not None:", "        return item", "    time.sleep(0.01)", "return None"])],
+     ["capacity"], "import time\nfrom collections import deque", "self._items = deque()"),
+    ("ExpiringStore", "a key-value store whose entries expire after a time-to-live", [
+        ("set(self, key, value)", "Store value under key with a fresh expiry time.",
+         ["self._data[key] = (value, time.monotonic() + self.ttl)"]),
+        ("get(self, key)", "Return the value for key, or None when missing or expired.",
+         ["entry = self._data.get(key)", "if entry is None or entry[1] < time.monotonic():",
+          "    self._data.pop(key, None)", "    return None", "return entry[0]"]),
+        ("delete(self, key)", "Remove key; return True if it was present.",
+         ["return self._data.pop(key, None) is not None"])],
+     ["ttl"], "import time", "self._data = {}"),
+    ("ShoppingCart", "a shopping cart that totals item prices", [
+        ("add_item(self, name, price, quantity=1)", "Add quantity units of an item at price each.",
+         ["old = self._lines.get(name, (price, 0))", "self._lines[name] = (price, old[1] + quantity)"]),
+        ("remove_item(self, name)", "Remove an item; return False if it is not in the cart.",
+         ["return self._lines.pop(name, None) is not None"]),
+        ("total(self)", "Return the total price of the cart.",
+         ["return sum(price * qty for price, qty in self._lines.values())"])],
+     [], "", "self._lines = {}"),
+    ("RetryPolicy", "a helper that retries a failing function with a delay between attempts", [
+        ("run(self, func)", "Call func until it succeeds or attempts run out; re-raise the last error.",
+         ["for attempt in range(self.max_attempts):", "    try:", "        return func()",
+          "    except Exception:", "        if attempt == self.max_attempts - 1:", "            raise",
+          "        time.sleep(self.delay)"]),
+        ("describe(self)", "Return a short description of the policy.",
+         ["return f\"{self.max_attempts} attempts, {self.delay}s apart\""])],
+     ["max_attempts", "delay"], "import time", ""),
+    ("CircuitBreaker", "a circuit breaker that stops calls after repeated failures", [
+        ("record_failure(self)", "Count a failure and open the circuit at the threshold.",
+         ["self._failures += 1", "if self._failures >= self.threshold:", "    self._opened = time.monotonic()"]),
+        ("record_success(self)", "Reset the failure count and close the circuit.",
+         ["self._failures = 0", "self._opened = None"]),
+        ("allow(self)", "Return True if a call may go through now.",
+         ["if self._opened is None:", "    return True", "return time.monotonic() - self._opened > self.cooldown"])],
+     ["threshold", "cooldown"], "import time", "self._failures = 0\nself._opened = None"),
+    ("Scoreboard", "a scoreboard of players and their points", [
+        ("add_points(self, player, points)", "Add points to a player's score and return the new score.",
+         ["self._scores[player] = self._scores.get(player, 0) + points", "return self._scores[player]"]),
+        ("leader(self)", "Return the player with the most points, or None.",
+         ["if not self._scores:", "    return None", "return max(self._scores, key=self._scores.get)"]),
+        ("reset(self)", "Clear every score.", ["self._scores.clear()"])],
+     [], "", "self._scores = {}"),
+    ("WordCounter", "a counter of word frequencies in text", [
+        ("add_text(self, text)", "Count every word of text.",
+         ["for word in text.lower().split():", "    self._counts[word] += 1"]),
+        ("count(self, word)", "Return how often word was seen.", ["return self._counts[word.lower()]"]),
+        ("most_common(self, n=3)", "Return the n most frequent words with their counts.",
+         ["return self._counts.most_common(n)"])],
+     [], "from collections import Counter", "self._counts = Counter()"),
+    ("EventLog", "a log that keeps the most recent messages", [
+        ("append(self, message)", "Add a message with its timestamp.",
+         ["self._entries.append((time.time(), message))"]),
+        ("recent(self, n=10)", "Return the last n messages, newest last.",
+         ["return [m for _, m in list(self._entries)[-n:]]"]),
+        ("clear(self)", "Remove every message.", ["self._entries.clear()"])],
+     ["max_entries"], "import time\nfrom collections import deque", "self._entries = deque(maxlen=max_entries)"),
+    ("PriorityQueue", "a queue that returns the item with the lowest priority number first", [
+        ("push(self, item, priority)", "Add item with the given priority.",
+         ["heapq.heappush(self._heap, (priority, self._seq, item))", "self._seq += 1"]),
+        ("pop(self)", "Remove and return the most urgent item, or None when empty.",
+         ["if not self._heap:", "    return None", "return heapq.heappop(self._heap)[2]"]),
+        ("peek(self)", "Return the most urgent item without removing it, or None.",
+         ["return self._heap[0][2] if self._heap else None"])],
+     [], "import heapq", "self._heap = []\nself._seq = 0"),
 ]
+
+
+_DEMO_ARGS = {"key": "'a'", "value": "1", "amount": "5", "product": "'pen'", "task": "'job'", "item": "'job'",
+              "name": "'pen'", "price": "2.5", "player": "'ann'", "points": "3", "text": "'a b a'",
+              "message": "'started'", "func": "print", "word": "'a'"}
 
 
 def _code(rng: random.Random, zh: bool) -> tuple[str, dict[str, Any]]:
@@ -412,15 +496,15 @@ def _code(rng: random.Random, zh: bool) -> tuple[str, dict[str, Any]]:
         code += "        pass\n"
     for sig, doc, body in methods:
         code += f"\n    def {sig}:\n        \"\"\"{doc}\"\"\"\n"
-        if safe and not sig.startswith("_"):
+        calls_own = any(f"self.{s.split('(')[0]}(" in b for s in sigs for b in body)  # locked already inside
+        if safe and not sig.startswith("_") and not calls_own:
             code += "        with self._lock:\n" + "".join(f"            {b}\n" for b in body)
         else:
             code += "".join(f"        {b}\n" for b in body)
     ctor = f"{name}(" + ", ".join("10" for _ in params) + ")"
     first = sigs[0].split("(")[0]
     fargs = sigs[0].split("(", 1)[1].rstrip(")").replace("self", "").strip(", ")
-    demo_args = ", ".join({"key": "'a'", "value": "1", "amount": "5", "product": "'pen'", "task": "'job'"}.get(
-        a.split("=")[0].strip(), "1") for a in fargs.split(",") if a.strip())
+    demo_args = ", ".join(_DEMO_ARGS.get(a.split("=")[0].strip(), "1") for a in fargs.split(",") if a.strip())
     usage = f"obj = {ctor}\nobj.{first}({demo_args})"
     desc = ("线程安全的" if safe and zh else "Thread-safe " if safe else "") + (purpose if not zh else name)
     return req, {"language": "python", "filename": fname, "description": desc, "code": code, "usage_example": usage}
