@@ -225,3 +225,36 @@ def test_adapter_errors_name_the_problem(qwen2_dir, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     with pytest.raises(CheckpointError, match="peft_type 'IA3' is not supported"):
         load_adapter(load_model(qwen2_dir), tmp_path / "a")
+
+
+def test_lora_init_from_continues_a_saved_adapter(qwen2_dir, tmp_path):
+    """lora.init_from: the prepared model starts from the saved A/B (logits equal the adapter loaded for inference
+    by the other path, load_adapter), trains only LoRA, and a section that adapts other modules is refused."""
+    from lmstack.errors import CheckpointError
+    from lmstack.tune.adapters import init_lora_from
+    from lmstack.tune.lora import lora_state_dict
+    from lmstack.tune.methods import prepare
+
+    spec = LoraSpec(r=4, alpha=8, target_modules="all-linear", layers_to_transform=[-1])
+    first = prepare(qwen2_dir, "lora", lora=spec, seed=0)
+    _randomize_lora(first.model)
+    save_lora_adapter(first.model, tmp_path / "ad", spec, str(qwen2_dir))
+
+    cont = prepare(qwen2_dir, "lora", lora=spec, seed=5, init_adapter=tmp_path / "ad")
+    a, b = lora_state_dict(first.model), lora_state_dict(cont.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {n for n, p in cont.model.named_parameters() if p.requires_grad} == {n for n in dict(
+        cont.model.named_parameters()) if "lora_" in n}
+    ref = load_model(qwen2_dir).eval()
+    load_adapter(ref, tmp_path / "ad")
+    with torch.no_grad():
+        assert torch.allclose(cont.model.eval()(IDS), ref(IDS), atol=1e-5)
+        assert not torch.allclose(cont.model(IDS), load_model(qwen2_dir)(IDS), atol=1e-3)
+
+    fresh = prepare(qwen2_dir, "lora", lora=LoraSpec(r=8, alpha=16, target_modules="all-linear",
+                                                     layers_to_transform=[-1]), seed=0)
+    with pytest.raises(CheckpointError, match="r=4 but the lora section says 8"):
+        init_lora_from(fresh.model, tmp_path / "ad", LoraSpec(r=8, alpha=16))
+    wider = LoraSpec(r=4, alpha=8, target_modules="all-linear")
+    with pytest.raises(CheckpointError, match="adapts other modules"):
+        prepare(qwen2_dir, "lora", lora=wider, init_adapter=tmp_path / "ad")

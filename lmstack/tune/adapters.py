@@ -232,6 +232,35 @@ def load_adapter(model: Transformer, adapter_dir: str | Path, allow_base_mismatc
     return AdapterRuntime(method, cfg, kv)
 
 
+def init_lora_from(model: Transformer, adapter_dir: str | Path, spec: LoraSpec) -> int:
+    """Continue training a saved LoRA adapter: copy its A/B matrices into ``model``'s freshly applied LoRA modules
+    (the ones ``spec`` made). The adapter must adapt exactly those modules with the same rank and scaling, and must
+    have been trained on this base; returns the number of tensors copied."""
+    d = Path(adapter_dir)
+    method, cfg, tensors = read_adapter(d)
+    if method != "lora":
+        raise CheckpointError(f"{d}: is a {method} adapter; lora.init_from needs a LoRA adapter")
+    check_base(model, d)
+    want = {"r": spec.r, "lora_alpha": spec.alpha, "use_rslora": spec.use_rslora}
+    for k, v in want.items():
+        got = cfg.get(k, False if k == "use_rslora" else None)
+        if got != v and not (isinstance(got, (int, float)) and isinstance(v, (int, float)) and float(got) == float(v)):
+            raise CheckpointError(f"{d}: the adapter has {k}={got!r} but the lora section says {v!r}; make the "
+                                  "lora section match the adapter it continues")
+    own = lora_state_dict(model)
+    saved = {k.removeprefix(_PREFIX): t for k, t in tensors.items()}
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or extra:
+        which = f"it lacks {missing[0]}" if missing else f"it has {extra[0]}, which the lora section does not adapt"
+        raise CheckpointError(f"{d}: adapts other modules than the lora section ({which}); give lora.target_modules "
+                              "and lora.layers_to_transform as the adapter was trained")
+    with torch.no_grad():
+        for k, p in own.items():
+            _check_shape(k, saved[k], tuple(p.shape), d)
+            p.copy_(saved[k].to(p.dtype))
+    return len(own)
+
+
 def load_prompt_encoder(model: Transformer, adapter_dir: str | Path) -> PromptEncoder:
     """A trainable :class:`PromptEncoder` initialised from a saved prompt/prefix adapter (resume, eval)."""
     method, cfg, tensors = read_adapter(adapter_dir)

@@ -38,6 +38,9 @@ class LoraSection(StrictModel):
         None, description="decoder layers that get adapters (PEFT's layers_to_transform); negative numbers count "
         "from the top (-6 ... -1: the last six). Backpropagation stops below the lowest adapted layer, so "
         "adapting the top layers only trains faster (null: every layer)")
+    init_from: str | None = Field(
+        None, description="a saved LoRA adapter directory to continue training (its rank, alpha, target modules and "
+        "layers must equal this section's; it must have been trained on the same base)")
 
     @field_validator("target_modules")
     @classmethod

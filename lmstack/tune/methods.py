@@ -26,7 +26,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.model import copy_tokenizer, load_model
 from lmstack.quant.linear import quantize_model
-from lmstack.tune.adapters import save_lora_adapter, save_prompt_adapter
+from lmstack.tune.adapters import init_lora_from, save_lora_adapter, save_prompt_adapter
 from lmstack.tune.lora import LoraSpec, apply_lora, count_parameters
 from lmstack.tune.prompt import PromptEncoder, PromptSpec, PromptTunedModel
 from lmstack.utils.device import resolve_device, resolve_dtype
@@ -57,7 +57,8 @@ def base_dtype(method: str, dtype: str, device: str) -> torch.dtype:
 
 def prepare(model_dir: str | Path, method: str, *, lora: LoraSpec | None = None, quant_method: str = "nf4",
             group_size: int = 64, prompt: PromptSpec | None = None, dtype: str = "auto", device: str = "auto",
-            tokenizer_dir: str | Path | None = None, seed: int = 0) -> Prepared:
+            tokenizer_dir: str | Path | None = None, seed: int = 0,
+            init_adapter: str | Path | None = None) -> Prepared:
     """Load ``model_dir`` and set it up for ``method`` (see the table in the module docstring)."""
     dev = resolve_device(device)
     dt = base_dtype(method, dtype, device)
@@ -79,6 +80,8 @@ def prepare(model_dir: str | Path, method: str, *, lora: LoraSpec | None = None,
             quantize_model(model, quant_method, group_size)
         torch.manual_seed(seed)
         apply_lora(model, spec)
+        if init_adapter:  # continue a saved adapter instead of starting from B = 0
+            init_lora_from(model, init_adapter, spec)
 
         def save_lora(m: nn.Module, out: Path) -> None:
             save_lora_adapter(m, out, spec, src)

@@ -91,7 +91,8 @@ def load_splits(d: Any, tok: Any, model_dir: str, seed: int, run_dir: Path,
 def prepare_for(cfg: Any, model_dir: str) -> Prepared:
     prep = prepare(model_dir, cfg.method, lora=lora_spec(cfg.lora), quant_method=cfg.quant.method,
                    group_size=cfg.quant.group_size, prompt=prompt_spec(cfg.prompt), dtype=cfg.dtype,
-                   device=cfg.train.device, tokenizer_dir=cfg.tokenizer, seed=cfg.train.seed)
+                   device=cfg.train.device, tokenizer_dir=cfg.tokenizer, seed=cfg.train.seed,
+                   init_adapter=cfg.lora.init_from if cfg.method in ("lora", "qlora") else None)
     console.print(f"[bold]{cfg.method}[/bold] {prep.describe()}")
     return prep
 
