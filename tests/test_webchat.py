@@ -167,3 +167,70 @@ def test_markdown_renderer_is_safe_and_renders(page):
         d.innerHTML = renderMarkdown('<script>window.pwned=1</script><img src=x onerror="window.pwned=1">');
         document.body.appendChild(d); return d.querySelectorAll('script,img').length; }""")
     assert n == 0 and page.evaluate("window.pwned === undefined")
+
+
+def test_code_tools_are_run_by_the_server_and_fed_back(browser, tmp_path):
+    """`lmstack code serve`'s web chat: the page offers the server's tools, runs the model's call through
+    /v1/code/tools/NAME, shows the call and its result as a card, sends the result back as a role "tool" message,
+    and keeps the round in the saved conversation. The first request is forced to call run_tests (a random model
+    would not choose to); everything else is the real server."""
+    import subprocess
+
+    from lmstack.apps.code.server import CodeTools, ToolsMiddleware
+    from lmstack.serve.api import create_app
+    from lmstack.serve.llm import load
+    from tests.serve_fixtures import tiny_model_dir
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "calc.py").write_text("def add(a, b):\n    return a - b\n")
+    (repo / "test_calc.py").write_text("import unittest\nfrom calc import add\n\n\nclass T(unittest.TestCase):\n"
+                                       "    def test_add(self):\n        self.assertEqual(add(2, 3), 5)\n")
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
+                 ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+    llm = load(tiny_model_dir(tmp_path / "m", max_position_embeddings=2048), max_num_seqs=4)
+    app = ToolsMiddleware(create_app(llm, api_key=KEY, served_model_name="tiny-code"),
+                          CodeTools(repo, "python -m unittest -q"), KEY)
+    with LiveServer(app) as srv:
+        ctx = browser.new_context(viewport={"width": 1200, "height": 800})
+        pg = ctx.new_page()
+        pg.set_default_timeout(90_000)
+        bodies: list[dict] = []
+
+        def force_first_call(route, request):
+            body = json.loads(request.post_data)
+            bodies.append(json.loads(request.post_data))
+            if len(bodies) == 1:
+                body["tool_choice"] = {"type": "function", "function": {"name": "run_tests"}}
+            body["max_tokens"] = 160 if len(bodies) == 1 else 8  # room for the whole call; then a short reply
+            route.continue_(post_data=json.dumps(body))
+
+        pg.route("**/v1/chat/completions", force_first_call)
+        pg.goto(srv.url + "/")
+        configure(pg, temperature="0")
+        pg.dispatch_event("#api_key", "change")
+        pg.wait_for_function("!document.getElementById('tools-bar').hidden")
+        assert "read_file, run_tests" in pg.text_content("#tools-info")
+        send(pg, "Do the tests pass?")
+        pg.wait_for_selector(".msg.tool .tool-result:not(:text('running…'))")
+        wait_idle(pg)
+        assert [t["function"]["name"] for t in bodies[0]["tools"]] == ["read_file", "run_tests"]
+        card = pg.locator(".msg.tool").first
+        assert "run_tests" in card.locator("summary").text_content()
+        result = json.loads(card.locator(".tool-result").text_content())
+        assert result["passed"] is False and "AssertionError" in result["output"]  # the server ran the repo's tests
+        assert len(bodies) >= 2  # the result went back to the model
+        sent = bodies[1]["messages"]
+        call = next(m for m in sent if m.get("tool_calls"))["tool_calls"][0]
+        back = next(m for m in sent if m["role"] == "tool")
+        assert call["function"]["name"] == "run_tests" and call["id"] and back["tool_call_id"] == call["id"]
+        assert json.loads(back["content"]) == result
+        assert pg.locator("#messages > .msg").last.get_attribute("class").startswith("msg assistant") or \
+            len(bodies) == 4  # the model answered after the tool (or hit the round limit)
+
+        pg.reload()  # the saved conversation brings the card back
+        pg.click("#toggle-convs")
+        pg.locator("#conv-list .title").first.click()
+        assert "run_tests" in pg.locator(".msg.tool summary").first.text_content()
+        ctx.close()

@@ -1,14 +1,18 @@
 // lmstack web chat: multi-turn, streaming (SSE over fetch), markdown, stop button, sampling settings, copy and
-// regenerate; with `lmstack serve --rag`: source cards under each answer and document upload into the index.
-// Talks to this server's OpenAI-compatible /v1/chat/completions (and /v1/rag); no external requests.
+// regenerate; with `lmstack serve --rag`: source cards under each answer and document upload into the index;
+// with `lmstack code serve`: the server's tools (read_file, run_tests) offered to the model, its calls run by the
+// server and fed back (the OpenAI tool loop, bounded rounds). Talks to this server's OpenAI-compatible
+// /v1/chat/completions (and /v1/rag, /v1/code/tools); no external requests.
 (function () {
   "use strict";
   var CFG = window.LMSTACK || {};
   var $ = function (id) { return document.getElementById(id); };
-  var history = [];          // [{role, content}] of completed turns (what the next request sends)
+  var history = [];          // [{role, content[, tool_calls | tool_call_id]}] of completed turns (what is sent next)
   var controller = null;     // AbortController of the request in flight
   var convId = null;         // the conversation on screen (saved in localStorage under lmstack.conversations)
   var rag = null;            // GET /v1/rag when the server answers from a document index
+  var serverTools = null;    // GET /v1/code/tools: the tools this server runs (lmstack code serve)
+  var MAX_TOOL_ROUNDS = 4;   // model -> tool -> model rounds per user message
   var SETTINGS = ["system", "temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed", "api_key"];
 
   function loadSettings() {
@@ -140,11 +144,11 @@
 
   function regenerate() {
     if (controller || history.length < 2 || history[history.length - 1].role !== "assistant") return;
-    history.pop();
+    while (history.length && history[history.length - 1].role !== "user") history.pop();  // answer, tool rounds
     var user = history.pop();
-    var msgs = $("messages").children;
-    $("messages").removeChild(msgs[msgs.length - 1]);  // the old answer
-    $("messages").removeChild(msgs[msgs.length - 1]);  // its question (send() adds it back)
+    var box = $("messages");
+    while (box.lastChild && !box.lastChild.classList.contains("user")) box.removeChild(box.lastChild);
+    if (box.lastChild) box.removeChild(box.lastChild);  // its question (send() adds it back)
     send(user.content);
   }
 
@@ -165,13 +169,19 @@
     var messages = [];
     var sys = $("system").value.trim();
     if (sys) messages.push({ role: "system", content: sys });
-    messages = messages.concat(history.map(function (m) { return { role: m.role, content: m.content }; }));
+    messages = messages.concat(history.map(function (m) {
+      var o = { role: m.role, content: m.content };
+      if (m.tool_calls) o.tool_calls = m.tool_calls;
+      if (m.tool_call_id) o.tool_call_id = m.tool_call_id;
+      return o;
+    }));
     var body = {
       model: CFG.model, messages: messages, stream: true, stream_options: { include_usage: true },
       temperature: num("temperature", parseFloat), top_p: num("top_p", parseFloat),
       max_tokens: num("max_tokens", parseInt), top_k: num("top_k", parseInt),
       repetition_penalty: num("repetition_penalty", parseFloat), seed: num("seed", parseInt),
     };
+    if (serverTools && serverTools.length) body.tools = serverTools;  // tool_choice: the server's default, auto
     Object.keys(body).forEach(function (k) { if (body[k] === undefined) delete body[k]; });
     return body;
   }
@@ -181,10 +191,58 @@
     return "Error " + status + ": " + (msg || "request failed");
   }
 
+  // A tool call as a card: the call (name and arguments) and, once the server ran it, its result.
+  function addToolCard(name, args) {
+    $("empty").hidden = true;
+    var div = document.createElement("div");
+    div.className = "msg tool";
+    var det = document.createElement("details");
+    det.open = true;
+    var sum = document.createElement("summary");
+    sum.textContent = "\u2699 " + name + " " + (args || "");
+    var pre = document.createElement("pre");
+    pre.className = "tool-result";
+    pre.textContent = "running\u2026";
+    det.appendChild(sum); det.appendChild(pre);
+    div.appendChild(det);
+    $("messages").appendChild(div);
+    scrollDown();
+    return div;
+  }
+
+  function setToolResult(card, text, ok) {
+    card.querySelector(".tool-result").textContent = text;
+    if (!ok) card.classList.add("error");
+  }
+
+  async function runTool(call) {
+    var card = addToolCard(call.function.name, call.function.arguments);
+    var headers = authHeaders();
+    headers["Content-Type"] = "application/json";
+    var result, ok = false;
+    try {
+      var r = await fetch("/v1/code/tools/" + encodeURIComponent(call.function.name), {
+        method: "POST", headers: headers, body: call.function.arguments || "{}",
+      });
+      var out = await r.json();
+      ok = r.ok;
+      result = ok ? out : { error: (out.error && out.error.message) || ("error " + r.status) };
+    } catch (e) { result = { error: e.message || String(e) }; }
+    var text = JSON.stringify(result, null, 2);
+    setToolResult(card, text, ok);
+    return { role: "tool", tool_call_id: call.id, content: JSON.stringify(result) };
+  }
+
   async function send(text) {
     if (controller) return;
     history.push({ role: "user", content: text });
     addMessage("user", text);
+    await respond(0);
+  }
+
+  // One model turn; when it calls the server's tools, run them, send the results back and answer again.
+  async function respond(round) {
+    var calls = [];
     var div = addMessage("assistant", "");
     div.classList.add("streaming");
     var body = div.querySelector(".body");
@@ -244,6 +302,13 @@
               if (tFirst === null) { tFirst = performance.now(); first = true; }
               content += c.delta.content;
             }
+            ((c.delta && c.delta.tool_calls) || []).forEach(function (d) {
+              var i = d.index || 0;
+              var t = calls[i] || (calls[i] = { id: "", type: "function", function: { name: "", arguments: "" } });
+              if (d.id) t.id = d.id;
+              if (d.function && d.function.name) t.function.name = d.function.name;
+              if (d.function && d.function.arguments) t.function.arguments += d.function.arguments;
+            });
             if (c.finish_reason) finish = c.finish_reason;
           });
           // The first token is painted at once (time to first token is what a user feels; animation
@@ -263,15 +328,31 @@
     controller = null;
     setBusy(false);
     if (failed) {
-      history.pop();  // the failed turn is not part of the conversation
+      if (round === 0) history.pop();  // the failed turn is not part of the conversation
       div.classList.add("error");
       if (!content) body.textContent = failed; else setMeta(div, failed);
       $("status").textContent = "";
       return;
     }
     var turn = { role: "assistant", content: content };
+    calls = calls.filter(function (c) { return c && c.function.name; });
+    if (calls.length) turn.tool_calls = calls;
     if (sources) turn.sources = sources;  // kept with the conversation (not sent back to the server)
     history.push(turn);
+    if (calls.length && !content) div.remove();  // the cards below show the call
+    if (calls.length && !stopped && serverTools) {
+      if (round + 1 >= MAX_TOOL_ROUNDS) {
+        setMeta(div, "stopped after " + MAX_TOOL_ROUNDS + " tool rounds");
+      } else {
+        controller = new AbortController();  // busy while the tools run
+        setBusy(true);
+        $("status").textContent = "running " + calls.map(function (c) { return c.function.name; }).join(", ") + "\u2026";
+        for (var i = 0; i < calls.length; i++) history.push(await runTool(calls[i]));
+        controller = null;
+        saveConversation();
+        return respond(round + 1);
+      }
+    }
     saveConversation();
     document.querySelectorAll("#messages .regenerate").forEach(function (b) { b.remove(); });
     addSources(div, sources);
@@ -324,6 +405,16 @@
     $("messages").innerHTML = "";
     $("empty").hidden = history.length > 0;
     history.forEach(function (m, i) {
+      if (m.role === "tool") {
+        var prev = history.slice(0, i).reverse().filter(function (x) { return x.tool_calls; })[0];
+        var call = prev && prev.tool_calls.filter(function (c) { return c.id === m.tool_call_id; })[0];
+        var card = addToolCard(call ? call.function.name : "tool", call ? call.function.arguments : "");
+        var txt = m.content;
+        try { txt = JSON.stringify(JSON.parse(m.content), null, 2); } catch (e) { /* plain text */ }
+        setToolResult(card, txt, true);
+        return;
+      }
+      if (m.tool_calls && !m.content) return;  // shown by the tool cards that follow
       var div = addMessage(m.role, m.content);
       if (m.role === "assistant") {
         addSources(div, m.sources);
@@ -345,6 +436,11 @@
   function markdownOf(c) {
     var out = ["# " + c.title, ""];
     (c.messages || []).forEach(function (m) {
+      (m.tool_calls || []).forEach(function (t) {
+        out.push("**Tool call:** `" + t.function.name + " " + t.function.arguments + "`", "");
+      });
+      if (m.role === "tool") { out.push("**Tool result:**", "", "```json", m.content, "```", ""); return; }
+      if (!m.content) return;
       out.push("**" + (m.role === "user" ? "You" : "Assistant") + ":**", "", m.content, "");
       (m.sources || []).filter(function (s) { return s.cited; }).forEach(function (s) {
         out.push("> [" + s.n + "] " + s.source + (s.page ? " p. " + s.page : "") + ": " + s.text.replace(/\n/g, " "));
@@ -417,6 +513,16 @@
     $("upload-label").hidden = !rag.upload;
   }
 
+  async function loadTools() {
+    try {
+      var r = await fetch("/v1/code/tools", { headers: authHeaders() });
+      serverTools = r.ok ? (await r.json()).tools : null;
+    } catch (e) { serverTools = null; }
+    $("tools-bar").hidden = !(serverTools && serverTools.length);
+    if (serverTools) $("tools-info").textContent = "Tools the model may call (run by this server): " +
+      serverTools.map(function (t) { return t["function"].name; }).join(", ");
+  }
+
   async function upload(files) {
     for (var i = 0; i < files.length; i++) {
       var f = files[i];
@@ -458,8 +564,9 @@
     });
     renderConvs();
     $("upload").addEventListener("change", function () { upload(this.files); });
-    $("api_key").addEventListener("change", loadRag);
+    $("api_key").addEventListener("change", function () { loadRag(); loadTools(); });
     loadRag();
+    loadTools();
     $("stop").addEventListener("click", function () { if (controller) controller.abort(); });
     $("composer").addEventListener("submit", function (e) {
       e.preventDefault();
