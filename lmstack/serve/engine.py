@@ -62,8 +62,10 @@ class LLMEngine:
         eos_token_ids: list[int] | None = None,
         use_kernel: bool | None = None,
         kernel_max_batch: int = 8,
+        tp: Any = None,
     ):
         cfg = model.config
+        self.tp = tp  # lmstack.serve.tp.TPGroup: this is rank 0 of a tensor-parallel engine (model already sharded)
         if block_size < 1 or max_num_seqs < 1:
             raise ConfigError("block_size and max_num_seqs must be >= 1")
         self.model = model.eval()
@@ -104,6 +106,10 @@ class LLMEngine:
                                    self.max_model_len, self.eos_token_ids)
         self.runner = ModelRunner(model, num_blocks, block_size, prefix_kv, use_kernel=use,
                                   kernel_max_batch=kernel_max_batch)
+        if tp is not None:  # the workers build the same pool and then follow every step (lmstack.serve.tp)
+            from lmstack.serve.tp import TPRunner
+
+            self.runner = TPRunner(self.runner, tp, fused=not use)
         self.sampler = Sampler(self.eos_token_ids, model.device)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
@@ -146,6 +152,8 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ scoring beside the engine
     def _check_scoring(self, what: str) -> None:
+        if self.tp is not None:
+            raise ConfigError(f"{what} is not available under tensor parallelism (--tp); serve with --tp 1")
         if self.num_prefix:
             raise ConfigError(f"{what} is not available for a model served with a prompt/prefix-tuning adapter")
 
@@ -242,13 +250,13 @@ class LLMEngine:
             for k, v in zip(r.k_pool, r.v_pool):
                 dirty |= ~torch.isfinite(k[idx]).flatten(1).all(-1) | ~torch.isfinite(v[idx]).flatten(1).all(-1)
             bad = [b for b, d in zip(blocks, dirty.tolist()) if d]
+            if self.tp is not None:  # the other ranks' heads are not visible here: treat every block as dirty
+                bad = blocks
             if bad:
                 self.block_manager.uncache(bad)
-                own = torch.tensor([b for b in bad if self.block_manager.ref_count[b] == 1], dtype=torch.long,
-                                   device=r.device)
-                for k, v in zip(r.k_pool, r.v_pool):
-                    k.index_fill_(0, own, 0)
-                    v.index_fill_(0, own, 0)
+                own = [b for b in bad if self.block_manager.ref_count[b] == 1]
+                if own:
+                    r.zero_blocks(own)  # under TP: on every rank
         self.scheduler.finish(seq, "error")
         log.warning("request %s: the model gave non-finite logits after %d generated tokens; finished with "
                     "finish_reason 'error'", seq.request.request_id, seq.num_output_tokens)
@@ -300,6 +308,11 @@ class LLMEngine:
                 self.requests.pop(rid, None)
             outputs.append(req.output())
         return outputs
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent)."""
+        if self.tp is not None:
+            self.tp.close()
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, float | int]:

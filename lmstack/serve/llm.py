@@ -71,6 +71,12 @@ class LLM:
             engine_kw.pop("num_speculative_tokens", None)
             self.engine = LLMEngine(model, tokenizer, prefix_kv=prefix_kv, **engine_kw)
 
+    def close(self) -> None:
+        """Release what outlives the object: the tensor-parallel worker processes (a no-op without them)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
@@ -145,27 +151,13 @@ class LLM:
         return self.generate([self.chat_prompt(messages)], sampling, use_tqdm=False, **sampling_kw)[0]
 
 
-def load(path: str | Path, adapter: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, max_num_seqs: int = 64, max_model_len: int | None = None,
-         kv_cache_memory: int | None = None, block_size: int = 16, merge_lora: bool = True,
-         **engine_kw: Any) -> LLM:
-    """Load a model directory (HF layout, with its tokenizer when present) and an optional adapter
-    (LoRA / prompt / prefix tuning, PEFT layout) into a ready-to-generate :class:`LLM`.
-
-    A LoRA adapter is merged into the base weights (``W + B A * scaling``; the engine serves one adapter, and
-    plain linears take the fused and compiled decode paths); ``merge_lora=False`` keeps the adapter modules.
-    ``speculative_model=DIR`` (with ``num_speculative_tokens``, default 4): a draft model sharing the tokenizer
-    for speculative decoding (:mod:`lmstack.serve.speculative`)."""
-    from lmstack.export.gguf_import import resolve_model_path
+def load_weights(path: str | Path, adapter: str | Path | None = None, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, merge_lora: bool = True) -> tuple[Transformer, Any]:
+    """The model of a directory with its adapter applied (a LoRA merged unless ``merge_lora=False``):
+    (model, adapter runtime or None). Every tensor-parallel rank loads through this."""
     from lmstack.quant.checkpoint import load_any
 
-    path = resolve_model_path(path)  # a .gguf file is imported once into a cache directory
     model = load_any(path, device=device, dtype=dtype)  # float or lmstack-quantized (int8 / int4) weights
-    tokenizer = None
-    if (path / "tokenizer.json").is_file():
-        from lmstack.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_dir(path)
     runtime = None
     if adapter is not None:
         from lmstack.tune.adapters import load_adapter
@@ -175,10 +167,54 @@ def load(path: str | Path, adapter: str | Path | None = None, device: str | torc
             from lmstack.tune.lora import merge_lora as merge
 
             merge(model)
+    return model, runtime
+
+
+def load(path: str | Path, adapter: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, max_num_seqs: int = 64, max_model_len: int | None = None,
+         kv_cache_memory: int | None = None, block_size: int = 16, merge_lora: bool = True,
+         tensor_parallel: int = 1, **engine_kw: Any) -> LLM:
+    """Load a model directory (HF layout, with its tokenizer when present) and an optional adapter
+    (LoRA / prompt / prefix tuning, PEFT layout) into a ready-to-generate :class:`LLM`.
+
+    A LoRA adapter is merged into the base weights (``W + B A * scaling``; the engine serves one adapter, and
+    plain linears take the fused and compiled decode paths); ``merge_lora=False`` keeps the adapter modules.
+    ``speculative_model=DIR`` (with ``num_speculative_tokens``, default 4): a draft model sharing the tokenizer
+    for speculative decoding (:mod:`lmstack.serve.speculative`).
+    ``tensor_parallel=N``: split the model over N processes (this one is rank 0; :mod:`lmstack.serve.tp`);
+    call :meth:`LLM.close` (or leave the interpreter) to stop them."""
+    from lmstack.export.gguf_import import resolve_model_path
+
+    path = resolve_model_path(path)  # a .gguf file is imported once into a cache directory
+    if tensor_parallel > 1 and (engine_kw.get("speculative_model") is not None or not merge_lora):
+        raise ConfigError("tensor parallelism (--tp > 1) serves one model without a draft model and with LoRA "
+                          "merged; drop --speculative-model / merge_lora=False or use --tp 1")
+    model, runtime = load_weights(path, adapter, device, dtype, merge_lora)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from lmstack.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(path)
+    if tensor_parallel > 1:
+        if runtime is not None and runtime.method != "lora":
+            raise ConfigError(f"a {runtime.method} adapter's prefix key/values are not split over ranks; "
+                              "serve it with --tp 1")
+        from lmstack.serve.tp import start
+
+        engine_kw["tp"] = start(model, {"path": str(path), "adapter": None if adapter is None else str(adapter),
+                                        "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
+                                        "merge_lora": merge_lora}, tensor_parallel)
+    elif tensor_parallel < 1:
+        raise ConfigError(f"tensor_parallel must be >= 1, got {tensor_parallel}")
     if isinstance(engine_kw.get("speculative_model"), (str, os.PathLike)):
         from lmstack.serve.speculative import load_draft
 
         engine_kw["speculative_model"] = load_draft(engine_kw["speculative_model"], device=model.device,
                                                     dtype=dtype)
-    return LLM(model, tokenizer, model_name=path.resolve().name, adapter=runtime, max_num_seqs=max_num_seqs,
-               max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, block_size=block_size, **engine_kw)
+    try:
+        return LLM(model, tokenizer, model_name=path.resolve().name, adapter=runtime, max_num_seqs=max_num_seqs,
+                   max_model_len=max_model_len, kv_cache_memory=kv_cache_memory, block_size=block_size, **engine_kw)
+    except BaseException:
+        if engine_kw.get("tp") is not None:  # a bad engine setting: stop the workers now
+            engine_kw["tp"].close()
+        raise

@@ -157,6 +157,9 @@ class LayerWindows:
 def kernel_supported(model: Transformer, prefix_kv: object = None) -> str | None:
     """None when the compiled CPU decode kernel (``lmstack.kernels``) can run this model, else why not."""
     cfg = model.config
+    if getattr(model, "_lmstack_tp", 1) > 1:
+        return ("tensor parallelism: the kernel runs every layer in one call, with no all-reduce between the "
+                "sharded attention and MLP; eager path")
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return "it runs fp32 on the CPU only"
     if prefix_kv is not None:
@@ -322,6 +325,12 @@ def kv_pool_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
         return torch.frombuffer(buf, dtype=dtype, count=n).view(shape)
 
 
+def local_kv_heads(model: Transformer) -> int:
+    """Key/value heads this process computes: all of them, or its share under tensor parallelism
+    (:mod:`lmstack.serve.tp`), so each rank's paged pool holds only its heads."""
+    return model.config.num_key_value_heads // getattr(model, "_lmstack_tp", 1)
+
+
 class ModelRunner:
     """Owns the KV pool and turns a scheduled batch into next-token logits."""
 
@@ -333,7 +342,7 @@ class ModelRunner:
         self.device, self.dtype = model.device, model.dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.n_kv, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
+        self.n_kv, self.head_dim = local_kv_heads(model), cfg.head_dim  # this rank's heads under TP
         self.sliding_window = cfg.sliding_window
         # per-layer windows (Gemma 3) or None when every layer has the same one
         aw = cfg.attention_window
@@ -359,7 +368,14 @@ class ModelRunner:
     def kv_bytes_per_block(model: Transformer, block_size: int) -> int:
         cfg = model.config
         elem = torch.empty((), dtype=model.dtype).element_size()
-        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+        return 2 * cfg.num_hidden_layers * block_size * local_kv_heads(model) * cfg.head_dim * elem
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero these KV blocks in every layer's pool (a block that held non-finite K/V, before it is reused)."""
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for k, v in zip(self.k_pool, self.v_pool):
+            k.index_fill_(0, idx, 0)
+            v.index_fill_(0, idx, 0)
 
     def _key_pos(self, nb: int) -> Tensor:
         """Token positions of the gathered cache slots (nb * bs,) (a cached arange)."""

@@ -32,7 +32,23 @@ from torch import nn
 from lmstack.errors import ConfigError
 
 
-def check_tp(cfg: Any, tp: int) -> None:
+COLWISE, ROWWISE = "colwise", "rowwise"
+
+
+def block_plan(block: nn.Module) -> dict[str, str]:
+    """The one definition of which linears of a decoder block are split how (Megatron-LM): q/k/v and gate/up
+    column-parallel (output features, i.e. heads / intermediate channels, split over the ranks), o_proj and
+    down_proj row-parallel (input features split; the partial outputs are summed by one all-reduce). MoE blocks
+    keep their experts replicated. Used by :func:`parallelize` (training, DTensor) and by the serving engine's
+    tensor parallelism (:mod:`lmstack.serve.tp`, plain sliced weights)."""
+    plan = {"self_attn.q_proj": COLWISE, "self_attn.k_proj": COLWISE, "self_attn.v_proj": COLWISE,
+            "self_attn.o_proj": ROWWISE}
+    if type(block.ffn).__name__ == "MLP":
+        plan.update({"mlp.gate_proj": COLWISE, "mlp.up_proj": COLWISE, "mlp.down_proj": ROWWISE})
+    return plan
+
+
+def check_tp(cfg: Any, tp: int, hint: str = "pick train.tp_size dividing them") -> None:
     """Refuse, with one line, a model whose heads or vocabulary do not split over ``tp`` ranks."""
     if tp <= 1:
         return
@@ -43,7 +59,7 @@ def check_tp(cfg: Any, tp: int) -> None:
             problems.append(f"{name}={v}")
     if problems:
         raise ConfigError(f"tensor parallelism over {tp} ranks needs these to be divisible by {tp}: "
-                          f"{', '.join(problems)}; pick train.tp_size dividing them")
+                          f"{', '.join(problems)}; {hint}")
 
 
 def parallelize(model: nn.Module, tp_mesh, *, gather_logits: bool = False) -> nn.Module:
@@ -67,14 +83,10 @@ def parallelize(model: nn.Module, tp_mesh, *, gather_logits: bool = False) -> nn
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     group = tp_mesh.get_group()
+    styles = {COLWISE: ColwiseParallel, ROWWISE: RowwiseParallel}
     for block in model.model.layers:
         attn = block.self_attn
-        plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-                "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel()}
-        if type(block.ffn).__name__ == "MLP":
-            plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-                         "mlp.down_proj": RowwiseParallel()})
-        parallelize_module(block, tp_mesh, plan)
+        parallelize_module(block, tp_mesh, {name: styles[kind]() for name, kind in block_plan(block).items()})
         attn.n_heads //= tp  # the module now computes its local heads
         attn.n_kv //= tp
         for norm in (attn.q_norm, attn.k_norm):
@@ -133,4 +145,4 @@ def scale_grads_(params: list[nn.Parameter], scale: float) -> None:
         torch._foreach_mul_(grads, scale)
 
 
-__all__ = ["parallelize", "check_tp", "loss_context", "clip_grad_norm_", "scale_grads_"]
+__all__ = ["parallelize", "check_tp", "block_plan", "COLWISE", "ROWWISE", "loss_context", "clip_grad_norm_", "scale_grads_"]
