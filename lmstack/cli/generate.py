@@ -28,6 +28,8 @@ STOP = typer.Option(None, "--stop", help="Stop string (repeatable); never printe
 SPEC_MODEL = typer.Option(None, "--speculative-model",
                           help="Draft model directory sharing the tokenizer (speculative decoding; docs/export.md).")
 SPEC_K = typer.Option(4, "--num-speculative-tokens", help="Tokens the draft proposes per step (1-16).")
+TP = typer.Option(1, "--tp", help="Tensor-parallel ranks: split the model's heads and MLP over N processes "
+                  "(gloo on CPU, NCCL on N GPUs; docs/serving.md).")
 
 
 def speculative_kw(model: Optional[str], k: int) -> dict:
@@ -44,7 +46,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = MAX_NEW, temperature: float = TEMP, top_p: float = TOP_P, top_k: int = TOP_K,
         min_p: float = MIN_P, repetition_penalty: float = REP, seed: Optional[int] = SEED,
         stop: Optional[list[str]] = STOP, speculative_model: Optional[str] = SPEC_MODEL,
-        num_speculative_tokens: int = SPEC_K,
+        num_speculative_tokens: int = SPEC_K, tp: int = TP,
     ) -> None:
         """Complete PROMPT with the model, streaming text to stdout."""
         import sys
@@ -59,17 +61,21 @@ def register(app: typer.Typer) -> None:
             from lmstack.errors import ConfigError
             from lmstack.tune.seq2seq import generate_text
 
-            if adapter or speculative_model or stop or top_k or min_p or repetition_penalty != 1.0:
+            if adapter or speculative_model or stop or top_k or min_p or repetition_penalty != 1.0 or tp != 1:
                 raise ConfigError("a T5-family model generates with --max-new-tokens, --temperature, --top-p and "
-                                  "--seed only (no adapter, stop strings, top-k, min-p, repetition penalty)")
+                                  "--seed only (no adapter, stop strings, top-k, min-p, repetition penalty, --tp)")
             sys.stdout.write(generate_text(model, [text], max_new_tokens=max_new_tokens, temperature=temperature,
                                            top_p=top_p, seed=seed, device=device, dtype=dtype)[0] + "\n")
             return
-        llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=1,
+        llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=1, tensor_parallel=tp,
                    **speculative_kw(speculative_model, num_speculative_tokens))
-        stream_completion(llm, text, lambda s: (sys.stdout.write(s), sys.stdout.flush()),
-                          **_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop))
-        sys.stdout.write("\n")
+        try:
+            stream_completion(llm, text, lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+                              **_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
+                                          stop))
+            sys.stdout.write("\n")
+        finally:
+            llm.close()  # the tensor-parallel workers, if any
 
     @app.command("chat")
     def chat(
@@ -77,7 +83,7 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = ADAPTER, device: Optional[str] = DEVICE, dtype: Optional[str] = DTYPE,
         max_new_tokens: int = MAX_NEW, temperature: float = TEMP, top_p: float = TOP_P, top_k: int = TOP_K,
         min_p: float = MIN_P, repetition_penalty: float = REP, seed: Optional[int] = SEED,
-        stop: Optional[list[str]] = STOP,
+        stop: Optional[list[str]] = STOP, tp: int = TP,
     ) -> None:
         """Chat in the terminal using the tokenizer's chat template (/reset, /exit)."""
         import sys
@@ -85,6 +91,9 @@ def register(app: typer.Typer) -> None:
         from lmstack.serve.llm import load
         from lmstack.serve.terminal import chat_loop
 
-        llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=1)
-        chat_loop(llm, input, lambda s: (sys.stdout.write(s), sys.stdout.flush()), system=system,
-                  **_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop))
+        llm = load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=1, tensor_parallel=tp)
+        try:
+            chat_loop(llm, input, lambda s: (sys.stdout.write(s), sys.stdout.flush()), system=system,
+                      **_sampling(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop))
+        finally:
+            llm.close()

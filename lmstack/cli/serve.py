@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from lmstack.cli.generate import SPEC_K, SPEC_MODEL, speculative_kw
+from lmstack.cli.generate import SPEC_K, SPEC_MODEL, TP, speculative_kw
 
 
 def _keep_state(wrapped, app):
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
                                                     help="Previous tokens seeding each green list."),
         watermark_scheme: str = typer.Option("lmstack", "--watermark-scheme", help="lmstack (SHA-256 of the "
                                              "context) or hf (transformers' lefthash, for its WatermarkDetector)."),
-        speculative_model: Optional[str] = SPEC_MODEL, num_speculative_tokens: int = SPEC_K,
+        speculative_model: Optional[str] = SPEC_MODEL, num_speculative_tokens: int = SPEC_K, tp: int = TP,
         rag: Optional[str] = typer.Option(None, "--rag", help="Answer every chat request from this document index "
                                           "(`lmstack rag index`); responses carry a `sources` field (docs/rag.md)."),
         rag_k: int = typer.Option(5, "--rag-k", min=1, max=50, help="Chunks retrieved per request with --rag."),
@@ -110,4 +110,5 @@ def register(app: typer.Typer) -> None:
                    max_waiting=max_waiting, device=device, dtype=dtype, max_request_bytes=max_request_bytes,
                    drain_timeout=drain_timeout, enable_prefix_caching=prefix_caching,
                    allowed_origins=allowed_origin or None, log_level=log_level, max_prompt_bytes=max_prompt_bytes,
-                   sanitize=sanitize, wrap=wrap, **speculative_kw(speculative_model, num_speculative_tokens))
+                   sanitize=sanitize, wrap=wrap, tensor_parallel=tp,
+                   **speculative_kw(speculative_model, num_speculative_tokens))

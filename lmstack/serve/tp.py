@@ -293,8 +293,8 @@ class TPRunner:
         g = self.tp
         if g.closed:
             raise ConfigError("the tensor-parallel workers were stopped")
-        g.send(RUN, encode_batch(batch))
         g.in_step = True
+        g.send(RUN, encode_batch(batch))
         out = self.inner.run(batch)
         g.in_step = False
         return out
@@ -330,8 +330,9 @@ def check_tp_request(tp: int, device: torch.device) -> None:
         raise ConfigError("LMSTACK_KERNELS=on requires the compiled CPU decode kernel, which does not run under "
                           "tensor parallelism (no all-reduce between layers); set LMSTACK_KERNELS=auto or use --tp 1")
     if dist.is_initialized():
-        raise ConfigError("the engine's tensor parallelism starts its own process group; this process already "
-                          "has one (do not launch lmstack serve --tp under torchrun)")
+        raise ConfigError("the engine's tensor parallelism starts its own process group and this process already "
+                          "has one (another --tp engine: close it first with LLM.close(); or a torchrun launch: "
+                          "start lmstack serve --tp without torchrun)")
 
 
 class Pipe:
@@ -394,8 +395,8 @@ def start(model: nn.Module, spec: dict[str, Any], tp: int) -> TPGroup:
     import subprocess
 
     device = model.device
-    check_tp_request(tp, device)
     check_shardable(model, tp)
+    check_tp_request(tp, device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     threads = max(1, torch.get_num_threads() // tp) if device.type == "cpu" else torch.get_num_threads()
     store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False,

@@ -98,12 +98,15 @@ def run_server(model: str, *, adapter: str | None = None, host: str = "127.0.0.1
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = L.load(model, adapter=adapter, device=device, dtype=dtype, max_num_seqs=max_num_seqs,
                  max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching, **load_kw)
-    app = create_app(llm, api_key=api_key, served_model_name=served_model_name, max_waiting=max_waiting,
-                     max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
-                     allowed_origins=allowed_origins, max_prompt_bytes=max_prompt_bytes, sanitize=sanitize)
-    if wrap is not None:
-        app = wrap(app, llm)
-    model_state = app.state.model
-    log.info("serving %s (max_model_len %d) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
-             model_state.name, model_state.max_model_len, host, port)
-    build_server(app, host, port, log_level, drain_timeout).run()
+    try:
+        app = create_app(llm, api_key=api_key, served_model_name=served_model_name, max_waiting=max_waiting,
+                         max_request_bytes=max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+                         allowed_origins=allowed_origins, max_prompt_bytes=max_prompt_bytes, sanitize=sanitize)
+        if wrap is not None:
+            app = wrap(app, llm)
+        model_state = app.state.model
+        log.info("serving %s (max_model_len %d) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
+                 model_state.name, model_state.max_model_len, host, port)
+        build_server(app, host, port, log_level, drain_timeout).run()
+    finally:
+        llm.close()  # the tensor-parallel workers, if any
