@@ -238,6 +238,7 @@ class TPGroup:
         self.conns = conns
         self.in_step = False  # a collective may be in flight: a graceful STOP could not be heard
         self.closed = False
+        self.threads_before: int | None = None  # rank 0's torch threads before it took its 1/tp share
         atexit.register(self.close)
 
     @property
@@ -275,6 +276,8 @@ class TPGroup:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
         atexit.unregister(self.close)
 
 
@@ -426,6 +429,7 @@ def start(model: nn.Module, spec: dict[str, Any], tp: int) -> TPGroup:
         dist.init_process_group(backend, store=store, rank=0, world_size=tp,
                                 timeout=timedelta(seconds=START_TIMEOUT_S))
         if device.type == "cpu":
+            group.threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
         shard_model(model, 0, tp, dist.group.WORLD)
         err = _wait(procs, conns, "loading its shard")
