@@ -24,14 +24,15 @@ def train_cmd(
     data: str = typer.Option(None, "--data", help="JSON Lines {text, label[, split]}; default: the shipped "
                                                   "EN+ZH intent set (lmstack/model/data/intents.jsonl)."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out records (default: split == test)."),
-    init: str = typer.Option(None, "--init", help="A local BERT directory to fine-tune (default: a fresh encoder)."),
+    init: str = typer.Option(None, "--init", "--model", help="A local BERT or ModernBERT directory to fine-tune "
+                             "(default: a fresh small BERT)."),
     epochs: int = typer.Option(None, "--epochs", help="Default 30 (text), 40 (tokens)."),
     lr: float = typer.Option(None, "--lr", help="Default 1e-3 (text), 2e-3 (tokens)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     max_length: int = typer.Option(None, "--max-length", help="Default 64 (text), 96 (tokens)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Train a classifier; writes a transformers-loadable BertFor{Sequence,Token}Classification dir + metrics.json."""
+    """Train a classifier; writes a transformers-loadable (Modern)BertFor{Sequence,Token}Classification dir + metrics.json."""
     from lmstack.errors import ConfigError
 
     if task not in ("text", "tokens"):
@@ -66,9 +67,9 @@ def eval_cmd(model_dir: str = typer.Argument(..., help="A classifier directory."
 
 
 def _is_tagger(model_dir: str) -> bool:
-    from lmstack.model.encoder import EncoderConfig
+    from lmstack.model.encoder import encoder_head
 
-    return EncoderConfig.from_hf(model_dir).head == "tok_cls"
+    return encoder_head(model_dir) == "tok_cls"
 
 
 @classify_app.command("predict")

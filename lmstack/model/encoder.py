@@ -380,14 +380,55 @@ def mlm_loss(model: Encoder, input_ids: Tensor, labels: Tensor, attention_mask: 
 
 
 # ---------------------------------------------------------------------------------------------- HF I/O
+def encoder_type(path: str | Path) -> str:
+    """``bert`` or ``modernbert``: the encoder family of a model directory (its config.json's model_type)."""
+    d, _ = read_hf_config(path)
+    return "modernbert" if d.get("model_type") == "modernbert" else "bert"
+
+
+def encoder_head(path: str | Path) -> str:
+    """The head of an encoder directory (base, mlm, seq_cls, tok_cls), BERT or ModernBERT."""
+    if encoder_type(path) == "modernbert":
+        from lmstack.model.modernbert import ModernBertConfig
+
+        return ModernBertConfig.from_hf(path).head
+    return EncoderConfig.from_hf(path).head
+
+
+def with_head(model: nn.Module, head: str, id2label: dict[int, str], seed: int) -> nn.Module:
+    """A fresh model of ``model``'s family and body shape under ``head`` (initialized with ``seed``), carrying
+    ``model``'s body weights (a pretrained encoder fine-tuned for classification)."""
+    if type(model).__name__ == "ModernBert":
+        from lmstack.model.modernbert import ModernBert
+
+        new = ModernBert(model.config.with_head(head, id2label)).init_weights(seed)
+        prefix = "model."
+    else:
+        c = model.config
+        new = Encoder(EncoderConfig(**{**{k: v for k, v in asdict(c).items() if k not in ("head", "id2label")},
+                                       "head": head, "id2label": id2label})).init_weights(seed)
+        prefix = "bert."
+    body = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    missing = [k for k in new.state_dict() if k.startswith(prefix) and k not in body]
+    new.load_state_dict(body, strict=False)
+    if missing and not all(k.endswith("pooler.dense.weight") or k.endswith("pooler.dense.bias") for k in missing):
+        raise CheckpointError(f"the body of the initial encoder lacks {missing[0]}")
+    return new
+
+
 def load_encoder(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  ) -> Encoder:
-    """Load a local BERT directory (BertModel / ForMaskedLM / ForSequenceClassification / ForTokenClassification)."""
+    """Load a local BERT directory (BertModel / ForMaskedLM / ForSequenceClassification / ForTokenClassification),
+    or a ModernBERT one (the same heads; :mod:`lmstack.model.modernbert`)."""
     from lmstack.model.hf_io import read_state_dict
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: model directory not found")
+    if encoder_type(path) == "modernbert":
+        from lmstack.model.modernbert import load_modernbert
+
+        return load_modernbert(path).to(device=device, dtype=dtype)
     cfg = EncoderConfig.from_hf(path)
     sd = read_state_dict(path)
     if cfg.head == "base":  # a bare BertModel stores the body without the prefix
@@ -424,9 +465,14 @@ def load_encoder(path: str | Path, *, device: str | torch.device = "cpu", dtype:
 
 
 def save_encoder(model: Encoder, path: str | Path, *, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write the encoder as a HF directory ``transformers`` loads (config.json, model.safetensors, tokenizer)."""
+    """Write the encoder (BERT or ModernBERT) as a HF directory ``transformers`` loads (config.json,
+    model.safetensors, tokenizer)."""
     from lmstack.model.hf_io import _save_safetensors, copy_tokenizer
 
+    if type(model).__name__ == "ModernBert":
+        from lmstack.model.modernbert import save_modernbert
+
+        return save_modernbert(model, path, tokenizer_dir=tokenizer_dir)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config

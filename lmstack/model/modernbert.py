@@ -14,12 +14,18 @@ Loads and saves Hugging Face ``ModernBertModel`` / ``ModernBertForMaskedLM`` / `
 - heads: ``head`` = dense -> act -> LayerNorm, then ``decoder`` (tied to the embedding, with bias) for MLM, or
   pooling (the first token, or the mean over real tokens) -> ``head`` -> ``classifier`` for sequence classification,
   ``head`` -> ``classifier`` at every token for token classification.
+
+Trainable by the same loops as the BERT encoder: masked-LM pretraining (``lmstack pretrain`` with
+``model.arch: encoder, model.preset: modernbert-tiny``, or ``from_dir`` a ``ModernBertForMaskedLM`` directory),
+sequence / token classification (``lmstack classify train --model DIR``). Dropout follows transformers'
+``embedding_dropout`` / ``attention_dropout`` / ``mlp_dropout`` / ``classifier_dropout`` (all 0 by default); the
+loss and gradients equal ``transformers``' (tests/test_modernbert_train.py).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.errors import CheckpointError
+from lmstack.errors import CheckpointError, ConfigError
 from lmstack.utils.io import atomic_write_json
 
 HEADS = {"ModernBertModel": "base", "ModernBertForMaskedLM": "mlm", "ModernBertForSequenceClassification": "seq_cls",
@@ -61,7 +67,53 @@ class ModernBertConfig:
     pad_token_id: int = 0
     head: str = "base"
     id2label: dict[int, str] = field(default_factory=dict)
-    raw: dict[str, Any] = field(default_factory=dict)  # the config.json, written back on save
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    embedding_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    mlp_dropout: float = 0.0
+    classifier_dropout: float = 0.0
+    raw: dict[str, Any] = field(default_factory=dict)  # the config.json, written back on save (fields override)
+
+    model_type = "modernbert"  # (not a field) what lmstack.model.encoder dispatches on
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    def with_head(self, head: str, id2label: dict[int, str] | None = None) -> "ModernBertConfig":
+        """The same body under another head (``mlm``, ``seq_cls``, ``tok_cls``, ``base``)."""
+        if head not in _ARCH:
+            raise ConfigError(f"ModernBERT head {head!r}; supported: {', '.join(_ARCH)}")
+        return replace(self, head=head, id2label=dict(id2label or {}) if head in ("seq_cls", "tok_cls") else {})
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json: the loaded file's keys (token ids and the like) with every field of this config on top."""
+        every = [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+        d = {**self.raw, "model_type": "modernbert", "architectures": [_ARCH[self.head]],
+             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+             "num_attention_heads": self.num_attention_heads, "layer_types": list(self.layer_types),
+             "global_attn_every_n_layers": every[1] - every[0] if len(every) > 1 else self.num_hidden_layers,
+             "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": self.global_rope_theta},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta}},
+             "local_attention": self.local_attention, "hidden_activation": self.hidden_activation,
+             "classifier_activation": self.classifier_activation, "norm_eps": self.norm_eps,
+             "norm_bias": self.norm_bias, "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+             "decoder_bias": self.decoder_bias, "classifier_bias": self.classifier_bias,
+             "classifier_pooling": self.classifier_pooling, "tie_word_embeddings": self.tie_word_embeddings,
+             "pad_token_id": self.pad_token_id, "max_position_embeddings": self.max_position_embeddings,
+             "initializer_range": self.initializer_range, "embedding_dropout": self.embedding_dropout,
+             "attention_dropout": self.attention_dropout, "mlp_dropout": self.mlp_dropout,
+             "classifier_dropout": self.classifier_dropout}
+        for k in ("global_rope_theta", "local_rope_theta", "id2label", "label2id", "num_labels"):
+            d.pop(k, None)
+        for k in ("bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id"):
+            d.setdefault(k, None)  # not transformers' defaults (ids of its own 50k vocabulary)
+        if self.head in ("seq_cls", "tok_cls"):
+            d["id2label"] = {str(i): v for i, v in sorted(self.id2label.items())}
+            d["label2id"] = {v: i for i, v in sorted(self.id2label.items())}
+        return d
 
     @classmethod
     def from_hf(cls, path: str | Path) -> "ModernBertConfig":
@@ -108,7 +160,46 @@ class ModernBertConfig:
                    decoder_bias=bool(d.get("decoder_bias", True)), classifier_bias=bool(d.get("classifier_bias", False)),
                    classifier_pooling=d.get("classifier_pooling", "cls"),
                    tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-                   pad_token_id=int(d.get("pad_token_id") or 0), head=head, id2label=id2label, raw=d)
+                   pad_token_id=int(d.get("pad_token_id") or 0), head=head, id2label=id2label,
+                   max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+                   initializer_range=float(d.get("initializer_range", 0.02)),
+                   embedding_dropout=float(d.get("embedding_dropout", 0.0)),
+                   attention_dropout=float(d.get("attention_dropout", 0.0)),
+                   mlp_dropout=float(d.get("mlp_dropout", 0.0)),
+                   classifier_dropout=float(d.get("classifier_dropout", 0.0)), raw=d)
+
+
+# Shapes for MLM pretraining from scratch (``model.arch: encoder`` with one of these presets): the layout of
+# answerdotai/ModernBERT-base (GeGLU, a global layer every third, local window 128, RoPE 160k / 10k), scaled down.
+MODERNBERT_PRESETS: dict[str, dict[str, Any]] = {
+    "modernbert-tiny": dict(hidden_size=128, intermediate_size=192, num_hidden_layers=3, num_attention_heads=2),
+    "modernbert-mini": dict(hidden_size=256, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4),
+}
+
+
+def modernbert_preset(name: str, **overrides: Any) -> ModernBertConfig:
+    """A :class:`ModernBertConfig` from a named shape plus field overrides (``vocab_size``, ``head``,
+    ``global_attn_every_n_layers``, ``local_attention``, ...); unknown names and fields are refused in one line."""
+    if name not in MODERNBERT_PRESETS:
+        raise ConfigError(f"unknown ModernBERT preset {name!r}; choose from {', '.join(MODERNBERT_PRESETS)}")
+    kw = {**MODERNBERT_PRESETS[name], **overrides}
+    every = int(kw.pop("global_attn_every_n_layers", 3))
+    kw.setdefault("layer_types", ["sliding_attention" if i % every else "full_attention"
+                                  for i in range(int(kw["num_hidden_layers"]))])
+    kw.setdefault("vocab_size", 8192)
+    fields = set(ModernBertConfig.__dataclass_fields__) - {"raw"}
+    bad = sorted(set(kw) - fields)
+    if bad:
+        raise ConfigError(f"unknown ModernBERT field(s) {', '.join(bad)}; valid: {', '.join(sorted(fields))}")
+    if kw["hidden_size"] % kw["num_attention_heads"]:
+        raise ConfigError(f"hidden_size ({kw['hidden_size']}) must be a multiple of num_attention_heads "
+                          f"({kw['num_attention_heads']})")
+    for k in ("hidden_activation", "classifier_activation"):
+        if kw.get(k, "gelu") not in ACTS:
+            raise ConfigError(f"{k} {kw[k]!r} is not supported; supported: {', '.join(ACTS)}")
+    cfg = ModernBertConfig(**kw)
+    cfg.with_head(cfg.head)  # validates the head
+    return cfg
 
 
 def _norm(c: ModernBertConfig) -> nn.LayerNorm:
@@ -120,6 +211,10 @@ class _Embeddings(nn.Module):
         super().__init__()
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
         self.norm = _norm(c)
+        self.drop = nn.Dropout(c.embedding_dropout)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.drop(self.norm(self.tok_embeddings(ids)))
 
 
 class _Attention(nn.Module):
@@ -128,14 +223,16 @@ class _Attention(nn.Module):
         self.n_heads, self.head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
         self.Wqkv = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=c.attention_bias)
         self.Wo = nn.Linear(c.hidden_size, c.hidden_size, bias=c.attention_bias)
+        self.p_drop = c.attention_dropout
+        self.out_drop = nn.Dropout(c.attention_dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.Wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.Wo(o.transpose(1, 2).reshape(B, T, -1))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_drop if self.training else 0.0)
+        return self.out_drop(self.Wo(o.transpose(1, 2).reshape(B, T, -1)))
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -149,10 +246,11 @@ class _MLP(nn.Module):
         self.Wi = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
         self.Wo = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
         self.act = ACTS[c.hidden_activation]
+        self.drop = nn.Dropout(c.mlp_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         a, g = self.Wi(x).chunk(2, -1)
-        return self.Wo(self.act(a) * g)
+        return self.Wo(self.drop(self.act(a) * g))
 
 
 class _Layer(nn.Module):
@@ -190,7 +288,7 @@ class _Head(nn.Module):
 
 class ModernBert(nn.Module):
     """One class, the head as data: hidden states (B, T, H) for ``base``, vocab logits (B, T, V) for ``mlm``,
-    label logits (B, L) for ``seq_cls``, (B, T, L) for ``tok_cls``. Inference only (no dropout)."""
+    label logits (B, L) for ``seq_cls``, (B, T, L) for ``tok_cls``."""
 
     def __init__(self, c: ModernBertConfig):
         super().__init__()
@@ -203,13 +301,43 @@ class ModernBert(nn.Module):
             if c.tie_word_embeddings:
                 self.decoder.weight = self.model.embeddings.tok_embeddings.weight
         if c.head in ("seq_cls", "tok_cls"):
+            self.drop = nn.Dropout(c.classifier_dropout)
             self.classifier = nn.Linear(c.hidden_size, len(c.id2label))
+
+    def tie_weights(self) -> None:
+        if self.config.head == "mlm" and self.config.tie_word_embeddings:
+            self.decoder.weight = self.model.embeddings.tok_embeddings.weight
+
+    def init_weights(self, seed: int | None = None) -> "ModernBert":
+        """Normal(0, initializer_range) for matrices and embeddings, LayerNorm weights 1, biases 0 (transformers
+        draws truncated normals with per-module scales; a from-scratch run only needs a sane start)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for name, m in self.named_modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.fill_(1.0)
+                    if m.bias is not None:
+                        m.bias.zero_()
+                elif isinstance(m, (nn.Linear, nn.Embedding)):
+                    if not (name == "decoder" and self.config.tie_word_embeddings):
+                        m.weight.copy_(torch.empty(m.weight.shape).normal_(0.0, std, generator=g).to(m.weight.dtype))
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.zero_()
+        return self
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Mean-pooled sentence embeddings (B, H) over the real tokens."""
+        h = self.hidden_states(input_ids, attention_mask)
+        if attention_mask is None:
+            return h.mean(1)
+        m = attention_mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         c = self.config
         B, T = input_ids.shape
-        e = self.model.embeddings
-        x = e.norm(e.tok_embeddings(input_ids))
+        x = self.model.embeddings(input_ids)
         pos = torch.arange(T, device=input_ids.device)
         keys = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, T)
         near = ((pos[:, None] - pos[None, :]).abs() <= c.local_attention // 2)[None, None]  # (1, 1, T, T)
@@ -235,9 +363,9 @@ class ModernBert(nn.Module):
             else:
                 m = (attention_mask if attention_mask is not None else torch.ones(h.shape[:2])).to(h.dtype)
                 pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-            return self.classifier(self.head(pooled))
+            return self.classifier(self.drop(self.head(pooled)))
         if self.config.head == "tok_cls":
-            return self.classifier(self.head(h))
+            return self.classifier(self.drop(self.head(h)))
         return h
 
 
@@ -269,9 +397,9 @@ def load_modernbert(path: str | Path) -> ModernBert:
     return model.eval()
 
 
-def save_modernbert(model: ModernBert, path: str | Path) -> Path:
-    """Write config.json and model.safetensors so ``transformers`` loads the directory."""
-    from lmstack.model.hf_io import _save_safetensors
+def save_modernbert(model: ModernBert, path: str | Path, *, tokenizer_dir: str | Path | None = None) -> Path:
+    """Write config.json and model.safetensors (and the tokenizer) so ``transformers`` loads the directory."""
+    from lmstack.model.hf_io import _save_safetensors, copy_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -282,8 +410,11 @@ def save_modernbert(model: ModernBert, path: str | Path) -> Path:
             continue
         tensors[k.removeprefix("model.") if c.head == "base" else k] = t.detach().cpu().contiguous()
     _save_safetensors(tensors, path / "model.safetensors")
-    atomic_write_json(path / "config.json", {**c.raw, "architectures": [_ARCH[c.head]]})
+    atomic_write_json(path / "config.json", c.to_hf())
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, path)
     return path
 
 
-__all__ = ["ModernBert", "ModernBertConfig", "load_modernbert", "save_modernbert"]
+__all__ = ["ModernBert", "ModernBertConfig", "load_modernbert", "save_modernbert", "modernbert_preset",
+           "MODERNBERT_PRESETS"]

@@ -43,7 +43,7 @@ class TokenClassifyConfig:
     data: str = str(SHIPPED_NER)
     out: str = "runs/tagger"
     eval_data: str | None = None  # default: the records with "split": "test"
-    init: str | None = None  # a local BERT directory to fine-tune; default: a fresh small encoder
+    init: str | None = None  # a local BERT / ModernBERT directory to fine-tune; default: a fresh small BERT
     vocab_size: int = 800
     hidden_size: int = 128
     num_hidden_layers: int = 2

@@ -69,7 +69,8 @@ class TrainConfig(StrictModel):
 class ModelSection(StrictModel):
     arch: Literal["decoder", "encoder"] = Field(
         "decoder", description="decoder: causal LM (the Transformer); encoder: BERT-style masked-LM pretraining "
-        "(presets bert-tiny / bert-mini / bert-small, or from_dir a BERT directory)")
+        "(presets bert-tiny / bert-mini / bert-small / modernbert-tiny / modernbert-mini, or from_dir a BERT or "
+        "ModernBERT directory)")
     preset: str | None = Field("tiny", description="train from scratch from a named preset")
     from_dir: str | None = Field(None, description="continue pretraining a Hugging Face model directory")
     overrides: dict[str, int | float | str | bool | None] = Field(

@@ -4,7 +4,7 @@ token shards as decoder pretraining (:class:`lmstack.train.data.PackedBatches`).
 ``masked_lm_loss`` builds the ``(model, batch) -> LossOutput`` that ``fit`` takes: each batch's ``input_ids``
 are masked afresh (dynamic masking, BERT's 80/10/10 rule, :func:`lmstack.model.encoder.mlm_inputs`) and the loss is
 the cross-entropy on the selected positions (Devlin et al. 2019). ``save_encoder_fn`` writes checkpoints and
-``final/`` as a ``BertForMaskedLM`` directory. :class:`MaskingBatches` keeps the masking generator with the data
+``final/`` as a ``BertForMaskedLM`` (or ``ModernBertForMaskedLM``) directory. :class:`MaskingBatches` keeps the masking generator with the data
 position in the checkpoint, so a resumed run masks as an uninterrupted one (``lmstack pretrain`` uses it; a bare
 ``masked_lm_loss`` with its own generator masks differently after a resume).
 """
@@ -69,9 +69,9 @@ class MaskingBatches:
 
 
 def save_encoder_fn(model: nn.Module, out_dir: str | Path) -> None:
-    """``fit``'s ``save_model_fn`` for an :class:`Encoder` (unwraps DDP)."""
+    """``fit``'s ``save_model_fn`` for an :class:`Encoder` or a ModernBERT (unwraps DDP)."""
     m = getattr(model, "module", model)
-    assert isinstance(m, Encoder)
+    assert isinstance(m, Encoder) or type(m).__name__ == "ModernBert"
     save_encoder(m, out_dir)
 
 
@@ -80,7 +80,7 @@ def encoder_saver(tokenizer_dir: str | Path | None) -> Callable[[nn.Module, Path
 
     def save(model: nn.Module, out_dir: Path) -> None:
         m = getattr(model, "module", model)
-        assert isinstance(m, Encoder)
+        assert isinstance(m, Encoder) or type(m).__name__ == "ModernBert"
         save_encoder(m, out_dir, tokenizer_dir=tokenizer_dir)
 
     return save

@@ -123,7 +123,8 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
 # ----------------------------------------------------------------------------------------------- helpers
 def _encoder(cfg: PretrainConfig, index: dict[str, Any], shards: Path, tokenizer_dir: Path | None,
              shard_sha: str | None):
-    """The BERT-style encoder with its masked-LM head: a named shape, or a BERT directory (continued MLM)."""
+    """The BERT-style encoder with its masked-LM head: a named shape (bert-* or modernbert-*), or a BERT /
+    ModernBERT directory (continued MLM)."""
     from lmstack.model.encoder import encoder_preset, load_encoder
 
     if cfg.model.from_dir:
@@ -147,8 +148,13 @@ def _encoder(cfg: PretrainConfig, index: dict[str, Any], shards: Path, tokenizer
         vocab = max(vocab, Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size())
     over.setdefault("vocab_size", vocab)
     over["head"] = "mlm"
-    return Encoder(encoder_preset(cfg.model.preset or "bert-tiny", **over)).init_weights(cfg.train.seed).train(), \
-        tokenizer_dir
+    name = cfg.model.preset or "bert-tiny"
+    if name.startswith("modernbert"):  # ModernBERT: RoPE, GeGLU, global / local layers (lmstack.model.modernbert)
+        from lmstack.model.modernbert import ModernBert, modernbert_preset
+
+        over.setdefault("max_position_embeddings", max(512, cfg.data.seq_len))
+        return ModernBert(modernbert_preset(name, **over)).init_weights(cfg.train.seed).train(), tokenizer_dir
+    return Encoder(encoder_preset(name, **over)).init_weights(cfg.train.seed).train(), tokenizer_dir
 
 
 def _mask_token(cfg: PretrainConfig, tokenizer_dir: Path | None, index: dict[str, Any]) -> tuple[int, set[int]]:

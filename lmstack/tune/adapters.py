@@ -87,7 +87,9 @@ def save_lora_adapter(model: nn.Module, out_dir: str | Path, spec: LoraSpec,
         raise CheckpointError("the model has no LoRA modules to save")
     leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_modules(model)})
     cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        # an encoder's adapter (BERT / ModernBERT) is a plain PeftModel: peft's causal-LM wrapper wants generate()
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if hasattr(model, "lm_head") else None,
+        "base_model_name_or_path": base_model_name_or_path,
         "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.use_rslora,
         "target_modules": leaves, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False,

@@ -28,13 +28,16 @@ ROWS, DIMS = 8, 16
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """The fingerprint of ``model`` (an lmstack Transformer, adapters applied or not)."""
+    """The fingerprint of ``model`` (an lmstack Transformer or encoder, adapters applied or not)."""
     c = model.config
-    emb = model.model.embed_tokens.weight.detach()  # (V, H)
+    table = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if table is None:  # an encoder (BERT, ModernBERT): its first embedding table is the token one
+        table = next(m for m in model.modules() if isinstance(m, nn.Embedding))
+    emb = table.weight.detach()  # (V, H)
     v, h = emb.shape
     rows = torch.linspace(0, v - 1, ROWS).round().long().tolist()
     sample = emb[rows, : min(DIMS, h)].to("cpu", torch.float64).flatten().tolist()
-    return {"format": "lmstack-base-fingerprint-v1", **{k: getattr(c, k) for k in SHAPE_FIELDS},
+    return {"format": "lmstack-base-fingerprint-v1", **{k: getattr(c, k, None) for k in SHAPE_FIELDS},
             "embed_rows": rows, "embed_sample": [float(f"{x:.6g}") for x in sample]}
 
 
