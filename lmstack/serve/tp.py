@@ -405,9 +405,7 @@ def start(model: nn.Module, spec: dict[str, Any], tp: int) -> TPGroup:
     store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=START_TIMEOUT_S))
     spec = {**spec, "backend": backend, "device": str(device), "threads": threads, "port": store.port, "tp": tp}
-    import lmstack
-
-    root = str(Path(lmstack.__file__).resolve().parents[1])  # the workers import this lmstack, not another
+    root = str(Path(__file__).resolve().parents[2])  # the workers import this lmstack, not another
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     procs, conns = [], []
     group = None
