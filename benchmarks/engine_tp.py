@@ -7,7 +7,7 @@ The model is a random Qwen2-shaped decoder (heads and kv heads divisible by 2; S
 heads do not split over 2 ranks). On CPU the ranks share the machine's cores (each rank gets threads / tp):
 expect no speed-up on 2 cores -- the point is the memory split and the CUDA (NCCL, one GPU per rank) path.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/engine_tp.py [--threads 2] [--layers 8] [--hidden 512]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/engine_tp.py [--threads 2] [--layers 8] [--hidden 512] [--reps 5]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def make_model(path: Path, layers: int, hidden: int) -> None:
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
 
 
-CASES = {"decode_b1": ([list(range(10, 26))], 64), "decode_b8": ([list(range(10 + i, 26 + i)) for i in range(8)], 32),
+CASES = {"decode_b1": ([list(range(10, 26))], 32), "decode_b8": ([list(range(10 + i, 26 + i)) for i in range(8)], 32),
          "prefill": ([list(range(100, 612))], 1)}
 
 
@@ -60,10 +60,14 @@ def main() -> None:
         path = Path(d) / "m"
         make_model(path, args.layers, args.hidden)
         engines = {}
-        for name, kw in [("tp1 kernel", {}), ("tp1 eager", {"use_kernel": False}), ("tp2", {"tensor_parallel": 2})]:
+        half = max(1, args.threads // 2)
+        # "tp1 eager 1/2": one process with the threads of one tp2 rank -- on a loaded machine OpenMP threads that
+        # meet at barriers slow down far more than one thread (see ThreadTuner in lmstack/serve/runner.py), so the
+        # tp2 / tp1 ratio is read against both
+        for name, kw, th in [("tp1 kernel", {}, args.threads), ("tp1 eager", {"use_kernel": False}, args.threads),
+                             ("tp1 eager 1/2", {"use_kernel": False}, half), ("tp2", {"tensor_parallel": 2}, half)]:
             torch.set_num_threads(args.threads)
-            engines[name] = (load(path, max_num_seqs=8, **kw), max(1, args.threads // 2) if "tp2" in name
-                             else args.threads)
+            engines[name] = (load(path, max_num_seqs=8, **kw), th)
         rows = {name: {"params": sum(p.numel() for p in llm.model.parameters()),
                        "kv_block": llm.engine.runner.kv_bytes_per_block(llm.model, llm.engine.runner.block_size)}
                 for name, (llm, _) in engines.items()}
@@ -85,15 +89,18 @@ def main() -> None:
     base = rows["tp1 eager"]
     print(f"model: qwen2-shaped, {args.layers} layers, hidden {args.hidden}, 8 heads / 4 kv heads, vocab 32000; "
           f"torch threads {args.threads} (tp2: {max(1, args.threads // 2)} per rank)")
-    print(f"{'engine':<12}{'decode b1 tok/s':>17}{'decode b8 tok/s':>17}{'prefill tok/s':>15}"
+    print(f"{'engine':<14}{'decode b1 tok/s':>17}{'decode b8 tok/s':>17}{'prefill tok/s':>15}"
           f"{'params/rank':>13}{'KV B/block/rank':>17}")
     for name, x in rows.items():
-        print(f"{name:<12}{x['decode_b1']:>17.1f}{x['decode_b8']:>17.1f}{x['prefill']:>15.0f}"
+        print(f"{name:<14}{x['decode_b1']:>17.1f}{x['decode_b8']:>17.1f}{x['prefill']:>15.0f}"
               f"{x['params'] / 1e6:>12.1f}M{x['kv_block']:>17d}")
     x = rows["tp2"]
     print(f"tp2 / tp1 eager: decode b1 {x['decode_b1'] / base['decode_b1']:.2f}x, decode b8 "
           f"{x['decode_b8'] / base['decode_b8']:.2f}x, prefill {x['prefill'] / base['prefill']:.2f}x; "
           f"params per rank {x['params'] / base['params']:.2f}x, KV per rank {x['kv_block'] / base['kv_block']:.2f}x")
+    y = rows["tp1 eager 1/2"]
+    print(f"tp2 / tp1 eager with {half} thread(s): decode b1 {x['decode_b1'] / y['decode_b1']:.2f}x, decode b8 "
+          f"{x['decode_b8'] / y['decode_b8']:.2f}x, prefill {x['prefill'] / y['prefill']:.2f}x")
     print("greedy tokens equal (tp2 vs tp1 eager):", x["tokens"] == base["tokens"])
 
 
