@@ -78,6 +78,18 @@ def test_pretrain_modernbert_tiny_mlm(tmp_path):
     ids = torch.tensor([[5, 6, 7, 255, 9, 10, 2, 30, 31, 32, 33, 34, 35, 36]])
     with torch.no_grad():
         torch.testing.assert_close(load_encoder(final)(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+    # continued MLM from the saved directory (model.from_dir): starts where the first run ended
+    cfg2 = tmp_path / "more.yaml"
+    cfg2.write_text(cfg.read_text().replace(str(tmp_path / "run"), str(tmp_path / "more")).replace(
+        "model: {arch: encoder, preset: modernbert-tiny, overrides: {hidden_size: 32, intermediate_size: 48,"
+        " local_attention: 8}}", f"model: {{arch: encoder, from_dir: {final}}}").replace("steps: 12", "steps: 3"))
+    rc, out = run_cli("pretrain", "--config", str(cfg2))
+    assert rc == 0, out
+    more = [json.loads(x)["loss"] for x in (tmp_path / "more" / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(x)]
+    assert more[0] < losses[0]
+    assert json.loads((tmp_path / "more" / "final" / "config.json").read_text())["architectures"] == \
+        ["ModernBertForMaskedLM"]
 
 
 TEXTS = {"refund": ["I want my money back", "please refund my order", "refund the payment now",
