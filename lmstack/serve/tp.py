@@ -1,8 +1,9 @@
 """Tensor parallelism for the serving engine: vLLM's layout at nano-vllm's size.
 
 ``lmstack.load(DIR, tensor_parallel=N)`` / ``lmstack serve|generate --model DIR --tp N``: the calling process is
-rank 0; it spawns ranks 1..N-1 (a fresh ``python -m lmstack.serve.tp`` per rank, a ``TCPStore`` on a free port of 127.0.0.1 for the
-rendezvous; gloo on the CPU, NCCL on CUDA with rank r on ``cuda:r``).
+rank 0; it starts ranks 1..N-1 (a fresh ``python -m lmstack.serve.tp`` per rank, so the caller's ``__main__`` is
+never re-imported; a ``TCPStore`` on a free port of 127.0.0.1 for the rendezvous; gloo on the CPU, NCCL on CUDA
+with rank r on ``cuda:r``).
 
 - **Weights.** Every rank loads the directory and keeps only its shard, cut by the training plan
   (:func:`lmstack.train.tensor_parallel.block_plan`, the one definition of what is column / row parallel):
@@ -24,8 +25,9 @@ rendezvous; gloo on the CPU, NCCL on CUDA with rank r on ``cuda:r``).
   Prompt log-probs / embeddings (``/v1/embeddings``, ``echo``), prefix / prompt adapters, quantized
   checkpoints and speculative decoding are refused with one line; a LoRA adapter is merged on every rank.
 - **Shutdown.** :meth:`TPGroup.close` (``LLM.close``, and at interpreter exit) sends STOP and joins the workers,
-  terminating any that do not exit. Workers ignore SIGINT (Ctrl-C reaches rank 0, which stops them), die with
-  their parent (``PR_SET_PDEATHSIG``) and leave when the pipe to rank 0 closes: no orphans.
+  terminating any that do not exit. Workers run in their own session and ignore SIGINT (Ctrl-C reaches rank 0,
+  which stops them), die with their parent (``PR_SET_PDEATHSIG``) and leave when the pipe to rank 0 closes: no
+  orphans.
 
 Reference: Shoeybi et al. 2019 (Megatron-LM); vLLM ``ColumnParallelLinear`` / ``RowParallelLinear`` /
 ``VocabParallelEmbedding`` and its executor's broadcast of the scheduler output.
