@@ -5,7 +5,8 @@ on 2 cores: ``make test-dist2d`` runs this file (tests/test_engine_tp.py is the 
   same text (greedy and seeded sampling, chat and completions); Ctrl-C (SIGINT) on the --tp 2 server exits it and
   its worker is gone; SIGKILL of rank 0 takes the worker with it (no orphan).
 - more families split over 2 ranks, greedy tokens equal to --tp 1: Llama (untied head), Qwen3 (per-head q/k
-  norms), Mistral (sliding window), Mixtral (replicated experts).
+  norms), Mistral (sliding window), Mixtral (replicated experts), Gemma 3 (scaled embedding, sliding / global
+  layers, soft-capped logits).
 - `lmstack generate --tp 2` of a model whose key/value heads do not split: one line, exit 2.
 """
 
@@ -112,12 +113,16 @@ def _mixtral(path: Path) -> None:
     transformers.MixtralForCausalLM(cfg).save_pretrained(path)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "mixtral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "mixtral", "gemma3"])
 def test_families_split_over_two_ranks(arch, tmp_path):
     from lmstack.serve.llm import load
 
     if arch == "mixtral":
         _mixtral(tmp_path)
+    elif arch == "gemma3":  # scaled embeddings (vocab-parallel), sliding / global layers, soft-capped logits
+        from tests.test_model_gemma3 import make_gemma3
+
+        make_gemma3(tmp_path, final_logit_softcapping=30.0)
     else:
         hf_model(arch, tmp_path)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4], [40, 41, 42]]
