@@ -24,6 +24,8 @@ class RLTrainSection(StrictModel):
     dtype: Literal["auto", "fp32"] = Field("auto", description="the policy trains in fp32 (auto = fp32)")
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(10, ge=0, description="held-out reward every N steps (0: only before and after)")
+    threads: int | None = Field(None, ge=1, description="torch.set_num_threads for the run (null: torch's default; "
+                                "1 is faster for a tiny model on a shared CPU)")
 
 
 class RolloutSection(StrictModel):

@@ -201,9 +201,16 @@ def evaluate(policy: Policy, prompts: PromptSet, scorer: Scorer, max_new_tokens:
     rolls = generate(policy.engine, prompts.ids, prompts.records, n=1, max_new_tokens=max_new_tokens,
                      temperature=0.0)
     rewards = scorer(rolls, prompts.texts)
+    by_lang: dict[str, list[float]] = {}
+    for rec, w in zip(prompts.records, rewards):
+        if rec.get("lang") is not None:
+            by_lang.setdefault(str(rec["lang"]), []).append(w)
     return {"val_reward": sum(rewards) / len(rewards),
             "val_accuracy": sum(r >= 1.0 for r in rewards) / len(rewards),
             "val_response_len": sum(len(r.response_ids) for r in rolls) / len(rolls),
+            # prompts tagged with a ``lang`` (the arithmetic task: en / zh): accuracy per language, and its count
+            **{f"val_accuracy_{k}": sum(w >= 1.0 for w in ws) / len(ws) for k, ws in sorted(by_lang.items())},
+            "n_by_lang": {k: len(ws) for k, ws in sorted(by_lang.items())},
             "n": len(rolls),
             "samples": [{"prompt": t, "response": r.text, "reward": w}
                         for t, r, w in list(zip(prompts.texts, rolls, rewards))[:show]]}
@@ -259,6 +266,8 @@ def start_run(cfg: Any, section: str) -> Run:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     policy = load_policy(cfg)
     d = cfg.data
     train = load_prompts(d.path, policy.tok, d.chat, d.max_prompt_len)

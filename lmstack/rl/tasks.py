@@ -20,9 +20,9 @@ EN = ["What is {q}? Reply with the number only.", "Compute {q}. Answer with just
 ZH = ["{q} 等于多少？只回答数字。", "计算 {q}，只给出结果。", "请算出 {q} 的值，只写数字。"]
 
 
-def question(rng: random.Random, digits: int) -> tuple[str, int]:
+def question(rng: random.Random, digits: int, ops: str = "+-*") -> tuple[str, int]:
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
-    op = rng.choice("+-*")
+    op = rng.choice(ops)
     if op == "*":
         a, b = rng.randint(lo, hi), rng.randint(2, 9)
     else:
@@ -33,13 +33,16 @@ def question(rng: random.Random, digits: int) -> tuple[str, int]:
 
 
 def write_arithmetic(out_dir: str | Path, *, n_sft: int = 400, n_train: int = 400, n_heldout: int = 64,
-                     digits: int = 2, zh_fraction: float = 0.5, seed: int = 0) -> dict[str, str]:
+                     digits: int = 2, zh_fraction: float = 0.5, seed: int = 0, ops: str = "+-*") -> dict[str, str]:
+    from lmstack.errors import ConfigError
+
+    if not ops or set(ops) - set("+-*"):
+        raise ConfigError(f"ops {ops!r}: use some of + - *")
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
     span = hi - lo + 1
-    possible = span * span + span * (span + 1) // 2 + span * 8  # distinct a+b, a-b (a >= b), a*b (b in 2..9)
+    per_op = {"+": span * span, "-": span * (span + 1) // 2, "*": span * 8}  # a+b, a-b (a >= b), a*b (b in 2..9)
+    possible = sum(per_op[o] for o in set(ops))
     if n_sft + n_train + n_heldout > possible * 3 // 4:  # rejection sampling needs slack
-        from lmstack.errors import ConfigError
-
         raise ConfigError(f"{n_sft + n_train + n_heldout} distinct questions asked of {digits}-digit operands; "
                           f"only about {possible} exist: ask for fewer (at most {possible * 3 // 4}) or more digits")
     rng = random.Random(seed)
@@ -50,7 +53,7 @@ def write_arithmetic(out_dir: str | Path, *, n_sft: int = 400, n_train: int = 40
     for name, n in (("heldout", n_heldout), ("train", n_train), ("sft", n_sft)):
         rows = []
         while len(rows) < n:
-            q, ans = question(rng, digits)
+            q, ans = question(rng, digits, ops)
             if q in seen:
                 continue
             seen.add(q)

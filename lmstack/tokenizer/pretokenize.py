@@ -48,14 +48,18 @@ DEFAULT_SPECIAL_TOKENS: list[str] = [EOS, PAD, IM_START, IM_END, *RESERVED]
 KNOWN_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|end_of_text|>")
 
 
-def build_bpe_tokenizer(special_tokens: list[str]):
-    """An untrained ``tokenizers.Tokenizer``: BPE model, lmstack split + byte-level pre-tokenizer, byte decoder."""
+def build_bpe_tokenizer(special_tokens: list[str], split_digits: bool = False):
+    """An untrained ``tokenizers.Tokenizer``: BPE model, lmstack split + byte-level pre-tokenizer, byte decoder.
+
+    ``split_digits``: every digit is its own pre-token (so its own token), as Llama and DeepSeek do, instead of
+    cl100k's groups of 1-3 -- column arithmetic stays learnable for a small model (the RL arithmetic demo)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+    pattern = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}") if split_digits else SPLIT_PATTERN
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()

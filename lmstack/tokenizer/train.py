@@ -186,7 +186,7 @@ def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_s
                     out_dir: str | os.PathLike | None = None, special_tokens: Sequence[str] | None = None,
                     min_frequency: int = 2, text_field: str = "text", chat_template: str | None = CHATML_TEMPLATE,
                     model_max_length: int = 32768, show_progress: bool = True, sample_rate: float = 1.0,
-                    max_chars: int | None = None, seed: int = 0) -> Tokenizer:
+                    max_chars: int | None = None, seed: int = 0, split_digits: bool = False) -> Tokenizer:
     """Train byte-level BPE on ``inputs`` (file/dir paths or an iterable of strings).
 
     A list of ``str`` is read as paths when every item looks like a path (no whitespace) and one exists or all
@@ -200,6 +200,7 @@ def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_s
 
     For corpora larger than memory allows, ``sample_rate`` keeps each document (or 1 MiB piece of a plain-text
     file) with that probability (seeded), and ``max_chars`` stops reading after that many characters.
+    ``split_digits`` makes every digit its own token (Llama / DeepSeek) instead of groups of 1-3.
     """
     if not 0.0 < sample_rate <= 1.0:
         raise LmstackError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -218,7 +219,7 @@ def train_tokenizer(inputs: Iterable[str] | Sequence[str | os.PathLike], vocab_s
         raise LmstackError(f"vocab_size {vocab_size} is too large: the BPE trainer preallocates per token (10^9 "
                            f"needs ~70 GB) and token ids must fit the shards' uint32; use at most {MAX_VOCAB:,} "
                            "(e.g. --vocab-size 32000)")
-    backend = build_bpe_tokenizer(specials)
+    backend = build_bpe_tokenizer(specials, split_digits=split_digits)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
