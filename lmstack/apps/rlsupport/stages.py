@@ -140,7 +140,9 @@ def run_pairs(ctx: StageContext) -> dict[str, Any]:
     train = [p for t, (pr, a, k, sh) in enumerate(chats[:c.train_pairs]) if (p := _pair(pr, a, k, sh, t, rng))]
     prompts = [{"prompt": pr, "answer": a, "k": k} for pr, a, k, _ in chats[:c.ppo_prompts]]
     held, held_prompts = [], []
-    for t, row in enumerate(_read_jsonl(rag / "heldout_qa.jsonl")):
+    rows = _read_jsonl(rag / "heldout_qa.jsonl")
+    rng.shuffle(rows)  # both languages in the held-out subsets
+    for t, row in enumerate(rows):
         if row.get("gold") not in (row.get("context") or []):
             continue  # retrieval missed the passage: no right answer to cite
         k = row["context"].index(row["gold"]) + 1
