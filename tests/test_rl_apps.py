@@ -58,9 +58,9 @@ def test_arithmetic_recipe_end_to_end_reduced(tmp_path):
 
     from lmstack.pipeline import load_recipe, run_recipe
 
-    over = [f"run_dir={tmp_path / 'run'}", "data.n_sft=300", "data.n_train=40", "data.n_heldout=30",
+    over = [f"run_dir={tmp_path / 'run'}", "data.n_sft=200", "data.n_train=40", "data.n_heldout=30",
             "finetune.train.steps=2", "finetune.train.warmup_steps=1", "finetune.data.batch_size=16",
-            "grpo.train.steps=2", "grpo.grpo.prompts_per_step=2", "grpo.grpo.group_size=4", "grpo.train.eval_every=1",
+            "grpo.train.steps=2", "grpo.grpo.prompts_per_step=2", "grpo.grpo.group_size=4", "grpo.train.eval_every=0",
             "ppo.train.steps=1", "ppo.ppo.prompts_per_step=8"]
     res = run_recipe(load_recipe(ROOT / "recipes" / "rl-arithmetic.yaml", over), show_progress=False)
     rep = res.summary("report")
@@ -81,8 +81,9 @@ def test_arithmetic_recipe_end_to_end_reduced(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(sft_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(sft_dir, torch_dtype=torch.float32).eval()
     for s in ev["before"]["samples"]:
-        ids = tok.apply_chat_template([{"role": "user", "content": s["prompt"]}], add_generation_prompt=True,
-                                      return_tensors="pt")
+        text = tok.apply_chat_template([{"role": "user", "content": s["prompt"]}], add_generation_prompt=True,
+                                       tokenize=False)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
         out = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
                           pad_token_id=tok.pad_token_id)
         assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == s["response"]
