@@ -160,20 +160,21 @@ def test_bad_config_is_one_clear_line(bandit, args, msg, capsys):
 
 
 def test_the_recipe_and_the_pipeline_stages_validate():
-    """recipes/rl-arithmetic.yaml's sections are valid configs; an app's grpo stage takes its wiring."""
+    """recipes/rl-arithmetic.yaml's sections are valid configs with the arith app's wiring; an app's grpo stage
+    takes its wiring."""
     from pathlib import Path
 
-    from lmstack.pipeline import stage_config
+    from lmstack.apps.arith.pipeline import APP
+    from lmstack.pipeline import load_recipe
     from lmstack.pipeline.recipe import Recipe
     from lmstack.pipeline.stages import rl_stage
-    from lmstack.rl.config import GRPOConfig, PPOConfig
-    from lmstack.tune.config import FinetuneConfig
 
-    path = str(Path(__file__).resolve().parents[1] / "recipes" / "rl-arithmetic.yaml")
-    g = stage_config(GRPOConfig, path, "grpo")
+    recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / "rl-arithmetic.yaml"))
+    g = APP.registry["grpo"].configure(recipe)
     assert g.grpo.loss_type == "dapo" and g.reward.function == "exact_answer" and g.run_dir == "runs/rl-arith/grpo"
-    assert stage_config(PPOConfig, path, "ppo").ppo.ppo_epochs == 2
-    assert stage_config(FinetuneConfig, path, "finetune").method == "lora"
+    assert g.model == "runs/rl-arith/finetune/final" and g.data.val_path == "runs/rl-arith/data/heldout.jsonl"
+    assert APP.registry["ppo"].configure(recipe).ppo.ppo_epochs == 2
+    assert APP.registry["finetune"].configure(recipe).method == "full"
     stage = rl_stage("grpo", wire=lambda r: {"model": "runs/x/sft", "data": {"path": "p.jsonl"}})
     cfg = stage.configure(Recipe(name="x", grpo={"reward": {"function": "exact_answer"}, "grpo": {"group_size": 3}}))
     assert cfg.model == "runs/x/sft" and cfg.grpo.group_size == 3 and cfg.run_dir == "runs/x/grpo"
