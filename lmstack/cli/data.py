@@ -53,11 +53,16 @@ def register(app: typer.Typer) -> None:
             config: str = typer.Option(..., "--config", "-c", help="Pipeline YAML (see docs/data.md)."),
             out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (or out_dir in the YAML)."),
             shard: Optional[str] = typer.Option(None, "--shard", help="Run only shard i/n (then `lmstack data merge`)."),
-            strict: bool = _STRICT) -> None:
+            strict: bool = _STRICT,
+            executor: str = typer.Option("local", "--executor", help="local (process pool) | ray (Ray Data)."),
+            ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                      help="Ray cluster (auto, HOST:6379); default: a local Ray.")
+            ) -> None:
         """Run the whole pipeline from a YAML config; extra args `section.key=value` override it."""
         from lmstack.data.pipeline import run_pipeline
 
-        r = run_pipeline(config, out, shard=shard, overrides=[*ctx.args, *(["strict=true"] if strict else [])])
+        r = run_pipeline(config, out, shard=shard, overrides=[*ctx.args, *(["strict=true"] if strict else [])],
+                         executor=executor, ray_address=ray_address)
         _done(r, shard, out)
 
     @data.command("merge", context_settings=_EXTRA)
