@@ -204,14 +204,30 @@ def _register_label(data: typer.Typer) -> None:
         typer.echo(json.dumps({"records": len(recs), "out": out}))
 
     @label.command("predict")
-    def predict(input: str = typer.Argument(...), model: str = typer.Option(..., "--model", "-m",
-                                                                            help="A `lmstack classify train` dir."),
-                out: str = typer.Option(..., "--out", "-o"), text_field: str = typer.Option("text", "--text-field")
+    def predict(input: str = typer.Argument(...), model: str = typer.Option(
+                    ..., "--model", "-m", help="A `lmstack classify train` dir (or a decoder with --prelabel llm)."),
+                out: str = typer.Option(..., "--out", "-o"), text_field: str = typer.Option("text", "--text-field"),
+                kind: str = typer.Option("classifier", "--prelabel", help="classifier | llm (a prompted decoder)."),
+                labels: Optional[str] = typer.Option(None, "--labels", help="llm: the label set, comma-separated."),
+                prompt: Optional[str] = typer.Option(None, "--prompt",
+                                                     help="llm: prompt with {text} (and {labels}); default: built in.")
                 ) -> None:
-        """Pre-label every task with a trained classifier (predictions with scores, uncertainty)."""
+        """Pre-label every task with a trained classifier or a prompted LLM (predictions with scores, uncertainty)."""
         from lmstack.data.label import prelabel, read_records, write_records
+        from lmstack.errors import ConfigError
 
-        recs = prelabel(read_records(input, text_field), model, text_field)
+        if kind not in ("classifier", "llm"):
+            raise ConfigError(f"--prelabel {kind!r}: expected classifier or llm")
+        if kind == "llm":
+            from lmstack.data.llm_label import DEFAULT_PROMPT, check_prompt, prelabel_llm
+
+            names = [x.strip() for x in (labels or "").split(",") if x.strip()]
+            check_prompt(prompt or DEFAULT_PROMPT, names)
+            recs = prelabel_llm(read_records(input, text_field), model, names, prompt or DEFAULT_PROMPT, text_field)
+        elif labels or prompt:
+            raise ConfigError("--labels / --prompt are for --prelabel llm (a classifier has its own labels)")
+        else:
+            recs = prelabel(read_records(input, text_field), model, text_field)
         write_records(recs, out)
         typer.echo(json.dumps({"records": len(recs), "out": out}))
 
