@@ -176,16 +176,36 @@ def _register_augment(data: typer.Typer) -> None:
                 synonyms_en: Optional[str] = typer.Option(None, "--synonyms-en", help="'a | b | c' lines."),
                 synonyms_zh: Optional[str] = typer.Option(None, "--synonyms-zh"),
                 only_new: bool = typer.Option(False, "--only-new", help="Write only the augmented copies."),
-                seed: int = typer.Option(0, "--seed")) -> None:
-        """EDA augmentation (EN + ZH via jieba) with protected numbers/entities/PII placeholders, dedup and quality
-        filters; prints the report (kept, rejected per filter)."""
+                seed: int = typer.Option(0, "--seed"),
+                method: str = typer.Option("eda", "--method", help="eda | backtranslate (EN->ZH->EN, ZH->EN->ZH)."),
+                model: Optional[str] = typer.Option(None, "--model", help="backtranslate: a chat model directory."),
+                min_similarity: float = typer.Option(0.4, "--min-similarity",
+                                                     help="backtranslate: least chrF (0-1) of the round trip.")
+                ) -> None:
+        """EDA augmentation (EN + ZH via jieba) with protected numbers/entities/PII placeholders, or back-translation
+        with a round-trip similarity filter; dedup and quality filters; prints the report (kept, rejected per filter)."""
         from lmstack.data.augment import AugmentConfig, augment_file
+        from lmstack.errors import ConfigError
 
+        words = tuple(x.strip() for x in protect.split(",") if x.strip())
         cfg = AugmentConfig(n_aug=n_aug, ops=tuple(x.strip() for x in ops.split(",") if x.strip()), alpha=alpha,
-                            seed=seed, protect=tuple(x.strip() for x in protect.split(",") if x.strip()),
-                            synonyms_en=synonyms_en, synonyms_zh=synonyms_zh)
-        typer.echo(json.dumps(augment_file(input, out, cfg, text_field=text_field, include_original=not only_new),
-                              ensure_ascii=False))
+                            seed=seed, protect=words, synonyms_en=synonyms_en, synonyms_zh=synonyms_zh)
+        fn = None
+        if method == "backtranslate":
+            from lmstack.data.backtranslate import BacktranslateConfig, backtranslate_records
+            from lmstack.serve.translate import llm_translator
+
+            if not model:
+                raise ConfigError("--method backtranslate needs --model DIR (a chat model that translates EN<->ZH)")
+            bcfg = BacktranslateConfig(min_similarity=min_similarity, protect=words)
+            translate = llm_translator(model)
+
+            def fn(rows):
+                return backtranslate_records(rows, translate, bcfg, text_field)
+        elif method != "eda":
+            raise ConfigError(f"--method {method!r}: expected eda or backtranslate")
+        typer.echo(json.dumps(augment_file(input, out, cfg, text_field=text_field, include_original=not only_new,
+                                           method=fn), ensure_ascii=False))
 
 
 def _register_label(data: typer.Typer) -> None:
