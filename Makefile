@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo demo-rl demo-rl-support screen desk test test-dist2d test-rag-eval test-schemathesis test-conformance install browser sandbox bench clean
+.PHONY: demo demo-rl demo-rl-support screen desk test test-ray test-dist2d test-rag-eval test-schemathesis test-conformance install browser sandbox bench clean
 
 # torch is installed first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -112,3 +112,9 @@ demo-rl: $(STAMP)
 demo-rl-support: $(STAMP)
 	test -f runs/quickstart/rag/sft_train.jsonl || $(MAKE) demo
 	$(BIN)/lmstack run recipes/rl-support.yaml
+
+# `lmstack data run --executor ray` on a local Ray (2 CPUs) against the local executor, byte for byte
+# (tests/ray_pipeline.py; Ray's start-up makes it 2-4 min on 2 loaded cores)
+test-ray: $(STAMP)
+	$(BIN)/python -c "import ray" 2>/dev/null || $(BIN)/pip install -q 'ray[data]==2.60.0'
+	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q tests/ray_pipeline.py

@@ -1,4 +1,4 @@
-"""``lmstack clip data|train|eval|embed|search``: the CLIP-style image--text model (lmstack.mm); each verb parses
+"""``lmstack clip data|train|eval|embed|search|serve``: the CLIP-style image--text model (lmstack.mm); each verb parses
 its arguments and calls one library function."""
 
 from __future__ import annotations
@@ -77,3 +77,14 @@ def search_cmd(model_dir: str = typer.Argument(...), index: str = typer.Argument
         typer.echo(json.dumps(r, ensure_ascii=False))
     if html:
         atomic_write_text(html, search_page(res, query))
+
+
+@clip_app.command("serve")
+def serve_cmd(model: str = typer.Option(..., "--model", "-m", help="A `lmstack clip train` directory."),
+              images: List[str] = typer.Option([], "--images", help="Image files or directories to search."),
+              index: Optional[str] = typer.Option(None, "--index", help="Or an index from `lmstack clip embed`."),
+              host: str = typer.Option("127.0.0.1", "--host"), port: int = typer.Option(8010, "--port")) -> None:
+    """An image search page: a text query (EN or ZH) returns the closest images (http://HOST:PORT/)."""
+    from lmstack.serve.image_search import serve_image_search
+
+    serve_image_search(model, images, index, host, port)

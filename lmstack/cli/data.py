@@ -53,11 +53,16 @@ def register(app: typer.Typer) -> None:
             config: str = typer.Option(..., "--config", "-c", help="Pipeline YAML (see docs/data.md)."),
             out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (or out_dir in the YAML)."),
             shard: Optional[str] = typer.Option(None, "--shard", help="Run only shard i/n (then `lmstack data merge`)."),
-            strict: bool = _STRICT) -> None:
+            strict: bool = _STRICT,
+            executor: str = typer.Option("local", "--executor", help="local (process pool) | ray (Ray Data)."),
+            ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                      help="Ray cluster (auto, HOST:6379); default: a local Ray.")
+            ) -> None:
         """Run the whole pipeline from a YAML config; extra args `section.key=value` override it."""
         from lmstack.data.pipeline import run_pipeline
 
-        r = run_pipeline(config, out, shard=shard, overrides=[*ctx.args, *(["strict=true"] if strict else [])])
+        r = run_pipeline(config, out, shard=shard, overrides=[*ctx.args, *(["strict=true"] if strict else [])],
+                         executor=executor, ray_address=ray_address)
         _done(r, shard, out)
 
     @data.command("merge", context_settings=_EXTRA)
@@ -171,16 +176,36 @@ def _register_augment(data: typer.Typer) -> None:
                 synonyms_en: Optional[str] = typer.Option(None, "--synonyms-en", help="'a | b | c' lines."),
                 synonyms_zh: Optional[str] = typer.Option(None, "--synonyms-zh"),
                 only_new: bool = typer.Option(False, "--only-new", help="Write only the augmented copies."),
-                seed: int = typer.Option(0, "--seed")) -> None:
-        """EDA augmentation (EN + ZH via jieba) with protected numbers/entities/PII placeholders, dedup and quality
-        filters; prints the report (kept, rejected per filter)."""
+                seed: int = typer.Option(0, "--seed"),
+                method: str = typer.Option("eda", "--method", help="eda | backtranslate (EN->ZH->EN, ZH->EN->ZH)."),
+                model: Optional[str] = typer.Option(None, "--model", help="backtranslate: a chat model directory."),
+                min_similarity: float = typer.Option(0.4, "--min-similarity",
+                                                     help="backtranslate: least chrF (0-1) of the round trip.")
+                ) -> None:
+        """EDA augmentation (EN + ZH via jieba) with protected numbers/entities/PII placeholders, or back-translation
+        with a round-trip similarity filter; dedup and quality filters; prints the report (kept, rejected per filter)."""
         from lmstack.data.augment import AugmentConfig, augment_file
+        from lmstack.errors import ConfigError
 
+        words = tuple(x.strip() for x in protect.split(",") if x.strip())
         cfg = AugmentConfig(n_aug=n_aug, ops=tuple(x.strip() for x in ops.split(",") if x.strip()), alpha=alpha,
-                            seed=seed, protect=tuple(x.strip() for x in protect.split(",") if x.strip()),
-                            synonyms_en=synonyms_en, synonyms_zh=synonyms_zh)
-        typer.echo(json.dumps(augment_file(input, out, cfg, text_field=text_field, include_original=not only_new),
-                              ensure_ascii=False))
+                            seed=seed, protect=words, synonyms_en=synonyms_en, synonyms_zh=synonyms_zh)
+        fn = None
+        if method == "backtranslate":
+            from lmstack.data.backtranslate import BacktranslateConfig, backtranslate_records
+            from lmstack.serve.translate import llm_translator
+
+            if not model:
+                raise ConfigError("--method backtranslate needs --model DIR (a chat model that translates EN<->ZH)")
+            bcfg = BacktranslateConfig(min_similarity=min_similarity, protect=words)
+            translate = llm_translator(model)
+
+            def fn(rows):
+                return backtranslate_records(rows, translate, bcfg, text_field)
+        elif method != "eda":
+            raise ConfigError(f"--method {method!r}: expected eda or backtranslate")
+        typer.echo(json.dumps(augment_file(input, out, cfg, text_field=text_field, include_original=not only_new,
+                                           method=fn), ensure_ascii=False))
 
 
 def _register_label(data: typer.Typer) -> None:
@@ -199,14 +224,30 @@ def _register_label(data: typer.Typer) -> None:
         typer.echo(json.dumps({"records": len(recs), "out": out}))
 
     @label.command("predict")
-    def predict(input: str = typer.Argument(...), model: str = typer.Option(..., "--model", "-m",
-                                                                            help="A `lmstack classify train` dir."),
-                out: str = typer.Option(..., "--out", "-o"), text_field: str = typer.Option("text", "--text-field")
+    def predict(input: str = typer.Argument(...), model: str = typer.Option(
+                    ..., "--model", "-m", help="A `lmstack classify train` dir (or a decoder with --prelabel llm)."),
+                out: str = typer.Option(..., "--out", "-o"), text_field: str = typer.Option("text", "--text-field"),
+                kind: str = typer.Option("classifier", "--prelabel", help="classifier | llm (a prompted decoder)."),
+                labels: Optional[str] = typer.Option(None, "--labels", help="llm: the label set, comma-separated."),
+                prompt: Optional[str] = typer.Option(None, "--prompt",
+                                                     help="llm: prompt with {text} (and {labels}); default: built in.")
                 ) -> None:
-        """Pre-label every task with a trained classifier (predictions with scores, uncertainty)."""
+        """Pre-label every task with a trained classifier or a prompted LLM (predictions with scores, uncertainty)."""
         from lmstack.data.label import prelabel, read_records, write_records
+        from lmstack.errors import ConfigError
 
-        recs = prelabel(read_records(input, text_field), model, text_field)
+        if kind not in ("classifier", "llm"):
+            raise ConfigError(f"--prelabel {kind!r}: expected classifier or llm")
+        if kind == "llm":
+            from lmstack.data.llm_label import DEFAULT_PROMPT, check_prompt, prelabel_llm
+
+            names = [x.strip() for x in (labels or "").split(",") if x.strip()]
+            check_prompt(prompt or DEFAULT_PROMPT, names)
+            recs = prelabel_llm(read_records(input, text_field), model, names, prompt or DEFAULT_PROMPT, text_field)
+        elif labels or prompt:
+            raise ConfigError("--labels / --prompt are for --prelabel llm (a classifier has its own labels)")
+        else:
+            recs = prelabel(read_records(input, text_field), model, text_field)
         write_records(recs, out)
         typer.echo(json.dumps({"records": len(recs), "out": out}))
 

@@ -23,7 +23,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from lmstack.errors import ConfigError, DataError
 
@@ -267,9 +267,12 @@ def augment_records(rows: Sequence[dict[str, Any]], cfg: AugmentConfig | None = 
 
 
 def augment_file(path: str | Path, out: str | Path, cfg: AugmentConfig | None = None, *, text_field: str = "text",
-                 include_original: bool = True, max_bytes: int = 256 << 20) -> dict[str, Any]:
+                 include_original: bool = True, max_bytes: int = 256 << 20,
+                 method: Callable[[list[dict[str, Any]]], tuple[list[dict[str, Any]], dict[str, Any]]] | None = None
+                 ) -> dict[str, Any]:
     """Read JSON Lines records from ``path``, write the originals (unless ``include_original`` is off) followed by
-    their filtered augmented copies to ``out``; returns the report (also written to ``out``'s ``.report.json``)."""
+    their filtered augmented copies to ``out``; returns the report (also written to ``out``'s ``.report.json``).
+    ``method(rows) -> (copies, report)`` replaces EDA (e.g. back-translation, :mod:`lmstack.data.backtranslate`)."""
     from lmstack.utils.io import atomic_write_json, iter_jsonl_lines, write_jsonl
 
     p = Path(path)
@@ -288,7 +291,7 @@ def augment_file(path: str | Path, out: str | Path, cfg: AugmentConfig | None = 
         rows.append(r)
     if not rows:
         raise DataError(f"{p}: no records")
-    aug, report = augment_records(rows, cfg, text_field)
+    aug, report = method(rows) if method is not None else augment_records(rows, cfg, text_field)
     write_jsonl(out, (rows if include_original else []) + aug)
     report["output"] = str(out)
     atomic_write_json(Path(str(out) + ".report.json"), report)

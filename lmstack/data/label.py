@@ -180,6 +180,20 @@ def text_of(rec: dict[str, Any], text_field: str = "text") -> str:
     return t
 
 
+def add_prediction(rec: dict[str, Any], model: str, probs: dict[str, float]) -> dict[str, Any]:
+    """Set ``model``'s prediction on ``rec`` from its label probabilities: the top label with score = its
+    probability, ``label_probs`` (all of them), and ``uncertainty``: least confidence ``1 - p_max`` and
+    ``margin`` ``p_1 - p_2``. A previous prediction of the same model is replaced."""
+    ranked = sorted(probs.items(), key=lambda kv: -kv[1])
+    pmax = ranked[0][1]
+    margin = pmax - (ranked[1][1] if len(ranked) > 1 else 0.0)
+    rec["predictions"] = [x for x in rec.get("predictions") or [] if x.get("model") != model]
+    rec["predictions"].append({"model": model, "label": ranked[0][0], "score": round(pmax, 4)})
+    rec["label_probs"] = {k: round(v, 6) for k, v in probs.items()}
+    rec["uncertainty"] = {"least_confidence": round(1 - pmax, 4), "margin": round(margin, 4)}
+    return rec
+
+
 def prelabel(records: list[dict[str, Any]], model_dir: str | Path, text_field: str = "text",
              model_name: str | None = None) -> list[dict[str, Any]]:
     """Add a prediction (label, score = its probability) from a trained classifier to every record, plus
@@ -191,12 +205,7 @@ def prelabel(records: list[dict[str, Any]], model_dir: str | Path, text_field: s
     names = clf.model.config.id2label
     name = model_name or Path(model_dir).name
     for rec, p in zip(records, probs):
-        top = p.topk(min(2, p.numel()))
-        pmax = float(top.values[0])
-        margin = pmax - (float(top.values[1]) if p.numel() > 1 else 0.0)
-        rec["predictions"] = [x for x in rec.get("predictions") or [] if x.get("model") != name]
-        rec["predictions"].append({"model": name, "label": names[int(top.indices[0])], "score": round(pmax, 4)})
-        rec["uncertainty"] = {"least_confidence": round(1 - pmax, 4), "margin": round(margin, 4)}
+        add_prediction(rec, name, {names[i]: float(x) for i, x in enumerate(p)})
     return records
 
 

@@ -25,6 +25,7 @@ import re
 import struct
 import unicodedata
 import zlib
+from typing import Sequence
 
 import numpy as np
 
@@ -173,6 +174,45 @@ class _UnionFind:
                 self.parent[rx] = ry
 
 
+def band_multipliers(r: int, seed: int) -> np.ndarray:
+    """(r,) odd uint64 multipliers that fold one band of ``r`` signature rows into one bucket key."""
+    return np.random.RandomState(seed).randint(1, 2**62, size=r, dtype=np.int64).astype(np.uint64) | np.uint64(1)
+
+
+def band_keys(block: np.ndarray, mult: np.ndarray) -> np.ndarray:
+    """Bucket keys (n,) uint64 of one band ``block`` (n, r) of signatures (wrapping multiply-add)."""
+    with np.errstate(over="ignore"):
+        return (np.asarray(block, dtype=np.uint64) * mult[None, :]).sum(axis=1, dtype=np.uint64)
+
+
+def bucket_pairs(prio: np.ndarray, sigs: np.ndarray, threshold: float, max_compare: int = 32
+                 ) -> list[tuple[int, int]]:
+    """Confirmed pairs inside one LSH bucket: members ordered by ``prio`` (n,), each compared with the
+    ``max_compare`` members before it; (earlier index, later index) where the estimated Jaccard (share of equal
+    signature rows, ``sigs`` (n, num_perm)) reaches ``threshold``. The same rule as :func:`near_duplicates`."""
+    order = np.argsort(prio, kind="stable")
+    out = []
+    for k in range(1, len(order)):
+        j = int(order[k])
+        for i in order[max(0, k - max_compare):k]:
+            if float(np.mean(sigs[int(i)] == sigs[j])) >= threshold:
+                out.append((int(i), j))
+    return out
+
+
+def components(prio: np.ndarray, edges: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Groups joined by ``edges``; the kept row of each group is its highest-priority (lowest ``prio``) member.
+    Returns (is_dup (N,) bool, roots (N,) int64: each row's kept row). The edge order does not matter."""
+    uf = _UnionFind(np.asarray(prio))
+    for i, j in edges:
+        uf.union(int(i), int(j))
+    n = len(prio)
+    roots = np.arange(n, dtype=np.int64)
+    for x in np.flatnonzero(uf.parent != roots):  # only rows that were unioned under another root
+        roots[x] = uf.find(int(x))
+    return roots != np.arange(n), roots
+
+
 def near_duplicates(sigs: np.ndarray, threshold: float, active: np.ndarray | None = None,
                     bands: tuple[int, int] | None = None, max_compare: int = 32, seed: int = 0,
                     priority: np.ndarray | None = None) -> tuple[np.ndarray, list[tuple[int, int, float]]]:
@@ -188,13 +228,10 @@ def near_duplicates(sigs: np.ndarray, threshold: float, active: np.ndarray | Non
     uf = _UnionFind(prio)
     rows_active = np.flatnonzero(active)
     prio_active = prio[rows_active]
-    mult = np.random.RandomState(seed).randint(1, 2**62, size=r, dtype=np.int64).astype(np.uint64) | np.uint64(1)
+    mult = band_multipliers(r, seed)
     checked: set[tuple[int, int]] = set()
     for band in range(b):
-        block = np.asarray(sigs[rows_active, band * r:(band + 1) * r], dtype=np.uint64)  # (n_active, r)
-        with np.errstate(over="ignore"):
-            keys = (block * mult[None, :]).sum(axis=1, dtype=np.uint64)                  # (n_active,)
-        del block
+        keys = band_keys(np.asarray(sigs[rows_active, band * r:(band + 1) * r]), mult)  # (n_active,)
         order = np.lexsort((prio_active, keys))   # by key, then priority
         sk = keys[order]
         starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])

@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -230,8 +230,21 @@ def _signatures(dirs: list[Path], num_perm: int, out_dir: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.uint32, mode="r").reshape(-1, num_perm)
 
 
-def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_staging: bool = True) -> dict[str, Any]:
-    """Phase 2: global exact + near dedup and mixing over all shards; writes data.jsonl and the report."""
+def _dup_pairs(is_near: np.ndarray, roots: np.ndarray, sigs: np.ndarray, limit: int = 1000
+               ) -> list[tuple[int, int, float]]:
+    """Report examples for decisions made elsewhere, as :func:`near_duplicates` gives them: (dup row, the kept row
+    of its group, estimated Jaccard) for the first ``limit`` duplicates in row order."""
+    return [(int(j), int(roots[j]), float(np.mean(np.asarray(sigs[j]) == np.asarray(sigs[roots[j]]))))
+            for j in np.flatnonzero(is_near)[:limit]]
+
+
+def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_staging: bool = True,
+                 decide: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+                 ) -> dict[str, Any]:
+    """Phase 2: global exact + near dedup and mixing over all shards; writes data.jsonl and the report.
+
+    ``decide(pos)`` -> (is_exact, is_near, roots): (N,) bool, (N,) bool and (N,) int64 (the kept row of each near
+    duplicate's group) over the staged rows whose input positions are ``pos`` (N,): dedup decisions made elsewhere (the Ray executor, :mod:`lmstack.data.ray_exec`) instead of here."""
     t0 = time.time()
     out_dir = Path(out_dir)
     remove_stale_temps(out_dir)  # left by a merge killed while writing (SIGKILL)
@@ -250,7 +263,9 @@ def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_stagi
     exact.docs_in = total
     exact.chars_in = int(nch.sum())
     is_exact = np.zeros(total, dtype=bool)
-    if cfg.dedup.exact and total:
+    if decide is not None and total:
+        is_exact, is_near_given, roots = decide(pos)
+    elif cfg.dedup.exact and total:
         keys = np.concatenate([np.fromfile(d / "exact.bin", dtype=np.uint64) for d in dirs])
         is_exact[order] = exact_duplicates(keys[order])
     exact.removed["exact_duplicate"] = int(is_exact.sum())
@@ -263,8 +278,11 @@ def merge_shards(cfg: DataPipelineConfig, out_dir: str | os.PathLike, keep_stagi
     pairs: list[tuple[int, int, float]] = []
     if cfg.dedup.near and total:
         sigs = _signatures(dirs, sums[0]["num_perm"], out_dir)
-        is_near, pairs_unsorted = near_duplicates(sigs, cfg.dedup.threshold, active=~is_exact, seed=cfg.dedup.seed,
-                                                  priority=rank)
+        if decide is not None:
+            is_near, pairs_unsorted = is_near_given, _dup_pairs(is_near_given, roots, sigs)
+        else:
+            is_near, pairs_unsorted = near_duplicates(sigs, cfg.dedup.threshold, active=~is_exact,
+                                                      seed=cfg.dedup.seed, priority=rank)
         del sigs
         pairs = sorted(pairs_unsorted, key=lambda p: rank[p[0]])
     near.removed["near_duplicate"] = int(is_near.sum())
@@ -411,10 +429,22 @@ def load_pipeline_config(cfg: DataPipelineConfig | str | os.PathLike | dict, ove
     return load_config(DataPipelineConfig, cfg, overrides)
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_pipeline(cfg: DataPipelineConfig | str | os.PathLike | dict, out_dir: str | os.PathLike | None = None,
-                 shard: str | tuple[int, int] | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+                 shard: str | tuple[int, int] | None = None, overrides: Sequence[str] = (), executor: str = "local",
+                 ray_address: str | None = None) -> dict[str, Any]:
     """Run the pipeline. Without ``shard``: both phases, returns the report dict (also in report.json).
-    With ``shard="i/n"``: phase 1 for that shard only, returns its summary; then call :func:`merge_shards`."""
+    With ``shard="i/n"``: phase 1 for that shard only, returns its summary; then call :func:`merge_shards`.
+    ``executor="ray"``: the same steps as Ray Data operations (:mod:`lmstack.data.ray_exec`), same output;
+    ``ray_address`` a running cluster (``auto``, ``HOST:6379``), else a local Ray with ``workers`` CPUs."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if executor == "ray" and shard is not None:
+        raise ConfigError("--shard is for the local executor; Ray partitions the work itself (drop --shard)")
+    if ray_address and executor != "ray":
+        raise ConfigError("--ray-address needs --executor ray")
     cfg = load_pipeline_config(cfg, overrides)
     out = out_dir or cfg.out_dir
     if not out:
@@ -423,6 +453,10 @@ def run_pipeline(cfg: DataPipelineConfig | str | os.PathLike | dict, out_dir: st
     _resolve(cfg)  # validate inputs before any work
     if cfg.tokenize.enabled and not (Path(cfg.tokenize.tokenizer) / "tokenizer.json").is_file():
         raise ConfigError(f"tokenize.tokenizer: {cfg.tokenize.tokenizer} has no tokenizer.json")
+    if executor == "ray":
+        from lmstack.data.ray_exec import run_ray
+
+        return run_ray(cfg, out, address=ray_address)
     if shard is not None:
         i, n = parse_shard(shard)
         return run_shard(cfg, out, (i, n))

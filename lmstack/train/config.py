@@ -7,7 +7,7 @@ QLoRA, prefix, SFT, DPO, distillation) embeds it as its ``train:`` section, so t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -96,6 +96,15 @@ class DataSection(StrictModel):
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1, description="micro-batch per process")
     val_windows: int = Field(64, ge=0, description="held-out windows when the shards have no val split")
+    replay: Optional[str] = Field(None, description="continued pretraining: token shards of general data to replay "
+                                  "(same tokenizer as `shards`)")
+    replay_share: float = Field(0.0, ge=0, le=1, description="share of each batch's rows drawn from `replay`")
+
+    @model_validator(mode="after")
+    def _replay(self) -> "DataSection":
+        if self.replay_share > 0 and not self.replay:
+            raise ValueError("data.replay_share > 0 needs data.replay (a token-shard directory of general data)")
+        return self
 
 
 class PretrainConfig(StrictModel):

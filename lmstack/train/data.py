@@ -106,3 +106,62 @@ def eval_batches(arrays: Sequence[np.ndarray], seq_len: int, batch_size: int, *,
     full_steps = src.n // (batch_size * world_size)
     for _ in range(full_steps):
         yield next(src)
+
+
+def replay_count(step: int, rows: int, share: float) -> int:
+    """Replay rows in global batch ``step`` of ``rows`` rows: floor((step+1)·rows·share) - floor(step·rows·share),
+    so every prefix of the run holds the configured share to within one row."""
+    return int(np.floor((step + 1) * rows * share + 1e-9)) - int(np.floor(step * rows * share + 1e-9))
+
+
+class ReplayBatches:
+    """Continued pretraining with replay: each global batch mixes windows of the domain stream and the replay
+    (general) stream, ``share`` of the rows from replay (:func:`replay_count`; replay rows first), the rest from
+    the domain. Both streams are :class:`PackedBatches` of single windows with their own seeded order; every
+    process draws the whole global batch and keeps its ``batch_size`` slice, so the mix does not depend on the
+    number of processes. ``state_dict()`` restores both streams and the step exactly."""
+
+    def __init__(self, domain: PackedBatches, replay: PackedBatches, share: float, batch_size: int, *,
+                 rank: int = 0, world_size: int = 1):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"replay share {share} outside [0, 1]")
+        for src in (domain, replay):
+            if src.batch_size != 1 or src.world_size != 1:
+                raise ValueError("ReplayBatches takes single-window streams (batch_size=1, world_size=1)")
+        self.domain, self.replay, self.share = domain, replay, share
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.step = 0
+        self.last_replay_rows = 0  # replay rows in the last global batch (for tests and logs)
+
+    def __len__(self) -> int:
+        return len(self.domain)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        rows = self.batch_size * self.world_size
+        k = replay_count(self.step, rows, self.share)
+        windows = [self._one(self.replay) for _ in range(k)] + [self._one(self.domain) for _ in range(rows - k)]
+        self.step += 1
+        self.last_replay_rows = k
+        x = torch.stack(windows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])  # (B, T + 1)
+        return {"input_ids": x[:, :-1], "targets": x[:, 1:], "is_replay": torch.tensor(
+            [r < k for r in range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)])}
+
+    @staticmethod
+    def _one(src: PackedBatches) -> Tensor:
+        b = next(src)
+        return torch.cat([b["input_ids"][0], b["targets"][0, -1:]])  # (T + 1,)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "share": self.share, "domain": self.domain.state_dict(),
+                "replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("share") != self.share:
+            raise CheckpointError(f"checkpoint was saved with data.replay_share={state.get('share')} but this run "
+                                  f"has {self.share}; resume with the same share")
+        self.domain.load_state_dict(state["domain"])
+        self.replay.load_state_dict(state["replay"])
+        self.step = int(state["step"])

@@ -100,8 +100,11 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
         raise DataError(f"{shards}: the train split has {len(files)} windows of {dc.seq_len + 1} tokens "
                         f"({n_train} tokens) but one step needs {need} (data.batch_size x processes); "
                         "add data, or lower data.seq_len / data.batch_size")
-    train = PackedBatches(train_arrays, dc.seq_len, dc.batch_size, seed=tc.seed, rank=rank, world_size=world,
-                          windows=(files, offs))
+    if dc.replay and dc.replay_share > 0:
+        train = _replay_batches(cfg, shards, index, (train_arrays, files, offs), rank, world)
+    else:
+        train = PackedBatches(train_arrays, dc.seq_len, dc.batch_size, seed=tc.seed, rank=rank, world_size=world,
+                              windows=(files, offs))
 
     def val_pass() -> Any:
         return eval_batches(val_arrays, dc.seq_len, dc.batch_size, rank=rank, world_size=world, windows=val_windows)
@@ -121,6 +124,27 @@ def pretrain(cfg: PretrainConfig) -> FitResult:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _replay_batches(cfg: PretrainConfig, shards: Path, index: dict[str, Any], domain: tuple, rank: int, world: int):
+    """Domain windows mixed with ``data.replay_share`` of general windows from ``data.replay`` (same tokenizer)."""
+    from lmstack.data.shards import open_split, read_index
+    from lmstack.train.data import ReplayBatches
+
+    dc, tc = cfg.data, cfg.train
+    rdir = Path(dc.replay)
+    rindex = read_index(rdir)
+    if rindex.get("tokenizer_sha256") != index.get("tokenizer_sha256"):
+        raise DataError(f"{rdir}/index.json: data.replay was tokenized with another tokenizer than {shards}; "
+                        "tokenize both with the model's tokenizer")
+    rarrays = open_split(rdir, "train")
+    rwin = window_starts(rarrays, dc.seq_len)
+    if len(rwin[0]) == 0:
+        raise DataError(f"{rdir}: the replay train split has no window of {dc.seq_len + 1} tokens")
+    arrays, files, offs = domain
+    return ReplayBatches(PackedBatches(arrays, dc.seq_len, 1, seed=tc.seed, windows=(files, offs)),
+                         PackedBatches(rarrays, dc.seq_len, 1, seed=tc.seed + 1, windows=rwin),
+                         dc.replay_share, dc.batch_size, rank=rank, world_size=world)
+
+
 def _encoder(cfg: PretrainConfig, index: dict[str, Any], shards: Path, tokenizer_dir: Path | None,
              shard_sha: str | None):
     """The BERT-style encoder with its masked-LM head: a named shape (bert-* or modernbert-*), or a BERT /
