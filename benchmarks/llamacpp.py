@@ -14,7 +14,8 @@ every tensor of the file but the embedding, which is read once when tied as the 
 ``bandwidth / bytes`` (bandwidth measured here by summing a 1 GiB tensor), and tokens per CPU-second of the
 process (with ``--threads 1`` the compute each side spends per token, which a loaded machine changes little;
 with more threads it also counts spin-waiting). ``--rss``: each side also loads and
-decodes in a child process of its own and its peak resident memory (VmHWM) is printed.
+decodes in a child process of its own and its peak resident memory (VmHWM) is printed, with lmstack's stored
+weights (every parameter / buffer storage once) + the KV cache of the tokens held, and the ratio of the two.
 """
 
 from __future__ import annotations
@@ -123,14 +124,22 @@ def _child(args) -> None:
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a big parent would report the parent's
     hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                if line.startswith("VmHWM:"))
-    print(json.dumps({"rss_mib": hwm / 1024}))
+    out = {"rss_mib": hwm / 1024}
+    if side == "lmstack":  # what the run needs: every stored weight once + the KV of the tokens it holds
+        m = eng.llm.model
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in list(m.parameters()) + list(m.buffers())}
+        c = m.config
+        kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * (args.prompt_len + 16)
+        out.update(weights_mib=sum(storages.values()) / 2**20, kv_mib=kv / 2**20)
+    print(json.dumps(out))
 
 
-def peak_rss(side: str, path: Path, args) -> float:
+def peak_rss(side: str, path: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", side, str(path), "--threads", str(args.threads),
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "LMSTACK_NO_PROGRESS": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])["rss_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench(name: str, args, root: Path, bandwidth: float) -> list[dict]:
@@ -171,8 +180,9 @@ def bench(name: str, args, root: Path, bandwidth: float) -> list[dict]:
                    llamacpp_tokens_per_cpu_s=statistics.median(c_theirs))
         del ours, theirs
         if args.rss:
-            row["lmstack_rss_mib"] = peak_rss("lmstack", dirs[p], args)
-            row["llamacpp_rss_mib"] = peak_rss("llamacpp", files[p], args)
+            mine = peak_rss("lmstack", dirs[p], args)
+            row["lmstack_rss_mib"], row["lmstack_weights_kv_mib"] = mine["rss_mib"], mine["weights_mib"] + mine["kv_mib"]
+            row["llamacpp_rss_mib"] = peak_rss("llamacpp", files[p], args)["rss_mib"]
         print(_fmt(row), flush=True)
         rows.append(row)
     return rows
@@ -186,7 +196,8 @@ def _fmt(r: dict) -> str:
          f"load {r['load']:.1f}  tokens per CPU-second {r['lmstack_tokens_per_cpu_s']:.1f} vs "
          f"{r['llamacpp_tokens_per_cpu_s']:.1f}")
     if "lmstack_rss_mib" in r:
-        s += f"  peak RSS {r['lmstack_rss_mib']:.0f} vs {r['llamacpp_rss_mib']:.0f} MiB"
+        s += (f"  peak RSS {r['lmstack_rss_mib']:.0f} vs {r['llamacpp_rss_mib']:.0f} MiB (lmstack weights + KV "
+              f"{r['lmstack_weights_kv_mib']:.0f} MiB, peak / that {r['lmstack_rss_mib'] / r['lmstack_weights_kv_mib']:.2f}x)")
     return s
 
 

@@ -9,7 +9,9 @@
   ``scale = (max - min) / 15``, ``zero = min + 8 * scale`` (round to nearest). On CPU
   ``torch._weight_int4pack_mm_for_cpu``; on CUDA ``torch._weight_int4pack_mm`` (bf16); both read half a byte
   per weight. Where those kernels are slow (a CPU without AVX-512, see :func:`use_packed_kernel`), elsewhere, or
-if the kernel refuses a shape, the layer is dequantized for one matmul (memory stays int8 / int4 between calls).
+if the kernel refuses a shape, the layer is dequantized for one matmul, a block of output rows at a time
+(:func:`blockwise_linear`: at most ``DEQUANT_BLOCK_BYTES`` of float weight exist at once, so a 136 M-weight int8
+``lm_head`` does not briefly cost two 544 MB fp32 copies; memory stays int8 / int4 between calls).
 
 On disk (safetensors, any device can read it) an int8 layer is ``weight`` int8 (out, in) + ``weight_scale``
 (out,); an int4 layer is ``weight`` uint8 (out, in / 2), two values per byte (low nibble = even column),
@@ -74,6 +76,23 @@ def unpack_nibbles(p: Tensor) -> Tensor:
     return torch.stack([p & 0x0F, p >> 4], dim=-1).reshape(p.shape[0], -1)
 
 
+DEQUANT_BLOCK_BYTES = 16 << 20  # float weight dequantized at once by the fallback path
+
+
+def blockwise_linear(x2: Tensor, rows_fn, out_features: int, in_features: int) -> Tensor:
+    """``x2 @ W.T`` (M, out) with ``W`` built by ``rows_fn(start, stop, dtype)`` (rows start:stop of the float
+    weight) in blocks of at most ``DEQUANT_BLOCK_BYTES``: the same products as one dequantized matmul, without
+    the whole float matrix (and its temporaries) in memory."""
+    step = max(1, DEQUANT_BLOCK_BYTES // (in_features * x2.element_size()))
+    if step >= out_features:
+        return F.linear(x2, rows_fn(0, out_features, x2.dtype))
+    y = x2.new_empty(x2.shape[0], out_features)
+    for a in range(0, out_features, step):
+        b = min(a + step, out_features)
+        y[:, a:b] = F.linear(x2, rows_fn(a, b, x2.dtype))
+    return y
+
+
 # ---------------------------------------------------------------------------------------------- modules
 class _PackedLinear(nn.Module):
     in_features: int
@@ -106,7 +125,10 @@ class Int8PackedLinear(_PackedLinear):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:  # (out, in)
-        return self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]
+        return self.dequantize_rows(0, self.out_features, dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> Tensor:  # (stop-start, in)
+        return self.weight[start:stop].to(dtype) * self.weight_scale[start:stop].to(dtype)[:, None]
 
     def _scales(self, x: Tensor) -> Tensor:
         c = self._scale_cache
@@ -120,7 +142,7 @@ class Int8PackedLinear(_PackedLinear):
         if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and use_packed_kernel(x.device):
             y = torch._weight_int8pack_mm(x2, self.weight, self._scales(x))  # (M, out)
         else:
-            y = F.linear(x2, self.dequantize(x.dtype))
+            y = blockwise_linear(x2, self.dequantize_rows, self.out_features, self.in_features)
         return self._bias(y).reshape(*shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):  # .to(): the cached scales follow on the next forward
@@ -157,10 +179,15 @@ class Int4PackedLinear(_PackedLinear):
         return m
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:  # (out, in)
-        """``q * scale + (zero - 8 * scale)`` per group (unpack, convert, one fused multiply-add)."""
-        q = unpack_nibbles(self.weight).view(self.out_features, -1, self.group_size).to(dtype)  # (out, n_groups, g)
-        lo = (self.weight_zero - 8 * self.weight_scale).to(dtype)[..., None]
-        return torch.addcmul(lo, q, self.weight_scale.to(dtype)[..., None]).view(self.out_features, self.in_features)
+        return self.dequantize_rows(0, self.out_features, dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Rows start:stop: ``q * scale + (zero - 8 * scale)`` per group (unpack, convert, one fused multiply-add)."""
+        n = stop - start
+        q = unpack_nibbles(self.weight[start:stop]).view(n, -1, self.group_size).to(dtype)  # (n, n_groups, g)
+        s, z = self.weight_scale[start:stop], self.weight_zero[start:stop]
+        lo = (z - 8 * s).to(dtype)[..., None]
+        return torch.addcmul(lo, q, s.to(dtype)[..., None]).view(n, self.in_features)
 
     def _build(self, x: Tensor):
         """The kernel's packed weight and (n_groups, out, 2) scales-and-zeros for x's device and dtype."""
@@ -184,7 +211,7 @@ class Int4PackedLinear(_PackedLinear):
             packed, sz = self._build(x) if fast else (None, None)
             k = self._kernel = ((x.device, x.dtype, fast), packed, sz)
         if k[1] is None:
-            y = F.linear(x2, self.dequantize(x.dtype))
+            y = blockwise_linear(x2, self.dequantize_rows, self.out_features, self.in_features)
         elif x.device.type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, k[1], self.group_size, k[2])
         else:
