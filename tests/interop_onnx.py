@@ -109,3 +109,39 @@ def test_smollm2_onnx_matches_lmstack(dtype, tmp_path, tmp_path_factory):
         assert err < 1e-3 and gen == ref
     else:
         assert err < 0.5 and same >= 8
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_smollm2_quantized_onnx_matches_lmstack_quantized(dtype, tmp_path, tmp_path_factory):
+    """SmolLM2-135M exported with --dtype int8 (from the float directory: quantized on the way) and int4 (an
+    ``lmstack quantize`` group-64 directory): onnxruntime's MatMulNBits logits vs lmstack's quantized model,
+    greedy tokens, file size against the f32 weights."""
+    from lmstack.quant import load_quantized, quantize_checkpoint
+    from lmstack.tokenizer import Tokenizer
+
+    src = smollm2_dir(tmp_path_factory)
+    qdir = quantize_checkpoint(src, tmp_path / "q", method=dtype, group_size=64)
+    model = load_quantized(qdir)
+    tok = Tokenizer.from_dir(src)
+    out = export_onnx(src if dtype == "int8" else qdir, tmp_path / "onnx", dtype=dtype, group_size=64)
+    lm = OnnxCausalLM(out, threads=2)
+    prompt = tok.encode("The capital of France is Paris. The capital of Germany is", add_special_tokens=False)
+    ids = torch.tensor([prompt])
+    mask, pos = torch.ones_like(ids), torch.arange(len(prompt))[None]
+    with torch.no_grad():
+        want = model(ids).numpy()
+    got = _stepwise(lm, ids, mask, pos, prefill=len(prompt) - 3)
+    err = float(np.abs(got - want).max())
+    n = 32
+    gen = lm.generate([prompt], n)[0]
+    ref = _greedy(model, prompt, n)
+    same = next((i for i, (a, b) in enumerate(zip(gen, ref)) if a != b), n)
+    size = sum(f.stat().st_size for f in out.glob("model.onnx*"))
+    f32 = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    print(f"\nSmolLM2 ONNX {dtype}: max |logit diff| vs lmstack {dtype} {err:.2e} (logit range "
+          f"{np.abs(want).max():.1f}); greedy identical {same}/{n}: {tok.decode(gen)!r}; model.onnx {size / 1e6:.1f} MB "
+          f"(f32 safetensors {f32 / 1e6:.1f} MB, lmstack {dtype} {sum(f.stat().st_size for f in qdir.glob('*.safetensors')) / 1e6:.1f} MB)")
+    assert err < 1e-3 * np.abs(want).max() and gen == ref
+    # the float embedding table (113 MB of SmolLM2's 540) stays; int8 reads ~1 byte, int4 g64 ~0.63 per weight
+    assert size < (0.5 if dtype == "int8" else 0.42) * f32

@@ -27,9 +27,12 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., "--out", help="gguf: output file (model.q8_0.gguf); onnx: output directory."),
         fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp / Ollama) or onnx (onnxruntime)."),
         dtype: Optional[str] = typer.Option(None, "--dtype",
-                                            help="gguf: f32, f16 (default), q8_0, q4_0; onnx: f32 (default), f16."),
+                                            help="gguf: f32, f16 (default), q8_0, q4_0; onnx: f32 (default), f16, "
+                                                 "int8, int4 (MatMulNBits with lmstack's quantized weights)."),
         adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter directory to merge in first."),
         name: Optional[str] = typer.Option(None, "--name", help="gguf: general.name (default: directory name)."),
+        group_size: int = typer.Option(32, "--group-size",
+                                       help="onnx --dtype int4 of a float model: weights per int4 group."),
     ) -> None:
         """Write MODEL as one GGUF file (+ an Ollama Modelfile) or as an ONNX directory with a KV-cache interface."""
         from lmstack.errors import ConfigError
@@ -44,7 +47,7 @@ def register(app: typer.Typer) -> None:
 
             if name is not None:
                 raise ConfigError("--name applies to --format gguf only")
-            typer.echo(f"wrote {export_onnx(model, out, dtype=dtype or 'f32', adapter=adapter)}")
+            typer.echo(f"wrote {export_onnx(model, out, dtype=dtype or 'f32', adapter=adapter, group_size=group_size)}")
         else:
             raise ConfigError(f"--format {fmt!r} is not supported; supported: gguf, onnx")
 

@@ -21,7 +21,8 @@ cache, so the model code is the one lmstack trains and serves): a query at cache
 the key is not padding and, with a sliding window W, i - j < W.
 
 Traced with ``torch.onnx.export(dynamo=True)`` (``torch.export`` + onnxscript), opset 18. ``f16`` traces the model
-in float16 (RMSNorm statistics and RoPE angles stay float32, as in lmstack). Files larger than
+in float16 (RMSNorm statistics and RoPE angles stay float32, as in lmstack). ``int8`` / ``int4`` write lmstack's
+quantized weights as onnxruntime ``MatMulNBits`` nodes (:mod:`lmstack.export.onnx_quant`). Files larger than
 ``EXTERNAL_DATA_BYTES`` keep their weights in ``model.onnx.data`` beside the graph (protobuf's 2 GiB limit).
 The directory is written beside its destination and renamed into place.
 """
@@ -222,28 +223,54 @@ def genai_config(cfg, gen: dict) -> dict:
 
 
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "f32",
-                adapter: str | os.PathLike | None = None, external_data: bool | None = None) -> Path:
+                adapter: str | os.PathLike | None = None, external_data: bool | None = None,
+                group_size: int = 32) -> Path:
     """Write ``out_dir``: ``model.onnx`` (+ ``model.onnx.data`` for large models), ``config.json``,
-    ``generation_config.json``, onnxruntime-genai's ``genai_config.json`` and the tokenizer files of ``model_dir`` (with ``adapter`` merged in first)."""
+    ``generation_config.json``, onnxruntime-genai's ``genai_config.json`` and the tokenizer files of ``model_dir`` (with ``adapter`` merged in first).
+
+    ``dtype`` ``int8`` / ``int4``: the linear layers as onnxruntime ``MatMulNBits`` with lmstack's quantized weights
+    (:mod:`lmstack.export.onnx_quant`): those of an ``lmstack quantize`` directory, or of a float model quantized
+    here (round to nearest, int4 groups of ``group_size``)."""
     from lmstack.export.adapter import merged_source
     from lmstack.export.gguf_export import refuse_quantized
     from lmstack.model.hf_io import copy_tokenizer, generation_config, load_model
+    from lmstack.quant.checkpoint import quantization_config
+
+    from lmstack.export.onnx_quant import ONNX_QUANT_DTYPES
 
     require("onnx", "onnxscript")
-    if dtype not in ONNX_DTYPES:
-        raise ConfigError(f"ONNX dtype {dtype!r} is not supported; choose one of {', '.join(ONNX_DTYPES)}")
+    if dtype not in ONNX_DTYPES + ONNX_QUANT_DTYPES:
+        raise ConfigError(f"ONNX dtype {dtype!r} is not supported; choose one of "
+                          f"{', '.join(ONNX_DTYPES + ONNX_QUANT_DTYPES)}")
     src, out = Path(model_dir), Path(out_dir)
     if not src.is_dir():
         raise CheckpointError(f"{src}: model directory not found")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: ONNX export writes a directory (model.onnx + config + tokenizer); "
                           "this path is a file")
-    refuse_quantized(src, "")
+    if dtype in ONNX_QUANT_DTYPES:
+        if adapter is not None and quantization_config(src) is not None:
+            raise ConfigError(f"{src} is already quantized: merge the adapter into the float model, then export "
+                              f"with --dtype {dtype}")
+    else:
+        refuse_quantized(src, " (or export it with --dtype int8 / int4)")
     with merged_source(src, adapter, out) as base:
-        model = load_model(base, device="cpu", dtype=_TORCH_DTYPE[dtype])
+        packed = None
+        if dtype in ONNX_QUANT_DTYPES:
+            from lmstack.export.onnx_quant import dequantized_copy, quantized_model
+
+            model = quantized_model(base, dtype, group_size)
+            packed = dequantized_copy(model)
+        else:
+            model = load_model(base, device="cpu", dtype=_TORCH_DTYPE[dtype])
         check_exportable(model)
         with atomic_dir(out) as tmp:
             trace_onnx(model, tmp / MODEL_FILE, external_data=external_data)
+            if packed is not None:
+                from lmstack.export.onnx_quant import finish_quantized
+
+                finish_quantized(tmp / MODEL_FILE, packed, dtype,
+                                 0 if external_data else EXTERNAL_DATA_BYTES if external_data is None else 1 << 62)
             hf = model.config.to_hf()
             hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
             atomic_write_json(tmp / "config.json", hf)

@@ -81,6 +81,32 @@ def calibration_ids(model_dir: Path, calib: str | os.PathLike, seq_len: int = 51
 LM_HEAD_CHOICES = ("int8", "fp32")
 
 
+def quantize_transformer(model: Transformer, method: str, group_size: int, calib_ids: torch.Tensor | None = None,
+                         lm_head: str = "int8") -> tuple[list[str], list[str]]:
+    """Quantize a float ``model`` in place as :func:`quantize_checkpoint` does (``calib_ids`` for gptq / awq);
+    returns (quantized module names, those stored int8 in an int4 model: ``lm_head``)."""
+    if method == "gptq":
+        from lmstack.quant.gptq import gptq_quantize_model
+
+        modules = gptq_quantize_model(model, calib_ids, group_size)
+    elif method == "awq":
+        from lmstack.quant.awq import awq_quantize_model
+
+        modules = awq_quantize_model(model, calib_ids, group_size)
+    else:
+        modules = quantize_linears(model, method, group_size)
+    int8_modules = []
+    if lm_head == "int8" and type(model.lm_head) is nn.Linear:
+        from lmstack.quant.packed import Int8PackedLinear
+
+        head = model.lm_head
+        if model.config.tie_word_embeddings:  # the float table stays the embedding; the head becomes its own
+            model.config.tie_word_embeddings = False
+        model.lm_head = Int8PackedLinear.from_linear(head)
+        modules, int8_modules = modules + ["lm_head"], ["lm_head"]
+    return modules, int8_modules
+
+
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, method: str = "int8",
                         group_size: int = 64, calib: str | os.PathLike | None = None,
                         lm_head: str = "int8") -> Path:
@@ -99,25 +125,8 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     if quantization_config(src) is not None:
         raise CheckpointError(f"{src} is already quantized; quantize the float model it came from")
     model = load_model(src, device="cpu", dtype="float32")
-    if method == "gptq":
-        from lmstack.quant.gptq import gptq_quantize_model
-
-        modules = gptq_quantize_model(model, calibration_ids(src, calib), group_size)
-    elif method == "awq":
-        from lmstack.quant.awq import awq_quantize_model
-
-        modules = awq_quantize_model(model, calibration_ids(src, calib), group_size)
-    else:
-        modules = quantize_linears(model, method, group_size)
-    int8_modules = []
-    if lm_head == "int8" and type(model.lm_head) is nn.Linear:
-        from lmstack.quant.packed import Int8PackedLinear
-
-        head = model.lm_head
-        if model.config.tie_word_embeddings:  # the float table stays the embedding; the head becomes its own
-            model.config.tie_word_embeddings = False
-        model.lm_head = Int8PackedLinear.from_linear(head)
-        modules, int8_modules = modules + ["lm_head"], ["lm_head"]
+    modules, int8_modules = quantize_transformer(
+        model, method, group_size, calibration_ids(src, calib) if method in ("gptq", "awq") else None, lm_head)
     with atomic_dir(out) as tmp:
         save_model(model, tmp, tokenizer_dir=src)
         if (src / "generation_config.json").is_file():
