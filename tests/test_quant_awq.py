@@ -108,3 +108,45 @@ def test_awq_errors(tmp_path, capsys):
     assert len(err) == 1 and "--calib" in err[0] and not (tmp_path / "q").exists()
     with pytest.raises(ConfigError, match="group-size 48"):
         awq_quantize_model(load_model(d), torch.zeros(1, 8, dtype=torch.long), 48)
+
+
+def test_clipping_lowers_layer_output_error_vs_no_clipping():
+    """AWQ's auto_clip on fixed data: heavy-tailed weights (a few large values per group widen the int4 step for the
+    rest), Gaussian activations. The clipped weight's output error on held-out activations, computed directly as
+    ``|X W_hat^T - X W^T|^2``, is lower than round-to-nearest without clipping, at every group size."""
+    from lmstack.quant.awq import apply_clip, clip_search
+
+    g = torch.Generator().manual_seed(0)
+    calib, held_out = torch.randn(2048, 256, generator=g), torch.randn(2048, 256, generator=g)
+    w = torch.randn(96, 256, generator=g) * 0.02
+    spikes = torch.rand(96, 256, generator=g) < 0.02
+    w[spikes] *= 6  # ~2% outlier weights
+    for gs in (32, 64, 128):
+        m = clip_search(w, calib.t() @ calib / calib.shape[0], gs)
+        lin = torch.nn.Linear(256, 96, bias=False)
+        lin.weight.data.copy_(w)
+        apply_clip(lin, m, gs)
+        clipped = lin.weight.data
+        assert (m <= w.view(96, -1, gs).abs().amax(-1) + 1e-7).all() and (clipped.abs() <= w.abs() + 1e-7).all()
+        assert (clipped != w).any()
+        plain, cl = _err(held_out, w, rtn_int4(w, gs)), _err(held_out, w, rtn_int4(clipped, gs))
+        assert cl < 0.97 * plain, (gs, cl, plain)  # measured 0.95 / 0.92 / 0.91 at group 32 / 64 / 128
+
+
+def test_awq_with_clipping_lowers_each_block_output_error(tmp_path):
+    """End to end on a tiny model: AWQ with clipping gives a lower logit error than AWQ without, on the calibration
+    tokens (both from the same float model)."""
+    from lmstack.model.hf_io import load_model
+
+    tiny_model_dir("llama", tmp_path / "m", initializer_range=0.2)
+    calib = torch.randint(3, 384, (2, 48), generator=torch.Generator().manual_seed(0))
+    ref = load_model(tmp_path / "m", dtype="float32")
+    with torch.no_grad():
+        want = ref(calib)
+    errs = {}
+    for clip in (False, True):
+        m = load_model(tmp_path / "m", dtype="float32")
+        awq_quantize_model(m, calib, 32, clip=clip)
+        with torch.no_grad():
+            errs[clip] = float((m(calib) - want).pow(2).mean())
+    assert errs[True] < errs[False], errs

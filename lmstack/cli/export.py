@@ -60,8 +60,12 @@ def register(app: typer.Typer) -> None:
         group_size: int = typer.Option(64, "--group-size", help="int4 / gptq / awq group size: 32, 64, 128 or 256."),
         calib: Optional[str] = typer.Option(None, "--calib", help="gptq / awq: calibration text file."),
         lm_head: str = typer.Option("int8", "--lm-head", help="int8 (per channel; a tied embedding stays float) or fp32."),
+        awq_clip: bool = typer.Option(True, "--awq-clip/--no-awq-clip",
+                                      help="awq: search a clipping range per group after scaling (AWQ's auto_clip)."),
     ) -> None:
         """Weight-only quantization of every linear layer (lm_head int8 unless --lm-head fp32; embeddings stay float)."""
         from lmstack.quant.checkpoint import quantize_checkpoint
 
-        typer.echo(f"wrote {quantize_checkpoint(model, out, method=method, group_size=group_size, calib=calib, lm_head=lm_head)}")
+        path = quantize_checkpoint(model, out, method=method, group_size=group_size, calib=calib, lm_head=lm_head,
+                                   awq_clip=awq_clip)
+        typer.echo(f"wrote {path}")

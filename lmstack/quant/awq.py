@@ -23,7 +23,12 @@ Blocks are calibrated in order; the activations entering block ``i`` are those o
 their quantization (as GPTQ in :mod:`lmstack.quant.gptq`). Weights are then quantized with the same group-wise
 int4 round-to-nearest as ``--method int4`` (:func:`lmstack.quant.packed.quantize_int4`), so the checkpoint format,
 loading and serving do not change; only the norm weights and the scaled projections differ from the float model.
-The reference's weight-clipping search (``auto_clip``) is not implemented.
+Then, as the reference's ``auto_clip``, each scaled weight (but q / k, whose errors the reference leaves to the
+attention scores) is clipped before rounding: per output row and group, the range ``[-m, m]`` with ``m`` =
+``max|w| * (1 - i / 20)``, ``i < 10``, that minimises the group's share of the output error on the calibration
+activations, ``d^T G_g d`` with ``G_g`` the group's diagonal block of ``X^T X`` (:func:`clip_search`); ``i = 0``
+(no clipping) is on the grid, so clipping never raises that error. Rounding a few large weights coarsely buys a
+finer step for all the others in the group.
 """
 
 from __future__ import annotations
@@ -72,6 +77,41 @@ def awq_scales_from_stats(mean_abs: Tensor, gram: Tensor, weights: list[Tensor],
     return best_s, best_alpha, best_err / max(rtn_err, 1e-30)
 
 
+N_CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # the reference's auto_clip grid: shrink max|w| by up to half in 5% steps
+
+
+def clip_search(w: Tensor, gram: Tensor, group_size: int, n_grid: int = N_CLIP_GRID,
+                max_shrink: float = CLIP_MAX_SHRINK) -> Tensor:
+    """(out, in / group_size) clip values ``m`` for ``w`` (out, in) whose input has second moments ``gram`` (in, in):
+    per row and group, the ``m`` that minimises ``d^T G_g d`` (``d`` = rounded clamp(w, -m, m) - w on the group,
+    ``G_g`` the group's diagonal block of ``gram``)."""
+    out_f, in_f = w.shape
+    ng = in_f // group_size
+    w = w.detach().float()
+    wg = w.view(out_f, ng, group_size)
+    blocks = torch.stack([gram[g * group_size:(g + 1) * group_size, g * group_size:(g + 1) * group_size]
+                          for g in range(ng)]).float()  # (ng, gs, gs)
+    org = wg.abs().amax(-1)  # (out, ng)
+    best_m, best_err = org.clone(), torch.full_like(org, float("inf"))
+    for i in range(int(max_shrink * n_grid)):
+        m = org * (1 - i / n_grid)
+        c = torch.maximum(torch.minimum(wg, m[..., None]), -m[..., None]).view(out_f, in_f)
+        d = (rtn_int4(c, group_size) - w).view(out_f, ng, group_size)
+        err = torch.einsum("ngi,gij,ngj->ng", d, blocks, d)  # (out, ng)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_m = torch.where(better, m, best_m)
+    return best_m
+
+
+@torch.no_grad()
+def apply_clip(lin: nn.Linear, m: Tensor, group_size: int) -> None:
+    out_f, in_f = lin.weight.shape
+    wg = lin.weight.view(out_f, in_f // group_size, group_size)
+    mm = m.to(wg.dtype)[..., None]
+    wg.copy_(torch.maximum(torch.minimum(wg, mm), -mm))
+
+
 def _block_groups(layer: nn.Module, mha: bool) -> list[tuple[nn.Module, list[str]]]:
     """(the op whose output feeds the group, the group's linear names) for one decoder block."""
     a, m = layer.self_attn, layer.mlp
@@ -96,11 +136,13 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: Tensor) -> None:
 
 
 @torch.no_grad()
-def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, quantize: bool = True) -> list[str]:
-    """Scale and quantize every decoder linear of an lmstack Transformer to int4 with AWQ, in place.
+def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, quantize: bool = True,
+                       clip: bool = True) -> list[str]:
+    """Scale, clip and quantize every decoder linear of an lmstack Transformer to int4 with AWQ, in place.
 
     calib: (n_seq, seq_len) token ids. ``quantize=False`` only folds the scales (the float model is unchanged up to
-    rounding; tests use it). Returns the swapped module names (as ``quantize_linears`` does)."""
+    rounding; tests use it; no clipping then). ``clip=False`` skips the clipping search. Returns the swapped module
+    names (as ``quantize_linears`` does)."""
     from lmstack.model.attention import CausalContext
     from lmstack.model.transformer import MLP, signed_sin
 
@@ -133,7 +175,7 @@ def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, qu
                 st[0], st[1], st[2] = st[0] + a.abs().sum(0), st[1] + a.t() @ a, st[2] + a.shape[0]
             return fn
 
-        firsts = [ns[0] for _, ns in groups]
+        firsts = [ns[0] for _, ns in groups] + ([] if mha else ["self_attn.o_proj"])
         handles = [layer.get_submodule(n).register_forward_hook(hook(n)) for n in firsts]
         layer(x, cos, sin, ctx)
         for h in handles:
@@ -143,6 +185,15 @@ def awq_quantize_model(model: nn.Module, calib: Tensor, group_size: int = 64, qu
             lins = [layer.get_submodule(n) for n in ns]
             s, _, _ = awq_scales_from_stats(abs_sum / n, xtx / n, [m.weight for m in lins], group_size)
             fold_scales(prev, lins, s)
+            if clip and quantize:  # the input of W diag(s) is x / s: its second moments are G / (s s^T)
+                g_scaled = (xtx / n).float() / (s[:, None] * s[None, :]).float()
+                for name, lin in zip(ns, lins):
+                    if not name.endswith(("q_proj", "k_proj")):
+                        apply_clip(lin, clip_search(lin.weight, g_scaled, group_size), group_size)
+        if clip and quantize and not mha:  # o_proj has no scale group under grouped-query attention
+            _, xtx, n = stats["self_attn.o_proj"]
+            o = layer.self_attn.o_proj
+            apply_clip(o, clip_search(o.weight, xtx / n, group_size), group_size)
         if quantize:
             for _, ns in groups if mha else groups + [(None, ["self_attn.o_proj"])]:
                 for n in ns:

@@ -82,7 +82,7 @@ LM_HEAD_CHOICES = ("int8", "fp32")
 
 
 def quantize_transformer(model: Transformer, method: str, group_size: int, calib_ids: torch.Tensor | None = None,
-                         lm_head: str = "int8") -> tuple[list[str], list[str]]:
+                         lm_head: str = "int8", awq_clip: bool = True) -> tuple[list[str], list[str]]:
     """Quantize a float ``model`` in place as :func:`quantize_checkpoint` does (``calib_ids`` for gptq / awq);
     returns (quantized module names, those stored int8 in an int4 model: ``lm_head``)."""
     if method == "gptq":
@@ -92,7 +92,7 @@ def quantize_transformer(model: Transformer, method: str, group_size: int, calib
     elif method == "awq":
         from lmstack.quant.awq import awq_quantize_model
 
-        modules = awq_quantize_model(model, calib_ids, group_size)
+        modules = awq_quantize_model(model, calib_ids, group_size, clip=awq_clip)
     else:
         modules = quantize_linears(model, method, group_size)
     int8_modules = []
@@ -109,12 +109,13 @@ def quantize_transformer(model: Transformer, method: str, group_size: int, calib
 
 def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, method: str = "int8",
                         group_size: int = 64, calib: str | os.PathLike | None = None,
-                        lm_head: str = "int8") -> Path:
+                        lm_head: str = "int8", awq_clip: bool = True) -> Path:
     """Quantize every linear layer of ``model_dir`` (but ``lm_head``) and write the result to ``out_dir``.
 
     ``method``: ``int8`` (per channel), ``int4`` (group-wise, round to nearest), ``gptq`` or ``awq`` (the same int4
     format, calibrated on the text file ``calib``: :mod:`lmstack.quant.gptq`, :mod:`lmstack.quant.awq`).
-    ``lm_head``: ``int8`` (per channel, whatever ``method``) or ``fp32``."""
+    ``lm_head``: ``int8`` (per channel, whatever ``method``) or ``fp32``. ``awq_clip``: AWQ's weight-clipping search
+    after scaling (on by default)."""
     src, out = Path(model_dir), Path(out_dir)
     if lm_head not in LM_HEAD_CHOICES:
         raise ConfigError(f"--lm-head {lm_head!r} is not supported; choose one of {', '.join(LM_HEAD_CHOICES)}")
@@ -126,7 +127,8 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         raise CheckpointError(f"{src} is already quantized; quantize the float model it came from")
     model = load_model(src, device="cpu", dtype="float32")
     modules, int8_modules = quantize_transformer(
-        model, method, group_size, calibration_ids(src, calib) if method in ("gptq", "awq") else None, lm_head)
+        model, method, group_size, calibration_ids(src, calib) if method in ("gptq", "awq") else None, lm_head,
+        awq_clip)
     with atomic_dir(out) as tmp:
         save_model(model, tmp, tokenizer_dir=src)
         if (src / "generation_config.json").is_file():
@@ -137,6 +139,8 @@ def quantize_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         hf["quantization_config"] = {"quant_method": QUANT_METHOD, "method": stored,
                                      "group_size": group_size if stored == "int4" else None, "modules": modules,
                                      "calibration": method if method in ("gptq", "awq") else "rtn"}
+        if method == "awq":
+            hf["quantization_config"]["awq_clip"] = awq_clip
         if int8_modules and stored != "int8":
             hf["quantization_config"]["int8_modules"] = int8_modules
         atomic_write_json(tmp / "config.json", hf)
