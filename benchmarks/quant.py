@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/quant.py                                  # tiny preset + SmolLM2-135M (imported GGUF)
     .venv/bin/python benchmarks/quant.py --models tiny --threads 2 --batches 1 8
-    cat docs/*.md > /tmp/calib.txt; .venv/bin/python benchmarks/quant.py --quality --calib /tmp/calib.txt
+    cat docs/*.md > /tmp/calib.txt; .venv/bin/python benchmarks/quant.py --quality --calib /tmp/calib.txt --groups 32 64
 
 For each model: the fp32 directory, ``lmstack quantize`` int8 and int4 (group 32) directories; decode tokens/s
 (``B * (N - 1) / (t(N) - t(1))``, greedy, best of --repeats, see benchmarks/generate.py) of the lmstack engine
@@ -107,28 +107,35 @@ def bench(name: str, args, root: Path) -> list[dict]:
 
 
 def quality(args, root: Path) -> None:
-    """SmolLM2 perplexity on the held-out paragraph: fp32, int8, int4 round-to-nearest (groups 32 and 64) and,
-    with --calib, GPTQ int4 (group 64)."""
+    """SmolLM2 perplexity on the held-out paragraph: fp32, int8, int4 round-to-nearest and, with --calib, GPTQ and
+    AWQ without / with its clipping search, at each of --groups."""
     from lmstack.model.hf_io import load_model
     from lmstack.quant import quantize_linears
+    from lmstack.quant.awq import awq_quantize_model
     from lmstack.quant.checkpoint import calibration_ids
     from lmstack.quant.gptq import gptq_quantize_model
     from lmstack.tokenizer import Tokenizer
 
-    src = model_dir("smollm2", root)
+    src = Path(args.model_dir) if args.model_dir else model_dir("smollm2", root)
     ids = torch.tensor([Tokenizer.from_dir(src).encode(HELD_OUT)])
-    variants = [("fp32", None), ("int8", ("int8", 64)), ("int4 g32 RTN", ("int4", 32)), ("int4 g64 RTN", ("int4", 64))]
+    variants = [("fp32", None), ("int8", ("int8", 64))] + [(f"int4 g{g} RTN", ("int4", g)) for g in args.groups]
     for label, how in variants:
         m = load_model(src)
         if how:
             quantize_linears(m, *how)
-        print(f"smollm2 perplexity {label:14s} {perplexity(m, ids):.3f}", flush=True)
-    if args.calib:
-        m = load_model(src)
-        t = time.perf_counter()
-        gptq_quantize_model(m, calibration_ids(src, args.calib), 64)  # 16 x 512 tokens
-        print(f"smollm2 perplexity {'int4 g64 GPTQ':14s} {perplexity(m, ids):.3f}  "
-              f"(calibration {time.perf_counter() - t:.0f} s on {args.calib})", flush=True)
+        print(f"smollm2 perplexity {label:22s} {perplexity(m, ids):.3f}", flush=True)
+    if not args.calib:
+        return
+    calib = calibration_ids(src, args.calib)  # 16 x 512 tokens, lmstack quantize's default
+    for g in args.groups:
+        for label, fn in ((f"int4 g{g} GPTQ", lambda m: gptq_quantize_model(m, calib, g)),
+                          (f"int4 g{g} AWQ no clip", lambda m: awq_quantize_model(m, calib, g, clip=False)),
+                          (f"int4 g{g} AWQ + clip", lambda m: awq_quantize_model(m, calib, g, clip=True))):
+            m = load_model(src)
+            t = time.perf_counter()
+            fn(m)
+            print(f"smollm2 perplexity {label:22s} {perplexity(m, ids):.3f}  (calibration {time.perf_counter() - t:.0f} s "
+                  f"on {args.calib}, load average {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def main() -> None:
@@ -139,8 +146,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--quality", action="store_true", help="only SmolLM2 perplexities (fp32, int8, int4, GPTQ)")
-    ap.add_argument("--calib", help="--quality: calibration text for GPTQ")
+    ap.add_argument("--quality", action="store_true", help="only SmolLM2 perplexities (fp32, int8, int4, GPTQ, AWQ)")
+    ap.add_argument("--calib", help="--quality: calibration text for GPTQ and AWQ")
+    ap.add_argument("--groups", nargs="+", type=int, default=[32, 64], help="--quality: int4 group sizes")
+    ap.add_argument("--model-dir", help="--quality: an imported SmolLM2 directory (default: import the GGUF)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "

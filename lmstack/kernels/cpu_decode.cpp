@@ -24,6 +24,18 @@
 // Each int8 / int4 weight is widened to fp32 in registers and multiplied in fp32 (activations stay fp32,
 // so the result is the eager module's up to summation order). For int4 each thread first splits x into its
 // even / odd columns and per-group sums (K floats, nothing next to the N x K weight reads).
+//
+// With act_q8 (the default from Python, LMSTACK_KERNEL_ACT_Q8=0 turns it off) and AVX2, a quantized matrix
+// instead meets an int8 copy of its input: x is cut into blocks of 32, each block gets d_b = max|x_b| / 127 and
+// xq = round(x / d_b) in [-127, 127], and the products are integer dot products of 32 weights with 32 xq
+// (_mm256_maddubs_epi16 multiplies unsigned by signed bytes into pairs of int16, _mm256_madd_epi16 sums the pairs
+// into int32, exact: |w| <= 127 and 2 * 127 * 127 < 2^15), scaled once per block in fp32:
+//   int8: y[n] = s[n] * sum_b d_b * sum_{k in b} q[n,k] xq[k]             (unsigned |q|, xq with q's sign)
+//   int4: y[n] = sum_g s[n,g] sum_{b in g} d_b sum_{k in b} q[n,k] xq[k] + (z - 8 s)[n,g] sum_{k in g} x[k]
+// (q in [0, 15] is already unsigned; xq is stored per block as its 16 even then 16 odd columns, the order of the
+// 16 low then 16 high nibbles of the block's 16 bytes; the zero-point term keeps the exact fp32 group sums).
+// The only new error is the rounding of x: |x_k - d_b xq_k| <= d_b / 2, so each output moves by at most
+// sum_b d_b / 2 * sum_{k in b} |W[n,k]| (tests/test_kernel_quant.py checks this bound and the greedy tokens).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -117,12 +129,15 @@ struct MatList {
   const Mat& first() const { return m[0]; }
 };
 
-// x prepared for one matrix: x itself; for int4 also even / odd columns (K/2 each) and per-group sums (G).
+// x prepared for one matrix: x itself; for int4 also even / odd columns (K/2 each) and per-group sums (G);
+// with act_q8 the int8 blocks xq (K) and their scales xd (K / 32) instead of the even / odd columns.
 struct Act {
   const float* x;
   const float* xe;
   const float* xo;
   const float* xs;
+  const int8_t* xq = nullptr;
+  const float* xd = nullptr;
 };
 
 // out[r] = s[r] * dot(x, q[r]) for R consecutive int8 rows (row stride K)
@@ -192,10 +207,72 @@ inline void dot_i4(const Act& a, const uint8_t* W, int64_t K, int64_t G, const f
   }
 }
 
+#ifdef LMSTACK_AVX2
+// out[r] = s[r] * sum_b xd[b] * (q[r, b] . xq[b]) for R int8 rows (row stride K, K % 32 == 0)
+template <int R>
+inline void dot_i8q(const Act& a, const int8_t* W, int64_t K, const float* s, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 c[R];
+  for (int r = 0; r < R; ++r) c[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(a.xq + 32 * b));
+    const __m256 d = _mm256_set1_ps(a.xd[b]);
+    for (int r = 0; r < R; ++r) {
+      const __m256i w = _mm256_loadu_si256((const __m256i*)(W + r * K + 32 * b));
+      // |w| (unsigned) times xq carrying w's sign: the signed product, in maddubs' unsigned x signed form
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w)), ones);
+      c[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, c[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(c[r]) * s[r];
+}
+
+// R int4 rows (K / 2 bytes each) against the block-permuted xq: per group, sum_b xd[b] * (q . xq) in fp32 lanes,
+// then times the group's scale; plus the zero-point term on the exact group sums
+template <int R>
+inline void dot_i4q(const Act& a, const uint8_t* W, int64_t K, int64_t G, const float* S, const float* Z,
+                    float* out) {
+  const int64_t K2 = K / 2, bpg = K / 32 / G;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  __m256 tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(a.xq + 32 * b));
+      const __m256 d = _mm256_set1_ps(a.xd[b]);
+      for (int r = 0; r < R; ++r) {
+        const __m128i raw = _mm_loadu_si128((const __m128i*)(W + r * K2 + 16 * b));
+        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) tot[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(S[r * G + g]), tot[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float c = 0.f;
+    for (int64_t g = 0; g < G; ++g) c += (Z[r * G + g] - 8.f * S[r * G + g]) * a.xs[g];
+    out[r] = hsum(tot[r]) + c;
+  }
+}
+#endif
+
 // out[0..R) = x . W[n + r] for R rows of any kind
 template <int R>
 inline void rows(const Act& a, const Mat& m, int64_t n, float* out) {
   const int64_t K = m.K;
+#ifdef LMSTACK_AVX2
+  if (a.xq) {
+    if (m.kind == kI8)
+      dot_i8q<R>(a, (const int8_t*)m.w + n * K, K, m.s + n, out);
+    else
+      dot_i4q<R>(a, (const uint8_t*)m.w + n * (K / 2), K, m.G, m.s + n * m.G, m.z + n * m.G, out);
+    return;
+  }
+#endif
   if (m.kind == kF32) {
     const float* W = (const float*)m.w + n * K;
     if constexpr (R == 4) {
@@ -222,14 +299,49 @@ inline void rows(const Act& a, const MatList& ml, int64_t n, float* out) {
   }
 }
 
-// Per-thread scratch for int4 activations: even / odd columns and group sums of M rows of K.
+// Per-thread scratch for int4 activations: even / odd columns and group sums of M rows of K; with q8 the int8
+// blocks of a quantized matrix's input (and group sums for int4).
 struct ActBuf {
   std::vector<float> buf;
+  std::vector<int8_t> qbuf;
   std::vector<Act> acts;
+  bool q8 = false;
   // prepare M rows of x (M, K) for matrix m; returns the Act of each row
   const Act* prepare(const float* x, int64_t M, const Mat& m) {
     acts.resize(M);
     const int64_t K = m.K;
+#ifdef LMSTACK_AVX2
+    if (q8 && m.kind != kF32 && K % 32 == 0) {
+      const int64_t nb = K / 32, G = m.kind == kI4 ? m.G : 0, per = nb + G;
+      if ((int64_t)buf.size() < M * per) buf.resize(M * per);
+      if ((int64_t)qbuf.size() < M * K) qbuf.resize(M * K);
+      for (int64_t i = 0; i < M; ++i) {
+        const float* xi = x + i * K;
+        float *xd = buf.data() + i * per, *xs = xd + nb;
+        int8_t* xq = qbuf.data() + i * K;
+        for (int64_t b = 0; b < nb; ++b) {
+          const float* xb = xi + 32 * b;
+          float amax = 0.f;
+          for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+          const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+          xd[b] = d;
+          int8_t* qb = xq + 32 * b;
+          for (int j = 0; j < 32; ++j) {  // int4: 16 even then 16 odd columns (the nibble order)
+            const int src = m.kind == kI4 ? (j < 16 ? 2 * j : 2 * (j - 16) + 1) : j;
+            qb[j] = (int8_t)std::nearbyint(xb[src] * inv);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t gs = K / G;
+          float sum = 0.f;
+          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) sum += xi[k];
+          xs[g] = sum;
+        }
+        acts[i] = Act{xi, nullptr, nullptr, G ? xs : nullptr, xq, xd};
+      }
+      return acts.data();
+    }
+#endif
     if (m.kind != kI4) {
       for (int64_t i = 0; i < M; ++i) acts[i] = Act{x + i * K, nullptr, nullptr, nullptr};
       return acts.data();
@@ -401,7 +513,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
                        at::TensorList weights, const at::Tensor& embed, const at::Tensor& final_norm,
                        const at::Tensor& lm_head, const at::Tensor& inv_freq, int64_t n_heads, int64_t n_kv,
                        int64_t head_dim, int64_t block_size, double eps, int64_t num_threads,
-                       at::TensorList parts, at::TensorList qscale, at::TensorList qzero) {
+                       at::TensorList parts, at::TensorList qscale, at::TensorList qzero, int64_t act_q8) {
   const int64_t B = ids.size(0), L = k_pool.size();
   const int64_t hidden = embed.size(1), H = n_heads, KV = n_kv, D = head_dim;
   const int64_t QKV = (H + 2 * KV) * D, nb = block_tables.size(1);
@@ -482,6 +594,7 @@ at::Tensor decode_step(const at::Tensor& ids, const at::Tensor& pos, const at::T
                                                       1 + wbytes * B / (64 << 10)));
   std::vector<float> scratch((size_t)nt * max_ctx);
   std::vector<ActBuf> actbufs(nt);
+  for (auto& ab : actbufs) ab.q8 = act_q8 != 0;
   SpinBarrier bar(nt);
   float* lg = logits.data_ptr<float>();
 #pragma omp parallel num_threads(nt)
@@ -564,6 +677,6 @@ TORCH_LIBRARY(lmstack_cpu, m) {
   m.def("decode_step(Tensor ids, Tensor pos, Tensor lo, Tensor block_tables, Tensor[] k_pool, Tensor[] v_pool, "
         "Tensor[] weights, Tensor embed, Tensor final_norm, Tensor lm_head, Tensor inv_freq, int n_heads, "
         "int n_kv, int head_dim, int block_size, float eps, int num_threads, Tensor[] parts, Tensor[] qscale, "
-        "Tensor[] qzero) -> Tensor");
+        "Tensor[] qzero, int act_q8=0) -> Tensor");
   m.impl("decode_step", c10::DispatchKey::CPU, TORCH_FN(decode_step));
 }

@@ -23,6 +23,7 @@ KV-pool layout (num_blocks, block_size, n_kv, D) follows nano-vllm.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -250,6 +251,9 @@ class KernelDecode:
         self.window = cfg.sliding_window
         self.op = torch.ops.lmstack_cpu.decode_step
         self.tuner = ThreadTuner()
+        # quantized matrices meet int8 activations (integer dot products, cpu_decode.cpp's header) unless
+        # LMSTACK_KERNEL_ACT_Q8=0: then each weight is widened to fp32 and the result is the eager module's
+        self.act_q8 = int(bool(self.qscale) and os.environ.get("LMSTACK_KERNEL_ACT_Q8", "1") != "0")
 
     def __call__(self, batch: list[ScheduledSeq]) -> Tensor:
         """Logits (B, vocab) fp32 for B decode entries (num_tokens == 1)."""
@@ -264,7 +268,7 @@ class KernelDecode:
         t = time.perf_counter()
         out = self.op(torch.tensor(ids), torch.tensor(pos), torch.tensor(lo), bt, self.k_pool, self.v_pool,
                       self.weights, self.embed, self.norm, self.lm_head, self.inv_freq, *self.args, nt,
-                      self.parts, self.qscale, self.qzero)
+                      self.parts, self.qscale, self.qzero, self.act_q8)
         self.tuner.record(nt, time.perf_counter() - t)
         return out
 
