@@ -31,11 +31,13 @@
 // (_mm256_maddubs_epi16 multiplies unsigned by signed bytes into pairs of int16, _mm256_madd_epi16 sums the pairs
 // into int32, exact: |w| <= 127 and 2 * 127 * 127 < 2^15), scaled once per block in fp32:
 //   int8: y[n] = s[n] * sum_b d_b * sum_{k in b} q[n,k] xq[k]             (unsigned |q|, xq with q's sign)
-//   int4: y[n] = sum_g s[n,g] sum_{b in g} d_b sum_{k in b} q[n,k] xq[k] + (z - 8 s)[n,g] sum_{k in g} x[k]
+//   int4: y[n] = sum_g s[n,g] sum_{b in g} d_b sum_{k in b} q[n,k] xq[k] + (z - 8 s)[n,g] sum_{k in g} d_b xq[k]
 // (q in [0, 15] is already unsigned; xq is stored per block as its 16 even then 16 odd columns, the order of the
-// 16 low then 16 high nibbles of the block's 16 bytes; the zero-point term keeps the exact fp32 group sums).
-// The only new error is the rounding of x: |x_k - d_b xq_k| <= d_b / 2, so each output moves by at most
-// sum_b d_b / 2 * sum_{k in b} |W[n,k]| (tests/test_kernel_quant.py checks this bound and the greedy tokens).
+// 16 low then 16 high nibbles of the block's 16 bytes). Both are exactly W x_hat with x_hat_k = d_b xq_k: the only
+// new error is the rounding of x, |x_k - x_hat_k| <= d_b / 2, so each output moves by at most
+// sum_b d_b / 2 * sum_{k in b} |W[n,k]|. (The zero-point term must use the sums of x_hat, not of x: an int4
+// group's (q - 8) s + z is not centred, and s sum q (x_hat - x) alone is a bias the zero term would not cancel.)
+// tests/test_kernel_quant.py checks the kernel against a reference whose linear inputs are rounded the same way.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -331,10 +333,14 @@ struct ActBuf {
             qb[j] = (int8_t)std::nearbyint(xb[src] * inv);
           }
         }
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t gs = K / G;
+        for (int64_t g = 0; g < G; ++g) {  // the sums of the rounded x (not of x): the zero-point term then
+          const int64_t bpg = nb / G;        // cancels with sum q x_hat as in W x_hat (W's groups are not centred)
           float sum = 0.f;
-          for (int64_t k = g * gs; k < (g + 1) * gs; ++k) sum += xi[k];
+          for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+            int32_t t = 0;
+            for (int j = 0; j < 32; ++j) t += xq[32 * b + j];
+            sum += xd[b] * (float)t;
+          }
           xs[g] = sum;
         }
         acts[i] = Act{xi, nullptr, nullptr, G ? xs : nullptr, xq, xd};
