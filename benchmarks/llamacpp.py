@@ -5,6 +5,8 @@ precision: lmstack fp32 / int8 / int4 (group 32, ``lmstack quantize``) vs llama.
     .venv/bin/python benchmarks/llamacpp.py                                     # tiny, qwen2.5-0.5b shape, smollm2
     .venv/bin/python benchmarks/llamacpp.py --models qwen2.5-0.5b --rounds 3 --threads 2 --rss
 
+lmstack's quantized rows use the kernel's default int8-activation path (integer dot products); the same model is
+also timed through its fp32-widening path (``LMSTACK_KERNEL_ACT_Q8=0``) and printed beside it.
 Both run greedy in this process with ``torch.set_num_threads(--threads)`` / ``n_threads=--threads``, after a
 64-token prompt (--prompt-len), on --new-tokens decode steps; prefill is excluded on both sides (the N steps
 timed follow the step that read the prompt). Each round times every
@@ -170,6 +172,15 @@ def bench(name: str, args, root: Path, bandwidth: float) -> list[dict]:
             c_ours.append(ours.cpu_tps)
             t_theirs.append(theirs.tps(prompt, args.new_tokens))
             c_theirs.append(theirs.cpu_tps)
+        widen = {}
+        if p != "fp32":  # the same loaded model through the kernel's fp32-widening path (exact, no int8 activations)
+            k = ours.llm.engine.runner.kernel
+            k.act_q8 = 0
+            w = ours.run(prompt, 16)
+            widen = dict(lmstack_widen_tps=statistics.median(ours.tps(prompt, args.new_tokens) for _ in range(args.rounds)),
+                         lmstack_widen_tokens_per_cpu_s=ours.cpu_tps,
+                         same_greedy_q8_vs_widen=next((i for i, (x, y) in enumerate(zip(a, w)) if x != y), 16))
+            k.act_q8 = 1
         x, y = statistics.median(t_ours), statistics.median(t_theirs)
         row = dict(model=name, lmstack=p, llamacpp=PAIRS[p], lmstack_tps=x, llamacpp_tps=y, ratio=x / y,
                    lmstack_mb=ours.bytes / 1e6, llamacpp_mb=theirs.bytes / 1e6,
@@ -177,7 +188,7 @@ def bench(name: str, args, root: Path, bandwidth: float) -> list[dict]:
                    same_greedy=agree, rounds_lmstack=[round(v, 1) for v in t_ours],
                    rounds_llamacpp=[round(v, 1) for v in t_theirs], load=os.getloadavg()[0],
                    lmstack_tokens_per_cpu_s=statistics.median(c_ours),
-                   llamacpp_tokens_per_cpu_s=statistics.median(c_theirs))
+                   llamacpp_tokens_per_cpu_s=statistics.median(c_theirs), **widen)
         del ours, theirs
         if args.rss:
             mine = peak_rss("lmstack", dirs[p], args)
@@ -195,6 +206,10 @@ def _fmt(r: dict) -> str:
          f"same first greedy tokens {r['same_greedy']}/16  rounds {r['rounds_lmstack']} / {r['rounds_llamacpp']}  "
          f"load {r['load']:.1f}  tokens per CPU-second {r['lmstack_tokens_per_cpu_s']:.1f} vs "
          f"{r['llamacpp_tokens_per_cpu_s']:.1f}")
+    if "lmstack_widen_tps" in r:
+        s += (f"  (lmstack fp32-widening path {r['lmstack_widen_tps']:.1f} tok/s, {r['lmstack_widen_tokens_per_cpu_s']:.1f} "
+              f"tokens per CPU-second; its first greedy tokens equal the int8-activation path's for "
+              f"{r['same_greedy_q8_vs_widen']}/16)")
     if "lmstack_rss_mib" in r:
         s += (f"  peak RSS {r['lmstack_rss_mib']:.0f} vs {r['llamacpp_rss_mib']:.0f} MiB (lmstack weights + KV "
               f"{r['lmstack_weights_kv_mib']:.0f} MiB, peak / that {r['lmstack_rss_mib'] / r['lmstack_weights_kv_mib']:.2f}x)")
