@@ -66,6 +66,9 @@ def register(app: typer.Typer) -> None:
         rag_k: int = typer.Option(5, "--rag-k", min=1, max=50, help="Chunks retrieved per request with --rag."),
         rag_upload: bool = typer.Option(False, "--rag-upload", help="With --rag: accept documents uploaded from the "
                                         "web chat (POST /v1/rag/documents) into the index."),
+        rag_rerank: Optional[str] = typer.Option(None, "--rag-rerank", help="With --rag: rerank the top 20 chunks "
+                                                 "with a reranker .json (`lmstack rag fit-reranker`) or a local "
+                                                 "CrossEncoder directory."),
     ) -> None:
         """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
         from lmstack.serve.api import run_server
@@ -91,7 +94,7 @@ def register(app: typer.Typer) -> None:
         if rag is not None:  # the index opens here: a bad path fails before the model loads
             from lmstack.rag.server import rag_wrap
 
-            grounding = rag_wrap(rag, k=rag_k, upload=rag_upload, api_key=api_key or None)
+            grounding = rag_wrap(rag, k=rag_k, upload=rag_upload, api_key=api_key or None, rerank=rag_rerank)
         if policy is not None or marks is not None or grounding is not None:
             def wrap(app, llm):
                 if grounding is not None:  # inside the guard: the guard's rails see the grounded request

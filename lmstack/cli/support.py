@@ -75,7 +75,8 @@ def register(app: typer.Typer) -> None:
              ) -> None:
         """Chat in the terminal; every question retrieves passages first (/reset, /exit)."""
         from lmstack.apps.support.assistant import SupportAssistant
-        from lmstack.rag import Retriever, query_lang
+        from lmstack.apps.support.retrieval import open_kb_retriever
+        from lmstack.rag import query_lang
 
         _mode(mode)
         kw = assistant_kwargs(bundle, model=model, index=index, adapter=adapter, k=k, ranker=ranker,
@@ -85,7 +86,7 @@ def register(app: typer.Typer) -> None:
             from lmstack.guard import Guard
 
             kw["guard"] = Guard.from_policy(kw["guard"])  # a bad policy: one line, before the model loads
-        kw["index"] = Retriever(kw["index"])  # a bad path fails here, in one line, before the model loads
+        kw["index"] = open_kb_retriever(kw["index"])  # a bad path fails here, in one line, before the model loads
         bot = SupportAssistant(**kw, max_num_seqs=1)
         typer.echo(f"Larkspur Home support ({len(bot.retriever)} passages indexed). /reset clears, /exit quits.")
         while True:

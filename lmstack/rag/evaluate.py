@@ -17,7 +17,8 @@ labels that survive re-chunking. Metrics at each ``k``, averaged over questions 
 With a model (``--model``): each question is answered from its top ``k`` chunks (:mod:`lmstack.rag.answer`), and
 the report adds ``faithfulness`` (mean share of answer sentences supported by the chunks they cite),
 ``citation_accuracy`` (the share of citations that point at a relevant chunk) and ``cited`` (the share of answers
-citing anything).
+citing anything), and against the reference answers (a question's ``answer``, or the ``contains`` text of its
+labels) ``exact_match``, token ``f1`` and ``contains`` (:mod:`lmstack.eval.metrics`, citation marks dropped).
 """
 
 from __future__ import annotations
@@ -134,9 +135,12 @@ def answer_metrics(llm: Any, questions: list[dict[str, Any]], hits: list[list[An
     """Generate grounded answers (greedy) and score faithfulness and citations."""
     from lmstack.rag.answer import citations, faithfulness, rag_messages
 
+    from lmstack.eval.metrics import contains, exact_match, token_f1
+
     prompts = [llm.chat_prompt(rag_messages(q["question"], h)) for q, h in zip(questions, hits)]
     outs = llm.generate(prompts, temperature=0.0, max_tokens=max_tokens)
     faith, n_cites, n_good, n_citing, answers = [], 0, 0, 0, []
+    em, f1, has = [], [], []
     for q, h, o in zip(questions, hits, outs):
         text = o.outputs[0].text
         cited = citations(text, len(h))
@@ -146,7 +150,33 @@ def answer_metrics(llm: Any, questions: list[dict[str, Any]], hits: list[list[An
         f = faithfulness(text, h)
         if f is not None:
             faith.append(f)
-        answers.append({"question": q["question"], "answer": text, "cited": cited, "faithfulness": f})
-    return {"faithfulness": sum(faith) / len(faith) if faith else None,
-            "citation_accuracy": n_good / n_cites if n_cites else None,
-            "cited": n_citing / len(questions), "answers": answers}
+        row = {"question": q["question"], "answer": text, "cited": cited, "faithfulness": f}
+        gold = gold_answers(q)
+        if gold:
+            bare = strip_citations(text)
+            row.update(exact_match=exact_match(bare, gold), f1=token_f1(bare, gold), contains=contains(bare, gold))
+            em.append(row["exact_match"])
+            f1.append(row["f1"])
+            has.append(row["contains"])
+        answers.append(row)
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    return {"faithfulness": mean(faith), "citation_accuracy": n_good / n_cites if n_cites else None,
+            "cited": n_citing / len(questions), "exact_match": mean(em), "f1": mean(f1), "contains": mean(has),
+            "answered_with_gold": len(em), "answers": answers}
+
+
+def gold_answers(question: dict[str, Any]) -> list[str]:
+    """The reference answers of a labelled question: its ``answer``/``answers`` when given, else the text its
+    relevant chunks must contain (the fact the question asks for)."""
+    if isinstance(question.get("answers"), list):
+        return [a for a in question["answers"] if isinstance(a, str) and a.strip()]
+    if isinstance(question.get("answer"), str) and question["answer"].strip():
+        return [question["answer"]]
+    return [r["contains"] for r in question.get("relevant", []) if isinstance(r, dict) and r.get("contains")]
+
+
+def strip_citations(text: str) -> str:
+    """``text`` without its ``[n]`` citation marks (what exact match and F1 compare)."""
+    from lmstack.rag.answer import _CITE
+
+    return re.sub(r"\s+", " ", _CITE.sub(" ", text)).strip()

@@ -282,6 +282,101 @@ def index_documents(paths: Sequence[str | Path], index: str | Path, *, embedder:
     return report
 
 
+def index_chunks(chunks: Sequence[Chunk], path: str | Path, *, embedder: Any = None, dense_langs: Sequence[str] | None
+                 = ("en",), embed_title: bool = False) -> dict[str, Any]:
+    """Write a document index (the schema above, read by :class:`DocRetriever`) for chunks an application made
+    itself (the support app's FAQ entries, product pages and policy sections), replacing ``path`` atomically
+    (built beside it, then renamed: a reader never sees half an index). A chunk's ``keywords`` (other ways of
+    asking, one a line) are searchable by BM25 and each line is one more vector of the chunk (its dense score
+    is its best view's). ``embedder``: None (BM25 only), a name or directory (:func:`resolve_embedder`) or a
+    loaded model; ``dense_langs``: the chunk languages embedded (None: all); ``embed_title``: embed
+    ``title\\ntext`` as :func:`index_documents` does (default: the text alone). Returns the index's stats."""
+    import os
+    import tempfile
+
+    from lmstack.rag.dense import encode
+    from lmstack.rag.store import chunks_hash
+
+    chunks = list(chunks)
+    ids = [c.id for c in chunks]
+    if len(set(ids)) != len(ids):
+        dup = sorted({x for x in ids if ids.count(x) > 1})[:5]
+        raise DataError(f"{path}: duplicate chunk ids {dup}")
+    model, name = resolve_embedder(embedder)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        con = open_index(tmp)
+        try:
+            n_terms, views = 0, []
+            with con:
+                for c in chunks:
+                    cur = con.execute(
+                        'INSERT INTO chunks(id, doc_id, lang, title, text, source, keywords, headings, page, start, '
+                        '"end") VALUES (?,?,?,?,?,?,?,?,?,?,?)',
+                        (c.id, c.doc_id, c.lang, c.title, c.text, c.source, c.keywords or "",
+                         getattr(c, "headings", ""), getattr(c, "page", None), getattr(c, "start", 0),
+                         getattr(c, "end", 0)))
+                    t = " ".join(terms(" ".join(x for x in (c.title, c.text, c.keywords) if x)))
+                    n_terms += len(t.split())
+                    con.execute("INSERT INTO chunks_fts(rowid, terms) VALUES (?, ?)", (cur.lastrowid, t))
+                    if model is not None and (dense_langs is None or c.lang in dense_langs):
+                        views.append((cur.lastrowid, f"{c.title}\n{c.text}" if embed_title and c.title else c.text))
+                        views.extend((cur.lastrowid, k) for k in (c.keywords or "").split("\n") if k.strip())
+                docs: dict[str, int] = {}
+                for c in chunks:
+                    docs[c.doc_id] = docs.get(c.doc_id, 0) + 1
+                con.executemany("INSERT INTO documents VALUES (?,?,?,?,?)",
+                                [(d, "", "", "", n) for d, n in docs.items()])
+                stats = {"format": FORMAT, "kind": KIND, "analyzer": ANALYZER, "chunks": len(chunks),
+                         "documents": len(docs), "terms": n_terms, "chunks_sha256": chunks_hash(chunks),
+                         "han": "bigram", "dense_model": None, "dense_langs": None, "vectors": 0}
+                if views:
+                    vecs = encode(model, [t for _, t in views])
+                    con.executemany("INSERT INTO dense VALUES (?, ?)",
+                                    [(r, v.tobytes()) for (r, _), v in zip(views, vecs)])
+                    per = max(sum(1 for r, _ in views if r == x) for x in {r for r, _ in views})
+                    stats.update(dense_model=name, dense_langs=list(dense_langs) if dense_langs is not None else None,
+                                 dense_dim=int(vecs.shape[1]), dense_views=per, vectors=len(views))
+                _set_meta(con, **stats)
+            con.execute("PRAGMA journal_mode = DELETE")  # one self-contained file (a bundle may be read-only)
+        finally:
+            con.close()
+        for suffix in ("-wal", "-shm"):
+            Path(tmp + suffix).unlink(missing_ok=True)
+        os.replace(tmp, path)
+    except BaseException:
+        for suffix in ("", "-wal", "-shm"):
+            Path(tmp + suffix).unlink(missing_ok=True)
+        raise
+    return stats
+
+
+def open_retriever(path: str | Path, embedder: Any = "auto", **kw: Any) -> Any:
+    """A retriever for an index file: :class:`DocRetriever` for a document index (what :func:`index_documents`
+    and :func:`index_chunks` write); an index of the older whole-file format (:func:`lmstack.rag.build_index`,
+    bundles written before the support app moved onto the document index) opens read-only in
+    :class:`lmstack.rag.Retriever`, which answers the same ``search(query, k, lang=...)``."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                kind = _meta(con).get("kind")
+            finally:
+                con.close()
+        except sqlite3.DatabaseError:
+            kind = KIND  # DocRetriever reports it in one line
+        if kind != KIND:
+            from lmstack.rag.store import Retriever
+
+            return Retriever(path, embedder=embedder)
+    return DocRetriever(path, embedder=embedder, **kw)
+
+
 class DocRetriever:
     """Search a document index: BM25, dense (exact cosine; an ANN index above ``ann_above`` vectors when
     ``usearch`` is installed; ``store``: exact, usearch or qdrant at ``store_location``, see
@@ -292,7 +387,8 @@ class DocRetriever:
     CANDIDATES = 50  # per ranking, before fusion
 
     def __init__(self, path: str | Path, embedder: Any = "auto", *, ann_above: int = 100_000, store: str = "auto",
-                 store_location: str = ":memory:"):
+                 store_location: str = ":memory:", candidates: int | None = None, reranker: Any = None,
+                 rerank_depth: int = 20):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: index not found (build it with `lmstack rag index --docs DIR "
@@ -305,6 +401,10 @@ class DocRetriever:
         if self.meta.get("kind") != KIND:
             raise DataError(f"{self.path}: not an lmstack document index (build it with `lmstack rag index`)")
         self.han = self.meta.get("han", "bigram")
+        if candidates is not None:
+            self.CANDIDATES = int(candidates)
+        # a second stage over the first stage's top `rerank_depth` (lmstack.rag.rerankers); None: off
+        self.reranker, self.rerank_depth = reranker, int(rerank_depth)
         self.embedder, self.vectors = None, None
         self.ann_above, self.store, self.store_location = ann_above, store, store_location
         if self.meta.get("dense_model") and embedder is not None:
@@ -363,12 +463,29 @@ class DocRetriever:
         if self.vectors is None or n <= 0:
             return []
         q = encode(self.embedder, [query])[0]
-        want = n if not (lang or source) else n * 8
+        views = max(1, int(self.meta.get("dense_views") or 1))  # vectors per chunk (index_chunks' keyword lines)
+        want = n * views if not (lang or source) else n * max(views, 8)
         ranked = self.vectors.search(q, want)
+        if views > 1:  # a chunk's score is its best view's: keep each chunk's first (best) row
+            seen: set[int] = set()
+            ranked = [(r, s) for r, s in ranked if not (r in seen or seen.add(r))]
         if lang or source:
             keep = self._filter([r for r, _ in ranked], lang, source)
             ranked = [(r, s) for r, s in ranked if r in keep]
         return ranked[:n]
+
+    def similarities(self, query_vec: np.ndarray, rowids: Sequence[int]) -> dict[int, float]:
+        """``{chunk rowid: cosine}`` of ``query_vec`` (L2-normalised) with those chunks' stored vectors (best
+        view), read from the index whatever the vector store; chunks without a vector are left out."""
+        if not rowids:
+            return {}
+        q = ",".join("?" * len(rowids))
+        rows = self.con.execute(f"SELECT chunk_rowid, vec FROM dense WHERE chunk_rowid IN ({q})", list(rowids)).fetchall()
+        out: dict[int, float] = {}
+        for r, v in rows:
+            s = float(np.frombuffer(v, dtype=np.float32) @ np.asarray(query_vec, dtype=np.float32))
+            out[int(r)] = max(s, out.get(int(r), -2.0))
+        return out
 
     def _filter(self, rowids: list[int], lang: str | None, source: str | None) -> set[int]:
         if not rowids:
@@ -378,10 +495,22 @@ class DocRetriever:
         return {r for r, lg, src in rows if (not lang or lg == lang) and (not source or fnmatch.fnmatchcase(src, source))}
 
     def search(self, query: str, k: int = 5, *, mode: str = "hybrid", lang: str | None = None,
-               source: str | None = None) -> list[Hit]:
+               source: str | None = None, rerank: bool | None = None) -> list[Hit]:
         """The ``k`` best chunks, best first. ``mode``: hybrid (BM25 + dense by reciprocal-rank fusion, for
         query languages the index has vectors for; BM25 alone otherwise), bm25 or dense. ``lang``: only chunks
-        in that language; ``source``: only chunks of sources matching that glob (``manuals/*.pdf``)."""
+        in that language; ``source``: only chunks of sources matching that glob (``manuals/*.pdf``).
+        ``rerank`` (default: whether the retriever has a ``reranker``): reorder the first stage's top
+        ``rerank_depth`` with the reranker, whose score becomes the hit's."""
+        if rerank is None:
+            rerank = self.reranker is not None
+        if rerank:
+            if self.reranker is None:
+                raise ConfigError("rerank needs a reranker (DocRetriever(..., reranker=load_reranker(...)))")
+            first = self.search(query, max(k, self.rerank_depth), mode=mode, lang=lang, source=source, rerank=False)
+            return self.reranker.rerank(query, first, k, retriever=self)
+        return self._search(query, k, mode=mode, lang=lang, source=source)
+
+    def _search(self, query: str, k: int, *, mode: str, lang: str | None, source: str | None) -> list[Hit]:
         from lmstack.rag.dense import rrf
 
         if mode not in ("hybrid", "bm25", "dense"):
@@ -407,6 +536,10 @@ class DocRetriever:
         rows = self.con.execute('SELECT rowid, id, doc_id, text, title, lang, source, keywords, headings, page, '
                                 f'start, "end" FROM chunks WHERE rowid IN ({q})', rowids).fetchall()
         return {int(r[0]): SourceChunk(*r[1:]) for r in rows}
+
+    def get(self, chunk_id: str) -> SourceChunk | None:
+        row = self.con.execute("SELECT rowid FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
+        return self.chunks([int(row[0])]).get(int(row[0])) if row else None
 
     def document_text(self, source: str) -> str | None:
         row = self.con.execute("SELECT text FROM documents WHERE source = ?", (source,)).fetchone()

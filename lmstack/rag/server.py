@@ -229,12 +229,18 @@ class _WithSources:
 
 
 def rag_wrap(index: str | Path, *, k: int = DEFAULT_K, upload: bool = False, embedder: Any = "auto",
-             api_key: Any = None) -> Callable:
+             api_key: Any = None, rerank: str | Path | None = None, rerank_depth: int = 20) -> Callable:
     """The ``wrap(app, llm)`` hook of :func:`lmstack.serve.api.run_server` for ``lmstack serve --rag INDEX``.
-    The index is opened here (a bad path fails before the model loads)."""
+    The index (and the ``rerank`` reranker, :func:`lmstack.rag.rerankers.load_reranker`) are opened here: a bad
+    path fails before the model loads."""
     from lmstack.rag.index import DocRetriever
 
-    retriever = DocRetriever(index, embedder=embedder)
+    reranker = None
+    if rerank is not None:
+        from lmstack.rag.rerankers import load_reranker
+
+        reranker = load_reranker(rerank)
+    retriever = DocRetriever(index, embedder=embedder, reranker=reranker, rerank_depth=rerank_depth)
     upload_dir = Path(index).with_name(Path(index).stem + ".uploads") if upload else None
     settings = {key: retriever.meta[key] for key in ("chunk_tokens", "overlap", "han") if key in retriever.meta}
 

@@ -49,9 +49,9 @@ class SupportAssistant:
             guard = Guard.from_policy(guard)  # a bad policy fails before the model loads
         self.guard = guard  # lmstack.guard.Guard: input rails, sanitized passages, output rails (None: off)
         if isinstance(index, (str, Path)):
-            from lmstack.rag import Retriever
+            from lmstack.apps.support.retrieval import open_kb_retriever
 
-            index = Retriever(index)
+            index = open_kb_retriever(index)
         self.retriever = index
         self.k, self.context_max_chars = k, context_max_chars
         # context "units": the prompt shows the top `units` answer units of the passages, ranked without the model

@@ -19,9 +19,10 @@ from typing import Any, Sequence
 
 from lmstack.apps.support.dialogues import faq_dev_count
 from lmstack.apps.support.kb import LANGS, ShopKB
-from lmstack.rag import Chunk, Hit, Retriever, build_index, chunk_documents, query_lang
+from lmstack.rag import Chunk, Hit, Retriever, chunk_documents, query_lang
 
 DEFAULT_K = 3
+KB_CANDIDATES = 20  # per ranking (BM25, dense) before reciprocal-rank fusion
 
 
 def product_chunk_text(p: dict[str, Any], lang: str) -> str:
@@ -65,10 +66,24 @@ def gold_chunk_id(item_id: str) -> str:
     return item_id
 
 
-def build_kb_index(kb: ShopKB, path: str | Path, *, faq_keywords: bool = False,
-                   policy_max_chars: int = 400) -> dict[str, Any]:
-    """Write the shop's retrieval index (:func:`lmstack.rag.build_index` over :func:`kb_chunks`)."""
-    return build_index(kb_chunks(kb, faq_keywords=faq_keywords, policy_max_chars=policy_max_chars), path)
+def build_kb_index(kb: ShopKB, path: str | Path, *, faq_keywords: bool = False, policy_max_chars: int = 400,
+                   embedder: Any = None, dense_langs: Sequence[str] | None = ("en",)) -> dict[str, Any]:
+    """Write the shop's retrieval index: the general document index (:func:`lmstack.rag.index.index_chunks`)
+    over :func:`kb_chunks`, embedded (each chunk's text and each FAQ keyword line) for ``dense_langs`` when an
+    ``embedder`` is given. Read it with :func:`open_kb_retriever`."""
+    from lmstack.rag.index import index_chunks
+
+    return index_chunks(kb_chunks(kb, faq_keywords=faq_keywords, policy_max_chars=policy_max_chars), path,
+                        embedder=embedder, dense_langs=dense_langs)
+
+
+def open_kb_retriever(path: str | Path, embedder: Any = "auto") -> Any:
+    """The shop's index opened for search: :class:`lmstack.rag.index.DocRetriever` with the candidate depth the
+    assistant was measured with (20 per ranking before fusion); an index from before the move onto the
+    document index opens in the older :class:`lmstack.rag.Retriever` (same ``search``)."""
+    from lmstack.rag.index import open_retriever
+
+    return open_retriever(path, embedder=embedder, candidates=KB_CANDIDATES)
 
 
 def context_hits(retriever: Retriever, question: str, previous: Sequence[str] = (), k: int = DEFAULT_K) -> list[Hit]:

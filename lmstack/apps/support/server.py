@@ -285,11 +285,11 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
     """Serve the grounded support assistant on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
     import logging
 
-    from lmstack.rag import Retriever
+    from lmstack.apps.support.retrieval import open_kb_retriever
     from lmstack.serve.api.server import build_server
     from lmstack.serve.llm import load
 
-    retriever = Retriever(index)  # fails at once on a bad index path, before the model loads
+    retriever = open_kb_retriever(index)  # fails at once on a bad index path, before the model loads
     unit_ctx = None
     if context == "units":
         from lmstack.apps.support.assistant import unit_reader

@@ -223,22 +223,23 @@ def run_rag(ctx: StageContext) -> dict[str, Any]:
     import random
 
     from lmstack.apps.support import load_kb
-    from lmstack.apps.support.retrieval import build_kb_index, ground_chat, ground_question
-    from lmstack.rag import Retriever
+    from lmstack.apps.support.retrieval import build_kb_index, ground_chat, ground_question, open_kb_retriever
 
     r, out, data = ctx.config, ctx.out_dir, ctx.stage_dir("data")
     out.mkdir(parents=True, exist_ok=True)
     kb = load_kb(_shop_dir(ctx.recipe))
     index = out / "index.sqlite"
-    stats = build_kb_index(kb, index, faq_keywords=r.faq_keywords, policy_max_chars=r.policy_max_chars)
     embedder = None
     if r.dense:
-        from lmstack.rag.dense import add_embeddings, load_embedder
+        from lmstack.rag.dense import load_embedder
 
         embedder = load_embedder(r.embedder, device=_device(ctx.recipe))
-        n_vec = add_embeddings(index, embedder, name=r.embedder, langs=r.dense_langs)
-        ctx.log(f"{n_vec} passage embeddings ({r.embedder}, {', '.join(r.dense_langs)})")
-    retriever = Retriever(index, embedder=embedder)
+        embedder.lmstack_name = r.embedder  # the name the index records (and reloads it by)
+    stats = build_kb_index(kb, index, faq_keywords=r.faq_keywords, policy_max_chars=r.policy_max_chars,
+                           embedder=embedder, dense_langs=r.dense_langs)
+    if r.dense:
+        ctx.log(f"{stats['vectors']} passage embeddings ({r.embedder}, {', '.join(r.dense_langs)})")
+    retriever = open_kb_retriever(index, embedder=embedder)
     rng = random.Random(ctx.recipe.seed) if r.shuffle_train else None
     n = write_jsonl(out / "sft_train.jsonl", (ground_chat(rec, retriever, r.k, rng, r.context_max_chars, r.cite)
                                               for rec in read_jsonl(data / "sft_train.jsonl")))
@@ -400,15 +401,14 @@ def per_language(out: Path, metrics: list[str], task: str = "support_heldout") -
 def citation_accuracy(recipe: Recipe, out: Path) -> dict[str, float]:
     """Of the support answers that end with a citation (``[n]``), the share citing a passage that states the
     reference answer (whitespace aside), overall and per language; and the share of answers citing at all."""
-    from lmstack.apps.support.retrieval import citation_numbers, states
-    from lmstack.rag import Retriever
+    from lmstack.apps.support.retrieval import citation_numbers, open_kb_retriever, states
 
     samples = out / "samples" / "support_heldout.jsonl"
     if not samples.is_file():
         return {}
     grounded = {r["id"]: r for r in read_jsonl(qa_dir(recipe) / "heldout_qa.jsonl")}
     asked = list(read_jsonl(out.parent / "support_heldout.jsonl"))
-    retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+    retriever = open_kb_retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
     rows: list[tuple[str, bool, bool]] = []
     for q, p in zip(asked, read_jsonl(samples)):
         nums = citation_numbers(p.get("raw", p["prediction"]))
@@ -462,7 +462,7 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
 
     from lmstack.apps.support.reader import Reader, candidate_set
     from lmstack.eval.lm import EvalLM
-    from lmstack.rag import Retriever
+    from lmstack.apps.support.retrieval import open_kb_retriever
     from lmstack.rag.rerank import LinearRanker
     from lmstack.tokenizer import Tokenizer
     from lmstack.utils.progress import progress
@@ -485,7 +485,7 @@ def run_reader(ctx: StageContext) -> dict[str, Any]:
         from lmstack.rag.dense import load_embedder
 
         embedder = load_embedder(section(recipe, "rag").embedder, device=_device(recipe))
-    retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+    retriever = open_kb_retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
     base = base_model_dir(recipe)
     tok = Tokenizer.from_dir(base)
     cands = [candidate_set(_grounded_hits(retriever, q["context"]), q["lang"]) for q in dev]
@@ -545,11 +545,10 @@ def write_unit_prompts(recipe: Recipe, out: Path, reader: Any, asked: set[str]) 
     names; returns how often the unit that answers is shown, and first, for the held-out questions ``asked``
     (the ones the eval stage reports)."""
     from lmstack.apps.support.reader import ground_units
-    from lmstack.apps.support.retrieval import states
-    from lmstack.rag import Retriever
+    from lmstack.apps.support.retrieval import open_kb_retriever, states
 
     rag, src = section(recipe, "rag"), grounded_dir(recipe)
-    retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+    retriever = open_kb_retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
     stats: dict[str, Any] = {"units": rag.units}
     try:
         for name in UNIT_PROMPTS:
@@ -577,9 +576,9 @@ def select_eval(recipe: Recipe, out: Path, model: Path | None, adapter: Path | N
     ``embedder``: a loaded sentence embedder shared by the calls, or "auto" (Reader.load loads it)."""
     from lmstack.apps.support.reader import Reader
     from lmstack.eval.generation import score_generation
-    from lmstack.rag import Retriever
+    from lmstack.apps.support.retrieval import open_kb_retriever
 
-    retriever = Retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+    retriever = open_kb_retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
     grounded = {r["id"]: r for r in read_jsonl(recipe.run_path / "rag" / "heldout_qa.jsonl")}
     ranker = recipe.run_path / "reader" / RANKERS[who] if "reader" in recipe.stages else None
     reader = Reader.load(model, adapter=adapter, ranker=ranker, embedder=embedder)
