@@ -79,9 +79,8 @@ def kb():
 @pytest.fixture(scope="module")
 def retriever(kb, tmp_path_factory):
     """A BM25 retrieval index over the shop's knowledge base, FAQ training questions searchable."""
-    from lmstack.apps.support.retrieval import build_kb_index
-    from lmstack.rag import Retriever
+    from lmstack.apps.support.retrieval import build_kb_index, open_kb_retriever
 
     path = tmp_path_factory.mktemp("rag") / "index.sqlite"
     build_kb_index(kb, path, faq_keywords=True)
-    return Retriever(path)
+    return open_kb_retriever(path)

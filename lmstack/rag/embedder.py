@@ -163,7 +163,7 @@ def extend_vocab(model: Any, texts: Iterable[str], extra_han: int = 3000) -> int
     tok.add_tokens(new)
     enc = model[0].auto_model
     old = enc.get_input_embeddings().weight.shape[0]
-    enc.resize_token_embeddings(len(tok))
+    enc.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.no_grad():
         w = enc.get_input_embeddings().weight
         w[old:] = w[:old].mean(0, keepdim=True)
@@ -208,6 +208,7 @@ def train_embedder(pairs: Sequence[dict[str, str]], out_dir: str | Path, *, base
     rng = random.Random(seed)
     # ---- setup: model, vocabulary
     model = load_embedder(base, device=device)
+    keep_length = model.max_seq_length  # trained on shorter inputs (cheaper), saved with the base's limit
     model.max_seq_length = max_length
     texts = [t for p in pairs for t in (p["anchor"], p["positive"], p.get("negative") or "")]
     zh = [t for t in texts if any("\u4e00" <= ch <= "\u9fff" for ch in t)][:2000]
@@ -224,7 +225,7 @@ def train_embedder(pairs: Sequence[dict[str, str]], out_dir: str | Path, *, base
 
     def embed(strings: list[str]) -> Any:
         feats = model.tokenize(strings)
-        feats = {k: v.to(device) for k, v in feats.items()}
+        feats = {k: v.to(device) if hasattr(v, "to") else v for k, v in feats.items()}
         return model(feats)["sentence_embedding"]
 
     # ---- loop
@@ -245,6 +246,7 @@ def train_embedder(pairs: Sequence[dict[str, str]], out_dir: str | Path, *, base
             log(f"step {step + 1}/{total} loss {loss.item():.4f}")
     # ---- save
     model.eval()
+    model.max_seq_length = max(keep_length or max_length, max_length)
     out = Path(out_dir)
     model.save(str(out))
     report = {"base": base, "pairs": len(pairs), "steps": total, "batch_size": batch_size, "epochs": epochs,
