@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo demo-rl demo-rl-support screen desk test test-ray test-dist2d test-rag-eval test-schemathesis test-conformance install browser sandbox bench clean
+.PHONY: demo demo-rl demo-rl-support screen desk test test-ray test-dist2d test-rag-eval test-rag-embedder test-schemathesis test-conformance install browser sandbox bench clean
 
 # torch is installed first and pinned: an unpinned requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -118,3 +118,8 @@ demo-rl-support: $(STAMP)
 test-ray: $(STAMP)
 	$(BIN)/python -c "import ray" 2>/dev/null || $(BIN)/pip install -q 'ray[data]==2.60.0'
 	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q tests/ray_pipeline.py
+
+# The bilingual embedder trainer end to end on the packaged MiniLM (Han vocabulary extension, a few InfoNCE steps,
+# the saved directory loads; tests/rag_embedder_train.py; minutes on 2 loaded cores)
+test-rag-embedder: $(STAMP)
+	OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LMSTACK_NO_PROGRESS=1 $(BIN)/python -m pytest -q tests/rag_embedder_train.py

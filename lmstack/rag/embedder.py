@@ -241,7 +241,7 @@ def train_embedder(pairs: Sequence[dict[str, str]], out_dir: str | Path, *, base
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log and (step % 10 == 0 or step == total - 1):
             log(f"step {step + 1}/{total} loss {loss.item():.4f}")
     # ---- save
