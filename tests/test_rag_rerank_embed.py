@@ -132,6 +132,11 @@ def test_fit_reranker_and_cli_rerank(tmp_path, capsys):
                               "--rerank", str(out), "--k", "2"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)[0]["source"] == "d.md"
+    from lmstack.rag.server import rag_wrap
+
+    wrap = rag_wrap(path, rerank=out)  # lmstack serve --rag INDEX --rag-rerank rr.json
+    assert wrap.retriever.reranker.kind == "features"
+    assert wrap.retriever.search("returns from abroad", 1)[0].chunk.source == "d.md"
     from lmstack.cli import main
 
     capsys.readouterr()
