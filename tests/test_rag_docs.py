@@ -352,7 +352,7 @@ def test_cli_index_search_and_one_line_errors(corpus, tmp_path, capsys):
                       (["rag", "index", "--docs", str(tmp_path / "nowhere"), "--index", str(tmp_path / "j.sqlite")],
                        "no such file or directory"),
                       (["rag", "eval", "--index", str(tmp_path / "i.sqlite"), "-q", str(root / "notes.en.txt")],
-                       "not JSON")]:
+                       "not valid JSON")]:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from lmstack.errors import DataError
+from lmstack.utils.io import iter_jsonl_numbered
 
 SCALE = 20.0
 MAX_PAIRS = 1_000_000
@@ -57,20 +58,13 @@ def read_pairs(path: str | Path, max_pairs: int = MAX_PAIRS) -> list[dict[str, s
     if not path.is_file():
         raise DataError(f"{path}: pairs file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{i}: not JSON ({e})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("anchor"), str) and isinstance(row.get("positive"), str)
-                    and row["anchor"].strip() and row["positive"].strip()):
-                raise DataError(f"{path}:{i}: expected an object with 'anchor' and 'positive' strings")
-            out.append(row)
-            if len(out) > max_pairs:
-                raise DataError(f"{path}: more than {max_pairs} pairs")
+    for i, row in iter_jsonl_numbered(path):
+        if not (isinstance(row, dict) and isinstance(row.get("anchor"), str) and isinstance(row.get("positive"), str)
+                and row["anchor"].strip() and row["positive"].strip()):
+            raise DataError(f"{path}:{i}: expected an object with 'anchor' and 'positive' strings")
+        out.append(row)
+        if len(out) > max_pairs:
+            raise DataError(f"{path}: more than {max_pairs} pairs")
     if not out:
         raise DataError(f"{path}: no pairs")
     return out

@@ -24,13 +24,13 @@ labels) ``exact_match``, token ``f1`` and ``contains`` (:mod:`lmstack.eval.metri
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
 
 from lmstack.errors import DataError
+from lmstack.utils.io import iter_jsonl_numbered
 
 MAX_QUESTIONS = 100_000
 
@@ -44,23 +44,16 @@ def read_questions(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: questions file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{i}: not JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
-                raise DataError(f"{path}:{i}: expected an object with a 'question' string")
-            rel = row.get("relevant")
-            if not isinstance(rel, list) or not rel or not all(
-                    isinstance(r, str) or (isinstance(r, dict) and isinstance(r.get("source"), str)) for r in rel):
-                raise DataError(f"{path}:{i}: 'relevant' must list chunk ids or {{'source', 'contains'?}} objects")
-            out.append(row)
-            if len(out) > MAX_QUESTIONS:
-                raise DataError(f"{path}: more than {MAX_QUESTIONS} questions")
+    for i, row in iter_jsonl_numbered(path):
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise DataError(f"{path}:{i}: expected an object with a 'question' string")
+        rel = row.get("relevant")
+        if not isinstance(rel, list) or not rel or not all(
+                isinstance(r, str) or (isinstance(r, dict) and isinstance(r.get("source"), str)) for r in rel):
+            raise DataError(f"{path}:{i}: 'relevant' must list chunk ids or {{'source', 'contains'?}} objects")
+        out.append(row)
+        if len(out) > MAX_QUESTIONS:
+            raise DataError(f"{path}: more than {MAX_QUESTIONS} questions")
     if not out:
         raise DataError(f"{path}: no questions")
     return out

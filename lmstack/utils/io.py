@@ -179,11 +179,18 @@ def write_jsonl(path: str | os.PathLike, rows: Any) -> int:
 def iter_jsonl(path: str | os.PathLike, *, error: type[Exception] = DataError) -> Iterator[Any]:
     """The records of a JSON Lines file written by lmstack (blank lines skipped); a bad line raises ``error``
     naming ``file:line``. Readers of *user* data count bad records instead (lmstack.data.readers)."""
+    for _, row in iter_jsonl_numbered(path, error=error):
+        yield row
+
+
+def iter_jsonl_numbered(path: str | os.PathLike, *, error: type[Exception] = DataError) -> Iterator[tuple[int, Any]]:
+    """``(line number, record)`` of a JSON Lines file (blank lines skipped), for readers that check each record
+    and name ``file:line`` in their own errors; a line that is not JSON raises ``error``."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield i, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise error(f"{path}:{i}: not valid JSON ({e.msg})") from None
 
