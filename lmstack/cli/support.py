@@ -108,8 +108,9 @@ def register(app: typer.Typer) -> None:
                 pieces.append(piece)
                 typer.echo(piece, nl=False)
             typer.echo("")
-            dense = getattr(bot.retriever, "dense", None)  # fused scores for the languages it embeds
-            score = "rrf" if dense is not None and dense.covers(query_lang(line)) else "bm25"
+            r = bot.retriever  # fused scores for the languages it embeds (a document index, or an older file's)
+            covers = getattr(r, "covers", None) or getattr(getattr(r, "dense", None), "covers", None)
+            score = "rrf" if covers is not None and covers(query_lang(line)) else "bm25"
             cited = {id(h) for h in bot.cited("".join(pieces))}
             for h in bot.last_context if show_context else bot.cited("".join(pieces)):
                 mark = " (cited)" if show_context and id(h) in cited else ""
