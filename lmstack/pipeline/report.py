@@ -38,6 +38,20 @@ def table(headers: list[str], rows: list[tuple | list]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
+def print_table(console: Any, title: str, headers: list[str] | tuple[str, ...], rows: list[tuple | list]) -> None:
+    """The terminal twin of :func:`table`: a rich table with ``title`` on ``console``; nothing when no rows."""
+    if not rows:
+        return
+    from rich.table import Table
+
+    t = Table(title=title)
+    for h in headers:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+
+
 def img(path: str | None, alt: str) -> str:
     if not path or not Path(path).is_file():
         return f"<p class='dim'>({html.escape(alt)}: no plot)</p>"

@@ -10,7 +10,7 @@ from typing import Any
 from lmstack.apps.arith import recipe as cfg
 from lmstack.apps.arith import stages as st
 from lmstack.pipeline import App, Recipe, Stage, register_app
-from lmstack.pipeline.report import fmt, img, table
+from lmstack.pipeline.report import fmt, img, print_table, table
 from lmstack.pipeline.runner import PipelineResult
 from lmstack.pipeline.stages import finetune_stage, rl_stage
 
@@ -52,16 +52,7 @@ def rows(res: PipelineResult) -> list[tuple[str, ...]]:
 
 
 def print_tables(res: PipelineResult, console: Any) -> None:
-    rs = rows(res)
-    if rs:
-        from rich.table import Table
-
-        t = Table(title="held-out arithmetic accuracy (greedy): SFT vs after RL")
-        for c in HEAD:
-            t.add_column(c)
-        for r in rs:
-            t.add_row(*r)
-        console.print(t)
+    print_table(console, "held-out arithmetic accuracy (greedy): SFT vs after RL", HEAD, rows(res))
 
 
 def html(res: PipelineResult) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 from lmstack.apps.code import recipe as cfg
 from lmstack.apps.code import stages as st
 from lmstack.pipeline import App, Recipe, Stage, register_app
-from lmstack.pipeline.report import fmt, table
+from lmstack.pipeline.report import fmt, print_table, table
 from lmstack.pipeline.runner import PipelineResult
 from lmstack.pipeline.stages import base_stage
 from lmstack.utils.io import model_dir_hash
@@ -39,16 +39,7 @@ HEAD = ("run", "problems", "samples", "pass@k", "parses", "s/problem")
 
 
 def print_tables(res: PipelineResult, console: Any) -> None:
-    rs = rows(res)
-    if rs:
-        from rich.table import Table
-
-        t = Table(title="HumanEval (lmstack's sandbox)")
-        for c in HEAD:
-            t.add_column(c)
-        for r in rs:
-            t.add_row(*r)
-        console.print(t)
+    print_table(console, "HumanEval (lmstack's sandbox)", HEAD, rows(res))
 
 
 def next_commands(res: PipelineResult) -> list[str]:

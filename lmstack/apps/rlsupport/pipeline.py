@@ -9,7 +9,7 @@ from typing import Any
 from lmstack.apps.rlsupport import recipe as cfg
 from lmstack.apps.rlsupport import stages as st
 from lmstack.pipeline import App, Recipe, Stage, register_app
-from lmstack.pipeline.report import fmt, table
+from lmstack.pipeline.report import fmt, print_table, table
 from lmstack.pipeline.runner import PipelineResult
 from lmstack.pipeline.stages import reward_stage, rl_stage
 
@@ -47,16 +47,7 @@ def rows(res: PipelineResult) -> list[tuple[str, ...]]:
 
 
 def print_tables(res: PipelineResult, console: Any) -> None:
-    rs = rows(res)
-    if rs:
-        from rich.table import Table
-
-        t = Table(title="held-out support questions: SFT vs after PPO")
-        for c in HEAD:
-            t.add_column(c)
-        for r in rs:
-            t.add_row(*r)
-        console.print(t)
+    print_table(console, "held-out support questions: SFT vs after PPO", HEAD, rows(res))
 
 
 APP = register_app(App(
