@@ -216,24 +216,3 @@ def test_packaged_minilm_improves_english_faq_recall(tmp_path):
         ranked = [[h.chunk.id for h in r.search(it.heldout_question, k=3, lang="en")] for it in items]
         recall[name] = recall_at_k(ranked, gold, 3)
     assert recall["hybrid"] >= recall["bm25"] + 0.15, recall
-
-
-def test_copy_bias_raises_only_tokens_that_continue_a_span_of_the_source():
-    import torch
-
-    from lmstack.rag.copy import CopyBias, copy_bias
-
-    src = [5, 6, 7, 8, 5, 6, 9]  # "5 6" is followed by 7 and by 9
-    p = copy_bias(src, bias=2.0, max_ngram=3)()
-    assert isinstance(p, CopyBias) and p.satisfied is None
-    row = p(torch.zeros(12), None)
-    assert torch.equal(row, torch.zeros(12))  # nothing generated yet: no bias
-    for t in (1, 5, 6):
-        p.accept(t)
-    row = p(torch.zeros(12), None)
-    assert row.nonzero().flatten().tolist() == [7, 9] and row[7] == 2.0  # the longest suffix found: (5, 6)
-    p.accept(7)
-    assert p.followers(p.out) == {8}  # (5, 6, 7) -> 8
-    p.accept(3)  # 3 is not in the source: back to nothing
-    assert p.followers(p.out) == set()
-    assert CopyBias(src, min_ngram=2).followers([4, 6]) == set()  # one token of overlap is not enough

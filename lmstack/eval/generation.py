@@ -46,8 +46,9 @@ def evaluate_generation(lm, task, progress=None) -> dict:
     if progress is not None:
         bar = progress.add_task(f"{task.name} (generate)", total=len(prompts))
         cb = lambda k: progress.advance(bar, k)  # noqa: E731
+    kw = {"copy": [_copy_from(task, rec) for rec in items]} if task.copy_field else {}
     outs = lm.generate(prompts, max_tokens=task.max_tokens, stop=task.stop, temperature=0.0, seed=task.seed,
-                       progress_cb=cb)
+                       progress_cb=cb, **kw)
     raw = [o[0] for o in outs]
     preds = [apply_filters(y, task.remove, task.strip) for y in raw]
     samples = [{"line": r.line, "prompt": p[-500:], "prediction": y, "references": rf}
@@ -57,6 +58,17 @@ def evaluate_generation(lm, task, progress=None) -> dict:
             s["raw"] = y
     return {"metrics": score_generation(preds, refs, task.metrics, task.bleu_tokenize), "n": len(preds),
             "skipped": recs.skipped, "skipped_examples": recs.skipped_examples, "samples": samples}
+
+
+def _copy_from(task, rec: Record):
+    """The record's texts to quote (``task.copy_field``: a string or a list of strings) with the task's bonuses:
+    the engine's ``CopyFrom`` fields (``lmstack.serve.types``), as a plain mapping (eval sits below serve)."""
+    texts = rec.get(task.name, task.copy_field)
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise DataError(f"task {task.name}: {rec.file}:{rec.line}: field {task.copy_field!r} must be a string or a "
+                        "list of strings (the texts the answer may quote)")
+    return {"texts": tuple(texts), "bias": task.copy_bias, "start_bias": task.copy_start_bias}
 
 
 def apply_filters(text: str, remove: list[str], strip: bool = True) -> str:

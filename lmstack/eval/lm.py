@@ -15,7 +15,7 @@ letters share one forward pass), and the LM head runs only on the positions that
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -216,13 +216,17 @@ class EvalLM:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str], *, max_tokens: int = 64, stop: Sequence[str] = (),
                  temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int = 0,
-                 progress_cb=None, python_syntax: bool = False) -> list[list[str]]:
+                 progress_cb=None, python_syntax: bool = False, copy: Sequence[Any] | None = None) -> list[list[str]]:
         """``n`` completions per prompt (greedy when temperature is 0), cut at the first stop string, decoded by
         the serving engine that the caller attached (``engine=lmstack.serve.evaluation.generate``).
-        ``python_syntax``: each completion is kept valid Python as a continuation of its prompt (code tasks)."""
+        ``python_syntax``: each completion is kept valid Python as a continuation of its prompt (code tasks).
+        ``copy``: per prompt, None or the texts its answer may quote with the bonuses (``{"texts", "bias",
+        "start_bias"}``, the engine's ``CopyFrom``): grounded decoding."""
         if self.engine is None:
             raise ConfigError("generation tasks run on the serving engine: pass engine=lmstack.serve.evaluation."
                               "generate to EvalLM / run_eval (lmstack eval and lmstack run do)")
-        kw = {"python_syntax": True} if python_syntax else {}  # engines without the option still work off
+        kw: dict[str, Any] = {"python_syntax": True} if python_syntax else {}  # engines without it still work off
+        if copy is not None and any(c is not None for c in copy):
+            kw["copy"] = list(copy)
         return self.engine(self, list(prompts), max_tokens=max_tokens, stop=list(stop), temperature=temperature,
                            top_p=top_p, n=n, seed=seed, progress_cb=progress_cb, **kw)

@@ -72,6 +72,11 @@ class GenerationTask(_Base):
     metrics: list[Literal["exact_match", "f1", "contains", "bleu", "chrf", "rouge1", "rouge2", "rougeL"]] = [
         "exact_match", "f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL"]
     bleu_tokenize: str = "auto"  # sacrebleu tokenizer; auto = zh if references contain Chinese, else 13a
+    # grounded decoding (lmstack.serve.logits.CopyBias): the record field listing the texts an answer may quote
+    # (e.g. the retrieved passages' answer units), the bonus for continuing a quote and for starting one
+    copy_field: str | None = None
+    copy_bias: float = Field(4.0, ge=0, le=100)
+    copy_start_bias: float = Field(0.0, ge=0, le=100)
 
     @field_validator("remove")
     @classmethod

@@ -136,7 +136,8 @@ class LLMEngine:
         return self.grammar_backend().factory(so)
 
     def processor_factories(self, params: SamplingParams) -> list[LogitsProcessorFactory]:
-        """The request's logits step, in order: logit_bias, its structured constraint, its own processors."""
+        """The request's logits step, in order: logit_bias, its structured constraint, the copy bonus (grounded
+        decoding), its own processors."""
         out: list[LogitsProcessorFactory] = []
         if params.logit_bias:
             V = self.model.config.vocab_size
@@ -147,6 +148,14 @@ class LLMEngine:
             out.append(lambda: bias)  # stateless: one shared by every sequence
         if params.structured is not None:
             out.append(self.structured_factory(params.structured))
+        if params.copy is not None and params.copy.texts and (params.copy.bias or params.copy.start_bias):
+            if self.tokenizer is None:
+                raise ConfigError("copy (grounded decoding) needs the engine's tokenizer")
+            from lmstack.serve.logits import CopyBias
+
+            c = params.copy
+            src = [self.tokenizer.encode(t) for t in c.texts if t.strip()]
+            out.append(lambda: CopyBias(src, bias=c.bias, start_bias=c.start_bias))
         out.extend(params.logits_processors)
         return out
 

@@ -15,15 +15,17 @@ from typing import Any, Callable, Sequence
 
 def generate(lm: Any, prompts: Sequence[str], *, max_tokens: int = 64, stop: Sequence[str] = (),
              temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int = 0,
-             progress_cb: Callable[[int], None] | None = None, python_syntax: bool = False) -> list[list[str]]:
+             progress_cb: Callable[[int], None] | None = None, python_syntax: bool = False,
+             copy: Sequence[Any] | None = None) -> list[list[str]]:
     """``n`` completions per prompt for an :class:`~lmstack.eval.lm.EvalLM` (greedy at temperature 0), cut at
     the first stop string or end-of-turn token. Prompts are cut on the left to fit the model's length.
     ``python_syntax``: keep each completion valid Python as a continuation of its own prompt
     (``StructuredOutput("python", prompt)``, ``lmstack.serve.python_syntax``): for pass@k, where the prompt is a
     function's signature and docstring, every completion that ends (end of turn or a stop string) parses together
-    with its prompt; only a ``max_tokens`` cut can leave it unfinished."""
+    with its prompt; only a ``max_tokens`` cut can leave it unfinished. ``copy``: one
+    :class:`~lmstack.serve.types.CopyFrom` (or its fields as a mapping, or None) per prompt, grounded decoding (``lmstack.serve.logits.CopyBias``)."""
     from lmstack.serve.llm import LLM
-    from lmstack.serve.types import SamplingParams, StructuredOutput
+    from lmstack.serve.types import CopyFrom, SamplingParams, StructuredOutput
 
     P = lm.prefix_kv[0][0].shape[-2] if lm.prefix_kv is not None else 0  # prompt/prefix-tuning slots
     room = lm.max_length - P
@@ -39,6 +41,12 @@ def generate(lm: Any, prompts: Sequence[str], *, max_tokens: int = 64, stop: Seq
     plist: SamplingParams | list[SamplingParams] = params
     if python_syntax:  # each prompt's own code is the prefix its completion continues
         plist = [dataclasses.replace(params, structured=StructuredOutput("python", p)) for p in prompts]
+    if copy is not None:
+        if len(copy) != len(prompts):
+            raise ValueError(f"copy has {len(copy)} entries for {len(prompts)} prompts")
+        base = plist if isinstance(plist, list) else [plist] * len(prompts)
+        plist = [dataclasses.replace(q, copy=CopyFrom(**{**c, "texts": tuple(c["texts"])}) if isinstance(c, dict) else c)
+                 for q, c in zip(base, copy)]
     outs = llm.generate(enc, plist, use_tqdm=False)
     if progress_cb is not None:
         progress_cb(len(enc) * n)

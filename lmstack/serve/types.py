@@ -23,6 +23,31 @@ StructuredKind = Literal["json", "json_object", "json_schema", "regex", "grammar
 STRUCTURED_KINDS = ("json", "json_object", "json_schema", "regex", "grammar", "lark", "choice", "python")
 
 
+COPY_MAX_TEXTS, COPY_MAX_CHARS = 256, 4000
+
+
+@dataclass(frozen=True)
+class CopyFrom:
+    """Grounded decoding (:class:`lmstack.serve.logits.CopyBias`): the texts an answer may quote (the retrieved
+    passages, or their answer units), a logit bonus for the token that continues the quote the output is in
+    (``bias``) and one for the first token of any text at the start of the answer (``start_bias``). The model
+    still writes every token; a quote is only made cheaper than a paraphrase."""
+
+    texts: tuple[str, ...]
+    bias: float = 4.0
+    start_bias: float = 0.0
+
+    def problem(self) -> str | None:
+        """What is wrong with it, or None."""
+        if not isinstance(self.texts, tuple) or not all(isinstance(t, str) for t in self.texts):
+            return "copy.texts must be a tuple of strings"
+        if len(self.texts) > COPY_MAX_TEXTS or any(len(t) > COPY_MAX_CHARS for t in self.texts):
+            return f"copy takes at most {COPY_MAX_TEXTS} texts of at most {COPY_MAX_CHARS} characters each"
+        if not (0 <= self.bias <= 100 and 0 <= self.start_bias <= 100):
+            return "copy.bias and copy.start_bias must be in [0, 100]"
+        return None
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """A constraint on a request's output, compiled by ``lmstack.serve.structured`` (llguidance).
@@ -78,6 +103,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added logit, [-100, 100] (OpenAI's)
     structured: StructuredOutput | None = None  # JSON / JSON Schema / regex / grammar / choice / Python
     logits_processors: list["LogitsProcessorFactory"] = field(default_factory=list)  # one fresh per sequence
+    copy: CopyFrom | None = None  # grounded decoding: a bonus for quoting these texts (lmstack.serve.logits.CopyBias)
 
     @classmethod
     def from_kwargs(cls, **kw) -> "SamplingParams":
@@ -123,6 +149,8 @@ class SamplingParams:
              f"structured must be a StructuredOutput of kind {', '.join(STRUCTURED_KINDS)}"),
             ("logits_processors", all(callable(f) for f in self.logits_processors),
              "logits_processors must be factories (callables returning a LogitsProcessor)"),
+            ("copy", self.copy is None or (isinstance(self.copy, CopyFrom) and self.copy.problem() is None),
+             (self.copy.problem() if isinstance(self.copy, CopyFrom) else "copy must be a CopyFrom") or ""),
         ]
         for param, ok, msg in checks:
             if not ok:

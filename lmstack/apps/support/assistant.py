@@ -38,7 +38,7 @@ class SupportAssistant:
                  mode: str = "select", reader: Any = None, ranker: str | Path | Any = None,
                  system_prompt: str = SYSTEM_PROMPT, max_history_turns: int = 4, max_tokens: int = 96,
                  temperature: float = 0.0, guard: str | Path | Any = None, context: str = "passages",
-                 units: int = 4, **load_kw: Any):
+                 units: int = 4, copy_bias: float = 0.0, copy_start_bias: float = 0.0, **load_kw: Any):
         if mode not in ("select", "generate"):
             raise ValueError(f"mode must be 'select' or 'generate', got {mode!r}")
         if context not in ("passages", "units"):
@@ -73,6 +73,9 @@ class SupportAssistant:
         self.system_prompt = system_prompt
         self.max_history_turns = max_history_turns
         self.sampling = {"max_tokens": max_tokens, "temperature": temperature}
+        # grounded decoding: quoting the shown passages' answer units (and the shop's fixed replies) is made cheaper
+        # than paraphrasing them (lmstack.serve.logits.CopyBias); 0 and 0: plain decoding
+        self.copy_bias, self.copy_start_bias = copy_bias, copy_start_bias
         self.history: list[dict[str, str]] = []
         self.last_context: list[Any] = []  # lmstack.rag.Hit of the last question
 
@@ -128,7 +131,7 @@ class SupportAssistant:
             prompt = self.llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
             pieces: Iterator[str] = iter([self.reader.answer(prompt, question, self.last_context)])
         else:
-            pieces = self.llm.stream(self.llm.chat_prompt(msgs), **{**self.sampling, **sampling})
+            pieces = self.llm.stream(self.llm.chat_prompt(msgs), **{**self.sampling, **self.copy(question), **sampling})
         answer = []
         for piece in self._guarded(pieces):
             if not answer:
@@ -156,6 +159,18 @@ class SupportAssistant:
             if text:
                 yield text
 
+    def copy(self, question: str) -> dict[str, Any]:
+        """The grounded-decoding sampling argument for this turn (empty when off): the answer units of the
+        passages just retrieved and the fixed replies in the question's language."""
+        if not (self.copy_bias or self.copy_start_bias):
+            return {}
+        from lmstack.apps.support.reader import candidates
+        from lmstack.rag.analyze import has_han
+        from lmstack.serve.types import CopyFrom
+
+        texts = candidates(self.last_context, "zh" if has_han(question) else "en")
+        return {"copy": CopyFrom(tuple(texts), bias=self.copy_bias, start_bias=self.copy_start_bias)}
+
     def cited(self, answer: str) -> list[Any]:
         """The passages (:class:`lmstack.rag.Hit` of the last question) an answer cites with ``[n]`` markers."""
         return [self.last_context[n - 1] for n in citation_numbers(answer) if 0 < n <= len(self.last_context)]
@@ -173,7 +188,8 @@ def bundle_kwargs(bundle: str | Path) -> dict[str, Any]:
     s = b.settings
     out: dict[str, Any] = {"model": str(b.part("model")), "adapter": b.part("adapter"), "index": str(b.part("index")),
                            "ranker": b.part("ranker"), "guard": b.part("guard")}
-    for key in ("k", "context_max_chars", "mode", "system_prompt", "max_tokens", "context", "units"):
+    for key in ("k", "context_max_chars", "mode", "system_prompt", "max_tokens", "context", "units", "copy_bias",
+                "copy_start_bias"):
         if s.get(key) is not None:
             out[key] = s[key]
     return out

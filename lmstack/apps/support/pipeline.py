@@ -86,9 +86,10 @@ def bundle_parts(r: Recipe, summaries: dict[str, Any]) -> dict[str, Any]:
 
 def bundle_settings(r: Recipe, b: cfg.BundleStage) -> dict[str, Any]:
     """The runtime settings the assistant was built and measured with (never flags for the user to copy)."""
-    rag = st.section(r, "rag")
+    rag, ev = st.section(r, "rag"), st.section(r, "eval")
     return {"k": rag.k, "context_max_chars": rag.context_max_chars, "mode": b.mode, "max_tokens": b.max_tokens,
             "context": rag.context if st.units_context(r) else "passages", "units": rag.units,
+            "copy_bias": ev.copy_bias, "copy_start_bias": ev.copy_start_bias,
             "system_prompt": st.system_prompt(r), "embedder": rag.embedder if rag.dense else None,
             "dense_langs": list(rag.dense_langs), "recipe": r.name}
 

@@ -342,24 +342,45 @@ def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str,
     tok = Tokenizer.from_dir(tokenizer_dir)
     remove = [CITATION.pattern] if "rag" in recipe.stages and section(recipe, "rag").cite else []
 
+    copy = "rag" in recipe.stages and bool(r.copy_bias or r.copy_start_bias)
+    retriever = None
+    if copy:  # grounded decoding: each question's quotable texts, as the assistant builds them live
+        from lmstack.apps.support.retrieval import open_kb_retriever
+
+        retriever = open_kb_retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+
+    def quote(x: dict[str, Any]) -> dict[str, Any]:
+        if retriever is None:
+            return {}
+        from lmstack.apps.support.reader import candidates
+
+        hits = _grounded_hits(retriever, x.get("context") or [])
+        if x.get("units") and len(x["units"]) == len(hits):  # context: units -- the units shown, not their passages
+            import dataclasses
+
+            hits = [dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=t)) for h, t in zip(hits, x["units"])]
+        return {"quote": candidates(hits, x["lang"])}
+
     def asked(rows: list[dict[str, Any]], path: Path) -> Path:
         write_jsonl(path, ({"question": x["question"], "answer": x["answer"], "lang": x["lang"], "id": x["id"],
-                            "prompt": tok.apply_chat_template(x["messages"], add_generation_prompt=True)}
+                            "prompt": tok.apply_chat_template(x["messages"], add_generation_prompt=True), **quote(x)}
                            for x in rows))
         return path
+
+    grounded = {"copy_field": "quote", "copy_bias": r.copy_bias, "copy_start_bias": r.copy_start_bias} if copy else {}
 
     rows = list(read_jsonl(qa_dir(recipe) / "heldout_qa.jsonl"))
     qa_path = asked(sample_heldout(rows, r.heldout_limit, seed=recipe.seed), out / "support_heldout.jsonl")
     tasks: list[dict[str, Any]] = [{
         "type": "generation", "name": "support_heldout", "data": str(qa_path.resolve()), "prompt": "{{ prompt }}",
-        "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": r.metrics, "remove": remove,
+        "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": r.metrics, "remove": remove, **grounded,
         "description": "held-out paraphrases of Larkspur Home support questions (never seen in training)"}]
     reply = qa_dir(recipe) / "heldout_reply.jsonl"
     if r.replies and reply.is_file():
         path = asked(list(read_jsonl(reply)), out / "support_reply.jsonl")
         tasks.append({"type": "generation", "name": "support_reply", "data": str(path.resolve()),
                       "prompt": "{{ prompt }}", "max_tokens": r.max_tokens, "stop": ["\n"], "remove": remove,
-                      "metrics": REPLY_METRICS,
+                      "metrics": REPLY_METRICS, **grounded,
                       "description": "held-out greetings and out-of-scope questions: greet or decline as the shop "
                                      "says"})
     if r.general_qa:

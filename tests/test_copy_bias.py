@@ -1,0 +1,113 @@
+"""Grounded decoding (``lmstack.serve.logits.CopyBias``, ``SamplingParams.copy``): a logit bonus for quoting the
+retrieved texts, checked against a hand computation of the rule on fixed logits, then through the engine on a
+real tiny model against the same rule applied to ``transformers``' own logits step by step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmstack.serve.logits import CopyBias
+from lmstack.serve.types import CopyFrom, InvalidSamplingParam, SamplingParams
+from tests.engine_fixtures import text_model_dir
+
+
+def test_rule_on_fixed_logits():
+    src = [[1, 2, 3], [4, 2, 5], [7, 8]]
+    p = CopyBias(src, bias=2.0, start_bias=5.0, max_n=2)
+    zero = torch.zeros(10)
+    # first token: the start bonus on the first token of every text (1, 4, 7), nothing else
+    assert p(zero.clone(), None).tolist() == [0, 5, 0, 0, 5, 0, 0, 5, 0, 0]
+    p.accept(9)  # not in any text: no n-gram matches, no bonus
+    assert p(zero.clone(), None).tolist() == [0] * 10
+    p.accept(2)  # unigram (2,) is followed by 3 and by 5
+    assert p(zero.clone(), None).tolist() == [0, 0, 0, 2, 0, 2, 0, 0, 0, 0]
+    q = CopyBias(src, bias=2.0, max_n=2)
+    for t in (1, 2):
+        q.accept(t)  # the bigram (1, 2) matches the first text only: its continuation alone (longest match wins)
+    assert q(zero.clone(), None).tolist() == [0, 0, 0, 2, 0, 0, 0, 0, 0, 0]
+    q.accept(3)  # end of the first text: (2, 3) and (3,) are followed by nothing
+    assert q(zero.clone(), None).tolist() == [0] * 10
+    # no match across two texts: 3 is never followed by 4
+    r = CopyBias(src, bias=1.0)
+    r.accept(3)
+    assert r(zero.clone(), None).tolist() == [0] * 10
+    # a banned token stays banned
+    s = CopyBias([[1, 2]], bias=3.0, start_bias=3.0)
+    row = torch.zeros(4)
+    row[1] = float("-inf")
+    assert s(row, None)[1] == float("-inf")
+
+
+def test_copy_params_validated():
+    with pytest.raises(InvalidSamplingParam, match="copy"):
+        SamplingParams(copy=CopyFrom(("a",), bias=500.0)).validate()
+    with pytest.raises(InvalidSamplingParam, match="copy"):
+        SamplingParams(copy=CopyFrom(tuple("x" * 5000 for _ in range(2)))).validate()
+    with pytest.raises(ValueError, match="min_n"):
+        CopyBias([[1]], min_n=0)
+    SamplingParams(copy=CopyFrom(("fine",), bias=4.0, start_bias=2.0)).validate()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from lmstack.serve.llm import load
+
+    path, hf = text_model_dir(tmp_path_factory.mktemp("copy"))
+    return load(path), hf
+
+
+def _reference(hf, tok, prompt_ids, texts, bias, start_bias, n):
+    """Greedy decoding with transformers' logits and the bonus rule written out here."""
+    src = [tok.encode(t) for t in texts]
+    ids, out = list(prompt_ids), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].float().clone()
+        if not out:
+            logits[sorted({s[0] for s in src})] += start_bias
+        else:
+            for k in range(min(4, len(out)), 0, -1):
+                follow = {s[j] for s in src for j in range(k, len(s)) if s[j - k:j] == out[-k:]}
+                if follow:
+                    logits[sorted(follow)] += bias
+                    break
+        t = int(logits.argmax())
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+def test_engine_matches_the_rule_and_quotes(tiny):
+    llm, hf = tiny
+    tok = llm.tokenizer
+    prompt = tok.encode("Hello world! The quick")
+    texts = ["Language models predict the next token.", "Serving many requests at once."]
+    n = 12
+    plain = llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    for bias, start in ((3.0, 3.0), (100.0, 100.0)):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                copy=CopyFrom(tuple(texts), bias=bias, start_bias=start))
+        got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert got == _reference(hf, tok, prompt, texts, bias, start, n)
+    # a bonus of 100 all but forces the quote: the output starts with one of the texts, token for token
+    quotes = [tok.encode(t) for t in texts]
+    assert any(got[:min(n, len(q))] == q[:n] for q in quotes)
+    assert got != plain
+
+
+def test_longest_suffix_decides():
+    src = [5, 6, 7, 8, 5, 6, 9]  # "5 6" is followed by 7 and by 9
+    p = CopyBias([src], bias=2.0, max_n=3)
+    assert p.satisfied is None
+    assert torch.equal(p(torch.zeros(12), None), torch.zeros(12))  # nothing generated, no start bonus: no bias
+    for t in (1, 5, 6):
+        p.accept(t)
+    row = p(torch.zeros(12), None)
+    assert row.nonzero().flatten().tolist() == [7, 9] and row[7] == 2.0  # the longest suffix found: (5, 6)
+    p.accept(7)
+    assert p.followers(p.out) == {8}  # (5, 6, 7) -> 8
+    p.accept(3)  # 3 is in no text: back to nothing
+    assert p.followers(p.out) == set()
+    assert CopyBias([src], min_n=2).followers([4, 6]) == set()  # one token of overlap is not enough
