@@ -2,7 +2,7 @@
 corpus plus the real docs of recipes/data/rag_eval, against named baselines in the same run.
 
 Measured: full index time (docs/s, chunks/s), incremental re-index after changing 1% of the files, query latency
-p50 / p95 of BM25 (SQLite FTS5), dense exact (numpy) and dense HNSW (usearch), hybrid (RRF); resident memory of
+p50 / p95 / p99 of BM25 (SQLite FTS5), dense exact (numpy) and dense HNSW (usearch), hybrid (RRF); resident memory of
 the open retriever; recall@10 of HNSW against exact. Baselines: ``bm25s`` (BM25 over the same chunk texts, its
 own in-memory index) and scikit-learn's brute-force ``NearestNeighbors`` (cosine) over the same vectors.
 
