@@ -80,7 +80,8 @@ def _all_hits(path):
 
     r = DocRetriever(path, embedder=None)
     rows = r.con.execute("SELECT id FROM chunks ORDER BY id").fetchall()
-    by_id = {h.chunk.id: h.chunk for q in ("return", "shipping", "warranty", "退货") for h in r.search(q, 5, mode="bm25")}
+    by_id = {h.chunk.id: h.chunk for q in ("return", "shipping", "warranty", "退货")
+             for h in r.search(q, 5, mode="bm25")}
     assert sorted(by_id) == [i for (i,) in rows]
     return [Hit(by_id[i], 1.0 / n, n) for n, (i,) in enumerate(rows, 1)]
 
