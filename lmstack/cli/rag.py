@@ -15,7 +15,9 @@ STORE = typer.Option("auto", "--store", help="Vector search: auto (exact up to 1
 STORE_AT = typer.Option(":memory:", "--store-location", help="For --store qdrant: :memory:, a folder (local mode) "
                         "or a server URL (http://localhost:6333).")
 RERANK = typer.Option(None, "--rerank", help="Rerank the top --rerank-depth candidates: a reranker .json "
-                      "(`lmstack rag fit-reranker`) or a local sentence-transformers CrossEncoder directory.")
+                      "(`lmstack rag fit-reranker`), a local sentence-transformers CrossEncoder directory, or "
+                      "llm:MODEL / llm-yes:MODEL (a causal LM directory or .gguf scores each candidate: query "
+                      "likelihood / Yes-No).")
 RERANK_DEPTH = typer.Option(20, "--rerank-depth", min=1, max=200, help="First-stage candidates the reranker sees.")
 EMBEDDER = typer.Option("auto", "--embedder", help="auto (the packaged all-MiniLM-L6-v2 when installed), none, or a "
                         "local sentence-transformers directory.")

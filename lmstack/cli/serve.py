@@ -67,8 +67,8 @@ def register(app: typer.Typer) -> None:
         rag_upload: bool = typer.Option(False, "--rag-upload", help="With --rag: accept documents uploaded from the "
                                         "web chat (POST /v1/rag/documents) into the index."),
         rag_rerank: Optional[str] = typer.Option(None, "--rag-rerank", help="With --rag: rerank the top 20 chunks "
-                                                 "with a reranker .json (`lmstack rag fit-reranker`) or a local "
-                                                 "CrossEncoder directory."),
+                                                 "with a reranker .json (`lmstack rag fit-reranker`), a local "
+                                                 "CrossEncoder directory or llm:MODEL / llm-yes:MODEL."),
     ) -> None:
         """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) with a web chat at /."""
         from lmstack.serve.api import run_server

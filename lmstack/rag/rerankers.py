@@ -7,6 +7,12 @@ hits come back in the reranker's order with its score.
 
 - :class:`CrossEncoderReranker`: a sentence-transformers ``CrossEncoder`` directory (query and passage read
   together by one transformer, Nogueira & Cho 2019) -- any local one; nothing is downloaded.
+- :class:`LLMReranker` (``llm:MODEL`` / ``llm-yes:MODEL``): a causal language model (an lmstack / HF model
+  directory or a ``.gguf`` file) scores each candidate with one forward pass, no generation: by default the
+  *query likelihood* of the question given the passage (UPR, Sachan et al. 2022: the mean log-probability of the
+  question's tokens as the reply to "Passage: ... Write a question that this passage answers."), or, with
+  ``llm-yes:``, the relevance judgement ``log p("Yes") - log p("No")`` as the reply to "Passage: ... Question:
+  ... Does the passage answer the question? Answer Yes or No." (pointwise relevance generation).
 - :class:`FeatureReranker`: lmstack's :class:`~lmstack.rag.rerank.LinearRanker` over retrieval features of each
   candidate (below), fit listwise on labelled questions that are not the evaluated ones
   (:func:`fit_feature_reranker`, ``lmstack rag fit-reranker``). Cheap (no model call beyond the first stage's
@@ -64,6 +70,64 @@ class CrossEncoderReranker:
         pairs = [(query, f"{h.chunk.title}\n{h.chunk.text}" if h.chunk.title else h.chunk.text) for h in hits]
         out = self.model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True)
         return [float(x) for x in np.asarray(out, dtype=np.float64).reshape(len(hits), -1)[:, -1]]
+
+    def rerank(self, query: str, hits: Sequence[Hit], k: int, retriever: Any = None) -> list[Hit]:
+        return _rehit(hits, self.scores(query, hits), k) if hits else []
+
+
+LLM_METHODS = {"llm": "query-likelihood", "llm-yes": "yes-no"}
+QL_PROMPT = "Passage: {passage}\n\nWrite a question that this passage answers."
+YES_PROMPT = ("Passage: {passage}\n\nQuestion: {question}\n\nDoes the passage answer the question? "
+              "Answer Yes or No.")
+MAX_PASSAGE_CHARS = 4000
+
+
+class LLMReranker:
+    """A causal LM's judgement of each (query, candidate) pair (module docstring): ``method`` is
+    ``"query-likelihood"`` (score = mean log p(question tokens | passage prompt)) or ``"yes-no"`` (score =
+    log p(Yes) - log p(No) as the first reply tokens). The prompt is the model's chat template (one user turn,
+    then the assistant's turn), with control tokens inside the passage encoded as plain text: a document cannot
+    end the turn. ``lm``: an :class:`lmstack.eval.lm.EvalLM` (one forward pass per candidate, batched)."""
+
+    kind = "llm"
+
+    def __init__(self, lm: Any, method: str = "query-likelihood", max_passage_chars: int = MAX_PASSAGE_CHARS):
+        if method not in LLM_METHODS.values():
+            raise ConfigError(f"LLM reranking method {method!r}: expected one of {', '.join(LLM_METHODS.values())}")
+        self.lm, self.method, self.max_passage_chars = lm, method, int(max_passage_chars)
+
+    @classmethod
+    def load(cls, model: str | Path, method: str = "query-likelihood", device: str | None = None) -> "LLMReranker":
+        from lmstack.eval.lm import EvalLM
+
+        return cls(EvalLM.load(model, device=device), method)
+
+    def _context(self, text: str) -> list[int]:
+        tok = self.lm.tok
+        msgs = [{"role": "user", "content": text}]
+        if getattr(tok, "chat_template", None):
+            return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, sanitize=True))
+        return self.lm.prefix_ids() + tok.encode(text + "\n")  # a base model without a template: plain text
+
+    def requests(self, query: str, hits: Sequence[Hit]) -> list[tuple[list[int], list[int]]]:
+        """The (context ids, continuation ids) pairs scored: one per candidate (query likelihood), or two per
+        candidate, Yes then No (yes-no)."""
+        tok, reqs = self.lm.tok, []
+        for h in hits:
+            passage = (f"{h.chunk.title}\n{h.chunk.text}" if h.chunk.title else h.chunk.text)[:self.max_passage_chars]
+            if self.method == "query-likelihood":
+                reqs.append((self._context(QL_PROMPT.format(passage=passage)), tok.encode(query.strip())))
+            else:
+                ctx = self._context(YES_PROMPT.format(passage=passage, question=query.strip()))
+                reqs += [(ctx, tok.encode("Yes")), (ctx, tok.encode("No"))]
+        return reqs
+
+    def scores(self, query: str, hits: Sequence[Hit]) -> list[float]:
+        reqs = self.requests(query, hits)
+        out = [s for s, _ in self.lm.loglikelihood_tokens(reqs)]
+        if self.method == "query-likelihood":
+            return [s / max(1, len(cont)) for s, (_, cont) in zip(out, reqs)]
+        return [out[2 * i] - out[2 * i + 1] for i in range(len(hits))]
 
     def rerank(self, query: str, hits: Sequence[Hit], k: int, retriever: Any = None) -> list[Hit]:
         return _rehit(hits, self.scores(query, hits), k) if hits else []
@@ -131,15 +195,25 @@ class FeatureReranker:
 
 
 def load_reranker(spec: str | Path, device: str = "cpu") -> Any:
-    """A reranker from ``spec``: a ``.json`` file written by ``lmstack rag fit-reranker`` (feature weights), or a
-    local sentence-transformers CrossEncoder directory."""
+    """A reranker from ``spec``: a ``.json`` file written by ``lmstack rag fit-reranker`` (feature weights), a
+    local sentence-transformers CrossEncoder directory, or ``llm:MODEL`` / ``llm-yes:MODEL`` (a causal LM
+    directory or ``.gguf`` file: :class:`LLMReranker` by query likelihood / by its Yes-No judgement)."""
+    text = str(spec)
+    for prefix, method in LLM_METHODS.items():
+        if text.startswith(prefix + ":"):
+            model = Path(text[len(prefix) + 1:]).expanduser()
+            if not (model.is_dir() and (model / "config.json").is_file()) and not (
+                    model.is_file() and model.suffix == ".gguf"):
+                raise ConfigError(f"--rerank {spec}: {model} is not a model directory (with config.json) "
+                                  "or a .gguf file")
+            return LLMReranker.load(model, method, device=device)
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".json":
         return FeatureReranker.load(p)
     if p.is_dir() and (p / "config.json").is_file():
         return CrossEncoderReranker(p, device=device)
-    raise ConfigError(f"--rerank {spec}: expected a reranker .json (lmstack rag fit-reranker) or a local "
-                      "sentence-transformers CrossEncoder directory")
+    raise ConfigError(f"--rerank {spec}: expected a reranker .json (lmstack rag fit-reranker), a local "
+                      "sentence-transformers CrossEncoder directory, or llm:MODEL / llm-yes:MODEL (a causal LM)")
 
 
 def fit_feature_reranker(retriever: Any, questions: Sequence[dict[str, Any]], *, mode: str = "hybrid",
