@@ -111,3 +111,27 @@ def test_longest_suffix_decides():
     p.accept(3)  # 3 is in no text: back to nothing
     assert p.followers(p.out) == set()
     assert CopyBias([src], min_n=2).followers([4, 6]) == set()  # one token of overlap is not enough
+
+
+def test_openai_client_copy_extra(tmp_path):
+    """The ``copy`` extra through the live server and the official client: a bonus of 100 makes the random model
+    quote the text; an oversized one is a 400 naming the field."""
+    import openai
+
+    import lmstack.serve.llm as L
+    from lmstack.serve.api import create_app
+    from tests.serve_fixtures import LiveServer
+
+    path, _ = text_model_dir(tmp_path / "m")
+    llm = L.load(path, max_num_seqs=4)
+    text = "Serving many requests at once needs continuous batching."
+    with LiveServer(create_app(llm, served_model_name="tiny")) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": "Hello world!"}]
+        out = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, temperature=0,
+                                        extra_body={"copy": {"texts": [text], "bias": 100, "start_bias": 100}})
+        assert out.choices[0].message.content.startswith(text)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
+                                      extra_body={"copy": {"texts": ["x"] * 300}})
+        assert "copy" in str(e.value) and "x', 'x" not in str(e.value)

@@ -83,6 +83,12 @@ def test_quickstart_eval_compares_base_finetuned_and_no_model(run):
     assert "support_select" not in ev["finetuned"] and "support_select" not in ev["base"]
     samples = [json.loads(x) for x in (run_dir / "eval/finetuned/samples/support_heldout.jsonl").read_text().splitlines()]
     assert all("raw" in s and "[" not in s["prediction"][-4:] for s in samples)  # scored without the citation
+    # grounded decoding: every support question carries the texts its answer may quote (the shown passages'
+    # answer units, then the shop's fixed greeting and refusal), and both models were decoded with them
+    from lmstack.apps.support.dialogues import GREETINGS, OUT_OF_SCOPE
+
+    for r in map(json.loads, (run_dir / "eval/support_heldout.jsonl").read_text().splitlines()):
+        assert r["quote"][-2:] == [GREETINGS[r["lang"]][1], OUT_OF_SCOPE[r["lang"]][1]] and len(r["quote"]) > 2
     html = (run_dir / "report.html").read_text(encoding="utf-8")
     for text in ("support_reply (zh)", "general_qa (en)", "citations", "base (generated)"):
         assert text in html, text
@@ -108,6 +114,9 @@ def test_quickstart_bundle_streams_generated_answers(run, monkeypatch):
     bot = SupportAssistant.load(run_dir / "bundle", guard=None)  # unguarded: the model's own stream, piece by piece
     pieces = list(bot.stream("How long does standard shipping take?"))
     assert len(pieces) >= 2 and bot.history[-1] == {"role": "assistant", "content": "".join(pieces).strip()}
+    assert bundle.settings["copy_bias"] == bundle.settings["copy_start_bias"] == 6.0  # what the eval decoded with
+    quote = bot.copy("How long does standard shipping take?")["copy"]
+    assert "Standard shipping takes 3-5 business days after your order ships." in quote.texts and quote.bias == 6.0
     assert len(bot.llm.tokenizer.encode(bot.history[-1]["content"])) <= 8
     monkeypatch.setattr("sys.stdin", io.StringIO("Do you ship internationally?\n/exit\n"))
     assert main(["support", "chat", str(run_dir / "bundle"), "-n", "4", "--show-context", "--guard", "off"]) == 0

@@ -142,6 +142,11 @@ def test_assistant_retrieves_every_turn_and_keeps_history(retriever):
     assert bot.last_context == [] and llm.seen[3][0]["content"] == SYSTEM_PROMPT
     bot.reset()
     assert bot.history == [] and bot.last_context == []
+    grounded = SupportAssistant(FakeLLM(), index=retriever, k=2, mode="generate", copy_bias=6.0, copy_start_bias=2.0)
+    assert bot.copy("x") == {}  # off unless asked for
+    grounded.ask("雪松砧板多少钱？")
+    c = grounded.copy("雪松砧板多少钱？")["copy"]
+    assert "雪松砧板售价34美元。" in c.texts and (c.bias, c.start_bias) == (6.0, 2.0)
     plain = SupportAssistant(FakeLLM())  # no index: the bare system prompt, as before retrieval existed
     assert plain.messages("hi")[0] == {"role": "system", "content": SYSTEM_PROMPT}
 
@@ -180,6 +185,26 @@ def test_http_middleware_grounds_chat_requests_only(retriever):
     assert client.post("/v1/completions", content=b'{"prompt": "x"}').json()["body"] == '{"prompt": "x"}'
     assert client.post("/v1/chat/completions", content=b"not json").json()["body"] == "not json"
     assert json.loads(client.post("/v1/chat/completions", json={"messages": []}).json()["body"]) == {"messages": []}
+
+    # grounded decoding: the request gets the `copy` extra -- the shown passages' answer units and the fixed
+    # replies in the question's language -- unless the client sent its own
+    from lmstack.apps.support.dialogues import GREETINGS, OUT_OF_SCOPE
+
+    grounded = TestClient(GroundingMiddleware(echo, retriever, k=2, copy=(6.0, 3.0)))
+    sent = json.loads(grounded.post("/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "How long does standard shipping take?"}]}).json()["body"])
+    assert sent["copy"]["bias"] == 6.0 and sent["copy"]["start_bias"] == 3.0
+    assert "Standard shipping takes 3-5 business days after your order ships." in sent["copy"]["texts"]
+    assert sent["copy"]["texts"][-2:] == [GREETINGS["en"][1], OUT_OF_SCOPE["en"][1]]
+    sent = json.loads(grounded.post("/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "退货运费谁出？"}]}).json()["body"])
+    assert sent["copy"]["texts"][-2:] == [GREETINGS["zh"][1], OUT_OF_SCOPE["zh"][1]]
+    own = {"texts": ["mine"], "bias": 1.0}
+    sent = json.loads(grounded.post("/v1/chat/completions", json={"model": "m", "copy": own, "messages": [
+        {"role": "user", "content": "How long does standard shipping take?"}]}).json()["body"])
+    assert sent["copy"] == own
+    assert "copy" not in json.loads(client.post("/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "Do you ship to PO boxes?"}]}).json()["body"])  # off by default
 
 
 class FakeTok:

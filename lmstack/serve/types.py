@@ -154,7 +154,8 @@ class SamplingParams:
         ]
         for param, ok, msg in checks:
             if not ok:
-                raise InvalidSamplingParam(param, f"{msg}; got {getattr(self, param)!r}")
+                got = "" if param == "copy" else f"; got {getattr(self, param)!r}"  # (texts can be long)
+                raise InvalidSamplingParam(param, f"{msg}{got}")
 
 
 @dataclass

@@ -129,7 +129,8 @@ class GroundingMiddleware:
     def __init__(self, app: Callable, retriever: Any, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
                  context_max_chars: int | None = None, *, reader: Any = None, tokenizer: Any = None,
                  model_names: list[str] | None = None, api_key: str | None = None,
-                 max_body: int = DEFAULT_MAX_REQUEST_BYTES, guard: Any = None, units: tuple[Any, int] | None = None):
+                 max_body: int = DEFAULT_MAX_REQUEST_BYTES, guard: Any = None, units: tuple[Any, int] | None = None,
+                 copy: tuple[float, float] | None = None):
         self.app, self.retriever, self.k = app, retriever, k
         self.guard = guard  # lmstack.guard.Guard (--guard policy.yaml): input, passage and output rails
         self.system_prompt, self.context_max_chars = system_prompt, context_max_chars
@@ -138,6 +139,9 @@ class GroundingMiddleware:
         self.reader, self.tokenizer, self.model_names, self.api_key = reader, tokenizer, model_names or [], api_key
         self.max_body = max_body
         self.units = units  # (no-model reader, n): prompts show the top n answer units (context "units")
+        # (bias, start_bias): generated answers get the `copy` extra -- the shown passages' answer units and the
+        # fixed replies, quoted more cheaply than paraphrased (grounded decoding), unless the request brings its own
+        self.copy = copy if copy and any(copy) else None
         self._lock = threading.Lock()
         if guard is not None:
             attach_metrics(guard, app)  # /metrics: lmstack_guard_decisions_total{stage, rail, action}
@@ -210,6 +214,14 @@ class GroundingMiddleware:
                 req["messages"] = ground_messages(req["messages"], self.retriever, self.k, self.system_prompt,
                                                   self.context_max_chars, hits_out=hits, guard=self.guard, key=key,
                                                   units=self.units)
+            if self.copy is not None and "copy" not in req:
+                from lmstack.apps.support.reader import candidates
+                from lmstack.rag.analyze import has_han
+
+                users = [content_text(m.get("content")) for m in req["messages"] if isinstance(m, dict)
+                         and m.get("role") == "user"]
+                lang = "zh" if users and has_han(users[-1]) else "en"
+                req["copy"] = {"texts": candidates(hits, lang), "bias": self.copy[0], "start_bias": self.copy[1]}
             return req, hits, json.dumps(req, ensure_ascii=False).encode()
         except (ValueError, TypeError, AttributeError, RecursionError):
             return None
@@ -262,7 +274,8 @@ class GroundingMiddleware:
 
 def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
                        context_max_chars: int | None = None, reader: Any = None, guard: Any = None,
-                       units: tuple[Any, int] | None = None, **app_kw: Any) -> GroundingMiddleware:
+                       units: tuple[Any, int] | None = None, copy: tuple[float, float] | None = None,
+                       **app_kw: Any) -> GroundingMiddleware:
     """:func:`lmstack.serve.api.create_app` for ``llm``, wrapped in :class:`GroundingMiddleware` (with a
     ``reader``, plain chat requests get the selected answer, as in ``lmstack support chat``)."""
     from lmstack.serve.api.app import create_app
@@ -271,7 +284,7 @@ def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_p
     wrapped = GroundingMiddleware(app, retriever, k, system_prompt, context_max_chars, reader=reader,
                                   tokenizer=app.state.model.tokenizer, model_names=list(app.state.model.names),
                                   api_key=app_kw.get("api_key"), max_body=app.state.max_request_bytes, guard=guard,
-                                  units=units)
+                                  units=units, copy=copy)
     wrapped.state = app.state  # type: ignore[attr-defined]  (the served model, for callers and tests)
     return wrapped
 
@@ -281,7 +294,7 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
                   device: str | None = None, dtype: str | None = None, max_num_seqs: int = 16,
                   log_level: str = "info", drain_timeout: float = 30.0, mode: str = "select",
                   ranker: str | None = None, guard: str | None = None, context: str = "passages",
-                  units: int = 4) -> None:
+                  units: int = 4, copy_bias: float = 0.0, copy_start_bias: float = 0.0) -> None:
     """Serve the grounded support assistant on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
     import logging
 
@@ -314,7 +327,7 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
 
         rails = guard_for(policy, llm)  # the perplexity rail, when enabled, scores with the served model
     app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key, reader=reader,
-                             guard=rails, units=unit_ctx)
+                             guard=rails, units=unit_ctx, copy=(copy_bias, copy_start_bias))
     logging.getLogger("lmstack.support").info(
         "support assistant %s grounded in %s (%d passages) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
         model, index, len(retriever), host, port)

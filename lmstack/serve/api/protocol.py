@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmstack.serve.api.errors import bad_request
 from lmstack.serve.errors import InvalidSamplingParam
-from lmstack.serve.types import SamplingParams, StructuredOutput
+from lmstack.serve.types import CopyFrom, SamplingParams, StructuredOutput
 
 log = logging.getLogger("lmstack.serve.api")
 
@@ -71,6 +71,14 @@ class WatermarkRequest(_Body):
     scheme: Literal["lmstack", "hf"] = "lmstack"
 
 
+class CopyRequest(_Body):
+    """The ``copy`` extra: grounded decoding (lmstack.serve.logits.CopyBias) -- a logit bonus for quoting these
+    texts word for word (``bias``: continuing a quote; ``start_bias``: starting one at the answer's first token)."""
+    texts: list[str] = Field(..., json_schema_extra={"maxItems": 256, "items": {"type": "string", "maxLength": 4000}})
+    bias: float = _doc(4.0, minimum=0, maximum=100)
+    start_bias: float = _doc(0.0, minimum=0, maximum=100)
+
+
 class _Sampling(_Body):
     """Fields shared by chat and completions (OpenAI's, then lmstack's extras)."""
 
@@ -110,6 +118,8 @@ class _Sampling(_Body):
     structured_outputs: dict[str, Any] | None = None
     # generation watermark extra: true (the server's key and settings) or an object (WatermarkRequest)
     watermark: Union[bool, WatermarkRequest, None] = None
+    # grounded decoding extra: quoting these texts is made cheaper than paraphrasing them
+    copy_texts: CopyRequest | None = Field(None, alias="copy")  # (named so as not to shadow BaseModel.copy)
 
 
 # Accepted and ignored: they do not change what the model generates.
@@ -334,6 +344,7 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
         logit_bias=logit_bias(req, vocab_size),
         structured=structured,
         logits_processors=watermark_processors(req, watermark, vocab_size),
+        copy=CopyFrom(tuple(c.texts), bias=c.bias, start_bias=c.start_bias) if (c := req.copy_texts) else None,
     )
     try:
         params.validate()
