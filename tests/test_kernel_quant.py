@@ -19,6 +19,7 @@ import lmstack.kernels as kernels
 from lmstack.quant import load_quantized, quantize_checkpoint
 from lmstack.serve.engine import LLMEngine
 from lmstack.serve.types import SamplingParams
+from tests.conftest import make_hf_model
 from tests.engine_fixtures import hf_model
 
 torch.set_num_threads(2)
@@ -46,14 +47,26 @@ def _dequantized(sd: dict, name: str, method: str) -> torch.Tensor:
     return (vals - 8) * s.repeat_interleave(gs, 1) + z.repeat_interleave(gs, 1)
 
 
-@pytest.fixture(scope="module", params=[("qwen2", "int8"), ("qwen2", "int4"), ("llama", "int4"), ("qwen3", "int8")])
+# the last two: 320-wide (10 blocks of 32 per row, 20 in down_proj) so that the int4 row loop's 8-block vector
+# step, its remainder and a group of 2 blocks (group size 64) all run; weights drawn with the 64-wide models' gain
+# (0.2 * sqrt(64 / 320)), so that activations stay as large as there
+WIDE = dict(hidden_size=320, intermediate_size=640, initializer_range=0.09)
+
+
+@pytest.fixture(scope="module", params=[("qwen2", "int8", 32, {}), ("qwen2", "int4", 32, {}), ("llama", "int4", 32, {}),
+                                        ("qwen3", "int8", 32, {}), ("llama", "int4", 32, WIDE),
+                                        ("qwen2", "int4", 64, WIDE)],
+                ids=["qwen2-int8", "qwen2-int4", "llama-int4", "qwen3-int8", "llama-int4-wide", "qwen2-int4-g64-wide"])
 def quantized(request, tmp_path_factory):
     import transformers
 
-    arch, method = request.param
+    arch, method, group, kw = request.param
     d = tmp_path_factory.mktemp(f"kq_{arch}_{method}")
-    hf_model(arch, d / "m")
-    out = quantize_checkpoint(d / "m", d / "q", method=method, group_size=32)
+    if kw:
+        make_hf_model(arch, d / "m", **kw)
+    else:
+        hf_model(arch, d / "m")
+    out = quantize_checkpoint(d / "m", d / "q", method=method, group_size=group)
     sd = load_file(out / "model.safetensors")
     ref = transformers.AutoModelForCausalLM.from_pretrained(d / "m", dtype=torch.float32).eval()
     with torch.no_grad():
@@ -99,7 +112,8 @@ def test_kernel_runs_quantized_layers_and_matches_the_dequantized_reference(quan
     # the kernel read the stored int8 / int4 tensors: q/k/v fused as views, no float copy of any weight
     assert layer.mlp.down_proj.weight.dtype == (torch.int8 if method == "int8" else torch.uint8)
     assert eng.model.lm_head.weight.dtype == torch.int8
-    assert not any(p.numel() > 1000 and p.dtype == torch.float32 for n, p in eng.model.named_buffers())
+    assert not any(p.numel() > 1000 and p.dtype == torch.float32 and not n.endswith(("_scale", "_zero"))
+                   for n, p in eng.model.named_buffers())
     want = {}
     with torch.no_grad():
         for i, p in enumerate(prompts):

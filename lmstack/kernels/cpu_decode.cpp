@@ -229,36 +229,38 @@ inline void dot_i8q(const Act& a, const int8_t* W, int64_t K, const float* s, fl
   for (int r = 0; r < R; ++r) out[r] = hsum(c[r]) * s[r];
 }
 
-// R int4 rows (K / 2 bytes each) against the block-permuted xq: per group, sum_b xd[b] * (q . xq) in fp32 lanes,
-// then times the group's scale; plus the zero-point term on the exact group sums
-template <int R>
-inline void dot_i4q(const Act& a, const uint8_t* W, int64_t K, int64_t G, const float* S, const float* Z,
-                    float* out) {
-  const int64_t K2 = K / 2, bpg = K / 32 / G;
+// one int4 row against the block-permuted xq, streaming: each 32-weight block's integer dot product is scaled
+// once by s[g] * xd[b] (8 such products computed with one vector multiply), two blocks per iteration into two
+// accumulators; then the zero-point term sum_g (z - 8 s)[g] xs[g] on the rounded activations' group sums, as two
+// vector dot products (a scalar float reduction is not vectorized without -ffast-math: it cost half as much as the
+// integer dot products at group size 32)
+inline float dot_i4q1(const Act& a, const uint8_t* W, int64_t K, int64_t G, const float* S, const float* Z) {
+  const int64_t nb = K / 32, bpg = nb / G;
   const __m256i ones = _mm256_set1_epi16(1);
   const __m128i m4 = _mm_set1_epi8(0x0F);
-  __m256 tot[R];
-  for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-      const __m256i xv = _mm256_loadu_si256((const __m256i*)(a.xq + 32 * b));
-      const __m256 d = _mm256_set1_ps(a.xd[b]);
-      for (int r = 0; r < R; ++r) {
-        const __m128i raw = _mm_loadu_si128((const __m128i*)(W + r * K2 + 16 * b));
-        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
-      }
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  alignas(32) float ds[8];
+  auto block = [&](int64_t b) {
+    const __m128i raw = _mm_loadu_si128((const __m128i*)(W + 16 * b));
+    const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
+    const __m256i xv = _mm256_loadu_si256((const __m256i*)(a.xq + 32 * b));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
+  };
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int64_t n8 = std::min<int64_t>(8, nb - b0);
+    if (bpg == 1 && n8 == 8)
+      _mm256_store_ps(ds, _mm256_mul_ps(_mm256_loadu_ps(S + b0), _mm256_loadu_ps(a.xd + b0)));
+    else
+      for (int64_t j = 0; j < n8; ++j) ds[j] = S[(b0 + j) / bpg] * a.xd[b0 + j];
+    int64_t j = 0;
+    for (; j + 2 <= n8; j += 2) {
+      const __m256 p0 = block(b0 + j), p1 = block(b0 + j + 1);
+      acc0 = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(ds + j), acc0);
+      acc1 = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(ds + j + 1), acc1);
     }
-    for (int r = 0; r < R; ++r) tot[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(S[r * G + g]), tot[r]);
+    if (j < n8) acc0 = _mm256_fmadd_ps(block(b0 + j), _mm256_broadcast_ss(ds + j), acc0);
   }
-  for (int r = 0; r < R; ++r) {
-    float c = 0.f;
-    for (int64_t g = 0; g < G; ++g) c += (Z[r * G + g] - 8.f * S[r * G + g]) * a.xs[g];
-    out[r] = hsum(tot[r]) + c;
-  }
+  return hsum(_mm256_add_ps(acc0, acc1)) + (dot(Z, a.xs, G) - 8.f * dot(S, a.xs, G));
 }
 #endif
 
@@ -268,10 +270,24 @@ inline void rows(const Act& a, const Mat& m, int64_t n, float* out) {
   const int64_t K = m.K;
 #ifdef LMSTACK_AVX2
   if (a.xq) {
-    if (m.kind == kI8)
-      dot_i8q<R>(a, (const int8_t*)m.w + n * K, K, m.s + n, out);
-    else
-      dot_i4q<R>(a, (const uint8_t*)m.w + n * (K / 2), K, m.G, m.s + n * m.G, m.z + n * m.G, out);
+    // one row after the other, not R interleaved: reading R rows (R row streams a K-byte stride apart) at once
+    // ran at ~40% of the one-stream speed here (AVX2 EPYC, 1 thread: int8 3.1 vs 7.6 GB/s), the integer dot
+    // products being too cheap to hide the hardware prefetcher's misses
+    for (int r = 0; r < R; ++r) {
+      if (m.kind == kI4 && n + r + 4 < m.N) {  // the scales and zero points of the row 4 ahead: a separate stream
+        const int64_t row = (n + r + 4) * m.G;  // (1 float per 32 weights) that the hardware prefetcher missed
+        for (int64_t i = 0; i < m.G; i += 16) {
+          _mm_prefetch((const char*)(m.s + row + i), _MM_HINT_T0);
+          _mm_prefetch((const char*)(m.z + row + i), _MM_HINT_T0);
+        }
+        _mm_prefetch((const char*)(m.s + row + m.G - 1), _MM_HINT_T0);
+        _mm_prefetch((const char*)(m.z + row + m.G - 1), _MM_HINT_T0);
+      }
+      if (m.kind == kI8)
+        dot_i8q<1>(a, (const int8_t*)m.w + (n + r) * K, K, m.s + n + r, out + r);
+      else
+        out[r] = dot_i4q1(a, (const uint8_t*)m.w + (n + r) * (K / 2), K, m.G, m.s + (n + r) * m.G, m.z + (n + r) * m.G);
+    }
     return;
   }
 #endif
