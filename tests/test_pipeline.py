@@ -40,8 +40,12 @@ def _registry(calls: list[tuple[str, bool]], fail: dict[str, BaseException] | No
             (ctx.out_dir / "out.txt").write_text(name)
             return {"upstream": sorted(ctx.summaries), "value": ctx.config.model_dump(mode="json")}
 
+        def outputs(ctx):  # reads its config, as the real finetune stage does (its run_dir): --plan must pass it
+            assert ctx.config is not None
+            return [ctx.out_dir / "out.txt"]
+
         return Stage(name, run, deps=lambda r, d=deps: [x for x in d if x in r.stages], config=FakeConfig,
-                     outputs=lambda c: [c.out_dir / "out.txt"])
+                     outputs=outputs)
 
     return {"data": make("data", []), "tokenizer": make("tokenizer", ["data"]),
             "pretrain": make("pretrain", ["tokenizer"]), "finetune": make("finetune", ["data", "pretrain"]),

@@ -197,14 +197,15 @@ def _clear(path: Path) -> None:
 def plan_stages(recipe: Recipe, registry: dict[str, Stage], *, from_stage: str | None = None,
                 only: str | None = None) -> list[tuple[str, str, str]]:
     """What :func:`run_stages` would do, without doing it: ``(stage, "skip"|"run"|"resume", reason)``."""
-    fps = fingerprints(recipe, registry)
+    configs = configure(recipe, registry)  # a stage's outputs can depend on its config (finetune: its run_dir)
+    fps = fingerprints(recipe, registry, configs)
     forced = set(recipe.stages[recipe.stages.index(from_stage):]) if from_stage in recipe.stages else set()
     out = []
     for name in recipe.stages:
         if only is not None and recipe.stages.index(name) > recipe.stages.index(only):
             break
         state = _read_state(recipe.run_path / "state" / f"{name}.json")
-        ctx = StageContext(recipe, name, recipe.run_path)
+        ctx = StageContext(recipe, name, recipe.run_path, config=configs[name])
         same = state is not None and state.get("fingerprint") == fps[name]
         status = state.get("status") if state else None
         if only is not None and name != only:
