@@ -32,6 +32,10 @@ def test_rule_on_fixed_logits():
     r = CopyBias(src, bias=1.0)
     r.accept(3)
     assert r(zero.clone(), None).tolist() == [0] * 10
+    # another sequence of the same request: the same table, its own (empty) output
+    f = q.fresh()
+    assert f.next is q.next and f.out == [] and q.out == [1, 2, 3]
+    assert f(zero.clone(), None).tolist() == [0] * 10  # no start bonus on q: nothing
     # a banned token stays banned
     s = CopyBias([[1, 2]], bias=3.0, start_bias=3.0)
     row = torch.zeros(4)

@@ -154,8 +154,9 @@ class LLMEngine:
             from lmstack.serve.logits import CopyBias
 
             c = params.copy
-            src = [self.tokenizer.encode(t) for t in c.texts if t.strip()]
-            out.append(lambda: CopyBias(src, bias=c.bias, start_bias=c.start_bias))
+            table = CopyBias([self.tokenizer.encode(t) for t in c.texts if t.strip()], bias=c.bias,
+                             start_bias=c.start_bias)
+            out.append(table.fresh)  # one n-gram table per request; each of its n sequences its own output
         out.extend(params.logits_processors)
         return out
 

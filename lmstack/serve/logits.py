@@ -20,6 +20,7 @@ before penalties and temperature (``lmstack.serve.sampler``).
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
@@ -135,6 +136,12 @@ class CopyBias:
             logits[torch.tensor(sorted(t for t in follow if t < V), dtype=torch.long, device=logits.device)] += \
                 self.bias
         return logits
+
+    def fresh(self) -> "CopyBias":
+        """The same texts for another sequence (the n-gram table shared, not rebuilt), with no output yet."""
+        other = copy.copy(self)
+        other.out = []
+        return other
 
     def accept(self, token_id: int) -> None:
         self.out.append(int(token_id))

@@ -165,10 +165,10 @@ class SupportAssistant:
         if not (self.copy_bias or self.copy_start_bias):
             return {}
         from lmstack.apps.support.reader import candidates
-        from lmstack.rag.analyze import has_han
+        from lmstack.rag.analyze import query_lang
         from lmstack.serve.types import CopyFrom
 
-        texts = candidates(self.last_context, "zh" if has_han(question) else "en")
+        texts = candidates(self.last_context, query_lang(question))
         return {"copy": CopyFrom(tuple(texts), bias=self.copy_bias, start_bias=self.copy_start_bias)}
 
     def cited(self, answer: str) -> list[Any]:

@@ -113,8 +113,9 @@ class EvalStage(StrictModel):
     ppl_limit: int | None = Field(40, ge=1, description="held-out documents for perplexity; null: all")
     tasks: list[str] = Field(default_factory=list, description="more lmstack.eval tasks (names or YAML paths)")
     copy_bias: float = Field(0.0, ge=0, le=100, description="grounded decoding (lmstack.serve.logits.CopyBias) "
-                             "in the evaluation and the bundled assistant: a logit bonus for the token that continues a quote of the shown passages' answer "
-                             "units (or the shop's fixed replies); 0: off. The model still writes every token")
+                             "in the evaluation and the bundled assistant: a logit bonus for the token that "
+                             "continues a quote of the shown passages' answer units (or the shop's fixed replies); "
+                             "0: off. The model still writes every token")
     copy_start_bias: float = Field(0.0, ge=0, le=100, description="the bonus for the first token of any answer "
                                    "unit at the start of an answer (grounded decoding); 0: off")
 

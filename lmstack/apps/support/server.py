@@ -216,11 +216,11 @@ class GroundingMiddleware:
                                                   units=self.units)
             if self.copy is not None and "copy" not in req:
                 from lmstack.apps.support.reader import candidates
-                from lmstack.rag.analyze import has_han
+                from lmstack.rag.analyze import query_lang
 
                 users = [content_text(m.get("content")) for m in req["messages"] if isinstance(m, dict)
                          and m.get("role") == "user"]
-                lang = "zh" if users and has_han(users[-1]) else "en"
+                lang = query_lang(users[-1] if users else "")
                 req["copy"] = {"texts": candidates(hits, lang), "bias": self.copy[0], "start_bias": self.copy[1]}
             return req, hits, json.dumps(req, ensure_ascii=False).encode()
         except (ValueError, TypeError, AttributeError, RecursionError):
