@@ -111,10 +111,64 @@ def test_longest_suffix_decides():
     row = p(torch.zeros(12), None)
     assert row.nonzero().flatten().tolist() == [7, 9] and row[7] == 2.0  # the longest suffix found: (5, 6)
     p.accept(7)
-    assert p.followers(p.out) == {8}  # (5, 6, 7) -> 8
+    assert set(p.followers(p.out)) == {8}  # (5, 6, 7) -> 8
     p.accept(3)  # 3 is in no text: back to nothing
-    assert p.followers(p.out) == set()
-    assert CopyBias([src], min_n=2).followers([4, 6]) == set()  # one token of overlap is not enough
+    assert not p.followers(p.out)
+    assert not CopyBias([src], min_n=2).followers([4, 6])  # one token of overlap is not enough
+
+
+def test_weights_on_fixed_logits():
+    """Per-text weights: a token gets bias (or start_bias) plus the largest weight of the texts that offer it."""
+    src = [[1, 2, 3], [1, 2, 5], [4, 2, 3]]
+    p = CopyBias(src, bias=2.0, start_bias=1.0, max_n=2, weights=[-0.5, -3.0, -1.0])
+    zero = torch.zeros(8)
+    # first token 1 is offered by texts 0 (-0.5) and 1 (-3.0): the larger; 4 by text 2 (-1.0)
+    assert p(zero.clone(), None).tolist() == [0, 0.5, 0, 0, 0.0, 0, 0, 0]
+    p.accept(1)
+    assert p(zero.clone(), None).tolist() == [0, 0, 1.5, 0, 0, 0, 0, 0]  # (1,) -> 2 in texts 0 and 1: -0.5
+    p.accept(2)  # (1, 2) -> 3 (text 0) or 5 (text 1): where the quotes part ways, their weights differ
+    assert p(zero.clone(), None).tolist() == [0, 0, 0, 1.5, 0, -1.0, 0, 0]
+    q = CopyBias(src, bias=2.0, max_n=1, weights=[-0.5, -3.0, -1.0])
+    q.accept(2)  # (2,) -> 3 in texts 0 (-0.5) and 2 (-1.0), -> 5 in text 1 (-3.0)
+    assert q(zero.clone(), None).tolist() == [0, 0, 0, 1.5, 0, -1.0, 0, 0]
+    with pytest.raises(ValueError, match="2 weights for 3 texts"):
+        CopyBias(src, weights=[0.0, 0.0])
+
+
+def test_a_quote_from_the_first_token_follows_its_own_text():
+    """While the whole output is the start of a text, only that text's next token gets the bonus (a 1-token
+    suffix match alone would also offer the other text's continuation of the shared token); once the output
+    leaves every text, the suffix rule takes over."""
+    src = [[1, 2, 3], [9, 2, 5]]
+    p = CopyBias(src, bias=2.0, max_n=1)
+    zero = torch.zeros(10)
+    for t in (1, 2):
+        p.accept(t)
+    assert p(zero.clone(), None).tolist() == [0, 0, 0, 2, 0, 0, 0, 0, 0, 0]  # text 0 only, not 5 of text 1
+    q = CopyBias(src, bias=2.0, max_n=1)
+    for t in (7, 2):  # 7 starts no text: the unigram (2,) is followed by 3 and by 5
+        q.accept(t)
+    assert q(zero.clone(), None).tolist() == [0, 0, 0, 2, 0, 2, 0, 0, 0, 0]
+    r = q.fresh()
+    assert r.out == [] and r.quoting == [0, 1]
+
+
+def test_weights_are_a_product_of_experts():
+    """At the token where two quotes part ways, bias + log p_ranker(text) makes the next-token distribution over
+    the two continuations the model's times the ranker's, renormalised (the published product-of-experts rule)."""
+    lm = torch.tensor([0.0, 0.0, 0.0, 1.2, 0.0, -0.4])  # the model prefers 3 (text A) over 5 (text B)
+    ranker = torch.tensor([0.2, 0.8])  # the ranker prefers text B
+    p = CopyBias([[1, 3], [1, 5]], bias=4.0, weights=ranker.log().tolist())
+    p.accept(1)
+    got = torch.softmax(p(lm.clone(), None), 0)[[3, 5]]
+    want = torch.softmax(lm[[3, 5]], 0) * ranker
+    assert torch.allclose(got / got.sum(), want / want.sum(), atol=1e-6)
+
+
+def test_copy_from_checks_weights():
+    assert CopyFrom(("a", "b"), weights=(0.0, -1.0)).problem() is None
+    assert "one number per text" in CopyFrom(("a", "b"), weights=(0.0,)).problem()
+    assert "[-100, 100]" in CopyFrom(("a",), weights=(-1e9,)).problem()
 
 
 def test_openai_client_copy_extra(tmp_path):
@@ -139,3 +193,13 @@ def test_openai_client_copy_extra(tmp_path):
             c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
                                       extra_body={"copy": {"texts": ["x"] * 300}})
         assert "copy" in str(e.value) and "x', 'x" not in str(e.value)
+        # weights: the text with the larger weight is the one quoted; a weight per text, or a 400
+        other = "Nothing here repeats the first text at all."
+        for w, want in (([0.0, -100.0], text), ([-100.0, 0.0], other)):
+            out = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, temperature=0, extra_body={
+                "copy": {"texts": [text, other], "bias": 50, "start_bias": 50, "weights": w}})
+            assert out.choices[0].message.content.startswith(want)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
+                                      extra_body={"copy": {"texts": ["x", "y"], "weights": [0.0]}})
+        assert "weights" in str(e.value)

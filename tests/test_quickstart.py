@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -84,11 +85,16 @@ def test_quickstart_eval_compares_base_finetuned_and_no_model(run):
     samples = [json.loads(x) for x in (run_dir / "eval/finetuned/samples/support_heldout.jsonl").read_text().splitlines()]
     assert all("raw" in s and "[" not in s["prediction"][-4:] for s in samples)  # scored without the citation
     # grounded decoding: every support question carries the texts its answer may quote (the shown passages'
-    # answer units, then the shop's fixed greeting and refusal), and both models were decoded with them
     from lmstack.apps.support.dialogues import GREETINGS, OUT_OF_SCOPE
 
+    # answer units, each ending with its passage's citation marker, then the shop's fixed greeting and refusal),
+    # each weighed by 2 x its log-probability under the no-model ranker (reader-guided decoding)
     for r in map(json.loads, (run_dir / "eval/support_heldout.jsonl").read_text().splitlines()):
-        assert r["quote"][-2:] == [GREETINGS[r["lang"]][1], OUT_OF_SCOPE[r["lang"]][1]] and len(r["quote"]) > 2
+        q = r["quote"]
+        assert q["texts"][-2:] == [GREETINGS[r["lang"]][1], OUT_OF_SCOPE[r["lang"]][1]] and len(q["texts"]) > 2
+        assert all(t.endswith(" [1]") for t in q["texts"][:-2])  # rag.k=1: one passage, shown as [1]
+        assert len(q["weights"]) == len(q["texts"]) and max(q["weights"]) <= 0
+        assert abs(sum(math.exp(w / 2.0) for w in q["weights"]) - 1) < 1e-6  # 2 x log-probabilities
     html = (run_dir / "report.html").read_text(encoding="utf-8")
     for text in ("support_reply (zh)", "general_qa (en)", "citations", "base (generated)"):
         assert text in html, text
@@ -115,8 +121,11 @@ def test_quickstart_bundle_streams_generated_answers(run, monkeypatch):
     pieces = list(bot.stream("How long does standard shipping take?"))
     assert len(pieces) >= 2 and bot.history[-1] == {"role": "assistant", "content": "".join(pieces).strip()}
     assert bundle.settings["copy_bias"] == bundle.settings["copy_start_bias"] == 6.0  # what the eval decoded with
+    assert bundle.settings["copy_prior"] == 2.0 and bundle.settings["cite"] is True
     quote = bot.copy("How long does standard shipping take?")["copy"]
-    assert "Standard shipping takes 3-5 business days after your order ships." in quote.texts and quote.bias == 6.0
+    assert quote.bias == 6.0 and len(quote.weights) == len(quote.texts) and max(quote.weights) <= 0
+    best = quote.texts[quote.weights.index(max(quote.weights))]  # reader-guided: the ranker's choice weighs most
+    assert best.startswith("Standard shipping takes 3-5 business days after your order ships. [")
     assert len(bot.llm.tokenizer.encode(bot.history[-1]["content"])) <= 8
     monkeypatch.setattr("sys.stdin", io.StringIO("Do you ship internationally?\n/exit\n"))
     assert main(["support", "chat", str(run_dir / "bundle"), "-n", "4", "--show-context", "--guard", "off"]) == 0

@@ -4,6 +4,7 @@ recall on the shipped shop, grounded training chats, the assistant's prompts, an
 from __future__ import annotations
 
 import json
+import math
 import random
 from types import SimpleNamespace
 
@@ -146,7 +147,36 @@ def test_assistant_retrieves_every_turn_and_keeps_history(retriever):
     assert bot.copy("x") == {}  # off unless asked for
     grounded.ask("雪松砧板多少钱？")
     c = grounded.copy("雪松砧板多少钱？")["copy"]
-    assert "雪松砧板售价34美元。" in c.texts and (c.bias, c.start_bias) == (6.0, 2.0)
+    assert "雪松砧板售价34美元。" in c.texts and (c.bias, c.start_bias) == (6.0, 2.0) and c.weights is None
+    # reader-guided: each text also weighs copy_prior x its log-probability under the no-model ranker
+    import torch
+
+    from lmstack.apps.support.reader import Reader, candidate_set, candidates
+    from lmstack.rag.rerank import LinearRanker
+
+    ranker = LinearRanker({"overlap": 3.0, "rank2": -1.0, "reply": -2.0})
+    guided = SupportAssistant(FakeLLM(), index=retriever, k=2, mode="generate", copy_bias=6.0, copy_prior=1.5,
+                              ranker=ranker)
+    guided.ask("雪松砧板多少钱？")
+    g = guided.copy("雪松砧板多少钱？")["copy"]
+    assert list(g.texts) == candidates(guided.last_context, "zh")
+    feats = Reader(None, ranker).features("", "雪松砧板多少钱？", candidate_set(guided.last_context, "zh"))
+    want = 1.5 * torch.log_softmax(torch.tensor(ranker.scores(feats), dtype=torch.float64), 0)
+    assert torch.allclose(torch.tensor(g.weights, dtype=torch.float64), want, atol=1e-9)
+    assert g.texts[max(range(len(g.texts)), key=lambda i: g.weights[i])] == "雪松砧板售价34美元。"  # price asked
+    # cite: each passage unit runs on into the marker the prompt numbers its passage by; fixed replies do not
+    from lmstack.apps.support.dialogues import GREETINGS, OUT_OF_SCOPE
+
+    cited = SupportAssistant(FakeLLM(), index=retriever, k=2, mode="generate", copy_bias=6.0, copy_prior=1.5,
+                             ranker=ranker, cite=True)
+    cited.ask("雪松砧板多少钱？")
+    t = cited.copy("雪松砧板多少钱？")["copy"].texts
+    place = {h.chunk.id: i for i, h in enumerate(cited.last_context, 1)}
+    assert f"雪松砧板售价34美元。 [{place['product/LH-K01.zh']}]" in t
+    assert [x for x in t if not x.endswith("]")] == [GREETINGS["zh"][1], OUT_OF_SCOPE["zh"][1]]
+    with pytest.raises(ValueError, match="no_model.json"):
+        SupportAssistant(FakeLLM(), index=retriever, mode="generate", copy_bias=6.0, copy_prior=1.0,
+                         ranker=LinearRanker({"lm": 1.0}))
     plain = SupportAssistant(FakeLLM())  # no index: the bare system prompt, as before retrieval existed
     assert plain.messages("hi")[0] == {"role": "system", "content": SYSTEM_PROMPT}
 
@@ -199,6 +229,17 @@ def test_http_middleware_grounds_chat_requests_only(retriever):
     sent = json.loads(grounded.post("/v1/chat/completions", json={"model": "m", "messages": [
         {"role": "user", "content": "退货运费谁出？"}]}).json()["body"])
     assert sent["copy"]["texts"][-2:] == [GREETINGS["zh"][1], OUT_OF_SCOPE["zh"][1]]
+    from lmstack.apps.support.reader import Reader
+    from lmstack.rag.rerank import LinearRanker
+
+    ranker = LinearRanker({"overlap": 3.0, "rank2": -1.0})
+    guided = TestClient(GroundingMiddleware(echo, retriever, k=2, copy=(6.0, 3.0),
+                                            copy_prior=(Reader(None, ranker), 2.0)))
+    sent = json.loads(guided.post("/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "How long does standard shipping take?"}]}).json()["body"])
+    w, texts = sent["copy"]["weights"], sent["copy"]["texts"]
+    assert len(w) == len(texts) and max(w) <= 0 and abs(sum(math.exp(x / 2.0) for x in w) - 1) < 1e-6
+    assert texts[w.index(max(w))] == "Standard shipping takes 3-5 business days after your order ships."
     own = {"texts": ["mine"], "bias": 1.0}
     sent = json.loads(grounded.post("/v1/chat/completions", json={"model": "m", "copy": own, "messages": [
         {"role": "user", "content": "How long does standard shipping take?"}]}).json()["body"])

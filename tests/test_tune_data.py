@@ -115,3 +115,37 @@ def test_batches_resume_exactly(tmp_path, tok):
     b.load_state_dict(state)
     got = [next(b)["input_ids"] for _ in range(4)]
     assert all(torch.equal(x, y) for x, y in zip(want, got))
+
+
+def test_group_by_length_cuts_padding_and_keeps_the_epoch():
+    """group_by_length: every example once per epoch, batches of similar length (less padding than random
+    batches of the same examples), a different grouping per epoch, and exact resume."""
+    import random
+
+    from lmstack.tune.data import Example
+
+    rng = random.Random(0)
+    ex = [Example([5] * n, [1] * n) for n in (rng.randint(8, 400) for _ in range(403))]
+    plain = SFTBatches(ex, batch_size=4, pad_id=0, seed=3)
+    grouped = SFTBatches(ex, batch_size=4, pad_id=0, seed=3, group_by_length=True)
+    steps = len(ex) // 4
+    pad = lambda b: int((b["attention_mask"] == 0).sum()) if "attention_mask" in b else int((b["input_ids"] == 0).sum())
+    plain_pad = sum(pad(next(plain)) for _ in range(steps))
+    seen = [i for _ in range(steps) for i in grouped.order.take(4)]
+    assert len(set(seen)) == steps * 4 and set(seen) <= set(range(len(ex)))  # each example at most once
+    g2 = SFTBatches(ex, batch_size=4, pad_id=0, seed=3, group_by_length=True)
+    grouped_pad = sum(pad(next(g2)) for _ in range(steps))
+    assert grouped_pad < 0.25 * plain_pad
+    lens = [[len(ex[i].input_ids) for i in g2.order._order[a:a + 4]] for a in range(0, 200, 4)]
+    assert sum(max(x) - min(x) for x in lens) < sum(max(x) - min(x) for x in (
+        [len(ex[i].input_ids) for i in plain.order._order[a:a + 4]] for a in range(0, 200, 4)))
+    g3 = SFTBatches(ex, batch_size=4, pad_id=0, seed=3, group_by_length=True)
+    first = list(g3.order._order)
+    for _ in range(steps + 2):
+        next(g3)  # into the next epoch: another grouping of the same examples
+    assert g3.order.epoch == 1 and g3.order._order != first and sorted(g3.order._order) == sorted(first)
+    state = g2.state_dict()
+    want = [next(g2)["input_ids"] for _ in range(5)]
+    h = SFTBatches(ex, batch_size=4, pad_id=0, seed=3, group_by_length=True)
+    h.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(want, [next(h)["input_ids"] for _ in range(5)]))

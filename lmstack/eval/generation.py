@@ -61,14 +61,23 @@ def evaluate_generation(lm, task, progress=None) -> dict:
 
 
 def _copy_from(task, rec: Record):
-    """The record's texts to quote (``task.copy_field``: a string or a list of strings) with the task's bonuses:
+    """The record's texts to quote (``task.copy_field``: a string, a list of strings, or ``{"texts": [...],
+    "weights": [...]}`` with one extra bonus per text, e.g. a ranker's log-probabilities) with the task's bonuses:
     the engine's ``CopyFrom`` fields (``lmstack.serve.types``), as a plain mapping (eval sits below serve)."""
     texts = rec.get(task.name, task.copy_field)
+    weights = None
+    if isinstance(texts, dict):
+        texts, weights = texts.get("texts"), texts.get("weights")
     texts = [texts] if isinstance(texts, str) else texts
+    where = f"task {task.name}: {rec.file}:{rec.line}: field {task.copy_field!r}"
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise DataError(f"task {task.name}: {rec.file}:{rec.line}: field {task.copy_field!r} must be a string or a "
-                        "list of strings (the texts the answer may quote)")
-    return {"texts": tuple(texts), "bias": task.copy_bias, "start_bias": task.copy_start_bias}
+        raise DataError(f"{where} must be a string, a list of strings (the texts the answer may quote) or "
+                        '{"texts": [...], "weights": [...]}')
+    if weights is not None and (not isinstance(weights, list) or len(weights) != len(texts) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and -100 <= w <= 100 for w in weights)):
+        raise DataError(f"{where}: weights must be one number in [-100, 100] per text")
+    return {"texts": tuple(texts), "bias": task.copy_bias, "start_bias": task.copy_start_bias,
+            "weights": None if weights is None else tuple(float(w) for w in weights)}
 
 
 def apply_filters(text: str, remove: list[str], strip: bool = True) -> str:

@@ -148,14 +148,16 @@ class LLMEngine:
             out.append(lambda: bias)  # stateless: one shared by every sequence
         if params.structured is not None:
             out.append(self.structured_factory(params.structured))
-        if params.copy is not None and params.copy.texts and (params.copy.bias or params.copy.start_bias):
+        if params.copy is not None and params.copy.texts and (params.copy.bias or params.copy.start_bias
+                                                              or any(params.copy.weights or ())):
             if self.tokenizer is None:
                 raise ConfigError("copy (grounded decoding) needs the engine's tokenizer")
             from lmstack.serve.logits import CopyBias
 
             c = params.copy
-            table = CopyBias([self.tokenizer.encode(t) for t in c.texts if t.strip()], bias=c.bias,
-                             start_bias=c.start_bias)
+            kept = [i for i, t in enumerate(c.texts) if t.strip()]
+            table = CopyBias([self.tokenizer.encode(c.texts[i]) for i in kept], bias=c.bias, start_bias=c.start_bias,
+                             weights=None if c.weights is None else [c.weights[i] for i in kept])
             out.append(table.fresh)  # one n-gram table per request; each of its n sequences its own output
         out.extend(params.logits_processors)
         return out

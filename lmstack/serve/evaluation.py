@@ -45,8 +45,13 @@ def generate(lm: Any, prompts: Sequence[str], *, max_tokens: int = 64, stop: Seq
         if len(copy) != len(prompts):
             raise ValueError(f"copy has {len(copy)} entries for {len(prompts)} prompts")
         base = plist if isinstance(plist, list) else [plist] * len(prompts)
-        plist = [dataclasses.replace(q, copy=CopyFrom(**{**c, "texts": tuple(c["texts"])}) if isinstance(c, dict) else c)
-                 for q, c in zip(base, copy)]
+        def grounded(c: Any) -> Any:
+            if not isinstance(c, dict):
+                return c
+            w = c.get("weights")
+            return CopyFrom(**{**c, "texts": tuple(c["texts"]), "weights": None if w is None else tuple(w)})
+
+        plist = [dataclasses.replace(q, copy=grounded(c)) for q, c in zip(base, copy)]
     outs = llm.generate(enc, plist, use_tqdm=False)
     if progress_cb is not None:
         progress_cb(len(enc) * n)

@@ -21,7 +21,8 @@ before penalties and temperature (``lmstack.serve.sampler``).
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Protocol, runtime_checkable
+import math
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -101,47 +102,80 @@ class CopyBias:
 
     ``source``: one token-id list per quotable text (the retrieved passages' answer units, not the whole
     prompt: the question itself is not something to quote). Matches never run across two texts, so a quote
-    ends where its text ends. O(max_n) dictionary lookups per token."""
+    ends where its text ends. O(max_n) dictionary lookups per token.
+
+    ``weights``: one more bonus per text (default 0), added to both bonuses for the tokens that text offers; a
+    token several texts offer gets the largest. With ``weights = log p(text)`` from a ranker over the texts (a
+    softmax's logits minus their maximum), decoding becomes a product of experts: the model's distribution times
+    the ranker's, at the tokens where the candidate quotes part ways (reader-guided decoding)."""
 
     satisfied = None  # a soft prior: it never constrains the output
 
     def __init__(self, source: list[list[int]], bias: float = 4.0, max_n: int = 4, min_n: int = 1,
-                 start_bias: float = 0.0):
+                 start_bias: float = 0.0, weights: Sequence[float] | None = None):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"copy bias needs 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        if weights is not None and len(weights) != len(source):
+            raise ValueError(f"copy bias got {len(weights)} weights for {len(source)} texts")
         self.bias, self.max_n, self.min_n, self.start_bias = float(bias), max_n, min_n, float(start_bias)
-        self.next: dict[tuple[int, ...], set[int]] = {}  # n-gram of a text -> the tokens that follow it there
-        self.first = sorted({ids[0] for ids in source if ids})
-        for ids in source:
+        # n-gram of a text -> {token that follows it there: the largest weight of a text where it does}
+        self.next: dict[tuple[int, ...], dict[int, float]] = {}
+        self.first: dict[int, float] = {}
+        ws = [0.0] * len(source) if weights is None else [float(w) for w in weights]
+        self.texts, self.weights = [list(ids) for ids in source], ws
+        for ids, w in zip(source, ws):
+            if ids:
+                self.first[ids[0]] = max(w, self.first.get(ids[0], -math.inf))
             for j in range(1, len(ids)):
                 for n in range(min_n, min(max_n, j) + 1):
-                    self.next.setdefault(tuple(ids[j - n:j]), set()).add(ids[j])
+                    follow = self.next.setdefault(tuple(ids[j - n:j]), {})
+                    follow[ids[j]] = max(w, follow.get(ids[j], -math.inf))
         self.out: list[int] = []
+        self.quoting = [i for i, ids in enumerate(self.texts) if ids]  # texts the whole output is a prefix of
 
-    def followers(self, generated: list[int]) -> set[int]:
-        """The tokens that continue the longest suffix of ``generated`` found in a text (empty: none found)."""
+    def followers(self, generated: list[int]) -> dict[int, float]:
+        """The tokens that continue the longest suffix of ``generated`` found in a text, each with its weight
+        (empty: none found). While the whole output is the start of some texts (it quotes them from their first
+        token), only those texts' next tokens count: a match as long as the answer itself."""
+        if generated is self.out and self.quoting and generated:
+            n = len(generated)
+            follow: dict[int, float] = {}
+            for i in self.quoting:
+                if n < len(self.texts[i]):
+                    t = self.texts[i][n]
+                    follow[t] = max(self.weights[i], follow.get(t, -math.inf))
+            if follow:
+                return follow
         for n in range(min(self.max_n, len(generated)), self.min_n - 1, -1):
             hit = self.next.get(tuple(generated[len(generated) - n:]))
             if hit:
                 return hit
-        return set()
+        return {}
+
+    @staticmethod
+    def _add(logits: Tensor, tokens: dict[int, float], bonus: float) -> None:
+        V = logits.shape[0]
+        ids = sorted(t for t in tokens if t < V)
+        if ids:
+            logits[torch.tensor(ids, dtype=torch.long, device=logits.device)] += torch.tensor(
+                [bonus + tokens[t] for t in ids], dtype=logits.dtype, device=logits.device)
 
     def __call__(self, logits: Tensor, seq: Any = None) -> Tensor:
-        V = logits.shape[0]
-        if not self.out and self.start_bias and self.first:
-            logits[torch.tensor([t for t in self.first if t < V], dtype=torch.long, device=logits.device)] += \
-                self.start_bias
+        if not self.out and self.first and (self.start_bias or any(self.first.values())):
+            self._add(logits, self.first, self.start_bias)
         follow = self.followers(self.out)
         if follow:
-            logits[torch.tensor(sorted(t for t in follow if t < V), dtype=torch.long, device=logits.device)] += \
-                self.bias
+            self._add(logits, follow, self.bias)
         return logits
 
     def fresh(self) -> "CopyBias":
         """The same texts for another sequence (the n-gram table shared, not rebuilt), with no output yet."""
         other = copy.copy(self)
         other.out = []
+        other.quoting = [i for i, ids in enumerate(self.texts) if ids]
         return other
 
     def accept(self, token_id: int) -> None:
+        n = len(self.out)
+        self.quoting = [i for i in self.quoting if n < len(self.texts[i]) and self.texts[i][n] == int(token_id)]
         self.out.append(int(token_id))

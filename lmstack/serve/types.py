@@ -36,6 +36,7 @@ class CopyFrom:
     texts: tuple[str, ...]
     bias: float = 4.0
     start_bias: float = 0.0
+    weights: tuple[float, ...] | None = None  # one more bonus per text, e.g. a ranker's log-probabilities
 
     def problem(self) -> str | None:
         """What is wrong with it, or None."""
@@ -45,6 +46,12 @@ class CopyFrom:
             return f"copy takes at most {COPY_MAX_TEXTS} texts of at most {COPY_MAX_CHARS} characters each"
         if not (0 <= self.bias <= 100 and 0 <= self.start_bias <= 100):
             return "copy.bias and copy.start_bias must be in [0, 100]"
+        if self.weights is not None:
+            if not isinstance(self.weights, tuple) or len(self.weights) != len(self.texts):
+                return "copy.weights must be a tuple with one number per text"
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and -100 <= w <= 100
+                       for w in self.weights):
+                return "copy.weights must be numbers in [-100, 100]"
         return None
 
 

@@ -86,18 +86,39 @@ def pack_rows(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[st
             "position_ids": pos, "doc_ids": doc}
 
 
-class _Epochs:
-    """Seeded per-epoch shuffles of ``n`` items, consumed ``k`` at a time; state = (epoch, cursor)."""
+MEGA_BATCHES = 50  # group_by_length: batches per run sorted by length (Hugging Face's LengthGroupedSampler)
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+
+class _Epochs:
+    """Seeded per-epoch shuffles of ``n`` items, consumed ``k`` at a time; state = (epoch, cursor).
+
+    ``lengths`` + ``batch``: group by length -- each run of ``MEGA_BATCHES * batch`` shuffled items is sorted
+    by length and cut into batches, whose order is then shuffled within the run, so a batch holds items of
+    similar length (little padding) and lengths do not come long-to-short. The order is a function of (seed,
+    epoch), so a resumed run continues exactly."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, lengths: Sequence[int] | None = None,
+                 batch: int = 0):
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.lengths, self.batch = lengths, batch
         self.epoch, self.cursor = 0, 0
         self._order = self._make_order()
 
     def _make_order(self) -> list[int]:
         order = list(range(self.n))
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            rng.shuffle(order)
+        if self.lengths is not None and self.batch > 0:
+            mega = MEGA_BATCHES * self.batch
+            grouped: list[int] = []
+            for a in range(0, self.n, mega):
+                run = sorted(order[a:a + mega], key=lambda i: -self.lengths[i])
+                batches = [run[b:b + self.batch] for b in range(0, len(run), self.batch)]
+                if self.shuffle:
+                    rng.shuffle(batches)
+                grouped += [i for b in batches for i in b]
+            order = grouped
         return order
 
     def take(self, k: int) -> list[int]:
@@ -124,10 +145,13 @@ class SFTBatches:
     filled with about ``batch_size * seq_len`` tokens of examples."""
 
     def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, seed: int = 0,
-                 packing: bool = False, seq_len: int = 1024, shuffle: bool = True):
+                 packing: bool = False, seq_len: int = 1024, shuffle: bool = True, group_by_length: bool = False):
         self.examples = list(examples)
         self.batch_size, self.pad_id, self.packing, self.seq_len = batch_size, pad_id, packing, seq_len
-        self.order = _Epochs(len(self.examples), seed, shuffle)
+        grouped = group_by_length and not packing  # (packed rows have no padding to save)
+        self.order = _Epochs(len(self.examples), seed, shuffle,
+                             lengths=[len(e.input_ids) for e in self.examples] if grouped else None,
+                             batch=batch_size if grouped else 0)
         mean_len = sum(len(e.input_ids) for e in self.examples) / max(1, len(self.examples))
         self.per_pack = max(1, int(batch_size * seq_len / max(1.0, mean_len))) if packing else batch_size
 

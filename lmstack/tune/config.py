@@ -67,6 +67,9 @@ class SFTDataSection(StrictModel):
     max_len: int = Field(1024, ge=8, description="tokens per example (longer ones are truncated)")
     batch_size: int = Field(4, ge=1)
     packing: bool = Field(False, description="pack examples into rows of max_len (document-masked)")
+    group_by_length: bool = Field(False, description="batch examples of similar length (each run of 50 batches "
+                                  "sorted by length, the batches then shuffled): less padding, same examples per "
+                                  "step (Hugging Face Trainer's group_by_length)")
 
 
 class PairDataSection(StrictModel):

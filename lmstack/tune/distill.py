@@ -55,7 +55,8 @@ def distill(cfg: DistillConfig) -> FitResult:
         loss, n, metrics = kd_loss(forward_logits(m, batch), t_logits, batch["labels"], T, alpha)
         return LossOutput(loss, n, metrics)
 
-    batches = SFTBatches(train_ex, d.batch_size, pad, seed=cfg.train.seed, packing=d.packing, seq_len=d.max_len)
+    batches = SFTBatches(train_ex, d.batch_size, pad, seed=cfg.train.seed, packing=d.packing, seq_len=d.max_len,
+                         group_by_length=d.group_by_length)
     val = sft_eval_batches(val_ex, d.batch_size, pad) if val_ex else None
     console.print(f"[bold]distill[/bold] teacher {cfg.teacher} -> student {cfg.student} (T={T}, alpha={alpha})")
     return fit(prep.model, batches, loss_fn, cfg.train, run_dir, val_data=val, save_model_fn=prep.save_fn,

@@ -127,7 +127,8 @@ def finetune(cfg: FinetuneConfig) -> FitResult:
     console.print(f"[bold]data[/bold] {len(train_ex)} train / {len(val_ex)} validation examples")
 
     prep = prepare_for(cfg, cfg.model)
-    batches = SFTBatches(train_ex, d.batch_size, pad, seed=cfg.train.seed, packing=d.packing, seq_len=d.max_len)
+    batches = SFTBatches(train_ex, d.batch_size, pad, seed=cfg.train.seed, packing=d.packing, seq_len=d.max_len,
+                         group_by_length=d.group_by_length)
     val = sft_eval_batches(val_ex, d.batch_size, pad) if val_ex else None
     return fit(prep.model, batches, sft_loss, cfg.train, run_dir, val_data=val, save_model_fn=prep.save_fn,
                tokenizer_dir=cfg.tokenizer or cfg.model, run_config=cfg)

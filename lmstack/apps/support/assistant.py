@@ -38,7 +38,8 @@ class SupportAssistant:
                  mode: str = "select", reader: Any = None, ranker: str | Path | Any = None,
                  system_prompt: str = SYSTEM_PROMPT, max_history_turns: int = 4, max_tokens: int = 96,
                  temperature: float = 0.0, guard: str | Path | Any = None, context: str = "passages",
-                 units: int = 4, copy_bias: float = 0.0, copy_start_bias: float = 0.0, **load_kw: Any):
+                 units: int = 4, copy_bias: float = 0.0, copy_start_bias: float = 0.0, copy_prior: float = 0.0,
+                 cite: bool = False, **load_kw: Any):
         if mode not in ("select", "generate"):
             raise ValueError(f"mode must be 'select' or 'generate', got {mode!r}")
         if context not in ("passages", "units"):
@@ -76,6 +77,11 @@ class SupportAssistant:
         # grounded decoding: quoting the shown passages' answer units (and the shop's fixed replies) is made cheaper
         # than paraphrasing them (lmstack.serve.logits.CopyBias); 0 and 0: plain decoding
         self.copy_bias, self.copy_start_bias = copy_bias, copy_start_bias
+        # reader-guided decoding: each quotable text also gets copy_prior x its log-probability under the no-model
+        # ranker (lmstack.apps.support.reader.quote_prior); 0: every text alike
+        self.copy_prior = copy_prior
+        self.cite = cite  # the model was tuned to cite (" [2]"): a quote runs on into its passage's marker
+        self.prior_reader = unit_reader(ranker) if copy_prior and index is not None else None
         self.history: list[dict[str, str]] = []
         self.last_context: list[Any] = []  # lmstack.rag.Hit of the last question
 
@@ -164,11 +170,16 @@ class SupportAssistant:
         passages just retrieved and the fixed replies in the question's language."""
         if not (self.copy_bias or self.copy_start_bias):
             return {}
-        from lmstack.apps.support.reader import candidates
+        from lmstack.apps.support.reader import candidates, quote_prior
         from lmstack.rag.analyze import query_lang
         from lmstack.serve.types import CopyFrom
 
-        texts = candidates(self.last_context, query_lang(question))
+        if self.prior_reader is not None:
+            texts, weights = quote_prior(self.prior_reader, question, self.last_context, self.copy_prior,
+                                         cite=self.cite)
+            return {"copy": CopyFrom(tuple(texts), bias=self.copy_bias, start_bias=self.copy_start_bias,
+                                     weights=tuple(weights))}
+        texts = candidates(self.last_context, query_lang(question), cite=self.cite)
         return {"copy": CopyFrom(tuple(texts), bias=self.copy_bias, start_bias=self.copy_start_bias)}
 
     def cited(self, answer: str) -> list[Any]:
@@ -189,24 +200,25 @@ def bundle_kwargs(bundle: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"model": str(b.part("model")), "adapter": b.part("adapter"), "index": str(b.part("index")),
                            "ranker": b.part("ranker"), "guard": b.part("guard")}
     for key in ("k", "context_max_chars", "mode", "system_prompt", "max_tokens", "context", "units", "copy_bias",
-                "copy_start_bias"):
+                "copy_start_bias", "copy_prior", "cite"):
         if s.get(key) is not None:
             out[key] = s[key]
     return out
 
 
 def unit_reader(ranker: str | Path | Any) -> Any:
-    """The no-model reader that orders answer units for ``context: "units"`` (the reader stage's
-    ``no_model.json``: retrieval rank, overlap and embeddings, no likelihood -- the units are ranked before the
-    model reads them)."""
+    """The no-model reader that orders answer units for ``context: "units"`` and weighs them for reader-guided
+    decoding (the reader stage's ``no_model.json``: retrieval rank, overlap and embeddings, no likelihood -- the
+    units are ranked before the model reads them)."""
     from lmstack.apps.support.reader import Reader
     from lmstack.rag.rerank import LinearRanker
 
     if ranker is None:
-        raise ValueError("context 'units' needs the ranker that orders them (the reader stage's no_model.json)")
+        raise ValueError("context 'units' and copy_prior need the ranker that orders the answer units (the reader "
+                         "stage's no_model.json)")
     if isinstance(ranker, (str, Path)):
         ranker = LinearRanker.load(ranker)
     if ranker.uses("lm"):
-        raise ValueError("context 'units' ranks answer units without the model; this ranker weighs the model's "
-                         "likelihood: use the reader stage's no_model.json")
+        raise ValueError("context 'units' and copy_prior rank answer units without the model; this ranker weighs "
+                         "the model's likelihood: use the reader stage's no_model.json")
     return Reader.load(None, ranker=ranker)

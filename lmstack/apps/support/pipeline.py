@@ -89,7 +89,8 @@ def bundle_settings(r: Recipe, b: cfg.BundleStage) -> dict[str, Any]:
     rag, ev = st.section(r, "rag"), st.section(r, "eval")
     return {"k": rag.k, "context_max_chars": rag.context_max_chars, "mode": b.mode, "max_tokens": b.max_tokens,
             "context": rag.context if st.units_context(r) else "passages", "units": rag.units,
-            "copy_bias": ev.copy_bias, "copy_start_bias": ev.copy_start_bias,
+            "copy_bias": ev.copy_bias, "copy_start_bias": ev.copy_start_bias, "copy_prior": ev.copy_prior,
+            "cite": bool(rag.cite),
             "system_prompt": st.system_prompt(r), "embedder": rag.embedder if rag.dense else None,
             "dense_langs": list(rag.dense_langs), "recipe": r.name}
 

@@ -77,9 +77,21 @@ def candidate_set(hits: Sequence[Any], lang: str) -> list[Candidate]:
     return out
 
 
-def candidates(hits: Sequence[Any], lang: str) -> list[str]:
-    """The texts of :func:`candidate_set`."""
-    return [c.text for c in candidate_set(hits, lang)]
+def candidates(hits: Sequence[Any], lang: str, cite: bool = False) -> list[str]:
+    """The texts of :func:`candidate_set`; ``cite``: each passage's units end with its citation marker as a
+    cited answer does (`` [2]`` for the second passage shown), so a quote carries on into the right citation."""
+    return quotable(hits, candidate_set(hits, lang), cite)
+
+
+def quotable(hits: Sequence[Any], cands: Sequence[Candidate], cite: bool) -> list[str]:
+    """The texts of ``cands``, with `` [n]`` after each passage unit when ``cite`` (n: the passage's place in
+    ``hits``, the number the prompt shows it under)."""
+    if not cite:
+        return [c.text for c in cands]
+    place = {}
+    for i, h in enumerate(hits, 1):
+        place.setdefault(h.chunk.id, i)
+    return [f"{c.text} [{place[c.chunk_id]}]" if c.chunk_id in place else c.text for c in cands]
 
 
 FEATURES = ("lm", "overlap", "dense", "rank2", "rank3", "rank_more", "reply")
@@ -216,6 +228,31 @@ class Reader:
         """The best candidate's text for the turn ``question`` asked with ``prompt`` over ``hits``."""
         best = self.ranked(prompt, question, hits)
         return best[0][0].text if best else ""
+
+
+def quote_prior(reader: Reader, question: str, hits: Sequence[Any], weight: float,
+                cite: bool = False) -> tuple[list[str], list[float]]:
+    """The texts an answer to ``question`` may quote (:func:`candidates` of ``hits``) and, for reader-guided
+    decoding, their weights: ``weight`` times the ranker's log-probability of each (a log-softmax over the
+    candidates of the listwise ranker's scores, :class:`lmstack.rag.rerank.LinearRanker`), so the best-ranked
+    text gets 0 and the others less. Grounded decoding with these weights (``CopyFrom.weights``,
+    :class:`lmstack.serve.logits.CopyBias`) is a product of the model and the ranker where quotes part ways.
+    ``reader``: a reader whose ranker does not weigh the model (its likelihood would need a pass per text);
+    ``cite``: the texts end with their passage's citation marker (:func:`candidates`)."""
+    import math
+
+    from lmstack.rag import query_lang
+
+    if reader.ranker.uses("lm"):
+        raise ValueError("the quote prior ranks the answer units without the model; this ranker weighs the "
+                         "model's likelihood: use the reader stage's no_model.json")
+    cands = candidate_set(hits, query_lang(question))
+    if not cands:
+        return [], []
+    scores = reader.ranker.scores(reader.features("", question, cands))
+    top = max(scores)
+    z = top + math.log(sum(math.exp(x - top) for x in scores))
+    return quotable(hits, cands, cite), [max(-100.0, weight * (x - z)) for x in scores]
 
 
 # ---------------------------------------------------------------------------------------- answer-unit context

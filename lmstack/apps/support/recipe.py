@@ -100,6 +100,8 @@ class EvalStage(StrictModel):
     heldout_limit: int | None = Field(120, ge=1, description="held-out support questions scored (balanced "
                                       "over languages and topics); null: all")
     max_tokens: int = Field(48, ge=1)
+    general_max_tokens: int = Field(32, ge=1, description="longest answer to a general-knowledge question "
+                                    "(task general_qa: short facts, scored by whether they contain the answer)")
     metrics: list[str] = Field(default_factory=lambda: ["exact_match", "f1", "rougeL", "chrf"])
     compare_base: bool = Field(True, description="score the model before fine-tuning on the same questions")
     select: bool = Field(True, description="with a rag stage, also score the assistant's default answers: the "
@@ -118,6 +120,9 @@ class EvalStage(StrictModel):
                              "0: off. The model still writes every token")
     copy_start_bias: float = Field(0.0, ge=0, le=100, description="the bonus for the first token of any answer "
                                    "unit at the start of an answer (grounded decoding); 0: off")
+    copy_prior: float = Field(0.0, ge=0, le=20, description="reader-guided decoding: each quotable text also gets "
+                              "this times its log-probability under the reader stage's no-model ranker "
+                              "(lmstack.apps.support.reader.quote_prior; needs the reader stage); 0: all alike")
 
 
 class BundleStage(StrictModel):

@@ -130,7 +130,8 @@ class GroundingMiddleware:
                  context_max_chars: int | None = None, *, reader: Any = None, tokenizer: Any = None,
                  model_names: list[str] | None = None, api_key: str | None = None,
                  max_body: int = DEFAULT_MAX_REQUEST_BYTES, guard: Any = None, units: tuple[Any, int] | None = None,
-                 copy: tuple[float, float] | None = None):
+                 copy: tuple[float, float] | None = None, copy_prior: tuple[Any, float] | None = None,
+                 cite: bool = False):
         self.app, self.retriever, self.k = app, retriever, k
         self.guard = guard  # lmstack.guard.Guard (--guard policy.yaml): input, passage and output rails
         self.system_prompt, self.context_max_chars = system_prompt, context_max_chars
@@ -142,6 +143,9 @@ class GroundingMiddleware:
         # (bias, start_bias): generated answers get the `copy` extra -- the shown passages' answer units and the
         # fixed replies, quoted more cheaply than paraphrased (grounded decoding), unless the request brings its own
         self.copy = copy if copy and any(copy) else None
+        # (no-model reader, weight): each quotable text also gets weight x its ranker log-probability
+        self.copy_prior = copy_prior if copy_prior and copy_prior[1] else None
+        self.cite = cite  # quotes run on into their passage's citation marker (a model tuned to cite)
         self._lock = threading.Lock()
         if guard is not None:
             attach_metrics(guard, app)  # /metrics: lmstack_guard_decisions_total{stage, rail, action}
@@ -220,8 +224,14 @@ class GroundingMiddleware:
 
                 users = [content_text(m.get("content")) for m in req["messages"] if isinstance(m, dict)
                          and m.get("role") == "user"]
-                lang = query_lang(users[-1] if users else "")
-                req["copy"] = {"texts": candidates(hits, lang), "bias": self.copy[0], "start_bias": self.copy[1]}
+                question = users[-1] if users else ""
+                req["copy"] = {"texts": candidates(hits, query_lang(question), cite=self.cite), "bias": self.copy[0],
+                               "start_bias": self.copy[1]}
+                if self.copy_prior is not None:
+                    from lmstack.apps.support.reader import quote_prior
+
+                    req["copy"]["texts"], req["copy"]["weights"] = quote_prior(
+                        self.copy_prior[0], question, hits, self.copy_prior[1], cite=self.cite)
             return req, hits, json.dumps(req, ensure_ascii=False).encode()
         except (ValueError, TypeError, AttributeError, RecursionError):
             return None
@@ -275,6 +285,7 @@ class GroundingMiddleware:
 def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_prompt: str = SYSTEM_PROMPT,
                        context_max_chars: int | None = None, reader: Any = None, guard: Any = None,
                        units: tuple[Any, int] | None = None, copy: tuple[float, float] | None = None,
+                       copy_prior: tuple[Any, float] | None = None, cite: bool = False,
                        **app_kw: Any) -> GroundingMiddleware:
     """:func:`lmstack.serve.api.create_app` for ``llm``, wrapped in :class:`GroundingMiddleware` (with a
     ``reader``, plain chat requests get the selected answer, as in ``lmstack support chat``)."""
@@ -284,7 +295,7 @@ def create_support_app(llm: Any, retriever: Any, *, k: int = DEFAULT_K, system_p
     wrapped = GroundingMiddleware(app, retriever, k, system_prompt, context_max_chars, reader=reader,
                                   tokenizer=app.state.model.tokenizer, model_names=list(app.state.model.names),
                                   api_key=app_kw.get("api_key"), max_body=app.state.max_request_bytes, guard=guard,
-                                  units=units, copy=copy)
+                                  units=units, copy=copy, copy_prior=copy_prior, cite=cite)
     wrapped.state = app.state  # type: ignore[attr-defined]  (the served model, for callers and tests)
     return wrapped
 
@@ -294,7 +305,8 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
                   device: str | None = None, dtype: str | None = None, max_num_seqs: int = 16,
                   log_level: str = "info", drain_timeout: float = 30.0, mode: str = "select",
                   ranker: str | None = None, guard: str | None = None, context: str = "passages",
-                  units: int = 4, copy_bias: float = 0.0, copy_start_bias: float = 0.0) -> None:
+                  units: int = 4, copy_bias: float = 0.0, copy_start_bias: float = 0.0,
+                  copy_prior: float = 0.0, cite: bool = False) -> None:
     """Serve the grounded support assistant on ``host:port`` until SIGTERM / Ctrl-C. Blocks."""
     import logging
 
@@ -308,6 +320,11 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
         from lmstack.apps.support.assistant import unit_reader
 
         unit_ctx = (unit_reader(ranker), units)
+    prior = None
+    if copy_prior and (copy_bias or copy_start_bias):
+        from lmstack.apps.support.assistant import unit_reader
+
+        prior = (unit_ctx[0] if unit_ctx else unit_reader(ranker), copy_prior)
     policy = None
     if guard is not None:
         from lmstack.guard import load_policy
@@ -327,7 +344,8 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
 
         rails = guard_for(policy, llm)  # the perplexity rail, when enabled, scores with the served model
     app = create_support_app(llm, retriever, k=k, system_prompt=system_prompt, api_key=api_key, reader=reader,
-                             guard=rails, units=unit_ctx, copy=(copy_bias, copy_start_bias))
+                             guard=rails, units=unit_ctx, copy=(copy_bias, copy_start_bias), copy_prior=prior,
+                             cite=cite)
     logging.getLogger("lmstack.support").info(
         "support assistant %s grounded in %s (%d passages) at http://%s:%d  (web chat at /, OpenAI API at /v1)",
         model, index, len(retriever), host, port)

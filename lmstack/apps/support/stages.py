@@ -343,23 +343,35 @@ def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str,
     remove = [CITATION.pattern] if "rag" in recipe.stages and section(recipe, "rag").cite else []
 
     copy = "rag" in recipe.stages and bool(r.copy_bias or r.copy_start_bias)
-    retriever = None
+    cite = copy and bool(section(recipe, "rag").cite)  # quotes run on into their passage's citation marker
+    retriever = prior = None
     if copy:  # grounded decoding: each question's quotable texts, as the assistant builds them live
         from lmstack.apps.support.retrieval import open_kb_retriever
 
         retriever = open_kb_retriever(recipe.run_path / "rag" / "index.sqlite", embedder=None)
+        if r.copy_prior:  # reader-guided: weighed by the no-model ranker, as the bundled assistant weighs them
+            ranker = recipe.run_path / "reader" / RANKERS["no_model"]
+            if "reader" not in recipe.stages or not ranker.is_file():
+                raise DataError("eval.copy_prior weighs the quotable texts with the reader stage's no-model ranker: "
+                                "add the reader stage before eval, or set eval.copy_prior: 0")
+            from lmstack.apps.support.assistant import unit_reader
+
+            prior = unit_reader(ranker)
 
     def quote(x: dict[str, Any]) -> dict[str, Any]:
         if retriever is None:
             return {}
-        from lmstack.apps.support.reader import candidates
+        from lmstack.apps.support.reader import candidates, quote_prior
 
         hits = _grounded_hits(retriever, x.get("context") or [])
         if x.get("units") and len(x["units"]) == len(hits):  # context: units -- the units shown, not their passages
             import dataclasses
 
             hits = [dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=t)) for h, t in zip(hits, x["units"])]
-        return {"quote": candidates(hits, x["lang"])}
+        if prior is not None:
+            texts, weights = quote_prior(prior, x["question"], hits, r.copy_prior, cite=cite)
+            return {"quote": {"texts": texts, "weights": weights}}
+        return {"quote": candidates(hits, x["lang"], cite=cite)}
 
     def asked(rows: list[dict[str, Any]], path: Path) -> Path:
         write_jsonl(path, ({"question": x["question"], "answer": x["answer"], "lang": x["lang"], "id": x["id"],
@@ -387,7 +399,7 @@ def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str,
         src = Path(r.general_qa) if r.general_qa != "shipped" else general_qa_path()
         path = asked(read_general_qa(src), out / "general_qa.jsonl")
         tasks.append({"type": "generation", "name": "general_qa", "data": str(path.resolve()), "prompt": "{{ prompt }}",
-                      "max_tokens": r.max_tokens, "stop": ["\n"], "metrics": GENERAL_METRICS,
+                      "max_tokens": r.general_max_tokens, "stop": ["\n"], "metrics": GENERAL_METRICS,
                       "description": f"general knowledge, asked without the shop's prompt ({src.name})"})
     text = data / "heldout_text.jsonl"
     if r.perplexity and text.is_file() and text.stat().st_size > 0:

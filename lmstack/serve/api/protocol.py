@@ -77,6 +77,9 @@ class CopyRequest(_Body):
     texts: list[str] = Field(..., json_schema_extra={"maxItems": 256, "items": {"type": "string", "maxLength": 4000}})
     bias: float = _doc(4.0, minimum=0, maximum=100)
     start_bias: float = _doc(0.0, minimum=0, maximum=100)
+    weights: list[float] | None = Field(None, description="one more bonus per text (a ranker's log-probabilities)",
+                                        json_schema_extra={"maxItems": 256, "items": {"type": "number", "minimum": -100,
+                                                                                      "maximum": 100}})
 
 
 class _Sampling(_Body):
@@ -344,7 +347,8 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None,
         logit_bias=logit_bias(req, vocab_size),
         structured=structured,
         logits_processors=watermark_processors(req, watermark, vocab_size),
-        copy=CopyFrom(tuple(c.texts), bias=c.bias, start_bias=c.start_bias) if (c := req.copy_texts) else None,
+        copy=CopyFrom(tuple(c.texts), bias=c.bias, start_bias=c.start_bias,
+                      weights=None if c.weights is None else tuple(c.weights)) if (c := req.copy_texts) else None,
     )
     try:
         params.validate()
