@@ -131,3 +131,30 @@ def test_quickstart_bundle_streams_generated_answers(run, monkeypatch):
     assert main(["support", "chat", str(run_dir / "bundle"), "-n", "4", "--show-context", "--guard", "off"]) == 0
     monkeypatch.setattr("sys.stdin", io.StringIO("Do you ship internationally?\n/exit\n"))
     assert main(["support", "chat", str(run_dir / "bundle"), "-n", "4"]) == 0  # with the bundle's rails
+
+
+def test_quickstart_bundle_serves_reader_guided_answers(run, monkeypatch):
+    """`lmstack support serve BUNDLE` builds the grounding middleware with the bundle's reader-guided decoding
+    (the no-model ranker's weights, citation quotes); a chat request through it is answered by the real model."""
+    from starlette.testclient import TestClient
+
+    import lmstack.serve.api.server as server
+    from lmstack.cli import main
+
+    _, run_dir = run
+    apps = []
+
+    class NoServer:
+        def run(self):
+            return None
+
+    monkeypatch.setattr(server, "build_server", lambda app, *a, **k: apps.append(app) or NoServer())
+    assert main(["support", "serve", str(run_dir / "bundle"), "--port", "8765", "--guard", "off"]) == 0
+    app = apps[0]
+    assert app.copy == (6.0, 6.0) and app.copy_prior[1] == 2.0 and app.cite is True
+    with TestClient(app) as client:  # (the lifespan starts and stops the engine)
+        name = client.get("/v1/models").json()["data"][0]["id"]
+        r = client.post("/v1/chat/completions", json={"model": name, "max_tokens": 8, "temperature": 0, "messages": [
+            {"role": "user", "content": "How long does standard shipping take?"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].strip()
