@@ -81,7 +81,8 @@ class SupportAssistant:
         # ranker (lmstack.apps.support.reader.quote_prior); 0: every text alike
         self.copy_prior = copy_prior
         self.cite = cite  # the model was tuned to cite (" [2]"): a quote runs on into its passage's marker
-        self.prior_reader = unit_reader(ranker) if copy_prior and index is not None else None
+        # (the units' reader when there is one: one ranker and one sentence embedder loaded, not two)
+        self.prior_reader = (self.unit_reader or unit_reader(ranker)) if copy_prior and index is not None else None
         self.history: list[dict[str, str]] = []
         self.last_context: list[Any] = []  # lmstack.rag.Hit of the last question
 

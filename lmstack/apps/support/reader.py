@@ -239,7 +239,7 @@ def quote_prior(reader: Reader, question: str, hits: Sequence[Any], weight: floa
     :class:`lmstack.serve.logits.CopyBias`) is a product of the model and the ranker where quotes part ways.
     ``reader``: a reader whose ranker does not weigh the model (its likelihood would need a pass per text);
     ``cite``: the texts end with their passage's citation marker (:func:`candidates`)."""
-    import math
+    import torch
 
     from lmstack.rag import query_lang
 
@@ -249,10 +249,9 @@ def quote_prior(reader: Reader, question: str, hits: Sequence[Any], weight: floa
     cands = candidate_set(hits, query_lang(question))
     if not cands:
         return [], []
-    scores = reader.ranker.scores(reader.features("", question, cands))
-    top = max(scores)
-    z = top + math.log(sum(math.exp(x - top) for x in scores))
-    return quotable(hits, cands, cite), [max(-100.0, weight * (x - z)) for x in scores]
+    scores = torch.tensor(reader.ranker.scores(reader.features("", question, cands)), dtype=torch.float64)
+    logp = torch.log_softmax(scores, 0)
+    return quotable(hits, cands, cite), (weight * logp).clamp(min=-100.0).tolist()
 
 
 # ---------------------------------------------------------------------------------------- answer-unit context

@@ -219,19 +219,18 @@ class GroundingMiddleware:
                                                   self.context_max_chars, hits_out=hits, guard=self.guard, key=key,
                                                   units=self.units)
             if self.copy is not None and "copy" not in req:
-                from lmstack.apps.support.reader import candidates
+                from lmstack.apps.support.reader import candidates, quote_prior
                 from lmstack.rag.analyze import query_lang
 
                 users = [content_text(m.get("content")) for m in req["messages"] if isinstance(m, dict)
                          and m.get("role") == "user"]
                 question = users[-1] if users else ""
-                req["copy"] = {"texts": candidates(hits, query_lang(question), cite=self.cite), "bias": self.copy[0],
-                               "start_bias": self.copy[1]}
+                req["copy"] = {"bias": self.copy[0], "start_bias": self.copy[1]}
                 if self.copy_prior is not None:
-                    from lmstack.apps.support.reader import quote_prior
-
                     req["copy"]["texts"], req["copy"]["weights"] = quote_prior(
                         self.copy_prior[0], question, hits, self.copy_prior[1], cite=self.cite)
+                else:
+                    req["copy"]["texts"] = candidates(hits, query_lang(question), cite=self.cite)
             return req, hits, json.dumps(req, ensure_ascii=False).encode()
         except (ValueError, TypeError, AttributeError, RecursionError):
             return None
@@ -315,16 +314,14 @@ def serve_support(model: str, index: str, *, adapter: str | None = None, host: s
     from lmstack.serve.llm import load
 
     retriever = open_kb_retriever(index)  # fails at once on a bad index path, before the model loads
-    unit_ctx = None
-    if context == "units":
+    unit_ctx = prior = None
+    guided = bool(copy_prior and (copy_bias or copy_start_bias))
+    if context == "units" or guided:  # one no-model reader orders the units and weighs the quotes
         from lmstack.apps.support.assistant import unit_reader
 
-        unit_ctx = (unit_reader(ranker), units)
-    prior = None
-    if copy_prior and (copy_bias or copy_start_bias):
-        from lmstack.apps.support.assistant import unit_reader
-
-        prior = (unit_ctx[0] if unit_ctx else unit_reader(ranker), copy_prior)
+        no_model = unit_reader(ranker)
+        unit_ctx = (no_model, units) if context == "units" else None
+        prior = (no_model, copy_prior) if guided else None
     policy = None
     if guard is not None:
         from lmstack.guard import load_policy
