@@ -59,23 +59,18 @@ def mix_report(sizes: dict[str, float], *, weights: dict[str, float] | None = No
 
 
 def plot_shares(report: dict[str, Any], path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lmstack.utils.plot import new_figure, save_png
 
     rows = report["domains"]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3))
+    fig = new_figure(max(4, 1.2 * len(rows)), 3)
+    ax = fig.subplots()
     ax.bar([i - 0.2 for i in x], [r["share_before"] for r in rows], 0.4, label="before")
     ax.bar([i + 0.2 for i in x], [r["share_after"] for r in rows], 0.4, label=f"after ({report['method']})")
     ax.set_xticks(list(x), [r["domain"] for r in rows])
     ax.set_ylabel("token share")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def domain_sizes(paths: dict[str, list[str]], text_field: str = "text", chars_per_token: float = 4.0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +66,8 @@ def to_markdown(results: dict) -> str:
 
 def _plot_png(results: dict) -> str | None:
     """A horizontal bar chart of every bounded metric (accuracy-like in [0, 1], BLEU/chrF scaled /100)."""
-    try:
-        import matplotlib
+    from lmstack.utils.plot import new_figure, png_bytes
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
-        return None
     labels, vals = [], []
     for name, metric, v, _ in metric_rows(results):
         if metric in LOWER_IS_BETTER:
@@ -83,17 +77,14 @@ def _plot_png(results: dict) -> str | None:
         vals.append(scaled)
     if not vals:
         return None
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(vals) + 1))
+    fig = new_figure(7, 0.35 * len(vals) + 1)
+    ax = fig.subplots()
     ax.barh(range(len(vals)), vals, color="#4C72B0")
     ax.set_yticks(range(len(vals)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("score")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(png_bytes(fig)).decode()
 
 
 def to_html(results: dict) -> str:

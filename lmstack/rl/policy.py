@@ -305,14 +305,9 @@ def plot_rewards(records: list[dict[str, Any]], dest: Path) -> Path | None:
     va = [(r["step"], r["val_reward"]) for r in records if "val_reward" in r]
     if not tr and not va:
         return None
-    import matplotlib
+    from lmstack.utils.plot import new_figure, save_png
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    from lmstack.utils.io import atomic_write
-
-    fig = Figure(figsize=(7, 4), dpi=100)
+    fig = new_figure(7, 4)
     ax = fig.subplots()
     if tr:
         s, m, sd = zip(*tr)
@@ -324,10 +319,7 @@ def plot_rewards(records: list[dict[str, Any]], dest: Path) -> Path | None:
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_write(dest, "wb") as f:
-        fig.savefig(f, format="png")
-    return dest
+    return save_png(fig, dest)
 
 
 def minibatches(n: int, k: int, gen: torch.Generator) -> Iterator[torch.Tensor]:

@@ -111,12 +111,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(dest: Path, train: list[tuple], val: list[tuple], lrs: list[tuple]) -> Path:
-    import matplotlib
+    from lmstack.utils.plot import new_figure, save_png
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # no pyplot: no global state, safe in threads
-
-    fig = Figure(figsize=(7, 5), dpi=100)
+    fig = new_figure(7, 5)
     ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
@@ -130,25 +127,19 @@ def plot_curves(dest: Path, train: list[tuple], val: list[tuple], lrs: list[tupl
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_write(dest, "wb") as f:
-        fig.savefig(f, format="png")
-    return dest
+    return save_png(fig, dest)
 
 
 def plot_expert_utilization(dest: Path, util: list[tuple[int, list[list[float]]]]) -> Path:
     """One panel per MoE layer: each expert's share of the routed slots over steps, stacked to 1; the dashed
     lines are the band boundaries (k / E) of a perfectly balanced router."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from lmstack.utils.plot import new_figure, save_png
 
     n_layers = max(len(u) for _, u in util)
     util = [(s, u) for s, u in util if len(u) == n_layers]
     steps = [s for s, _ in util]
     n_exp = len(util[0][1][0])
-    fig = Figure(figsize=(7, 1.6 * n_layers + 1), dpi=100)
+    fig = new_figure(7, 1.6 * n_layers + 1)
     axes = fig.subplots(n_layers, 1, sharex=True, squeeze=False)[:, 0]
     for li, ax in enumerate(axes):
         shares = [[u[li][e] for _, u in util] for e in range(n_exp)]
@@ -160,7 +151,4 @@ def plot_expert_utilization(dest: Path, util: list[tuple[int, list[list[float]]]
     axes[0].set_title("expert utilization: share of routed slots (dashed: balanced)")
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     axes[-1].set_xlabel("step")
-    fig.tight_layout()
-    with atomic_write(dest, "wb") as f:
-        fig.savefig(f, format="png")
-    return dest
+    return save_png(fig, dest)

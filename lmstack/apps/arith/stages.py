@@ -180,14 +180,9 @@ def _plot(recipe: Recipe, dest: Path) -> Path | None:
                 series.append((f"{name} {key.rsplit('_', 1)[1]}", pts))
     if not series:
         return None
-    import matplotlib
+    from lmstack.utils.plot import new_figure, save_png
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    from lmstack.utils.io import atomic_write
-
-    fig = Figure(figsize=(7, 4), dpi=100)
+    fig = new_figure(7, 4)
     ax = fig.subplots()
     for label, pts in series:
         ax.plot(*zip(*pts), "o-", ms=3, label=label)
@@ -195,7 +190,4 @@ def _plot(recipe: Recipe, dest: Path) -> Path | None:
     ax.set_ylabel("held-out accuracy (greedy)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_write(dest, "wb") as f:
-        fig.savefig(f, format="png")
-    return dest
+    return save_png(fig, dest)
