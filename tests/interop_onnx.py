@@ -52,6 +52,22 @@ def _greedy(model, prompt: list[int], n: int) -> list[int]:
     return x[len(prompt):]
 
 
+def _compare_on_prompt(model, lm: OnnxCausalLM, tok, n: int = 32):
+    """One English prompt through lmstack and onnxruntime: (max |logit diff| stepping the ONNX graph through
+    its cache, lmstack's logits, ONNX greedy tokens, lmstack greedy tokens, how many agree from the start, n)."""
+    prompt = tok.encode("The capital of France is Paris. The capital of Germany is", add_special_tokens=False)
+    ids = torch.tensor([prompt])
+    mask, pos = torch.ones_like(ids), torch.arange(len(prompt))[None]
+    with torch.no_grad():
+        want = model(ids).numpy()
+    got = _stepwise(lm, ids, mask, pos, prefill=len(prompt) - 3)
+    err = float(np.abs(got - want).max())
+    gen = lm.generate([prompt], n)[0]
+    ref = _greedy(model, prompt, n)
+    same = next((i for i, (a, b) in enumerate(zip(gen, ref)) if a != b), n)
+    return err, want, gen, ref, same, n
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_architecture_f32_matches_transformers(arch, tmp_path):
     ref = tiny_model_dir(arch, tmp_path / "m", initializer_range=0.2, **KW[arch])
@@ -92,17 +108,7 @@ def test_smollm2_onnx_matches_lmstack(dtype, tmp_path, tmp_path_factory):
     model = load_model(src, dtype="float32")
     tok = Tokenizer.from_dir(src)
     lm = OnnxCausalLM(export_onnx(src, tmp_path / "onnx", dtype=dtype), threads=2)
-    prompt = tok.encode("The capital of France is Paris. The capital of Germany is", add_special_tokens=False)
-    ids = torch.tensor([prompt])
-    mask, pos = torch.ones_like(ids), torch.arange(len(prompt))[None]
-    with torch.no_grad():
-        want = model(ids).numpy()
-    got = _stepwise(lm, ids, mask, pos, prefill=len(prompt) - 3)
-    err = float(np.abs(got - want).max())
-    n = 32
-    gen = lm.generate([prompt], n)[0]
-    ref = _greedy(model, prompt, n)
-    same = next((i for i, (a, b) in enumerate(zip(gen, ref)) if a != b), n)
+    err, want, gen, ref, same, n = _compare_on_prompt(model, lm, tok)
     print(f"\nSmolLM2 ONNX {dtype}: max |logit diff| {err:.2e} (logit range {np.abs(want).max():.1f}); "
           f"greedy tokens identical for {same}/{n}: {tok.decode(gen)!r}")
     if dtype == "f32":
@@ -126,17 +132,7 @@ def test_smollm2_quantized_onnx_matches_lmstack_quantized(dtype, tmp_path, tmp_p
     tok = Tokenizer.from_dir(src)
     out = export_onnx(src if dtype == "int8" else qdir, tmp_path / "onnx", dtype=dtype, group_size=64)
     lm = OnnxCausalLM(out, threads=2)
-    prompt = tok.encode("The capital of France is Paris. The capital of Germany is", add_special_tokens=False)
-    ids = torch.tensor([prompt])
-    mask, pos = torch.ones_like(ids), torch.arange(len(prompt))[None]
-    with torch.no_grad():
-        want = model(ids).numpy()
-    got = _stepwise(lm, ids, mask, pos, prefill=len(prompt) - 3)
-    err = float(np.abs(got - want).max())
-    n = 32
-    gen = lm.generate([prompt], n)[0]
-    ref = _greedy(model, prompt, n)
-    same = next((i for i, (a, b) in enumerate(zip(gen, ref)) if a != b), n)
+    err, want, gen, ref, same, n = _compare_on_prompt(model, lm, tok)
     size = sum(f.stat().st_size for f in out.glob("model.onnx*"))
     f32 = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     print(f"\nSmolLM2 ONNX {dtype}: max |logit diff| vs lmstack {dtype} {err:.2e} (logit range "
