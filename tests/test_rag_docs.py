@@ -289,7 +289,7 @@ def test_citations_point_at_the_chunk_with_the_quoted_fact(corpus, tmp_path):
 
 
 def test_faithfulness_counts_supported_sentences():
-    from lmstack.rag.answer import citations, faithfulness
+    from lmstack.rag.answer import citations, faithfulness, groundedness
     from lmstack.rag.chunk import Chunk
     from lmstack.rag.store import Hit
 
@@ -302,6 +302,11 @@ def test_faithfulness_counts_supported_sentences():
     assert faithfulness("Returns are free within 30 days [2]. Here it is!", hits) == 1.0  # no terms: skipped
     assert faithfulness("Nothing cited here about shipping.", hits) == 0.0
     assert faithfulness("", hits) is None
+    # groundedness ignores citations: any shown chunk may support a sentence
+    assert groundedness("Nothing cited here about shipping.", hits) == 0.0  # 1 of 3 terms in a chunk
+    assert groundedness("Shipping takes 3-5 business days. Returns are free within 30 days [1].", hits) == 1.0
+    assert groundedness("Shipping takes 3-5 business days. Gift wrapping costs nothing on Sundays.", hits) == 0.5
+    assert groundedness("Here it is!", hits) is None
 
 
 def test_large_index_smoke_and_ann_recall(tmp_path):

@@ -119,6 +119,15 @@ def faithfulness(answer: str, hits: Sequence[Hit], support: float = 0.6) -> floa
     return sum(verdicts) / len(verdicts) if verdicts else None
 
 
+def groundedness(answer: str, hits: Sequence[Hit], support: float = 0.6) -> float | None:
+    """The share of the answer's sentences supported by ANY shown chunk, citations ignored (None: nothing to
+    judge): what is left of :func:`faithfulness` for a model that answers from its sources without citing them
+    (an uncited answer has faithfulness 0 however well it reads its sources)."""
+    texts = [h.chunk.text for h in hits]
+    verdicts = [v for v in (supported(s, texts, support) for s in sentences(answer)) if v is not None]
+    return sum(verdicts) / len(verdicts) if verdicts else None
+
+
 def ask(llm: Any, retriever: Any, question: str, *, k: int = 5, mode: str = "hybrid", max_tokens: int = 256,
         history: Sequence[dict[str, Any]] = (), **search_kw: Any) -> dict[str, Any]:
     """Retrieve, prompt with numbered sources, generate (greedy): ``{"answer", "sources"}`` (every retrieved

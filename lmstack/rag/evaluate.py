@@ -126,13 +126,13 @@ def evaluate(retriever: Any, questions: list[dict[str, Any]], *, ks: Sequence[in
 def answer_metrics(llm: Any, questions: list[dict[str, Any]], hits: list[list[Any]], *,
                    max_tokens: int = 256) -> dict[str, Any]:
     """Generate grounded answers (greedy) and score faithfulness and citations."""
-    from lmstack.rag.answer import citations, faithfulness, rag_messages
+    from lmstack.rag.answer import citations, faithfulness, groundedness, rag_messages
 
     from lmstack.eval.metrics import contains, exact_match, token_f1
 
     prompts = [llm.chat_prompt(rag_messages(q["question"], h)) for q, h in zip(questions, hits)]
     outs = llm.generate(prompts, temperature=0.0, max_tokens=max_tokens)
-    faith, n_cites, n_good, n_citing, answers = [], 0, 0, 0, []
+    faith, grounded, n_cites, n_good, n_citing, answers = [], [], 0, 0, 0, []
     em, f1, has = [], [], []
     for q, h, o in zip(questions, hits, outs):
         text = o.outputs[0].text
@@ -143,7 +143,10 @@ def answer_metrics(llm: Any, questions: list[dict[str, Any]], hits: list[list[An
         f = faithfulness(text, h)
         if f is not None:
             faith.append(f)
-        row = {"question": q["question"], "answer": text, "cited": cited, "faithfulness": f}
+        g = groundedness(text, h)
+        if g is not None:
+            grounded.append(g)
+        row = {"question": q["question"], "answer": text, "cited": cited, "faithfulness": f, "grounded": g}
         gold = gold_answers(q)
         if gold:
             bare = strip_citations(text)
@@ -153,7 +156,7 @@ def answer_metrics(llm: Any, questions: list[dict[str, Any]], hits: list[list[An
             has.append(row["contains"])
         answers.append(row)
     mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    return {"faithfulness": mean(faith), "citation_accuracy": n_good / n_cites if n_cites else None,
+    return {"faithfulness": mean(faith), "grounded": mean(grounded), "citation_accuracy": n_good / n_cites if n_cites else None,
             "cited": n_citing / len(questions), "exact_match": mean(em), "f1": mean(f1), "contains": mean(has),
             "answered_with_gold": len(em), "answers": answers}
 
