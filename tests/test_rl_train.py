@@ -114,6 +114,32 @@ def test_reward_model_learns_held_out_preferences(tmp_path):
     cfg_json = json.loads((tmp_path / "rm" / "final" / "config.json").read_text())
     assert cfg_json["architectures"] == ["Qwen2ForSequenceClassification"] and cfg_json["num_labels"] == 1
 
+    # PPO / GRPO score a rollout the way the pairs were trained: prompt + reply through the chat template, its
+    # end-of-turn included -- not prompt ids + sampled ids, which end on <|im_end|> (or mid-reply when cut off)
+    from lmstack.rl.config import RewardSpec
+    from lmstack.rl.policy import Scorer
+    from lmstack.rl.reward_model import load_reward_model
+    from lmstack.rl.rollout import Rollout
+    from lmstack.tokenizer import Tokenizer
+    from lmstack.tune.data import _reply_example
+
+    tok = Tokenizer.from_dir(tmp_path / "m")
+    rm = load_reward_model(tmp_path / "rm" / "final", device="cpu", dtype=torch.float32)
+    scorer = Scorer(RewardSpec(model=str(tmp_path / "rm" / "final")), tok, torch.device("cpu"), tok.vocab_size)
+    end = tok.token_to_id("<|im_end|>")
+    user = [{"role": "user", "content": "say quick"}]
+    prompt_ids = list(tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True))
+    rolls, want = [], []
+    for reply in ("quick quick quick quick quick", "quick"):
+        rolls.append(Rollout(prompt_ids, tok.encode(reply, add_special_tokens=False) + [end], [], reply,
+                             record={"prompt": "say quick"}))
+        ex, _ = _reply_example(tok, user, [{"role": "assistant", "content": reply}], 64)  # the training form
+        with torch.no_grad():
+            want.append(float(rm(torch.tensor([ex.input_ids]), torch.ones(1, len(ex.input_ids), dtype=torch.long))[0]))
+    got = scorer(rolls, ["say quick"] * 2)
+    assert got == pytest.approx(want, abs=1e-5) and got[0] > got[1]
+    assert tok.decode(scorer.rm_input(rolls[0])[len(prompt_ids):]).endswith("<|im_end|>\n")
+
 
 def test_verifiable_rewards():
     assert exact_answer("", "The answer is 1,234.", {"answer": "1234"}) == 1.0

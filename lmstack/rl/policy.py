@@ -88,11 +88,18 @@ def load_prompts(path: str | Path, tok: Any, chat: bool, max_len: int, limit: in
 
 # --------------------------------------------------------------------------------------------- rewards
 class Scorer:
-    """Rollouts -> rewards, from a verifiable function or a reward model (which must share the tokenizer)."""
+    """Rollouts -> rewards, from a verifiable function or a reward model (which must share the tokenizer).
 
-    def __init__(self, spec: Any, tok: Any, device: torch.device, policy_vocab: int):
+    A reward model reads each rollout the way it was trained on preference pairs: for a chat prompt, the prompt
+    messages plus the response as the assistant's turn, rendered by the chat template -- end-of-turn tokens
+    included (``<|im_end|>\n`` for ChatML), which is where the reward head reads its score. Prompt ids plus the
+    sampled ids would end elsewhere (on the end-of-sequence token, or mid-sentence when cut at max_new_tokens),
+    a position the head never saw in training. Plain-text prompts are scored as prompt ids + response ids."""
+
+    def __init__(self, spec: Any, tok: Any, device: torch.device, policy_vocab: int, chat: bool = True):
         self.fn = None
         self.rm = None
+        self.tok, self.chat = tok, chat
         if spec.function is not None:
             self.fn = load_reward_function(spec.function, spec.schema_)
         else:
@@ -112,18 +119,26 @@ class Scorer:
         if self.fn is not None:
             recs = [{**r.record, "response_ids": r.response_ids} for r in rolls]
             return score_all(self.fn, texts, [r.text for r in rolls], recs)
+        seqs = [self.rm_input(r) for r in rolls]
         out: list[float] = []
-        for i in range(0, len(rolls), 16):
-            chunk = rolls[i:i + 16]
-            L = max(len(r.prompt_ids) + len(r.response_ids) for r in chunk)
+        for i in range(0, len(seqs), 16):
+            chunk = seqs[i:i + 16]
+            L = max(len(s) for s in chunk)
             ids = torch.zeros((len(chunk), L), dtype=torch.long)
             mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for b, r in enumerate(chunk):
-                full = r.prompt_ids + r.response_ids
+            for b, full in enumerate(chunk):
                 ids[b, :len(full)] = torch.tensor(full)
                 mask[b, :len(full)] = 1
             out += self.rm(ids.to(self.device), mask.to(self.device)).tolist()
         return out
+
+    def rm_input(self, r: Rollout) -> list[int]:
+        """The token ids the reward model scores for one rollout (the class docstring)."""
+        p = r.record.get("prompt") if "prompt_ids" not in r.record else None
+        if self.tok is not None and p is not None and (self.chat or isinstance(p, list)):
+            messages = p if isinstance(p, list) else [{"role": "user", "content": str(p)}]
+            return list(self.tok.render_chat([*messages, {"role": "assistant", "content": r.text}]).input_ids)
+        return list(r.prompt_ids) + list(r.response_ids)
 
 
 # --------------------------------------------------------------------------------------------- the policy
@@ -273,7 +288,7 @@ def start_run(cfg: Any, section: str) -> Run:
     train = load_prompts(d.path, policy.tok, d.chat, d.max_prompt_len)
     val = load_prompts(d.val_path, policy.tok, d.chat, d.max_prompt_len, d.val_limit) if (
         d.val_path and d.val_limit) else None
-    scorer = Scorer(cfg.reward, policy.tok, policy.device, policy.model.config.vocab_size)
+    scorer = Scorer(cfg.reward, policy.tok, policy.device, policy.model.config.vocab_size, chat=cfg.data.chat)
     for stale in ("metrics.jsonl",):
         if (run_dir / stale).exists():
             (run_dir / stale).unlink()
