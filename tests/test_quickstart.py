@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -44,7 +45,7 @@ def run(tmp_path_factory):
 def test_quickstart_stages_on_the_real_model(run):
     res, run_dir = run
     assert [(s.name, s.status) for s in res.stages] == [
-        (n, "ran") for n in ("data", "rag", "base", "finetune", "reader", "eval", "bundle")]
+        (n, "ran") for n in ("data", "rag", "base", "finetune", "quantize", "reader", "eval", "bundle")]
     base = res.summary("base")
     assert base["parameters"] == 134_515_008 and Path(base["gguf"]).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (run_dir / "base/model/tokenizer_config.json").is_file()
@@ -104,11 +105,25 @@ def test_quickstart_bundle_streams_generated_answers(run, monkeypatch):
     from lmstack.apps.bundle import read_bundle, verify
     from lmstack.apps.support.assistant import SupportAssistant
     from lmstack.cli import main
+    from lmstack.model.hf_io import load_model
+    from lmstack.quant import load_any, quantization_config
+    from lmstack.tune.merge import merge_adapter
 
     res, run_dir = run
     bundle = read_bundle(run_dir / "bundle", app="support")
     assert bundle.settings["mode"] == "generate" and not verify(bundle)
-    assert bundle.part("adapter") is not None  # and the no-model ranker: `--mode select` works on it too
+    # the served model is the quantize stage's: the LoRA merged in, the linear layers int8
+    assert bundle.part("adapter") is None
+    qc = quantization_config(bundle.part("model"))
+    assert qc is not None and qc["method"] == "int8"
+    q = res.summary("quantize")
+    assert q["method"] == "int8" and q["quantized_mb"] < 0.55 * q["float_mb"]
+    merged = merge_adapter(run_dir / "base/model", run_dir / "finetune/final", run_dir / "merged-check")
+    ids = torch.tensor([[1, 504, 3125, 314, 253, 1345, 28, 2]])
+    with torch.no_grad():  # int8 tracks the merged float model (the adapter is in the served weights)
+        want, got = load_model(merged)(ids), load_any(bundle.part("model"))(ids)
+    assert (want.argmax(-1) == got.argmax(-1)).sum() >= 6 and (got - want).abs().max() < 0.05 * want.abs().max()
+    # and the no-model ranker: `--mode select` works on it too
     assert bundle.part("ranker").read_text() == (run_dir / "reader/no_model.json").read_text()
     from lmstack.guard import DEFAULT_POLICY
 

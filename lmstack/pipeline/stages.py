@@ -1,5 +1,5 @@
-"""The library's own stages, for any app: a pretrained base model (imported from a GGUF file), pretraining
-and supervised fine-tuning.
+"""The library's own stages, for any app: a pretrained base model (imported from a GGUF file), pretraining,
+supervised fine-tuning and quantization of the model an app serves.
 
 Their recipe sections are the library's configs (:class:`lmstack.train.PretrainConfig`,
 :class:`lmstack.tune.config.FinetuneConfig`); an app connects them to its other stages with ``wire``
@@ -172,6 +172,58 @@ def finetune_stage(wire: Callable[[Recipe], dict[str, Any]], deps: Callable[[Rec
         inputs=_model_input, outputs=lambda c: [Path(c.config.run_dir) / "final"],
         row=lambda m: (f"{m.get('method')}; {_fmt(m.get('steps'))} steps; loss {_fmt(m.get('last_loss'))}; "
                        f"val loss {_fmt(m.get('val_loss'))}"))
+
+
+# ---------------------------------------------------------------------------------------- quantization
+class QuantizeStageConfig(StrictModel):
+    """``quantize:`` -- the model an app serves, with a LoRA adapter folded in and its linears quantized
+    (:func:`lmstack.quant.quantize_checkpoint`); the app's later stages (evaluation, bundle) then read the
+    quantized directory, so what is measured is what is served."""
+
+    method: Literal["int8", "int4", "gptq", "awq"] = Field("int8", description="int8: per-channel weights (the "
+                                                           "one measured to keep scores); int4 / gptq / awq: group-wise")
+    group_size: int = Field(64, ge=16, le=1024, description="int4 / gptq / awq: weights per scale")
+    lm_head: Literal["int8", "fp32"] = Field("int8", description="the output projection: int8 or left in fp32")
+    calib: str | None = Field(None, description="gptq / awq: a calibration text file")
+
+
+def quantize_model(model_dir: str | Path, adapter: str | Path | None, out: Path, cfg: QuantizeStageConfig
+                   ) -> dict[str, Any]:
+    """``model_dir`` (+ a LoRA ``adapter``, merged first) quantized into ``out``; sizes before and after."""
+    import shutil
+
+    from lmstack.quant import quantize_checkpoint
+    from lmstack.tune.merge import merge_adapter
+
+    src = Path(model_dir)
+    merged = None
+    if adapter is not None:
+        merged = out.parent / (out.name + ".merged")
+        src = merge_adapter(model_dir, adapter, merged)
+    try:
+        quantize_checkpoint(src, out, method=cfg.method, group_size=cfg.group_size, calib=cfg.calib,
+                            lm_head=cfg.lm_head)
+    finally:
+        if merged is not None:
+            shutil.rmtree(merged, ignore_errors=True)
+
+    def size(d: Path) -> int:
+        return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+    return {"model_dir": str(out), "method": cfg.method, "adapter": None if adapter is None else str(adapter),
+            "float_mb": round(size(Path(model_dir)) / 1e6, 1), "quantized_mb": round(size(out) / 1e6, 1)}
+
+
+def quantize_stage(run: Callable[[StageContext], dict[str, Any]], deps: Callable[[Recipe], list[str]],
+                   inputs: Callable[[Recipe], dict[str, str]] | None = None,
+                   description: str = "merge the adapter and quantize the served model") -> Stage:
+    """The ``quantize`` stage: ``run`` picks the model (and adapter) and calls :func:`quantize_model` into
+    ``ctx.out_dir / "model"``."""
+    return Stage(
+        "quantize", run, config=QuantizeStageConfig, deps=deps, description=description,
+        **({"inputs": inputs} if inputs is not None else {}),
+        outputs=lambda c: [c.out_dir / "model" / "config.json"],
+        row=lambda m: f"{m.get('method')}: {_fmt(m.get('float_mb'))} -> {_fmt(m.get('quantized_mb'))} MB")
 
 
 # ---------------------------------------------------------------------------------------- RL (lmstack.rl)

@@ -16,7 +16,7 @@ from typing import Any
 from lmstack.apps.support import recipe as cfg
 from lmstack.apps.support import desk_stages as ds, report, stages as st
 from lmstack.pipeline import App, Recipe, Stage, StageContext, register_app
-from lmstack.pipeline.stages import base_stage, finetune_stage, pretrain_stage
+from lmstack.pipeline.stages import base_stage, finetune_stage, pretrain_stage, quantize_stage
 from lmstack.utils.io import dir_sha256, file_sha256, model_dir_hash
 
 
@@ -69,7 +69,8 @@ def _check(r: Recipe) -> None:
 # --------------------------------------------------------------------------------------------- the bundle
 def bundle_parts(r: Recipe, summaries: dict[str, Any]) -> dict[str, Any]:
     """What the served assistant is made of: model (+ adapter), index, ranker."""
-    model, adapter = (st._finetuned_model(r, summaries) if "finetune" in r.stages else (st.base_model_dir(r), None))
+    model, adapter = (st._finetuned_model(r, summaries) if {"finetune", "quantize"} & set(r.stages)
+                      else (st.base_model_dir(r), None))
     # the model's own ranker (select mode), else the no-model one (a reader fit without the "lm" feature): the
     # bundle answers `--mode select` either way
     rankers = [r.run_path / "reader" / st.RANKERS[who]
@@ -111,8 +112,8 @@ APP = register_app(App(
     description="Larkspur Home customer-support assistant: grounded in its knowledge base, EN + ZH",
     check=_check, summary=report.print_tables, report=report.html_sections, next_commands=report.next_commands,
     # rag.context: units -- the reader ranks the answer units the model is tuned on, so it runs before finetune
-    alt_orders=(("data", "rag", "tokenizer", "base", "pretrain", "reader", "finetune", "eval", "bundle", "intents",
-                 "desk"),),
+    alt_orders=(("data", "rag", "tokenizer", "base", "pretrain", "reader", "finetune", "quantize", "eval", "bundle",
+                 "intents", "desk"),),
     stages=[
         Stage("data", st.run_data, config=cfg.DataStage, description="general corpus + shop knowledge base + support QA",
               depends=lambda r: {"python_stdlib": sys.version},
@@ -141,8 +142,10 @@ APP = register_app(App(
                        # reader: only when it runs first (rag.context: units) -- a fingerprint counts the deps
                        # that come earlier in the recipe
                        deps=_deps("data", "rag", "base", "pretrain", "reader"), description="SFT on the support chats"),
+        quantize_stage(st.run_quantize, deps=_deps("base", "pretrain", "finetune"), inputs=_model_input,
+                       description="the served model: the LoRA merged, the weights quantized (evaluated as served)"),
         Stage("reader", st.run_reader, config=cfg.ReaderStage,
-              deps=_deps("data", "rag", "tokenizer", "base", "pretrain", "finetune"),
+              deps=_deps("data", "rag", "tokenizer", "base", "pretrain", "finetune", "quantize"),
               description="fit the answer ranker on dev questions (never the reported ones)",
               depends=lambda r: {"eval_subset": [st.section(r, "eval").heldout_limit],
                                  "embedder": st.section(r, "rag").embedder,
@@ -152,10 +155,12 @@ APP = register_app(App(
               outputs=lambda c: [c.out_dir / st.RANKERS["no_model"]]  # + the prompts it writes with context: units
               + ([c.out_dir / n for n in st.UNIT_PROMPTS if n != "heldout_reply.jsonl"] if st.units_context(c.recipe)
                  else [])),
-        Stage("eval", st.run_eval, config=cfg.EvalStage, deps=_deps("data", "rag", "base", "pretrain", "finetune", "reader"),
+        Stage("eval", st.run_eval, config=cfg.EvalStage,
+              deps=_deps("data", "rag", "base", "pretrain", "finetune", "quantize", "reader"),
               description="held-out support questions, base vs fine-tuned; held-out perplexity",
               inputs=_model_input, outputs=lambda c: [c.out_dir], row=report.eval_row),
-        Stage("bundle", run_bundle, config=cfg.BundleStage, deps=_deps("rag", "base", "pretrain", "finetune", "reader"),
+        Stage("bundle", run_bundle, config=cfg.BundleStage,
+              deps=_deps("rag", "base", "pretrain", "finetune", "quantize", "reader"),
               description="the assistant in one directory: model, index, ranker, settings",
               depends=lambda r: bundle_settings(r, st.section(r, "bundle")), inputs=_model_input,
               outputs=lambda c: [c.out_dir / "manifest.json"],

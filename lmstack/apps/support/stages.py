@@ -479,11 +479,30 @@ def _eval_subset_ids(recipe: Recipe) -> set[str]:
 
 
 def _finetuned_model(recipe: Recipe, summaries: dict[str, Any]) -> tuple[Path, Path | None]:
-    """(model dir, adapter dir or None) of the fine-tuned model."""
+    """(model dir, adapter dir or None) of the fine-tuned model the assistant serves: the quantize stage's
+    directory (adapter merged, weights quantized) when the recipe has that stage, else the fine-tuning result."""
+    if "quantize" in recipe.stages:
+        return Path((summaries.get("quantize") or {}).get("model_dir") or recipe.run_path / "quantize" / "model"), None
+    return _tuned_float(recipe, summaries)
+
+
+def _tuned_float(recipe: Recipe, summaries: dict[str, Any]) -> tuple[Path, Path | None]:
+    """(model dir, adapter dir or None) of the fine-tuning result itself."""
     final = Path((summaries.get("finetune") or {}).get("final_dir") or recipe.run_path / "finetune" / "final")
     if (final / "adapter_config.json").is_file():
         return base_model_dir(recipe), final
     return final, None
+
+
+def run_quantize(ctx: StageContext) -> dict[str, Any]:
+    """The served model: the fine-tuned one (its LoRA merged) quantized, or the base model when nothing was tuned."""
+    from lmstack.pipeline.stages import quantize_model
+
+    r = ctx.recipe
+    model, adapter = _tuned_float(r, ctx.summaries) if "finetune" in r.stages else (base_model_dir(r), None)
+    res = quantize_model(model, adapter, ctx.out_dir / "model", ctx.config)
+    ctx.log(f"{res['method']}: {res['float_mb']} MB -> {res['quantized_mb']} MB ({ctx.out_dir / 'model'})")
+    return res
 
 
 def run_reader(ctx: StageContext) -> dict[str, Any]:
