@@ -104,14 +104,10 @@ class CopyBias:
     prompt: the question itself is not something to quote). Matches never run across two texts, so a quote
     ends where its text ends. O(max_n) dictionary lookups per token.
 
-    ``weights``: log-weights of the texts under a ranker, ``w_i = log p(text_i)`` (up to a constant), which make
-    decoding a product of experts -- the model's distribution times the ranker's (reader-guided decoding). At
-    the first token, a text's first token gets ``start_bias`` plus the largest weight of the texts it starts.
-    After it, the ranker's factor is its distribution *given the output so far*: among the texts the output is
-    still consistent with (those it is the start of; or, away from every start, those holding the matched
-    n-gram), token ``t`` gets ``bias + log(sum of p_i of the texts continuing with t / sum of p_i of them all)``.
-    So the ranker weighs in where candidate quotes part ways, and a quote the model has committed to is not
-    penalised again at every token for its prior (with one text left, the factor is 1: the full ``bias``)."""
+    ``weights``: one more bonus per text (default 0), added to both bonuses for the tokens that text offers; a
+    token several texts offer gets the largest. With ``weights = log p(text)`` from a ranker over the texts (a
+    softmax's logits minus their maximum), decoding becomes a product of experts: the model's distribution times
+    the ranker's, at the tokens where the candidate quotes part ways (reader-guided decoding)."""
 
     satisfied = None  # a soft prior: it never constrains the output
 
@@ -122,52 +118,39 @@ class CopyBias:
         if weights is not None and len(weights) != len(source):
             raise ValueError(f"copy bias got {len(weights)} weights for {len(source)} texts")
         self.bias, self.max_n, self.min_n, self.start_bias = float(bias), max_n, min_n, float(start_bias)
-        # n-gram of a text -> {token that follows it there: the texts where it does}
-        self.next: dict[tuple[int, ...], dict[int, set[int]]] = {}
+        # n-gram of a text -> {token that follows it there: the largest weight of a text where it does}
+        self.next: dict[tuple[int, ...], dict[int, float]] = {}
         self.first: dict[int, float] = {}
-        self.weighted = weights is not None
         ws = [0.0] * len(source) if weights is None else [float(w) for w in weights]
         self.texts, self.weights = [list(ids) for ids in source], ws
-        for i, (ids, w) in enumerate(zip(source, ws)):
+        for ids, w in zip(source, ws):
             if ids:
                 self.first[ids[0]] = max(w, self.first.get(ids[0], -math.inf))
             for j in range(1, len(ids)):
                 for n in range(min_n, min(max_n, j) + 1):
-                    self.next.setdefault(tuple(ids[j - n:j]), {}).setdefault(ids[j], set()).add(i)
+                    follow = self.next.setdefault(tuple(ids[j - n:j]), {})
+                    follow[ids[j]] = max(w, follow.get(ids[j], -math.inf))
         self.out: list[int] = []
         self.quoting = [i for i, ids in enumerate(self.texts) if ids]  # texts the whole output is a prefix of
 
     def followers(self, generated: list[int]) -> dict[int, float]:
-        """The tokens that continue the longest suffix of ``generated`` found in a text, each with the ranker's
-        conditional log-probability of it (0 without weights; empty: none found). While the whole output is the
-        start of some texts (it quotes them from their first token), only those texts' next tokens count: a
-        match as long as the answer itself."""
+        """The tokens that continue the longest suffix of ``generated`` found in a text, each with its weight
+        (empty: none found). While the whole output is the start of some texts (it quotes them from their first
+        token), only those texts' next tokens count: a match as long as the answer itself."""
         if generated is self.out and self.quoting and generated:
             n = len(generated)
-            by_token: dict[int, list[int]] = {}
+            follow: dict[int, float] = {}
             for i in self.quoting:
                 if n < len(self.texts[i]):
-                    by_token.setdefault(self.texts[i][n], []).append(i)
-            if by_token:
-                return self._conditional(by_token, self.quoting)
+                    t = self.texts[i][n]
+                    follow[t] = max(self.weights[i], follow.get(t, -math.inf))
+            if follow:
+                return follow
         for n in range(min(self.max_n, len(generated)), self.min_n - 1, -1):
             hit = self.next.get(tuple(generated[len(generated) - n:]))
             if hit:
-                return self._conditional(hit, set().union(*hit.values()))
+                return hit
         return {}
-
-    def _conditional(self, by_token: dict[int, Any], context: Any) -> dict[int, float]:
-        """{token: log(sum p_i over the texts offering it / sum p_i over the ``context`` texts)}; all 0 unweighted."""
-        if not self.weighted:
-            return {t: 0.0 for t in by_token}
-        w = self.weights
-
-        def lse(ids: Any) -> float:
-            m = max(w[i] for i in ids)
-            return m + math.log(sum(math.exp(w[i] - m) for i in ids))
-
-        z = lse(context)
-        return {t: lse(ids) - z for t, ids in by_token.items()}
 
     @staticmethod
     def _add(logits: Tensor, tokens: dict[int, float], bonus: float) -> None:
