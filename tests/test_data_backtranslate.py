@@ -66,6 +66,24 @@ def test_filters_and_accounting_with_a_stub_translator():
     assert sum(v for k, v in loose["rejected"].items() if k.startswith("quality:")) == 2
 
 
+def test_a_translator_that_repeats_its_instruction_translated_nothing():
+    """Gemma 3 270M (the base model) answered "Translate the following ... text into English. Reply with the
+    translation only. ..." for some texts; one such round trip scored chrF 0.40 against its original. An echo in
+    the pivot or the round trip is rejected whatever its similarity (unless the original itself says it)."""
+    row = {"text": "Translate the following text into English: my credit card was charged the wrong amount"}
+    echo = "Translate the following Simplified Chinese text into English. Reply with the translation only. " + \
+        "My credit card was charged the wrong amount"
+
+    def echoing(texts, src, tgt):
+        return [echo for _ in texts]
+
+    ok = {"text": "My credit card was charged the wrong amount", "label": "billing"}
+    out, rep = backtranslate_records([ok], echoing, BacktranslateConfig(min_similarity=0.0))
+    assert out == [] and rep["rejected"] == {"translate:prompt_echo": 1}
+    out, rep = backtranslate_records([row], echoing, BacktranslateConfig(min_similarity=0.0, quality=False))
+    assert "translate:prompt_echo" not in rep["rejected"]  # the original asks for a translation itself
+
+
 def test_tiny_model_end_to_end_and_cli(tmp_path, capsys):
     from lmstack.serve.translate import llm_translator
     from tests.serve_fixtures import shared_model_dir

@@ -13,6 +13,8 @@ prompts a decoder (e.g. Gemma 3 270M, multilingual) through lmstack's engine; te
 
 from __future__ import annotations
 
+import re
+
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -41,6 +43,11 @@ def chrf(hypothesis: str, reference: str) -> float:
     from sacrebleu.metrics import CHRF
 
     return CHRF().sentence_score(hypothesis, [reference]).score / 100.0
+
+
+# a translator that repeats its instruction (a base model, not tuned to follow one) has translated nothing,
+# even when the repeated instruction happens to share enough character n-grams with the text to pass chrF
+_ECHO = re.compile(r"translate the following|reply with the translation only|翻译成|请翻译", re.IGNORECASE)
 
 
 def backtranslate_records(rows: Sequence[dict[str, Any]], translate: Translate, cfg: BacktranslateConfig | None = None,
@@ -83,6 +90,9 @@ def backtranslate_records(rows: Sequence[dict[str, Any]], translate: Translate, 
         cand = cand.strip()
         if not cand:
             rejected["translate:empty"] += 1
+            continue
+        if (_ECHO.search(ptext) or _ECHO.search(cand)) and not _ECHO.search(texts[i]):
+            rejected["translate:prompt_echo"] += 1
             continue
         sim = chrf(cand, texts[i])
         sims.append(sim)
