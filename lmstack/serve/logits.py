@@ -131,7 +131,8 @@ class CopyBias:
                     follow = self.next.setdefault(tuple(ids[j - n:j]), {})
                     follow[ids[j]] = max(w, follow.get(ids[j], -math.inf))
         self.out: list[int] = []
-        self.quoting = [i for i, ids in enumerate(self.texts) if ids]  # texts the whole output is a prefix of
+        self.nonempty = tuple(i for i, ids in enumerate(self.texts) if ids)
+        self.quoting = list(self.nonempty)  # texts the whole output is a prefix of
 
     def followers(self, generated: list[int]) -> dict[int, float]:
         """The tokens that continue the longest suffix of ``generated`` found in a text, each with its weight
@@ -172,7 +173,7 @@ class CopyBias:
         """The same texts for another sequence (the n-gram table shared, not rebuilt), with no output yet."""
         other = copy.copy(self)
         other.out = []
-        other.quoting = [i for i, ids in enumerate(self.texts) if ids]
+        other.quoting = list(self.nonempty)
         return other
 
     def accept(self, token_id: int) -> None:

@@ -171,17 +171,13 @@ class SupportAssistant:
         passages just retrieved and the fixed replies in the question's language."""
         if not (self.copy_bias or self.copy_start_bias):
             return {}
-        from lmstack.apps.support.reader import candidates, quote_prior
-        from lmstack.rag.analyze import query_lang
+        from lmstack.apps.support.reader import quote_texts
         from lmstack.serve.types import CopyFrom
 
-        if self.prior_reader is not None:
-            texts, weights = quote_prior(self.prior_reader, question, self.last_context, self.copy_prior,
-                                         cite=self.cite)
-            return {"copy": CopyFrom(tuple(texts), bias=self.copy_bias, start_bias=self.copy_start_bias,
-                                     weights=tuple(weights))}
-        texts = candidates(self.last_context, query_lang(question), cite=self.cite)
-        return {"copy": CopyFrom(tuple(texts), bias=self.copy_bias, start_bias=self.copy_start_bias)}
+        texts, weights = quote_texts(self.last_context, question, prior=self.prior_reader, weight=self.copy_prior,
+                                     cite=self.cite)
+        return {"copy": CopyFrom(tuple(texts), bias=self.copy_bias, start_bias=self.copy_start_bias,
+                                 weights=None if weights is None else tuple(weights))}
 
     def cited(self, answer: str) -> list[Any]:
         """The passages (:class:`lmstack.rag.Hit` of the last question) an answer cites with ``[n]`` markers."""

@@ -254,6 +254,18 @@ def quote_prior(reader: Reader, question: str, hits: Sequence[Any], weight: floa
     return quotable(hits, cands, cite), (weight * logp).clamp(min=-100.0).tolist()
 
 
+def quote_texts(hits: Sequence[Any], question: str, *, lang: str | None = None, prior: Reader | None = None,
+                weight: float = 0.0, cite: bool = False) -> tuple[list[str], list[float] | None]:
+    """What grounded decoding may quote for ``question``: the :func:`candidates` of ``hits`` (in ``lang``,
+    default the question's) and, with a no-model ``prior`` reader, their :func:`quote_prior` weights (else
+    None). The assistant, its server and the quickstart's evaluation build their ``copy`` texts through here."""
+    if prior is not None:
+        return quote_prior(prior, question, hits, weight, cite=cite)
+    from lmstack.rag import query_lang
+
+    return candidates(hits, lang or query_lang(question), cite=cite), None
+
+
 # ---------------------------------------------------------------------------------------- answer-unit context
 def unit_hits(reader: Reader, question: str, hits: Sequence[Any], n: int) -> list[Any]:
     """The prompt context of ``rag.context: units``: the ``n`` answer units of ``hits`` that ``reader`` (the

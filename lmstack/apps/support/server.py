@@ -219,18 +219,16 @@ class GroundingMiddleware:
                                                   self.context_max_chars, hits_out=hits, guard=self.guard, key=key,
                                                   units=self.units)
             if self.copy is not None and "copy" not in req:
-                from lmstack.apps.support.reader import candidates, quote_prior
-                from lmstack.rag.analyze import query_lang
+                from lmstack.apps.support.reader import quote_texts
 
                 users = [content_text(m.get("content")) for m in req["messages"] if isinstance(m, dict)
                          and m.get("role") == "user"]
-                question = users[-1] if users else ""
-                req["copy"] = {"bias": self.copy[0], "start_bias": self.copy[1]}
-                if self.copy_prior is not None:
-                    req["copy"]["texts"], req["copy"]["weights"] = quote_prior(
-                        self.copy_prior[0], question, hits, self.copy_prior[1], cite=self.cite)
-                else:
-                    req["copy"]["texts"] = candidates(hits, query_lang(question), cite=self.cite)
+                prior, weight = self.copy_prior or (None, 0.0)
+                texts, weights = quote_texts(hits, users[-1] if users else "", prior=prior, weight=weight,
+                                             cite=self.cite)
+                req["copy"] = {"texts": texts, "bias": self.copy[0], "start_bias": self.copy[1]}
+                if weights is not None:
+                    req["copy"]["weights"] = weights
             return req, hits, json.dumps(req, ensure_ascii=False).encode()
         except (ValueError, TypeError, AttributeError, RecursionError):
             return None

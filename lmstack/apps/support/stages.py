@@ -361,17 +361,15 @@ def eval_tasks(recipe: Recipe, out: Path, tokenizer_dir: Path) -> list[dict[str,
     def quote(x: dict[str, Any]) -> dict[str, Any]:
         if retriever is None:
             return {}
-        from lmstack.apps.support.reader import candidates, quote_prior
+        from lmstack.apps.support.reader import quote_texts
 
         hits = _grounded_hits(retriever, x.get("context") or [])
         if x.get("units") and len(x["units"]) == len(hits):  # context: units -- the units shown, not their passages
             import dataclasses
 
             hits = [dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=t)) for h, t in zip(hits, x["units"])]
-        if prior is not None:
-            texts, weights = quote_prior(prior, x["question"], hits, r.copy_prior, cite=cite)
-            return {"quote": {"texts": texts, "weights": weights}}
-        return {"quote": candidates(hits, x["lang"], cite=cite)}
+        texts, weights = quote_texts(hits, x["question"], lang=x["lang"], prior=prior, weight=r.copy_prior, cite=cite)
+        return {"quote": texts if weights is None else {"texts": texts, "weights": weights}}
 
     def asked(rows: list[dict[str, Any]], path: Path) -> Path:
         write_jsonl(path, ({"question": x["question"], "answer": x["answer"], "lang": x["lang"], "id": x["id"],
